@@ -1,0 +1,75 @@
+"""Plain-data messages between the scheduler, the runner and the engine.
+
+``SchedulerOutput`` goes into ``model_runtime`` (the runner turns it into
+tensors); ``RunnerOutput`` comes back. Neither holds a tensor or a Request:
+lists of ints and floats only, so the runner is testable without a scheduler
+and the scheduler without a model.
+"""
+
+from dataclasses import dataclass
+
+from batching.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledChunk:
+    """One request's slice of a step: ``new_token_ids`` at positions
+    ``[num_computed_tokens, num_computed_tokens + len(new_token_ids))``.
+
+    ``block_ids`` is the request's whole block table (covering the new tokens).
+    ``is_sampling`` is true when the chunk reaches the end of the request's
+    known tokens, so the last position's logits pick the next token.
+    ``output_token_ids`` (the tokens generated so far) feed penalties and the
+    per-step seed; ``prompt_token_ids`` feeds the repetition penalty.
+    """
+
+    request_id: str
+    new_token_ids: list[int]
+    num_computed_tokens: int
+    block_ids: list[int]
+    is_sampling: bool
+    sampling_params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+
+    @property
+    def num_new_tokens(self) -> int:
+        return len(self.new_token_ids)
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerOutput:
+    """What runs in one step: prefill chunks and decode tokens, in one list."""
+
+    chunks: list[ScheduledChunk]
+    num_batched_tokens: int
+    preempted_request_ids: list[str]
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprobs:
+    """Logprob of a sampled token and of the ``top`` alternatives (id, logprob)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass(frozen=True, slots=True)
+class SampledToken:
+    """The runner's answer for one sampling chunk."""
+
+    request_id: str
+    token_id: int
+    logprobs: TokenLogprobs | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerOutput:
+    """Everything one step produced, in the order of the sampling chunks."""
+
+    sampled: list[SampledToken]

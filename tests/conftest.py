@@ -1,0 +1,38 @@
+"""Session fixtures: the real default model (converted once) and tiny
+random-weight models that reuse its tokenizer."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests never reach a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from tests.tiny_models import build_tiny_gpt2, build_tiny_llama  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    """The real SmolLM2-135M-Instruct, converted once into the user cache."""
+    from model_runtime.default_model import default_model_dir as convert
+
+    return convert()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(default_model_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_model_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), default_model_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Path:
+    return build_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"), default_model_dir)
