@@ -20,7 +20,8 @@ class ScheduledChunk:
     ``is_sampling`` is true when the chunk reaches the end of the request's
     known tokens, so the last position's logits pick the next token.
     ``output_token_ids`` (the tokens generated so far) feed penalties and the
-    per-step seed; ``prompt_token_ids`` feeds the repetition penalty.
+    per-step seed; ``prompt_token_ids`` feeds the repetition penalty;
+    ``eos_token_id`` is banned while ``min_tokens`` is not reached.
     """
 
     request_id: str
@@ -31,6 +32,7 @@ class ScheduledChunk:
     sampling_params: SamplingParams
     prompt_token_ids: list[int]
     output_token_ids: list[int]
+    eos_token_id: int | None = None
 
     @property
     def num_new_tokens(self) -> int:

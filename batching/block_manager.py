@@ -1,0 +1,158 @@
+"""KV-cache block accounting: which physical blocks each request owns.
+
+Pure bookkeeping over integer block ids; the tensors behind them live in
+``model_runtime.kv_cache``. A block holds ``block_size`` consecutive tokens of
+one sequence. With prefix caching, every *full* block is keyed by a hash chained
+over (parent block's key, its token ids), so two requests with the same prefix
+share the same physical blocks by reference count. A block whose count drops to
+zero keeps its key and goes to the back of the free queue; allocation takes from
+the front, so cached blocks are reused least-recently-freed first (LRU) and stay
+hittable until then.
+"""
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from batching.request import Request
+
+BlockKey = tuple[int, tuple[int, ...]]
+
+
+@dataclass(slots=True)
+class Block:
+    block_id: int
+    ref_count: int = 0
+    key: BlockKey | None = None
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class BlockManager:
+    """Allocates, shares and frees KV blocks for requests.
+
+    Invariants: a block is in ``_free`` iff its ``ref_count`` is 0; a key in
+    ``_cached`` maps to the block whose ``key`` it is; each request's
+    ``block_ids`` cover at least its computed tokens.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self._blocks = [Block(block_id) for block_id in range(num_blocks)]
+        self._free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+        self._cached: dict[BlockKey, int] = {}
+        # request_id -> keys of its full blocks, in order (cached or not yet).
+        self._request_keys: dict[str, list[BlockKey]] = {}
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    @property
+    def usage(self) -> float:
+        """Fraction of blocks referenced by a live request (0.0 to 1.0)."""
+        return self.num_used_blocks / self.num_blocks if self.num_blocks else 0.0
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return cdiv(num_tokens, self.block_size)
+
+    def find_cached_prefix(self, request: Request) -> tuple[list[int], int]:
+        """Return (block_ids, num_tokens) of the longest cached prefix.
+
+        At least one token is always left uncached, because the step that
+        computes it is the one that produces the next token's logits.
+        """
+        if not self.enable_prefix_caching:
+            return [], 0
+        tokens = request.all_token_ids
+        max_full_blocks = (len(tokens) - 1) // self.block_size
+        block_ids: list[int] = []
+        for key in self._keys_for(request, tokens, max_full_blocks):
+            block_id = self._cached.get(key)
+            if block_id is None:
+                break
+            block_ids.append(block_id)
+        return block_ids, len(block_ids) * self.block_size
+
+    def allocate(self, request: Request, num_new_tokens: int, cached_block_ids: list[int] = ()) -> bool:
+        """Give ``request`` blocks for ``num_computed_tokens + num_new_tokens`` tokens.
+
+        ``cached_block_ids`` (from ``find_cached_prefix``, on admission only)
+        are shared, not copied. Returns False, changing nothing, when the pool
+        is too small.
+        """
+        num_cached = len(cached_block_ids)
+        num_total_blocks = self.blocks_needed(
+            max(request.num_computed_tokens, num_cached * self.block_size) + num_new_tokens
+        )
+        num_fresh = num_total_blocks - len(request.block_ids) - num_cached
+        reusable_free = sum(1 for b in cached_block_ids if self._blocks[b].ref_count == 0)
+        if num_fresh > self.num_free_blocks - reusable_free:
+            return False
+        for block_id in cached_block_ids:
+            self._take(block_id)
+        request.block_ids.extend(cached_block_ids)
+        for _ in range(max(num_fresh, 0)):
+            request.block_ids.append(self._take_fresh())
+        return True
+
+    def cache_full_blocks(self, request: Request) -> None:
+        """Register the request's newly full, computed blocks under their keys."""
+        if not self.enable_prefix_caching:
+            return
+        num_full = request.num_computed_tokens // self.block_size
+        keys = self._keys_for(request, request.all_token_ids, num_full)
+        for index, key in enumerate(keys):
+            block = self._blocks[request.block_ids[index]]
+            if block.key is None and key not in self._cached:
+                block.key = key
+                self._cached[key] = block.block_id
+
+    def free(self, request: Request) -> None:
+        """Drop the request's references; tail blocks are evicted first."""
+        for block_id in reversed(request.block_ids):
+            block = self._blocks[block_id]
+            block.ref_count -= 1
+            assert block.ref_count >= 0, f"block {block_id} freed twice"
+            if block.ref_count == 0:
+                self._free[block_id] = None
+        request.block_ids = []
+        self._request_keys.pop(request.request_id, None)
+
+    def reset_prefix_cache(self) -> None:
+        for key, block_id in list(self._cached.items()):
+            self._blocks[block_id].key = None
+        self._cached.clear()
+
+    def _keys_for(self, request: Request, tokens: list[int], num_full_blocks: int) -> list[BlockKey]:
+        keys = self._request_keys.setdefault(request.request_id, [])
+        while len(keys) < num_full_blocks:
+            index = len(keys)
+            parent = hash(keys[-1]) if keys else 0
+            chunk = tuple(tokens[index * self.block_size : (index + 1) * self.block_size])
+            keys.append((parent, chunk))
+        return keys[:num_full_blocks]
+
+    def _take(self, block_id: int) -> None:
+        block = self._blocks[block_id]
+        if block.ref_count == 0:
+            del self._free[block_id]
+        block.ref_count += 1
+
+    def _take_fresh(self) -> int:
+        block_id, _ = self._free.popitem(last=False)
+        block = self._blocks[block_id]
+        if block.key is not None:
+            # Evict: the block is reused for new content.
+            if self._cached.get(block.key) == block_id:
+                del self._cached[block.key]
+            block.key = None
+        block.ref_count = 1
+        return block_id

@@ -1,0 +1,144 @@
+"""``EngineCore``: the synchronous heart of one iteration.
+
+``step()`` reads as a sentence: ``schedule()`` -> ``runner.step(batch)`` ->
+``process(outputs)``. ``process`` appends sampled tokens (via the scheduler),
+detokenizes them incrementally, applies stop strings and builds one
+``RequestOutput`` delta per touched request. The asyncio ``DynamicBatcher``
+runs the same three calls with ``runner.step`` moved to a worker thread; tests
+drive ``step()`` directly.
+"""
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from batching.detokenizer import IncrementalDetokenizer
+from batching.errors import InvalidRequestError
+from batching.messages import RunnerOutput, SchedulerOutput, TokenLogprobs
+from batching.outputs import RequestOutput
+from batching.request import Request, RequestStatus
+from batching.sampling_params import SamplingParams
+from batching.scheduler import Scheduler
+from batching.stop import StopStringMatcher
+
+
+class Runner(Protocol):
+    def step(self, scheduler_output: SchedulerOutput) -> RunnerOutput: ...
+
+
+@dataclass(slots=True)
+class TextState:
+    """Per-request text pipeline: tokens -> detokenizer -> stop-string matcher."""
+
+    detokenizer: IncrementalDetokenizer
+    stop_matcher: StopStringMatcher
+
+
+class EngineCore:
+    """Scheduler + runner + text processing, with no threads and no asyncio."""
+
+    def __init__(self, scheduler: Scheduler, runner: Runner, tokenizer: Any, eos_token_ids: tuple[int, ...] = (), vocab_size: int | None = None, max_model_len: int | None = None) -> None:
+        self.scheduler = scheduler
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len
+        self._text: dict[str, TextState] = {}
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    def make_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
+        """Validate and build a request (raises ``InvalidRequestError``)."""
+        if not prompt_token_ids:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        if self.vocab_size is not None:
+            bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise InvalidRequestError(f"prompt token id {bad[0]} is out of range [0, {self.vocab_size})", param="prompt")
+            bad_bias = [t for t in params.logit_bias if not 0 <= t < self.vocab_size]
+            if bad_bias:
+                raise InvalidRequestError(f"logit_bias token id {bad_bias[0]} is out of range", param="logit_bias")
+        eos = self.eos_token_ids[0] if self.eos_token_ids else None
+        extra_eos = tuple(t for t in self.eos_token_ids[1:] if t not in params.stop_token_ids)
+        if extra_eos and not params.ignore_eos:
+            params = dataclasses.replace(params, stop_token_ids=params.stop_token_ids + extra_eos)
+        return Request(request_id, list(prompt_token_ids), params, eos_token_id=eos)
+
+    def add_request(self, request: Request) -> None:
+        self.scheduler.add_request(request)
+        params = request.sampling_params
+        self._text[request.request_id] = TextState(
+            IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params.skip_special_tokens),
+            StopStringMatcher(params.stop),
+        )
+
+    def abort(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> RequestOutput | None:
+        request = self.scheduler.finish_request(request_id, status)
+        self._text.pop(request_id, None)
+        if request is None:
+            return None
+        return self._output(request, [], "", [])
+
+    def schedule(self) -> SchedulerOutput:
+        return self.scheduler.schedule()
+
+    def step(self) -> list[RequestOutput]:
+        scheduler_output = self.schedule()
+        if scheduler_output.is_empty:
+            return []
+        return self.process(scheduler_output, self.runner.step(scheduler_output))
+
+    def process(self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput) -> list[RequestOutput]:
+        updates = self.scheduler.update_from_output(scheduler_output, runner_output)
+        outputs: list[RequestOutput] = []
+        for update in updates:
+            request = update.request
+            if request.request_id not in self._text:
+                continue
+            logprobs = [update.logprobs] if update.logprobs is not None else []
+            new_text = self._advance_text(request, update.token_id)
+            outputs.append(self._output(request, [update.token_id], new_text, logprobs))
+        return outputs
+
+    def fail(self, request_ids: list[str], message: str) -> list[RequestOutput]:
+        """Finish the given requests with an error (a step raised)."""
+        outputs = []
+        for request_id in request_ids:
+            output = self.abort(request_id, RequestStatus.FINISHED_ERROR)
+            if output is not None:
+                outputs.append(dataclasses.replace(output, error=message))
+        return outputs
+
+    def _advance_text(self, request: Request, token_id: int) -> str:
+        state = self._text[request.request_id]
+        text = state.detokenizer.step([token_id])
+        if request.is_finished:
+            text += state.detokenizer.flush()
+        safe_text, matched = state.stop_matcher.feed(text)
+        if matched is not None:
+            request.stop_reason = matched
+            if not request.is_finished:
+                self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
+            request.status = RequestStatus.FINISHED_STOPPED
+        elif request.is_finished:
+            safe_text += state.stop_matcher.flush()
+        if request.is_finished:
+            del self._text[request.request_id]
+        return safe_text
+
+    @staticmethod
+    def _output(request: Request, token_ids: list[int], text: str, logprobs: list[TokenLogprobs]) -> RequestOutput:
+        return RequestOutput(
+            request_id=request.request_id,
+            new_token_ids=token_ids,
+            new_text=text,
+            logprobs=logprobs,
+            finish_reason=request.status.finish_reason,
+            stop_reason=request.stop_reason,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_output_tokens=request.num_output_tokens,
+            num_cached_tokens=request.num_cached_tokens,
+        )

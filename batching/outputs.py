@@ -1,0 +1,30 @@
+"""``RequestOutput``: the delta a request's stream receives after each step."""
+
+from dataclasses import dataclass, field
+
+from batching.messages import TokenLogprobs
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOutput:
+    """New tokens and text since the last delta, plus running counters.
+
+    ``finish_reason`` is ``stop``, ``length``, ``abort`` or ``error`` on the
+    last delta of a request and ``None`` before. ``stop_reason`` names the
+    stop string or stop token id that ended it, if any.
+    """
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    num_cached_tokens: int = 0
+    error: str | None = None
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finish_reason is not None

@@ -1,0 +1,192 @@
+"""The scheduling policy: which requests run in the next step, and how many
+tokens each.
+
+Per step one token budget (``max_num_batched_tokens``) serves decode and
+prefill alike: running requests go first (one token each when decoding, or
+their next prompt chunk), then waiting requests are admitted first-come
+first-served with whatever budget is left, their prompts chunked to fit. So a
+long prompt never stalls decoding, and chunked prefill is not a special case.
+When KV blocks run out, the most recently admitted request is preempted: its
+blocks are freed and it goes back to the front of the queue, to be recomputed
+(prompt plus the tokens it already produced) when blocks free up.
+"""
+
+from collections import deque
+from dataclasses import dataclass
+
+from batching.block_manager import BlockManager
+from batching.errors import InvalidRequestError
+from batching.messages import RunnerOutput, ScheduledChunk, SchedulerOutput, TokenLogprobs
+from batching.request import Request, RequestStatus
+from batching.stop import check_token_stop
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+
+
+@dataclass(frozen=True, slots=True)
+class TokenUpdate:
+    """A token appended to a request by ``update_from_output``."""
+
+    request: Request
+    token_id: int
+    logprobs: TokenLogprobs | None
+
+
+class Scheduler:
+    """Owns the waiting and running queues and the block manager."""
+
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+        self.num_prefix_query_tokens = 0
+        self.num_prefix_hit_tokens = 0
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add_request(self, request: Request) -> None:
+        """Queue a request; reject it at once if it could never fit the cache."""
+        self.check_fits(request)
+        if request.request_id in self.requests:
+            raise InvalidRequestError(f"duplicate request id {request.request_id!r}")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def check_fits(self, request: Request) -> None:
+        """Raise ``InvalidRequestError`` if the request could never fit the cache alone."""
+        needed = self.block_manager.blocks_needed(request.max_total_tokens)
+        if needed > self.block_manager.num_blocks:
+            capacity = self.block_manager.num_blocks * self.block_manager.block_size
+            raise InvalidRequestError(
+                f"prompt ({request.num_prompt_tokens} tokens) plus max_tokens "
+                f"({request.sampling_params.max_tokens}) needs {request.max_total_tokens} KV cache "
+                f"slots, but the whole cache holds {capacity}; lower max_tokens or raise "
+                "--kv-cache-memory",
+                param="max_tokens",
+            )
+
+    def schedule(self) -> SchedulerOutput:
+        token_budget = self.config.max_num_batched_tokens
+        scheduled: list[tuple[Request, int]] = []
+        preempted: list[str] = []
+
+        for request in list(self.running):
+            if token_budget == 0:
+                break
+            if request.status != RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            num_new = min(request.num_tokens - request.num_computed_tokens, token_budget)
+            if not self._allocate_or_preempt(request, num_new, preempted):
+                continue
+            scheduled.append((request, num_new))
+            token_budget -= num_new
+
+        while self.waiting and token_budget > 0 and not preempted:
+            if len(self.running) >= self.config.max_num_seqs:
+                break
+            request = self.waiting[0]
+            cached_block_ids, num_cached = self.block_manager.find_cached_prefix(request)
+            num_new = min(request.num_tokens - num_cached, token_budget)
+            request.num_computed_tokens = 0
+            if not self.block_manager.allocate(request, num_new, cached_block_ids):
+                break
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            request.num_computed_tokens = num_cached
+            request.num_cached_tokens = num_cached
+            self.num_prefix_query_tokens += request.num_tokens
+            self.num_prefix_hit_tokens += num_cached
+            self.running.append(request)
+            scheduled.append((request, num_new))
+            token_budget -= num_new
+
+        chunks = [self._chunk(request, num_new) for request, num_new in scheduled]
+        return SchedulerOutput(
+            chunks=chunks,
+            num_batched_tokens=self.config.max_num_batched_tokens - token_budget,
+            preempted_request_ids=preempted,
+        )
+
+    def update_from_output(self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput) -> list[TokenUpdate]:
+        """Advance computed counters, append sampled tokens, apply token stops.
+
+        Requests finished or aborted while the step ran are skipped.
+        """
+        for chunk in scheduler_output.chunks:
+            request = self.requests.get(chunk.request_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue
+            request.num_computed_tokens += chunk.num_new_tokens
+            self.block_manager.cache_full_blocks(request)
+        updates: list[TokenUpdate] = []
+        for sampled in runner_output.sampled:
+            request = self.requests.get(sampled.request_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue
+            request.output_token_ids.append(sampled.token_id)
+            updates.append(TokenUpdate(request, sampled.token_id, sampled.logprobs))
+            stop = check_token_stop(request, sampled.token_id)
+            if stop is not None:
+                request.stop_reason = stop.stop_reason
+                self.finish_request(request.request_id, stop.status)
+        return updates
+
+    def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:
+        """Finish (or abort) a request and return its blocks to the pool."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        request.status = status
+        self.block_manager.free(request)
+        return request
+
+    def _allocate_or_preempt(self, request: Request, num_new: int, preempted: list[str]) -> bool:
+        """Allocate blocks for ``request``, preempting the newest requests if needed.
+
+        Returns False when ``request`` itself had to be preempted.
+        """
+        while not self.block_manager.allocate(request, num_new):
+            victim = self.running[-1]
+            self._preempt(victim)
+            preempted.append(victim.request_id)
+            if victim is request:
+                return False
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.block_manager.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    @staticmethod
+    def _chunk(request: Request, num_new: int) -> ScheduledChunk:
+        start = request.num_computed_tokens
+        tokens = request.all_token_ids
+        return ScheduledChunk(
+            request_id=request.request_id,
+            new_token_ids=tokens[start : start + num_new],
+            num_computed_tokens=start,
+            block_ids=list(request.block_ids),
+            is_sampling=start + num_new == len(tokens),
+            sampling_params=request.sampling_params,
+            prompt_token_ids=request.prompt_token_ids,
+            output_token_ids=list(request.output_token_ids),
+            eos_token_id=request.eos_token_id,
+        )

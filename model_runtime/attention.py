@@ -1,0 +1,139 @@
+"""Paged attention, plugged into transformers' ``AttentionInterface``.
+
+The model's own forward runs over one flattened ragged batch ``[1, T]``. For
+each layer, transformers hands us the step's new ``query``/``key``/``value``
+(positions already applied); we write the new K/V into the paged cache by slot
+index, then each sequence attends over its own blocks:
+
+* decode sequences (one new token each) are batched: their blocks are gathered
+  into a padded ``[B, L]`` context with a length mask, one SDPA call;
+* prefill chunks run one SDPA call each, causal over their new tokens and
+  fully visible over the cached prefix.
+
+The step's metadata travels in one ``StepContext`` passed through the
+forward's kwargs (transformers forwards unknown kwargs down to attention).
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+ATTENTION_NAME = "tokenstep_paged"
+CONTEXT_KWARG = "tokenstep_context"
+
+
+@dataclass(slots=True)
+class PrefillSpan:
+    """One prefill chunk: rows ``[start, start + num_new_tokens)`` of the batch."""
+
+    start: int
+    num_new_tokens: int
+    num_computed_tokens: int
+    block_ids: torch.Tensor  # [num_blocks_of_seq] long
+
+
+@dataclass(slots=True)
+class StepContext:
+    """Everything attention needs for one step. Decode rows come first."""
+
+    key_caches: list[torch.Tensor]  # per layer [num_blocks, block_size, kv_heads, head_dim]
+    value_caches: list[torch.Tensor]
+    slot_mapping: torch.Tensor  # [T] long: cache slot of each new token
+    num_decode_tokens: int
+    decode_block_tables: torch.Tensor | None  # [B, max_blocks] long, padded with 0
+    decode_context_mask: torch.Tensor | None  # [B, 1, 1, max_blocks * block_size] bool
+    prefills: list[PrefillSpan]
+
+
+def paged_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # [1, heads, T, head_dim]
+    key: torch.Tensor,  # [1, kv_heads, T, head_dim]
+    value: torch.Tensor,  # [1, kv_heads, T, head_dim]
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: object,
+) -> tuple[torch.Tensor, None]:
+    """Attention over the paged cache; returns ``[1, T, heads, head_dim]``."""
+    context: StepContext = kwargs[CONTEXT_KWARG]
+    layer = module.layer_idx
+    key_cache, value_cache = context.key_caches[layer], context.value_caches[layer]
+    _write_cache(key_cache, value_cache, key[0], value[0], context.slot_mapping)
+
+    num_tokens, num_heads, head_dim = query.shape[2], query.shape[1], query.shape[3]
+    output = query.new_empty(num_tokens, num_heads, head_dim)  # [T, heads, head_dim]
+    if context.num_decode_tokens:
+        output[: context.num_decode_tokens] = _decode_attention(query[0, :, : context.num_decode_tokens], key_cache, value_cache, context, scaling)
+    for span in context.prefills:
+        rows = slice(span.start, span.start + span.num_new_tokens)
+        output[rows] = _prefill_attention(query[0, :, rows], key_cache, value_cache, span, scaling)
+    return output.unsqueeze(0), None
+
+
+def _write_cache(key_cache: torch.Tensor, value_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    num_kv_heads, head_dim = key_cache.shape[2], key_cache.shape[3]
+    # key/value: [kv_heads, T, head_dim] -> [T, kv_heads, head_dim]
+    key_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key.transpose(0, 1))
+    value_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value.transpose(0, 1))
+
+
+def _gather(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """Blocks of one or more sequences as ``[..., kv_heads, tokens, head_dim]``."""
+    gathered = cache[block_ids]  # [..., n_blocks, block_size, kv_heads, head_dim]
+    gathered = gathered.flatten(-4, -3)  # [..., tokens, kv_heads, head_dim]
+    return gathered.transpose(-3, -2)
+
+
+def _decode_attention(
+    query: torch.Tensor,  # [heads, B, head_dim]
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    context: StepContext,
+    scaling: float | None,
+) -> torch.Tensor:
+    keys = _gather(key_cache, context.decode_block_tables)  # [B, kv_heads, L, head_dim]
+    values = _gather(value_cache, context.decode_block_tables)
+    query = query.transpose(0, 1).unsqueeze(2)  # [B, heads, 1, head_dim]
+    keys, values = _expand_kv(keys, values, query.shape[1])
+    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=context.decode_context_mask, scale=scaling)
+    return out.squeeze(2)  # [B, heads, head_dim]
+
+
+def _prefill_attention(
+    query: torch.Tensor,  # [heads, n, head_dim]
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    span: PrefillSpan,
+    scaling: float | None,
+) -> torch.Tensor:
+    context_len = span.num_computed_tokens + span.num_new_tokens
+    keys = _gather(key_cache, span.block_ids)[:, :context_len]  # [kv_heads, ctx, head_dim]
+    values = _gather(value_cache, span.block_ids)[:, :context_len]
+    keys, values = _expand_kv(keys.unsqueeze(0), values.unsqueeze(0), query.shape[0])
+    query = query.unsqueeze(0)  # [1, heads, n, head_dim]
+    if span.num_computed_tokens == 0:
+        out = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scaling)
+    else:
+        # Query i sits at position num_computed + i and sees keys up to it.
+        positions = torch.arange(context_len, device=query.device)
+        query_positions = positions[span.num_computed_tokens :, None]
+        mask = positions[None, :] <= query_positions  # [n, ctx]
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling)
+    return out[0].transpose(0, 1)  # [n, heads, head_dim]
+
+
+def _expand_kv(keys: torch.Tensor, values: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Repeat KV heads for grouped-query attention: [..., kv_heads, L, D] -> [..., heads, L, D]."""
+    groups = num_heads // keys.shape[-3]
+    if groups == 1:
+        return keys, values
+    return keys.repeat_interleave(groups, dim=-3), values.repeat_interleave(groups, dim=-3)
+
+
+def register() -> str:
+    """Register the backend with transformers; returns its implementation name."""
+    AttentionInterface.register(ATTENTION_NAME, paged_attention_forward)
+    return ATTENTION_NAME

@@ -1,0 +1,73 @@
+"""Load a causal LM and its tokenizer; choose device and dtype.
+
+``--device auto`` picks CUDA when present, else CPU. ``--dtype auto`` is
+float32 on CPU (fast and exact there) and bfloat16 on CUDA (float16 when the
+GPU lacks bf16).
+"""
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from model_runtime import attention
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but CUDA is not available")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose auto, float32, bfloat16 or float16")
+    return _DTYPES[dtype]
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    device: torch.device
+    dtype: torch.dtype
+    max_model_len: int
+    eos_token_ids: tuple[int, ...]
+
+
+def load_model(model_path: str | Path, dtype: str = "auto", device: str = "auto") -> LoadedModel:
+    """Load ``model_path`` (a local HF directory or a hub id) with paged attention."""
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=torch_dtype, attn_implementation=attention.register()
+    )
+    model.to(torch_device).eval()
+    config = model.config
+    max_model_len = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
+    logger.info("loaded %s on %s as %s (max_model_len %d)", model_path, torch_device, torch_dtype, max_model_len)
+    return LoadedModel(model, tokenizer, torch_device, torch_dtype, max_model_len, _eos_token_ids(model, tokenizer))
+
+
+def _eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
+    """EOS ids from the generation config (may be a list), else the tokenizer."""
+    generation_config = getattr(model, "generation_config", None)
+    eos = getattr(generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return ()
+    return tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)

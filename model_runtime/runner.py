@@ -1,0 +1,125 @@
+"""``ModelRunner.step``: one ``SchedulerOutput`` in, one ``RunnerOutput`` out.
+
+Turns the scheduled chunks (plain lists on the CPU) into the step's tensors:
+flat ``input_ids``/``position_ids`` ``[1, T]``, a ``slot_mapping`` ``[T]``,
+padded block tables for the decode rows and a span per prefill chunk. Decode
+chunks (one new token) are placed first so attention can batch them. Runs the
+model's own forward once, computes logits only at the rows that sample, and
+samples one token per sampling chunk.
+"""
+
+import logging
+
+import torch
+
+from batching.messages import RunnerOutput, SampledToken, ScheduledChunk, SchedulerOutput
+from model_runtime.attention import CONTEXT_KWARG, PrefillSpan, StepContext
+from model_runtime.kv_cache import CacheShape, PagedKVCache
+from model_runtime.loader import LoadedModel
+from model_runtime.sampler import Sampler, SamplingRow
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    """Owns the model, the KV cache tensors and the sampler."""
+
+    def __init__(self, loaded: LoadedModel, kv_cache_bytes: int, block_size: int = 16) -> None:
+        self.loaded = loaded
+        self.model = loaded.model
+        self.device = loaded.device
+        self.block_size = block_size
+        shape = CacheShape.from_config(self.model.config, loaded.dtype)
+        self.kv_cache = PagedKVCache.from_budget(shape, kv_cache_bytes, block_size, self.device)
+        self.sampler = Sampler(self.model.config.vocab_size)
+        logger.info(
+            "KV cache: %d blocks of %d tokens = %d tokens (%.1f MiB)",
+            self.kv_cache.num_blocks, block_size, self.kv_cache.num_tokens, self.kv_cache.kv_cache_bytes / 2**20,
+        )
+
+    @property
+    def num_blocks(self) -> int:
+        return self.kv_cache.num_blocks
+
+    @torch.inference_mode()
+    def step(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
+        chunks = sorted(scheduler_output.chunks, key=lambda chunk: chunk.num_new_tokens != 1)
+        input_ids, position_ids, context = self._prepare(chunks)
+        sampling_chunks = [chunk for chunk in chunks if chunk.is_sampling]
+        if not sampling_chunks:
+            self._forward(input_ids, position_ids, context, logits_rows=None)
+            return RunnerOutput(sampled=[])
+        logits_rows = self._last_rows(chunks)
+        logits = self._forward(input_ids, position_ids, context, logits_rows)  # [S, vocab]
+        rows = [
+            SamplingRow(chunk.sampling_params, chunk.prompt_token_ids, chunk.output_token_ids, chunk.eos_token_id)
+            for chunk in sampling_chunks
+        ]
+        results = self.sampler.sample(logits, rows)
+        return RunnerOutput(
+            sampled=[
+                SampledToken(chunk.request_id, token_id, logprobs)
+                for chunk, (token_id, logprobs) in zip(sampling_chunks, results)
+            ]
+        )
+
+    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, context: StepContext, logits_rows: torch.Tensor | None) -> torch.Tensor | None:
+        # With no sampling rows, keep a single row: the LM head cost is negligible.
+        keep = logits_rows if logits_rows is not None else 1
+        output = self.model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            use_cache=False,
+            logits_to_keep=keep,
+            **{CONTEXT_KWARG: context},
+        )
+        return output.logits[0] if logits_rows is not None else None  # [S, vocab]
+
+    def _last_rows(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        rows, end = [], 0
+        for chunk in chunks:
+            end += chunk.num_new_tokens
+            if chunk.is_sampling:
+                rows.append(end - 1)
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
+
+    def _prepare(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor, StepContext]:
+        block_size = self.block_size
+        token_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        prefills: list[PrefillSpan] = []
+        decode_chunks = [chunk for chunk in chunks if chunk.num_new_tokens == 1]
+        for chunk in chunks:
+            start = chunk.num_computed_tokens
+            chunk_positions = range(start, start + chunk.num_new_tokens)
+            if chunk.num_new_tokens != 1:
+                block_ids = torch.tensor(chunk.block_ids, dtype=torch.long, device=self.device)
+                prefills.append(PrefillSpan(len(token_ids), chunk.num_new_tokens, start, block_ids))
+            token_ids.extend(chunk.new_token_ids)
+            positions.extend(chunk_positions)
+            slots.extend(chunk.block_ids[p // block_size] * block_size + p % block_size for p in chunk_positions)
+        block_tables, context_mask = self._decode_tables(decode_chunks)
+        context = StepContext(
+            key_caches=self.kv_cache.key_caches,
+            value_caches=self.kv_cache.value_caches,
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
+            num_decode_tokens=len(decode_chunks),
+            decode_block_tables=block_tables,
+            decode_context_mask=context_mask,
+            prefills=prefills,
+        )
+        input_ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)  # [1, T]
+        position_ids = torch.tensor([positions], dtype=torch.long, device=self.device)  # [1, T]
+        return input_ids, position_ids, context
+
+    def _decode_tables(self, decode_chunks: list[ScheduledChunk]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if not decode_chunks:
+            return None, None
+        max_blocks = max(len(chunk.block_ids) for chunk in decode_chunks)
+        tables = [chunk.block_ids + [0] * (max_blocks - len(chunk.block_ids)) for chunk in decode_chunks]
+        block_tables = torch.tensor(tables, dtype=torch.long, device=self.device)  # [B, max_blocks]
+        context_lens = torch.tensor([chunk.num_computed_tokens + 1 for chunk in decode_chunks], device=self.device)
+        positions = torch.arange(max_blocks * self.block_size, device=self.device)
+        mask = positions[None, :] < context_lens[:, None]  # [B, L]
+        return block_tables, mask[:, None, None, :]  # [B, 1, 1, L]

@@ -1,0 +1,285 @@
+"""``Sampler``: last-position logits in, one token id (and logprobs) per row out.
+
+Data flow: the runner hands over ``logits`` (``[num_rows, vocab]``, on the
+model's device, any float dtype) and one ``SamplingRow`` per row (plain CPU
+data: the request's ``SamplingParams`` and its token lists). Per-row parameters
+become small ``[num_rows]`` tensors on the logits' device, every mask is a tensor
+op over the whole batch, and only the chosen ids and logprobs come back as
+Python ints and floats, so no tensor leaves ``model_runtime/``.
+
+Order, as in vLLM, on a float32 copy of the logits:
+
+1. ``min_tokens`` bans EOS and ``stop_token_ids`` while the output is too short;
+2. ``logit_bias`` is added;
+3. repetition / frequency / presence penalties;
+4. logprobs are read here: ``log_softmax`` of the *processed* logits (after 1-3,
+   before temperature, top-k, top-p and min-p), i.e. vLLM's "processed logits
+   without sampling transforms", so they do not change with temperature;
+5. greedy rows (``temperature == 0``) take the argmax;
+6. random rows: temperature, top-k, top-p, min-p, then the exponential race
+   ``argmax(probs / q)``, ``q ~ Exp(1)``, which samples from ``probs`` without a
+   cumulative sum. A seeded row draws ``q`` from its own generator seeded from
+   ``(seed, len(output_token_ids))``: its token depends neither on the other
+   rows nor on earlier steps' RNG use, and no generator state is kept.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from batching.messages import TokenLogprobs
+from batching.sampling_params import SamplingParams
+
+_SEED_STRIDE = 1_000_003  # mixes the request seed with the step index
+_SEED_MASK = (1 << 63) - 1  # torch generator seeds must fit in a signed 64-bit int
+# Cumulative float32 sums drift by ~1e-7; without slack, top_p=0.8 over
+# probabilities [0.5, 0.3, ...] could keep a third token because 0.5 + 0.3
+# rounds to 0.79999995.
+_TOP_P_TOLERANCE = 1e-6
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingRow:
+    """What the sampler needs about one request: its options and its tokens.
+
+    ``output_token_ids`` drives min_tokens, the frequency/presence penalties
+    and the per-step seed; ``prompt_token_ids`` (with the output) drives the
+    repetition penalty. ``eos_token_id`` is None when EOS must not be banned
+    (no EOS, or the request ignores it).
+    """
+
+    sampling_params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    eos_token_id: int | None
+
+
+def _needs_processing(row: SamplingRow) -> bool:
+    params = row.sampling_params
+    return (
+        bool(params.logit_bias)
+        or params.has_penalties
+        or params.logprobs is not None
+        or len(row.output_token_ids) < params.min_tokens
+    )
+
+
+def _row_tensor(values: list[float], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device)  # [len(values)]
+
+
+def _step_seed(seed: int, num_output_tokens: int) -> int:
+    return (seed * _SEED_STRIDE + num_output_tokens) & _SEED_MASK
+
+
+def _index_tensors(
+    rows_and_ids: list[tuple[int, int]], num_columns: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(row indices, column indices), dropping ids outside ``[0, num_columns)``."""
+    pairs = [(row, token_id) for row, token_id in rows_and_ids if 0 <= token_id < num_columns]
+    if not pairs:
+        return None
+    row_ids, token_ids = zip(*pairs)
+    return (
+        torch.tensor(row_ids, dtype=torch.long, device=device),  # [num_pairs]
+        torch.tensor(token_ids, dtype=torch.long, device=device),  # [num_pairs]
+    )
+
+
+def _apply_min_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    """In place: -inf on EOS and stop tokens of rows still under min_tokens."""
+    banned: list[tuple[int, int]] = []
+    for i, row in enumerate(rows):
+        if len(row.output_token_ids) >= row.sampling_params.min_tokens:
+            continue
+        stop_ids = set(row.sampling_params.stop_token_ids)
+        if row.eos_token_id is not None:
+            stop_ids.add(row.eos_token_id)
+        banned.extend((i, token_id) for token_id in stop_ids)
+    index = _index_tensors(banned, logits.shape[1], logits.device)
+    if index is not None:
+        logits[index] = float("-inf")
+
+
+def _apply_logit_bias(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    """In place: add each row's ``logit_bias`` (ids beyond the columns ignored)."""
+    entries = [
+        (i, token_id, bias)
+        for i, row in enumerate(rows)
+        for token_id, bias in row.sampling_params.logit_bias.items()
+        if 0 <= token_id < logits.shape[1]
+    ]
+    if not entries:
+        return
+    row_ids, token_ids, biases = zip(*entries)
+    index = (
+        torch.tensor(row_ids, dtype=torch.long, device=logits.device),  # [num_biases]
+        torch.tensor(token_ids, dtype=torch.long, device=logits.device),  # [num_biases]
+    )
+    values = _row_tensor(list(biases), logits.device)  # [num_biases]
+    logits.index_put_(index, values, accumulate=True)
+
+
+def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    """In place: repetition penalty over prompt+output tokens, then frequency and
+    presence penalties over output tokens only (vLLM semantics)."""
+    penalized = [i for i, row in enumerate(rows) if row.sampling_params.has_penalties]
+    if not penalized:
+        return
+    num_rows, vocab = logits.shape
+    device = logits.device
+    counts = torch.zeros(num_rows, vocab, dtype=logits.dtype, device=device)  # [num_rows, vocab]
+    output_index = _index_tensors(
+        [(i, t) for i in penalized for t in rows[i].output_token_ids], vocab, device
+    )
+    if output_index is not None:
+        ones = torch.ones(output_index[0].shape[0], dtype=logits.dtype, device=device)
+        counts.index_put_(output_index, ones, accumulate=True)
+    is_seen = counts > 0  # [num_rows, vocab]
+    prompt_index = _index_tensors(
+        [(i, t) for i in penalized for t in rows[i].prompt_token_ids], vocab, device
+    )
+    if prompt_index is not None:
+        is_seen[prompt_index] = True
+    params = [row.sampling_params for row in rows]
+    repetition = _row_tensor([p.repetition_penalty for p in params], device)  # [num_rows]
+    frequency = _row_tensor([p.frequency_penalty for p in params], device)  # [num_rows]
+    presence = _row_tensor([p.presence_penalty for p in params], device)  # [num_rows]
+    repetition = repetition.unsqueeze(1)  # [num_rows, 1]
+    repeated = torch.where(logits > 0, logits / repetition, logits * repetition)
+    logits.copy_(torch.where(is_seen, repeated, logits))
+    logits -= frequency.unsqueeze(1) * counts + presence.unsqueeze(1) * (counts > 0)
+
+
+def _gather_logprobs(
+    logits: torch.Tensor, rows: list[SamplingRow], token_ids: torch.Tensor
+) -> list[TokenLogprobs | None]:
+    """log_softmax of the processed logits for rows that asked for logprobs.
+
+    ``logits``: [num_rows, vocab] float32; ``token_ids``: [num_rows] chosen ids.
+    """
+    wanted = [i for i, row in enumerate(rows) if row.sampling_params.logprobs is not None]
+    results: list[TokenLogprobs | None] = [None] * len(rows)
+    if not wanted:
+        return results
+    index = torch.tensor(wanted, dtype=torch.long, device=logits.device)  # [num_wanted]
+    logprobs = torch.log_softmax(logits.index_select(0, index), dim=-1)  # [num_wanted, vocab]
+    chosen = logprobs.gather(1, token_ids.index_select(0, index).unsqueeze(1))  # [num_wanted, 1]
+    max_top = min(max(rows[i].sampling_params.logprobs for i in wanted), logprobs.shape[1])
+    top_values, top_ids = logprobs.topk(max_top, dim=-1)  # [num_wanted, max_top] each
+    chosen_list, top_values_list, top_ids_list = (
+        chosen.squeeze(1).tolist(),
+        top_values.tolist(),
+        top_ids.tolist(),
+    )
+    chosen_ids = token_ids.index_select(0, index).tolist()
+    for j, i in enumerate(wanted):
+        num_top = rows[i].sampling_params.logprobs
+        top = list(zip(top_ids_list[j][:num_top], top_values_list[j][:num_top]))
+        results[i] = TokenLogprobs(token_id=chosen_ids[j], logprob=chosen_list[j], top=top)
+    return results
+
+
+def _apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> None:
+    """In place: keep the ``top_k`` highest logits (ties at the k-th kept), then the
+    smallest prefix of those whose renormalised mass reaches ``top_p``.
+
+    ``logits``: [num_rows, vocab]; ``top_k``: [num_rows] (vocab = off);
+    ``top_p``: [num_rows] (1.0 = off).
+    """
+    sorted_logits = logits.sort(dim=-1, descending=True).values  # [num_rows, vocab]
+    kth_logit = sorted_logits.gather(1, (top_k - 1).unsqueeze(1))  # [num_rows, 1]
+    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth_logit, float("-inf"))
+    sorted_probs = torch.softmax(sorted_logits, dim=-1)  # [num_rows, vocab]
+    # Exclusive cumulative mass; a shifted cumsum stays monotone in float32.
+    mass_before = torch.nn.functional.pad(sorted_probs.cumsum(dim=-1)[:, :-1], (1, 0))
+    is_kept = mass_before < (top_p - _TOP_P_TOLERANCE).unsqueeze(1)  # [num_rows, vocab]
+    is_kept |= (top_p >= 1.0).unsqueeze(1)
+    is_kept[:, 0] = True
+    is_kept &= sorted_logits > float("-inf")
+    # Both masks keep a prefix of the sorted order, so one threshold per row
+    # (the last kept logit) applies them in the original order.
+    num_kept = is_kept.sum(dim=-1, keepdim=True)  # [num_rows, 1]
+    threshold = sorted_logits.gather(1, num_kept - 1)  # [num_rows, 1]
+    logits.masked_fill_(logits < threshold, float("-inf"))
+
+
+def _exponential_noise(probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """``q ~ Exp(1)`` of ``probs``' shape; seeded rows from their own generator."""
+    noise = torch.empty_like(probs)  # [num_rows, vocab]
+    seeds = [row.sampling_params.seed for row in rows]
+    if any(seed is None for seed in seeds):
+        noise.exponential_()
+    for i, (seed, row) in enumerate(zip(seeds, rows)):
+        if seed is None:
+            continue
+        generator = torch.Generator(device=probs.device)
+        generator.manual_seed(_step_seed(seed, len(row.output_token_ids)))
+        noise[i].exponential_(generator=generator)
+    return noise
+
+
+def _sample_random(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Temperature, top-k, top-p, min-p, exponential race. Returns [num_rows] ids.
+
+    ``logits``: [num_rows, vocab] float32, a copy this function may modify.
+    """
+    device, vocab = logits.device, logits.shape[1]
+    params = [row.sampling_params for row in rows]
+    temperature = _row_tensor([p.temperature for p in params], device)  # [num_rows]
+    logits /= temperature.unsqueeze(1)
+    if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
+        top_k_values = [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]
+        top_k = torch.tensor(top_k_values, dtype=torch.long, device=device)  # [num_rows]
+        top_p = _row_tensor([p.top_p for p in params], device)  # [num_rows]
+        _apply_top_k_top_p(logits, top_k, top_p)
+    probs = torch.softmax(logits, dim=-1)  # [num_rows, vocab]
+    if any(p.min_p > 0.0 for p in params):
+        min_p = _row_tensor([p.min_p for p in params], device)  # [num_rows]
+        max_prob = probs.max(dim=-1, keepdim=True).values  # [num_rows, 1]
+        # The race is scale-invariant, so masked probs need no renormalising.
+        probs.masked_fill_(probs < min_p.unsqueeze(1) * max_prob, 0.0)
+    return (probs / _exponential_noise(probs, rows)).argmax(dim=-1)  # [num_rows]
+
+
+class Sampler:
+    """Turns one step's last-position logits into one token per row.
+
+    Stateless between calls: seeded rows derive their randomness from
+    ``(seed, len(output_token_ids))``, unseeded rows use the default torch RNG.
+    Columns at and beyond ``vocab_size`` (padding of the model's output
+    embedding) are never sampled and never appear in logprobs.
+    """
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+
+    def sample(
+        self, logits: torch.Tensor, rows: list[SamplingRow]
+    ) -> list[tuple[int, TokenLogprobs | None]]:
+        """``logits``: [num_rows, vocab_columns], one row per entry of ``rows``.
+
+        Returns ``(token_id, logprobs)`` per row; ``logprobs`` is None unless the
+        row's ``sampling_params.logprobs`` is set. ``logits`` is not modified.
+        """
+        if logits.shape[0] != len(rows):
+            raise ValueError(f"{logits.shape[0]} logit rows for {len(rows)} sampling rows")
+        if not rows:
+            return []
+        logits = logits[:, : self.vocab_size]  # [num_rows, vocab], a view
+        if all(r.sampling_params.is_greedy and not _needs_processing(r) for r in rows):
+            return [(token_id, None) for token_id in logits.argmax(dim=-1).tolist()]
+        processed = logits.to(dtype=torch.float32, copy=True)  # [num_rows, vocab]
+        _apply_min_tokens(processed, rows)
+        _apply_logit_bias(processed, rows)
+        _apply_penalties(processed, rows)
+        token_ids = processed.argmax(dim=-1)  # [num_rows]
+        random_rows = [i for i, r in enumerate(rows) if not r.sampling_params.is_greedy]
+        if random_rows:
+            index = torch.tensor(random_rows, dtype=torch.long, device=logits.device)
+            sampled = _sample_random(
+                processed.index_select(0, index), [rows[i] for i in random_rows]
+            )  # [num_random]
+            token_ids.index_copy_(0, index, sampled)
+        logprobs = _gather_logprobs(processed, rows, token_ids)
+        return list(zip(token_ids.tolist(), logprobs))

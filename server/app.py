@@ -1,0 +1,114 @@
+"""The FastAPI app factory: lifespan (engine start/stop), auth, health, routes.
+
+The engine is built by a loader callable run in a worker thread at start-up,
+so ``/health`` answers 503 while the model loads and 200 once it serves.
+"""
+
+import asyncio
+import hmac
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from batching.engine import DynamicBatcher
+from batching.errors import EngineUnavailableError, TokenstepError
+from server.errors import error_response, install_error_handlers
+from server.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Served:
+    """What the routes need: the batcher, its tokenizer and the model's identity."""
+
+    batcher: DynamicBatcher
+    tokenizer: Any
+    model_name: str
+    max_model_len: int
+
+
+class AuthError(TokenstepError):
+    http_status = 401
+    error_type = "authentication_error"
+
+
+def served(request: Request) -> Served:
+    """Dependency: the loaded engine, or 503 while it loads or after it died."""
+    state: Served | None = request.app.state.served
+    if state is None:
+        raise EngineUnavailableError("the model is still loading")
+    if not state.batcher.is_running:
+        raise EngineUnavailableError("the engine is not running")
+    return state
+
+
+def _check_api_key(request: Request) -> None:
+    expected: str | None = request.app.state.settings.api_key
+    if not expected:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
+        raise AuthError("missing or invalid API key (send 'Authorization: Bearer <key>')")
+
+
+def create_app(settings: Settings, load: Callable[[], Served] | None = None, ready: Served | None = None) -> FastAPI:
+    """Build the app. Pass ``ready`` (tests) or ``load`` (run at start-up)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loading = None
+        if ready is not None:
+            await _start(app, ready)
+        elif load is not None:
+            loading = asyncio.create_task(_load_and_start(app, load))
+        try:
+            yield
+        finally:
+            if loading is not None and not loading.done():
+                loading.cancel()
+            if app.state.served is not None:
+                await app.state.served.batcher.stop()
+
+    app = FastAPI(title="tokenstep", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.served = None
+    app.state.load_error = None
+    install_error_handlers(app)
+
+    @app.get("/health")
+    async def health(request: Request) -> JSONResponse:
+        state: Served | None = request.app.state.served
+        if state is None or not state.batcher.is_running:
+            reason = request.app.state.load_error or "loading"
+            return error_response(503, f"not ready: {reason}", headers={"Retry-After": "5"})
+        return JSONResponse({"status": "ok"})
+
+    from server.completions import router as completions_router
+
+    api = APIRouter(dependencies=[Depends(_check_api_key)])
+    api.include_router(completions_router)
+    app.include_router(api)
+    return app
+
+
+async def _start(app: FastAPI, state: Served) -> None:
+    await state.batcher.start()
+    app.state.served = state
+
+
+async def _load_and_start(app: FastAPI, load: Callable[[], Served]) -> None:
+    try:
+        state = await asyncio.to_thread(load)
+    except Exception as exc:
+        logger.exception("loading the model failed")
+        app.state.load_error = str(exc)
+        return
+    await _start(app, state)
+    logger.info("serving %s", state.model_name)

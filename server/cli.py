@@ -1,0 +1,88 @@
+"""``tokenstep`` command line: ``tokenstep serve [MODEL] [--flags]``.
+
+Each flag defaults to ``TOKENSTEP_<FLAG>`` from the environment, then to the
+``Settings`` default; a flag given on the command line wins.
+"""
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from server.settings import Settings
+
+
+def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", default=None, help="HF model directory or hub id (default: embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--host")
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--api-key")
+    parser.add_argument("--served-model-name")
+    parser.add_argument("--max-num-seqs", type=int)
+    parser.add_argument("--max-num-batched-tokens", type=int)
+    parser.add_argument("--block-size", type=int)
+    parser.add_argument("--kv-cache-memory", help="e.g. 512MiB, 2GiB or bytes")
+    parser.add_argument("--max-model-len", type=int)
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--device", help="auto, cpu or cuda")
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+
+def parse_settings(argv: list[str]) -> Settings:
+    parser = argparse.ArgumentParser(prog="tokenstep serve")
+    _add_serve_flags(parser)
+    args = parser.parse_args(argv)
+    given = {key: value for key, value in vars(args).items() if value is not None}
+    return Settings(**given)
+
+
+def make_loader(settings: Settings):
+    """Return the callable that builds the engine (run in a thread at start-up)."""
+
+    def load():
+        from batching.engine import DynamicBatcher
+        from model_runtime.default_model import DEFAULT_MODEL_NAME, default_model_dir
+        from model_runtime.engine_factory import EngineConfig, build_engine_core
+        from server.app import Served
+
+        model = settings.model or default_model_dir()
+        default_name = DEFAULT_MODEL_NAME if settings.model is None else Path(str(model).rstrip("/")).name
+        config = EngineConfig(
+            model=model,
+            dtype=settings.dtype,
+            device=settings.device,
+            block_size=settings.block_size,
+            kv_cache_memory=settings.kv_cache_memory,
+            max_num_seqs=settings.max_num_seqs,
+            max_num_batched_tokens=settings.max_num_batched_tokens,
+            enable_prefix_caching=settings.enable_prefix_caching,
+            max_model_len=settings.max_model_len,
+        )
+        core = build_engine_core(config)
+        return Served(DynamicBatcher(core), core.tokenizer, settings.served_model_name or default_name, core.max_model_len)
+
+    return load
+
+
+def serve(settings: Settings) -> None:
+    import uvicorn
+
+    from server.app import create_app
+
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings, load=make_loader(settings))
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in {"-h", "--help"}:
+        print("usage: tokenstep serve [MODEL] [--flags]   (tokenstep serve --help for flags)")
+        sys.exit(0 if argv else 2)
+    command, rest = argv[0], argv[1:]
+    if command == "serve":
+        serve(parse_settings(rest))
+    else:
+        print(f"tokenstep: unknown command {command!r}; try 'tokenstep serve --help'", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,29 @@
+"""One validated settings object for the server, from flags and environment.
+
+Every field can be set as ``TOKENSTEP_<FIELD>`` (e.g. ``TOKENSTEP_PORT=9000``);
+command-line flags win over the environment. Defaults suit a CPU laptop.
+"""
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TOKENSTEP_", protected_namespaces=())
+
+    model: str | None = Field(None, description="HF model directory or hub id; empty = embedded SmolLM2-135M-Instruct")
+    host: str = "0.0.0.0"
+    port: int = Field(8000, ge=0, le=65535)
+    api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY' on /v1 routes")
+    served_model_name: str | None = None
+    max_num_seqs: int = Field(64, ge=1, description="most requests running at once")
+    max_num_batched_tokens: int = Field(512, ge=1, description="token budget of one step (prefill + decode)")
+    block_size: int = Field(16, ge=1, le=1024)
+    kv_cache_memory: str | None = Field(None, description="KV pool size, e.g. 512MiB or 2GiB (default 1GiB on CPU, 80% of free GPU memory on CUDA)")
+    max_model_len: int | None = Field(None, ge=1, description="context window (default: the model's)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    enable_prefix_caching: bool = True
+    log_level: Literal["debug", "info", "warning", "error"] = "info"

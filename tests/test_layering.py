@@ -1,0 +1,170 @@
+"""Layer purity, checked statically (STYLE.md, "For tokenstep" rule 1).
+
+Every ``.py`` file under each package is parsed with ``ast`` (never imported),
+and the top-level name of every module it imports is collected: ``import a.b``
+and ``from a.b import c`` both give ``a``, wherever they sit: module top level,
+inside functions, under ``if TYPE_CHECKING:`` or ``try:``. Literal
+``importlib.import_module("a.b")`` and ``__import__("a")`` calls count too.
+Relative imports (``from . import x``) stay inside the package and are ignored.
+
+The rules:
+
+- ``batching/`` never touches tensors or HTTP: no torch, no web stack.
+- ``model_runtime/`` knows nothing of HTTP or asyncio.
+- ``server/`` holds no tensors: no torch. It may reach ``model_runtime``
+  lazily (the CLI loads the model), so only the direct torch import is banned.
+"""
+
+import ast
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+WEB_STACK = frozenset({"fastapi", "starlette", "sse_starlette", "uvicorn"})
+
+# package folder -> top-level module names it must not import
+FORBIDDEN_IMPORTS: dict[str, frozenset[str]] = {
+    "batching": frozenset({"torch"}) | WEB_STACK,
+    "model_runtime": frozenset({"asyncio"}) | WEB_STACK,
+    "server": frozenset({"torch"}),
+}
+
+_DYNAMIC_IMPORT_CALLS = frozenset({"import_module", "__import__"})
+
+
+@dataclass(frozen=True)
+class ImportViolation:
+    """One forbidden import: where it is and which top-level module it names."""
+
+    filename: str
+    lineno: int
+    module: str
+
+    def __str__(self) -> str:
+        return f"{self.filename}:{self.lineno} imports {self.module}"
+
+
+def _top_level(module_name: str) -> str:
+    return module_name.split(".", 1)[0]
+
+
+def _dynamic_import_target(call: ast.Call) -> str | None:
+    """The literal module name of ``importlib.import_module("x")`` / ``__import__("x")``."""
+    func = call.func
+    func_name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+    if func_name not in _DYNAMIC_IMPORT_CALLS or not call.args:
+        return None
+    first_arg = call.args[0]
+    if isinstance(first_arg, ast.Constant) and isinstance(first_arg.value, str):
+        return first_arg.value
+    return None
+
+
+def imported_modules(source: str, filename: str = "<string>") -> list[tuple[int, str]]:
+    """Every absolute import in ``source`` as ``(lineno, top-level module name)``."""
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(ast.parse(source, filename=filename)):
+        if isinstance(node, ast.Import):
+            found.extend((node.lineno, _top_level(alias.name)) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 0 and node.module:
+                found.append((node.lineno, _top_level(node.module)))
+        elif isinstance(node, ast.Call):
+            target = _dynamic_import_target(node)
+            if target and not target.startswith("."):
+                found.append((node.lineno, _top_level(target)))
+    return sorted(found)
+
+
+def find_violations(
+    source: str, forbidden: frozenset[str], filename: str = "<string>"
+) -> list[ImportViolation]:
+    """The imports in ``source`` whose top-level module is in ``forbidden``."""
+    return [
+        ImportViolation(filename, lineno, module)
+        for lineno, module in imported_modules(source, filename)
+        if module in forbidden
+    ]
+
+
+def package_sources(package: str) -> list[Path]:
+    """Every ``.py`` file under the package folder (empty if it has none yet)."""
+    package_dir = REPO_ROOT / package
+    if not package_dir.is_dir():
+        return []
+    return sorted(p for p in package_dir.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN_IMPORTS))
+def test_package_imports_respect_its_layer(package: str) -> None:
+    sources = package_sources(package)
+    if not sources:
+        pytest.skip(f"{package}/ has no Python modules yet")
+    violations = [
+        violation
+        for path in sources
+        for violation in find_violations(
+            path.read_text(encoding="utf-8"),
+            FORBIDDEN_IMPORTS[package],
+            str(path.relative_to(REPO_ROOT)),
+        )
+    ]
+    assert not violations, "layer violations:\n" + "\n".join(map(str, violations))
+
+
+# --- the checker itself: a violation planted in a synthetic source is caught ---
+
+PLANTED_SOURCE = '''
+"""A module that breaks every rule it can."""
+import os
+import torch.nn as nn
+from fastapi import FastAPI
+from . import sibling
+from .sibling import helper
+import torchvision
+
+
+def lazy() -> None:
+    import torch
+    from starlette.responses import Response
+    import importlib
+    importlib.import_module("sse_starlette.sse")
+
+
+def also_lazy() -> None:
+    __import__("asyncio")
+'''
+
+
+def test_checker_catches_planted_violations() -> None:
+    violations = find_violations(PLANTED_SOURCE, FORBIDDEN_IMPORTS["batching"], "planted.py")
+    assert [(v.lineno, v.module) for v in violations] == [
+        (4, "torch"),
+        (5, "fastapi"),
+        (12, "torch"),
+        (13, "starlette"),
+        (15, "sse_starlette"),
+    ]
+    assert str(violations[0]) == "planted.py:4 imports torch"
+
+
+def test_checker_catches_a_bare_import_torch() -> None:
+    assert find_violations("import torch\n", frozenset({"torch"})) == [
+        ImportViolation("<string>", 1, "torch")
+    ]
+
+
+def test_checker_ignores_relative_and_lookalike_imports() -> None:
+    modules = {module for _, module in imported_modules(PLANTED_SOURCE)}
+    assert "sibling" not in modules  # relative imports stay inside the package
+    assert "torchvision" in modules  # a prefix of a forbidden name is a different module
+    assert find_violations("import torchvision\nimport os\n", frozenset({"torch"})) == []
+    assert find_violations(PLANTED_SOURCE, FORBIDDEN_IMPORTS["model_runtime"]) == [
+        ImportViolation("<string>", 5, "fastapi"),
+        ImportViolation("<string>", 13, "starlette"),
+        ImportViolation("<string>", 15, "sse_starlette"),
+        ImportViolation("<string>", 19, "asyncio"),
+    ]
