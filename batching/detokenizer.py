@@ -80,10 +80,8 @@ class IncrementalDetokenizer:
         """Append ``new_token_ids``; return the text that became final ("" if none)."""
         self._window_ids.extend(new_token_ids)
         window_text = self._decode(self._window_ids)
-        is_held = window_text.endswith(REPLACEMENT_CHAR) or len(window_text) <= len(
-            self._prefix_text
-        )
-        if not is_held:
+        is_unfinished = window_text.endswith(REPLACEMENT_CHAR)
+        if not is_unfinished and len(window_text) > len(self._prefix_text):
             return self._emit(window_text, len(self._window_ids))
         if len(self._window_ids) - self._read_offset > MAX_HELD_TOKENS:
             return self._release_held(window_text)

@@ -8,10 +8,11 @@ character (U+FFFD) that a later token completes.
 import random
 
 import pytest
+from transformers import PreTrainedTokenizerBase
 
 from batching.detokenizer import CONTEXT_TOKENS, MAX_HELD_TOKENS, IncrementalDetokenizer
 
-REPLACEMENT_CHAR = "\ufffd"
+REPLACEMENT_CHAR = "\ufffd"  # spelled here, not imported: the tests check the module
 
 TEXTS = [
     "Hello world, how are you?",
@@ -23,11 +24,11 @@ TEXTS = [
 ]
 
 
-def encode(tokenizer, text: str) -> list[int]:
+def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def chat_prompt(tokenizer) -> list[int]:
+def chat_prompt(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return tokenizer.apply_chat_template(
         [{"role": "user", "content": "hi"}], add_generation_prompt=True, return_dict=False
     )
@@ -43,7 +44,7 @@ def stream(
     return pieces + [detokenizer.flush()]
 
 
-def is_split_across_tokens(tokenizer, token_ids: list[int]) -> bool:
+def is_split_across_tokens(tokenizer: PreTrainedTokenizerBase, token_ids: list[int]) -> bool:
     """True when some token holds only part of a character's UTF-8 bytes."""
     return any(REPLACEMENT_CHAR in tokenizer.decode([t]) for t in token_ids)
 
@@ -51,7 +52,7 @@ def is_split_across_tokens(tokenizer, token_ids: list[int]) -> bool:
 class CountingTokenizer:
     """Wraps a tokenizer and records the longest list it was asked to decode."""
 
-    def __init__(self, tokenizer) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self.tokenizer = tokenizer
         self.max_decode_len = 0
 
@@ -63,7 +64,7 @@ class CountingTokenizer:
 @pytest.mark.parametrize("skip_special_tokens", [True, False])
 @pytest.mark.parametrize("text", TEXTS)
 def test_streamed_pieces_add_up_to_full_decode(
-    tokenizer, text: str, skip_special_tokens: bool
+    tokenizer: PreTrainedTokenizerBase, text: str, skip_special_tokens: bool
 ) -> None:
     output_ids = encode(tokenizer, text) + [tokenizer.eos_token_id]
     detokenizer = IncrementalDetokenizer(tokenizer, chat_prompt(tokenizer), skip_special_tokens)
@@ -77,7 +78,7 @@ def test_streamed_pieces_add_up_to_full_decode(
 
 
 @pytest.mark.parametrize("text", ["Hello 😀 world", "你好世界，今天天气很好", "a 🤖🦾 b"])
-def test_split_character_arrives_whole(tokenizer, text: str) -> None:
+def test_split_character_arrives_whole(tokenizer: PreTrainedTokenizerBase, text: str) -> None:
     output_ids = encode(tokenizer, text)
     assert is_split_across_tokens(tokenizer, output_ids)  # else this test proves nothing
     pieces = stream(IncrementalDetokenizer(tokenizer, chat_prompt(tokenizer)), output_ids)
@@ -85,7 +86,7 @@ def test_split_character_arrives_whole(tokenizer, text: str) -> None:
     assert "".join(pieces) == text
 
 
-def test_partial_emoji_is_held_until_completed(tokenizer) -> None:
+def test_partial_emoji_is_held_until_completed(tokenizer: PreTrainedTokenizerBase) -> None:
     hello, emoji_start, emoji_end, world = encode(tokenizer, "Hello 😀 world")
     assert REPLACEMENT_CHAR in tokenizer.decode([emoji_start])
     detokenizer = IncrementalDetokenizer(tokenizer, encode(tokenizer, "Say:"))
@@ -98,13 +99,15 @@ def test_partial_emoji_is_held_until_completed(tokenizer) -> None:
 
 
 @pytest.mark.parametrize("prompt", ["Say hello:", ""])
-def test_first_token_keeps_its_leading_space(tokenizer, prompt: str) -> None:
+def test_first_token_keeps_its_leading_space(
+    tokenizer: PreTrainedTokenizerBase, prompt: str
+) -> None:
     (world,) = encode(tokenizer, " world")
     detokenizer = IncrementalDetokenizer(tokenizer, encode(tokenizer, prompt))
     assert detokenizer.step([world]) == " world"
 
 
-def test_special_tokens_skipped_or_kept(tokenizer) -> None:
+def test_special_tokens_skipped_or_kept(tokenizer: PreTrainedTokenizerBase) -> None:
     output_ids = encode(tokenizer, "Hi there") + [tokenizer.eos_token_id]
     prompt_ids = chat_prompt(tokenizer)
     skipped = stream(IncrementalDetokenizer(tokenizer, prompt_ids, True), output_ids)
@@ -113,7 +116,7 @@ def test_special_tokens_skipped_or_kept(tokenizer) -> None:
     assert "".join(kept) == "Hi there" + tokenizer.eos_token
 
 
-def test_flush_releases_an_unfinished_character(tokenizer) -> None:
+def test_flush_releases_an_unfinished_character(tokenizer: PreTrainedTokenizerBase) -> None:
     output_ids = encode(tokenizer, "Hi 😀")[:-1]  # the emoji's last byte never comes
     detokenizer = IncrementalDetokenizer(tokenizer, [])
     pieces = [detokenizer.step([t]) for t in output_ids]
@@ -125,13 +128,13 @@ def test_flush_releases_an_unfinished_character(tokenizer) -> None:
 
 
 @pytest.mark.parametrize("chunk", [2, 3, 7])
-def test_multi_token_steps(tokenizer, chunk: int) -> None:
+def test_multi_token_steps(tokenizer: PreTrainedTokenizerBase, chunk: int) -> None:
     output_ids = encode(tokenizer, " ".join(TEXTS))
     pieces = stream(IncrementalDetokenizer(tokenizer, chat_prompt(tokenizer)), output_ids, chunk)
     assert "".join(pieces) == tokenizer.decode(output_ids)
 
 
-def test_decode_window_stays_small_on_long_output(tokenizer) -> None:
+def test_decode_window_stays_small_on_long_output(tokenizer: PreTrainedTokenizerBase) -> None:
     output_ids = encode(tokenizer, " ".join(TEXTS) * 20)
     counting = CountingTokenizer(tokenizer)
     pieces = stream(IncrementalDetokenizer(counting, chat_prompt(tokenizer)), output_ids)
@@ -140,7 +143,7 @@ def test_decode_window_stays_small_on_long_output(tokenizer) -> None:
     assert counting.max_decode_len <= CONTEXT_TOKENS + 4  # context + one unfinished char
 
 
-def test_byte_garbage_keeps_window_bounded(tokenizer) -> None:
+def test_byte_garbage_keeps_window_bounded(tokenizer: PreTrainedTokenizerBase) -> None:
     """A run of lone UTF-8 continuation bytes never completes; it must not pile up."""
     continuation_byte = encode(tokenizer, "😀")[-1]
     assert tokenizer.decode([continuation_byte] * 3) == REPLACEMENT_CHAR * 3
@@ -152,7 +155,7 @@ def test_byte_garbage_keeps_window_bounded(tokenizer) -> None:
     assert len([p for p in pieces if p]) > 5  # released along the way, not only at the end
 
 
-def test_random_token_sequences_match_full_decode(tokenizer) -> None:
+def test_random_token_sequences_match_full_decode(tokenizer: PreTrainedTokenizerBase) -> None:
     """Random ids (many of them byte fragments) in random chunks still add up."""
     rng = random.Random(0)
     fragment_ids = [t for t in range(100, 400) if REPLACEMENT_CHAR in tokenizer.decode([t])]
