@@ -69,7 +69,7 @@ class BlockManager:
         At least one token is always left uncached, because the step that
         computes it is the one that produces the next token's logits.
         """
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or request.sampling_params.prompt_logprobs is not None:
             return [], 0
         tokens = request.all_token_ids
         max_full_blocks = (len(tokens) - 1) // self.block_size

@@ -45,6 +45,8 @@ class EngineCore:
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self._text: dict[str, TextState] = {}
+        # request_id -> position -> logprob of that prompt token, until emitted.
+        self._prompt_logprobs: dict[str, dict[int, TokenLogprobs]] = {}
 
     @property
     def has_unfinished(self) -> bool:
@@ -74,10 +76,13 @@ class EngineCore:
             IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params.skip_special_tokens),
             StopStringMatcher(params.stop),
         )
+        if params.prompt_logprobs is not None:
+            self._prompt_logprobs[request.request_id] = {}
 
     def abort(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> RequestOutput | None:
         request = self.scheduler.finish_request(request_id, status)
         self._text.pop(request_id, None)
+        self._prompt_logprobs.pop(request_id, None)
         if request is None:
             return None
         return self._output(request, [], "", [])
@@ -92,6 +97,11 @@ class EngineCore:
         return self.process(scheduler_output, self.runner.step(scheduler_output))
 
     def process(self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput) -> list[RequestOutput]:
+        for chunk_logprobs in runner_output.prompt_logprobs:
+            positions = self._prompt_logprobs.get(chunk_logprobs.request_id)
+            if positions is not None:
+                for offset, logprob in enumerate(chunk_logprobs.logprobs):
+                    positions[chunk_logprobs.first_position + offset] = logprob
         updates = self.scheduler.update_from_output(scheduler_output, runner_output)
         outputs: list[RequestOutput] = []
         for update in updates:
@@ -100,7 +110,11 @@ class EngineCore:
                 continue
             logprobs = [update.logprobs] if update.logprobs is not None else []
             new_text = self._advance_text(request, update.token_id)
-            outputs.append(self._output(request, [update.token_id], new_text, logprobs))
+            output = self._output(request, [update.token_id], new_text, logprobs)
+            positions = self._prompt_logprobs.pop(request.request_id, None)
+            if positions is not None:
+                output = dataclasses.replace(output, prompt_logprobs=[positions[p] for p in sorted(positions)])
+            outputs.append(output)
         return outputs
 
     def fail(self, request_ids: list[str], message: str) -> list[RequestOutput]:

@@ -6,7 +6,7 @@ lists of ints and floats only, so the runner is testable without a scheduler
 and the scheduler without a model.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from batching.sampling_params import SamplingParams
 
@@ -71,7 +71,18 @@ class SampledToken:
 
 
 @dataclass(frozen=True, slots=True)
+class PromptLogprobs:
+    """Logprobs of prompt tokens ``[first_position, first_position + len(logprobs))``
+    computed by one prefill chunk (position 0 never has one)."""
+
+    request_id: str
+    first_position: int
+    logprobs: list[TokenLogprobs]
+
+
+@dataclass(frozen=True, slots=True)
 class RunnerOutput:
     """Everything one step produced, in the order of the sampling chunks."""
 
     sampled: list[SampledToken]
+    prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)

@@ -10,7 +10,8 @@ class RequestOutput:
     """New tokens and text since the last delta, plus running counters.
 
     ``finish_reason`` is ``stop``, ``length``, ``abort`` or ``error`` on the
-    last delta of a request and ``None`` before. ``stop_reason`` names the
+    last delta of a request and ``None`` before. ``prompt_logprobs`` (prompt
+    positions 1.. in order) arrives once, on the first delta, when asked for. ``stop_reason`` names the
     stop string or stop token id that ended it, if any.
     """
 
@@ -18,6 +19,7 @@ class RequestOutput:
     new_token_ids: list[int]
     new_text: str
     logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs] | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_prompt_tokens: int = 0

@@ -22,7 +22,9 @@ class SamplingParams:
 
     ``temperature == 0`` means greedy. ``top_k == 0`` or ``-1`` disables top-k.
     ``logprobs`` is the number of top alternatives to return per sampled token
-    (``None``: no logprobs at all; ``0``: only the chosen token's).
+    (``None``: no logprobs at all; ``0``: only the chosen token's);
+    ``prompt_logprobs`` likewise for every prompt token after the first
+    (requests asking for it bypass the prefix cache: they need every logit).
     """
 
     max_tokens: int = 16
@@ -40,6 +42,7 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
@@ -55,6 +58,11 @@ class SamplingParams:
         _check(
             self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
             "logprobs",
+            f"must be in [0, {MAX_LOGPROBS}]",
+        )
+        _check(
+            self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
+            "prompt_logprobs",
             f"must be in [0, {MAX_LOGPROBS}]",
         )
         _check(all(s for s in self.stop), "stop", "stop strings must not be empty")

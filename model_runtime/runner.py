@@ -12,11 +12,11 @@ import logging
 
 import torch
 
-from batching.messages import RunnerOutput, SampledToken, ScheduledChunk, SchedulerOutput
+from batching.messages import PromptLogprobs, RunnerOutput, SampledToken, ScheduledChunk, SchedulerOutput
 from model_runtime.attention import CONTEXT_KWARG, PrefillSpan, StepContext
 from model_runtime.kv_cache import CacheShape, PagedKVCache
 from model_runtime.loader import LoadedModel
-from model_runtime.sampler import Sampler, SamplingRow
+from model_runtime.sampler import Sampler, SamplingRow, prompt_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -46,22 +46,52 @@ class ModelRunner:
         chunks = sorted(scheduler_output.chunks, key=lambda chunk: chunk.num_new_tokens != 1)
         input_ids, position_ids, context = self._prepare(chunks)
         sampling_chunks = [chunk for chunk in chunks if chunk.is_sampling]
-        if not sampling_chunks:
+        sample_rows, prompt_spans = self._logits_rows(chunks)
+        if not sample_rows and not prompt_spans:
             self._forward(input_ids, position_ids, context, logits_rows=None)
             return RunnerOutput(sampled=[])
-        logits_rows = self._last_rows(chunks)
-        logits = self._forward(input_ids, position_ids, context, logits_rows)  # [S, vocab]
+        all_rows = sample_rows + [row for span in prompt_spans for row in span[2]]
+        logits = self._forward(input_ids, position_ids, context, torch.tensor(all_rows, device=self.device))  # [R, vocab]
         rows = [
             SamplingRow(chunk.sampling_params, chunk.prompt_token_ids, chunk.output_token_ids, chunk.eos_token_id)
             for chunk in sampling_chunks
         ]
-        results = self.sampler.sample(logits, rows)
-        return RunnerOutput(
-            sampled=[
-                SampledToken(chunk.request_id, token_id, logprobs)
-                for chunk, (token_id, logprobs) in zip(sampling_chunks, results)
-            ]
-        )
+        results = self.sampler.sample(logits[: len(sample_rows)], rows)
+        sampled = [
+            SampledToken(chunk.request_id, token_id, logprobs)
+            for chunk, (token_id, logprobs) in zip(sampling_chunks, results)
+        ]
+        return RunnerOutput(sampled=sampled, prompt_logprobs=self._prompt_logprobs(logits, len(sample_rows), prompt_spans))
+
+    def _logits_rows(self, chunks: list[ScheduledChunk]) -> tuple[list[int], list[tuple[ScheduledChunk, int, list[int]]]]:
+        """Rows whose logits are needed: each sampling chunk's last row, and
+        for prompt-logprob requests every row that predicts a prompt token."""
+        sample_rows: list[int] = []
+        prompt_spans: list[tuple[ScheduledChunk, int, list[int]]] = []
+        start = 0
+        for chunk in chunks:
+            end = start + chunk.num_new_tokens
+            if chunk.is_sampling:
+                sample_rows.append(end - 1)
+            if chunk.sampling_params.prompt_logprobs is not None:
+                # Row of position p predicts the token at p + 1.
+                last_position = min(chunk.num_computed_tokens + chunk.num_new_tokens, len(chunk.prompt_token_ids) - 1)
+                num_rows = max(last_position - chunk.num_computed_tokens, 0)
+                if num_rows:
+                    prompt_spans.append((chunk, chunk.num_computed_tokens + 1, list(range(start, start + num_rows))))
+            start = end
+        return sample_rows, prompt_spans
+
+    def _prompt_logprobs(self, logits: torch.Tensor, offset: int, prompt_spans: list[tuple[ScheduledChunk, int, list[int]]]) -> list[PromptLogprobs]:
+        results = []
+        for chunk, first_position, rows in prompt_spans:
+            span_logits = logits[offset : offset + len(rows)]  # [n, vocab]
+            offset += len(rows)
+            targets = chunk.prompt_token_ids[first_position : first_position + len(rows)]
+            num_top = chunk.sampling_params.prompt_logprobs
+            logprobs = prompt_logprobs(span_logits, targets, num_top, self.sampler.vocab_size)
+            results.append(PromptLogprobs(chunk.request_id, first_position, logprobs))
+        return results
 
     def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, context: StepContext, logits_rows: torch.Tensor | None) -> torch.Tensor | None:
         # With no sampling rows, keep a single row: the LM head cost is negligible.
@@ -74,14 +104,6 @@ class ModelRunner:
             **{CONTEXT_KWARG: context},
         )
         return output.logits[0] if logits_rows is not None else None  # [S, vocab]
-
-    def _last_rows(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        rows, end = [], 0
-        for chunk in chunks:
-            end += chunk.num_new_tokens
-            if chunk.is_sampling:
-                rows.append(end - 1)
-        return torch.tensor(rows, dtype=torch.long, device=self.device)
 
     def _prepare(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor, StepContext]:
         block_size = self.block_size

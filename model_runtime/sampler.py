@@ -283,3 +283,16 @@ class Sampler:
             token_ids.index_copy_(0, index, sampled)
         logprobs = _gather_logprobs(processed, rows, token_ids)
         return list(zip(token_ids.tolist(), logprobs))
+
+
+def prompt_logprobs(logits: torch.Tensor, target_ids: list[int], num_top: int, vocab_size: int) -> list[TokenLogprobs]:
+    """Logprobs of ``target_ids`` under raw ``logits`` ([n, vocab_columns]), one per row,
+    each with the ``num_top`` best alternatives. No sampling transforms apply."""
+    logprobs = torch.log_softmax(logits[:, :vocab_size].float(), dim=-1)  # [n, vocab]
+    targets = torch.tensor(target_ids, dtype=torch.long, device=logits.device)  # [n]
+    chosen = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
+    top: list[list[tuple[int, float]]] = [[] for _ in target_ids]
+    if num_top > 0:
+        values, ids = logprobs.topk(num_top, dim=-1)  # [n, num_top] each
+        top = [list(zip(row_ids, row_values)) for row_ids, row_values in zip(ids.tolist(), values.tolist())]
+    return [TokenLogprobs(token_id, logprob, row_top) for token_id, logprob, row_top in zip(target_ids, chosen, top)]
