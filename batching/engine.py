@@ -47,6 +47,16 @@ class DynamicBatcher:
     def num_requests(self) -> int:
         return len(self._streams)
 
+    @property
+    def num_pending(self) -> int:
+        """Requests accepted by ``generate`` but not yet handed to the scheduler."""
+        return self._intake.qsize()
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        block_manager = self.core.scheduler.block_manager
+        return block_manager.num_blocks * block_manager.block_size
+
     async def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._loop(), name="tokenstep-engine")

@@ -47,6 +47,8 @@ class EngineCore:
         self._text: dict[str, TextState] = {}
         # request_id -> position -> logprob of that prompt token, until emitted.
         self._prompt_logprobs: dict[str, dict[int, TokenLogprobs]] = {}
+        self.num_prompt_tokens_total = 0
+        self.num_generation_tokens_total = 0
 
     @property
     def has_unfinished(self) -> bool:
@@ -71,6 +73,7 @@ class EngineCore:
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)
+        self.num_prompt_tokens_total += request.num_prompt_tokens
         params = request.sampling_params
         self._text[request.request_id] = TextState(
             IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params.skip_special_tokens),
@@ -103,6 +106,7 @@ class EngineCore:
                 for offset, logprob in enumerate(chunk_logprobs.logprobs):
                     positions[chunk_logprobs.first_position + offset] = logprob
         updates = self.scheduler.update_from_output(scheduler_output, runner_output)
+        self.num_generation_tokens_total += len(updates)
         outputs: list[RequestOutput] = []
         for update in updates:
             request = update.request
@@ -155,4 +159,5 @@ class EngineCore:
             num_prompt_tokens=request.num_prompt_tokens,
             num_output_tokens=request.num_output_tokens,
             num_cached_tokens=request.num_cached_tokens,
+            queue_time_s=None if request.first_scheduled_time is None else request.first_scheduled_time - request.arrival_time,
         )

@@ -9,12 +9,15 @@ class TokenstepError(Exception):
     """Base of every error a client can cause or observe."""
 
     http_status: int = 500
-    error_type: str = "internal_error"
+    error_type: str = "server_error"
+    code: str | None = None
 
-    def __init__(self, message: str, param: str | None = None) -> None:
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        if code is not None:
+            self.code = code
 
 
 class InvalidRequestError(TokenstepError):
@@ -25,7 +28,7 @@ class InvalidRequestError(TokenstepError):
 
 
 class EngineUnavailableError(TokenstepError):
-    """The engine cannot take the request now (HTTP 503)."""
+    """The engine cannot take the request now (HTTP 503, with Retry-After)."""
 
     http_status = 503
-    error_type = "service_unavailable"
+    error_type = "server_error"

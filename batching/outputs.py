@@ -26,6 +26,7 @@ class RequestOutput:
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
     error: str | None = None
+    queue_time_s: float | None = None
 
     @property
     def is_finished(self) -> bool:

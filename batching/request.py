@@ -61,6 +61,7 @@ class Request:
     num_preemptions: int = 0
     block_ids: list[int] = field(default_factory=list)
     stop_reason: int | str | None = None
+    first_scheduled_time: float | None = None
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -11,6 +11,7 @@ blocks are freed and it goes back to the front of the queue, to be recomputed
 (prompt plus the tokens it already produced) when blocks free up.
 """
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -101,6 +102,8 @@ class Scheduler:
                 break
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.monotonic()
             request.num_computed_tokens = num_cached
             request.num_cached_tokens = num_cached
             self.num_prefix_query_tokens += request.num_tokens

@@ -1,4 +1,5 @@
-"""The FastAPI app factory: lifespan (engine start/stop), auth, health, routes.
+"""The FastAPI app factory: lifespan (engine start/stop), auth, health,
+metrics, the request-size limit, and the routers.
 
 The engine is built by a loader callable run in a worker thread at start-up,
 so ``/health`` answers 503 while the model loads and 200 once it serves.
@@ -13,11 +14,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from batching.engine import DynamicBatcher
 from batching.errors import EngineUnavailableError, TokenstepError
 from server.errors import error_response, install_error_handlers
+from server.metrics import Metrics
 from server.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -31,11 +34,14 @@ class Served:
     tokenizer: Any
     model_name: str
     max_model_len: int
+    model_root: str = ""
+    chat_template: str | None = None
 
 
 class AuthError(TokenstepError):
     http_status = 401
     error_type = "authentication_error"
+    code = "invalid_api_key"
 
 
 def served(request: Request) -> Served:
@@ -52,10 +58,46 @@ def _check_api_key(request: Request) -> None:
     expected: str | None = request.app.state.settings.api_key
     if not expected:
         return
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
         raise AuthError("missing or invalid API key (send 'Authorization: Bearer <key>')")
+
+
+class BodySizeLimit:
+    """413 for request bodies over ``max_bytes``, by header or as streamed."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._reject(scope, receive, send)
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise _TooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _TooLarge:
+            await self._reject(scope, receive, send)
+
+    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = error_response(413, f"request body larger than {self.max_bytes} bytes", code="request_too_large")
+        await response(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
 
 
 def create_app(settings: Settings, load: Callable[[], Served] | None = None, ready: Served | None = None) -> FastAPI:
@@ -76,24 +118,34 @@ def create_app(settings: Settings, load: Callable[[], Served] | None = None, rea
             if app.state.served is not None:
                 await app.state.served.batcher.stop()
 
-    app = FastAPI(title="tokenstep", lifespan=lifespan)
+    app = FastAPI(title="tokenstep", summary="OpenAI-compatible inference server with continuous batching", lifespan=lifespan)
     app.state.settings = settings
     app.state.served = None
     app.state.load_error = None
+    app.state.metrics = Metrics(lambda: app.state.served.batcher if app.state.served else None)
     install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
 
-    @app.get("/health")
+    @app.get("/health", summary="200 once the model serves; 503 while loading or if the engine died")
     async def health(request: Request) -> JSONResponse:
         state: Served | None = request.app.state.served
         if state is None or not state.batcher.is_running:
-            reason = request.app.state.load_error or "loading"
+            reason = request.app.state.load_error or ("loading" if state is None else "engine stopped")
             return error_response(503, f"not ready: {reason}", headers={"Retry-After": "5"})
         return JSONResponse({"status": "ok"})
 
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def metrics(request: Request) -> Response:
+        return Response(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    from server.chat import router as chat_router
     from server.completions import router as completions_router
+    from server.tokenize import router as tokenize_router
 
     api = APIRouter(dependencies=[Depends(_check_api_key)])
     api.include_router(completions_router)
+    api.include_router(chat_router)
+    api.include_router(tokenize_router)
     app.include_router(api)
     return app
 

@@ -26,6 +26,8 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--device", help="auto, cpu or cuda")
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--chat-template", help="Jinja chat template file overriding the model's")
+    parser.add_argument("--max-request-bytes", type=int)
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
 
@@ -59,8 +61,10 @@ def make_loader(settings: Settings):
             enable_prefix_caching=settings.enable_prefix_caching,
             max_model_len=settings.max_model_len,
         )
+        chat_template = Path(settings.chat_template).read_text() if settings.chat_template else None
         core = build_engine_core(config)
-        return Served(DynamicBatcher(core), core.tokenizer, settings.served_model_name or default_name, core.max_model_len)
+        name = settings.served_model_name or default_name
+        return Served(DynamicBatcher(core), core.tokenizer, name, core.max_model_len, str(model), chat_template)
 
     return load
 

@@ -1,118 +1,172 @@
-"""``POST /v1/completions``: prompt -> tokens -> engine -> text, JSON or SSE."""
+"""``POST /v1/completions``: prompts -> token ids -> engine -> text, JSON or SSE.
+
+One engine request per (prompt, sample); choice ``index = prompt * n + i``.
+Logprobs use OpenAI's legacy shape; with ``echo`` the prompt (and, with
+``logprobs``, its logprobs, the first being null) comes first.
+"""
 
 import json
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
-from batching.errors import InvalidRequestError
+from batching.errors import InvalidRequestError, TokenstepError
+from batching.messages import TokenLogprobs
 from batching.outputs import RequestOutput
-from batching.sampling_params import SamplingParams
 from server.app import Served, served
-from server.protocol import CompletionChoice, CompletionRequest, CompletionResponse, Usage, model_dump, new_id
+from server.generation import check_context, check_model, merge, sampling_params, start_choices, unless_disconnected
+from server.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Usage, model_dump, new_id
 
 router = APIRouter()
 
 
-def sampling_params(body: CompletionRequest) -> SamplingParams:
-    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-    try:
-        logit_bias = {int(token): bias for token, bias in (body.logit_bias or {}).items()}
-    except ValueError:
-        raise InvalidRequestError("logit_bias keys must be token ids", param="logit_bias") from None
-    return SamplingParams(
-        max_tokens=body.max_tokens if body.max_tokens is not None else 16,
-        temperature=body.temperature if body.temperature is not None else 1.0,
-        top_p=body.top_p if body.top_p is not None else 1.0,
-        top_k=body.top_k or 0,
-        min_p=body.min_p or 0.0,
-        presence_penalty=body.presence_penalty or 0.0,
-        frequency_penalty=body.frequency_penalty or 0.0,
-        repetition_penalty=body.repetition_penalty if body.repetition_penalty is not None else 1.0,
-        logit_bias=logit_bias,
-        seed=body.seed,
-        stop=stop,
-        stop_token_ids=tuple(body.stop_token_ids or ()),
-        ignore_eos=body.ignore_eos,
-        min_tokens=body.min_tokens,
-        skip_special_tokens=body.skip_special_tokens,
-    )
+class EngineFailedError(TokenstepError):
+    http_status = 500
+    error_type = "server_error"
 
 
 def _check_supported(body: CompletionRequest) -> None:
     if body.suffix:
         raise InvalidRequestError("suffix is not supported", param="suffix")
-    if body.best_of is not None and body.best_of > body.n:
-        raise InvalidRequestError("best_of > n is not supported", param="best_of")
-    if body.n != 1:
-        raise InvalidRequestError("n > 1 is not supported yet", param="n")
-    if body.echo:
-        raise InvalidRequestError("echo is not supported yet", param="echo")
-    if body.logprobs is not None:
-        raise InvalidRequestError("logprobs are not supported yet", param="logprobs")
+    if body.best_of is not None and body.best_of != body.n:
+        raise InvalidRequestError("best_of other than n is not supported", param="best_of")
 
 
-def prompt_token_ids(body: CompletionRequest, state: Served) -> list[int]:
+def prompt_token_lists(body: CompletionRequest, state: Served) -> tuple[list[list[int]], list[str | None]]:
+    """Token ids of every prompt, and the prompt text where the client sent text."""
     prompt = body.prompt
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]
     if isinstance(prompt, str):
-        return state.tokenizer(prompt).input_ids
-    if isinstance(prompt, list) and all(isinstance(token, int) for token in prompt):
-        return list(prompt)
-    raise InvalidRequestError("several prompts in one request are not supported yet", param="prompt")
+        items: list[str | list[int]] = [prompt]
+    elif prompt and all(isinstance(token, int) for token in prompt):
+        items = [prompt]
+    else:
+        items = list(prompt)
+    if not items:
+        raise InvalidRequestError("prompt must not be empty", param="prompt")
+    token_lists, texts = [], []
+    for item in items:
+        if isinstance(item, str):
+            token_lists.append(state.tokenizer(item).input_ids)
+            texts.append(item)
+        else:
+            token_lists.append(list(item))
+            texts.append(None)
+        if not token_lists[-1]:
+            raise InvalidRequestError("prompt must not be empty", param="prompt")
+    return token_lists, texts
 
 
-def _check_length(token_ids: list[int], max_tokens: int, state: Served) -> None:
-    if len(token_ids) + max_tokens > state.max_model_len:
-        raise InvalidRequestError(
-            f"this model's maximum context length is {state.max_model_len} tokens; the prompt has "
-            f"{len(token_ids)} tokens and max_tokens is {max_tokens}",
-            param="max_tokens",
-        )
+class ChoiceText:
+    """Accumulates one choice: echo prefix, text and legacy logprobs."""
+
+    def __init__(self, state: Served, prompt_ids: list[int], prompt_text: str | None, echo: bool, want_logprobs: bool) -> None:
+        self.state = state
+        self.prompt_ids = prompt_ids
+        self.echo_text = (prompt_text if prompt_text is not None else state.tokenizer.decode(prompt_ids)) if echo else ""
+        self.echo = echo
+        self.want_logprobs = want_logprobs
+        self.is_first = True
+        self.offset = 0
+        self.text: list[str] = []
+        self.logprobs = CompletionLogprobs()
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.num_output_tokens = 0
+
+    def add(self, output: RequestOutput) -> tuple[str, CompletionLogprobs | None]:
+        """The text and logprobs this delta contributes to the choice."""
+        text, logprobs = output.new_text, CompletionLogprobs() if self.want_logprobs else None
+        if self.is_first:
+            self.is_first = False
+            if self.echo:
+                text = self.echo_text + text
+                if logprobs is not None:
+                    self._append(logprobs, self.prompt_ids[0], None, None)
+                    for item in output.prompt_logprobs or []:
+                        self._append(logprobs, item.token_id, item.logprob, item)
+        if logprobs is not None:
+            for item in output.logprobs:
+                self._append(logprobs, item.token_id, item.logprob, item)
+            for field in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                getattr(self.logprobs, field).extend(getattr(logprobs, field))
+        self.text.append(text)
+        self.num_output_tokens = output.num_output_tokens
+        self.finish_reason = output.finish_reason
+        self.stop_reason = output.stop_reason
+        return text, logprobs
+
+    def _append(self, logprobs: CompletionLogprobs, token_id: int, logprob: float | None, item: TokenLogprobs | None) -> None:
+        decode = self.state.tokenizer.decode
+        token_text = decode([token_id])
+        logprobs.tokens.append(token_text)
+        logprobs.token_logprobs.append(logprob)
+        logprobs.top_logprobs.append(None if item is None else {decode([t]): lp for t, lp in item.top} | {token_text: item.logprob})
+        logprobs.text_offset.append(self.offset)
+        self.offset += len(token_text)
 
 
 @router.post("/v1/completions", response_model=None)
-async def create_completion(body: CompletionRequest, state: Served = Depends(served)) -> JSONResponse | EventSourceResponse:
+async def create_completion(body: CompletionRequest, raw_request: Request, state: Served = Depends(served)) -> JSONResponse | EventSourceResponse:
     _check_supported(body)
-    params = sampling_params(body)
-    token_ids = prompt_token_ids(body, state)
-    _check_length(token_ids, params.max_tokens, state)
+    check_model(body.model, state)
+    prompts, texts = prompt_token_lists(body, state)
+    max_tokens = body.max_tokens if body.max_tokens is not None else 16
+    for prompt in prompts:
+        check_context(len(prompt), max_tokens, state)
+    prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
+    params = sampling_params(body, max_tokens, body.logprobs, prompt_logprobs)
     request_id = new_id("cmpl")
-    stream = await state.batcher.generate(token_ids, params, request_id)
+    choices = await start_choices(state, prompts, params, body.n, request_id)
+    accumulators = {
+        choice.index: ChoiceText(state, choice.prompt_token_ids, texts[choice.index // body.n], body.echo, body.logprobs is not None)
+        for choice in choices
+    }
+    usage_prompt_tokens = sum(len(prompt) for prompt in prompts)
+    outputs = merge(state, choices, raw_request.app.state.metrics)
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventSourceResponse(_sse(stream, request_id, state.model_name, include_usage), ping=15)
-    return JSONResponse(await _collect(stream, request_id, state.model_name))
+        events = _stream(outputs, accumulators, request_id, state.model_name, usage_prompt_tokens, body.include_usage)
+        return EventSourceResponse(events, sep="\n", ping=15)
+    return JSONResponse(await unless_disconnected(raw_request, _collect(outputs, accumulators, request_id, state.model_name, usage_prompt_tokens)))
 
 
-async def _collect(stream: AsyncIterator[RequestOutput], request_id: str, model_name: str) -> dict:
-    text: list[str] = []
-    last: RequestOutput | None = None
-    async for output in stream:
-        text.append(output.new_text)
-        last = output
-    if last.error:
-        raise RuntimeError(last.error)
-    choice = CompletionChoice(index=0, text="".join(text), finish_reason=last.finish_reason, stop_reason=last.stop_reason)
-    usage = Usage(prompt_tokens=last.num_prompt_tokens, completion_tokens=last.num_output_tokens, total_tokens=last.num_prompt_tokens + last.num_output_tokens)
-    return model_dump(CompletionResponse(id=request_id, model=model_name, choices=[choice], usage=usage))
+def _usage(prompt_tokens: int, accumulators: dict[int, ChoiceText]) -> Usage:
+    completion_tokens = sum(acc.num_output_tokens for acc in accumulators.values())
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens)
 
 
-async def _sse(stream: AsyncIterator[RequestOutput], request_id: str, model_name: str, include_usage: bool) -> AsyncIterator[str]:
-    last: RequestOutput | None = None
-    async for output in stream:
-        last = output
+async def _collect(outputs: AsyncIterator[tuple[int, RequestOutput]], accumulators: dict[int, ChoiceText], request_id: str, model_name: str, prompt_tokens: int) -> dict:
+    async for index, output in outputs:
         if output.error:
-            yield json.dumps({"error": {"message": output.error, "type": "internal_error", "param": None, "code": 500}})
-            break
-        if not output.new_text and not output.is_finished:
-            continue
-        choice = CompletionChoice(index=0, text=output.new_text, finish_reason=output.finish_reason, stop_reason=output.stop_reason)
-        yield json.dumps(model_dump(CompletionResponse(id=request_id, model=model_name, choices=[choice])))
-    if include_usage and last is not None:
-        usage = Usage(prompt_tokens=last.num_prompt_tokens, completion_tokens=last.num_output_tokens, total_tokens=last.num_prompt_tokens + last.num_output_tokens)
-        yield json.dumps(model_dump(CompletionResponse(id=request_id, model=model_name, choices=[], usage=usage)))
-    yield "[DONE]"
+            raise EngineFailedError(output.error)
+        accumulators[index].add(output)
+    choices = [
+        CompletionChoice(index=index, text="".join(acc.text), logprobs=acc.logprobs if acc.want_logprobs else None, finish_reason=acc.finish_reason, stop_reason=acc.stop_reason)
+        for index, acc in sorted(accumulators.items())
+    ]
+    return model_dump(CompletionResponse(id=request_id, model=model_name, choices=choices, usage=_usage(prompt_tokens, accumulators)))
+
+
+def error_event(message: str, status: int = 500) -> str:
+    return json.dumps({"error": {"message": message, "type": "server_error", "param": None, "code": status}})
+
+
+async def _stream(outputs: AsyncIterator[tuple[int, RequestOutput]], accumulators: dict[int, ChoiceText], request_id: str, model_name: str, prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
+    try:
+        async for index, output in outputs:
+            if output.error:
+                yield error_event(output.error)
+                break
+            text, logprobs = accumulators[index].add(output)
+            if not text and not output.is_finished and not (logprobs and logprobs.tokens):
+                continue
+            choice = CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=output.finish_reason, stop_reason=output.stop_reason)
+            yield json.dumps(model_dump(CompletionResponse(id=request_id, model=model_name, choices=[choice])))
+        else:
+            if include_usage:
+                usage = _usage(prompt_tokens, accumulators)
+                yield json.dumps(model_dump(CompletionResponse(id=request_id, model=model_name, choices=[], usage=usage)))
+        yield "[DONE]"
+    finally:
+        await outputs.aclose()

@@ -1,5 +1,12 @@
-"""The one place domain and validation errors become OpenAI error JSON:
-``{"error": {"message", "type", "param", "code"}}``."""
+"""The one place errors become OpenAI error JSON:
+``{"error": {"message", "type", "param", "code"}}``.
+
+Domain errors carry their status, type, param and code; FastAPI's 422 and
+malformed JSON become 400; unknown routes 404; anything unexpected a 500
+with no stack trace in the body (it goes to the log).
+"""
+
+import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -8,11 +15,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from batching.errors import TokenstepError
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 503: "service_unavailable"}
+logger = logging.getLogger(__name__)
+
+_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 429: "rate_limit_error"}
 
 
-def error_response(status: int, message: str, param: str | None = None, error_type: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": error_type or _TYPES.get(status, "internal_error"), "param": param, "code": status}}
+def error_type_for(status: int) -> str:
+    return _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+
+def error_response(status: int, message: str, param: str | None = None, error_type: str | None = None, code: str | int | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": error_type or error_type_for(status), "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -21,6 +34,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if not errors:
         return "invalid request", None
     first = errors[0]
+    if first.get("type") == "json_invalid":
+        return "the request body is not valid JSON", None
     location = [str(part) for part in first.get("loc", ()) if part != "body"]
     param = ".".join(location) or None
     return f"{param + ': ' if param else ''}{first.get('msg', 'invalid value')}", param
@@ -30,7 +45,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(TokenstepError)
     async def _domain(_: Request, exc: TokenstepError) -> JSONResponse:
         headers = {"Retry-After": "1"} if exc.http_status == 503 else None
-        return error_response(exc.http_status, exc.message, exc.param, exc.error_type, headers)
+        return error_response(exc.http_status, exc.message, exc.param, exc.error_type, exc.code, headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -40,3 +55,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal server error", code=None)

@@ -1,8 +1,10 @@
-"""OpenAI wire schemas (pydantic) for the routes tokenstep serves.
+"""OpenAI wire schemas (pydantic) for the completion and chat routes.
 
 Standard fields follow OpenAI's API reference; sampling extensions follow
 vLLM's spelling (``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``,
-``min_tokens``, ``stop_token_ids``, ``skip_special_tokens``).
+``min_tokens``, ``stop_token_ids``, ``skip_special_tokens``). Unknown fields
+are accepted and ignored, as OpenAI-compatible servers do; fields whose
+meaning tokenstep cannot honour are rejected by the routes with a 400.
 """
 
 import time
@@ -11,6 +13,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+MAX_N = 16
+MAX_STOP_STRINGS = 16
+
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
@@ -18,37 +23,47 @@ def new_id(prefix: str) -> str:
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = False
 
 
-class CompletionRequest(BaseModel):
+class SamplingFields(BaseModel):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
+
     model_config = ConfigDict(extra="allow")
 
-    model: str | None = None
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
+    model: str | None = Field(None, description="the served model name (optional)")
     temperature: float | None = Field(1.0, ge=0.0, le=2.0)
     top_p: float | None = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1, le=MAX_N, description="choices per prompt")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: str | list[str] | None = Field(None, max_length=MAX_STOP_STRINGS)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
     presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = Field(None, description="token id (as a string) -> bias in [-100, 100]")
+    user: str | None = None
+    # vLLM extensions
+    top_k: int | None = Field(None, ge=-1, description="vLLM: keep the k most likely tokens (0 or -1: off)")
+    min_p: float | None = Field(None, ge=0.0, le=1.0, description="vLLM: drop tokens below min_p x the top probability")
+    repetition_penalty: float | None = Field(None, gt=0.0, le=2.0, description="vLLM: >1 discourages repeating prompt/output tokens")
+    ignore_eos: bool | None = Field(False, description="vLLM: keep generating past EOS")
+    min_tokens: int | None = Field(0, ge=0, description="vLLM: EOS and stop tokens are banned before this many tokens")
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_STRINGS * 4, description="vLLM: token ids that end generation")
+    skip_special_tokens: bool = True
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(..., description="a string, strings, token ids or lists of token ids")
+    max_tokens: int | None = Field(16, ge=1)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
-    user: str | None = None
-    suffix: str | None = None
-    best_of: int | None = None
-    # vLLM extensions
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    ignore_eos: bool = False
-    min_tokens: int = 0
-    stop_token_ids: list[int] | None = None
-    skip_special_tokens: bool = True
+    suffix: str | None = Field(None, description="not supported: a non-empty suffix is a 400")
+    best_of: int | None = Field(None, ge=1, description="only best_of == n is supported")
 
 
 class CompletionLogprobs(BaseModel):
@@ -81,15 +96,90 @@ class CompletionResponse(BaseModel):
     usage: Usage | None = None
 
 
-class ErrorBody(BaseModel):
-    message: str
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
     type: str
-    param: str | None = None
-    code: int | str | None = None
+    text: str | None = None
 
 
-class ErrorResponse(BaseModel):
-    error: ErrorBody
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_tokens: int | None = Field(None, ge=1, description="deprecated alias of max_completion_tokens")
+    max_completion_tokens: int | None = Field(None, ge=1, description="omitted: the rest of the context window")
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: dict[str, Any] | None = Field(None, description="only {'type': 'text'} for now")
+    tools: list[dict[str, Any]] | None = Field(None, description="not supported yet")
+    tool_choice: str | dict[str, Any] | None = None
+    # vLLM extensions
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatChoiceLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatChoiceLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatChoiceLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
 
 
 def model_dump(model: BaseModel) -> dict[str, Any]:

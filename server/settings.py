@@ -26,4 +26,6 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     enable_prefix_caching: bool = True
+    chat_template: str | None = Field(None, description="Jinja chat template file overriding the model's")
+    max_request_bytes: int = Field(16 * 2**20, ge=1024, description="larger request bodies get 413")
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -4,14 +4,19 @@
 ``FakeRunner`` answers a ``SchedulerOutput`` with hand-written ``SampledToken``s
 (token ``100 + step``, never EOS), so requests finish by ``max_tokens`` through
 ``check_token_stop``; ``run_step`` / ``run_to_completion`` drive the
-``schedule()`` -> runner -> ``update_from_output()`` loop.
+``schedule()`` -> runner -> ``update_from_output()`` loop. ``check_invariants``,
+``check_schedule`` and ``Driver`` serve the random-operation (hypothesis) test.
 """
 
+from collections import Counter
 from collections.abc import Sequence
 
+import pytest
+
 from batching.block_manager import BlockManager
+from batching.errors import InvalidRequestError
 from batching.messages import RunnerOutput, SampledToken, SchedulerOutput
-from batching.request import Request
+from batching.request import Request, RequestStatus
 from batching.sampling_params import SamplingParams
 from batching.scheduler import Scheduler, SchedulerConfig, TokenUpdate
 
@@ -94,6 +99,10 @@ def run_to_completion(scheduler: Scheduler, runner: FakeRunner, max_steps: int =
     return outputs
 
 
+def abort_request(scheduler: Scheduler, request_id: str) -> Request | None:
+    return scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
+
+
 def ref_count(block_manager: BlockManager, block_id: int) -> int:
     """The one peek at private state: a block's reference count."""
     return block_manager._blocks[block_id].ref_count
@@ -104,3 +113,122 @@ def assert_no_leak(scheduler: Scheduler) -> None:
     assert block_manager.num_used_blocks == 0
     assert block_manager.num_free_blocks == block_manager.num_blocks
     assert all(ref_count(block_manager, b) == 0 for b in range(block_manager.num_blocks))
+
+
+# --- invariants and a random-operation driver (used by the hypothesis test) ---------
+
+
+def check_invariants(scheduler: Scheduler, requests: list[Request]) -> None:
+    """Block accounting holds; shared blocks hold identical prefixes."""
+    block_manager = scheduler.block_manager
+    block_size = block_manager.block_size
+    assert block_manager.num_free_blocks + block_manager.num_used_blocks == block_manager.num_blocks
+    assert len(scheduler.running) <= scheduler.config.max_num_seqs
+
+    holders: Counter[int] = Counter()
+    first_holder: dict[int, tuple[Request, int]] = {}
+    for request in requests:
+        if request.is_finished or request.status != RequestStatus.RUNNING:
+            assert request.block_ids == []
+        if request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
+            assert request.num_computed_tokens == 0
+            assert request in scheduler.waiting
+        assert len(set(request.block_ids)) == len(request.block_ids)
+        holders.update(request.block_ids)
+        if request.status != RequestStatus.RUNNING:
+            continue
+        assert request in scheduler.running
+        assert request.num_computed_tokens < request.num_tokens
+        assert block_manager.blocks_needed(request.num_computed_tokens) <= len(request.block_ids)
+        for index, block_id in enumerate(request.block_ids):
+            if block_id not in first_holder:
+                first_holder[block_id] = (request, index)
+                continue
+            # A block held twice is a cached prefix block: same place, same tokens.
+            other, other_index = first_holder[block_id]
+            end = (index + 1) * block_size
+            assert index == other_index
+            assert min(request.num_computed_tokens, other.num_computed_tokens) >= end
+            assert request.all_token_ids[:end] == other.all_token_ids[:end]
+
+    ref_counts = [ref_count(block_manager, b) for b in range(block_manager.num_blocks)]
+    assert ref_counts == [holders[b] for b in range(block_manager.num_blocks)]
+    assert sum(ref_counts) == sum(len(r.block_ids) for r in requests)
+    assert block_manager.num_free_blocks == ref_counts.count(0)
+    assert set(scheduler.requests.values()) == set(scheduler.running) | set(scheduler.waiting)
+
+
+def check_schedule(scheduler: Scheduler, scheduler_output: SchedulerOutput) -> None:
+    """The step about to run is consistent with the requests it names."""
+    assert scheduler_output.num_batched_tokens <= scheduler.config.max_num_batched_tokens
+    assert scheduler_output.num_batched_tokens == sum(c.num_new_tokens for c in scheduler_output.chunks)
+    assert len({c.request_id for c in scheduler_output.chunks}) == len(scheduler_output.chunks)
+    for chunk in scheduler_output.chunks:
+        request = scheduler.requests[chunk.request_id]
+        assert request.status == RequestStatus.RUNNING
+        start, end = chunk.num_computed_tokens, chunk.num_computed_tokens + chunk.num_new_tokens
+        assert chunk.num_new_tokens >= 1
+        assert start == request.num_computed_tokens
+        assert chunk.new_token_ids == request.all_token_ids[start:end]
+        assert chunk.is_sampling == (end == request.num_tokens)
+        assert chunk.block_ids == request.block_ids
+        assert scheduler.block_manager.blocks_needed(end) <= len(chunk.block_ids)
+    for request_id in scheduler_output.preempted_request_ids:
+        assert scheduler.requests[request_id].status == RequestStatus.PREEMPTED
+        assert request_id not in {c.request_id for c in scheduler_output.chunks}
+
+
+class Driver:
+    """Applies operations and records what each request was sent."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+        self.runner = FakeRunner()
+        self.requests: list[Request] = []
+        self.sent: dict[str, list[int]] = {}
+
+    def add(self, prompt_token_ids: list[int], max_tokens: int) -> None:
+        request = create_request(f"r{len(self.requests)}", prompt_token_ids, max_tokens)
+        too_big = self.scheduler.block_manager.blocks_needed(request.max_total_tokens) > (
+            self.scheduler.block_manager.num_blocks
+        )
+        if too_big:
+            with pytest.raises(InvalidRequestError):
+                self.scheduler.add_request(request)
+            return
+        self.scheduler.add_request(request)
+        self.requests.append(request)
+        self.sent[request.request_id] = []
+
+    def step(self, abort_index: int | None = None) -> None:
+        scheduler_output = self.scheduler.schedule()
+        check_schedule(self.scheduler, scheduler_output)
+        aborted = None
+        if abort_index is not None and self.requests:
+            aborted = self.requests[abort_index % len(self.requests)].request_id
+            abort_request(self.scheduler, aborted)
+        updates = self.scheduler.update_from_output(scheduler_output, self.runner.step(scheduler_output))
+        for update in updates:
+            assert update.request.request_id != aborted
+            self.sent[update.request.request_id].append(update.token_id)
+
+    def abort(self, index: int) -> None:
+        if self.requests:
+            abort_request(self.scheduler, self.requests[index % len(self.requests)].request_id)
+
+    def apply(self, operation: tuple) -> None:
+        kind, *args = operation
+        if kind == "add":
+            self.add(*args)
+        elif kind == "step":
+            self.step()
+        elif kind == "abort":
+            self.abort(*args)
+        else:
+            self.step(abort_index=args[0])
+
+    def check(self) -> None:
+        check_invariants(self.scheduler, self.requests)
+        for request in self.requests:
+            assert request.output_token_ids == self.sent[request.request_id]
+            assert request.num_output_tokens <= request.sampling_params.max_tokens

@@ -6,7 +6,8 @@ before returning, so a client can neither read the first event of a long
 stream early nor disconnect. This transport runs the app in a task, hands body
 chunks to the response stream as the app sends them, and on ``aclose()``
 answers the app's next ``receive()`` with ``http.disconnect``, which is what a
-real server does when the peer closes the socket.
+real server does when the peer closes the socket. Cancelling a request that
+is still waiting for its response start hangs up the same way.
 """
 
 import asyncio
@@ -96,6 +97,12 @@ class StreamingASGITransport(httpx.AsyncBaseTransport):
                     started.set_exception(RuntimeError("the app sent no response"))
 
         task = asyncio.create_task(run())
-        start = await started
+        try:
+            start = await started
+        except asyncio.CancelledError:
+            # The caller gave up before the response began (a cancelled
+            # non-streaming request): hang up, as a closed socket would.
+            disconnect.set()
+            raise
         headers = [(bytes(k), bytes(v)) for k, v in start.get("headers", [])]
         return httpx.Response(start["status"], headers=headers, stream=_AppStream(chunks, disconnect, task))

@@ -1,0 +1,176 @@
+"""``POST /v1/chat/completions``: messages -> chat template -> engine -> message.
+
+The template is rendered to text by the tokenizer (``--chat-template FILE``
+overrides the model's) and tokenized WITHOUT adding special tokens again: the
+template already has them, and a doubled BOS silently degrades answers.
+Streaming sends ``role: assistant`` first, then content deltas, then a chunk
+carrying ``finish_reason``.
+"""
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from sse_starlette import EventSourceResponse
+
+from batching.errors import InvalidRequestError
+from batching.messages import TokenLogprobs
+from batching.outputs import RequestOutput
+from server.app import Served, served
+from server.completions import EngineFailedError, error_event
+from server.generation import check_context, check_model, default_max_tokens, merge, sampling_params, start_choices, unless_disconnected
+from server.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChoiceLogprobs,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatTokenLogprob,
+    TopLogprob,
+    Usage,
+    model_dump,
+    new_id,
+)
+
+router = APIRouter()
+
+
+def _check_supported(body: ChatCompletionRequest) -> None:
+    response_type = (body.response_format or {}).get("type", "text")
+    if response_type != "text":
+        raise InvalidRequestError(f"response_format type {response_type!r} is not supported yet (only 'text')", param="response_format")
+    if body.tools:
+        raise InvalidRequestError("tools are not supported yet", param="tools")
+    if body.tool_choice not in (None, "none"):
+        raise InvalidRequestError("tool_choice is not supported yet", param="tool_choice")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise InvalidRequestError("top_logprobs requires logprobs: true", param="top_logprobs")
+
+
+def _message_dicts(body: ChatCompletionRequest) -> list[dict[str, Any]]:
+    messages = []
+    for position, message in enumerate(body.messages):
+        content = message.content
+        if isinstance(content, list):
+            non_text = [part.type for part in content if part.type != "text"]
+            if non_text:
+                raise InvalidRequestError(f"content part type {non_text[0]!r} is not supported (text only)", param=f"messages.{position}.content")
+            content = "".join(part.text or "" for part in content)
+        entry = {"role": message.role, "content": content or ""}
+        if message.name:
+            entry["name"] = message.name
+        messages.append(entry)
+    return messages
+
+
+def render_chat(state: Served, messages: list[dict[str, Any]], add_generation_prompt: bool = True, continue_final_message: bool = False, template_kwargs: dict[str, Any] | None = None) -> list[int]:
+    """Chat messages -> prompt token ids through the chat template."""
+    template = state.chat_template or getattr(state.tokenizer, "chat_template", None)
+    if not template:
+        raise InvalidRequestError("this model has no chat template; start the server with --chat-template FILE", param="messages")
+    try:
+        text = state.tokenizer.apply_chat_template(
+            messages,
+            chat_template=template,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt and not continue_final_message,
+            continue_final_message=continue_final_message,
+            **(template_kwargs or {}),
+        )
+    except Exception as exc:  # a template error is the request's fault (roles, ordering)
+        raise InvalidRequestError(f"the chat template could not render these messages: {exc}", param="messages") from None
+    return state.tokenizer(text, add_special_tokens=False).input_ids
+
+
+def _chat_logprobs(state: Served, items: list[TokenLogprobs]) -> ChatChoiceLogprobs:
+    def entry(token_id: int, logprob: float) -> TopLogprob:
+        text = state.tokenizer.decode([token_id])
+        return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode("utf-8")))
+
+    content = []
+    for item in items:
+        chosen = entry(item.token_id, item.logprob)
+        content.append(ChatTokenLogprob(**chosen.model_dump(), top_logprobs=[entry(t, lp) for t, lp in item.top]))
+    return ChatChoiceLogprobs(content=content)
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def create_chat_completion(body: ChatCompletionRequest, raw_request: Request, state: Served = Depends(served)) -> JSONResponse | EventSourceResponse:
+    _check_supported(body)
+    check_model(body.model, state)
+    prompt = render_chat(state, _message_dicts(body), body.add_generation_prompt, body.continue_final_message, body.chat_template_kwargs)
+    max_tokens = body.max_completion_tokens or body.max_tokens or default_max_tokens(len(prompt), state)
+    check_context(len(prompt), max_tokens, state)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    params = sampling_params(body, max_tokens, logprobs)
+    request_id = new_id("chatcmpl")
+    choices = await start_choices(state, [prompt], params, body.n, request_id)
+    outputs = merge(state, choices, raw_request.app.state.metrics)
+    if body.stream:
+        return EventSourceResponse(_stream(state, outputs, request_id, len(prompt), body), sep="\n", ping=15)
+    return JSONResponse(await unless_disconnected(raw_request, _collect(state, outputs, request_id, len(prompt))))
+
+
+async def _collect(state: Served, outputs: AsyncIterator[tuple[int, RequestOutput]], request_id: str, prompt_tokens: int) -> dict:
+    texts: dict[int, list[str]] = {}
+    logprobs: dict[int, list[TokenLogprobs]] = {}
+    last: dict[int, RequestOutput] = {}
+    want_logprobs = False
+    async for index, output in outputs:
+        if output.error:
+            raise EngineFailedError(output.error)
+        texts.setdefault(index, []).append(output.new_text)
+        logprobs.setdefault(index, []).extend(output.logprobs)
+        want_logprobs = want_logprobs or bool(output.logprobs)
+        last[index] = output
+    choices = [
+        ChatChoice(
+            index=index,
+            message=AssistantMessage(content="".join(texts[index])),
+            logprobs=_chat_logprobs(state, logprobs[index]) if want_logprobs else None,
+            finish_reason=output.finish_reason,
+            stop_reason=output.stop_reason,
+        )
+        for index, output in sorted(last.items())
+    ]
+    completion_tokens = sum(output.num_output_tokens for output in last.values())
+    usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens)
+    return model_dump(ChatCompletionResponse(id=request_id, model=state.model_name, choices=choices, usage=usage))
+
+
+def _chunk(request_id: str, created: int, model: str, choices: list[dict], usage: dict | None = None) -> str:
+    body = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices}
+    if usage is not None:
+        body["usage"] = usage
+    return json.dumps(body)
+
+
+async def _stream(state: Served, outputs: AsyncIterator[tuple[int, RequestOutput]], request_id: str, prompt_tokens: int, body: ChatCompletionRequest) -> AsyncIterator[str]:
+    created = int(time.time())
+    started: set[int] = set()
+    completion_tokens: dict[int, int] = {}
+    try:
+        async for index, output in outputs:
+            if output.error:
+                yield error_event(output.error)
+                break
+            if index not in started:
+                started.add(index)
+                yield _chunk(request_id, created, state.model_name, [{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
+            completion_tokens[index] = output.num_output_tokens
+            logprobs = model_dump(_chat_logprobs(state, output.logprobs)) if output.logprobs else None
+            if output.new_text or logprobs:
+                yield _chunk(request_id, created, state.model_name, [{"index": index, "delta": {"content": output.new_text}, "logprobs": logprobs, "finish_reason": None}])
+            if output.is_finished:
+                yield _chunk(request_id, created, state.model_name, [{"index": index, "delta": {}, "logprobs": None, "finish_reason": output.finish_reason, "stop_reason": output.stop_reason}])
+        else:
+            if body.include_usage:
+                total = sum(completion_tokens.values())
+                usage = {"prompt_tokens": prompt_tokens, "completion_tokens": total, "total_tokens": prompt_tokens + total}
+                yield _chunk(request_id, created, state.model_name, [], usage)
+        yield "[DONE]"
+    finally:
+        await outputs.aclose()

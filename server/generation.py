@@ -1,0 +1,171 @@
+"""Shared by the completion and chat routes: request fields -> ``SamplingParams``,
+prompts -> admitted engine requests (one per prompt x ``n``), and the merged
+stream of their deltas tagged with the OpenAI choice ``index``.
+
+Every prompt is validated before any is queued. Consumers that stop early
+(client gone, error) cancel the merge, which aborts every unfinished request.
+"""
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from fastapi import Request
+
+from batching.errors import InvalidRequestError
+from batching.outputs import RequestOutput
+from batching.sampling_params import SamplingParams
+from server.app import Served
+from server.metrics import Metrics, RequestTimer
+from server.protocol import SamplingFields
+
+T = TypeVar("T")
+DISCONNECT_POLL_S = 0.25
+
+
+class ClientDisconnected(Exception):
+    """The HTTP client went away before its response was ready."""
+
+
+def sampling_params(body: SamplingFields, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
+    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    try:
+        logit_bias = {int(token): bias for token, bias in (body.logit_bias or {}).items()}
+    except ValueError:
+        raise InvalidRequestError("logit_bias keys must be token ids", param="logit_bias") from None
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=body.temperature if body.temperature is not None else 1.0,
+        top_p=body.top_p if body.top_p is not None else 1.0,
+        top_k=body.top_k or 0,
+        min_p=body.min_p or 0.0,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        repetition_penalty=body.repetition_penalty if body.repetition_penalty is not None else 1.0,
+        logit_bias=logit_bias,
+        seed=body.seed,
+        stop=stop,
+        stop_token_ids=tuple(body.stop_token_ids or ()),
+        ignore_eos=bool(body.ignore_eos),
+        min_tokens=body.min_tokens or 0,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+        skip_special_tokens=body.skip_special_tokens,
+    )
+
+
+def check_model(requested: str | None, state: Served) -> None:
+    if requested and requested != state.model_name and requested != state.model_root:
+        raise ModelNotFoundError(f"The model `{requested}` does not exist. Available: {state.model_name}", param="model")
+
+
+class ModelNotFoundError(InvalidRequestError):
+    http_status = 404
+    error_type = "not_found_error"
+    code = "model_not_found"
+
+
+def check_context(num_prompt_tokens: int, max_tokens: int, state: Served) -> None:
+    """Prompt + max_tokens must fit the context window (400 naming both numbers)."""
+    if num_prompt_tokens + max_tokens > state.max_model_len:
+        error = InvalidRequestError(
+            f"This model's maximum context length is {state.max_model_len} tokens. However, you requested "
+            f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the prompt, {max_tokens} for the "
+            "completion). Please reduce the prompt or max_tokens.",
+            param="max_tokens" if num_prompt_tokens < state.max_model_len else "prompt",
+        )
+        error.code = "context_length_exceeded"
+        raise error
+
+
+def default_max_tokens(num_prompt_tokens: int, state: Served) -> int:
+    """The rest of the context window (and of the KV cache), as vLLM does."""
+    limit = min(state.max_model_len, state.batcher.kv_capacity_tokens)
+    return max(limit - num_prompt_tokens, 1)
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    index: int
+    request_id: str
+    prompt_token_ids: list[int]
+    stream: AsyncIterator[RequestOutput]
+
+
+async def start_choices(state: Served, prompts: list[list[int]], params: SamplingParams, n: int, request_id: str) -> list[Choice]:
+    """Admit ``len(prompts) * n`` requests; choice ``index = prompt * n + i``.
+
+    With a seed and ``n > 1``, choice i uses ``seed + i`` so the n samples
+    differ yet the whole response stays reproducible.
+    """
+    choices: list[Choice] = []
+    try:
+        for prompt_index, prompt in enumerate(prompts):
+            for sample_index in range(n):
+                choice_params = params
+                if params.seed is not None and sample_index:
+                    choice_params = dataclasses.replace(params, seed=params.seed + sample_index)
+                index = prompt_index * n + sample_index
+                choice_id = f"{request_id}-{index}"
+                stream = await state.batcher.generate(prompt, choice_params, choice_id)
+                choices.append(Choice(index, choice_id, prompt, stream))
+    except BaseException:
+        for choice in choices:
+            state.batcher.abort(choice.request_id)
+        raise
+    return choices
+
+
+async def merge(state: Served, choices: list[Choice], metrics: Metrics) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave the choices' deltas as they arrive, tagged with their index,
+    observing each choice's latency metrics on the way.
+
+    However the consumer stops, every unfinished choice is aborted (a no-op
+    for finished ones), so no request outlives its HTTP response.
+    """
+    queue: asyncio.Queue[tuple[int, RequestOutput] | None] = asyncio.Queue()
+
+    async def pump(choice: Choice) -> None:
+        timer = RequestTimer(metrics)
+        try:
+            async for output in choice.stream:
+                timer.on_tokens(len(output.new_token_ids), output.queue_time_s)
+                if output.is_finished:
+                    timer.on_finish()
+                queue.put_nowait((choice.index, output))
+        finally:
+            queue.put_nowait(None)
+
+    tasks = [asyncio.create_task(pump(choice)) for choice in choices]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is None:
+                remaining -= 1
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for choice in choices:
+            state.batcher.abort(choice.request_id)
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work`` but cancel it (aborting its requests) if the client leaves."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise ClientDisconnected()
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)

@@ -1,0 +1,101 @@
+"""``parse_settings``: command-line flags over ``TOKENSTEP_*`` environment
+variables over ``Settings`` defaults."""
+
+import pytest
+
+from server.cli import parse_settings
+from server.settings import Settings
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    import os
+
+    for name in list(os.environ):
+        if name.upper().startswith("TOKENSTEP_"):
+            monkeypatch.delenv(name)
+    return monkeypatch
+
+
+def test_flags_are_parsed():
+    settings = parse_settings(["/some/model", "--port", "9000", "--no-enable-prefix-caching", "--kv-cache-memory", "256MiB"])
+    assert settings.model == "/some/model"
+    assert settings.port == 9000
+    assert settings.enable_prefix_caching is False
+    assert settings.kv_cache_memory == "256MiB"
+
+
+def test_unset_flags_keep_the_defaults():
+    settings = parse_settings([])
+    defaults = Settings()
+    assert settings == defaults
+    assert settings.model is None
+    assert settings.port == 8000
+    assert settings.host == "0.0.0.0"
+    assert settings.enable_prefix_caching is True
+    assert settings.api_key is None
+
+
+def test_every_contract_flag_is_accepted():
+    settings = parse_settings(
+        [
+            "some/model",
+            "--host", "127.0.0.1",
+            "--port", "1234",
+            "--api-key", "k",
+            "--served-model-name", "served",
+            "--max-num-seqs", "7",
+            "--max-num-batched-tokens", "99",
+            "--block-size", "32",
+            "--kv-cache-memory", "1GiB",
+            "--dtype", "bfloat16",
+            "--device", "cpu",
+            "--enable-prefix-caching",
+        ]
+    )  # fmt: skip
+    assert (settings.host, settings.port, settings.api_key, settings.served_model_name) == ("127.0.0.1", 1234, "k", "served")
+    assert (settings.max_num_seqs, settings.max_num_batched_tokens, settings.block_size) == (7, 99, 32)
+    assert (settings.kv_cache_memory, settings.dtype, settings.device, settings.enable_prefix_caching) == ("1GiB", "bfloat16", "cpu", True)
+
+
+def test_env_sets_a_value_when_no_flag(clean_env):
+    clean_env.setenv("TOKENSTEP_MAX_NUM_SEQS", "3")
+    assert parse_settings([]).max_num_seqs == 3
+    assert parse_settings(["/some/model"]).max_num_seqs == 3
+
+
+def test_flag_overrides_env(clean_env):
+    clean_env.setenv("TOKENSTEP_MAX_NUM_SEQS", "3")
+    assert parse_settings(["--max-num-seqs", "5"]).max_num_seqs == 5
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "field", "expected"),
+    [
+        ("TOKENSTEP_PORT", "9100", "port", 9100),
+        ("TOKENSTEP_API_KEY", "from-env", "api_key", "from-env"),
+        ("TOKENSTEP_MODEL", "/env/model", "model", "/env/model"),
+        ("TOKENSTEP_ENABLE_PREFIX_CACHING", "false", "enable_prefix_caching", False),
+        ("TOKENSTEP_KV_CACHE_MEMORY", "128MiB", "kv_cache_memory", "128MiB"),
+    ],
+)
+def test_env_for_other_flags(clean_env, env, value, field, expected):
+    clean_env.setenv(env, value)
+    assert getattr(parse_settings([]), field) == expected
+
+
+def test_boolean_flag_overrides_env_both_ways(clean_env):
+    clean_env.setenv("TOKENSTEP_ENABLE_PREFIX_CACHING", "false")
+    assert parse_settings(["--enable-prefix-caching"]).enable_prefix_caching is True
+    clean_env.setenv("TOKENSTEP_ENABLE_PREFIX_CACHING", "true")
+    assert parse_settings(["--no-enable-prefix-caching"]).enable_prefix_caching is False
+
+
+def test_positional_model_overrides_env(clean_env):
+    clean_env.setenv("TOKENSTEP_MODEL", "/env/model")
+    assert parse_settings(["/flag/model"]).model == "/flag/model"
+
+
+def test_bad_flag_value_is_rejected():
+    with pytest.raises(SystemExit):
+        parse_settings(["--port", "not-a-number"])
