@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 MAX_N = 16
 MAX_STOP_STRINGS = 16
@@ -58,7 +58,7 @@ class SamplingFields(BaseModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(..., description="a string, strings, token ids or lists of token ids")
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]] = Field(..., description="a string, strings, token ids or lists of token ids")
     max_tokens: int | None = Field(16, ge=1)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)

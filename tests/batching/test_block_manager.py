@@ -6,6 +6,7 @@ import pytest
 
 from batching.block_manager import BlockManager
 from batching.request import Request
+from batching.sampling_params import SamplingParams
 from tests.batching.factories import create_request, ref_count
 
 BLOCK_SIZE = 16
@@ -215,6 +216,14 @@ def test_prefix_caching_off_never_hits() -> None:
     assert block_manager.find_cached_prefix(second) == ([], 0)
     block_manager.free(second)
     assert block_manager.num_free_blocks == 10
+
+
+def test_a_request_asking_for_prompt_logprobs_never_hits() -> None:
+    """Its prompt positions need logits, so none may come from the cache."""
+    block_manager = BlockManager(num_blocks=10, block_size=BLOCK_SIZE)
+    admit(block_manager, create_request("writer", [*PREFIX_A, 1]))
+    reader = Request("reader", [*PREFIX_A, 1], SamplingParams(prompt_logprobs=0))
+    assert block_manager.find_cached_prefix(reader) == ([], 0)
 
 
 def test_reset_prefix_cache_forgets_every_key() -> None:
