@@ -97,8 +97,7 @@ def _decode_attention(
     keys = _gather(key_cache, context.decode_block_tables)  # [B, kv_heads, L, head_dim]
     values = _gather(value_cache, context.decode_block_tables)
     query = query.transpose(0, 1).unsqueeze(2)  # [B, heads, 1, head_dim]
-    keys, values = _expand_kv(keys, values, query.shape[1])
-    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=context.decode_context_mask, scale=scaling)
+    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=context.decode_context_mask, scale=scaling, enable_gqa=_is_gqa(query, keys))
     return out.squeeze(2)  # [B, heads, head_dim]
 
 
@@ -112,25 +111,23 @@ def _prefill_attention(
     context_len = span.num_computed_tokens + span.num_new_tokens
     keys = _gather(key_cache, span.block_ids)[:, :context_len]  # [kv_heads, ctx, head_dim]
     values = _gather(value_cache, span.block_ids)[:, :context_len]
-    keys, values = _expand_kv(keys.unsqueeze(0), values.unsqueeze(0), query.shape[0])
+    keys, values = keys.unsqueeze(0), values.unsqueeze(0)  # [1, kv_heads, ctx, head_dim]
     query = query.unsqueeze(0)  # [1, heads, n, head_dim]
+    gqa = _is_gqa(query, keys)
     if span.num_computed_tokens == 0:
-        out = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scaling)
+        out = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scaling, enable_gqa=gqa)
     else:
         # Query i sits at position num_computed + i and sees keys up to it.
         positions = torch.arange(context_len, device=query.device)
         query_positions = positions[span.num_computed_tokens :, None]
         mask = positions[None, :] <= query_positions  # [n, ctx]
-        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling)
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling, enable_gqa=gqa)
     return out[0].transpose(0, 1)  # [n, heads, head_dim]
 
 
-def _expand_kv(keys: torch.Tensor, values: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Repeat KV heads for grouped-query attention: [..., kv_heads, L, D] -> [..., heads, L, D]."""
-    groups = num_heads // keys.shape[-3]
-    if groups == 1:
-        return keys, values
-    return keys.repeat_interleave(groups, dim=-3), values.repeat_interleave(groups, dim=-3)
+def _is_gqa(query: torch.Tensor, keys: torch.Tensor) -> bool:
+    """Grouped-query attention: SDPA broadcasts KV heads itself (no repeat copies)."""
+    return query.shape[-3] != keys.shape[-3]
 
 
 def register() -> str:

@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from model_runtime import attention
+from model_runtime.weight_layout import prefer_input_major_linears
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ def load_model(model_path: str | Path, dtype: str = "auto", device: str = "auto"
         model_path, dtype=torch_dtype, attn_implementation=attention.register()
     )
     model.to(torch_device).eval()
+    if torch_device.type == "cpu":
+        prefer_input_major_linears(model)
     config = model.config
     max_model_len = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
     logger.info("loaded %s on %s as %s (max_model_len %d)", model_path, torch_device, torch_dtype, max_model_len)

@@ -76,3 +76,20 @@ def default_server(default_model_dir: Path, tmp_path_factory: pytest.TempPathFac
         yield server
     finally:
         server.close()
+
+
+API_KEY = "test-secret-key"
+SMALL_BODY_LIMIT = 2048
+
+
+@pytest.fixture(scope="session")
+def guarded_server(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The tiny model behind ``--api-key`` and a small ``--max-request-bytes``."""
+    log = tmp_path_factory.mktemp("logs") / "guarded_server.log"
+    args = [str(tiny_llama_dir), "--served-model-name", "tiny", "--kv-cache-memory", "16MiB", "--dtype", "float32", "--api-key", API_KEY, "--max-request-bytes", str(SMALL_BODY_LIMIT)]
+    server = ServerProcess(args, log_path=log)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.close()
