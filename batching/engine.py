@@ -8,6 +8,12 @@ while the forward runs; the result comes back through the executor future,
 i.e. ``loop.call_soon_threadsafe``) -> ``process()`` -> push each delta onto
 its request's stream. A consumer that stops iterating aborts its request,
 and the abort is applied before the next step.
+
+Reliability: ``check_admission`` refuses work past ``max_queue_len`` (503)
+before anything is queued; ``drain`` stops admissions for a graceful shutdown,
+waits for in-flight requests and ends the rest with an error; and if the loop
+itself dies (an exception outside the model step), every open stream receives
+an error output at once, so no client ever waits on a dead engine.
 """
 
 import asyncio
@@ -17,19 +23,26 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
 from batching.engine_core import EngineCore
-from batching.errors import EngineUnavailableError
+from batching.errors import EngineUnavailableError, InvalidRequestError, QueueFullError, ShuttingDownError
 from batching.outputs import RequestOutput
-from batching.request import Request
+from batching.request import Request, RequestStatus
 from batching.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
+DRAIN_POLL_S = 0.05  # how often drain() looks whether the in-flight requests are done
+
 
 class DynamicBatcher:
-    """Continuous batching over an ``EngineCore``; one instance per server."""
+    """Continuous batching over an ``EngineCore``; one instance per server.
 
-    def __init__(self, core: EngineCore) -> None:
+    ``max_queue_len`` (None: unbounded) caps the requests not yet running
+    (waiting + not yet handed to the scheduler) beyond the free running slots.
+    """
+
+    def __init__(self, core: EngineCore, max_queue_len: int | None = None) -> None:
         self.core = core
+        self.max_queue_len = max_queue_len
         self._intake: asyncio.Queue[Request] = asyncio.Queue()
         self._aborts: set[str] = set()
         self._streams: dict[str, asyncio.Queue[RequestOutput]] = {}
@@ -37,11 +50,18 @@ class DynamicBatcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenstep-step")
         self._task: asyncio.Task | None = None
         self._ids = itertools.count()
+        self._is_draining = False
         self.num_steps = 0
+        self.failure: str | None = None  # why the loop died, if it did
 
     @property
     def is_running(self) -> bool:
         return self._task is not None and not self._task.done()
+
+    @property
+    def is_draining(self) -> bool:
+        """True once ``drain()`` began: nothing new is admitted."""
+        return self._is_draining
 
     @property
     def num_requests(self) -> int:
@@ -51,6 +71,11 @@ class DynamicBatcher:
     def num_pending(self) -> int:
         """Requests accepted by ``generate`` but not yet handed to the scheduler."""
         return self._intake.qsize()
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests not yet running: waiting in the scheduler or still pending."""
+        return len(self.core.scheduler.waiting) + self.num_pending
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -71,14 +96,58 @@ class DynamicBatcher:
             self._task = None
         self._executor.shutdown(wait=True)
 
+    def check_available(self) -> None:
+        """Raise a 503 error unless the engine runs and is not draining."""
+        if self._is_draining:
+            raise ShuttingDownError("the server is shutting down; retry on another replica or later")
+        if not self.is_running:
+            raise EngineUnavailableError("the engine is not running")
+
+    def check_admission(self, num_requests: int = 1) -> None:
+        """Raise unless ``num_requests`` more requests may be queued right now.
+
+        503 (``ShuttingDownError``, ``EngineUnavailableError``, ``QueueFullError``)
+        when draining, stopped, or when the requests not yet running, minus the
+        free running slots they will take at the next step, would exceed
+        ``max_queue_len``; 400 when one HTTP request asks for more sequences
+        than could ever be queued at once.
+        """
+        self.check_available()
+        if self.max_queue_len is None:
+            return
+        max_num_seqs = self.core.scheduler.config.max_num_seqs
+        if num_requests > self.max_queue_len + max_num_seqs:
+            raise InvalidRequestError(
+                f"this request asks for {num_requests} sequences (prompts x n), more than the server "
+                f"can ever queue at once ({self.max_queue_len + max_num_seqs})",
+                param="n",
+            )
+        num_free_seqs = max(max_num_seqs - len(self.core.scheduler.running), 0)
+        if self.num_waiting + num_requests - num_free_seqs > self.max_queue_len:
+            raise QueueFullError(f"the server is overloaded ({self.num_waiting} requests waiting, --max-queue-len {self.max_queue_len}); retry later")
+
+    async def drain(self, timeout_s: float) -> int:
+        """Stop admitting, let in-flight requests finish for up to ``timeout_s``
+        seconds, then end the rest with a 503 error output. Returns how many
+        were ended that way."""
+        self._is_draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self._streams and self.is_running and loop.time() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
+        num_unfinished = len(self._streams)
+        if num_unfinished:
+            logger.warning("shutdown: ending %d unfinished requests after %.1f s", num_unfinished, timeout_s)
+        self._fail_all("the server is shutting down", status=503)
+        return num_unfinished
+
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Admit a request and return its stream of deltas.
 
         Validation errors (``InvalidRequestError``) are raised here, before
         the first delta, so the server can answer 400 instead of streaming.
         """
-        if not self.is_running:
-            raise EngineUnavailableError("the engine is not running")
+        self.check_admission(1)
         request_id = request_id or f"req-{next(self._ids)}"
         request = self.core.make_request(request_id, prompt_token_ids, params)
         self.core.scheduler.check_fits(request)
@@ -106,26 +175,55 @@ class DynamicBatcher:
                 self.abort(request_id)
 
     async def _loop(self) -> None:
+        """Run iterations until cancelled. If one raises outside the model step
+        (a bug in scheduling or text processing), the loop is dead: every open
+        stream gets an error output and ``is_running`` turns False, so the
+        server answers 503 from then on instead of leaving clients hanging."""
+        try:
+            while True:
+                await self._iteration()
+        except asyncio.CancelledError:
+            self._fail_all("the engine stopped", status=503)
+            raise
+        except Exception as exc:
+            logger.exception("the engine loop died")
+            self.failure = f"{type(exc).__name__}: {exc}"
+            self._fail_all(f"the engine stopped unexpectedly: {self.failure}", status=500)
+            try:  # free what can still be freed, so metrics stay truthful
+                self._admit_and_abort()
+            except Exception:
+                logger.exception("could not release the requests of the dead engine")
+
+    async def _iteration(self) -> None:
+        """One iteration: admit and abort, schedule, step, publish deltas."""
+        self._admit_and_abort()
+        if not self.core.has_unfinished:
+            self._wakeup.clear()
+            await self._wakeup.wait()
+            return
+        scheduler_output = self.core.schedule()
+        if scheduler_output.is_empty:
+            await asyncio.sleep(0.001)  # nothing fits yet; let aborts arrive
+            return
         loop = asyncio.get_running_loop()
-        while True:
-            self._admit_and_abort()
-            if not self.core.has_unfinished:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            scheduler_output = self.core.schedule()
-            if scheduler_output.is_empty:
-                await asyncio.sleep(0.001)  # nothing fits yet; let aborts arrive
-                continue
-            try:
-                runner_output = await loop.run_in_executor(self._executor, self.core.runner.step, scheduler_output)
-            except Exception as exc:  # one bad step fails its requests, not the server
-                logger.exception("engine step failed")
-                ids = [chunk.request_id for chunk in scheduler_output.chunks]
-                self._publish(self.core.fail(ids, f"engine step failed: {exc}"))
-                continue
-            self.num_steps += 1
-            self._publish(self.core.process(scheduler_output, runner_output))
+        try:
+            runner_output = await loop.run_in_executor(self._executor, self.core.runner.step, scheduler_output)
+        except Exception as exc:  # one bad step fails its requests, not the server
+            logger.exception("engine step failed")
+            ids = [chunk.request_id for chunk in scheduler_output.chunks]
+            self._publish(self.core.fail(ids, f"engine step failed: {exc}"))
+            return
+        self.num_steps += 1
+        self._publish(self.core.process(scheduler_output, runner_output))
+
+    def _fail_all(self, message: str, status: int) -> None:
+        """End every open stream with an error output now; the requests are
+        aborted (blocks freed) at the start of the next iteration."""
+        for request_id, stream in self._streams.items():
+            stream.put_nowait(RequestOutput(request_id, [], "", finish_reason=RequestStatus.FINISHED_ERROR.finish_reason, error=message, error_status=status))
+            self._aborts.add(request_id)
+        self._streams.clear()
+        self._wakeup.set()
 
     def _admit_and_abort(self) -> None:
         while not self._intake.empty():

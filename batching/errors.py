@@ -32,3 +32,15 @@ class EngineUnavailableError(TokenstepError):
 
     http_status = 503
     error_type = "server_error"
+
+
+class QueueFullError(EngineUnavailableError):
+    """Too many requests are already waiting (``--max-queue-len``): HTTP 503."""
+
+    code = "queue_full"
+
+
+class ShuttingDownError(EngineUnavailableError):
+    """The server is draining for shutdown and admits nothing new: HTTP 503."""
+
+    code = "shutting_down"

@@ -12,7 +12,10 @@ class RequestOutput:
     ``finish_reason`` is ``stop``, ``length``, ``abort`` or ``error`` on the
     last delta of a request and ``None`` before. ``prompt_logprobs`` (prompt
     positions 1.. in order) arrives once, on the first delta, when asked for. ``stop_reason`` names the
-    stop string or stop token id that ended it, if any.
+    stop string or stop token id that ended it, if any. ``error`` (with
+    ``finish_reason == "error"``) says why the engine ended the request;
+    ``error_status`` is the HTTP status the server reports for it (500: a step
+    or the engine loop failed; 503: the server is shutting down).
     """
 
     request_id: str
@@ -26,6 +29,7 @@ class RequestOutput:
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
     error: str | None = None
+    error_status: int = 500
     queue_time_s: float | None = None
 
     @property

@@ -2,7 +2,13 @@
 metrics, the request-size limit, and the routers.
 
 The engine is built by a loader callable run in a worker thread at start-up,
-so ``/health`` answers 503 while the model loads and 200 once it serves.
+so ``/health`` answers 503 while the model loads and 200 once it serves (and
+503 again while draining for shutdown, or if the engine loop died).
+
+Routing is exact: no slash redirects (``/v1/completions/`` is a 404, never a
+307 whose ``Location`` echoes the client's Host header), and every ``/v1``,
+``/tokenize`` and ``/detokenize`` route checks the API key before its body is
+read. CORS is off unless ``--allowed-origins`` names origins.
 """
 
 import asyncio
@@ -14,7 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from batching.engine import DynamicBatcher
@@ -45,12 +53,11 @@ class AuthError(TokenstepError):
 
 
 def served(request: Request) -> Served:
-    """Dependency: the loaded engine, or 503 while it loads or after it died."""
+    """Dependency: the loaded engine, or 503 while it loads, drains or after it died."""
     state: Served | None = request.app.state.served
     if state is None:
         raise EngineUnavailableError("the model is still loading")
-    if not state.batcher.is_running:
-        raise EngineUnavailableError("the engine is not running")
+    state.batcher.check_available()
     return state
 
 
@@ -83,21 +90,16 @@ class BodySizeLimit:
             message = await receive()
             received += len(message.get("body", b""))
             if received > self.max_bytes:
-                raise _TooLarge()
+                # An HTTPException passes through FastAPI's body parsing
+                # unchanged (anything else becomes a generic 400).
+                raise StarletteHTTPException(413, f"request body larger than {self.max_bytes} bytes")
             return message
 
-        try:
-            await self.app(scope, limited_receive, send)
-        except _TooLarge:
-            await self._reject(scope, receive, send)
+        await self.app(scope, limited_receive, send)
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = error_response(413, f"request body larger than {self.max_bytes} bytes", code="request_too_large")
         await response(scope, receive, send)
-
-
-class _TooLarge(Exception):
-    pass
 
 
 def create_app(settings: Settings, load: Callable[[], Served] | None = None, ready: Served | None = None) -> FastAPI:
@@ -118,20 +120,22 @@ def create_app(settings: Settings, load: Callable[[], Served] | None = None, rea
             if app.state.served is not None:
                 await app.state.served.batcher.stop()
 
-    app = FastAPI(title="tokenstep", summary="OpenAI-compatible inference server with continuous batching", lifespan=lifespan)
+    app = FastAPI(title="tokenstep", summary="OpenAI-compatible inference server with continuous batching", lifespan=lifespan, redirect_slashes=False)
     app.state.settings = settings
     app.state.served = None
     app.state.load_error = None
     app.state.metrics = Metrics(lambda: app.state.served.batcher if app.state.served else None)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    if settings.allowed_origin_list:
+        # Added last, so outermost: error responses (413, 401, ...) carry CORS headers too.
+        app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origin_list, allow_methods=["GET", "POST"], allow_headers=["authorization", "content-type"])
 
     @app.get("/health", summary="200 once the model serves; 503 while loading or if the engine died")
     async def health(request: Request) -> JSONResponse:
         state: Served | None = request.app.state.served
-        if state is None or not state.batcher.is_running:
-            reason = request.app.state.load_error or ("loading" if state is None else "engine stopped")
-            return error_response(503, f"not ready: {reason}", headers={"Retry-After": "5"})
+        if state is None or not state.batcher.is_running or state.batcher.is_draining:
+            return error_response(503, f"not ready: {_not_ready_reason(request.app, state)}", headers={"Retry-After": "5"})
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics", summary="Prometheus metrics")
@@ -148,6 +152,14 @@ def create_app(settings: Settings, load: Callable[[], Served] | None = None, rea
     api.include_router(tokenize_router)
     app.include_router(api)
     return app
+
+
+def _not_ready_reason(app: FastAPI, state: Served | None) -> str:
+    if state is None:
+        return app.state.load_error or "loading"
+    if state.batcher.is_draining:
+        return "shutting down"
+    return f"engine stopped ({state.batcher.failure})" if state.batcher.failure else "engine stopped"
 
 
 async def _start(app: FastAPI, state: Served) -> None:

@@ -20,8 +20,7 @@ from batching.errors import InvalidRequestError
 from batching.messages import TokenLogprobs
 from batching.outputs import RequestOutput
 from server.app import Served, served
-from server.completions import EngineFailedError, error_event
-from server.generation import check_context, check_model, default_max_tokens, merge, sampling_params, start_choices, unless_disconnected
+from server.generation import check_context, check_model, default_max_tokens, merge, sampling_params, sse_response, start_choices, unless_disconnected
 from server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -108,9 +107,10 @@ async def create_chat_completion(body: ChatCompletionRequest, raw_request: Reque
     params = sampling_params(body, max_tokens, logprobs)
     request_id = new_id("chatcmpl")
     choices = await start_choices(state, [prompt], params, body.n, request_id)
-    outputs = merge(state, choices, raw_request.app.state.metrics)
+    settings = raw_request.app.state.settings
+    outputs = merge(state, choices, raw_request.app.state.metrics, settings.request_timeout)
     if body.stream:
-        return EventSourceResponse(_stream(state, outputs, request_id, len(prompt), body), sep="\n", ping=15)
+        return sse_response(_stream(state, outputs, request_id, len(prompt), body), settings)
     return JSONResponse(await unless_disconnected(raw_request, _collect(state, outputs, request_id, len(prompt))))
 
 
@@ -120,8 +120,6 @@ async def _collect(state: Served, outputs: AsyncIterator[tuple[int, RequestOutpu
     last: dict[int, RequestOutput] = {}
     want_logprobs = False
     async for index, output in outputs:
-        if output.error:
-            raise EngineFailedError(output.error)
         texts.setdefault(index, []).append(output.new_text)
         logprobs.setdefault(index, []).extend(output.logprobs)
         want_logprobs = want_logprobs or bool(output.logprobs)
@@ -154,9 +152,6 @@ async def _stream(state: Served, outputs: AsyncIterator[tuple[int, RequestOutput
     completion_tokens: dict[int, int] = {}
     try:
         async for index, output in outputs:
-            if output.error:
-                yield error_event(output.error)
-                break
             if index not in started:
                 started.add(index)
                 yield _chunk(request_id, created, state.model_name, [{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
@@ -166,11 +161,10 @@ async def _stream(state: Served, outputs: AsyncIterator[tuple[int, RequestOutput
                 yield _chunk(request_id, created, state.model_name, [{"index": index, "delta": {"content": output.new_text}, "logprobs": logprobs, "finish_reason": None}])
             if output.is_finished:
                 yield _chunk(request_id, created, state.model_name, [{"index": index, "delta": {}, "logprobs": None, "finish_reason": output.finish_reason, "stop_reason": output.stop_reason}])
-        else:
-            if body.include_usage:
-                total = sum(completion_tokens.values())
-                usage = {"prompt_tokens": prompt_tokens, "completion_tokens": total, "total_tokens": prompt_tokens + total}
-                yield _chunk(request_id, created, state.model_name, [], usage)
+        if body.include_usage:
+            total = sum(completion_tokens.values())
+            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": total, "total_tokens": prompt_tokens + total}
+            yield _chunk(request_id, created, state.model_name, [], usage)
         yield "[DONE]"
     finally:
         await outputs.aclose()

@@ -28,6 +28,10 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--chat-template", help="Jinja chat template file overriding the model's")
     parser.add_argument("--max-request-bytes", type=int)
+    parser.add_argument("--max-queue-len", type=int, help="most requests waiting to run; more get 503 (default 256)")
+    parser.add_argument("--request-timeout", type=float, help="seconds before a request ends with 504 (default: no limit)")
+    parser.add_argument("--shutdown-timeout", type=float, help="on SIGTERM, seconds in-flight requests may finish (default 30)")
+    parser.add_argument("--allowed-origins", help="comma-separated CORS origins (default: CORS off)")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
 
@@ -64,29 +68,32 @@ def make_loader(settings: Settings):
         chat_template = Path(settings.chat_template).read_text() if settings.chat_template else None
         core = build_engine_core(config)
         name = settings.served_model_name or default_name
-        return Served(DynamicBatcher(core), core.tokenizer, name, core.max_model_len, str(model), chat_template)
+        return Served(DynamicBatcher(core, settings.max_queue_len), core.tokenizer, name, core.max_model_len, str(model), chat_template)
 
     return load
 
 
 def serve(settings: Settings) -> None:
-    import uvicorn
-
     from server.app import create_app
+    from server.shutdown import run_until_drained
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings, load=make_loader(settings))
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    run_until_drained(app, settings)
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in {"-h", "--help"}:
-        print("usage: tokenstep serve [MODEL] [--flags]   (tokenstep serve --help for flags)")
+        print("usage: tokenstep serve [MODEL] [--flags] | tokenstep bench --base-url URL [--flags]   (tokenstep COMMAND --help for flags)")
         sys.exit(0 if argv else 2)
     command, rest = argv[0], argv[1:]
     if command == "serve":
         serve(parse_settings(rest))
+    elif command == "bench":
+        from server.bench.cli import main as bench_main
+
+        sys.exit(bench_main(rest))
     else:
-        print(f"tokenstep: unknown command {command!r}; try 'tokenstep serve --help'", file=sys.stderr)
+        print(f"tokenstep: unknown command {command!r}; try 'tokenstep serve --help' or 'tokenstep bench --help'", file=sys.stderr)
         sys.exit(2)

@@ -12,19 +12,14 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
-from batching.errors import InvalidRequestError, TokenstepError
+from batching.errors import InvalidRequestError
 from batching.messages import TokenLogprobs
 from batching.outputs import RequestOutput
 from server.app import Served, served
-from server.generation import check_context, check_model, merge, sampling_params, start_choices, unless_disconnected
+from server.generation import check_context, check_model, merge, sampling_params, sse_response, start_choices, unless_disconnected
 from server.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Usage, model_dump, new_id
 
 router = APIRouter()
-
-
-class EngineFailedError(TokenstepError):
-    http_status = 500
-    error_type = "server_error"
 
 
 def _check_supported(body: CompletionRequest) -> None:
@@ -124,10 +119,11 @@ async def create_completion(body: CompletionRequest, raw_request: Request, state
         for choice in choices
     }
     usage_prompt_tokens = sum(len(prompt) for prompt in prompts)
-    outputs = merge(state, choices, raw_request.app.state.metrics)
+    settings = raw_request.app.state.settings
+    outputs = merge(state, choices, raw_request.app.state.metrics, settings.request_timeout)
     if body.stream:
         events = _stream(outputs, accumulators, request_id, state.model_name, usage_prompt_tokens, body.include_usage)
-        return EventSourceResponse(events, sep="\n", ping=15)
+        return sse_response(events, settings)
     return JSONResponse(await unless_disconnected(raw_request, _collect(outputs, accumulators, request_id, state.model_name, usage_prompt_tokens)))
 
 
@@ -138,8 +134,6 @@ def _usage(prompt_tokens: int, accumulators: dict[int, ChoiceText]) -> Usage:
 
 async def _collect(outputs: AsyncIterator[tuple[int, RequestOutput]], accumulators: dict[int, ChoiceText], request_id: str, model_name: str, prompt_tokens: int) -> dict:
     async for index, output in outputs:
-        if output.error:
-            raise EngineFailedError(output.error)
         accumulators[index].add(output)
     choices = [
         CompletionChoice(index=index, text="".join(acc.text), logprobs=acc.logprobs if acc.want_logprobs else None, finish_reason=acc.finish_reason, stop_reason=acc.stop_reason)
@@ -148,25 +142,17 @@ async def _collect(outputs: AsyncIterator[tuple[int, RequestOutput]], accumulato
     return model_dump(CompletionResponse(id=request_id, model=model_name, choices=choices, usage=_usage(prompt_tokens, accumulators)))
 
 
-def error_event(message: str, status: int = 500) -> str:
-    return json.dumps({"error": {"message": message, "type": "server_error", "param": None, "code": status}})
-
-
 async def _stream(outputs: AsyncIterator[tuple[int, RequestOutput]], accumulators: dict[int, ChoiceText], request_id: str, model_name: str, prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
     try:
         async for index, output in outputs:
-            if output.error:
-                yield error_event(output.error)
-                break
             text, logprobs = accumulators[index].add(output)
             if not text and not output.is_finished and not (logprobs and logprobs.tokens):
                 continue
             choice = CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=output.finish_reason, stop_reason=output.stop_reason)
             yield json.dumps(model_dump(CompletionResponse(id=request_id, model=model_name, choices=[choice])))
-        else:
-            if include_usage:
-                usage = _usage(prompt_tokens, accumulators)
-                yield json.dumps(model_dump(CompletionResponse(id=request_id, model=model_name, choices=[], usage=usage)))
+        if include_usage:
+            usage = _usage(prompt_tokens, accumulators)
+            yield json.dumps(model_dump(CompletionResponse(id=request_id, model=model_name, choices=[], usage=usage)))
         yield "[DONE]"
     finally:
         await outputs.aclose()

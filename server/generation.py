@@ -2,27 +2,66 @@
 prompts -> admitted engine requests (one per prompt x ``n``), and the merged
 stream of their deltas tagged with the OpenAI choice ``index``.
 
-Every prompt is validated before any is queued. Consumers that stop early
-(client gone, error) cancel the merge, which aborts every unfinished request.
+Every prompt is validated, and the queue checked (503 when full), before any
+is queued. Consumers that stop early (client gone, error, ``--request-timeout``)
+cancel the merge, which aborts every unfinished request. Errors after
+admission are raised from the merge as ``TokenstepError``: the error handler
+turns them into JSON for a non-streaming response, and ``sse_response``
+into a final error event followed by ``data: [DONE]`` for a stream.
 """
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Awaitable
+import json
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import TypeVar
 
 from fastapi import Request
+from sse_starlette import EventSourceResponse
 
-from batching.errors import InvalidRequestError
+from batching.errors import InvalidRequestError, TokenstepError
 from batching.outputs import RequestOutput
 from batching.sampling_params import SamplingParams
 from server.app import Served
+from server.errors import error_type_for
 from server.metrics import Metrics, RequestTimer
 from server.protocol import SamplingFields
+from server.settings import Settings
+from server.shutdown import sse_grace_period_s
 
 T = TypeVar("T")
 DISCONNECT_POLL_S = 0.25
+SSE_PING_S = 15
+logger = logging.getLogger(__name__)
+
+
+class EngineFailedError(TokenstepError):
+    """The engine ended an admitted request with an error (500; 503 when shutting down)."""
+
+    http_status = 500
+    error_type = "server_error"
+
+
+class RequestTimeoutError(TokenstepError):
+    """The request ran longer than ``--request-timeout`` (HTTP 504)."""
+
+    http_status = 504
+    error_type = "server_error"
+    code = "request_timeout"
+
+
+def output_error(output: RequestOutput) -> EngineFailedError:
+    """The exception for an error delta, with the status the engine chose."""
+    error = EngineFailedError(output.error or "the engine failed this request")
+    error.http_status = output.error_status
+    return error
+
+
+def error_event(message: str, status: int = 500) -> str:
+    """An SSE ``data`` payload in OpenAI's error shape (code: the HTTP status)."""
+    return json.dumps({"error": {"message": message, "type": error_type_for(status), "param": None, "code": status}})
 
 
 class ClientDisconnected(Exception):
@@ -100,6 +139,7 @@ async def start_choices(state: Served, prompts: list[list[int]], params: Samplin
     With a seed and ``n > 1``, choice i uses ``seed + i`` so the n samples
     differ yet the whole response stays reproducible.
     """
+    state.batcher.check_admission(len(prompts) * n)
     choices: list[Choice] = []
     try:
         for prompt_index, prompt in enumerate(prompts):
@@ -118,14 +158,17 @@ async def start_choices(state: Served, prompts: list[list[int]], params: Samplin
     return choices
 
 
-async def merge(state: Served, choices: list[Choice], metrics: Metrics) -> AsyncIterator[tuple[int, RequestOutput]]:
+async def merge(state: Served, choices: list[Choice], metrics: Metrics, timeout_s: float | None = None) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Interleave the choices' deltas as they arrive, tagged with their index,
     observing each choice's latency metrics on the way.
 
-    However the consumer stops, every unfinished choice is aborted (a no-op
-    for finished ones), so no request outlives its HTTP response.
+    An error delta raises ``EngineFailedError``; running past ``timeout_s``
+    seconds (None or 0: no limit) raises ``RequestTimeoutError``. However the
+    consumer stops, every unfinished choice is aborted (a no-op for finished
+    ones), so no request outlives its HTTP response and its blocks go back.
     """
     queue: asyncio.Queue[tuple[int, RequestOutput] | None] = asyncio.Queue()
+    deadline = asyncio.get_running_loop().time() + timeout_s if timeout_s else None
 
     async def pump(choice: Choice) -> None:
         timer = RequestTimer(metrics)
@@ -142,9 +185,11 @@ async def merge(state: Served, choices: list[Choice], metrics: Metrics) -> Async
     try:
         remaining = len(tasks)
         while remaining:
-            item = await queue.get()
+            item = await _next_before(queue, deadline, timeout_s)
             if item is None:
                 remaining -= 1
+            elif item[1].error:
+                raise output_error(item[1])
             else:
                 yield item
     finally:
@@ -153,6 +198,38 @@ async def merge(state: Served, choices: list[Choice], metrics: Metrics) -> Async
         await asyncio.gather(*tasks, return_exceptions=True)
         for choice in choices:
             state.batcher.abort(choice.request_id)
+
+
+async def _next_before(queue: asyncio.Queue[T], deadline: float | None, timeout_s: float | None) -> T:
+    """``queue.get()``, or ``RequestTimeoutError`` once the loop clock passes ``deadline``."""
+    if deadline is None:
+        return await queue.get()
+    remaining_s = max(deadline - asyncio.get_running_loop().time(), 0.0)
+    try:
+        return await asyncio.wait_for(queue.get(), remaining_s)
+    except asyncio.TimeoutError:
+        raise RequestTimeoutError(f"the request took longer than the server's request timeout ({timeout_s:g} s)") from None
+
+
+def sse_response(events: AsyncGenerator[str, None], settings: Settings) -> EventSourceResponse:
+    """Stream ``events`` as SSE; an error raised mid-stream becomes a final
+    error event and ``data: [DONE]``, so a stream always ends properly."""
+    return EventSourceResponse(_ending_properly(events), sep="\n", ping=SSE_PING_S, shutdown_grace_period=sse_grace_period_s(settings))
+
+
+async def _ending_properly(events: AsyncGenerator[str, None]) -> AsyncIterator[str]:
+    try:
+        async for event in events:
+            yield event
+    except TokenstepError as exc:
+        yield error_event(exc.message, exc.http_status)
+        yield "[DONE]"
+    except Exception:
+        logger.exception("a response stream failed")
+        yield error_event("internal server error", 500)
+        yield "[DONE]"
+    finally:
+        await events.aclose()
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:

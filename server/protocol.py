@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 MAX_N = 16
 MAX_STOP_STRINGS = 16
+MAX_STOP_TOKEN_IDS = 64
+MAX_LOGIT_BIAS = 1024  # entries; each one is work in every step's sampler
 
 
 def new_id(prefix: str) -> str:
@@ -41,7 +43,7 @@ class SamplingFields(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = Field(None, description="token id (as a string) -> bias in [-100, 100]")
+    logit_bias: dict[str, float] | None = Field(None, max_length=MAX_LOGIT_BIAS, description=f"token id (as a string) -> bias in [-100, 100]; at most {MAX_LOGIT_BIAS} entries")
     user: str | None = None
     # vLLM extensions
     top_k: int | None = Field(None, ge=-1, description="vLLM: keep the k most likely tokens (0 or -1: off)")
@@ -49,7 +51,7 @@ class SamplingFields(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0.0, le=2.0, description="vLLM: >1 discourages repeating prompt/output tokens")
     ignore_eos: bool | None = Field(False, description="vLLM: keep generating past EOS")
     min_tokens: int | None = Field(0, ge=0, description="vLLM: EOS and stop tokens are banned before this many tokens")
-    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_STRINGS * 4, description="vLLM: token ids that end generation")
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS, description=f"vLLM: token ids that end generation (at most {MAX_STOP_TOKEN_IDS})")
     skip_special_tokens: bool = True
 
     @property

@@ -16,7 +16,8 @@ class Settings(BaseSettings):
     model: str | None = Field(None, description="HF model directory or hub id; empty = embedded SmolLM2-135M-Instruct")
     host: str = "0.0.0.0"
     port: int = Field(8000, ge=0, le=65535)
-    api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY' on /v1 routes")
+    # repr=False: the key never shows up in a logged or printed settings object.
+    api_key: str | None = Field(None, repr=False, description="require 'Authorization: Bearer KEY' on /v1 routes")
     served_model_name: str | None = None
     max_num_seqs: int = Field(64, ge=1, description="most requests running at once")
     max_num_batched_tokens: int = Field(512, ge=1, description="token budget of one step (prefill + decode)")
@@ -28,4 +29,13 @@ class Settings(BaseSettings):
     enable_prefix_caching: bool = True
     chat_template: str | None = Field(None, description="Jinja chat template file overriding the model's")
     max_request_bytes: int = Field(16 * 2**20, ge=1024, description="larger request bodies get 413")
+    max_queue_len: int = Field(256, ge=1, description="most requests waiting to run (beyond free running slots); more get 503 + Retry-After")
+    request_timeout: float | None = Field(None, ge=0, description="seconds a request may take before it ends with 504 (streaming: an error event); unset or 0 = no limit")
+    shutdown_timeout: float = Field(30.0, ge=0, description="on SIGTERM, seconds in-flight requests may still finish before they end with an error")
+    allowed_origins: str | None = Field(None, description="comma-separated CORS origins ('*' = any); unset = CORS off")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @property
+    def allowed_origin_list(self) -> list[str]:
+        """``allowed_origins`` split on commas; empty means CORS stays off."""
+        return [origin.strip() for origin in (self.allowed_origins or "").split(",") if origin.strip()]
