@@ -47,7 +47,7 @@ class DynamicBatcher:
         self._aborts: set[str] = set()
         self._streams: dict[str, asyncio.Queue[RequestOutput]] = {}
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenstep-step")
+        self._executor: ThreadPoolExecutor | None = None  # the one model thread, while started
         self._task: asyncio.Task | None = None
         self._ids = itertools.count()
         self._is_draining = False
@@ -84,6 +84,9 @@ class DynamicBatcher:
 
     async def start(self) -> None:
         if self._task is None:
+            # A fresh worker thread per start: a stopped batcher can be started again.
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenstep-step")
+            self._is_draining, self.failure = False, None
             self._task = asyncio.create_task(self._loop(), name="tokenstep-engine")
 
     async def stop(self) -> None:
@@ -94,7 +97,9 @@ class DynamicBatcher:
             except asyncio.CancelledError:
                 pass
             self._task = None
-        self._executor.shutdown(wait=True)
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
 
     def check_available(self) -> None:
         """Raise a 503 error unless the engine runs and is not draining."""
@@ -124,7 +129,7 @@ class DynamicBatcher:
             )
         num_free_seqs = max(max_num_seqs - len(self.core.scheduler.running), 0)
         if self.num_waiting + num_requests - num_free_seqs > self.max_queue_len:
-            raise QueueFullError(f"the server is overloaded ({self.num_waiting} requests waiting, --max-queue-len {self.max_queue_len}); retry later")
+            raise QueueFullError(f"the server is overloaded: {self.num_waiting} requests are waiting and the queue holds {self.max_queue_len}; retry later")
 
     async def drain(self, timeout_s: float) -> int:
         """Stop admitting, let in-flight requests finish for up to ``timeout_s``

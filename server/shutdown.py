@@ -22,8 +22,10 @@ Two library defaults are overridden on the way:
   the process exits 0.
 """
 
+import asyncio
 import logging
 import signal
+import sys
 from types import FrameType
 
 import uvicorn
@@ -36,6 +38,8 @@ logger = logging.getLogger(__name__)
 # After the drain, how long uvicorn may still wait for connections to close
 # (the last bytes of responses that already ended) before cancelling them.
 CONNECTION_CLOSE_MARGIN_S = 5.0
+FORCE_EXIT_POLL_S = 0.1
+STARTUP_FAILURE_EXIT_CODE = 3  # what uvicorn.run exits with when the server never started
 
 
 def sse_grace_period_s(settings: Settings) -> float:
@@ -62,7 +66,12 @@ class DrainingServer(uvicorn.Server):
         self.shutdown_timeout_s = shutdown_timeout_s
 
     async def shutdown(self, sockets: list | None = None) -> None:
-        await drain(self.fastapi_app, self.shutdown_timeout_s)
+        draining = asyncio.ensure_future(drain(self.fastapi_app, self.shutdown_timeout_s))
+        while not draining.done() and not self.force_exit:
+            await asyncio.wait({draining}, timeout=FORCE_EXIT_POLL_S)
+        if not draining.done():  # a second Ctrl-C: end what is left now
+            await drain(self.fastapi_app, 0.0)
+            await draining
         await super().shutdown(sockets)
 
 
@@ -78,4 +87,9 @@ def run_until_drained(app: FastAPI, settings: Settings) -> None:
             raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, after_uvicorn)
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once drained, as uvicorn.run expects
+        pass
+    if not server.started:
+        sys.exit(STARTUP_FAILURE_EXIT_CODE)

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# W1 (64 prompts, 16 in flight, 128 in / 128 out) and W2 (one at a time) against
+# every peer on the default model, float32, one server at a time.
+#   PEERS="tokenstep vllm hf naive" W2_PROMPTS=16 bash benchmarks/run_baselines.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=${BENCH_VENVS:-/opt/bench}
+OUT=${OUT:-benchmarks/results}
+PEERS=${PEERS:-"tokenstep vllm hf naive"}
+W1_PROMPTS=${W1_PROMPTS:-64}
+W2_PROMPTS=${W2_PROMPTS:-16}
+PORT=8100
+mkdir -p "$OUT"
+MODEL_DIR=$(.venv/bin/python -c "from model_runtime.default_model import default_model_dir; print(default_model_dir())")
+BENCH=".venv/bin/tokenstep bench --base-url http://127.0.0.1:$PORT --input-len 128 --output-len 128 --ignore-eos --seed 0"
+
+start_peer() {
+  case "$1" in
+    tokenstep) .venv/bin/tokenstep serve --host 127.0.0.1 --port $PORT --log-level warning ;;
+    naive) .venv/bin/python benchmarks/naive_hf_server.py "$MODEL_DIR" --port $PORT --name naive ;;
+    hf) "$ROOT/hf-venv/bin/transformers" serve --continuous-batching --host 127.0.0.1 --port $PORT --dtype float32 "$MODEL_DIR" ;;
+    vllm) VLLM_CPU_KVCACHE_SPACE=4 VLLM_CPU_OMP_THREADS_BIND=0-1 "$ROOT/vllm-venv/bin/python" -m vllm.entrypoints.openai.api_server \
+            --model "$MODEL_DIR" --dtype float32 --max-model-len 2048 --host 127.0.0.1 --port $PORT ;;
+  esac
+}
+
+for peer in $PEERS; do
+  echo "== $peer"
+  start_peer "$peer" > "$OUT/$peer.server.log" 2>&1 &
+  pid=$!
+  for _ in $(seq 1 300); do curl -sf "http://127.0.0.1:$PORT/v1/models" > /dev/null && break; sleep 1; done
+  $BENCH --num-prompts 4 --max-concurrency 4 --output-len 8 --no-progress > /dev/null || true   # warm-up
+  $BENCH --label "$peer W1" --num-prompts "$W1_PROMPTS" --max-concurrency 16 --result-json "$OUT/$peer-w1.json" --plot "$OUT/$peer-w1.png" --no-progress | tee "$OUT/$peer-w1.txt"
+  $BENCH --label "$peer W2" --num-prompts "$W2_PROMPTS" --max-concurrency 1 --result-json "$OUT/$peer-w2.json" --no-progress | tee "$OUT/$peer-w2.txt"
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+  sleep 3
+done

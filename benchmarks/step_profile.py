@@ -1,0 +1,66 @@
+"""Time and profile one engine decode step at several batch sizes.
+
+    .venv/bin/python benchmarks/step_profile.py [--batch-sizes 1,16,64] [--context 128]
+
+For each batch size: B requests with `--context`-token prompts are prefilled,
+then decode steps are timed (median of 12) and one profiled with
+torch.profiler; ops are grouped into matmuls, attention (KV gather + SDPA),
+cache writes, sampling and the rest (norms, RoPE, activations, Python).
+"""
+
+import argparse
+import time
+from collections import defaultdict
+
+from torch.profiler import ProfilerActivity, profile
+
+from batching.sampling_params import SamplingParams
+from model_runtime.default_model import default_model_dir
+from model_runtime.engine_factory import EngineConfig, build_engine_core
+from model_runtime.loader import load_model
+
+GROUPS = {
+    "aten::mm": "matmul", "aten::addmm": "matmul", "aten::bmm": "matmul", "aten::linear": "matmul",
+    "mkldnn::_linear_pointwise": "matmul", "mkl::_mkl_linear": "matmul",
+    "aten::index": "attention: KV gather", "aten::index_select": "attention: KV gather",
+    "aten::_scaled_dot_product_flash_attention_for_cpu": "attention: SDPA",
+    "aten::index_copy_": "cache write",
+    "aten::argmax": "sampling", "aten::topk": "sampling", "aten::sort": "sampling", "aten::exponential_": "sampling",
+}
+
+
+def run(loaded, batch_size: int, context: int) -> None:
+    core = build_engine_core(EngineConfig(model="x", kv_cache_memory="1GiB", max_num_batched_tokens=8192, max_num_seqs=256), loaded)
+    params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+    for i in range(batch_size):
+        core.add_request(core.make_request(f"r{i}", [1000 + (i * 7 + t) % 40000 for t in range(context)], params))
+    while core.scheduler.waiting or any(r.num_computed_tokens < r.num_prompt_tokens for r in core.scheduler.running):
+        core.step()
+    times = []
+    for _ in range(12):
+        start = time.perf_counter()
+        core.step()
+        times.append(time.perf_counter() - start)
+    step_s = sorted(times)[len(times) // 2]
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        core.step()
+    totals: dict[str, float] = defaultdict(float)
+    for event in prof.key_averages():
+        totals[GROUPS.get(event.key, "other ops")] += event.self_cpu_time_total / 1000
+    profiled = sum(totals.values())
+    print(f"B={batch_size:3d}: {step_s * 1000:6.1f} ms/step, {batch_size / step_s:6.1f} tok/s | " + ", ".join(
+        f"{name} {ms / profiled:.0%}" for name, ms in sorted(totals.items(), key=lambda kv: -kv[1])))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch-sizes", default="1,16,64")
+    parser.add_argument("--context", type=int, default=128)
+    args = parser.parse_args()
+    loaded = load_model(default_model_dir(), "float32", "cpu")
+    for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
+        run(loaded, batch_size, args.context)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Fuzz: schemathesis generates valid and invalid requests from the app's own
+``/openapi.json`` for every route and sends them in-process (ASGI) to the
+real engine on the tiny model. No response may be a 5xx, and every error
+must be in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
+
+Bounded for CI: ``FUZZ_EXAMPLES`` examples per route (``TOKENSTEP_FUZZ_EXAMPLES``
+to raise it), and generation lengths are clamped to a few tokens, because
+the point is input handling, not decoding: a valid ``max_tokens`` of 1000 on
+two CPU cores would only spend the time budget.
+"""
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from schemathesis import GenerationMode
+
+from model_runtime.loader import LoadedModel
+from server.app import create_app
+from server.settings import Settings
+from tests.reliability.support import build_served, parse_stream
+
+FUZZ_EXAMPLES = int(os.environ.get("TOKENSTEP_FUZZ_EXAMPLES", "25"))
+MAX_FUZZ_TOKENS = 4
+LENGTH_FIELDS = ("max_tokens", "max_completion_tokens")
+
+
+@pytest.fixture
+def fuzz_app(tiny_llama_dir: Path, tiny_weights: LoadedModel) -> Iterator:
+    served = build_served(tiny_llama_dir, tiny_weights, max_queue_len=64)
+    app = create_app(Settings(max_queue_len=64, request_timeout=None), ready=served)
+    yield app
+    # schemathesis' pytest plugin ends the app's lifespan (started by its in-process
+    # client) when each test tears down; hence a fresh app and engine per test.
+
+
+@pytest.fixture
+def fuzz_schema(fuzz_app):
+    return schemathesis.openapi.from_asgi("/openapi.json", fuzz_app)
+
+
+# Every operation in /openapi.json (test_every_operation_is_fuzzed keeps this list honest).
+OPERATIONS = [
+    ("POST", "/v1/completions"),
+    ("POST", "/v1/chat/completions"),
+    ("GET", "/v1/models"),
+    ("POST", "/tokenize"),
+    ("POST", "/detokenize"),
+    ("GET", "/health"),
+    ("GET", "/metrics"),
+]
+schema = schemathesis.pytest.from_fixture("fuzz_schema")
+
+
+def clamp_generation(case) -> None:
+    """Keep valid token budgets tiny (invalid ones are left to be rejected)."""
+    if not isinstance(case.body, dict):
+        return
+    for name in LENGTH_FIELDS:
+        value = case.body.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and 1 <= value:
+            case.body[name] = min(value, MAX_FUZZ_TOKENS)
+    if "/chat/" in case.path and not any(isinstance(case.body.get(name), int) for name in LENGTH_FIELDS):
+        case.body["max_completion_tokens"] = MAX_FUZZ_TOKENS  # chat's default is "the rest of the context"
+
+
+def assert_openai_error_body(content: bytes) -> None:
+    error = json.loads(content)["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert isinstance(error["message"], str) and error["message"] and isinstance(error["type"], str)
+
+
+def test_every_operation_is_fuzzed(fuzz_schema):
+    found = {(result.ok().method.upper(), result.ok().path) for result in fuzz_schema.get_all_operations()}
+    assert found == set(OPERATIONS)
+
+
+def check_response(case) -> None:
+    clamp_generation(case)
+    response = case.call()
+    assert response.status_code < 500, (response.status_code, response.text[:500])
+    if response.status_code >= 400:
+        assert_openai_error_body(response.content)
+    elif any(value.startswith("text/event-stream") for value in response.headers.get("content-type", [])):
+        stream = parse_stream(response.status_code, response.text)
+        stream.assert_ended_properly()
+        assert not stream.errors, stream.errors
+
+
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=["valid", "invalid"])
+@pytest.mark.parametrize("method,path", OPERATIONS, ids=[f"{method} {path}" for method, path in OPERATIONS])
+def test_no_5xx_and_errors_in_openai_shape(fuzz_schema, method, path, mode):
+    operation = fuzz_schema[path][method]
+    if mode is GenerationMode.NEGATIVE and not operation.body and not list(operation.iter_parameters()):
+        pytest.skip("nothing to make invalid")
+
+    @given(case=operation.as_strategy(generation_mode=mode))
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=os.environ.get("TOKENSTEP_FUZZ_RANDOM") is None, database=None)
+    def fuzz(case) -> None:
+        check_response(case)
+
+    fuzz()

@@ -1,0 +1,102 @@
+"""Shutdown: SIGTERM stops admissions (503 + ``Retry-After``, ``/health`` 503),
+lets in-flight requests finish for up to ``--shutdown-timeout``, then ends the
+rest with an error event and ``[DONE]`` (or a 503 JSON), and exits 0."""
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from model_runtime.loader import LoadedModel
+from server.shutdown import drain
+from tests.reliability.conftest import start_server
+from tests.reliability.support import assert_openai_error, build_served, in_process, parse_stream, read_stream
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+SHUTDOWN_TIMEOUT_S = 1.0
+SHORT_TOKENS = 100  # well under a second on the tiny model
+LONG_TOKENS = 1000  # several seconds even alone: cannot finish within the timeout
+
+
+def completion(prompt: str, max_tokens: int, stream: bool = True) -> dict:
+    return {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": stream, "stream_options": {"include_usage": True} if stream else None}
+
+
+async def test_drain_finishes_short_requests_and_ends_the_rest(tiny_llama_dir: Path, tiny_weights: LoadedModel):
+    served = build_served(tiny_llama_dir, tiny_weights, step_delay_s=0.01)
+    async with in_process(served) as env:
+        short = asyncio.create_task(read_stream(env.client, "/v1/completions", completion("short", 20)))
+        long = asyncio.create_task(read_stream(env.client, "/v1/completions", completion("long", 500)))
+        long_json = asyncio.create_task(env.client.post("/v1/completions", json=completion("long json", 500, stream=False)))
+        while len(env.batcher.core.scheduler.running) < 3:
+            await asyncio.sleep(0.005)
+        draining = asyncio.create_task(drain(env.app, timeout_s=0.5))
+        await asyncio.sleep(0.05)
+
+        refused = await env.client.post("/v1/completions", json=completion("too late", 2, stream=False))
+        assert_openai_error(refused, 503, code="shutting_down")
+        assert refused.headers["retry-after"]
+        assert "shutting down" in (await env.client.get("/health")).json()["error"]["message"]
+
+        await draining
+        finished, cut = await short, await long
+        finished.assert_ended_properly()
+        assert finished.finish_reasons == ["length"] and not finished.errors
+        cut.assert_ended_properly()
+        [error] = cut.errors
+        assert error["code"] == 503 and "shutting down" in error["message"]
+        assert_openai_error(await long_json, 503)
+        await env.wait_idle(timeout_s=1.0)
+
+
+async def read_events(client: httpx.AsyncClient, body: dict, started: asyncio.Event) -> tuple[int, str]:
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        raw = ""
+        async for chunk in response.aiter_text():
+            raw += chunk
+            if "data:" in raw:
+                started.set()
+        return response.status_code, raw
+
+
+async def test_sigterm_drains_streams_and_exits_0(tiny_llama_dir: Path, tmp_path: Path):
+    log = tmp_path / "server.log"
+    args = [str(tiny_llama_dir), "--served-model-name", "tiny", "--dtype", "float32", "--kv-cache-memory", "16MiB", "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S)]
+    server = start_server(args, log)
+    try:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=60) as client:
+            bodies = [completion(f"short {i}", SHORT_TOKENS) for i in range(2)] + [completion(f"long {i}", LONG_TOKENS) for i in range(2)]
+            started = [asyncio.Event() for _ in bodies]
+            streams = [asyncio.create_task(read_events(client, body, event)) for body, event in zip(bodies, started)]
+            await asyncio.wait_for(asyncio.gather(*(event.wait() for event in started)), timeout=30)
+
+            server.process.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            await asyncio.sleep(0.2)
+            async with httpx.AsyncClient(base_url=server.base_url, timeout=10) as newcomer:  # a new connection, mid-drain
+                assert_openai_error(await newcomer.post("/v1/completions", json=completion("late", 2, stream=False)), 503, code="shutting_down")
+                assert (await newcomer.get("/health")).status_code == 503
+
+            results = [parse_stream(status, raw) for status, raw in await asyncio.wait_for(asyncio.gather(*streams), timeout=30)]
+        exit_code = await asyncio.to_thread(server.process.wait, 30)
+        elapsed = time.monotonic() - signalled
+    except BaseException:
+        server.close()
+        raise
+    assert exit_code == 0
+    assert elapsed < SHUTDOWN_TIMEOUT_S + 10
+    for result in results:
+        result.assert_ended_properly()
+    for short in results[:2]:  # finished within the timeout, in full
+        assert not short.errors and short.finish_reasons == ["length"]
+        assert short.events[-1]["usage"]["completion_tokens"] == SHORT_TOKENS
+    for long in results[2:]:  # ended at the timeout: tokens so far, an error event, [DONE]
+        assert long.text
+        [error] = long.errors
+        assert error["code"] == 503 and "shutting down" in error["message"]
+    assert "ending 2 unfinished requests" in log.read_text()
+
