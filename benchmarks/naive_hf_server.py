@@ -25,7 +25,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStream
 def build_app(model_dir: str, name: str) -> FastAPI:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    lock = asyncio.Lock()
+    # One generate at a time, held by the generating thread itself.
+    generate_lock = threading.Lock()
     app = FastAPI()
 
     @app.get("/v1/models")
@@ -58,11 +59,12 @@ def build_app(model_dir: str, name: str) -> FastAPI:
             loop = asyncio.get_running_loop()
 
             def worker() -> None:
-                thread = threading.Thread(target=model.generate, kwargs={**kwargs, "streamer": streamer})
-                thread.start()
-                for text in streamer:
-                    loop.call_soon_threadsafe(queue.put_nowait, text)
-                thread.join()
+                with generate_lock:
+                    thread = threading.Thread(target=model.generate, kwargs={**kwargs, "streamer": streamer})
+                    thread.start()
+                    for text in streamer:
+                        loop.call_soon_threadsafe(queue.put_nowait, text)
+                    thread.join()
                 loop.call_soon_threadsafe(queue.put_nowait, None)
 
             threading.Thread(target=worker, daemon=True).start()
@@ -77,26 +79,24 @@ def build_app(model_dir: str, name: str) -> FastAPI:
 
         if body.get("stream"):
             async def events():
-                async with lock:
-                    queue = await run()
-                    pieces = 0
-                    while (text := await queue.get()) is not None:
-                        if text:
-                            pieces += 1
-                            yield chunk(text)
-                    output_tokens = max_tokens if body.get("ignore_eos") else pieces
-                    yield chunk("", "length")
-                    if (body.get("stream_options") or {}).get("include_usage"):
-                        yield chunk("", usage={"prompt_tokens": len(input_ids), "completion_tokens": output_tokens, "total_tokens": len(input_ids) + output_tokens})
-                    yield "data: [DONE]\n\n"
+                queue = await run()
+                pieces = 0
+                while (text := await queue.get()) is not None:
+                    if text:
+                        pieces += 1
+                        yield chunk(text)
+                output_tokens = max_tokens if body.get("ignore_eos") else pieces
+                yield chunk("", "length")
+                if (body.get("stream_options") or {}).get("include_usage"):
+                    yield chunk("", usage={"prompt_tokens": len(input_ids), "completion_tokens": output_tokens, "total_tokens": len(input_ids) + output_tokens})
+                yield "data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream")
 
-        async with lock:
-            queue = await run()
-            parts = []
-            while (text := await queue.get()) is not None:
-                parts.append(text)
+        queue = await run()
+        parts = []
+        while (text := await queue.get()) is not None:
+            parts.append(text)
         return JSONResponse({"id": request_id, "object": "text_completion", "created": int(time.time()), "model": name,
                              "choices": [{"index": 0, "text": "".join(parts), "finish_reason": "length"}]})
 

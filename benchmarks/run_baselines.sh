@@ -32,6 +32,6 @@ for peer in $PEERS; do
   $BENCH --num-prompts 4 --max-concurrency 4 --output-len 8 --no-progress > /dev/null || true   # warm-up
   $BENCH --label "$peer W1" --num-prompts "$W1_PROMPTS" --max-concurrency 16 --result-json "$OUT/$peer-w1.json" --plot "$OUT/$peer-w1.png" --no-progress | tee "$OUT/$peer-w1.txt"
   $BENCH --label "$peer W2" --num-prompts "$W2_PROMPTS" --max-concurrency 1 --result-json "$OUT/$peer-w2.json" --no-progress | tee "$OUT/$peer-w2.txt"
-  kill "$pid"; wait "$pid" 2>/dev/null || true
+  kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true
   sleep 3
 done

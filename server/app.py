@@ -12,6 +12,7 @@ read. CORS is off unless ``--allowed-origins`` names origins.
 """
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 import hmac
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -119,10 +120,13 @@ def create_app(settings: Settings, load: Callable[[], Served] | None = None, rea
                 loading.cancel()
             if app.state.served is not None:
                 await app.state.served.batcher.stop()
+            if app.state.model_thread is not None:
+                app.state.model_thread.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="tokenstep", summary="OpenAI-compatible inference server with continuous batching", lifespan=lifespan, redirect_slashes=False)
     app.state.settings = settings
     app.state.served = None
+    app.state.model_thread = None
     app.state.load_error = None
     app.state.metrics = Metrics(lambda: app.state.served.batcher if app.state.served else None)
     install_error_handlers(app)
@@ -162,17 +166,20 @@ def _not_ready_reason(app: FastAPI, state: Served | None) -> str:
     return f"engine stopped ({state.batcher.failure})" if state.batcher.failure else "engine stopped"
 
 
-async def _start(app: FastAPI, state: Served) -> None:
-    await state.batcher.start()
+async def _start(app: FastAPI, state: Served, model_thread: ThreadPoolExecutor | None = None) -> None:
+    await state.batcher.start(model_thread)
     app.state.served = state
 
 
 async def _load_and_start(app: FastAPI, load: Callable[[], Served]) -> None:
+    # Load and step on one thread: all torch compute stays on a single OpenMP pool.
+    model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenstep-model")
+    app.state.model_thread = model_thread
     try:
-        state = await asyncio.to_thread(load)
+        state = await asyncio.get_running_loop().run_in_executor(model_thread, load)
     except Exception as exc:
         logger.exception("loading the model failed")
         app.state.load_error = str(exc)
         return
-    await _start(app, state)
+    await _start(app, state, model_thread)
     logger.info("serving %s", state.model_name)
