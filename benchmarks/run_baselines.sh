@@ -12,26 +12,33 @@ W2_PROMPTS=${W2_PROMPTS:-16}
 PORT=8100
 mkdir -p "$OUT"
 MODEL_DIR=$(.venv/bin/python -c "from model_runtime.default_model import default_model_dir; print(default_model_dir())")
-BENCH=".venv/bin/tokenstep bench --base-url http://127.0.0.1:$PORT --input-len 128 --output-len 128 --ignore-eos --seed 0"
+bench_cmd() {  # transformers serve rejects the ignore_eos extension (422); its requests may end at EOS
+  local eos="--ignore-eos"; [ "$1" = hf ] && eos=""
+  echo ".venv/bin/tokenstep bench --base-url http://127.0.0.1:$PORT --input-len 128 --output-len 128 $eos --seed 0"
+}
 
 start_peer() {
   case "$1" in
-    tokenstep) .venv/bin/tokenstep serve --host 127.0.0.1 --port $PORT --log-level warning ;;
-    naive) .venv/bin/python benchmarks/naive_hf_server.py "$MODEL_DIR" --port $PORT --name naive ;;
-    hf) "$ROOT/hf-venv/bin/transformers" serve --continuous-batching --host 127.0.0.1 --port $PORT --dtype float32 "$MODEL_DIR" ;;
-    vllm) VLLM_CPU_KVCACHE_SPACE=4 VLLM_CPU_OMP_THREADS_BIND=0-1 "$ROOT/vllm-venv/bin/python" -m vllm.entrypoints.openai.api_server \
+    tokenstep) exec .venv/bin/tokenstep serve --host 127.0.0.1 --port $PORT --log-level warning ;;
+    naive) exec .venv/bin/python benchmarks/naive_hf_server.py "$MODEL_DIR" --port $PORT --name naive ;;
+    hf) exec "$ROOT/hf-venv/bin/transformers" serve --continuous-batching --host 127.0.0.1 --port $PORT --dtype float32 "$MODEL_DIR" ;;
+    vllm) VLLM_CPU_KVCACHE_SPACE=4 VLLM_CPU_OMP_THREADS_BIND=0-1 exec "$ROOT/vllm-venv/bin/python" -m vllm.entrypoints.openai.api_server \
             --model "$MODEL_DIR" --dtype float32 --max-model-len 2048 --host 127.0.0.1 --port $PORT ;;
   esac
 }
 
 for peer in $PEERS; do
   echo "== $peer"
+  if curl -s "http://127.0.0.1:$PORT/" > /dev/null; then echo "port $PORT is busy: stop what is there first" >&2; exit 1; fi
   start_peer "$peer" > "$OUT/$peer.server.log" 2>&1 &
   pid=$!
   for _ in $(seq 1 300); do curl -sf "http://127.0.0.1:$PORT/v1/models" > /dev/null && break; sleep 1; done
+  kill -0 "$pid" || { echo "$peer did not start: see $OUT/$peer.server.log" >&2; exit 1; }
+  BENCH=$(bench_cmd "$peer")
   $BENCH --num-prompts 4 --max-concurrency 4 --output-len 8 --no-progress > /dev/null || true   # warm-up
   $BENCH --label "$peer W1" --num-prompts "$W1_PROMPTS" --max-concurrency 16 --result-json "$OUT/$peer-w1.json" --plot "$OUT/$peer-w1.png" --no-progress | tee "$OUT/$peer-w1.txt"
   $BENCH --label "$peer W2" --num-prompts "$W2_PROMPTS" --max-concurrency 1 --result-json "$OUT/$peer-w2.json" --no-progress | tee "$OUT/$peer-w2.txt"
   kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true
+  while curl -s "http://127.0.0.1:$PORT/" > /dev/null; do sleep 1; done   # the port is free again
   sleep 3
 done
