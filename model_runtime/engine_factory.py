@@ -17,6 +17,11 @@ from model_runtime.runner import ModelRunner
 logger = logging.getLogger(__name__)
 
 # On CUDA with no explicit budget, the KV pool takes this share of free memory.
+# Default step token budgets. On 2 CPU cores a small budget keeps prefill chunks
+# from stalling decodes: W1 (16 in flight) measured 128 vs 512 tokens: same
+# throughput (100 vs 104 tok/s), TTFT p50 1.10 vs 1.39 s, ITL p99 284 vs 655 ms.
+CPU_TOKEN_BUDGET = 128
+CUDA_TOKEN_BUDGET = 2048
 CUDA_KV_FRACTION = 0.8
 
 
@@ -36,7 +41,7 @@ class EngineConfig:
     kv_cache_memory: str | int | None = None
     num_kv_blocks: int | None = None
     max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512
+    max_num_batched_tokens: int | None = None
     enable_prefix_caching: bool = True
     max_model_len: int | None = None
 
@@ -56,9 +61,10 @@ def kv_cache_bytes(config: EngineConfig, loaded: LoadedModel) -> int:
 def build_engine_core(config: EngineConfig, loaded: LoadedModel | None = None) -> EngineCore:
     loaded = loaded or load_model(config.model, config.dtype, config.device)
     runner = ModelRunner(loaded, kv_cache_bytes(config, loaded), config.block_size)
+    default_budget = CUDA_TOKEN_BUDGET if loaded.device.type == "cuda" else CPU_TOKEN_BUDGET
     block_manager = BlockManager(runner.num_blocks, config.block_size, config.enable_prefix_caching)
     scheduler = Scheduler(
-        SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), block_manager
+        SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens or default_budget), block_manager
     )
     max_model_len = min(config.max_model_len or loaded.max_model_len, loaded.max_model_len)
     return EngineCore(
