@@ -46,6 +46,8 @@ class BlockManager:
         self._cached: dict[BlockKey, int] = {}
         # request_id -> keys of its full blocks, in order (cached or not yet).
         self._request_keys: dict[str, list[BlockKey]] = {}
+        # request_id -> how many of its full blocks cache_full_blocks has seen.
+        self._num_registered: dict[str, int] = {}
 
     @property
     def num_free_blocks(self) -> int:
@@ -71,10 +73,9 @@ class BlockManager:
         """
         if not self.enable_prefix_caching or request.sampling_params.prompt_logprobs is not None:
             return [], 0
-        tokens = request.all_token_ids
-        max_full_blocks = (len(tokens) - 1) // self.block_size
+        max_full_blocks = (request.num_tokens - 1) // self.block_size
         block_ids: list[int] = []
-        for key in self._keys_for(request, tokens, max_full_blocks):
+        for key in self._keys_for(request, max_full_blocks)[:max_full_blocks]:
             block_id = self._cached.get(key)
             if block_id is None:
                 break
@@ -108,8 +109,12 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         num_full = request.num_computed_tokens // self.block_size
-        keys = self._keys_for(request, request.all_token_ids, num_full)
-        for index, key in enumerate(keys):
+        keys = self._keys_for(request, num_full)
+        # Only blocks that became full since the last call: earlier ones were handled then.
+        first_new = self._num_registered.get(request.request_id, 0)
+        self._num_registered[request.request_id] = num_full
+        for index in range(first_new, num_full):
+            key = keys[index]
             block = self._blocks[request.block_ids[index]]
             if block.key is None and key not in self._cached:
                 block.key = key
@@ -125,20 +130,23 @@ class BlockManager:
                 self._free[block_id] = None
         request.block_ids = []
         self._request_keys.pop(request.request_id, None)
+        self._num_registered.pop(request.request_id, None)
 
     def reset_prefix_cache(self) -> None:
         for key, block_id in list(self._cached.items()):
             self._blocks[block_id].key = None
         self._cached.clear()
 
-    def _keys_for(self, request: Request, tokens: list[int], num_full_blocks: int) -> list[BlockKey]:
+    def _keys_for(self, request: Request, num_full_blocks: int) -> list[BlockKey]:
+        """The request's chained block keys, extended to at least ``num_full_blocks``
+        (computed once per block, from that block's tokens only)."""
         keys = self._request_keys.setdefault(request.request_id, [])
         while len(keys) < num_full_blocks:
             index = len(keys)
             parent = hash(keys[-1]) if keys else 0
-            chunk = tuple(tokens[index * self.block_size : (index + 1) * self.block_size])
+            chunk = tuple(request.token_slice(index * self.block_size, (index + 1) * self.block_size))
             keys.append((parent, chunk))
-        return keys[:num_full_blocks]
+        return keys
 
     def _take(self, block_id: int) -> None:
         block = self._blocks[block_id]

@@ -88,6 +88,15 @@ class Request:
     def is_finished(self) -> bool:
         return self.status.is_finished
 
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """Tokens ``[start, end)`` of prompt + output, without concatenating the two."""
+        n_prompt = len(self.prompt_token_ids)
+        if end <= n_prompt:
+            return self.prompt_token_ids[start:end]
+        if start >= n_prompt:
+            return self.output_token_ids[start - n_prompt : end - n_prompt]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - n_prompt]
+
     def token_at(self, position: int) -> int:
         n_prompt = len(self.prompt_token_ids)
         if position < n_prompt:

@@ -181,13 +181,12 @@ class Scheduler:
     @staticmethod
     def _chunk(request: Request, num_new: int) -> ScheduledChunk:
         start = request.num_computed_tokens
-        tokens = request.all_token_ids
         return ScheduledChunk(
             request_id=request.request_id,
-            new_token_ids=tokens[start : start + num_new],
+            new_token_ids=request.token_slice(start, start + num_new),
             num_computed_tokens=start,
             block_ids=list(request.block_ids),
-            is_sampling=start + num_new == len(tokens),
+            is_sampling=start + num_new == request.num_tokens,
             sampling_params=request.sampling_params,
             prompt_token_ids=request.prompt_token_ids,
             output_token_ids=list(request.output_token_ids),

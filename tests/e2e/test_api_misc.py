@@ -25,6 +25,18 @@ def scrape(server) -> str:
     return response.text
 
 
+
+def wait_until_idle(server, timeout_s: float = 10) -> str:
+    """Poll /metrics until nothing runs, nothing waits and no KV block is held; return the scrape."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = scrape(server)
+        state = [metric(text, name) for name in ("tokenstep_num_requests_running", "tokenstep_num_requests_waiting", "tokenstep_kv_cache_usage_ratio")]
+        if state == [0.0, 0.0, 0.0]:
+            return text
+        assert time.monotonic() < deadline, f"requests or KV blocks still held {timeout_s} s later: {state}"
+        time.sleep(0.1)
+
 def sse_events(body: str) -> list[str]:
     """The ``data:`` payloads of an SSE body, checking its framing on the way."""
     assert body.endswith("\n\n"), "the stream must end with a blank line"
@@ -215,14 +227,7 @@ def test_disconnected_streams_free_their_requests(tiny_server):
     assert [r for r in results if r is not None] == [max_tokens] * num_complete
     assert results.count(None) == num_dropped
 
-    deadline = time.monotonic() + 10
-    while True:
-        text = scrape(tiny_server)
-        state = [metric(text, name) for name in ("tokenstep_num_requests_running", "tokenstep_num_requests_waiting", "tokenstep_kv_cache_usage_ratio")]
-        if state == [0.0, 0.0, 0.0]:
-            break
-        assert time.monotonic() < deadline, f"requests or KV blocks still held 10 s after the streams ended: {state}"
-        time.sleep(0.1)
+    text = wait_until_idle(tiny_server)
 
     assert metric(text, "tokenstep_time_to_first_token_seconds_count") >= ttft_before + num_complete + num_dropped
     assert metric(text, "tokenstep_e2e_request_latency_seconds_count") >= e2e_before + num_complete
@@ -263,13 +268,6 @@ def test_disconnected_non_streaming_request_is_aborted(tiny_server):
         pass  # the client gives up and closes the connection
     else:
         raise AssertionError("the request finished before the client left; make it longer")
-    deadline = time.monotonic() + 10
-    while True:
-        text = scrape(tiny_server)
-        state = [metric(text, name) for name in ("tokenstep_num_requests_running", "tokenstep_num_requests_waiting", "tokenstep_kv_cache_usage_ratio")]
-        if state == [0.0, 0.0, 0.0]:
-            break
-        assert time.monotonic() < deadline, f"the abandoned request still holds resources: {state}"
-        time.sleep(0.1)
+    text = wait_until_idle(tiny_server)
     generated = metric(text, "tokenstep_generation_tokens_total") - generated_before
     assert generated < max_tokens * 2 // 3, f"the abandoned request kept generating ({generated} tokens)"
