@@ -158,10 +158,15 @@ class DynamicBatcher:
 
         Validation errors (``InvalidRequestError``) are raised here, before
         the first delta, so the server can answer 400 instead of streaming.
+        A grammar (structured output) compiles in a worker thread: a big
+        schema must not stall every other stream.
         """
         self.check_admission(1)
         request_id = request_id or f"req-{next(self._ids)}"
-        request = self.core.make_request(request_id, prompt_token_ids, params)
+        if params.guided is None:
+            request = self.core.make_request(request_id, prompt_token_ids, params)
+        else:
+            request = await asyncio.to_thread(self.core.make_request, request_id, prompt_token_ids, params)
         self.core.scheduler.check_fits(request)
         stream: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._streams[request_id] = stream

@@ -20,6 +20,7 @@ from batching.request import Request, RequestStatus
 from batching.sampling_params import SamplingParams
 from batching.scheduler import Scheduler
 from batching.stop import StopStringMatcher
+from batching.structured import GrammarCompiler
 
 
 class Runner(Protocol):
@@ -49,6 +50,7 @@ class EngineCore:
         self._prompt_logprobs: dict[str, dict[int, TokenLogprobs]] = {}
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
+        self._grammars: GrammarCompiler | None = None
 
     @property
     def has_unfinished(self) -> bool:
@@ -69,7 +71,17 @@ class EngineCore:
         extra_eos = tuple(t for t in self.eos_token_ids[1:] if t not in params.stop_token_ids)
         if extra_eos and not params.ignore_eos:
             params = dataclasses.replace(params, stop_token_ids=params.stop_token_ids + extra_eos)
-        return Request(request_id, list(prompt_token_ids), params, eos_token_id=eos)
+        request = Request(request_id, list(prompt_token_ids), params, eos_token_id=eos)
+        if params.guided is not None:
+            request.grammar = self.grammar_compiler.matcher(params.guided)
+        return request
+
+    @property
+    def grammar_compiler(self) -> GrammarCompiler:
+        if self._grammars is None:
+            vocab_size = self.vocab_size if self.vocab_size is not None else len(self.tokenizer)
+            self._grammars = GrammarCompiler(self.tokenizer, vocab_size, self.eos_token_ids)
+        return self._grammars
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)
@@ -113,6 +125,8 @@ class EngineCore:
             if request.request_id not in self._text:
                 continue
             logprobs = [update.logprobs] if update.logprobs is not None else []
+            if request.grammar is not None and not request.is_finished:
+                self._advance_grammar(request, update.token_id)
             new_text = self._advance_text(request, update.token_id)
             output = self._output(request, [update.token_id], new_text, logprobs)
             positions = self._prompt_logprobs.pop(request.request_id, None)
@@ -129,6 +143,16 @@ class EngineCore:
             if output is not None:
                 outputs.append(dataclasses.replace(output, error=message))
         return outputs
+
+    def _advance_grammar(self, request: Request, token_id: int) -> None:
+        """Feed the grammar the token it allowed; finish the request once the
+        grammar can take nothing more (the structured text is complete)."""
+        if not request.grammar.accept(token_id):
+            # The mask allowed only grammar tokens, so this is a bug, not bad input.
+            request.stop_reason = f"grammar error: {request.grammar.error}"
+            self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_ERROR)
+        elif request.grammar.is_stopped:
+            self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
 
     def _advance_text(self, request: Request, token_id: int) -> str:
         state = self._text[request.request_id]

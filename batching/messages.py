@@ -7,6 +7,7 @@ and the scheduler without a model.
 """
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from batching.sampling_params import SamplingParams
 
@@ -22,6 +23,7 @@ class ScheduledChunk:
     ``output_token_ids`` (the tokens generated so far) feed penalties and the
     per-step seed; ``prompt_token_ids`` feeds the repetition penalty;
     ``eos_token_id`` is banned while ``min_tokens`` is not reached.
+    ``grammar`` (a ``GrammarMatcher``, or None) masks the sampled token.
     """
 
     request_id: str
@@ -33,6 +35,7 @@ class ScheduledChunk:
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     eos_token_id: int | None = None
+    grammar: Any = None
 
     @property
     def num_new_tokens(self) -> int:

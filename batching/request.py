@@ -7,6 +7,7 @@ and running queues; the engine appends sampled tokens and marks it finished.
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from batching.sampling_params import SamplingParams
 
@@ -62,6 +63,8 @@ class Request:
     block_ids: list[int] = field(default_factory=list)
     stop_reason: int | str | None = None
     first_scheduled_time: float | None = None
+    # A ``batching.structured.GrammarMatcher`` when the output is constrained.
+    grammar: Any = None
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -7,6 +7,7 @@ Validated once at construction; an invalid value raises ``InvalidRequestError``
 from dataclasses import dataclass, field
 
 from batching.errors import InvalidRequestError
+from batching.structured import GuidedDecoding
 
 MAX_LOGPROBS = 20
 
@@ -25,6 +26,8 @@ class SamplingParams:
     (``None``: no logprobs at all; ``0``: only the chosen token's);
     ``prompt_logprobs`` likewise for every prompt token after the first
     (requests asking for it bypass the prefix cache: they need every logit).
+    ``guided`` constrains the output to a grammar (JSON schema, regex,
+    choice, Lark); see ``batching.structured``.
     """
 
     max_tokens: int = 16
@@ -44,6 +47,7 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    guided: GuidedDecoding | None = None
 
     def __post_init__(self) -> None:
         _check(self.max_tokens >= 1, "max_tokens", "must be at least 1")

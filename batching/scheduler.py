@@ -191,4 +191,5 @@ class Scheduler:
             prompt_token_ids=request.prompt_token_ids,
             output_token_ids=list(request.output_token_ids),
             eos_token_id=request.eos_token_id,
+            grammar=request.grammar,
         )

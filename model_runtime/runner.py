@@ -53,7 +53,7 @@ class ModelRunner:
         all_rows = sample_rows + [row for span in prompt_spans for row in span[2]]
         logits = self._forward(input_ids, position_ids, context, torch.tensor(all_rows, device=self.device))  # [R, vocab]
         rows = [
-            SamplingRow(chunk.sampling_params, chunk.prompt_token_ids, chunk.output_token_ids, chunk.eos_token_id)
+            SamplingRow(chunk.sampling_params, chunk.prompt_token_ids, chunk.output_token_ids, chunk.eos_token_id, chunk.grammar)
             for chunk in sampling_chunks
         ]
         results = self.sampler.sample(logits[: len(sample_rows)], rows)

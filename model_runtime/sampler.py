@@ -9,14 +9,18 @@ Python ints and floats, so no tensor leaves ``model_runtime/``.
 
 Order, as in vLLM, on a float32 copy of the logits:
 
-1. ``min_tokens`` bans EOS and ``stop_token_ids`` while the output is too short;
+1. ``min_tokens`` bans EOS and ``stop_token_ids`` while the output is too short
+   (not for grammar-constrained rows: there the grammar says when text may end);
 2. ``logit_bias`` is added;
 3. repetition / frequency / presence penalties;
 4. logprobs are read here: ``log_softmax`` of the *processed* logits (after 1-3,
    before temperature, top-k, top-p and min-p), i.e. vLLM's "processed logits
    without sampling transforms", so they do not change with temperature;
-5. greedy rows (``temperature == 0``) take the argmax;
-6. random rows: temperature, top-k, top-p, min-p, then the exponential race
+   a constrained row's logprobs are read before its grammar mask too (as
+   vLLM's default), so they say how much the model itself wanted each token;
+5. grammar-constrained rows: every token the grammar forbids gets -inf;
+6. greedy rows (``temperature == 0``) take the argmax;
+7. random rows: temperature, top-k, top-p, min-p, then the exponential race
    ``argmax(probs / q)``, ``q ~ Exp(1)``, which samples from ``probs`` without a
    cumulative sum. A seeded row draws ``q`` from its own generator seeded from
    ``(seed, len(output_token_ids))``: its token depends neither on the other
@@ -29,6 +33,7 @@ import torch
 
 from batching.messages import TokenLogprobs
 from batching.sampling_params import SamplingParams
+from batching.structured import GrammarMatcher
 
 _SEED_STRIDE = 1_000_003  # mixes the request seed with the step index
 _SEED_MASK = (1 << 63) - 1  # torch generator seeds must fit in a signed 64-bit int
@@ -52,12 +57,14 @@ class SamplingRow:
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     eos_token_id: int | None
+    grammar: GrammarMatcher | None = None
 
 
 def _needs_processing(row: SamplingRow) -> bool:
     params = row.sampling_params
     return (
-        bool(params.logit_bias)
+        row.grammar is not None
+        or bool(params.logit_bias)
         or params.has_penalties
         or params.logprobs is not None
         or len(row.output_token_ids) < params.min_tokens
@@ -90,7 +97,7 @@ def _apply_min_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
     """In place: -inf on EOS and stop tokens of rows still under min_tokens."""
     banned: list[tuple[int, int]] = []
     for i, row in enumerate(rows):
-        if len(row.output_token_ids) >= row.sampling_params.min_tokens:
+        if row.grammar is not None or len(row.output_token_ids) >= row.sampling_params.min_tokens:
             continue
         stop_ids = set(row.sampling_params.stop_token_ids)
         if row.eos_token_id is not None:
@@ -149,6 +156,37 @@ def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
     repeated = torch.where(logits > 0, logits / repetition, logits * repetition)
     logits.copy_(torch.where(is_seen, repeated, logits))
     logits -= frequency.unsqueeze(1) * counts + presence.unsqueeze(1) * (counts > 0)
+
+
+_BIT_SHIFTS: dict[torch.device, torch.Tensor] = {}
+
+
+def _apply_grammars(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    """In place: -inf on every token a constrained row's grammar forbids now.
+
+    Each matcher writes its bitmask (bit ``t % 32`` of int32 word ``t // 32``)
+    into one row of a CPU buffer; the bits are expanded on the logits' device.
+    """
+    constrained = [i for i, row in enumerate(rows) if row.grammar is not None]
+    if not constrained:
+        return
+    vocab = logits.shape[1]
+    num_words = (vocab + 31) // 32
+    bitmask = torch.empty(len(constrained), num_words, dtype=torch.int32)  # [num_constrained, num_words]
+    row_bytes = num_words * 4
+    for j, i in enumerate(constrained):
+        rows[i].grammar.fill_bitmask(bitmask[j].data_ptr(), row_bytes)
+    device = logits.device
+    shifts = _BIT_SHIFTS.get(device)
+    if shifts is None:
+        shifts = _BIT_SHIFTS[device] = torch.arange(32, dtype=torch.int32, device=device)  # [32]
+    bits = (bitmask.to(device).unsqueeze(-1) >> shifts) & 1  # [num_constrained, num_words, 32]
+    allowed = bits.view(len(constrained), -1)[:, :vocab].bool()  # [num_constrained, vocab]
+    if len(constrained) == len(rows):
+        logits.masked_fill_(~allowed, float("-inf"))
+        return
+    index = torch.tensor(constrained, dtype=torch.long, device=device)  # [num_constrained]
+    logits.index_copy_(0, index, logits.index_select(0, index).masked_fill(~allowed, float("-inf")))
 
 
 def _gather_logprobs(
@@ -273,15 +311,25 @@ class Sampler:
         _apply_min_tokens(processed, rows)
         _apply_logit_bias(processed, rows)
         _apply_penalties(processed, rows)
-        token_ids = processed.argmax(dim=-1)  # [num_rows]
+        wants_logprobs = any(row.sampling_params.logprobs is not None for row in rows)
+        logprob_source = processed if wants_logprobs else None
+        if wants_logprobs and any(row.grammar is not None for row in rows):
+            logprob_source = processed.clone()  # [num_rows, vocab], unmasked
+        _apply_grammars(processed, rows)
         random_rows = [i for i, r in enumerate(rows) if not r.sampling_params.is_greedy]
-        if random_rows:
-            index = torch.tensor(random_rows, dtype=torch.long, device=logits.device)
-            sampled = _sample_random(
-                processed.index_select(0, index), [rows[i] for i in random_rows]
-            )  # [num_random]
-            token_ids.index_copy_(0, index, sampled)
-        logprobs = _gather_logprobs(processed, rows, token_ids)
+        if len(random_rows) == len(rows) and logprob_source is not processed:
+            token_ids = _sample_random(processed, rows)  # [num_rows]; nothing reads processed after
+        else:
+            token_ids = processed.argmax(dim=-1)  # [num_rows]
+            if random_rows:
+                index = torch.tensor(random_rows, dtype=torch.long, device=logits.device)
+                sampled = _sample_random(
+                    processed.index_select(0, index), [rows[i] for i in random_rows]
+                )  # [num_random]
+                token_ids.index_copy_(0, index, sampled)
+        if logprob_source is None:
+            return [(token_id, None) for token_id in token_ids.tolist()]
+        logprobs = _gather_logprobs(logprob_source, rows, token_ids)
         return list(zip(token_ids.tolist(), logprobs))
 
 
