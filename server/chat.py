@@ -38,9 +38,6 @@ router = APIRouter()
 
 
 def _check_supported(body: ChatCompletionRequest) -> None:
-    response_type = (body.response_format or {}).get("type", "text")
-    if response_type != "text":
-        raise InvalidRequestError(f"response_format type {response_type!r} is not supported yet (only 'text')", param="response_format")
     if body.tools:
         raise InvalidRequestError("tools are not supported yet", param="tools")
     if body.tool_choice not in (None, "none"):

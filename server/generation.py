@@ -24,6 +24,7 @@ from sse_starlette import EventSourceResponse
 from batching.errors import InvalidRequestError, TokenstepError
 from batching.outputs import RequestOutput
 from batching.sampling_params import SamplingParams
+from batching.structured import GuidedDecoding
 from server.app import Served
 from server.errors import error_type_for
 from server.metrics import Metrics, RequestTimer
@@ -68,6 +69,40 @@ class ClientDisconnected(Exception):
     """The HTTP client went away before its response was ready."""
 
 
+def guided_decoding(body: SamplingFields) -> GuidedDecoding | None:
+    """The request's output constraint: ``response_format`` or one ``guided_*``
+    field (400 if several are given). The grammar compiles later, in the engine."""
+    given = [name for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar") if getattr(body, name) is not None]
+    response_format = body.response_format
+    if response_format is not None and response_format.type != "text":
+        given.insert(0, "response_format")
+    if len(given) > 1:
+        raise InvalidRequestError(f"give one output constraint, not several: {', '.join(given)}", param=given[1])
+    if not given:
+        return None
+    name = given[0]
+    if name == "response_format":
+        if response_format.type == "json_object":
+            return GuidedDecoding.json_object()
+        spec = response_format.json_schema
+        if spec is None:
+            raise InvalidRequestError("response_format of type json_schema needs a json_schema object", param="response_format")
+        return GuidedDecoding.json_schema(spec.schema_ if spec.schema_ is not None else {"type": "object"}, "response_format")
+    if name == "guided_json":
+        schema = body.guided_json
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except ValueError as exc:
+                raise InvalidRequestError(f"guided_json is not valid JSON: {exc}", param="guided_json") from None
+        return GuidedDecoding.json_schema(schema, "guided_json")
+    if name == "guided_regex":
+        return GuidedDecoding.regex(body.guided_regex)
+    if name == "guided_choice":
+        return GuidedDecoding.choice(body.guided_choice)
+    return GuidedDecoding.lark(body.guided_grammar)
+
+
 def sampling_params(body: SamplingFields, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     try:
@@ -92,6 +127,7 @@ def sampling_params(body: SamplingFields, max_tokens: int, logprobs: int | None,
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
         skip_special_tokens=body.skip_special_tokens,
+        guided=guided_decoding(body),
     )
 
 

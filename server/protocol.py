@@ -28,6 +28,21 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    """``response_format.json_schema``: OpenAI's structured-output schema."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    name: str = Field(..., max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="a JSON schema; omitted: any JSON object")
+    strict: bool | None = Field(None, description="accepted; output always follows the schema")
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class SamplingFields(BaseModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -53,6 +68,12 @@ class SamplingFields(BaseModel):
     min_tokens: int | None = Field(0, ge=0, description="vLLM: EOS and stop tokens are banned before this many tokens")
     stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS, description=f"vLLM: token ids that end generation (at most {MAX_STOP_TOKEN_IDS})")
     skip_special_tokens: bool = True
+    # Structured output (OpenAI's response_format; vLLM's guided_* extensions)
+    response_format: ResponseFormat | None = Field(None, description="text, json_object or json_schema")
+    guided_json: dict[str, Any] | str | None = Field(None, description="vLLM: a JSON schema the output must follow")
+    guided_regex: str | None = Field(None, description="vLLM: a regex the whole output must match")
+    guided_choice: list[str] | None = Field(None, min_length=1, description="vLLM: the output is exactly one of these strings")
+    guided_grammar: str | None = Field(None, description="vLLM: a Lark grammar (llguidance dialect) the output must follow")
 
     @property
     def include_usage(self) -> bool:
@@ -117,7 +138,6 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1, description="omitted: the rest of the context window")
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    response_format: dict[str, Any] | None = Field(None, description="only {'type': 'text'} for now")
     tools: list[dict[str, Any]] | None = Field(None, description="not supported yet")
     tool_choice: str | dict[str, Any] | None = None
     # vLLM extensions

@@ -81,7 +81,7 @@ INVALID_CHAT = [
     ({"messages": CHAT, "n": 0}, "n"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, "messages"),
     ({"messages": CHAT, "tool_choice": "auto"}, "tool_choice"),
-    ({"messages": CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
+    ({"messages": CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 7}}}}, "response_format"),
 ]
 
 
