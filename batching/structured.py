@@ -79,8 +79,8 @@ class GuidedDecoding:
         return cls(llguidance.LLMatcher.grammar_from_lark(f"start: {alternatives}"), param, "choice")
 
     @classmethod
-    def lark(cls, grammar: str, param: str = "guided_grammar") -> "GuidedDecoding":
-        return cls(llguidance.LLMatcher.grammar_from_lark(grammar), param, "grammar")
+    def lark(cls, grammar: str, param: str = "guided_grammar", description: str = "grammar") -> "GuidedDecoding":
+        return cls(llguidance.LLMatcher.grammar_from_lark(grammar), param, description)
 
 
 class GrammarMatcher:

@@ -4,7 +4,9 @@ The template is rendered to text by the tokenizer (``--chat-template FILE``
 overrides the model's) and tokenized WITHOUT adding special tokens again: the
 template already has them, and a doubled BOS silently degrades answers.
 Streaming sends ``role: assistant`` first, then content deltas, then a chunk
-carrying ``finish_reason``.
+carrying ``finish_reason``. With ``tools``, ``server.tools`` renders them into
+the prompt, may constrain the output to calls, and splits the text into
+content and ``tool_calls`` (``finish_reason: tool_calls`` when there are any).
 """
 
 import json
@@ -23,6 +25,7 @@ from server.app import Served, served
 from server.generation import check_context, check_model, default_max_tokens, merge, sampling_params, sse_response, start_choices, unless_disconnected
 from server.protocol import (
     AssistantMessage,
+    ToolCall,
     ChatChoice,
     ChatChoiceLogprobs,
     ChatCompletionRequest,
@@ -33,15 +36,12 @@ from server.protocol import (
     model_dump,
     new_id,
 )
+from server.tools import ToolCallParser, plan_tools, template_handles_tools, template_messages
 
 router = APIRouter()
 
 
 def _check_supported(body: ChatCompletionRequest) -> None:
-    if body.tools:
-        raise InvalidRequestError("tools are not supported yet", param="tools")
-    if body.tool_choice not in (None, "none"):
-        raise InvalidRequestError("tool_choice is not supported yet", param="tool_choice")
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidRequestError("top_logprobs requires logprobs: true", param="top_logprobs")
 
@@ -55,18 +55,32 @@ def _message_dicts(body: ChatCompletionRequest) -> list[dict[str, Any]]:
             if non_text:
                 raise InvalidRequestError(f"content part type {non_text[0]!r} is not supported (text only)", param=f"messages.{position}.content")
             content = "".join(part.text or "" for part in content)
-        entry = {"role": message.role, "content": content or ""}
+        entry: dict[str, Any] = {"role": message.role, "content": content or ""}
         if message.name:
             entry["name"] = message.name
+        extra = message.model_extra or {}
+        if message.role == "assistant" and extra.get("tool_calls"):
+            if not isinstance(extra["tool_calls"], list):
+                raise InvalidRequestError("tool_calls must be a list", param=f"messages.{position}.tool_calls")
+            entry["tool_calls"] = extra["tool_calls"]
+        if message.role == "tool":
+            if not isinstance(extra.get("tool_call_id"), str):
+                raise InvalidRequestError("a tool message needs the tool_call_id it answers", param=f"messages.{position}.tool_call_id")
+            entry["tool_call_id"] = extra["tool_call_id"]
         messages.append(entry)
     return messages
 
 
-def render_chat(state: Served, messages: list[dict[str, Any]], add_generation_prompt: bool = True, continue_final_message: bool = False, template_kwargs: dict[str, Any] | None = None) -> list[int]:
-    """Chat messages -> prompt token ids through the chat template."""
+def chat_template(state: Served) -> str:
     template = state.chat_template or getattr(state.tokenizer, "chat_template", None)
     if not template:
         raise InvalidRequestError("this model has no chat template; start the server with --chat-template FILE", param="messages")
+    return template
+
+
+def render_chat(state: Served, messages: list[dict[str, Any]], add_generation_prompt: bool = True, continue_final_message: bool = False, template_kwargs: dict[str, Any] | None = None) -> list[int]:
+    """Chat messages -> prompt token ids through the chat template."""
+    template = chat_template(state)
     try:
         text = state.tokenizer.apply_chat_template(
             messages,
@@ -97,21 +111,38 @@ def _chat_logprobs(state: Served, items: list[TokenLogprobs]) -> ChatChoiceLogpr
 async def create_chat_completion(body: ChatCompletionRequest, raw_request: Request, state: Served = Depends(served)) -> JSONResponse | EventSourceResponse:
     _check_supported(body)
     check_model(body.model, state)
-    prompt = render_chat(state, _message_dicts(body), body.add_generation_prompt, body.continue_final_message, body.chat_template_kwargs)
+    plan = plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls)
+    messages, tool_kwargs = template_messages(_message_dicts(body), plan, template_handles_tools(chat_template(state)))
+    prompt = render_chat(state, messages, body.add_generation_prompt, body.continue_final_message, {**tool_kwargs, **(body.chat_template_kwargs or {})})
     max_tokens = body.max_completion_tokens or body.max_tokens or default_max_tokens(len(prompt), state)
     check_context(len(prompt), max_tokens, state)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    params = sampling_params(body, max_tokens, logprobs)
+    params = sampling_params(body, max_tokens, logprobs, guided=plan.guided() if plan else None)
     request_id = new_id("chatcmpl")
     choices = await start_choices(state, [prompt], params, body.n, request_id)
     settings = raw_request.app.state.settings
     outputs = merge(state, choices, raw_request.app.state.metrics, settings.request_timeout)
+    parses_calls = plan is not None and plan.parses_calls
     if body.stream:
-        return sse_response(_stream(state, outputs, request_id, len(prompt), body), settings)
-    return JSONResponse(await unless_disconnected(raw_request, _collect(state, outputs, request_id, len(prompt))))
+        return sse_response(_stream(state, outputs, request_id, len(prompt), body, parses_calls), settings)
+    return JSONResponse(await unless_disconnected(raw_request, _collect(state, outputs, request_id, len(prompt), parses_calls)))
 
 
-async def _collect(state: Served, outputs: AsyncIterator[tuple[int, RequestOutput]], request_id: str, prompt_tokens: int) -> dict:
+def _finish_reason(output: RequestOutput, calls: list[dict[str, Any]]) -> str | None:
+    return "tool_calls" if calls and output.finish_reason == "stop" else output.finish_reason
+
+
+def _message(text: str, parses_calls: bool) -> AssistantMessage:
+    if not parses_calls:
+        return AssistantMessage(content=text)
+    parser = ToolCallParser()
+    content, _ = parser.feed(text)
+    rest, _ = parser.finish()
+    content += rest
+    return AssistantMessage(content=content or None, tool_calls=[ToolCall(**call) for call in parser.calls] or None)
+
+
+async def _collect(state: Served, outputs: AsyncIterator[tuple[int, RequestOutput]], request_id: str, prompt_tokens: int, parses_calls: bool) -> dict:
     texts: dict[int, list[str]] = {}
     logprobs: dict[int, list[TokenLogprobs]] = {}
     last: dict[int, RequestOutput] = {}
@@ -121,12 +152,13 @@ async def _collect(state: Served, outputs: AsyncIterator[tuple[int, RequestOutpu
         logprobs.setdefault(index, []).extend(output.logprobs)
         want_logprobs = want_logprobs or bool(output.logprobs)
         last[index] = output
+    messages = {index: _message("".join(texts[index]), parses_calls) for index in last}
     choices = [
         ChatChoice(
             index=index,
-            message=AssistantMessage(content="".join(texts[index])),
+            message=messages[index],
             logprobs=_chat_logprobs(state, logprobs[index]) if want_logprobs else None,
-            finish_reason=output.finish_reason,
+            finish_reason=_finish_reason(output, messages[index].tool_calls or []),
             stop_reason=output.stop_reason,
         )
         for index, output in sorted(last.items())
@@ -143,21 +175,36 @@ def _chunk(request_id: str, created: int, model: str, choices: list[dict], usage
     return json.dumps(body)
 
 
-async def _stream(state: Served, outputs: AsyncIterator[tuple[int, RequestOutput]], request_id: str, prompt_tokens: int, body: ChatCompletionRequest) -> AsyncIterator[str]:
+async def _stream(state: Served, outputs: AsyncIterator[tuple[int, RequestOutput]], request_id: str, prompt_tokens: int, body: ChatCompletionRequest, parses_calls: bool) -> AsyncIterator[str]:
     created = int(time.time())
     started: set[int] = set()
     completion_tokens: dict[int, int] = {}
+    parsers: dict[int, ToolCallParser] = {}
     try:
         async for index, output in outputs:
             if index not in started:
                 started.add(index)
+                if parses_calls:
+                    parsers[index] = ToolCallParser()
                 yield _chunk(request_id, created, state.model_name, [{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
             completion_tokens[index] = output.num_output_tokens
             logprobs = model_dump(_chat_logprobs(state, output.logprobs)) if output.logprobs else None
-            if output.new_text or logprobs:
-                yield _chunk(request_id, created, state.model_name, [{"index": index, "delta": {"content": output.new_text}, "logprobs": logprobs, "finish_reason": None}])
+            content, calls = output.new_text, []
+            parser = parsers.get(index)
+            if parser is not None:
+                content, calls = parser.feed(content)
+                if output.is_finished:
+                    rest, last_calls = parser.finish()
+                    content, calls = content + rest, calls + last_calls
+            if content or logprobs:
+                yield _chunk(request_id, created, state.model_name, [{"index": index, "delta": {"content": content}, "logprobs": logprobs, "finish_reason": None}])
+            if calls:
+                first = len(parser.calls) - len(calls)
+                fragments = [{"index": first + i, **call} for i, call in enumerate(calls)]
+                yield _chunk(request_id, created, state.model_name, [{"index": index, "delta": {"tool_calls": fragments}, "logprobs": None, "finish_reason": None}])
             if output.is_finished:
-                yield _chunk(request_id, created, state.model_name, [{"index": index, "delta": {}, "logprobs": None, "finish_reason": output.finish_reason, "stop_reason": output.stop_reason}])
+                finish_reason = _finish_reason(output, parser.calls if parser else [])
+                yield _chunk(request_id, created, state.model_name, [{"index": index, "delta": {}, "logprobs": None, "finish_reason": finish_reason, "stop_reason": output.stop_reason}])
         if body.include_usage:
             total = sum(completion_tokens.values())
             usage = {"prompt_tokens": prompt_tokens, "completion_tokens": total, "total_tokens": prompt_tokens + total}

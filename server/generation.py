@@ -103,7 +103,9 @@ def guided_decoding(body: SamplingFields) -> GuidedDecoding | None:
     return GuidedDecoding.lark(body.guided_grammar)
 
 
-def sampling_params(body: SamplingFields, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
+def sampling_params(body: SamplingFields, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None, guided: GuidedDecoding | None = None) -> SamplingParams:
+    """``guided``: a constraint the route imposes itself (a forced tool call);
+    it may not be combined with one from the request body."""
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     try:
         logit_bias = {int(token): bias for token, bias in (body.logit_bias or {}).items()}
@@ -127,8 +129,14 @@ def sampling_params(body: SamplingFields, max_tokens: int, logprobs: int | None,
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
         skip_special_tokens=body.skip_special_tokens,
-        guided=guided_decoding(body),
+        guided=_one_constraint(guided, guided_decoding(body)),
     )
+
+
+def _one_constraint(imposed: GuidedDecoding | None, requested: GuidedDecoding | None) -> GuidedDecoding | None:
+    if imposed is not None and requested is not None:
+        raise InvalidRequestError(f"a forced tool call cannot be combined with {requested.param}", param=requested.param)
+    return imposed or requested
 
 
 def check_model(requested: str | None, state: Served) -> None:

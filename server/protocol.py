@@ -138,8 +138,9 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1, description="omitted: the rest of the context window")
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[dict[str, Any]] | None = Field(None, description="not supported yet")
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = Field(None, description="functions the model may call: [{'type': 'function', 'function': {'name', 'description', 'parameters'}}]")
+    tool_choice: str | dict[str, Any] | None = Field(None, description="'auto' (default with tools), 'none', 'required' or {'type': 'function', 'function': {'name': ...}}")
+    parallel_tool_calls: bool | None = Field(None, description="accepted; 'auto' and 'required' allow several calls")
     # vLLM extensions
     add_generation_prompt: bool = True
     continue_final_message: bool = False
@@ -160,9 +161,21 @@ class ChatChoiceLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = Field(..., description="the arguments as a JSON string")
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -185,6 +198,7 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatChunkChoice(BaseModel):
