@@ -13,6 +13,8 @@ written and failures are listed, never raised; 2 for bad flags or dataset.
 
 import argparse
 import asyncio
+import dataclasses
+import json
 import math
 import sys
 import time
@@ -46,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ignore-eos", action="store_true", help="send ignore_eos: true so every request makes output-len tokens")
     parser.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY'")
+    parser.add_argument("--extra-body", type=_json_object, help='JSON merged into request bodies, e.g. \'{"guided_choice": ["a", "b"]}\'')
+    parser.add_argument("--extra-body-fraction", type=float, default=1.0, help="share of requests (spread evenly) that get --extra-body (default 1)")
     parser.add_argument("--result-json", type=Path, help="write metrics and config here (a list for a sweep)")
     parser.add_argument("--plot", type=Path, help="PNG: latency CDF (one run) or curves vs concurrency (sweep)")
     parser.add_argument("--label", default="", help="name of this server/config in the table, JSON and plot")
@@ -64,6 +68,16 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Parse and check flags; exits with status 2 on a bad combination."""
     parser = build_parser()
@@ -77,7 +91,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("--base-url must start with http:// or https://")
     if args.request_rate <= 0 or args.max_duration <= 0:
         parser.error("--request-rate and --max-duration must be positive")
+    if not 0 <= args.extra_body_fraction <= 1:
+        parser.error("--extra-body-fraction must be in [0, 1]")
     return args
+
+
+def with_extra_body(prompts: list[BenchPrompt], extra_body: dict[str, Any] | None, fraction: float) -> list[BenchPrompt]:
+    """Give ``extra_body`` to ``floor(len(prompts) * fraction)`` prompts, evenly spread."""
+    if not extra_body:
+        return prompts
+    return [dataclasses.replace(p, extra_body=extra_body) if int((i + 1) * fraction) > int(i * fraction) else p for i, p in enumerate(prompts)]
 
 
 def make_prompts(args: argparse.Namespace, probe: ServerProbe) -> tuple[list[BenchPrompt], str]:
@@ -109,6 +132,8 @@ def run_config(args: argparse.Namespace, target: Target, concurrency: int | None
         "request_rate": json_value(args.request_rate),
         "seed": args.seed,
         "ignore_eos": args.ignore_eos,
+        "extra_body": args.extra_body,
+        "extra_body_fraction": args.extra_body_fraction if args.extra_body else None,
     }
 
 
@@ -120,6 +145,7 @@ def run_all(args: argparse.Namespace, deadline_s: float) -> list[BenchRun]:
         print(f"tokenstep bench: {note}", file=sys.stderr)
     target = Target(root, args.endpoint, probe.model, args.api_key, args.ignore_eos)
     prompts, prompt_format = make_prompts(args, probe)
+    prompts = with_extra_body(prompts, args.extra_body, args.extra_body_fraction)
     runs = []
     for concurrency in args.concurrency_sweep or [args.max_concurrency]:
         budget_s = deadline_s - time.monotonic()

@@ -121,6 +121,8 @@ def build_payload(target: Target, prompt: BenchPrompt) -> dict[str, Any]:
         payload["prompt"] = prompt.prompt
     if target.ignore_eos:
         payload["ignore_eos"] = True
+    if prompt.extra_body:
+        payload.update(prompt.extra_body)
     return payload
 
 

@@ -24,6 +24,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 DEFAULT_TOKENS_PER_WORD = 1.3
 
@@ -48,11 +49,15 @@ SAMPLE_TEXT = (
 
 @dataclass(frozen=True)
 class BenchPrompt:
-    """One request's prompt: token ids (exactly ``input_len`` of them) or text."""
+    """One request's prompt: token ids (exactly ``input_len`` of them) or text.
+
+    ``extra_body``: fields merged into this request's JSON (``--extra-body``).
+    """
 
     prompt: str | list[int]
     input_len: int
     output_len: int
+    extra_body: dict[str, Any] | None = None
 
     @property
     def is_token_ids(self) -> bool:

@@ -79,3 +79,13 @@ def test_closed_port_exits_1_without_traceback(tmp_path: Path) -> None:
     run = json.loads(result_json.read_text())
     assert (run["completed"], run["failed"]) == (0, 5)
     assert run["errors"] and all("ConnectError" in error for error in run["errors"])
+
+
+def test_extra_body_constrains_half_the_requests(tiny_server: ServerProcess, tmp_path: Path) -> None:
+    """Half the requests are a one-token guided choice, so they stop after one token."""
+    extra = json.dumps({"guided_choice": ["yes"], "ignore_eos": False})
+    flags = ["--num-prompts", "6", "--max-concurrency", "3", "--input-len", "16", "--output-len", "8", "--ignore-eos", "--extra-body", extra, "--extra-body-fraction", "0.5"]
+    status, run = run_bench(tiny_server.base_url, tmp_path, *flags)
+    assert status == 0 and run["completed"] == 6
+    assert run["extra_body"] == json.loads(extra) and run["extra_body_fraction"] == 0.5
+    assert sorted(run["output_lens"]) == [1, 1, 1, 8, 8, 8]

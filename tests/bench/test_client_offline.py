@@ -126,3 +126,15 @@ def test_small_helpers() -> None:
     assert chunk_text({"choices": [{"delta": {"reasoning_content": "r"}}]}) == "r"
     assert chunk_text({"choices": [], "usage": {}}) == ""
     assert "ignore_eos" not in build_payload(Target("http://h", "completions", "m"), PROMPT)
+
+
+def test_extra_body_goes_to_an_even_share_of_requests() -> None:
+    from server.bench.cli import with_extra_body
+
+    extra = {"guided_choice": ["a", "b"]}
+    prompts = with_extra_body([PROMPT] * 8, extra, 0.5)
+    assert [p.extra_body is not None for p in prompts] == [False, True] * 4
+    payload = build_payload(Target("http://h", "completions", "m"), prompts[1])
+    assert payload["guided_choice"] == ["a", "b"] and payload["stream"] is True
+    assert all(p.extra_body == extra for p in with_extra_body([PROMPT] * 3, extra, 1.0))
+    assert with_extra_body([PROMPT] * 3, None, 1.0) == [PROMPT] * 3
