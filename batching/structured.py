@@ -58,7 +58,7 @@ class GuidedDecoding:
         if not isinstance(schema, dict):
             raise InvalidRequestError("the JSON schema must be an object", param=param)
         try:
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_OPTIONS)
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(closed_objects(schema), defaults=_JSON_OPTIONS)
         except ValueError as exc:
             raise InvalidRequestError(f"invalid JSON schema: {exc}", param=param) from None
         return cls(grammar, param, "JSON schema")
@@ -81,6 +81,38 @@ class GuidedDecoding:
     @classmethod
     def lark(cls, grammar: str, param: str = "guided_grammar", description: str = "grammar") -> "GuidedDecoding":
         return cls(llguidance.LLMatcher.grammar_from_lark(grammar), param, description)
+
+
+_OPEN_KEYWORDS = ("additionalProperties", "unevaluatedProperties", "patternProperties")
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_LITERALS = ("enum", "const", "default", "examples")
+
+
+def closed_objects(schema: Any, is_all_of_branch: bool = False) -> Any:
+    """``schema`` with ``additionalProperties: false`` on every object that
+    lists ``properties`` and says nothing about extra ones.
+
+    Plain JSON schema allows any extra property there, and a constrained
+    model will happily invent them until max_tokens; users who list
+    properties mean "these". xgrammar (vLLM's default backend) does the same
+    in its default strict mode. The branches of an ``allOf`` stay open:
+    closing one would reject the other branches' properties.
+    """
+    if isinstance(schema, list):
+        return [closed_objects(item, is_all_of_branch) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    closed: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in _SCHEMA_MAPS and isinstance(value, dict):
+            closed[key] = {name: closed_objects(sub) for name, sub in value.items()}
+        elif key in _LITERALS:
+            closed[key] = value
+        else:
+            closed[key] = closed_objects(value, key == "allOf")
+    if "properties" in schema and not is_all_of_branch and not any(key in schema for key in _OPEN_KEYWORDS):
+        closed["additionalProperties"] = False
+    return closed
 
 
 class GrammarMatcher:

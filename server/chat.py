@@ -9,9 +9,10 @@ the prompt, may constrain the output to calls, and splits the text into
 content and ``tool_calls`` (``finish_reason: tool_calls`` when there are any).
 """
 
+import functools
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -36,7 +37,7 @@ from server.protocol import (
     model_dump,
     new_id,
 )
-from server.tools import ToolCallParser, plan_tools, template_handles_tools, template_messages
+from server.tools import ToolCallParser, ToolPlan, plan_tools, template_handles_tools, template_messages
 
 router = APIRouter()
 
@@ -122,27 +123,37 @@ async def create_chat_completion(body: ChatCompletionRequest, raw_request: Reque
     choices = await start_choices(state, [prompt], params, body.n, request_id)
     settings = raw_request.app.state.settings
     outputs = merge(state, choices, raw_request.app.state.metrics, settings.request_timeout)
-    parses_calls = plan is not None and plan.parses_calls
+    parser_factory = _parser_factory(plan)
     if body.stream:
-        return sse_response(_stream(state, outputs, request_id, len(prompt), body, parses_calls), settings)
-    return JSONResponse(await unless_disconnected(raw_request, _collect(state, outputs, request_id, len(prompt), parses_calls)))
+        return sse_response(_stream(state, outputs, request_id, len(prompt), body, parser_factory), settings)
+    return JSONResponse(await unless_disconnected(raw_request, _collect(state, outputs, request_id, len(prompt), parser_factory)))
 
 
 def _finish_reason(output: RequestOutput, calls: list[dict[str, Any]]) -> str | None:
     return "tool_calls" if calls and output.finish_reason == "stop" else output.finish_reason
 
 
-def _message(text: str, parses_calls: bool) -> AssistantMessage:
-    if not parses_calls:
+ParserFactory = Callable[[], ToolCallParser] | None
+
+
+def _parser_factory(plan: ToolPlan | None) -> ParserFactory:
+    """How each choice's text is split into content and calls (None: it is not)."""
+    if plan is None or not plan.parses_calls:
+        return None
+    return functools.partial(ToolCallParser, keep_partial=not plan.is_forced)
+
+
+def _message(text: str, parser_factory: ParserFactory) -> AssistantMessage:
+    if parser_factory is None:
         return AssistantMessage(content=text)
-    parser = ToolCallParser()
+    parser = parser_factory()
     content, _ = parser.feed(text)
     rest, _ = parser.finish()
     content += rest
     return AssistantMessage(content=content or None, tool_calls=[ToolCall(**call) for call in parser.calls] or None)
 
 
-async def _collect(state: Served, outputs: AsyncIterator[tuple[int, RequestOutput]], request_id: str, prompt_tokens: int, parses_calls: bool) -> dict:
+async def _collect(state: Served, outputs: AsyncIterator[tuple[int, RequestOutput]], request_id: str, prompt_tokens: int, parser_factory: ParserFactory) -> dict:
     texts: dict[int, list[str]] = {}
     logprobs: dict[int, list[TokenLogprobs]] = {}
     last: dict[int, RequestOutput] = {}
@@ -152,7 +163,7 @@ async def _collect(state: Served, outputs: AsyncIterator[tuple[int, RequestOutpu
         logprobs.setdefault(index, []).extend(output.logprobs)
         want_logprobs = want_logprobs or bool(output.logprobs)
         last[index] = output
-    messages = {index: _message("".join(texts[index]), parses_calls) for index in last}
+    messages = {index: _message("".join(texts[index]), parser_factory) for index in last}
     choices = [
         ChatChoice(
             index=index,
@@ -175,7 +186,7 @@ def _chunk(request_id: str, created: int, model: str, choices: list[dict], usage
     return json.dumps(body)
 
 
-async def _stream(state: Served, outputs: AsyncIterator[tuple[int, RequestOutput]], request_id: str, prompt_tokens: int, body: ChatCompletionRequest, parses_calls: bool) -> AsyncIterator[str]:
+async def _stream(state: Served, outputs: AsyncIterator[tuple[int, RequestOutput]], request_id: str, prompt_tokens: int, body: ChatCompletionRequest, parser_factory: ParserFactory) -> AsyncIterator[str]:
     created = int(time.time())
     started: set[int] = set()
     completion_tokens: dict[int, int] = {}
@@ -184,8 +195,8 @@ async def _stream(state: Served, outputs: AsyncIterator[tuple[int, RequestOutput
         async for index, output in outputs:
             if index not in started:
                 started.add(index)
-                if parses_calls:
-                    parsers[index] = ToolCallParser()
+                if parser_factory is not None:
+                    parsers[index] = parser_factory()
                 yield _chunk(request_id, created, state.model_name, [{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
             completion_tokens[index] = output.num_output_tokens
             logprobs = model_dump(_chat_logprobs(state, output.logprobs)) if output.logprobs else None

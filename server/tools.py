@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from batching.errors import InvalidRequestError
-from batching.structured import JSON_WHITESPACE, GuidedDecoding
+from batching.structured import JSON_WHITESPACE, GuidedDecoding, closed_objects
 
 OPEN_TAG = "<tool_call>"
 CLOSE_TAG = "</tool_call>"
@@ -64,6 +64,11 @@ class ToolPlan:
     def parses_calls(self) -> bool:
         return self.choice != "none"
 
+    @property
+    def is_forced(self) -> bool:
+        """The output is constrained to calls (``required`` or a named function)."""
+        return self.choice in ("required", "function")
+
     def guided(self) -> GuidedDecoding | None:
         """The grammar for ``required`` or a named function; None otherwise."""
         if self.choice == "required":
@@ -75,7 +80,7 @@ class ToolPlan:
             start = "start: call"
         else:
             return None
-        schema = {**schema, "x-guidance": {"whitespace_pattern": JSON_WHITESPACE}}  # read at the top level only
+        schema = {**closed_objects(schema), "x-guidance": {"whitespace_pattern": JSON_WHITESPACE}}  # read at the top level only
         call = f"call: {json.dumps(OPEN_TAG + chr(10))} %json {json.dumps(schema)} {json.dumps(chr(10) + CLOSE_TAG)}"
         return GuidedDecoding.lark(f"{start}\n{call}", "tools", "tool call grammar")
 
@@ -221,11 +226,15 @@ class ToolCallParser:
 
     ``feed`` returns ``(content, calls)`` ready to send; content never holds a
     (partial) tool-call tag, trailing whitespace (around calls, at the end) is
-    dropped, and a call whose JSON does not parse stays content. ``finish`` flushes the rest (a
-    call the model did not close is still parsed if its JSON is complete).
+    dropped, and a call whose JSON does not parse stays content. ``finish``
+    flushes the rest: a call the model did not close is still parsed if its
+    JSON is complete; otherwise (output cut by max_tokens) it is content, or
+    dropped when ``keep_partial`` is False (forced calls, where the text can
+    only ever be calls).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, keep_partial: bool = True) -> None:
+        self._keep_partial = keep_partial
         self._pending = ""
         self._in_call = False
         self._held_whitespace = ""
@@ -269,6 +278,8 @@ class ToolCallParser:
             if call is not None:
                 self.calls.append(call)
                 return "", [call]
+            if not self._keep_partial:
+                return "", []
             rest = OPEN_TAG + rest
         return self._content(rest), []
 

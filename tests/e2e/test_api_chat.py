@@ -209,17 +209,11 @@ async def test_async_chat_stream_and_non_stream(tiny_server):
         await aclient.close()
 
 
-def test_unsupported_tools_are_400(tiny_server):
+def test_response_format_text_is_plain_generation(tiny_server):
     client = client_for(tiny_server)
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}]
-    with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, tools=tools)
-    assert "not supported yet" in info.value.message
-    assert info.value.body["param"] == "tools"
-
-    # response_format text is the default and allowed.
     ok = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, response_format={"type": "text"}, **GREEDY)
     assert ok.usage.completion_tokens == 2
+    assert ok.choices[0].message.content == chat_text(client, max_tokens=2)
 
 
 def test_chat_prompt_is_the_tokenized_template_without_doubled_bos(tiny_server):

@@ -141,3 +141,23 @@ def test_a_grammar_that_does_not_compile_is_rejected_with_its_reason(loaded, gui
         core.make_request("bad", [1, 2], SamplingParams(guided=guided()))
     assert message in str(caught.value)
     assert not core.has_unfinished
+
+
+def test_listed_properties_close_an_object_unless_the_schema_says_otherwise():
+    from batching.structured import closed_objects
+
+    schema = {
+        "type": "object",
+        "properties": {"properties": {"type": "object", "properties": {"x": {"const": {"properties": 1}}}}, "open": {"type": "object", "properties": {}, "additionalProperties": True}},
+        "$defs": {"thing": {"properties": {"a": {}}}},
+        "allOf": [{"properties": {"b": {"type": "object", "properties": {"c": {}}}}}],
+    }
+    closed = closed_objects(schema)
+    assert closed["additionalProperties"] is False
+    assert closed["properties"]["properties"]["additionalProperties"] is False
+    assert closed["properties"]["properties"]["properties"]["x"] == {"const": {"properties": 1}}
+    assert closed["properties"]["open"]["additionalProperties"] is True
+    assert closed["$defs"]["thing"]["additionalProperties"] is False
+    assert "additionalProperties" not in closed["allOf"][0], "allOf branches stay open"
+    assert closed["allOf"][0]["properties"]["b"]["additionalProperties"] is False
+    assert schema["properties"]["properties"].get("additionalProperties") is None, "the input is not modified"

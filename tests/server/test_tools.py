@@ -117,3 +117,11 @@ def test_forced_grammars_compile_and_accept_a_call(tokenizer):
     wrong = compiler.matcher(plan_tools([WEATHER, TIME], {"type": "function", "function": {"name": "get_weather"}}).guided())
     tokens = tokenizer.encode('<tool_call>\n{"name": "get_time"', add_special_tokens=False)
     assert not all(wrong.accept(token) for token in tokens), "a forced call must name the forced function"
+
+
+def test_a_cut_off_forced_call_is_dropped_not_shown_as_content():
+    text = '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>\n<tool_call>\n{"name": "f", "argu'
+    parser = ToolCallParser(keep_partial=False)
+    content, calls = parser.feed(text)
+    rest, last = parser.finish()
+    assert content + rest == "" and len(calls + last) == 1
