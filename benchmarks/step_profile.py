@@ -56,8 +56,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch-sizes", default="1,16,64")
     parser.add_argument("--context", type=int, default=128)
+    parser.add_argument("--dtype", default="float32")
     args = parser.parse_args()
-    loaded = load_model(default_model_dir(), "float32", "cpu")
+    loaded = load_model(default_model_dir(), args.dtype, "cpu")
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
         run(loaded, batch_size, args.context)
 

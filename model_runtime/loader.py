@@ -1,8 +1,15 @@
 """Load a causal LM and its tokenizer; choose device and dtype.
 
 ``--device auto`` picks CUDA when present, else CPU. ``--dtype auto`` is
-float32 on CPU (fast and exact there) and bfloat16 on CUDA (float16 when the
-GPU lacks bf16).
+float32 on CPU and bfloat16 on CUDA (float16 when the GPU lacks bf16).
+
+On CPU, float32 is the default because it is exact enough to be
+reproducible: the same greedy request gives the same text whether its
+prompt came from the prefix cache or was computed in a batch. ``--dtype
+bfloat16`` is about 2x faster at 16-64 in flight on CPUs with native bf16
+(AMX / AVX512-BF16; its linears are oneDNN-packed, see ``weight_layout``),
+but rounding then depends on the batch: greedy outputs can differ between
+runs, as in vLLM. docs/PERFORMANCE.md has both, with the logprob shift.
 """
 
 import logging
@@ -13,7 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from model_runtime import attention
-from model_runtime.weight_layout import prefer_input_major_linears
+from model_runtime.weight_layout import optimise_cpu_linears
 
 logger = logging.getLogger(__name__)
 
@@ -57,11 +64,10 @@ def load_model(model_path: str | Path, dtype: str = "auto", device: str = "auto"
         model_path, dtype=torch_dtype, attn_implementation=attention.register()
     )
     model.to(torch_device).eval()
-    if torch_device.type == "cpu":
-        prefer_input_major_linears(model)
+    layout = optimise_cpu_linears(model, torch_dtype) if torch_device.type == "cpu" else "default layout"
     config = model.config
     max_model_len = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
-    logger.info("loaded %s on %s as %s (max_model_len %d)", model_path, torch_device, torch_dtype, max_model_len)
+    logger.info("loaded %s on %s as %s (max_model_len %d; %s)", model_path, torch_device, torch_dtype, max_model_len, layout)
     return LoadedModel(model, tokenizer, torch_device, torch_dtype, max_model_len, _eos_token_ids(model, tokenizer))
 
 

@@ -257,6 +257,15 @@ def _exponential_noise(probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Te
     return noise
 
 
+def _argmax(values: torch.Tensor) -> torch.Tensor:
+    """Index of each row's maximum (the first, on ties): [num_rows, vocab] -> [num_rows].
+
+    ``max(dim).indices``, not ``argmax``: on CPU, argmax over a 49k vocab is a
+    slow reduction (64 rows: 5.4 ms in bf16, 2.6 ms in float32, against 1.1 ms).
+    """
+    return values.max(dim=-1).indices
+
+
 def _sample_random(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """Temperature, top-k, top-p, min-p, exponential race. Returns [num_rows] ids.
 
@@ -277,7 +286,7 @@ def _sample_random(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tenso
         max_prob = probs.max(dim=-1, keepdim=True).values  # [num_rows, 1]
         # The race is scale-invariant, so masked probs need no renormalising.
         probs.masked_fill_(probs < min_p.unsqueeze(1) * max_prob, 0.0)
-    return (probs / _exponential_noise(probs, rows)).argmax(dim=-1)  # [num_rows]
+    return _argmax(probs / _exponential_noise(probs, rows))  # [num_rows]
 
 
 class Sampler:
@@ -306,7 +315,7 @@ class Sampler:
             return []
         logits = logits[:, : self.vocab_size]  # [num_rows, vocab], a view
         if all(r.sampling_params.is_greedy and not _needs_processing(r) for r in rows):
-            return [(token_id, None) for token_id in logits.argmax(dim=-1).tolist()]
+            return [(token_id, None) for token_id in _argmax(logits).tolist()]
         processed = logits.to(dtype=torch.float32, copy=True)  # [num_rows, vocab]
         _apply_min_tokens(processed, rows)
         _apply_logit_bias(processed, rows)
@@ -320,7 +329,7 @@ class Sampler:
         if len(random_rows) == len(rows) and logprob_source is not processed:
             token_ids = _sample_random(processed, rows)  # [num_rows]; nothing reads processed after
         else:
-            token_ids = processed.argmax(dim=-1)  # [num_rows]
+            token_ids = _argmax(processed)  # [num_rows]
             if random_rows:
                 index = torch.tensor(random_rows, dtype=torch.long, device=logits.device)
                 sampled = _sample_random(

@@ -96,3 +96,23 @@ def test_parity_with_prefix_cache_hits(model_case):
     hits_before = core.scheduler.num_prefix_hit_tokens
     assert run_engine(core, prompts, "second") == expected
     assert core.scheduler.num_prefix_hit_tokens > hits_before
+
+
+def test_parity_in_bfloat16_with_packed_linears(tiny_llama_dir):
+    """bf16 on CPU runs its linears through oneDNN-packed weights where the CPU
+    has native bf16; greedy tokens still equal ``generate`` in bf16."""
+    from model_runtime.weight_layout import PackedLinear, has_native_bf16
+
+    loaded = load_model(tiny_llama_dir, dtype="bfloat16", device="cpu")
+    packed = [m for m in loaded.model.modules() if isinstance(m, PackedLinear)]
+    assert bool(packed) == has_native_bf16()
+    prompts = make_prompts(seed=2, vocab_size=loaded.model.config.vocab_size)[:8]
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16).eval()
+    expected = []
+    for index, prompt in enumerate(prompts):
+        config = GenerationConfig(do_sample=False, max_new_tokens=max_tokens_for(index), eos_token_id=None, pad_token_id=0)
+        with torch.inference_mode():
+            generated = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long), generation_config=config)
+        expected.append(generated[0, len(prompt) :].tolist())
+    config = EngineConfig(model="unused", dtype="bfloat16", device="cpu", num_kv_blocks=512, max_num_batched_tokens=4096)
+    assert run_engine(build_engine_core(config, loaded), prompts) == expected

@@ -1,0 +1,73 @@
+"""How much a dtype changes the default model's predictions, against float32.
+
+    .venv/bin/python benchmarks/dtype_quality.py [--dtype bfloat16]
+
+Greedy-generates 48 tokens for each prompt in float32, then scores those same
+sequences (prompt + generated) with the other dtype, teacher-forced, and
+reports: the mean and max absolute difference of the generated tokens'
+log-probabilities, how often both dtypes pick the same top-1 token, and at
+which position the other dtype's own greedy output first departs.
+"""
+
+import argparse
+import statistics
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from model_runtime.default_model import default_model_dir
+
+PROMPTS = [
+    "The capital of France is",
+    "Write a short poem about the sea.",
+    "Explain what a hash table is.",
+    "List three uses of copper.",
+    "def fibonacci(n):",
+    "Translate 'good morning' into Spanish.",
+    "What causes the seasons on Earth?",
+    "Give me a recipe for pancakes.",
+    "Summarise the plot of Romeo and Juliet.",
+    "Why is the sky blue?",
+    "Name the planets of the solar system.",
+    "How do vaccines work?",
+]
+NEW_TOKENS = 48
+
+
+def chat_ids(tokenizer, prompt: str) -> torch.Tensor:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+
+
+@torch.inference_mode()
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dtype", default="bfloat16")
+    args = parser.parse_args()
+    path = default_model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    other = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).eval()
+    diffs, agree, departures = [], [], []
+    for prompt in PROMPTS:
+        ids = chat_ids(tokenizer, prompt)
+        n = ids.shape[1]
+        full = reference.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, min_new_tokens=NEW_TOKENS)
+        ref_logprobs = torch.log_softmax(reference(full).logits[0, n - 1 : -1].float(), -1)
+        oth_logprobs = torch.log_softmax(other(full).logits[0, n - 1 : -1].float(), -1)
+        targets = full[0, n:]
+        chosen_ref = ref_logprobs.gather(1, targets[:, None])[:, 0]
+        chosen_oth = oth_logprobs.gather(1, targets[:, None])[:, 0]
+        diffs.extend((chosen_ref - chosen_oth).abs().tolist())
+        agree.extend((ref_logprobs.argmax(-1) == oth_logprobs.argmax(-1)).tolist())
+        own = other.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, min_new_tokens=NEW_TOKENS)[0, n:]
+        same = (own == targets).tolist()
+        departures.append(same.index(False) if False in same else NEW_TOKENS)
+    print(f"{args.dtype} vs float32 over {len(PROMPTS)} prompts x {NEW_TOKENS} tokens:")
+    print(f"  |delta logprob| of the float32 greedy tokens: mean {statistics.mean(diffs):.4f}, median {statistics.median(diffs):.4f}, max {max(diffs):.3f}")
+    print(f"  top-1 agreement (teacher-forced): {sum(agree) / len(agree):.1%}")
+    print(f"  greedy outputs identical for {sum(d == NEW_TOKENS for d in departures)}/{len(PROMPTS)} prompts; first departure at token {sorted(departures)}")
+
+
+if __name__ == "__main__":
+    main()
