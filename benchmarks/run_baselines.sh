@@ -2,6 +2,7 @@
 # W1 (64 prompts, 16 in flight, 128 in / 128 out) and W2 (one at a time) against
 # every peer on the default model, float32, one server at a time.
 #   PEERS="tokenstep vllm hf naive" W2_PROMPTS=16 bash benchmarks/run_baselines.sh
+# (tokenstep-bf16, vllm-bf16: the same servers with --dtype bfloat16)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=${BENCH_VENVS:-/opt/bench}
@@ -20,10 +21,13 @@ bench_cmd() {  # transformers serve rejects the ignore_eos extension (422); its 
 start_peer() {
   case "$1" in
     tokenstep) exec .venv/bin/tokenstep serve --host 127.0.0.1 --port $PORT --log-level warning ;;
+    tokenstep-bf16) exec .venv/bin/tokenstep serve --host 127.0.0.1 --port $PORT --log-level warning --dtype bfloat16 ;;
     naive) exec .venv/bin/python benchmarks/naive_hf_server.py "$MODEL_DIR" --port $PORT --name naive ;;
     hf) exec "$ROOT/hf-venv/bin/transformers" serve --continuous-batching --host 127.0.0.1 --port $PORT --dtype float32 "$MODEL_DIR" ;;
     vllm) VLLM_CPU_KVCACHE_SPACE=4 VLLM_CPU_OMP_THREADS_BIND=0-1 exec "$ROOT/vllm-venv/bin/python" -m vllm.entrypoints.openai.api_server \
             --model "$MODEL_DIR" --dtype float32 --max-model-len 2048 --host 127.0.0.1 --port $PORT ;;
+    vllm-bf16) VLLM_CPU_KVCACHE_SPACE=4 VLLM_CPU_OMP_THREADS_BIND=0-1 exec "$ROOT/vllm-venv/bin/python" -m vllm.entrypoints.openai.api_server \
+            --model "$MODEL_DIR" --dtype bfloat16 --max-model-len 2048 --host 127.0.0.1 --port $PORT ;;
   esac
 }
 
