@@ -18,7 +18,7 @@ from batching.messages import RunnerOutput, SchedulerOutput, TokenLogprobs
 from batching.outputs import RequestOutput
 from batching.request import Request, RequestStatus
 from batching.sampling_params import SamplingParams
-from batching.scheduler import Scheduler
+from batching.scheduler import Scheduler, TokenUpdate
 from batching.stop import StopStringMatcher
 from batching.structured import GrammarCompiler
 
@@ -119,16 +119,22 @@ class EngineCore:
                     positions[chunk_logprobs.first_position + offset] = logprob
         updates = self.scheduler.update_from_output(scheduler_output, runner_output)
         self.num_generation_tokens_total += len(updates)
-        outputs: list[RequestOutput] = []
+        # One delta per request: a speculating request may get several tokens in one step.
+        grouped: dict[str, list[TokenUpdate]] = {}
         for update in updates:
-            request = update.request
-            if request.request_id not in self._text:
+            grouped.setdefault(update.request.request_id, []).append(update)
+        outputs: list[RequestOutput] = []
+        for request_id, group in grouped.items():
+            request = group[0].request
+            if request_id not in self._text:
                 continue
-            logprobs = [update.logprobs] if update.logprobs is not None else []
-            if request.grammar is not None and not request.is_finished:
-                self._advance_grammar(request, update.token_id)
-            new_text = self._advance_text(request, update.token_id)
-            output = self._output(request, [update.token_id], new_text, logprobs)
+            token_ids = [update.token_id for update in group]
+            logprobs = [update.logprobs for update in group if update.logprobs is not None]
+            for token_id in token_ids:
+                if request.grammar is not None and not request.is_finished:
+                    self._advance_grammar(request, token_id)
+            new_text = self._advance_text(request, token_ids)
+            output = self._output(request, token_ids, new_text, logprobs)
             positions = self._prompt_logprobs.pop(request.request_id, None)
             if positions is not None:
                 output = dataclasses.replace(output, prompt_logprobs=[positions[p] for p in sorted(positions)])
@@ -154,9 +160,9 @@ class EngineCore:
         elif request.grammar.is_stopped:
             self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
 
-    def _advance_text(self, request: Request, token_id: int) -> str:
+    def _advance_text(self, request: Request, token_ids: list[int]) -> str:
         state = self._text[request.request_id]
-        text = state.detokenizer.step([token_id])
+        text = state.detokenizer.step(token_ids)
         if request.is_finished:
             text += state.detokenizer.flush()
         safe_text, matched = state.stop_matcher.feed(text)

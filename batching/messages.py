@@ -36,6 +36,8 @@ class ScheduledChunk:
     output_token_ids: list[int]
     eos_token_id: int | None = None
     grammar: Any = None
+    # N-gram draft tokens appended to ``new_token_ids`` (speculative decoding).
+    draft_token_ids: list[int] = field(default_factory=list)
 
     @property
     def num_new_tokens(self) -> int:
@@ -66,11 +68,13 @@ class TokenLogprobs:
 
 @dataclass(frozen=True, slots=True)
 class SampledToken:
-    """The runner's answer for one sampling chunk."""
+    """The runner's answer for one sampling chunk: with speculation, the
+    draft tokens the model agreed with, then its own next token."""
 
     request_id: str
     token_id: int
     logprobs: TokenLogprobs | None = None
+    accepted_draft_ids: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ from batching.block_manager import BlockManager
 from batching.errors import InvalidRequestError
 from batching.messages import RunnerOutput, ScheduledChunk, SchedulerOutput, TokenLogprobs
 from batching.request import Request, RequestStatus
+from batching.speculative import can_speculate, propose_ngram
 from batching.stop import check_token_stop
 
 
@@ -26,6 +27,8 @@ from batching.stop import check_token_stop
 class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
+    # N-gram speculative decoding: draft tokens per decoding request (0: off).
+    num_speculative_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +52,8 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_prefix_query_tokens = 0
         self.num_prefix_hit_tokens = 0
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
 
     @property
     def has_unfinished(self) -> bool:
@@ -78,6 +83,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         token_budget = self.config.max_num_batched_tokens
         scheduled: list[tuple[Request, int]] = []
+        drafts: dict[str, list[int]] = {}
         preempted: list[str] = []
 
         for request in list(self.running):
@@ -86,7 +92,11 @@ class Scheduler:
             if request.status != RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
             num_new = min(request.num_tokens - request.num_computed_tokens, token_budget)
-            if not self._allocate_or_preempt(request, num_new, preempted):
+            draft = self._draft(request, num_new, token_budget)
+            if draft and self.block_manager.allocate(request, num_new + len(draft)):
+                drafts[request.request_id] = draft
+                num_new += len(draft)
+            elif not self._allocate_or_preempt(request, num_new, preempted):
                 continue
             scheduled.append((request, num_new))
             token_budget -= num_new
@@ -112,7 +122,7 @@ class Scheduler:
             scheduled.append((request, num_new))
             token_budget -= num_new
 
-        chunks = [self._chunk(request, num_new) for request, num_new in scheduled]
+        chunks = [self._chunk(request, num_new, drafts.get(request.request_id, [])) for request, num_new in scheduled]
         return SchedulerOutput(
             chunks=chunks,
             num_batched_tokens=self.config.max_num_batched_tokens - token_budget,
@@ -122,26 +132,54 @@ class Scheduler:
     def update_from_output(self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput) -> list[TokenUpdate]:
         """Advance computed counters, append sampled tokens, apply token stops.
 
-        Requests finished or aborted while the step ran are skipped.
+        Requests finished or aborted while the step ran are skipped. A
+        speculating request gets its accepted draft tokens and then the
+        model's own next token, each checked for a stop; the KV of rejected
+        drafts does not count as computed (it is overwritten later).
         """
+        sampled_by_id = {sampled.request_id: sampled for sampled in runner_output.sampled}
         for chunk in scheduler_output.chunks:
             request = self.requests.get(chunk.request_id)
             if request is None or request.status != RequestStatus.RUNNING:
                 continue
-            request.num_computed_tokens += chunk.num_new_tokens
-            self.block_manager.cache_full_blocks(request)
+            num_rejected = 0
+            if chunk.draft_token_ids:
+                num_accepted = len(sampled_by_id[chunk.request_id].accepted_draft_ids)
+                num_rejected = len(chunk.draft_token_ids) - num_accepted
+                self.num_draft_tokens += len(chunk.draft_token_ids)
+                self.num_accepted_tokens += num_accepted
+            request.num_computed_tokens += chunk.num_new_tokens - num_rejected
         updates: list[TokenUpdate] = []
         for sampled in runner_output.sampled:
             request = self.requests.get(sampled.request_id)
             if request is None or request.status != RequestStatus.RUNNING:
                 continue
-            request.output_token_ids.append(sampled.token_id)
-            updates.append(TokenUpdate(request, sampled.token_id, sampled.logprobs))
-            stop = check_token_stop(request, sampled.token_id)
-            if stop is not None:
-                request.stop_reason = stop.stop_reason
-                self.finish_request(request.request_id, stop.status)
+            tokens = [*sampled.accepted_draft_ids, sampled.token_id]
+            for index, token_id in enumerate(tokens):
+                request.output_token_ids.append(token_id)
+                updates.append(TokenUpdate(request, token_id, sampled.logprobs if index == len(tokens) - 1 else None))
+                stop = check_token_stop(request, token_id)
+                if stop is not None:
+                    request.stop_reason = stop.stop_reason
+                    self.finish_request(request.request_id, stop.status)
+                    break
+        for chunk in scheduler_output.chunks:  # after the tokens: blocks are keyed by them
+            request = self.requests.get(chunk.request_id)
+            if request is not None and request.status == RequestStatus.RUNNING:
+                self.block_manager.cache_full_blocks(request)
         return updates
+
+    def _draft(self, request: Request, num_new: int, token_budget: int) -> list[int]:
+        """N-gram draft tokens for a decoding request, within the step's budget,
+        its ``max_tokens`` and the context it may still fill."""
+        k = self.config.num_speculative_tokens
+        if not k or num_new != 1 or not can_speculate(request):
+            return []
+        room = request.sampling_params.max_tokens - request.num_output_tokens - 1
+        k = min(k, token_budget - 1, room)
+        if k <= 0:
+            return []
+        return propose_ngram(request.token_slice(0, request.num_tokens), k)
 
     def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:
         """Finish (or abort) a request and return its blocks to the pool."""
@@ -179,17 +217,19 @@ class Scheduler:
         self.waiting.appendleft(request)
 
     @staticmethod
-    def _chunk(request: Request, num_new: int) -> ScheduledChunk:
+    def _chunk(request: Request, num_new: int, draft: list[int]) -> ScheduledChunk:
         start = request.num_computed_tokens
+        end = start + num_new - len(draft)  # the request's own tokens; the drafts follow them
         return ScheduledChunk(
             request_id=request.request_id,
-            new_token_ids=request.token_slice(start, start + num_new),
+            new_token_ids=request.token_slice(start, end) + draft,
             num_computed_tokens=start,
             block_ids=list(request.block_ids),
-            is_sampling=start + num_new == request.num_tokens,
+            is_sampling=end == request.num_tokens,
             sampling_params=request.sampling_params,
             prompt_token_ids=request.prompt_token_ids,
             output_token_ids=list(request.output_token_ids),
             eos_token_id=request.eos_token_id,
             grammar=request.grammar,
+            draft_token_ids=draft,
         )

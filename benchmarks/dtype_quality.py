@@ -43,11 +43,20 @@ def chat_ids(tokenizer, prompt: str) -> torch.Tensor:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--int8", action="store_true", help="float32 with torch dynamic int8 linears (per-channel weights; LM head excluded) instead")
     args = parser.parse_args()
     path = default_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(path)
     reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    other = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).eval()
+    if args.int8:
+        args.dtype = "dynamic int8"
+        other = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        head = other.get_output_embeddings()
+        linears = {name for name, module in other.named_modules() if isinstance(module, torch.nn.Linear) and module is not head}
+        qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
+        other = torch.ao.quantization.quantize_dynamic(other, {name: qconfig for name in linears}, dtype=torch.qint8)
+    else:
+        other = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).eval()
     diffs, agree, departures = [], [], []
     for prompt in PROMPTS:
         ids = chat_ids(tokenizer, prompt)

@@ -44,6 +44,7 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None
     enable_prefix_caching: bool = True
     max_model_len: int | None = None
+    num_speculative_tokens: int = 0
 
 
 def kv_cache_bytes(config: EngineConfig, loaded: LoadedModel) -> int:
@@ -64,7 +65,7 @@ def build_engine_core(config: EngineConfig, loaded: LoadedModel | None = None) -
     default_budget = CUDA_TOKEN_BUDGET if loaded.device.type == "cuda" else CPU_TOKEN_BUDGET
     block_manager = BlockManager(runner.num_blocks, config.block_size, config.enable_prefix_caching)
     scheduler = Scheduler(
-        SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens or default_budget), block_manager
+        SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens or default_budget, config.num_speculative_tokens), block_manager
     )
     max_model_len = min(config.max_model_len or loaded.max_model_len, loaded.max_model_len)
     return EngineCore(

@@ -5,7 +5,11 @@ flat ``input_ids``/``position_ids`` ``[1, T]``, a ``slot_mapping`` ``[T]``,
 padded block tables for the decode rows and a span per prefill chunk. Decode
 chunks (one new token) are placed first so attention can batch them. Runs the
 model's own forward once, computes logits only at the rows that sample, and
-samples one token per sampling chunk.
+samples one token per sampling chunk. A chunk carrying n-gram draft tokens
+(speculative decoding, greedy requests only) runs like a short prefill; the
+argmax at each of its last ``1 + drafts`` rows verifies the next draft, and
+the drafts up to the first disagreement are accepted, followed by the
+model's own token there.
 """
 
 import logging
@@ -45,12 +49,13 @@ class ModelRunner:
     def step(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
         chunks = sorted(scheduler_output.chunks, key=lambda chunk: chunk.num_new_tokens != 1)
         input_ids, position_ids, context = self._prepare(chunks)
-        sampling_chunks = [chunk for chunk in chunks if chunk.is_sampling]
-        sample_rows, prompt_spans = self._logits_rows(chunks)
-        if not sample_rows and not prompt_spans:
+        sampling_chunks = [chunk for chunk in chunks if chunk.is_sampling and not chunk.draft_token_ids]
+        draft_chunks = [chunk for chunk in chunks if chunk.draft_token_ids]
+        sample_rows, draft_rows, prompt_spans = self._logits_rows(chunks)
+        if not sample_rows and not draft_rows and not prompt_spans:
             self._forward(input_ids, position_ids, context, logits_rows=None)
             return RunnerOutput(sampled=[])
-        all_rows = sample_rows + [row for span in prompt_spans for row in span[2]]
+        all_rows = sample_rows + draft_rows + [row for span in prompt_spans for row in span[2]]
         logits = self._forward(input_ids, position_ids, context, torch.tensor(all_rows, device=self.device))  # [R, vocab]
         rows = [
             SamplingRow(chunk.sampling_params, chunk.prompt_token_ids, chunk.output_token_ids, chunk.eos_token_id, chunk.grammar)
@@ -61,17 +66,33 @@ class ModelRunner:
             SampledToken(chunk.request_id, token_id, logprobs)
             for chunk, (token_id, logprobs) in zip(sampling_chunks, results)
         ]
-        return RunnerOutput(sampled=sampled, prompt_logprobs=self._prompt_logprobs(logits, len(sample_rows), prompt_spans))
+        offset = len(sample_rows)
+        if draft_chunks:
+            picks = self.sampler.greedy(logits[offset : offset + len(draft_rows)]).tolist()  # [num draft rows]
+            offset += len(draft_rows)
+            start = 0
+            for chunk in draft_chunks:
+                chunk_picks = picks[start : start + len(chunk.draft_token_ids) + 1]
+                start += len(chunk_picks)
+                accepted = 0
+                while accepted < len(chunk.draft_token_ids) and chunk.draft_token_ids[accepted] == chunk_picks[accepted]:
+                    accepted += 1
+                sampled.append(SampledToken(chunk.request_id, chunk_picks[accepted], None, chunk.draft_token_ids[:accepted]))
+        return RunnerOutput(sampled=sampled, prompt_logprobs=self._prompt_logprobs(logits, offset, prompt_spans))
 
-    def _logits_rows(self, chunks: list[ScheduledChunk]) -> tuple[list[int], list[tuple[ScheduledChunk, int, list[int]]]]:
-        """Rows whose logits are needed: each sampling chunk's last row, and
-        for prompt-logprob requests every row that predicts a prompt token."""
+    def _logits_rows(self, chunks: list[ScheduledChunk]) -> tuple[list[int], list[int], list[tuple[ScheduledChunk, int, list[int]]]]:
+        """Rows whose logits are needed: each sampling chunk's last row; each
+        draft chunk's last ``1 + drafts`` rows (in chunk order); and for
+        prompt-logprob requests every row that predicts a prompt token."""
         sample_rows: list[int] = []
+        draft_rows: list[int] = []
         prompt_spans: list[tuple[ScheduledChunk, int, list[int]]] = []
         start = 0
         for chunk in chunks:
             end = start + chunk.num_new_tokens
-            if chunk.is_sampling:
+            if chunk.draft_token_ids:
+                draft_rows.extend(range(end - len(chunk.draft_token_ids) - 1, end))
+            elif chunk.is_sampling:
                 sample_rows.append(end - 1)
             if chunk.sampling_params.prompt_logprobs is not None:
                 # Row of position p predicts the token at p + 1.
@@ -80,7 +101,7 @@ class ModelRunner:
                 if num_rows:
                     prompt_spans.append((chunk, chunk.num_computed_tokens + 1, list(range(start, start + num_rows))))
             start = end
-        return sample_rows, prompt_spans
+        return sample_rows, draft_rows, prompt_spans
 
     def _prompt_logprobs(self, logits: torch.Tensor, offset: int, prompt_spans: list[tuple[ScheduledChunk, int, list[int]]]) -> list[PromptLogprobs]:
         results = []

@@ -301,6 +301,10 @@ class Sampler:
     def __init__(self, vocab_size: int) -> None:
         self.vocab_size = vocab_size
 
+    def greedy(self, logits: torch.Tensor) -> torch.Tensor:
+        """Argmax of each row over the real vocabulary: [n, vocab_columns] -> [n]."""
+        return _argmax(logits[:, : self.vocab_size])
+
     def sample(
         self, logits: torch.Tensor, rows: list[SamplingRow]
     ) -> list[tuple[int, TokenLogprobs | None]]:

@@ -27,6 +27,7 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     enable_prefix_caching: bool = True
+    num_speculative_tokens: int = Field(0, ge=0, le=16, description="n-gram speculative decoding: draft tokens per greedy request per step (0 = off)")
     chat_template: str | None = Field(None, description="Jinja chat template file overriding the model's")
     max_request_bytes: int = Field(16 * 2**20, ge=1024, description="larger request bodies get 413")
     max_queue_len: int = Field(256, ge=1, description="most requests waiting to run (beyond free running slots); more get 503 + Retry-After")

@@ -28,21 +28,21 @@ def max_tokens_for(index: int) -> int:
     return 4 + (index * 5) % 13
 
 
-def reference_outputs(model_dir: Path, prompts: list[list[int]]) -> list[list[int]]:
+def reference_outputs(model_dir: Path, prompts: list[list[int]], max_tokens_of=max_tokens_for) -> list[list[int]]:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     outputs = []
     for index, prompt in enumerate(prompts):
-        config = GenerationConfig(do_sample=False, max_new_tokens=max_tokens_for(index), eos_token_id=None, pad_token_id=0)
+        config = GenerationConfig(do_sample=False, max_new_tokens=max_tokens_of(index), eos_token_id=None, pad_token_id=0)
         with torch.inference_mode():
             generated = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long), generation_config=config)
         outputs.append(generated[0, len(prompt) :].tolist())
     return outputs
 
 
-def run_engine(core: EngineCore, prompts: list[list[int]], id_prefix: str = "r") -> list[list[int]]:
+def run_engine(core: EngineCore, prompts: list[list[int]], id_prefix: str = "r", max_tokens_of=max_tokens_for) -> list[list[int]]:
     tokens: dict[str, list[int]] = {}
     for index, prompt in enumerate(prompts):
-        params = SamplingParams(max_tokens=max_tokens_for(index), temperature=0.0, ignore_eos=True)
+        params = SamplingParams(max_tokens=max_tokens_of(index), temperature=0.0, ignore_eos=True)
         request = core.make_request(f"{id_prefix}{index}", prompt, params)
         core.add_request(request)
         tokens[request.request_id] = []
@@ -116,3 +116,37 @@ def test_parity_in_bfloat16_with_packed_linears(tiny_llama_dir):
         expected.append(generated[0, len(prompt) :].tolist())
     config = EngineConfig(model="unused", dtype="bfloat16", device="cpu", num_kv_blocks=512, max_num_batched_tokens=4096)
     assert run_engine(build_engine_core(config, loaded), prompts) == expected
+
+
+def repetitive_prompts(seed: int, vocab_size: int) -> list[list[int]]:
+    """Prompts that repeat a phrase, so n-gram lookup finds drafts in them."""
+    rng = random.Random(seed)
+    prompts = []
+    for length in (1, 5, 20, 40, 70, 120, 200, 250):
+        phrase = [rng.randrange(3, vocab_size) for _ in range(rng.randint(3, 9))]
+        prompts.append((phrase * (length // len(phrase) + 1))[:length])
+    return prompts
+
+
+def test_parity_with_ngram_speculation(model_case):
+    """Speculative decoding changes how many tokens a step yields, never which."""
+    model_dir, loaded, prompts, expected = model_case
+    core = build(loaded, num_kv_blocks=512, max_num_batched_tokens=256, num_speculative_tokens=4)
+    assert run_engine(core, prompts) == expected
+    repetitive = repetitive_prompts(seed=3, vocab_size=loaded.model.config.vocab_size)
+    core = build(loaded, num_kv_blocks=512, max_num_batched_tokens=64, num_speculative_tokens=4)
+    assert run_engine(core, repetitive, "rep", LONG) == reference_outputs(model_dir, repetitive, LONG)
+    assert core.scheduler.num_accepted_tokens > 0, "the repeated phrases should have let some drafts through"
+    assert core.scheduler.num_draft_tokens > core.scheduler.num_accepted_tokens
+
+
+def LONG(index: int) -> int:  # noqa: N802 - a max_tokens_of function
+    return 48
+
+
+def test_parity_with_ngram_speculation_under_preemption(model_case):
+    model_dir, loaded, _, _ = model_case
+    repetitive = repetitive_prompts(seed=6, vocab_size=loaded.model.config.vocab_size)
+    core = build(loaded, num_kv_blocks=36, max_num_batched_tokens=128, num_speculative_tokens=5)
+    assert run_engine(core, repetitive, "pre", LONG) == reference_outputs(model_dir, repetitive, LONG)
+    assert core.scheduler.num_preemptions > 0 and core.scheduler.num_accepted_tokens > 0
