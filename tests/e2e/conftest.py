@@ -54,15 +54,20 @@ class ServerProcess:
             self.log.close()
 
 
-@pytest.fixture(scope="session")
-def tiny_server(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    log = tmp_path_factory.mktemp("logs") / "tiny_server.log"
-    server = ServerProcess([str(tiny_llama_dir), "--served-model-name", "tiny", "--kv-cache-memory", "64MiB", "--dtype", "float32"], log_path=log)
+def running_server(args: list[str], log_path: Path, env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
+    """Start ``tokenstep serve ARGS``, yield it once ready, stop it afterwards."""
+    server = ServerProcess(args, env=env, log_path=log_path)
     try:
         server.wait_ready()
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    log = tmp_path_factory.mktemp("logs") / "tiny_server.log"
+    yield from running_server([str(tiny_llama_dir), "--served-model-name", "tiny", "--kv-cache-memory", "64MiB", "--dtype", "float32"], log)
 
 
 @pytest.fixture(scope="session")
@@ -70,12 +75,7 @@ def default_server(default_model_dir: Path, tmp_path_factory: pytest.TempPathFac
     """``tokenstep serve`` with NO model argument: the embedded default."""
     log = tmp_path_factory.mktemp("logs") / "default_server.log"
     env = {"TOKENSTEP_CACHE_DIR": str(default_model_dir.parent), "TOKENSTEP_KV_CACHE_MEMORY": "256MiB"}
-    server = ServerProcess([], env=env, log_path=log)
-    try:
-        server.wait_ready()
-        yield server
-    finally:
-        server.close()
+    yield from running_server([], log, env)
 
 
 API_KEY = "test-secret-key"
@@ -87,9 +87,4 @@ def guarded_server(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactor
     """The tiny model behind ``--api-key`` and a small ``--max-request-bytes``."""
     log = tmp_path_factory.mktemp("logs") / "guarded_server.log"
     args = [str(tiny_llama_dir), "--served-model-name", "tiny", "--kv-cache-memory", "16MiB", "--dtype", "float32", "--api-key", API_KEY, "--max-request-bytes", str(SMALL_BODY_LIMIT)]
-    server = ServerProcess(args, log_path=log)
-    try:
-        server.wait_ready()
-        yield server
-    finally:
-        server.close()
+    yield from running_server(args, log)

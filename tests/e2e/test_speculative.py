@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import ServerProcess
+from tests.e2e.conftest import ServerProcess, running_server
 from tests.e2e.test_api_misc import metric, scrape
 
 PHRASE = "the quick brown fox jumps over the lazy dog and "
@@ -20,12 +20,7 @@ PROMPTS = [PHRASE * 6, "Copy this list: alpha, beta, gamma, delta. Again: alpha,
 def speculative_server(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     log = tmp_path_factory.mktemp("logs") / "speculative_server.log"
     args = [str(tiny_llama_dir), "--served-model-name", "tiny", "--kv-cache-memory", "64MiB", "--dtype", "float32", "--num-speculative-tokens", "4"]
-    server = ServerProcess(args, log_path=log)
-    try:
-        server.wait_ready()
-        yield server
-    finally:
-        server.close()
+    yield from running_server(args, log)
 
 
 def complete(server: ServerProcess, prompt: str, stream: bool = False) -> tuple[str, int]:

@@ -28,8 +28,8 @@ def max_tokens_for(index: int) -> int:
     return 4 + (index * 5) % 13
 
 
-def reference_outputs(model_dir: Path, prompts: list[list[int]], max_tokens_of=max_tokens_for) -> list[list[int]]:
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+def reference_outputs(model_dir: Path, prompts: list[list[int]], max_tokens_of=max_tokens_for, dtype: torch.dtype = torch.float32) -> list[list[int]]:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     outputs = []
     for index, prompt in enumerate(prompts):
         config = GenerationConfig(do_sample=False, max_new_tokens=max_tokens_of(index), eos_token_id=None, pad_token_id=0)
@@ -107,13 +107,7 @@ def test_parity_in_bfloat16_with_packed_linears(tiny_llama_dir):
     packed = [m for m in loaded.model.modules() if isinstance(m, PackedLinear)]
     assert bool(packed) == has_native_bf16()
     prompts = make_prompts(seed=2, vocab_size=loaded.model.config.vocab_size)[:8]
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16).eval()
-    expected = []
-    for index, prompt in enumerate(prompts):
-        config = GenerationConfig(do_sample=False, max_new_tokens=max_tokens_for(index), eos_token_id=None, pad_token_id=0)
-        with torch.inference_mode():
-            generated = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long), generation_config=config)
-        expected.append(generated[0, len(prompt) :].tolist())
+    expected = reference_outputs(tiny_llama_dir, prompts, dtype=torch.bfloat16)
     config = EngineConfig(model="unused", dtype="bfloat16", device="cpu", num_kv_blocks=512, max_num_batched_tokens=4096)
     assert run_engine(build_engine_core(config, loaded), prompts) == expected
 
