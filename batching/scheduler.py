@@ -9,6 +9,9 @@ long prompt never stalls decoding, and chunked prefill is not a special case.
 When KV blocks run out, the most recently admitted request is preempted: its
 blocks are freed and it goes back to the front of the queue, to be recomputed
 (prompt plus the tokens it already produced) when blocks free up.
+With ``num_speculative_tokens``, a decoding greedy request may also carry
+n-gram draft tokens (``batching.speculative``) when the budget and free blocks
+allow; ``update_from_output`` then appends the ones the model agreed with.
 """
 
 import time

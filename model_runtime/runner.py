@@ -68,17 +68,24 @@ class ModelRunner:
         ]
         offset = len(sample_rows)
         if draft_chunks:
-            picks = self.sampler.greedy(logits[offset : offset + len(draft_rows)]).tolist()  # [num draft rows]
+            sampled += self._verify_drafts(logits[offset : offset + len(draft_rows)], draft_chunks)
             offset += len(draft_rows)
-            start = 0
-            for chunk in draft_chunks:
-                chunk_picks = picks[start : start + len(chunk.draft_token_ids) + 1]
-                start += len(chunk_picks)
-                accepted = 0
-                while accepted < len(chunk.draft_token_ids) and chunk.draft_token_ids[accepted] == chunk_picks[accepted]:
-                    accepted += 1
-                sampled.append(SampledToken(chunk.request_id, chunk_picks[accepted], None, chunk.draft_token_ids[:accepted]))
         return RunnerOutput(sampled=sampled, prompt_logprobs=self._prompt_logprobs(logits, offset, prompt_spans))
+
+    def _verify_drafts(self, logits: torch.Tensor, draft_chunks: list[ScheduledChunk]) -> list[SampledToken]:
+        """Greedy verification: ``logits`` holds each draft chunk's last
+        ``1 + drafts`` rows in order; the argmax at row i checks draft i."""
+        picks = self.sampler.greedy(logits).tolist()  # [num draft rows]
+        sampled, start = [], 0
+        for chunk in draft_chunks:
+            drafts = chunk.draft_token_ids
+            chunk_picks = picks[start : start + len(drafts) + 1]
+            start += len(chunk_picks)
+            accepted = 0
+            while accepted < len(drafts) and drafts[accepted] == chunk_picks[accepted]:
+                accepted += 1
+            sampled.append(SampledToken(chunk.request_id, chunk_picks[accepted], None, drafts[:accepted]))
+        return sampled
 
     def _logits_rows(self, chunks: list[ScheduledChunk]) -> tuple[list[int], list[int], list[tuple[ScheduledChunk, int, list[int]]]]:
         """Rows whose logits are needed: each sampling chunk's last row; each
