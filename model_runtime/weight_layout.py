@@ -16,15 +16,25 @@ once into oneDNN's blocked layout and multiplied by oneDNN (AMX tiles where
 present). Decode step of the default model here, B = 1 / 16 / 64: bf16 plain
 38.9 / 57.3 / 113.1 ms, bf16 packed 30.0 / 49.2 / 109.2 ms (float32 with the
 ``[in, out]`` layout: 35.5 / 88.8 / 190.4 ms). Packing float32 weights the
-same way was no better (46.5 / 79.4 / 187.9 ms), so float32 keeps the layout.
+same way was better from 16 rows but worse for one (hint 64: 42.8 / 74.3 /
+155.7 ms), so a small float32 model keeps both: ``RowSwitchedLinear`` uses
+the ``[in, out]`` weight below ``PACKED_FROM_ROWS`` rows and the packed one
+from there (B = 1 / 16 / 64: 35.0 / 72.4 / 153.2 ms against 35.6 / 80.5 /
+148.1 ms in the same session). That costs a second copy of every linear
+weight, so it is only done while the linears hold at most
+``DUAL_LAYOUT_MAX_BYTES`` (the default model: 540 MB -> +540 MB).
 """
 
 import torch
 from torch import nn
 
 # oneDNN picks its blocked layout for an expected row count; decode steps
-# run 1-64 rows and 16 measured as well as any other hint at every size.
+# run 1-64 rows and 16 measured as well as any other hint at every size in
+# bf16; for float32, 64 did better (see the module docstring).
 _PACKING_ROWS_HINT = 16
+_FLOAT32_PACKING_ROWS_HINT = 64
+PACKED_FROM_ROWS = 8
+DUAL_LAYOUT_MAX_BYTES = 2 * 2**30
 
 
 def has_native_bf16() -> bool:
@@ -51,6 +61,27 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
 
 
+class RowSwitchedLinear(nn.Module):
+    """float32 ``nn.Linear`` holding its weight twice: laid out ``[in, out]``
+    for MKL (fastest for a few rows) and packed for oneDNN (fastest from
+    ``PACKED_FROM_ROWS`` rows). Inference only."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        with torch.no_grad():
+            weight = linear.weight.detach()
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), _FLOAT32_PACKING_ROWS_HINT)
+            self.register_buffer("weight", weight.t().contiguous().t(), persistent=False)
+            self.register_buffer("packed_weight", packed, persistent=False)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() // self.in_features >= PACKED_FROM_ROWS:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
 def prefer_input_major_linears(model: nn.Module) -> int:
     """Re-lay out every ``nn.Linear`` except the output embedding; returns how many."""
     output_embedding = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -67,19 +98,25 @@ def prefer_input_major_linears(model: nn.Module) -> int:
     return count
 
 
-def pack_linears(model: nn.Module) -> int:
-    """Replace every CPU ``nn.Linear`` (LM head included) by a ``PackedLinear``; returns how many."""
+def replace_linears(model: nn.Module, make: type[nn.Module]) -> int:
+    """Replace every CPU ``nn.Linear`` (LM head included) by ``make(linear)``; returns how many."""
     count = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and child.weight.device.type == "cpu":
-                setattr(parent, name, PackedLinear(child))
+                setattr(parent, name, make(child))
                 count += 1
     return count
+
+
+def linear_weight_bytes(model: nn.Module) -> int:
+    return sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, nn.Linear))
 
 
 def optimise_cpu_linears(model: nn.Module, dtype: torch.dtype) -> str:
     """Pick the faster layout for ``dtype`` on this CPU; returns what was done."""
     if dtype == torch.bfloat16 and has_native_bf16():
-        return f"{pack_linears(model)} linears packed for oneDNN (bf16)"
+        return f"{replace_linears(model, PackedLinear)} linears packed for oneDNN (bf16)"
+    if dtype == torch.float32 and torch.backends.mkldnn.is_available() and linear_weight_bytes(model) <= DUAL_LAYOUT_MAX_BYTES:
+        return f"{replace_linears(model, RowSwitchedLinear)} linears kept [in, out] for < {PACKED_FROM_ROWS} rows and packed for oneDNN from {PACKED_FROM_ROWS}"
     return f"{prefer_input_major_linears(model)} linears laid out [in, out]"
