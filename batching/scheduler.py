@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 from batching.block_manager import BlockManager
 from batching.errors import InvalidRequestError
-from batching.messages import RunnerOutput, ScheduledChunk, SchedulerOutput, TokenLogprobs
+from batching.messages import RunnerOutput, SampledToken, ScheduledChunk, SchedulerOutput, TokenLogprobs
 from batching.request import Request, RequestStatus
 from batching.speculative import can_speculate, propose_ngram
-from batching.stop import check_token_stop
+from batching.stop import StopDecision, check_token_stop
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +133,8 @@ class Scheduler:
         )
 
     def update_from_output(self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput) -> list[TokenUpdate]:
-        """Advance computed counters, append sampled tokens, apply token stops.
+        """Advance computed counters, append sampled tokens, cache the blocks
+        that became full, then apply token stops.
 
         Requests finished or aborted while the step ran are skipped. A
         speculating request gets its accepted draft tokens and then the
@@ -141,36 +142,38 @@ class Scheduler:
         drafts does not count as computed (it is overwritten later).
         """
         sampled_by_id = {sampled.request_id: sampled for sampled in runner_output.sampled}
+        updates: list[TokenUpdate] = []
         for chunk in scheduler_output.chunks:
             request = self.requests.get(chunk.request_id)
             if request is None or request.status != RequestStatus.RUNNING:
                 continue
-            num_rejected = 0
+            sampled = sampled_by_id.get(chunk.request_id)
+            num_accepted = len(sampled.accepted_draft_ids) if sampled is not None else 0
             if chunk.draft_token_ids:
-                num_accepted = len(sampled_by_id[chunk.request_id].accepted_draft_ids)
-                num_rejected = len(chunk.draft_token_ids) - num_accepted
                 self.num_draft_tokens += len(chunk.draft_token_ids)
                 self.num_accepted_tokens += num_accepted
-            request.num_computed_tokens += chunk.num_new_tokens - num_rejected
-        updates: list[TokenUpdate] = []
-        for sampled in runner_output.sampled:
-            request = self.requests.get(sampled.request_id)
-            if request is None or request.status != RequestStatus.RUNNING:
-                continue
-            tokens = [*sampled.accepted_draft_ids, sampled.token_id]
-            for index, token_id in enumerate(tokens):
-                request.output_token_ids.append(token_id)
-                updates.append(TokenUpdate(request, token_id, sampled.logprobs if index == len(tokens) - 1 else None))
-                stop = check_token_stop(request, token_id)
-                if stop is not None:
-                    request.stop_reason = stop.stop_reason
-                    self.finish_request(request.request_id, stop.status)
-                    break
-        for chunk in scheduler_output.chunks:  # after the tokens: blocks are keyed by them
-            request = self.requests.get(chunk.request_id)
-            if request is not None and request.status == RequestStatus.RUNNING:
-                self.block_manager.cache_full_blocks(request)
+            request.num_computed_tokens += chunk.num_new_tokens - (len(chunk.draft_token_ids) - num_accepted)
+            stop = None if sampled is None else self._append(request, sampled, updates)
+            # Blocks are keyed by their tokens, so cache them once the tokens are in;
+            # a stop among accepted drafts leaves the positions after it uncomputed.
+            request.num_computed_tokens = min(request.num_computed_tokens, request.num_tokens - 1)
+            self.block_manager.cache_full_blocks(request)
+            if stop is not None:
+                request.stop_reason = stop.stop_reason
+                self.finish_request(request.request_id, stop.status)
         return updates
+
+    @staticmethod
+    def _append(request: Request, sampled: SampledToken, updates: list[TokenUpdate]) -> StopDecision | None:
+        """Append the accepted drafts and the sampled token, up to the first stop."""
+        tokens = [*sampled.accepted_draft_ids, sampled.token_id]
+        for index, token_id in enumerate(tokens):
+            request.output_token_ids.append(token_id)
+            updates.append(TokenUpdate(request, token_id, sampled.logprobs if index == len(tokens) - 1 else None))
+            stop = check_token_stop(request, token_id)
+            if stop is not None:
+                return stop
+        return None
 
     def _draft(self, request: Request, num_new: int, token_budget: int) -> list[int]:
         """N-gram draft tokens for a decoding request, within the step's budget,

@@ -159,11 +159,6 @@ class GrammarCompiler:
         self._compiled: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
         self._lock = threading.Lock()
 
-    @property
-    def bitmask_words(self) -> int:
-        """32-bit words in one row's bitmask."""
-        return (self.vocab_size + 31) // 32
-
     def matcher(self, guided: GuidedDecoding) -> GrammarMatcher:
         """A fresh matcher for ``guided``; ``InvalidRequestError`` if the grammar
         does not compile. Thread-safe; may take long for a big grammar the

@@ -54,7 +54,7 @@ def make_loader(settings: Settings):
         from server.app import Served
 
         model = settings.model or default_model_dir()
-        default_name = DEFAULT_MODEL_NAME if not settings.model else Path(str(model).rstrip("/")).name
+        default_name = DEFAULT_MODEL_NAME if settings.model is None else Path(str(model).rstrip("/")).name
         config = EngineConfig(
             model=model,
             dtype=settings.dtype,

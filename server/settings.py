@@ -6,7 +6,7 @@ command-line flags win over the environment. Defaults suit a CPU laptop.
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -35,6 +35,13 @@ class Settings(BaseSettings):
     shutdown_timeout: float = Field(30.0, ge=0, description="on SIGTERM, seconds in-flight requests may still finish before they end with an error")
     allowed_origins: str | None = Field(None, description="comma-separated CORS origins ('*' = any); unset = CORS off")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("model")
+    @classmethod
+    def _empty_model_is_the_default(cls, model: str | None) -> str | None:
+        """``TOKENSTEP_MODEL=`` (compose passes unset variables through empty)
+        means the embedded default, as leaving it out does."""
+        return model or None
 
     @property
     def allowed_origin_list(self) -> list[str]:

@@ -500,3 +500,19 @@ def test_random_operations_keep_block_invariants(
     driver.check()
     assert_no_leak(scheduler)
     target(float(scheduler.num_preemptions), label="preemptions")
+
+
+def test_the_block_a_finishing_request_fills_in_its_last_step_is_cached() -> None:
+    """The last decode step computes the block's final slot; the request then
+    finishes, and that full block must still be registered for reuse."""
+    scheduler = create_scheduler(num_blocks=8, block_size=4)
+    first = create_request("first", [10, 11, 12], max_tokens=2)
+    add_all(scheduler, [first])
+    runner = FakeRunner()
+    run_to_completion(scheduler, runner)
+    assert first.status == RequestStatus.FINISHED_LENGTH
+    full_block = first.prompt_token_ids + first.output_token_ids[:1]  # positions 0-3, all computed
+    follow_up = create_request("follow-up", full_block + [50, 51], max_tokens=1)
+    add_all(scheduler, [follow_up])
+    run_step(scheduler, runner)
+    assert follow_up.num_cached_tokens == 4

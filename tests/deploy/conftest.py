@@ -11,6 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.e2e.conftest import stop_process
+
 REPO = Path(__file__).resolve().parents[2]
 NGINX_TEMPLATE = REPO / "docker" / "nginx" / "tokenstep.conf.template"
 NGINX_MISSING = "nginx is not installed: apt-get install nginx (`make test-deps` does, as root), or deselect with -m 'not nginx'"
@@ -109,9 +111,4 @@ http {{
             time.sleep(0.05)
 
     def close(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process, timeout_s=10)

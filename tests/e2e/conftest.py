@@ -44,14 +44,19 @@ class ServerProcess:
         raise TimeoutError("tokenstep serve did not become healthy")
 
     def close(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process, timeout_s=20)
         if self.log is not subprocess.DEVNULL:
             self.log.close()
+
+
+def stop_process(process: subprocess.Popen, timeout_s: float) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``timeout_s``."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def running_server(args: list[str], log_path: Path, env: dict[str, str] | None = None) -> Iterator[ServerProcess]:

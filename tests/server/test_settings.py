@@ -99,3 +99,12 @@ def test_positional_model_overrides_env(clean_env):
 def test_bad_flag_value_is_rejected():
     with pytest.raises(SystemExit):
         parse_settings(["--port", "not-a-number"])
+
+
+def test_an_empty_model_means_the_default_and_speculation_is_a_setting(clean_env):
+    clean_env.setenv("TOKENSTEP_MODEL", "")
+    clean_env.setenv("TOKENSTEP_NUM_SPECULATIVE_TOKENS", "3")
+    settings = parse_settings([])
+    assert settings.model is None
+    assert settings.num_speculative_tokens == 3
+    assert parse_settings(["--num-speculative-tokens", "5"]).num_speculative_tokens == 5
