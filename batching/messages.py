@@ -36,8 +36,12 @@ class ScheduledChunk:
     output_token_ids: list[int]
     eos_token_id: int | None = None
     grammar: Any = None
-    # N-gram draft tokens appended to ``new_token_ids`` (speculative decoding).
+    # Draft tokens appended to ``new_token_ids`` (speculative decoding).
     draft_token_ids: list[int] = field(default_factory=list)
+    # Draft-model speculation: how many draft tokens the runner's draft model
+    # should propose after this step, for the request's next step (0: none).
+    # The request's blocks cover those positions too.
+    num_lookahead_tokens: int = 0
 
     @property
     def num_new_tokens(self) -> int:
@@ -69,12 +73,14 @@ class TokenLogprobs:
 @dataclass(frozen=True, slots=True)
 class SampledToken:
     """The runner's answer for one sampling chunk: with speculation, the
-    draft tokens the model agreed with, then its own next token."""
+    draft tokens the model agreed with, then its own next token; with a draft
+    model, also the drafts it proposes to follow ``token_id``."""
 
     request_id: str
     token_id: int
     logprobs: TokenLogprobs | None = None
     accepted_draft_ids: list[int] = field(default_factory=list)
+    next_draft_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

@@ -65,6 +65,9 @@ class Request:
     first_scheduled_time: float | None = None
     # A ``batching.structured.GrammarMatcher`` when the output is constrained.
     grammar: Any = None
+    # Draft-model speculation: the tokens the draft model proposed, last step,
+    # to follow the request's current last token (consumed by the next step).
+    draft_token_ids: list[int] = field(default_factory=list)
 
     @property
     def all_token_ids(self) -> list[int]:

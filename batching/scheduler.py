@@ -10,8 +10,12 @@ When KV blocks run out, the most recently admitted request is preempted: its
 blocks are freed and it goes back to the front of the queue, to be recomputed
 (prompt plus the tokens it already produced) when blocks free up.
 With ``num_speculative_tokens``, a decoding greedy request may also carry
-n-gram draft tokens (``batching.speculative``) when the budget and free blocks
-allow; ``update_from_output`` then appends the ones the model agreed with.
+draft tokens (``batching.speculative``: n-gram lookup, or what a draft model
+proposed after the last step) when the budget and free blocks allow;
+``update_from_output`` then appends the ones the model agreed with. With a
+draft model, a chunk that samples also asks the runner for the next step's
+drafts (``num_lookahead_tokens``), and its blocks cover the positions the
+draft model writes while proposing them.
 """
 
 import time
@@ -22,7 +26,7 @@ from batching.block_manager import BlockManager
 from batching.errors import InvalidRequestError
 from batching.messages import RunnerOutput, SampledToken, ScheduledChunk, SchedulerOutput, TokenLogprobs
 from batching.request import Request, RequestStatus
-from batching.speculative import can_speculate, propose_ngram
+from batching.speculative import DraftModelProposer, NgramProposer, Proposer, can_speculate
 from batching.stop import StopDecision, check_token_stop
 
 
@@ -30,8 +34,13 @@ from batching.stop import StopDecision, check_token_stop
 class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
-    # N-gram speculative decoding: draft tokens per decoding request (0: off).
+    # Speculative decoding: draft tokens per decoding request (0: off), from
+    # n-gram lookup ("ngram") or the runner's draft model ("draft_model").
     num_speculative_tokens: int = 0
+    speculative_method: str = "ngram"
+
+
+PROPOSERS: dict[str, type[Proposer]] = {"ngram": NgramProposer, "draft_model": DraftModelProposer}
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +58,7 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
         self.config = config
         self.block_manager = block_manager
+        self.proposer = PROPOSERS[config.speculative_method]()
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -87,6 +97,7 @@ class Scheduler:
         token_budget = self.config.max_num_batched_tokens
         scheduled: list[tuple[Request, int]] = []
         drafts: dict[str, list[int]] = {}
+        lookaheads: dict[str, int] = {}
         preempted: list[str] = []
 
         for request in list(self.running):
@@ -96,8 +107,10 @@ class Scheduler:
                 continue  # preempted earlier in this loop
             num_new = min(request.num_tokens - request.num_computed_tokens, token_budget)
             draft = self._draft(request, num_new, token_budget)
-            if draft and self.block_manager.allocate(request, num_new + len(draft)):
+            lookahead = self._lookahead(request, num_new, len(draft))
+            if (draft or lookahead) and self.block_manager.allocate(request, num_new + len(draft) + lookahead):
                 drafts[request.request_id] = draft
+                lookaheads[request.request_id] = lookahead
                 num_new += len(draft)
             elif not self._allocate_or_preempt(request, num_new, preempted):
                 continue
@@ -119,13 +132,19 @@ class Scheduler:
                 request.first_scheduled_time = time.monotonic()
             request.num_computed_tokens = num_cached
             request.num_cached_tokens = num_cached
+            lookahead = self._lookahead(request, num_new, 0)
+            if lookahead and self.block_manager.allocate(request, num_new + lookahead):
+                lookaheads[request.request_id] = lookahead
             self.num_prefix_query_tokens += request.num_tokens
             self.num_prefix_hit_tokens += num_cached
             self.running.append(request)
             scheduled.append((request, num_new))
             token_budget -= num_new
 
-        chunks = [self._chunk(request, num_new, drafts.get(request.request_id, [])) for request, num_new in scheduled]
+        chunks = [
+            self._chunk(request, num_new, drafts.get(request.request_id, []), lookaheads.get(request.request_id, 0))
+            for request, num_new in scheduled
+        ]
         return SchedulerOutput(
             chunks=chunks,
             num_batched_tokens=self.config.max_num_batched_tokens - token_budget,
@@ -153,6 +172,7 @@ class Scheduler:
                 self.num_draft_tokens += len(chunk.draft_token_ids)
                 self.num_accepted_tokens += num_accepted
             request.num_computed_tokens += chunk.num_new_tokens - (len(chunk.draft_token_ids) - num_accepted)
+            request.draft_token_ids = sampled.next_draft_token_ids if sampled is not None else []
             stop = None if sampled is None else self._append(request, sampled, updates)
             # Blocks are keyed by their tokens, so cache them once the tokens are in;
             # a stop among accepted drafts leaves the positions after it uncomputed.
@@ -176,7 +196,7 @@ class Scheduler:
         return None
 
     def _draft(self, request: Request, num_new: int, token_budget: int) -> list[int]:
-        """N-gram draft tokens for a decoding request, within the step's budget,
+        """Draft tokens for a decoding request, within the step's budget,
         its ``max_tokens`` and the context it may still fill."""
         k = self.config.num_speculative_tokens
         if not k or num_new != 1 or not can_speculate(request):
@@ -185,7 +205,16 @@ class Scheduler:
         k = min(k, token_budget - 1, room)
         if k <= 0:
             return []
-        return propose_ngram(request.token_slice(0, request.num_tokens), k)
+        return self.proposer.propose(request, k)
+
+    def _lookahead(self, request: Request, num_new: int, num_draft: int) -> int:
+        """How many drafts the runner's draft model should propose after this
+        step: none unless the chunk samples, and never past ``max_tokens``."""
+        k = self.config.num_speculative_tokens
+        if not k or request.num_computed_tokens + num_new != request.num_tokens:
+            return 0
+        room = request.sampling_params.max_tokens - request.num_output_tokens - 1 - num_draft
+        return max(min(self.proposer.num_lookahead(request, k), room), 0)
 
     def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:
         """Finish (or abort) a request and return its blocks to the pool."""
@@ -223,7 +252,7 @@ class Scheduler:
         self.waiting.appendleft(request)
 
     @staticmethod
-    def _chunk(request: Request, num_new: int, draft: list[int]) -> ScheduledChunk:
+    def _chunk(request: Request, num_new: int, draft: list[int], num_lookahead: int) -> ScheduledChunk:
         start = request.num_computed_tokens
         end = start + num_new - len(draft)  # the request's own tokens; the drafts follow them
         return ScheduledChunk(
@@ -238,4 +267,5 @@ class Scheduler:
             eos_token_id=request.eos_token_id,
             grammar=request.grammar,
             draft_token_ids=draft,
+            num_lookahead_tokens=num_lookahead,
         )

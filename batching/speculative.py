@@ -1,16 +1,27 @@
-"""N-gram prompt lookup: draft tokens for speculative decoding, no draft model.
+"""Where speculative decoding's draft tokens come from: two proposers.
 
-When a request's last ``n`` tokens occurred earlier in its prompt or output,
-the tokens that followed that occurrence are a good guess for what comes next
-(summaries, edits, code and extraction repeat their input). The scheduler
-sends the guesses with the request's next token; one forward pass then checks
-them all, and the greedy tokens that agree are kept (``ModelRunner``), so the
-output is token-for-token what plain greedy decoding gives, only sooner.
+A draft is a guess at a greedy request's next tokens. The scheduler sends the
+guesses with the request's next token; one forward pass then checks them all,
+and the greedy tokens that agree are kept (``ModelRunner``), so the output is
+token-for-token what plain greedy decoding gives, only sooner.
+
+* ``NgramProposer`` (no model): when the request's last ``n`` tokens occurred
+  earlier in its prompt or output, the tokens that followed that occurrence
+  (summaries, edits, code and extraction repeat their input). Pure Python, at
+  schedule time.
+* ``DraftModelProposer`` (``--speculative-model``): a smaller model with the
+  same vocabulary runs in the runner after each step and proposes the next
+  ``k`` tokens greedily; they come back in ``SampledToken.next_draft_token_ids``
+  and wait on ``Request.draft_token_ids`` for the next step. The scheduler asks
+  for them by giving the step's chunk ``num_lookahead_tokens`` (and blocks for
+  the positions the draft model writes).
 
 Only plain greedy requests speculate (no logprobs, penalties, logit bias,
 grammar, stop strings or pending ``min_tokens``): for them, verifying a draft
 is comparing it with the argmax.
 """
+
+from typing import Protocol
 
 from batching.request import Request
 
@@ -43,3 +54,30 @@ def propose_ngram(tokens: list[int], num_tokens: int) -> list[int]:
             if tokens[start] == first and tokens[start : start + n] == suffix:
                 return tokens[start + n : start + n + num_tokens]
     return []
+
+
+class Proposer(Protocol):
+    """Draft tokens for a decoding request, and how many the runner should
+    propose after a step (draft models only)."""
+
+    def propose(self, request: Request, num_tokens: int) -> list[int]: ...
+
+    def num_lookahead(self, request: Request, num_tokens: int) -> int: ...
+
+
+class NgramProposer:
+    def propose(self, request: Request, num_tokens: int) -> list[int]:
+        return propose_ngram(request.token_slice(0, request.num_tokens), num_tokens)
+
+    def num_lookahead(self, request: Request, num_tokens: int) -> int:
+        return 0
+
+
+class DraftModelProposer:
+    """Hands out what the runner's draft model proposed after the last step."""
+
+    def propose(self, request: Request, num_tokens: int) -> list[int]:
+        return request.draft_token_ids[:num_tokens]
+
+    def num_lookahead(self, request: Request, num_tokens: int) -> int:
+        return num_tokens if can_speculate(request) else 0

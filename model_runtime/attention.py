@@ -136,6 +136,18 @@ def _is_gqa(query: torch.Tensor, keys: torch.Tensor) -> bool:
     return query.shape[-3] != keys.shape[-3]
 
 
+def decode_tables(block_tables: list[list[int]], context_lens: list[int], block_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded block tables ``[B, max_blocks]`` and the context mask
+    ``[B, 1, 1, max_blocks * block_size]`` of a batch of decode rows."""
+    max_blocks = max(len(block_ids) for block_ids in block_tables)
+    padded = [block_ids + [0] * (max_blocks - len(block_ids)) for block_ids in block_tables]
+    tables = torch.tensor(padded, dtype=torch.long, device=device)  # [B, max_blocks]
+    lens = torch.tensor(context_lens, device=device)  # [B]
+    positions = torch.arange(max_blocks * block_size, device=device)
+    mask = positions[None, :] < lens[:, None]  # [B, L]
+    return tables, mask[:, None, None, :]
+
+
 def register() -> str:
     """Register the backend with transformers; returns its implementation name."""
     AttentionInterface.register(ATTENTION_NAME, paged_attention_forward)

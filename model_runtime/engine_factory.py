@@ -10,7 +10,7 @@ import torch
 from batching.block_manager import BlockManager
 from batching.engine_core import EngineCore
 from batching.scheduler import Scheduler, SchedulerConfig
-from model_runtime.kv_cache import CacheShape, parse_memory_size
+from model_runtime.kv_cache import parse_memory_size
 from model_runtime.loader import LoadedModel, load_model
 from model_runtime.runner import ModelRunner
 
@@ -44,30 +44,68 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None
     enable_prefix_caching: bool = True
     max_model_len: int | None = None
-    num_speculative_tokens: int = 0
+    # Speculative decoding: draft tokens per greedy request per step; from
+    # n-gram lookup, or from ``speculative_model`` (then None means 4).
+    num_speculative_tokens: int | None = None
+    speculative_model: str | Path | None = None
 
 
-def kv_cache_bytes(config: EngineConfig, loaded: LoadedModel) -> int:
-    shape = CacheShape.from_config(loaded.model.config, loaded.dtype)
+DEFAULT_DRAFT_MODEL_TOKENS = 4
+
+
+def num_kv_blocks(config: EngineConfig, loaded: LoadedModel, draft: LoadedModel | None = None) -> int:
+    """Blocks the KV budget buys; with a draft model each block is paid twice
+    (the draft keeps a cache of the same blocks)."""
     if config.num_kv_blocks is not None:
-        return config.num_kv_blocks * config.block_size * shape.bytes_per_token()
+        return config.num_kv_blocks
     if config.kv_cache_memory is not None:
-        return parse_memory_size(config.kv_cache_memory)
-    if loaded.device.type == "cuda":
+        budget = parse_memory_size(config.kv_cache_memory)
+    elif loaded.device.type == "cuda":
         free_bytes, _ = torch.cuda.mem_get_info(loaded.device)
-        return int(free_bytes * CUDA_KV_FRACTION)
-    return parse_memory_size("1GiB")
+        budget = int(free_bytes * CUDA_KV_FRACTION)
+    else:
+        budget = parse_memory_size("1GiB")
+    return budget // ModelRunner.bytes_per_block(loaded, config.block_size, draft)
 
 
-def build_engine_core(config: EngineConfig, loaded: LoadedModel | None = None) -> EngineCore:
+def load_draft_model(config: EngineConfig, loaded: LoadedModel) -> LoadedModel:
+    """Load ``speculative_model`` like the target; its vocabulary must be the target's."""
+    draft = load_model(config.speculative_model, config.dtype, config.device)
+    check_draft_vocabulary(draft, loaded, str(config.speculative_model))
+    return draft
+
+
+def check_draft_vocabulary(draft: LoadedModel, loaded: LoadedModel, name: str) -> None:
+    """Draft token ids must mean the same tokens and be valid target inputs."""
+    if draft.tokenizer.get_vocab() != loaded.tokenizer.get_vocab():
+        raise ValueError(f"--speculative-model {name}: its tokenizer's vocabulary differs from the served model's")
+    if draft.model.config.vocab_size > loaded.model.config.vocab_size:
+        raise ValueError(
+            f"--speculative-model {name}: vocab_size {draft.model.config.vocab_size} "
+            f"exceeds the served model's {loaded.model.config.vocab_size}"
+        )
+
+
+def build_engine_core(config: EngineConfig, loaded: LoadedModel | None = None, draft: LoadedModel | None = None) -> EngineCore:
     loaded = loaded or load_model(config.model, config.dtype, config.device)
-    runner = ModelRunner(loaded, kv_cache_bytes(config, loaded), config.block_size)
+    if draft is None and config.speculative_model is not None:
+        draft = load_draft_model(config, loaded)
+    runner = ModelRunner(loaded, num_kv_blocks(config, loaded, draft), config.block_size, draft)
     default_budget = CUDA_TOKEN_BUDGET if loaded.device.type == "cuda" else CPU_TOKEN_BUDGET
     block_manager = BlockManager(runner.num_blocks, config.block_size, config.enable_prefix_caching)
-    scheduler = Scheduler(
-        SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens or default_budget, config.num_speculative_tokens), block_manager
+    num_speculative_tokens = config.num_speculative_tokens
+    if num_speculative_tokens is None:
+        num_speculative_tokens = DEFAULT_DRAFT_MODEL_TOKENS if draft is not None else 0
+    scheduler_config = SchedulerConfig(
+        config.max_num_seqs,
+        config.max_num_batched_tokens or default_budget,
+        num_speculative_tokens,
+        "draft_model" if draft is not None else "ngram",
     )
-    max_model_len = min(config.max_model_len or loaded.max_model_len, loaded.max_model_len)
+    scheduler = Scheduler(scheduler_config, block_manager)
+    # The draft model reads the same positions, so its window bounds ours too.
+    model_max_len = min(loaded.max_model_len, draft.max_model_len) if draft is not None else loaded.max_model_len
+    max_model_len = min(config.max_model_len or model_max_len, model_max_len)
     return EngineCore(
         scheduler,
         runner,

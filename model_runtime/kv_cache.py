@@ -63,11 +63,6 @@ class PagedKVCache:
         self.key_caches = [torch.zeros(layer_shape, dtype=shape.dtype, device=device) for _ in range(shape.num_layers)]
         self.value_caches = [torch.zeros(layer_shape, dtype=shape.dtype, device=device) for _ in range(shape.num_layers)]
 
-    @classmethod
-    def from_budget(cls, shape: CacheShape, kv_cache_bytes: int, block_size: int, device: torch.device) -> "PagedKVCache":
-        num_blocks = kv_cache_bytes // (shape.bytes_per_token() * block_size)
-        return cls(shape, num_blocks, block_size, device)
-
     @property
     def num_tokens(self) -> int:
         return self.num_blocks * self.block_size

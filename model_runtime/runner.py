@@ -9,15 +9,19 @@ samples one token per sampling chunk. A chunk carrying n-gram draft tokens
 (speculative decoding, greedy requests only) runs like a short prefill; the
 argmax at each of its last ``1 + drafts`` rows verifies the next draft, and
 the drafts up to the first disagreement are accepted, followed by the
-model's own token there.
+model's own token there. With a draft model (``model_runtime.drafter``) the
+step also runs through the draft model, which then proposes the next step's
+drafts for the chunks that ask (``num_lookahead_tokens``).
 """
 
+import dataclasses
 import logging
 
 import torch
 
 from batching.messages import PromptLogprobs, RunnerOutput, SampledToken, ScheduledChunk, SchedulerOutput
-from model_runtime.attention import CONTEXT_KWARG, PrefillSpan, StepContext
+from model_runtime.attention import CONTEXT_KWARG, PrefillSpan, StepContext, decode_tables
+from model_runtime.drafter import DraftModel, Lookahead
 from model_runtime.kv_cache import CacheShape, PagedKVCache
 from model_runtime.loader import LoadedModel
 from model_runtime.sampler import Sampler, SamplingRow, prompt_logprobs
@@ -28,18 +32,28 @@ logger = logging.getLogger(__name__)
 class ModelRunner:
     """Owns the model, the KV cache tensors and the sampler."""
 
-    def __init__(self, loaded: LoadedModel, kv_cache_bytes: int, block_size: int = 16) -> None:
+    def __init__(self, loaded: LoadedModel, num_blocks: int, block_size: int = 16, draft: LoadedModel | None = None) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.device = loaded.device
         self.block_size = block_size
         shape = CacheShape.from_config(self.model.config, loaded.dtype)
-        self.kv_cache = PagedKVCache.from_budget(shape, kv_cache_bytes, block_size, self.device)
+        self.kv_cache = PagedKVCache(shape, num_blocks, block_size, self.device)
+        # Draft-model speculation: the draft keeps a cache with the same block ids.
+        self.drafter = DraftModel(draft, num_blocks, block_size) if draft is not None else None
         self.sampler = Sampler(self.model.config.vocab_size)
+        draft_bytes = self.drafter.kv_cache.kv_cache_bytes if self.drafter else 0
         logger.info(
-            "KV cache: %d blocks of %d tokens = %d tokens (%.1f MiB)",
-            self.kv_cache.num_blocks, block_size, self.kv_cache.num_tokens, self.kv_cache.kv_cache_bytes / 2**20,
+            "KV cache: %d blocks of %d tokens = %d tokens (%.1f MiB%s)",
+            num_blocks, block_size, self.kv_cache.num_tokens, self.kv_cache.kv_cache_bytes / 2**20,
+            f" + {draft_bytes / 2**20:.1f} MiB for the draft model" if draft_bytes else "",
         )
+
+    @staticmethod
+    def bytes_per_block(loaded: LoadedModel, block_size: int, draft: LoadedModel | None = None) -> int:
+        """KV bytes one block costs: the target's, plus the draft model's."""
+        target = CacheShape.from_config(loaded.model.config, loaded.dtype).bytes_per_token() * block_size
+        return target + (DraftModel.bytes_per_block(draft, block_size) if draft is not None else 0)
 
     @property
     def num_blocks(self) -> int:
@@ -54,9 +68,13 @@ class ModelRunner:
         sample_rows, draft_rows, prompt_spans = self._logits_rows(chunks)
         if not sample_rows and not draft_rows and not prompt_spans:
             self._forward(input_ids, position_ids, context, logits_rows=None)
+            if self.drafter is not None:
+                self.drafter.mirror(input_ids, position_ids, context)
             return RunnerOutput(sampled=[])
         all_rows = sample_rows + draft_rows + [row for span in prompt_spans for row in span[2]]
         logits = self._forward(input_ids, position_ids, context, torch.tensor(all_rows, device=self.device))  # [R, vocab]
+        if self.drafter is not None:
+            self.drafter.mirror(input_ids, position_ids, context)
         rows = [
             SamplingRow(chunk.sampling_params, chunk.prompt_token_ids, chunk.output_token_ids, chunk.eos_token_id, chunk.grammar)
             for chunk in sampling_chunks
@@ -70,6 +88,8 @@ class ModelRunner:
         if draft_chunks:
             sampled += self._verify_drafts(logits[offset : offset + len(draft_rows)], draft_chunks)
             offset += len(draft_rows)
+        if self.drafter is not None:
+            sampled = self._propose_drafts(chunks, sampled)
         return RunnerOutput(sampled=sampled, prompt_logprobs=self._prompt_logprobs(logits, offset, prompt_spans))
 
     def _verify_drafts(self, logits: torch.Tensor, draft_chunks: list[ScheduledChunk]) -> list[SampledToken]:
@@ -86,6 +106,23 @@ class ModelRunner:
                 accepted += 1
             sampled.append(SampledToken(chunk.request_id, chunk_picks[accepted], None, drafts[:accepted]))
         return sampled
+
+    def _propose_drafts(self, chunks: list[ScheduledChunk], sampled: list[SampledToken]) -> list[SampledToken]:
+        """The draft model's proposals for the chunks that asked for them,
+        continuing from each request's newest token (accepted drafts included)."""
+        asking = {chunk.request_id: chunk for chunk in chunks if chunk.num_lookahead_tokens}
+        lookaheads = []
+        for token in sampled:
+            chunk = asking.get(token.request_id)
+            if chunk is None:
+                continue
+            num_own_tokens = chunk.num_new_tokens - len(chunk.draft_token_ids)
+            position = chunk.num_computed_tokens + num_own_tokens + len(token.accepted_draft_ids)
+            lookaheads.append(Lookahead(token.request_id, token.token_id, position, chunk.block_ids, chunk.num_lookahead_tokens))
+        if not lookaheads:
+            return sampled
+        drafts = self.drafter.propose(lookaheads)
+        return [dataclasses.replace(token, next_draft_token_ids=drafts[token.request_id]) if token.request_id in drafts else token for token in sampled]
 
     def _logits_rows(self, chunks: list[ScheduledChunk]) -> tuple[list[int], list[int], list[tuple[ScheduledChunk, int, list[int]]]]:
         """Rows whose logits are needed: each sampling chunk's last row; each
@@ -166,10 +203,5 @@ class ModelRunner:
     def _decode_tables(self, decode_chunks: list[ScheduledChunk]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if not decode_chunks:
             return None, None
-        max_blocks = max(len(chunk.block_ids) for chunk in decode_chunks)
-        tables = [chunk.block_ids + [0] * (max_blocks - len(chunk.block_ids)) for chunk in decode_chunks]
-        block_tables = torch.tensor(tables, dtype=torch.long, device=self.device)  # [B, max_blocks]
-        context_lens = torch.tensor([chunk.num_computed_tokens + 1 for chunk in decode_chunks], device=self.device)
-        positions = torch.arange(max_blocks * self.block_size, device=self.device)
-        mask = positions[None, :] < context_lens[:, None]  # [B, L]
-        return block_tables, mask[:, None, None, :]  # [B, 1, 1, L]
+        context_lens = [chunk.num_computed_tokens + 1 for chunk in decode_chunks]
+        return decode_tables([chunk.block_ids for chunk in decode_chunks], context_lens, self.block_size, self.device)

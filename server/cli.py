@@ -27,7 +27,8 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="auto, cpu or cuda")
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--chat-template", help="Jinja chat template file overriding the model's")
-    parser.add_argument("--num-speculative-tokens", type=int, help="n-gram speculative decoding: draft tokens per greedy request per step (default 0 = off)")
+    parser.add_argument("--num-speculative-tokens", type=int, help="speculative decoding: draft tokens per greedy request per step (default 0 = off; 4 with --speculative-model)")
+    parser.add_argument("--speculative-model", help="draft model with the served model's vocabulary (HF directory or hub id); without it drafts come from n-gram lookup")
     parser.add_argument("--max-request-bytes", type=int)
     parser.add_argument("--max-queue-len", type=int, help="most requests waiting to run; more get 503 (default 256)")
     parser.add_argument("--request-timeout", type=float, help="seconds before a request ends with 504 (default: no limit)")
@@ -66,6 +67,7 @@ def make_loader(settings: Settings):
             enable_prefix_caching=settings.enable_prefix_caching,
             max_model_len=settings.max_model_len,
             num_speculative_tokens=settings.num_speculative_tokens,
+            speculative_model=settings.speculative_model,
         )
         chat_template = Path(settings.chat_template).read_text() if settings.chat_template else None
         core = build_engine_core(config)

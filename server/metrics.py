@@ -40,7 +40,7 @@ class EngineCollector(Collector):
         yield CounterMetricFamily("tokenstep_num_preemptions", "Requests preempted for lack of KV blocks.", value=scheduler.num_preemptions)
         yield CounterMetricFamily("tokenstep_prefix_cache_queries", "Tokens looked up in the prefix cache.", value=scheduler.num_prefix_query_tokens)
         yield CounterMetricFamily("tokenstep_prefix_cache_hits", "Tokens served from the prefix cache.", value=scheduler.num_prefix_hit_tokens)
-        yield CounterMetricFamily("tokenstep_spec_decode_num_draft_tokens", "N-gram draft tokens proposed (speculative decoding).", value=scheduler.num_draft_tokens)
+        yield CounterMetricFamily("tokenstep_spec_decode_num_draft_tokens", "Draft tokens proposed (speculative decoding: n-gram lookup or a draft model).", value=scheduler.num_draft_tokens)
         yield CounterMetricFamily("tokenstep_spec_decode_num_accepted_tokens", "Draft tokens the model agreed with.", value=scheduler.num_accepted_tokens)
         yield CounterMetricFamily("tokenstep_engine_steps", "Engine iterations run.", value=batcher.num_steps)
 

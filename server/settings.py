@@ -27,7 +27,8 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     enable_prefix_caching: bool = True
-    num_speculative_tokens: int = Field(0, ge=0, le=16, description="n-gram speculative decoding: draft tokens per greedy request per step (0 = off)")
+    num_speculative_tokens: int | None = Field(None, ge=0, le=16, description="speculative decoding: draft tokens per greedy request per step, by n-gram lookup or from --speculative-model (default 0 = off; 4 with a speculative model)")
+    speculative_model: str | None = Field(None, description="draft model (HF directory or hub id, same vocabulary) for speculative decoding; unset = n-gram lookup when --num-speculative-tokens > 0")
     chat_template: str | None = Field(None, description="Jinja chat template file overriding the model's")
     max_request_bytes: int = Field(16 * 2**20, ge=1024, description="larger request bodies get 413")
     max_queue_len: int = Field(256, ge=1, description="most requests waiting to run (beyond free running slots); more get 503 + Retry-After")
@@ -36,11 +37,12 @@ class Settings(BaseSettings):
     allowed_origins: str | None = Field(None, description="comma-separated CORS origins ('*' = any); unset = CORS off")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
-    @field_validator("model")
+    @field_validator("model", "speculative_model")
     @classmethod
     def _empty_model_is_the_default(cls, model: str | None) -> str | None:
         """``TOKENSTEP_MODEL=`` (compose passes unset variables through empty)
-        means the embedded default, as leaving it out does."""
+        means the embedded default, as leaving it out does; an empty
+        ``TOKENSTEP_SPECULATIVE_MODEL=`` means none."""
         return model or None
 
     @property

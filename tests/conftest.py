@@ -10,7 +10,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from tests.tiny_models import build_tiny_gpt2, build_tiny_llama  # noqa: E402
+from tests.tiny_models import build_noisy_copy, build_tiny_gpt2, build_tiny_llama  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -36,3 +36,14 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, default_model_dir: 
 @pytest.fixture(scope="session")
 def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Path:
     return build_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"), default_model_dir)
+
+
+@pytest.fixture(scope="session")
+def noisy_llama_dir(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> Path:
+    """A draft model for ``tiny_llama_dir`` that agrees with it only in part."""
+    return build_noisy_copy(tiny_llama_dir, tmp_path_factory.mktemp("noisy-llama"), noise_std=0.05)
+
+
+@pytest.fixture(scope="session")
+def noisy_gpt2_dir(tmp_path_factory: pytest.TempPathFactory, tiny_gpt2_dir: Path) -> Path:
+    return build_noisy_copy(tiny_gpt2_dir, tmp_path_factory.mktemp("noisy-gpt2"), noise_std=0.05)

@@ -50,3 +50,16 @@ def build_tiny_gpt2(target: Path, tokenizer_dir: Path) -> Path:
         initializer_range=0.2,
     )
     return _save(GPT2LMHeadModel(config).eval(), target, tokenizer_dir)
+
+
+def build_noisy_copy(source_dir: Path, target: Path, noise_std: float) -> Path:
+    """``source_dir``'s model with Gaussian noise on every weight: a draft
+    model that agrees with its source on some greedy tokens, not all."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_pretrained(source_dir).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * noise_std)
+    return _save(model, target, source_dir)

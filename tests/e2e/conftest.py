@@ -24,6 +24,7 @@ class ServerProcess:
     """``tokenstep serve`` in a subprocess; stopped by ``close()``."""
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None, log_path: Path | None = None) -> None:
+        self.args = args
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         command = [sys.executable, "-c", "from server.cli import main; main()", "serve", *args, "--host", "127.0.0.1", "--port", str(self.port)]

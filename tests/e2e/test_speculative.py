@@ -1,6 +1,7 @@
-"""``--num-speculative-tokens``: n-gram speculative decoding through a real
-server gives exactly the greedy text of a server without it, streamed in
-deltas of several tokens, and reports its drafts in /metrics."""
+"""``--num-speculative-tokens`` (n-gram lookup) and ``--speculative-model``
+(a draft model): speculative decoding through a real server gives exactly
+the greedy text of a server without it, streamed in deltas of several
+tokens, and reports its drafts in /metrics."""
 
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,10 +17,13 @@ PHRASE = "the quick brown fox jumps over the lazy dog and "
 PROMPTS = [PHRASE * 6, "Copy this list: alpha, beta, gamma, delta. Again: alpha, beta, gamma, delta. Again:", "x"]
 
 
-@pytest.fixture(scope="module")
-def speculative_server(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    log = tmp_path_factory.mktemp("logs") / "speculative_server.log"
+@pytest.fixture(scope="module", params=["ngram", "draft-model"])
+def speculative_server(request: pytest.FixtureRequest, tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """n-gram lookup, or ``--speculative-model`` with a noisy copy of the served model."""
+    log = tmp_path_factory.mktemp("logs") / f"speculative_server_{request.param}.log"
     args = [str(tiny_llama_dir), "--served-model-name", "tiny", "--kv-cache-memory", "64MiB", "--dtype", "float32", "--num-speculative-tokens", "4"]
+    if request.param == "draft-model":
+        args += ["--speculative-model", str(request.getfixturevalue("noisy_llama_dir"))]
     yield from running_server(args, log)
 
 
@@ -43,6 +47,8 @@ def test_speculation_keeps_greedy_text_and_reports_drafts(speculative_server, ti
     drafts = metric(text, "tokenstep_spec_decode_num_draft_tokens_total") - drafts_before
     accepted = metric(text, "tokenstep_spec_decode_num_accepted_tokens_total")
     assert drafts > 0 and 0 <= accepted <= metric(text, "tokenstep_spec_decode_num_draft_tokens_total")
+    if "--speculative-model" in speculative_server.args:
+        assert accepted > 0, "the noisy copy agrees with the served model on some tokens"
 
 
 def test_sampled_and_logprob_requests_still_work_beside_speculation(speculative_server):

@@ -144,3 +144,64 @@ def test_parity_with_ngram_speculation_under_preemption(model_case):
     core = build(loaded, num_kv_blocks=36, max_num_batched_tokens=128, num_speculative_tokens=5)
     assert run_engine(core, repetitive, "pre", LONG) == reference_outputs(model_dir, repetitive, LONG)
     assert core.scheduler.num_preemptions > 0 and core.scheduler.num_accepted_tokens > 0
+
+
+@pytest.fixture(scope="module", params=["self", "noisy", "other-architecture"])
+def draft_case(request: pytest.FixtureRequest, model_case):
+    """A draft model for the target of ``model_case``: the target itself (every
+    draft accepted), a noisy copy (some accepted) or the other tiny model (a
+    different architecture with the same vocabulary: few accepted)."""
+    model_dir, _, _, _ = model_case
+    target_kind = "llama" if "llama" in model_dir.name else "gpt2"
+    draft_dirs = {
+        "self": model_dir,
+        "noisy": request.getfixturevalue(f"noisy_{target_kind}_dir"),
+        "other-architecture": request.getfixturevalue("tiny_gpt2_dir" if target_kind == "llama" else "tiny_llama_dir"),
+    }
+    return request.param, load_model(draft_dirs[request.param], dtype="float32", device="cpu")
+
+
+def test_parity_with_draft_model(model_case, draft_case):
+    """Draft-model speculation changes how many tokens a step yields, never
+    which: plain batch, chunked prefill, and the prefix cache's second pass."""
+    _, loaded, prompts, expected = model_case
+    kind, draft = draft_case
+    core = build_engine_core(EngineConfig(model="unused", num_kv_blocks=512, max_num_batched_tokens=64, num_speculative_tokens=3), loaded, draft)
+    assert run_engine(core, prompts, "first") == expected
+    assert run_engine(core, prompts, "second") == expected
+    scheduler = core.scheduler
+    assert scheduler.num_prefix_hit_tokens > 0
+    assert scheduler.num_draft_tokens > 0
+    if kind == "self":
+        assert scheduler.num_accepted_tokens == scheduler.num_draft_tokens, "a model agrees with itself on every greedy token"
+    if kind == "noisy":
+        assert 0 < scheduler.num_accepted_tokens < scheduler.num_draft_tokens, "a noisy copy should agree on some drafts, not all"
+
+
+def test_parity_with_draft_model_under_preemption(model_case, noisy_llama_dir):
+    model_dir, loaded, _, _ = model_case
+    draft = load_model(noisy_llama_dir if "llama" in model_dir.name else model_dir, dtype="float32", device="cpu")
+    repetitive = repetitive_prompts(seed=6, vocab_size=loaded.model.config.vocab_size)
+    config = EngineConfig(model="unused", num_kv_blocks=36, max_num_batched_tokens=128, num_speculative_tokens=5)
+    core = build_engine_core(config, loaded, draft)
+    assert run_engine(core, repetitive, "pre", LONG) == reference_outputs(model_dir, repetitive, LONG)
+    assert core.scheduler.num_preemptions > 0 and core.scheduler.num_accepted_tokens > 0
+
+
+def test_draft_model_must_share_the_vocabulary(tiny_llama_dir):
+    from transformers import GPT2TokenizerFast
+
+    from model_runtime.engine_factory import check_draft_vocabulary
+
+    loaded = load_model(tiny_llama_dir, dtype="float32", device="cpu")
+    other_tokenizer = GPT2TokenizerFast.from_pretrained(tiny_llama_dir)
+    other_tokenizer.add_tokens(["<an-extra-token>"])
+    draft = load_model(tiny_llama_dir, dtype="float32", device="cpu")
+    check_draft_vocabulary(draft, loaded, "same")
+    draft.tokenizer = other_tokenizer
+    with pytest.raises(ValueError, match="vocabulary differs"):
+        check_draft_vocabulary(draft, loaded, "other")
+    draft.tokenizer = loaded.tokenizer
+    draft.model.config.vocab_size = loaded.model.config.vocab_size + 1
+    with pytest.raises(ValueError, match="exceeds"):
+        check_draft_vocabulary(draft, loaded, "bigger")

@@ -1,0 +1,97 @@
+"""The draft model of draft-model speculative decoding (``--speculative-model``).
+
+A smaller causal LM with the target's vocabulary keeps its own paged KV cache
+with the *same* block ids and slot mapping as the target's, so the scheduler's
+block tables serve both. Each step it
+
+1. **mirrors** the target: one forward over exactly the step's flattened
+   tokens (prefill chunks, decodes, draft chunks), writing its own K/V at the
+   same slots, so its cache always holds the tokens the target holds (slots
+   of rejected drafts are overwritten later, as in the target's cache);
+2. **proposes**: for each chunk the scheduler gave ``num_lookahead_tokens`` k,
+   it feeds the request's newest token (the one the target just picked) and
+   then its own greedy picks, k decode forwards batched over those requests,
+   and returns the k picks as the next step's drafts.
+
+Step 2 writes K/V at the positions after the target's last token; the
+scheduler allocated blocks for them (``num_lookahead_tokens``). Everything
+runs on the model thread, on the target's device, in the target's dtype.
+"""
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from model_runtime.attention import CONTEXT_KWARG, StepContext, decode_tables
+from model_runtime.kv_cache import CacheShape, PagedKVCache
+from model_runtime.loader import LoadedModel
+
+
+@dataclass(frozen=True, slots=True)
+class Lookahead:
+    """One request to propose for: its newest ``token_id`` sits at ``position``."""
+
+    request_id: str
+    token_id: int
+    position: int
+    block_ids: list[int]
+    num_tokens: int
+
+
+class DraftModel:
+    """A draft model and its KV cache (``num_blocks`` like the target's)."""
+
+    def __init__(self, loaded: LoadedModel, num_blocks: int, block_size: int) -> None:
+        self.loaded = loaded
+        self.model = loaded.model
+        self.device = loaded.device
+        self.block_size = block_size
+        self.kv_cache = PagedKVCache(CacheShape.from_config(self.model.config, loaded.dtype), num_blocks, block_size, self.device)
+
+    @staticmethod
+    def bytes_per_block(loaded: LoadedModel, block_size: int) -> int:
+        return CacheShape.from_config(loaded.model.config, loaded.dtype).bytes_per_token() * block_size
+
+    def mirror(self, input_ids: torch.Tensor, position_ids: torch.Tensor, context: StepContext) -> None:
+        """Run the target's step inputs through the draft model (K/V only)."""
+        self._forward(input_ids, position_ids, self._own(context), logits_to_keep=1)
+
+    def propose(self, lookaheads: list[Lookahead]) -> dict[str, list[int]]:
+        """Greedy drafts for each request, ``num_tokens`` each, batched."""
+        drafts: dict[str, list[int]] = {item.request_id: [] for item in lookaheads}
+        tokens = {item.request_id: item.token_id for item in lookaheads}
+        for step in range(max((item.num_tokens for item in lookaheads), default=0)):
+            active = [item for item in lookaheads if item.num_tokens > step]
+            positions = [item.position + step for item in active]
+            input_ids = torch.tensor([[tokens[item.request_id] for item in active]], dtype=torch.long, device=self.device)  # [1, B]
+            position_ids = torch.tensor([positions], dtype=torch.long, device=self.device)  # [1, B]
+            context = self._decode_context([item.block_ids for item in active], positions)
+            logits = self._forward(input_ids, position_ids, context, logits_to_keep=0)[0]  # [B, vocab]
+            picks = logits.max(dim=-1).indices.tolist()  # [B]
+            for item, token_id in zip(active, picks):
+                drafts[item.request_id].append(token_id)
+                tokens[item.request_id] = token_id
+        return drafts
+
+    def _own(self, context: StepContext) -> StepContext:
+        return dataclasses.replace(context, key_caches=self.kv_cache.key_caches, value_caches=self.kv_cache.value_caches)
+
+    def _decode_context(self, block_tables: list[list[int]], positions: list[int]) -> StepContext:
+        block_size = self.block_size
+        slots = [block_ids[p // block_size] * block_size + p % block_size for block_ids, p in zip(block_tables, positions)]
+        tables, mask = decode_tables(block_tables, [p + 1 for p in positions], block_size, self.device)
+        return StepContext(
+            key_caches=self.kv_cache.key_caches,
+            value_caches=self.kv_cache.value_caches,
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
+            num_decode_tokens=len(positions),
+            decode_block_tables=tables,
+            decode_context_mask=mask,
+            prefills=[],
+        )
+
+    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, context: StepContext, logits_to_keep: int) -> torch.Tensor:
+        output = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False, logits_to_keep=logits_to_keep, **{CONTEXT_KWARG: context})
+        return output.logits  # [1, rows, vocab]
+
