@@ -13,17 +13,24 @@ often tied to the input embedding, which must stay row-major for lookups.
 **bfloat16** (on CPUs with native bf16: AMX or AVX512-BF16): every linear,
 the LM head included, becomes a ``PackedLinear`` whose weight is reordered
 once into oneDNN's blocked layout and multiplied by oneDNN (AMX tiles where
-present). Decode step of the default model here, B = 1 / 16 / 64: bf16 plain
-38.9 / 57.3 / 113.1 ms, bf16 packed 30.0 / 49.2 / 109.2 ms (float32 with the
-``[in, out]`` layout: 35.5 / 88.8 / 190.4 ms). Packing float32 weights the
-same way was better from 16 rows but worse for one (hint 64: 42.8 / 74.3 /
-155.7 ms), so a small float32 model keeps both: ``RowSwitchedLinear`` uses
-the ``[in, out]`` weight below ``PACKED_FROM_ROWS`` rows and the packed one
-from there (B = 1 / 16 / 64: 35.0 / 72.4 / 153.2 ms against 35.6 / 80.5 /
-148.1 ms in the same session). That costs a second copy of every linear
-weight, so it is only done while the linears hold at most
-``DUAL_LAYOUT_MAX_BYTES`` (the default model: 540 MB -> +540 MB).
+present). Decode step of the default model on an Intel host with AMX,
+B = 1 / 16 / 64: bf16 plain 38.9 / 57.3 / 113.1 ms, bf16 packed 30.0 / 49.2 /
+109.2 ms (float32 with the ``[in, out]`` layout: 35.5 / 88.8 / 190.4 ms).
+
+**float32, small models** (linears of at most ``DUAL_LAYOUT_MAX_BYTES``, the
+default model's 540 MB): which kernel is faster at a few rows depends on the
+CPU, so it is measured at load time (``choose_packed_from_rows``: the model's
+own linears, one pass over all their weights as in a decode step, at 1, 2
+and 4 rows). Packing was better from 16 rows on both hosts measured, but for
+a single row an Intel host (AMX) ran MKL's ``[in, out]`` GEMV faster (35.0 vs
+42.8 ms per decode step) while an AMD EPYC (Zen 5) ran oneDNN's packed kernel
+faster (25 vs 37-42 ms; at 4 rows 27 vs 61-71 ms). So each linear is a
+``RowSwitchedLinear``: the ``[in, out]`` weight below ``packed_from_rows``
+rows, the packed one from there; when packing wins from one row, the
+``[in, out]`` copy is dropped and the model holds its weights once.
 """
+
+import time
 
 import torch
 from torch import nn
@@ -62,13 +69,14 @@ class PackedLinear(nn.Module):
 
 
 class RowSwitchedLinear(nn.Module):
-    """float32 ``nn.Linear`` holding its weight twice: laid out ``[in, out]``
-    for MKL (fastest for a few rows) and packed for oneDNN (fastest from
-    ``PACKED_FROM_ROWS`` rows). Inference only."""
+    """float32 ``nn.Linear`` with its weight packed for oneDNN and, while
+    ``packed_from_rows`` > 1, also laid out ``[in, out]`` for MKL, which
+    serves inputs of fewer rows. Inference only."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, packed_from_rows: int = PACKED_FROM_ROWS) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed_from_rows = packed_from_rows
         with torch.no_grad():
             weight = linear.weight.detach()
             packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), _FLOAT32_PACKING_ROWS_HINT)
@@ -77,9 +85,54 @@ class RowSwitchedLinear(nn.Module):
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() // self.in_features >= PACKED_FROM_ROWS:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+        if x.numel() // self.in_features >= self.packed_from_rows:
+            return self.packed_forward(x)
+        return self.mkl_forward(x)
+
+    def packed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+
+    def mkl_forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, self.weight, self.bias)
+
+    def use_packed_from(self, rows: int) -> None:
+        """Switch at ``rows``; from 1 row on, the ``[in, out]`` copy is freed."""
+        self.packed_from_rows = rows
+        if rows <= 1:
+            self.weight = None
+
+
+PROBE_ROWS = (1, 2, 4)
+_PROBE_PASSES = 3
+
+
+@torch.inference_mode()
+def choose_packed_from_rows(linears: list[RowSwitchedLinear]) -> int:
+    """The smallest of ``PROBE_ROWS`` from which oneDNN's packed kernel beat
+    MKL's at every larger probe, timing one pass over all ``linears`` (their
+    weights streamed from memory, as in a decode step; best of a few passes,
+    the two kernels interleaved against noise); ``PACKED_FROM_ROWS`` if MKL
+    won at the largest probe. A second or so at load for the default model."""
+    inputs = {(rows, n): torch.randn(rows, n) for rows in PROBE_ROWS for n in {m.in_features for m in linears}}
+
+    def pass_s(rows: int, packed: bool) -> float:
+        start = time.perf_counter()
+        for module in linears:
+            x = inputs[rows, module.in_features]
+            module.packed_forward(x) if packed else module.mkl_forward(x)
+        return time.perf_counter() - start
+
+    packed_from = PACKED_FROM_ROWS
+    for rows in sorted(PROBE_ROWS, reverse=True):
+        pass_s(rows, True), pass_s(rows, False)  # warm-up: first-call allocations and oneDNN primitives
+        best = {True: float("inf"), False: float("inf")}
+        for _ in range(_PROBE_PASSES):
+            for packed in (True, False):
+                best[packed] = min(best[packed], pass_s(rows, packed))
+        if best[True] >= best[False]:
+            break
+        packed_from = rows
+    return packed_from
 
 
 def prefer_input_major_linears(model: nn.Module) -> int:
@@ -118,5 +171,12 @@ def optimise_cpu_linears(model: nn.Module, dtype: torch.dtype) -> str:
     if dtype == torch.bfloat16 and has_native_bf16():
         return f"{replace_linears(model, PackedLinear)} linears packed for oneDNN (bf16)"
     if dtype == torch.float32 and torch.backends.mkldnn.is_available() and linear_weight_bytes(model) <= DUAL_LAYOUT_MAX_BYTES:
-        return f"{replace_linears(model, RowSwitchedLinear)} linears kept [in, out] for < {PACKED_FROM_ROWS} rows and packed for oneDNN from {PACKED_FROM_ROWS}"
+        count = replace_linears(model, RowSwitchedLinear)
+        linears = [module for module in model.modules() if isinstance(module, RowSwitchedLinear)]
+        packed_from = choose_packed_from_rows(linears)
+        for module in linears:
+            module.use_packed_from(packed_from)
+        if packed_from <= 1:
+            return f"{count} linears packed for oneDNN (float32; faster than MKL from one row on this CPU, measured at load)"
+        return f"{count} linears kept [in, out] for < {packed_from} rows and packed for oneDNN from {packed_from} (measured at load)"
     return f"{prefer_input_major_linears(model)} linears laid out [in, out]"
