@@ -1,8 +1,9 @@
 """The scheduling policy: which requests run in the next step, and how many
 tokens each.
 
-Per step one token budget (``max_num_batched_tokens``) serves decode and
-prefill alike: running requests go first (one token each when decoding, or
+Per step one token budget (``max_num_batched_tokens``, raised to
+``tokens_per_running_request`` times the running requests when that is
+larger) serves decode and prefill alike: running requests go first (one token each when decoding, or
 their next prompt chunk), then waiting requests are admitted first-come
 first-served with whatever budget is left, their prompts chunked to fit. So a
 long prompt never stalls decoding, and chunked prefill is not a special case.
@@ -34,6 +35,10 @@ from batching.stop import StopDecision, check_token_stop
 class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
+    # With N requests running, a step may batch up to this many tokens per
+    # running request when that exceeds max_num_batched_tokens (0: fixed
+    # budget), so prefill keeps pace as concurrency grows.
+    tokens_per_running_request: int = 0
     # Speculative decoding: draft tokens per decoding request (0: off), from
     # n-gram lookup ("ngram") or the runner's draft model ("draft_model").
     num_speculative_tokens: int = 0
@@ -94,7 +99,8 @@ class Scheduler:
             )
 
     def schedule(self) -> SchedulerOutput:
-        token_budget = self.config.max_num_batched_tokens
+        step_budget = max(self.config.max_num_batched_tokens, self.config.tokens_per_running_request * len(self.running))
+        token_budget = step_budget
         scheduled: list[tuple[Request, int]] = []
         drafts: dict[str, list[int]] = {}
         lookaheads: dict[str, int] = {}
@@ -147,7 +153,7 @@ class Scheduler:
         ]
         return SchedulerOutput(
             chunks=chunks,
-            num_batched_tokens=self.config.max_num_batched_tokens - token_budget,
+            num_batched_tokens=step_budget - token_budget,
             preempted_request_ids=preempted,
         )
 

@@ -1,6 +1,6 @@
 """Time and profile one engine decode step at several batch sizes.
 
-    .venv/bin/python benchmarks/step_profile.py [--batch-sizes 1,16,64] [--context 128]
+    .venv/bin/python benchmarks/step_profile.py [--batch-sizes 1,16,64] [--context 128] [--prefill-tokens 112]
 
 For each batch size: B requests with `--context`-token prompts are prefilled,
 then decode steps are timed (median of 12) and one profiled with
@@ -9,6 +9,7 @@ cache writes, sampling and the rest (norms, RoPE, activations, Python).
 """
 
 import argparse
+import dataclasses
 import time
 from collections import defaultdict
 
@@ -29,13 +30,23 @@ GROUPS = {
 }
 
 
-def run(loaded, batch_size: int, context: int) -> None:
+def run(loaded, batch_size: int, context: int, prefill_tokens: int = 0) -> None:
+    """Time decode steps of ``batch_size`` requests; with ``prefill_tokens``,
+    every timed step also carries a prefill chunk of that many tokens (as
+    when new requests arrive under load)."""
     core = build_engine_core(EngineConfig(model="x", kv_cache_memory="1GiB", max_num_batched_tokens=8192, max_num_seqs=256), loaded)
     params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
     for i in range(batch_size):
         core.add_request(core.make_request(f"r{i}", [1000 + (i * 7 + t) % 40000 for t in range(context)], params))
     while core.scheduler.waiting or any(r.num_computed_tokens < r.num_prompt_tokens for r in core.scheduler.running):
         core.step()
+    if prefill_tokens:
+        # A new prompt of prefill_tokens tokens per step (the step budget
+        # admits one at a time); max_tokens 1, so it leaves once prefilled.
+        core.scheduler.config = dataclasses.replace(core.scheduler.config, max_num_batched_tokens=batch_size + prefill_tokens)
+        one_token = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+        for i in range(16):
+            core.add_request(core.make_request(f"new{i}", [2000 + (i * 11 + t) % 40000 for t in range(prefill_tokens)], one_token))
     times = []
     for _ in range(12):
         start = time.perf_counter()
@@ -48,7 +59,8 @@ def run(loaded, batch_size: int, context: int) -> None:
     for event in prof.key_averages():
         totals[GROUPS.get(event.key, "other ops")] += event.self_cpu_time_total / 1000
     profiled = sum(totals.values())
-    print(f"B={batch_size:3d}: {step_s * 1000:6.1f} ms/step, {batch_size / step_s:6.1f} tok/s | " + ", ".join(
+    label = f" + {prefill_tokens} prefill tokens" if prefill_tokens else ""
+    print(f"B={batch_size:3d}{label}: {step_s * 1000:6.1f} ms/step, {batch_size / step_s:6.1f} tok/s | " + ", ".join(
         f"{name} {ms / profiled:.0%}" for name, ms in sorted(totals.items(), key=lambda kv: -kv[1])))
 
 
@@ -57,10 +69,11 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="1,16,64")
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--prefill-tokens", type=int, default=0, help="also carry a prefill chunk of this many tokens in every timed step")
     args = parser.parse_args()
     loaded = load_model(default_model_dir(), args.dtype, "cpu")
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
-        run(loaded, batch_size, args.context)
+        run(loaded, batch_size, args.context, args.prefill_tokens)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ class Settings(BaseSettings):
     api_key: str | None = Field(None, repr=False, description="require 'Authorization: Bearer KEY' on /v1 routes")
     served_model_name: str | None = None
     max_num_seqs: int = Field(64, ge=1, description="most requests running at once")
-    max_num_batched_tokens: int | None = Field(None, ge=1, description="token budget of one step (prefill + decode); default 128 on CPU, 2048 on CUDA")
+    max_num_batched_tokens: int | None = Field(None, ge=1, description="token budget of one step (prefill + decode); default on CPU 128, or 8 per running request when more (512 at 64 in flight); 2048 on CUDA")
     block_size: int = Field(16, ge=1, le=1024)
     kv_cache_memory: str | None = Field(None, description="KV pool size, e.g. 512MiB or 2GiB (default 1GiB on CPU, 80% of free GPU memory on CUDA)")
     max_model_len: int | None = Field(None, ge=1, description="context window (default: the model's)")

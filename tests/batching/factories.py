@@ -32,9 +32,10 @@ def create_scheduler(
     max_num_seqs: int = 64,
     max_num_batched_tokens: int = 512,
     enable_prefix_caching: bool = True,
+    tokens_per_running_request: int = 0,
 ) -> Scheduler:
     block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching=enable_prefix_caching)
-    config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens)
+    config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, tokens_per_running_request=tokens_per_running_request)
     return Scheduler(config, block_manager)
 
 

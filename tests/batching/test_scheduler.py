@@ -516,3 +516,23 @@ def test_the_block_a_finishing_request_fills_in_its_last_step_is_cached() -> Non
     add_all(scheduler, [follow_up])
     run_step(scheduler, runner)
     assert follow_up.num_cached_tokens == 4
+
+
+def test_the_budget_grows_with_the_running_requests_when_asked():
+    """tokens_per_running_request: 8 per running request, at least the base
+    budget; the prompts queued behind 40 decodes get what is left."""
+    scheduler = create_scheduler(num_blocks=512, max_num_batched_tokens=64, tokens_per_running_request=8)
+    for request in create_requests(40, num_tokens=1, max_tokens=100):
+        scheduler.add_request(request)
+    runner = FakeRunner()
+    first, _ = run_step(scheduler, runner)
+    assert first.num_batched_tokens == 40, "40 one-token prompts fit the base budget of 64"
+    for request in create_requests(4, num_tokens=200, max_tokens=4, first_index=100):
+        scheduler.add_request(request)
+    second, _ = run_step(scheduler, runner)
+    assert second.num_batched_tokens == 8 * 40, "40 running: 320 tokens, of which 280 go to the new prompts"
+    fixed = create_scheduler(num_blocks=512, max_num_batched_tokens=64)
+    for request in create_requests(40, num_tokens=1, max_tokens=100) + create_requests(4, num_tokens=200, max_tokens=4, first_index=100):
+        fixed.add_request(request)
+    run_step(fixed, runner)
+    assert run_step(fixed, runner)[0].num_batched_tokens == 64, "without it the budget stays fixed"
