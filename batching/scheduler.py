@@ -3,10 +3,11 @@ tokens each.
 
 Per step one token budget (``max_num_batched_tokens``, raised to
 ``tokens_per_running_request`` times the running requests when that is
-larger) serves decode and prefill alike: running requests go first (one token each when decoding, or
-their next prompt chunk), then waiting requests are admitted first-come
-first-served with whatever budget is left, their prompts chunked to fit. So a
-long prompt never stalls decoding, and chunked prefill is not a special case.
+larger) serves decode and prefill alike: running requests go first (one
+token each when decoding, or their next prompt chunk), then waiting
+requests are admitted first-come first-served with whatever budget is left,
+their prompts chunked to fit. So a long prompt never stalls decoding, and
+chunked prefill is not a special case.
 When KV blocks run out, the most recently admitted request is preempted: its
 blocks are freed and it goes back to the front of the queue, to be recomputed
 (prompt plus the tokens it already produced) when blocks free up.

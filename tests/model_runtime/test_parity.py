@@ -205,3 +205,19 @@ def test_draft_model_must_share_the_vocabulary(tiny_llama_dir):
     draft.model.config.vocab_size = loaded.model.config.vocab_size + 1
     with pytest.raises(ValueError, match="exceeds"):
         check_draft_vocabulary(draft, loaded, "bigger")
+
+
+def test_cpu_step_budget_grows_with_the_running_requests_unless_given(tiny_llama_dir):
+    """Defaults wired by the engine factory: on CPU 128 tokens or 8 per
+    running request; an explicit --max-num-batched-tokens stays fixed; no
+    draft model means n-gram speculation, 0 tokens unless asked."""
+    from model_runtime.engine_factory import CPU_TOKEN_BUDGET, CPU_TOKENS_PER_RUNNING_REQUEST
+
+    loaded = load_model(tiny_llama_dir, dtype="float32", device="cpu")
+    default = build_engine_core(EngineConfig(model="unused", num_kv_blocks=64), loaded).scheduler.config
+    assert (default.max_num_batched_tokens, default.tokens_per_running_request) == (CPU_TOKEN_BUDGET, CPU_TOKENS_PER_RUNNING_REQUEST)
+    assert (default.num_speculative_tokens, default.speculative_method) == (0, "ngram")
+    fixed = build_engine_core(EngineConfig(model="unused", num_kv_blocks=64, max_num_batched_tokens=300), loaded).scheduler.config
+    assert (fixed.max_num_batched_tokens, fixed.tokens_per_running_request) == (300, 0)
+    with_draft = build_engine_core(EngineConfig(model="unused", num_kv_blocks=64), loaded, load_model(tiny_llama_dir, dtype="float32", device="cpu"))
+    assert (with_draft.scheduler.config.num_speculative_tokens, with_draft.scheduler.config.speculative_method) == (4, "draft_model")

@@ -108,3 +108,10 @@ def test_an_empty_model_means_the_default_and_speculation_is_a_setting(clean_env
     assert settings.model is None
     assert settings.num_speculative_tokens == 3
     assert parse_settings(["--num-speculative-tokens", "5"]).num_speculative_tokens == 5
+
+
+def test_the_speculative_model_is_a_flag_and_an_empty_variable_means_none(clean_env):
+    clean_env.setenv("TOKENSTEP_SPECULATIVE_MODEL", "")
+    settings = parse_settings([])
+    assert settings.speculative_model is None and settings.num_speculative_tokens is None
+    assert parse_settings(["--speculative-model", "/models/draft"]).speculative_model == "/models/draft"
