@@ -53,8 +53,8 @@ class IncrementalDetokenizer:
     ``_window_ids[:_read_offset]`` is the already-emitted context whose text is
     ``_prefix_text``; the tokens after ``_read_offset`` are unread. The
     concatenation of every ``step()`` result and ``flush()`` equals
-    ``tokenizer.decode(output_ids, skip_special_tokens=...)`` for text whose
-    characters are complete. No ``step()`` result holds part of a character
+    ``tokenizer.decode(output_ids, skip_special_tokens=...)`` less a trailing
+    incomplete character. No ``step()`` result holds part of a character
     that a later token completes: U+FFFD only stands for bytes broken for good.
     """
 
@@ -88,10 +88,17 @@ class IncrementalDetokenizer:
         return ""
 
     def flush(self) -> str:
-        """Return whatever is still held back; may contain U+FFFD (broken bytes)."""
+        """Return whatever is still held back, at the end of the output.
+
+        Trailing bytes that never became a character (``max_tokens`` cut an
+        emoji in half) are dropped, so the text never ends in U+FFFD; their
+        tokens still count as output. U+FFFD stays only for bytes broken
+        for good inside the text.
+        """
         if len(self._window_ids) == self._read_offset:
             return ""
         window_text = self._decode(self._window_ids)
+        window_text = window_text[: len(self._prefix_text)] + window_text[len(self._prefix_text) :].rstrip(REPLACEMENT_CHAR)
         if len(window_text) <= len(self._prefix_text):
             self._advance(len(self._window_ids))
             return ""

@@ -17,7 +17,7 @@ import hmac
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -28,8 +28,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from batching.engine import DynamicBatcher
 from batching.errors import EngineUnavailableError, TokenstepError
+from batching.token_bytes import TokenBytes
 from server.errors import error_response, install_error_handlers
 from server.metrics import Metrics
+from server.request_log import RequestIdMiddleware
+from server.response_store import ResponseStore
 from server.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -45,6 +48,10 @@ class Served:
     max_model_len: int
     model_root: str = ""
     chat_template: str | None = None
+    token_bytes: TokenBytes = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.token_bytes = TokenBytes(self.tokenizer)
 
 
 class AuthError(TokenstepError):
@@ -128,9 +135,11 @@ def create_app(settings: Settings, load: Callable[[], Served] | None = None, rea
     app.state.served = None
     app.state.model_thread = None
     app.state.load_error = None
+    app.state.responses = ResponseStore(settings.max_stored_responses)
     app.state.metrics = Metrics(lambda: app.state.served.batcher if app.state.served else None)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(RequestIdMiddleware)
     if settings.allowed_origin_list:
         # Added last, so outermost: error responses (413, 401, ...) carry CORS headers too.
         app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origin_list, allow_methods=["GET", "POST"], allow_headers=["authorization", "content-type"])
@@ -148,11 +157,13 @@ def create_app(settings: Settings, load: Callable[[], Served] | None = None, rea
 
     from server.chat import router as chat_router
     from server.completions import router as completions_router
+    from server.responses import router as responses_router
     from server.tokenize import router as tokenize_router
 
     api = APIRouter(dependencies=[Depends(_check_api_key)])
     api.include_router(completions_router)
     api.include_router(chat_router)
+    api.include_router(responses_router)
     api.include_router(tokenize_router)
     app.include_router(api)
     return app

@@ -31,6 +31,7 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--speculative-model", help="draft model with the served model's vocabulary (HF directory or hub id); without it drafts come from n-gram lookup")
     parser.add_argument("--max-request-bytes", type=int)
     parser.add_argument("--max-queue-len", type=int, help="most requests waiting to run; more get 503 (default 256)")
+    parser.add_argument("--max-stored-responses", type=int, help="responses kept in memory for previous_response_id (LRU; default 1024; 0 = none)")
     parser.add_argument("--request-timeout", type=float, help="seconds before a request ends with 504 (default: no limit)")
     parser.add_argument("--shutdown-timeout", type=float, help="on SIGTERM, seconds in-flight requests may finish (default 30)")
     parser.add_argument("--allowed-origins", help="comma-separated CORS origins (default: CORS off)")

@@ -6,6 +6,7 @@ Logprobs use OpenAI's legacy shape; with ``echo`` the prompt (and, with
 """
 
 import json
+import time
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends, Request
@@ -13,9 +14,9 @@ from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
 from batching.errors import InvalidRequestError
-from batching.messages import TokenLogprobs
 from batching.outputs import RequestOutput
 from server.app import Served, served
+from server.logprobs import LegacyLogprobs
 from server.generation import check_context, check_model, merge, sampling_params, sse_response, start_choices, unless_disconnected
 from server.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Usage, model_dump, new_id
 
@@ -56,16 +57,17 @@ def prompt_token_lists(body: CompletionRequest, state: Served) -> tuple[list[lis
 class ChoiceText:
     """Accumulates one choice: echo prefix, text and legacy logprobs."""
 
-    def __init__(self, state: Served, prompt_ids: list[int], prompt_text: str | None, echo: bool, want_logprobs: bool) -> None:
-        self.state = state
+    def __init__(self, state: Served, prompt_ids: list[int], prompt_text: str | None, echo: bool, want_logprobs: bool, skip_special_tokens: bool = True) -> None:
         self.prompt_ids = prompt_ids
-        self.echo_text = (prompt_text if prompt_text is not None else state.tokenizer.decode(prompt_ids)) if echo else ""
+        if echo and prompt_text is None:
+            prompt_text = state.tokenizer.decode(prompt_ids, skip_special_tokens=skip_special_tokens)
+        self.echo_text = prompt_text if echo else ""
         self.echo = echo
         self.want_logprobs = want_logprobs
         self.is_first = True
-        self.offset = 0
         self.text: list[str] = []
         self.logprobs = CompletionLogprobs()
+        self._legacy = LegacyLogprobs(state.token_bytes, skip_special_tokens)
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.num_output_tokens = 0
@@ -78,12 +80,12 @@ class ChoiceText:
             if self.echo:
                 text = self.echo_text + text
                 if logprobs is not None:
-                    self._append(logprobs, self.prompt_ids[0], None, None)
+                    self._legacy.append(logprobs, self.prompt_ids[0], None)
                     for item in output.prompt_logprobs or []:
-                        self._append(logprobs, item.token_id, item.logprob, item)
+                        self._legacy.append(logprobs, item.token_id, item)
         if logprobs is not None:
             for item in output.logprobs:
-                self._append(logprobs, item.token_id, item.logprob, item)
+                self._legacy.append(logprobs, item.token_id, item)
             for field in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
                 getattr(self.logprobs, field).extend(getattr(logprobs, field))
         self.text.append(text)
@@ -92,18 +94,10 @@ class ChoiceText:
         self.stop_reason = output.stop_reason
         return text, logprobs
 
-    def _append(self, logprobs: CompletionLogprobs, token_id: int, logprob: float | None, item: TokenLogprobs | None) -> None:
-        decode = self.state.tokenizer.decode
-        token_text = decode([token_id])
-        logprobs.tokens.append(token_text)
-        logprobs.token_logprobs.append(logprob)
-        logprobs.top_logprobs.append(None if item is None else {decode([t]): lp for t, lp in item.top} | {token_text: item.logprob})
-        logprobs.text_offset.append(self.offset)
-        self.offset += len(token_text)
-
 
 @router.post("/v1/completions", response_model=None)
 async def create_completion(body: CompletionRequest, raw_request: Request, state: Served = Depends(served)) -> JSONResponse | EventSourceResponse:
+    created = int(time.time())  # arrival: the same value in every chunk and in the JSON body
     _check_supported(body)
     check_model(body.model, state)
     prompts, texts = prompt_token_lists(body, state)
@@ -113,18 +107,19 @@ async def create_completion(body: CompletionRequest, raw_request: Request, state
     prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
     params = sampling_params(body, max_tokens, body.logprobs, prompt_logprobs)
     request_id = new_id("cmpl")
+    raw_request.state.request_id = request_id
     choices = await start_choices(state, prompts, params, body.n, request_id)
     accumulators = {
-        choice.index: ChoiceText(state, choice.prompt_token_ids, texts[choice.index // body.n], body.echo, body.logprobs is not None)
+        choice.index: ChoiceText(state, choice.prompt_token_ids, texts[choice.index // body.n], body.echo, body.logprobs is not None, body.skip_special_tokens)
         for choice in choices
     }
     usage_prompt_tokens = sum(len(prompt) for prompt in prompts)
     settings = raw_request.app.state.settings
     outputs = merge(state, choices, raw_request.app.state.metrics, settings.request_timeout)
+    header = {"id": request_id, "created": created, "model": state.model_name}  # every body and chunk starts so
     if body.stream:
-        events = _stream(outputs, accumulators, request_id, state.model_name, usage_prompt_tokens, body.include_usage)
-        return sse_response(events, settings)
-    return JSONResponse(await unless_disconnected(raw_request, _collect(outputs, accumulators, request_id, state.model_name, usage_prompt_tokens)))
+        return sse_response(_stream(outputs, accumulators, header, usage_prompt_tokens, body.include_usage), settings)
+    return JSONResponse(await unless_disconnected(raw_request, _collect(outputs, accumulators, header, usage_prompt_tokens)))
 
 
 def _usage(prompt_tokens: int, accumulators: dict[int, ChoiceText]) -> Usage:
@@ -132,27 +127,27 @@ def _usage(prompt_tokens: int, accumulators: dict[int, ChoiceText]) -> Usage:
     return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens)
 
 
-async def _collect(outputs: AsyncIterator[tuple[int, RequestOutput]], accumulators: dict[int, ChoiceText], request_id: str, model_name: str, prompt_tokens: int) -> dict:
+async def _collect(outputs: AsyncIterator[tuple[int, RequestOutput]], accumulators: dict[int, ChoiceText], header: dict, prompt_tokens: int) -> dict:
     async for index, output in outputs:
         accumulators[index].add(output)
     choices = [
         CompletionChoice(index=index, text="".join(acc.text), logprobs=acc.logprobs if acc.want_logprobs else None, finish_reason=acc.finish_reason, stop_reason=acc.stop_reason)
         for index, acc in sorted(accumulators.items())
     ]
-    return model_dump(CompletionResponse(id=request_id, model=model_name, choices=choices, usage=_usage(prompt_tokens, accumulators)))
+    return model_dump(CompletionResponse(**header, choices=choices, usage=_usage(prompt_tokens, accumulators)))
 
 
-async def _stream(outputs: AsyncIterator[tuple[int, RequestOutput]], accumulators: dict[int, ChoiceText], request_id: str, model_name: str, prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
+async def _stream(outputs: AsyncIterator[tuple[int, RequestOutput]], accumulators: dict[int, ChoiceText], header: dict, prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
     try:
         async for index, output in outputs:
             text, logprobs = accumulators[index].add(output)
             if not text and not output.is_finished and not (logprobs and logprobs.tokens):
                 continue
             choice = CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=output.finish_reason, stop_reason=output.stop_reason)
-            yield json.dumps(model_dump(CompletionResponse(id=request_id, model=model_name, choices=[choice])))
+            yield json.dumps(model_dump(CompletionResponse(**header, choices=[choice])))
         if include_usage:
             usage = _usage(prompt_tokens, accumulators)
-            yield json.dumps(model_dump(CompletionResponse(id=request_id, model=model_name, choices=[], usage=usage)))
+            yield json.dumps(model_dump(CompletionResponse(**header, choices=[], usage=usage)))
         yield "[DONE]"
     finally:
         await outputs.aclose()

@@ -10,13 +10,21 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from batching.errors import TokenstepError
+from server.request_log import request_id_of
 
 logger = logging.getLogger(__name__)
 
+
+class ClientDisconnected(Exception):
+    """The HTTP client went away before its response was ready: normal, not
+    an error. Its requests are already aborted; the handler logs one INFO
+    line and answers 499 (nginx's "client closed request") to nobody."""
+
+CLIENT_CLOSED_REQUEST = 499
 _TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 429: "rate_limit_error"}
 
 
@@ -57,7 +65,12 @@ def install_error_handlers(app: FastAPI) -> None:
         code = "request_too_large" if exc.status_code == 413 else None
         return error_response(exc.status_code, str(exc.detail), code=code, headers=getattr(exc, "headers", None))
 
+    @app.exception_handler(ClientDisconnected)
+    async def _disconnected(request: Request, _: ClientDisconnected) -> Response:
+        logger.info("request_id=%s client disconnected from %s; its requests were aborted", request_id_of(request.scope), request.url.path)
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        logger.exception("request_id=%s unhandled error on %s %s", request_id_of(request.scope), request.method, request.url.path)
         return error_response(500, "internal server error", code=None)

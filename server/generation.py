@@ -26,7 +26,7 @@ from batching.outputs import RequestOutput
 from batching.sampling_params import SamplingParams
 from batching.structured import GuidedDecoding
 from server.app import Served
-from server.errors import error_type_for
+from server.errors import ClientDisconnected, error_type_for
 from server.metrics import Metrics, RequestTimer
 from server.protocol import SamplingFields
 from server.settings import Settings
@@ -63,10 +63,6 @@ def output_error(output: RequestOutput) -> EngineFailedError:
 def error_event(message: str, status: int = 500) -> str:
     """An SSE ``data`` payload in OpenAI's error shape (code: the HTTP status)."""
     return json.dumps({"error": {"message": message, "type": error_type_for(status), "param": None, "code": status}})
-
-
-class ClientDisconnected(Exception):
-    """The HTTP client went away before its response was ready."""
 
 
 def guided_decoding(body: SamplingFields) -> GuidedDecoding | None:
@@ -150,14 +146,16 @@ class ModelNotFoundError(InvalidRequestError):
     code = "model_not_found"
 
 
-def check_context(num_prompt_tokens: int, max_tokens: int, state: Served) -> None:
-    """Prompt + max_tokens must fit the context window (400 naming both numbers)."""
+def check_context(num_prompt_tokens: int, max_tokens: int, state: Served, max_tokens_param: str = "max_tokens", prompt_param: str = "prompt") -> None:
+    """Prompt + max_tokens must fit the context window (400 naming both numbers
+    and, as ``param``, the field the client sent: ``max_tokens_param`` when the
+    prompt alone fits, else ``prompt_param``)."""
     if num_prompt_tokens + max_tokens > state.max_model_len:
         error = InvalidRequestError(
             f"This model's maximum context length is {state.max_model_len} tokens. However, you requested "
             f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the prompt, {max_tokens} for the "
-            "completion). Please reduce the prompt or max_tokens.",
-            param="max_tokens" if num_prompt_tokens < state.max_model_len else "prompt",
+            f"completion). Please reduce the prompt or {max_tokens_param}.",
+            param=max_tokens_param if num_prompt_tokens < state.max_model_len else prompt_param,
         )
         error.code = "context_length_exceeded"
         raise error

@@ -132,19 +132,27 @@ class ChatMessage(BaseModel):
     name: str | None = None
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatTemplateFields(BaseModel):
+    """How a conversation is rendered into a prompt: tools and template options
+    (shared by /v1/chat/completions and /tokenize, so both render alike)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    tools: list[dict[str, Any]] | None = Field(None, description="functions the model may call: [{'type': 'function', 'function': {'name', 'description', 'parameters'}}]")
+    tool_choice: str | dict[str, Any] | None = Field(None, description="'auto' (default with tools), 'none', 'required' or {'type': 'function', 'function': {'name': ...}}")
+    parallel_tool_calls: bool | None = Field(None, description="false: at most one call with tool_choice 'required'")
+    # vLLM extensions
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_tokens: int | None = Field(None, ge=1, description="deprecated alias of max_completion_tokens")
     max_completion_tokens: int | None = Field(None, ge=1, description="omitted: the rest of the context window")
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[dict[str, Any]] | None = Field(None, description="functions the model may call: [{'type': 'function', 'function': {'name', 'description', 'parameters'}}]")
-    tool_choice: str | dict[str, Any] | None = Field(None, description="'auto' (default with tools), 'none', 'required' or {'type': 'function', 'function': {'name': ...}}")
-    parallel_tool_calls: bool | None = Field(None, description="accepted; 'auto' and 'required' allow several calls")
-    # vLLM extensions
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
-    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class TopLogprob(BaseModel):

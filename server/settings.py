@@ -32,6 +32,7 @@ class Settings(BaseSettings):
     chat_template: str | None = Field(None, description="Jinja chat template file overriding the model's")
     max_request_bytes: int = Field(16 * 2**20, ge=1024, description="larger request bodies get 413")
     max_queue_len: int = Field(256, ge=1, description="most requests waiting to run (beyond free running slots); more get 503 + Retry-After")
+    max_stored_responses: int = Field(1024, ge=0, description="responses kept in memory for previous_response_id and GET /v1/responses/{id} (LRU; 0 = store nothing)")
     request_timeout: float | None = Field(None, ge=0, description="seconds a request may take before it ends with 504 (streaming: an error event); unset or 0 = no limit")
     shutdown_timeout: float = Field(30.0, ge=0, description="on SIGTERM, seconds in-flight requests may still finish before they end with an error")
     allowed_origins: str | None = Field(None, description="comma-separated CORS origins ('*' = any); unset = CORS off")

@@ -1,4 +1,10 @@
-"""``GET /v1/models``, ``POST /tokenize`` and ``POST /detokenize`` (as vLLM spells them)."""
+"""``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /tokenize`` and
+``POST /detokenize`` (as vLLM spells them).
+
+``/tokenize`` with ``messages`` renders through ``server.chat_prompt``, the
+chat route's own function, with the same ``tools``, ``tool_choice`` and
+template options, so its ``count`` is the chat route's ``usage.prompt_tokens``.
+"""
 
 import time
 from typing import Any
@@ -8,20 +14,19 @@ from pydantic import BaseModel, Field
 
 from batching.errors import InvalidRequestError
 from server.app import Served, served
-from server.chat import render_chat
-from server.generation import check_model
-from server.protocol import ChatMessage
+from server.chat_prompt import build_chat_prompt, message_dicts
+from server.generation import ModelNotFoundError, check_model
+from server.protocol import ChatMessage, ChatTemplateFields
 
 router = APIRouter()
 STARTED_AT = int(time.time())
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(ChatTemplateFields):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool | None = Field(None, description="default: true for prompt, false for messages")
-    add_generation_prompt: bool = True
 
 
 class TokenizeResponse(BaseModel):
@@ -39,9 +44,8 @@ class DetokenizeResponse(BaseModel):
     prompt: str
 
 
-@router.get("/v1/models")
-async def list_models(state: Served = Depends(served)) -> dict[str, Any]:
-    card = {
+def _model_card(state: Served) -> dict[str, Any]:
+    return {
         "id": state.model_name,
         "object": "model",
         "created": STARTED_AT,
@@ -51,7 +55,19 @@ async def list_models(state: Served = Depends(served)) -> dict[str, Any]:
         "max_model_len": state.max_model_len,
         "permission": [],
     }
-    return {"object": "list", "data": [card]}
+
+
+@router.get("/v1/models")
+async def list_models(state: Served = Depends(served)) -> dict[str, Any]:
+    return {"object": "list", "data": [_model_card(state)]}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def retrieve_model(model_id: str, state: Served = Depends(served)) -> dict[str, Any]:
+    """The list's entry for the served model (by its name or its root path); 404 otherwise."""
+    if model_id not in (state.model_name, state.model_root):
+        raise ModelNotFoundError(f"The model `{model_id}` does not exist. Available: {state.model_name}", param="model")
+    return _model_card(state)
 
 
 @router.post("/tokenize")
@@ -62,8 +78,7 @@ async def tokenize(body: TokenizeRequest, state: Served = Depends(served)) -> To
     if body.prompt is not None:
         tokens = state.tokenizer(body.prompt, add_special_tokens=body.add_special_tokens is not False).input_ids
     else:
-        messages = [{"role": m.role, "content": m.content if isinstance(m.content, str) else "".join(p.text or "" for p in m.content or [])} for m in body.messages]
-        tokens = render_chat(state, messages, body.add_generation_prompt)
+        tokens = build_chat_prompt(state, message_dicts(body.messages), body).token_ids
     return TokenizeResponse(count=len(tokens), max_model_len=state.max_model_len, tokens=tokens)
 
 

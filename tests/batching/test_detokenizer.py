@@ -116,14 +116,16 @@ def test_special_tokens_skipped_or_kept(tokenizer: PreTrainedTokenizerBase) -> N
     assert "".join(kept) == "Hi there" + tokenizer.eos_token
 
 
-def test_flush_releases_an_unfinished_character(tokenizer: PreTrainedTokenizerBase) -> None:
+def test_flush_drops_an_unfinished_character(tokenizer: PreTrainedTokenizerBase) -> None:
+    """max_tokens cut the emoji: its first bytes never reach the text."""
     output_ids = encode(tokenizer, "Hi 😀")[:-1]  # the emoji's last byte never comes
+    assert tokenizer.decode(output_ids).endswith(REPLACEMENT_CHAR)
     detokenizer = IncrementalDetokenizer(tokenizer, [])
     pieces = [detokenizer.step([t]) for t in output_ids]
     assert "".join(pieces) == "Hi"
     tail = detokenizer.flush()
-    assert REPLACEMENT_CHAR in tail
-    assert "".join(pieces) + tail == tokenizer.decode(output_ids)
+    assert REPLACEMENT_CHAR not in tail
+    assert "".join(pieces) + tail == tokenizer.decode(output_ids).rstrip(REPLACEMENT_CHAR)
     assert detokenizer.flush() == ""
 
 
@@ -171,4 +173,7 @@ def test_random_token_sequences_match_full_decode(tokenizer: PreTrainedTokenizer
         )
         pieces = stream(detokenizer, output_ids, chunk=rng.randint(1, 3))
         expected = tokenizer.decode(output_ids, skip_special_tokens=skip_special_tokens)
-        assert "".join(pieces) == expected, output_ids
+        text = "".join(pieces)
+        # Only a trailing run of never-completed bytes may be missing.
+        assert expected.startswith(text) and set(expected[len(text) :]) <= {REPLACEMENT_CHAR}, output_ids
+        assert not pieces[-1].endswith(REPLACEMENT_CHAR), output_ids
