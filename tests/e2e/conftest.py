@@ -27,6 +27,7 @@ class ServerProcess:
         self.args = args
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
         command = [sys.executable, "-c", "from server.cli import main; main()", "serve", *args, "--host", "127.0.0.1", "--port", str(self.port)]
         self.log = open(log_path, "w") if log_path else subprocess.DEVNULL
         self.process = subprocess.Popen(command, env={**os.environ, **(env or {})}, stdout=self.log, stderr=subprocess.STDOUT)

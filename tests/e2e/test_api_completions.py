@@ -6,7 +6,9 @@ counts, equality between runs and logprob consistency, never the text itself.
 """
 
 import asyncio
+import codecs
 import math
+import re
 
 import httpx
 import openai
@@ -288,14 +290,23 @@ def test_echo_prepends_the_prompt(tiny_server):
 # ----------------------------------------------------------------- logprobs
 
 
+def shown_bytes(token: str) -> bytes:
+    """A legacy-logprobs token string back to its bytes (``\\xNN``: one byte)."""
+    pieces = re.split(r"\\x([0-9a-f]{2})", token)
+    return b"".join(bytes([int(piece, 16)]) if i % 2 else piece.encode() for i, piece in enumerate(pieces))
+
+
 def _check_legacy_logprobs(logprobs, text: str, k: int, greedy: bool, skip_first: bool = False) -> None:
     n = len(logprobs.tokens)
     assert len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == len(logprobs.text_offset) == n
-    assert logprobs.text_offset[0] == 0
-    for i in range(1, n):
-        assert logprobs.text_offset[i] == logprobs.text_offset[i - 1] + len(logprobs.tokens[i - 1])
-    if "\ufffd" not in "".join(logprobs.tokens):
-        assert "".join(logprobs.tokens) == text
+    # text_offset counts whole characters before each token; bytes of a
+    # partial character (shown as \xNN) count once the character completes.
+    decoder, position, offsets = codecs.getincrementaldecoder("utf-8")("replace"), 0, []
+    for token in logprobs.tokens:
+        offsets.append(position)
+        position += len(decoder.decode(shown_bytes(token)))
+    assert logprobs.text_offset == offsets
+    assert b"".join(map(shown_bytes, logprobs.tokens)).decode("utf-8", "replace").rstrip("\ufffd") == text
     for position in range(1 if skip_first else 0, n):
         token, logprob, top = logprobs.tokens[position], logprobs.token_logprobs[position], logprobs.top_logprobs[position]
         assert logprob is not None and logprob <= 0.0

@@ -26,7 +26,10 @@ from tests.reliability.support import build_served, parse_stream
 
 FUZZ_EXAMPLES = int(os.environ.get("TOKENSTEP_FUZZ_EXAMPLES", "25"))
 MAX_FUZZ_TOKENS = 4
-LENGTH_FIELDS = ("max_tokens", "max_completion_tokens")
+LENGTH_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+# Routes whose default length is "the rest of the context", and the field to clamp it by.
+DEFAULT_LENGTH_FIELD = {"/v1/chat/completions": "max_completion_tokens", "/v1/responses": "max_output_tokens"}
+RESPONSES_LAST_EVENTS = {"response.completed", "response.incomplete"}
 
 
 @pytest.fixture
@@ -47,7 +50,11 @@ def fuzz_schema(fuzz_app):
 OPERATIONS = [
     ("POST", "/v1/completions"),
     ("POST", "/v1/chat/completions"),
+    ("POST", "/v1/responses"),
+    ("GET", "/v1/responses/{response_id}"),
+    ("DELETE", "/v1/responses/{response_id}"),
     ("GET", "/v1/models"),
+    ("GET", "/v1/models/{model_id}"),
     ("POST", "/tokenize"),
     ("POST", "/detokenize"),
     ("GET", "/health"),
@@ -64,8 +71,9 @@ def clamp_generation(case) -> None:
         value = case.body.get(name)
         if isinstance(value, int) and not isinstance(value, bool) and 1 <= value:
             case.body[name] = min(value, MAX_FUZZ_TOKENS)
-    if "/chat/" in case.path and not any(isinstance(case.body.get(name), int) for name in LENGTH_FIELDS):
-        case.body["max_completion_tokens"] = MAX_FUZZ_TOKENS  # chat's default is "the rest of the context"
+    default_field = DEFAULT_LENGTH_FIELD.get(case.path)
+    if default_field and not any(isinstance(case.body.get(name), int) for name in LENGTH_FIELDS):
+        case.body[default_field] = MAX_FUZZ_TOKENS
 
 
 def assert_openai_error_body(content: bytes) -> None:
@@ -87,16 +95,19 @@ def check_response(case) -> None:
         assert_openai_error_body(response.content)
     elif any(value.startswith("text/event-stream") for value in response.headers.get("content-type", [])):
         stream = parse_stream(response.status_code, response.text)
-        stream.assert_ended_properly()
-        assert not stream.errors, stream.errors
+        if case.path == "/v1/responses":  # typed events, no [DONE]
+            assert stream.events and stream.events[-1]["type"] in RESPONSES_LAST_EVENTS, stream.body[-300:]
+        else:
+            stream.assert_ended_properly()
+            assert not stream.errors, stream.errors
 
 
-# GET routes take no body and no parameters: there is nothing to make invalid.
+# GET and DELETE routes take no body, at most an id string: nothing to make invalid.
 FUZZ_CASES = [
     (method, path, mode)
     for method, path in OPERATIONS
     for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)
-    if not (mode is GenerationMode.NEGATIVE and method == "GET")
+    if not (mode is GenerationMode.NEGATIVE and method in ("GET", "DELETE"))
 ]
 
 
