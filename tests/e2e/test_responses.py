@@ -148,8 +148,9 @@ def test_disconnected_stream_frees_its_request(tiny_server):
 
 def test_openai_agents_runs_a_function_tool(default_server):
     """An Agents-SDK agent with one tool, on the Responses API of the default model."""
-    agents = pytest.importorskip("agents")
-    agents.set_tracing_disabled(True)
+    import agents  # openai-agents, from the test extras (imported here: it is slow to import)
+
+    agents.set_tracing_disabled(True)  # no trace export: nothing leaves the machine
     cities: list[str] = []
 
     @agents.function_tool
