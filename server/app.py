@@ -12,13 +12,11 @@ read. CORS is off unless ``--allowed-origins`` names origins.
 """
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
 import hmac
 import logging
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -26,47 +24,18 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from batching.engine import DynamicBatcher
-from batching.errors import EngineUnavailableError, TokenstepError
-from batching.token_bytes import TokenBytes
-from server.errors import error_response, install_error_handlers
+from server.chat import router as chat_router
+from server.completions import router as completions_router
+from server.errors import AuthError, error_response, install_error_handlers
 from server.metrics import Metrics
 from server.request_log import RequestIdMiddleware
 from server.response_store import ResponseStore
+from server.responses import router as responses_router
 from server.settings import Settings
+from server.state import Served
+from server.tokenize import router as tokenize_router
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class Served:
-    """What the routes need: the batcher, its tokenizer and the model's identity."""
-
-    batcher: DynamicBatcher
-    tokenizer: Any
-    model_name: str
-    max_model_len: int
-    model_root: str = ""
-    chat_template: str | None = None
-    token_bytes: TokenBytes = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.token_bytes = TokenBytes(self.tokenizer)
-
-
-class AuthError(TokenstepError):
-    http_status = 401
-    error_type = "authentication_error"
-    code = "invalid_api_key"
-
-
-def served(request: Request) -> Served:
-    """Dependency: the loaded engine, or 503 while it loads, drains or after it died."""
-    state: Served | None = request.app.state.served
-    if state is None:
-        raise EngineUnavailableError("the model is still loading")
-    state.batcher.check_available()
-    return state
 
 
 def _check_api_key(request: Request) -> None:
@@ -154,11 +123,6 @@ def create_app(settings: Settings, load: Callable[[], Served] | None = None, rea
     @app.get("/metrics", summary="Prometheus metrics")
     async def metrics(request: Request) -> Response:
         return Response(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    from server.chat import router as chat_router
-    from server.completions import router as completions_router
-    from server.responses import router as responses_router
-    from server.tokenize import router as tokenize_router
 
     api = APIRouter(dependencies=[Depends(_check_api_key)])
     api.include_router(completions_router)

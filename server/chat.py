@@ -8,7 +8,6 @@ the prompt, may constrain the output to calls, and splits the text into
 content and ``tool_calls`` (``finish_reason: tool_calls`` when there are any; see ``finish_reason``).
 """
 
-import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -21,11 +20,13 @@ from sse_starlette import EventSourceResponse
 from batching.errors import InvalidRequestError
 from batching.messages import TokenLogprobs
 from batching.outputs import RequestOutput
-from server.app import Served, served
 from server.chat_prompt import build_chat_prompt, message_dicts
-from server.generation import check_context, check_model, default_max_tokens, merge, sampling_params, sse_response, start_choices, unless_disconnected
+from server.choices import merge, start_choices, unless_disconnected
 from server.logprobs import chat_logprobs
-from server.protocol import AssistantMessage, ChatChoice, ChatChoiceLogprobs, ChatCompletionRequest, ChatCompletionResponse, ToolCall, Usage, model_dump, new_id
+from server.params import check_context, check_model, default_max_tokens, sampling_params
+from server.protocol import AssistantMessage, ChatChoice, ChatChoiceLogprobs, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, DeltaMessage, ToolCall, Usage, model_dump, new_id
+from server.sse import sse_response
+from server.state import Served, served
 from server.tools import ToolCallParser, ToolPlan
 
 router = APIRouter()
@@ -89,11 +90,8 @@ class ReplyShape:
     def logprobs(self, items: list[TokenLogprobs]) -> ChatChoiceLogprobs:
         return chat_logprobs(self.state.token_bytes, items, self.skip_special_tokens)
 
-    def chunk(self, choices: list[dict], usage: dict | None = None) -> str:
-        body = {"id": self.request_id, "object": "chat.completion.chunk", "created": self.created, "model": self.state.model_name, "choices": choices}
-        if usage is not None:
-            body["usage"] = usage
-        return json.dumps(body)
+    def chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
+        return ChatCompletionChunk(id=self.request_id, created=self.created, model=self.state.model_name, choices=choices, usage=usage).to_json()
 
 
 def _message(text: str, parser: ToolCallParser | None) -> AssistantMessage:
@@ -140,9 +138,9 @@ async def _stream(reply: ReplyShape, outputs: AsyncIterator[tuple[int, RequestOu
             if index not in started:
                 started.add(index)
                 parsers[index] = reply.parser()
-                yield reply.chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
+                yield reply.chunk([ChatChunkChoice(index=index, delta=DeltaMessage(role="assistant", content=""))])
             completion_tokens[index] = output.num_output_tokens
-            logprobs = model_dump(reply.logprobs(output.logprobs)) if output.logprobs else None
+            logprobs = reply.logprobs(output.logprobs) if output.logprobs else None
             content, calls = output.new_text, []
             parser = parsers[index]
             if parser is not None:
@@ -151,18 +149,17 @@ async def _stream(reply: ReplyShape, outputs: AsyncIterator[tuple[int, RequestOu
                     rest, last_calls = parser.finish()
                     content, calls = content + rest, calls + last_calls
             if content or logprobs:
-                yield reply.chunk([{"index": index, "delta": {"content": content}, "logprobs": logprobs, "finish_reason": None}])
+                yield reply.chunk([ChatChunkChoice(index=index, delta=DeltaMessage(content=content), logprobs=logprobs)])
             if calls:
                 first = len(parser.calls) - len(calls)
                 fragments = [{"index": first + i, **call} for i, call in enumerate(calls)]
-                yield reply.chunk([{"index": index, "delta": {"tool_calls": fragments}, "logprobs": None, "finish_reason": None}])
+                yield reply.chunk([ChatChunkChoice(index=index, delta=DeltaMessage(tool_calls=fragments))])
             if output.is_finished:
                 reason = finish_reason(output, parser.calls if parser else [], reply.plan)
-                yield reply.chunk([{"index": index, "delta": {}, "logprobs": None, "finish_reason": reason, "stop_reason": output.stop_reason}])
+                yield reply.chunk([ChatChunkChoice(index=index, delta=DeltaMessage(), finish_reason=reason, stop_reason=output.stop_reason)])
         if include_usage:
             total = sum(completion_tokens.values())
-            usage = {"prompt_tokens": reply.prompt_tokens, "completion_tokens": total, "total_tokens": reply.prompt_tokens + total}
-            yield reply.chunk([], usage)
+            yield reply.chunk([], Usage(prompt_tokens=reply.prompt_tokens, completion_tokens=total, total_tokens=reply.prompt_tokens + total))
         yield "[DONE]"
     finally:
         await outputs.aclose()

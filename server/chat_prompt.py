@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from batching.errors import InvalidRequestError
-from server.app import Served
 from server.protocol import ChatMessage, ChatTemplateFields
+from server.state import Served
 from server.tools import ToolPlan, plan_tools, template_handles_tools, template_messages
 
 

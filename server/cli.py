@@ -53,7 +53,7 @@ def make_loader(settings: Settings):
         from batching.engine import DynamicBatcher
         from model_runtime.default_model import DEFAULT_MODEL_NAME, default_model_dir
         from model_runtime.engine_factory import EngineConfig, build_engine_core
-        from server.app import Served
+        from server.state import Served
 
         model = settings.model or default_model_dir()
         default_name = DEFAULT_MODEL_NAME if settings.model is None else Path(str(model).rstrip("/")).name

@@ -15,10 +15,12 @@ from sse_starlette import EventSourceResponse
 
 from batching.errors import InvalidRequestError
 from batching.outputs import RequestOutput
-from server.app import Served, served
+from server.choices import merge, start_choices, unless_disconnected
 from server.logprobs import LegacyLogprobs
-from server.generation import check_context, check_model, merge, sampling_params, sse_response, start_choices, unless_disconnected
+from server.params import check_context, check_model, sampling_params
 from server.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Usage, model_dump, new_id
+from server.sse import sse_response
+from server.state import Served, served
 
 router = APIRouter()
 

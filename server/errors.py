@@ -1,11 +1,14 @@
-"""The one place errors become OpenAI error JSON:
-``{"error": {"message", "type", "param", "code"}}``.
+"""Every error class of the HTTP layer, and the one place errors become
+OpenAI error JSON: ``{"error": {"message", "type", "param", "code"}}``.
 
-Domain errors carry their status, type, param and code; FastAPI's 422 and
-malformed JSON become 400; unknown routes 404; anything unexpected a 500
-with no stack trace in the body (it goes to the log).
+Domain errors (``batching.errors.TokenstepError`` and the subclasses here)
+carry their status, type, param and code; FastAPI's 422 and malformed JSON
+become 400; unknown routes 404; anything unexpected a 500 with no stack
+trace in the body (it goes to the log). ``error_body`` builds the envelope
+for JSON responses and for SSE error events alike.
 """
 
+import json
 import logging
 
 from fastapi import FastAPI, Request
@@ -13,7 +16,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from batching.errors import TokenstepError
+from batching.errors import InvalidRequestError, TokenstepError
+from batching.outputs import RequestOutput
 from server.request_log import request_id_of
 
 logger = logging.getLogger(__name__)
@@ -24,6 +28,49 @@ class ClientDisconnected(Exception):
     an error. Its requests are already aborted; the handler logs one INFO
     line and answers 499 (nginx's "client closed request") to nobody."""
 
+
+class AuthError(TokenstepError):
+    http_status = 401
+    error_type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class ModelNotFoundError(InvalidRequestError):
+    http_status = 404
+    error_type = "not_found_error"
+    code = "model_not_found"
+
+
+class ResponseNotFoundError(InvalidRequestError):
+    """An unknown, deleted or evicted ``/v1/responses`` id."""
+
+    http_status = 404
+    error_type = "invalid_request_error"
+    code = "response_not_found"
+
+
+class EngineFailedError(TokenstepError):
+    """The engine ended an admitted request with an error (500; 503 when shutting down)."""
+
+    http_status = 500
+    error_type = "server_error"
+
+
+class RequestTimeoutError(TokenstepError):
+    """The request ran longer than ``--request-timeout`` (HTTP 504)."""
+
+    http_status = 504
+    error_type = "server_error"
+    code = "request_timeout"
+
+
+def output_error(output: RequestOutput) -> EngineFailedError:
+    """The exception for an error delta, with the status the engine chose."""
+    error = EngineFailedError(output.error or "the engine failed this request")
+    error.http_status = output.error_status
+    return error
+
+
 CLIENT_CLOSED_REQUEST = 499
 _TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 429: "rate_limit_error"}
 
@@ -32,9 +79,18 @@ def error_type_for(status: int) -> str:
     return _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
 
 
+def error_body(status: int, message: str, param: str | None = None, error_type: str | None = None, code: str | int | None = None) -> dict:
+    """OpenAI's error envelope (``type`` from the status unless given)."""
+    return {"error": {"message": message, "type": error_type or error_type_for(status), "param": param, "code": code}}
+
+
 def error_response(status: int, message: str, param: str | None = None, error_type: str | None = None, code: str | int | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": error_type or error_type_for(status), "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(error_body(status, message, param, error_type, code), status_code=status, headers=headers)
+
+
+def error_event(message: str, status: int = 500) -> str:
+    """An SSE ``data`` payload in OpenAI's error shape (code: the HTTP status)."""
+    return json.dumps(error_body(status, message, code=status))
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:

@@ -7,11 +7,10 @@ are accepted and ignored, as OpenAI-compatible servers do; fields whose
 meaning tokenstep cannot honour are rejected by the routes with a 400.
 """
 
-import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_serializer
 
 MAX_N = 16
 MAX_STOP_STRINGS = 16
@@ -113,7 +112,7 @@ class Usage(BaseModel):
 class CompletionResponse(BaseModel):
     id: str
     object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
+    created: int  # the arrival time (unix seconds), set by the route
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
@@ -197,13 +196,15 @@ class ChatChoice(BaseModel):
 class ChatCompletionResponse(BaseModel):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
+    created: int  # the arrival time (unix seconds), set by the route
     model: str
     choices: list[ChatChoice]
     usage: Usage | None = None
 
 
 class DeltaMessage(BaseModel):
+    """What one chunk adds to a choice's message; fields left None are not sent."""
+
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
@@ -216,14 +217,22 @@ class ChatChunkChoice(BaseModel):
     finish_reason: str | None = None
     stop_reason: int | str | None = None
 
+    @field_serializer("delta")
+    def _delta_without_nones(self, delta: DeltaMessage) -> dict[str, Any]:
+        return delta.model_dump(mode="json", exclude_none=True)
+
 
 class ChatCompletionChunk(BaseModel):
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int = Field(default_factory=lambda: int(time.time()))
+    created: int
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+
+    def to_json(self) -> str:
+        """The SSE payload; ``usage`` only on the usage chunk, as OpenAI sends it."""
+        return self.model_dump_json(exclude={"usage"} if self.usage is None else None)
 
 
 def model_dump(model: BaseModel) -> dict[str, Any]:

@@ -19,23 +19,20 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
-from batching.errors import InvalidRequestError, TokenstepError
+from batching.errors import TokenstepError
 from batching.outputs import RequestOutput
-from server.app import Served, served
 from server.chat import ReplyShape
 from server.chat_prompt import build_chat_prompt
-from server.generation import check_context, check_model, default_max_tokens, merge, sampling_params, sse_response, start_choices, unless_disconnected
+from server.choices import merge, start_choices, unless_disconnected
+from server.errors import ResponseNotFoundError
+from server.params import check_context, check_model, default_max_tokens, sampling_params
 from server.response_events import ResponseBuilder, new_item_id
 from server.response_store import ResponseStore, StoredResponse
 from server.responses_protocol import ResponsesRequest, check_supported, input_messages, template_fields
+from server.sse import sse_response
+from server.state import Served, served
 
 router = APIRouter()
-
-
-class ResponseNotFoundError(InvalidRequestError):
-    http_status = 404
-    error_type = "invalid_request_error"
-    code = "response_not_found"
 
 
 def _store(raw_request: Request) -> ResponseStore:

@@ -13,10 +13,11 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 
 from batching.errors import InvalidRequestError
-from server.app import Served, served
 from server.chat_prompt import build_chat_prompt, message_dicts
-from server.generation import ModelNotFoundError, check_model
+from server.errors import ModelNotFoundError
+from server.params import check_model
 from server.protocol import ChatMessage, ChatTemplateFields
+from server.state import Served, served
 
 router = APIRouter()
 STARTED_AT = int(time.time())

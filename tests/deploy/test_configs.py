@@ -5,7 +5,6 @@ promises. (``make docker-check`` builds and runs them for real.)"""
 
 import json
 import re
-from pathlib import Path
 
 import yaml
 

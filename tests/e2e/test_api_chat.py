@@ -9,7 +9,6 @@ import math
 
 import httpx
 import openai
-import pytest
 
 MODEL = "tiny"
 BOS = 1  # SmolLM2's bos_token <|im_start|>

@@ -23,8 +23,9 @@ from batching.engine import DynamicBatcher
 from batching.messages import RunnerOutput, SchedulerOutput
 from model_runtime.engine_factory import EngineConfig, build_engine_core
 from model_runtime.loader import LoadedModel
-from server.app import Served, create_app
+from server.app import create_app
 from server.settings import Settings
+from server.state import Served
 from tests.server.asgi_stream import StreamingASGITransport
 from tests.server.sse import DONE, sse_data
 

@@ -19,8 +19,9 @@ from fastapi import FastAPI
 from batching.engine import DynamicBatcher
 from model_runtime.engine_factory import EngineConfig, build_engine_core
 from model_runtime.loader import LoadedModel, load_model
-from server.app import Served, create_app
+from server.app import create_app
 from server.settings import Settings
+from server.state import Served
 
 BASE_URL = "http://tokenstep.test"
 MODEL_NAME = "tiny"

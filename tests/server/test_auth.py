@@ -7,8 +7,9 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from server.app import Served, create_app
+from server.app import create_app
 from server.settings import Settings
+from server.state import Served
 from tests.server.conftest import running
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")

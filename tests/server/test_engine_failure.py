@@ -8,8 +8,9 @@ import pytest
 import pytest_asyncio
 
 from batching.messages import SchedulerOutput
-from server.app import Served, create_app
+from server.app import create_app
 from server.settings import Settings
+from server.state import Served
 from tests.server.conftest import BASE_URL
 from tests.server.sse import parse_completion_stream
 

@@ -1,0 +1,110 @@
+"""Request fields -> engine terms: ``SamplingParams`` (with the output
+constraint), the model check, the context-window check and the default
+length. Shared by every generating route; raises ``InvalidRequestError``
+(400/404) before anything reaches the engine.
+"""
+
+import json
+
+from batching.errors import InvalidRequestError
+from batching.sampling_params import SamplingParams
+from batching.structured import GuidedDecoding
+from server.errors import ModelNotFoundError
+from server.protocol import SamplingFields
+from server.state import Served
+
+
+def guided_decoding(body: SamplingFields) -> GuidedDecoding | None:
+    """The request's output constraint: ``response_format`` or one ``guided_*``
+    field (400 if several are given). The grammar compiles later, in the engine."""
+    given = [name for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar") if getattr(body, name) is not None]
+    response_format = body.response_format
+    if response_format is not None and response_format.type != "text":
+        given.insert(0, "response_format")
+    if len(given) > 1:
+        raise InvalidRequestError(f"give one output constraint, not several: {', '.join(given)}", param=given[1])
+    if not given:
+        return None
+    name = given[0]
+    if name == "response_format":
+        if response_format.type == "json_object":
+            return GuidedDecoding.json_object()
+        spec = response_format.json_schema
+        if spec is None:
+            raise InvalidRequestError("response_format of type json_schema needs a json_schema object", param="response_format")
+        return GuidedDecoding.json_schema(spec.schema_ if spec.schema_ is not None else {"type": "object"}, "response_format")
+    if name == "guided_json":
+        schema = body.guided_json
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except ValueError as exc:
+                raise InvalidRequestError(f"guided_json is not valid JSON: {exc}", param="guided_json") from None
+        return GuidedDecoding.json_schema(schema, "guided_json")
+    if name == "guided_regex":
+        return GuidedDecoding.regex(body.guided_regex)
+    if name == "guided_choice":
+        return GuidedDecoding.choice(body.guided_choice)
+    return GuidedDecoding.lark(body.guided_grammar)
+
+
+def sampling_params(body: SamplingFields, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None, guided: GuidedDecoding | None = None) -> SamplingParams:
+    """``guided``: a constraint the route imposes itself (a forced tool call);
+    it may not be combined with one from the request body."""
+    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    try:
+        logit_bias = {int(token): bias for token, bias in (body.logit_bias or {}).items()}
+    except ValueError:
+        raise InvalidRequestError("logit_bias keys must be token ids", param="logit_bias") from None
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=body.temperature if body.temperature is not None else 1.0,
+        top_p=body.top_p if body.top_p is not None else 1.0,
+        top_k=body.top_k or 0,
+        min_p=body.min_p or 0.0,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        repetition_penalty=body.repetition_penalty if body.repetition_penalty is not None else 1.0,
+        logit_bias=logit_bias,
+        seed=body.seed,
+        stop=stop,
+        stop_token_ids=tuple(body.stop_token_ids or ()),
+        ignore_eos=bool(body.ignore_eos),
+        min_tokens=body.min_tokens or 0,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+        skip_special_tokens=body.skip_special_tokens,
+        guided=_one_constraint(guided, guided_decoding(body)),
+    )
+
+
+def _one_constraint(imposed: GuidedDecoding | None, requested: GuidedDecoding | None) -> GuidedDecoding | None:
+    if imposed is not None and requested is not None:
+        raise InvalidRequestError(f"a forced tool call cannot be combined with {requested.param}", param=requested.param)
+    return imposed or requested
+
+
+def check_model(requested: str | None, state: Served) -> None:
+    if requested and requested != state.model_name and requested != state.model_root:
+        raise ModelNotFoundError(f"The model `{requested}` does not exist. Available: {state.model_name}", param="model")
+
+
+def check_context(num_prompt_tokens: int, max_tokens: int, state: Served, max_tokens_param: str = "max_tokens", prompt_param: str = "prompt") -> None:
+    """Prompt + max_tokens must fit the context window (400 naming both numbers
+    and, as ``param``, the field the client sent: ``max_tokens_param`` when the
+    prompt alone fits, else ``prompt_param``)."""
+    if num_prompt_tokens + max_tokens > state.max_model_len:
+        error = InvalidRequestError(
+            f"This model's maximum context length is {state.max_model_len} tokens. However, you requested "
+            f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the prompt, {max_tokens} for the "
+            f"completion). Please reduce the prompt or {max_tokens_param}.",
+            param=max_tokens_param if num_prompt_tokens < state.max_model_len else prompt_param,
+        )
+        error.code = "context_length_exceeded"
+        raise error
+
+
+def default_max_tokens(num_prompt_tokens: int, state: Served) -> int:
+    """The rest of the context window (and of the KV cache), as vLLM does."""
+    limit = min(state.max_model_len, state.batcher.kv_capacity_tokens)
+    return max(limit - num_prompt_tokens, 1)

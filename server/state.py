@@ -1,0 +1,40 @@
+"""The serving state every route depends on: the loaded engine and the
+model's identity (``Served``), and the ``served`` dependency that hands it
+to a route, or answers 503 while the model loads, the server drains, or
+after the engine died. Route modules import this, never ``server.app``, so
+the app factory can import them without an import circle.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+
+from batching.engine import DynamicBatcher
+from batching.errors import EngineUnavailableError
+from batching.token_bytes import TokenBytes
+
+
+@dataclass(slots=True)
+class Served:
+    """What the routes need: the batcher, its tokenizer and the model's identity."""
+
+    batcher: DynamicBatcher
+    tokenizer: Any
+    model_name: str
+    max_model_len: int
+    model_root: str = ""
+    chat_template: str | None = None
+    token_bytes: TokenBytes = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.token_bytes = TokenBytes(self.tokenizer)
+
+
+def served(request: Request) -> Served:
+    """Dependency: the loaded engine, or 503 while it loads, drains or after it died."""
+    state: Served | None = request.app.state.served
+    if state is None:
+        raise EngineUnavailableError("the model is still loading")
+    state.batcher.check_available()
+    return state
