@@ -19,6 +19,7 @@ an error output at once, so no client ever waits on a dead engine.
 import asyncio
 import itertools
 import logging
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -27,6 +28,7 @@ from batching.errors import EngineUnavailableError, InvalidRequestError, QueueFu
 from batching.outputs import RequestOutput
 from batching.request import Request, RequestStatus
 from batching.sampling_params import SamplingParams
+from batching.stats import EngineStats
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +55,7 @@ class DynamicBatcher:
         self._ids = itertools.count()
         self._is_draining = False
         self.num_steps = 0
+        self.step_seconds_total = 0.0
         self.failure: str | None = None  # why the loop died, if it did
 
     @property
@@ -82,6 +85,30 @@ class DynamicBatcher:
     def kv_capacity_tokens(self) -> int:
         block_manager = self.core.scheduler.block_manager
         return block_manager.num_blocks * block_manager.block_size
+
+    @property
+    def vocab_size(self) -> int | None:
+        return self.core.vocab_size
+
+    def stats(self) -> EngineStats:
+        """A snapshot of the engine's gauges and counters (see ``batching.stats``)."""
+        scheduler, block_manager = self.core.scheduler, self.core.scheduler.block_manager
+        return EngineStats(
+            num_running=len(scheduler.running),
+            num_waiting=self.num_waiting,
+            kv_cache_usage=block_manager.usage,
+            num_kv_blocks=block_manager.num_blocks,
+            block_size=block_manager.block_size,
+            num_prompt_tokens_total=self.core.num_prompt_tokens_total,
+            num_generation_tokens_total=self.core.num_generation_tokens_total,
+            num_preemptions_total=scheduler.num_preemptions,
+            prefix_cache_query_tokens_total=scheduler.num_prefix_query_tokens,
+            prefix_cache_hit_tokens_total=scheduler.num_prefix_hit_tokens,
+            spec_draft_tokens_total=scheduler.num_draft_tokens,
+            spec_accepted_tokens_total=scheduler.num_accepted_tokens,
+            num_steps_total=self.num_steps,
+            step_seconds_total=self.step_seconds_total,
+        )
 
     async def start(self, model_thread: ThreadPoolExecutor | None = None) -> None:
         """Start the loop. Pass ``model_thread`` (one worker) to step the model
@@ -223,6 +250,7 @@ class DynamicBatcher:
             await asyncio.sleep(0.001)  # nothing fits yet; let aborts arrive
             return
         loop = asyncio.get_running_loop()
+        started = time.perf_counter()
         try:
             runner_output = await loop.run_in_executor(self._executor, self.core.runner.step, scheduler_output)
         except Exception as exc:  # one bad step fails its requests, not the server
@@ -231,6 +259,7 @@ class DynamicBatcher:
             self._publish(self.core.fail(ids, f"engine step failed: {exc}"))
             return
         self.num_steps += 1
+        self.step_seconds_total += time.perf_counter() - started
         self._publish(self.core.process(scheduler_output, runner_output))
 
     def _fail_all(self, message: str, status: int) -> None:

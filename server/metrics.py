@@ -1,8 +1,9 @@
 """Prometheus metrics at ``GET /metrics`` (prometheus-client, one registry per app).
 
 Engine state (running/waiting requests, KV usage, token and preemption
-counters, prefix-cache counters) is read from the engine at scrape time by a
-custom collector, so the engine loop pays nothing for it. Latency histograms
+counters, prefix-cache counters, step time) is read at scrape time from the
+batcher's ``EngineStats`` snapshot by a custom collector, so the engine loop
+pays nothing for it and the server never reaches into the scheduler. Latency histograms
 are observed by the routes as deltas stream out.
 """
 
@@ -30,19 +31,19 @@ class EngineCollector(Collector):
         batcher = self._get_batcher()
         if batcher is None:
             return
-        core = batcher.core
-        scheduler = core.scheduler
-        yield GaugeMetricFamily("tokenstep_num_requests_running", "Requests in the running batch.", value=len(scheduler.running))
-        yield GaugeMetricFamily("tokenstep_num_requests_waiting", "Requests waiting for admission.", value=len(scheduler.waiting) + batcher.num_pending)
-        yield GaugeMetricFamily("tokenstep_kv_cache_usage_ratio", "Fraction of KV blocks in use (0-1).", value=scheduler.block_manager.usage)
-        yield CounterMetricFamily("tokenstep_prompt_tokens", "Prompt tokens admitted.", value=core.num_prompt_tokens_total)
-        yield CounterMetricFamily("tokenstep_generation_tokens", "Tokens generated.", value=core.num_generation_tokens_total)
-        yield CounterMetricFamily("tokenstep_num_preemptions", "Requests preempted for lack of KV blocks.", value=scheduler.num_preemptions)
-        yield CounterMetricFamily("tokenstep_prefix_cache_queries", "Tokens looked up in the prefix cache.", value=scheduler.num_prefix_query_tokens)
-        yield CounterMetricFamily("tokenstep_prefix_cache_hits", "Tokens served from the prefix cache.", value=scheduler.num_prefix_hit_tokens)
-        yield CounterMetricFamily("tokenstep_spec_decode_num_draft_tokens", "Draft tokens proposed (speculative decoding: n-gram lookup or a draft model).", value=scheduler.num_draft_tokens)
-        yield CounterMetricFamily("tokenstep_spec_decode_num_accepted_tokens", "Draft tokens the model agreed with.", value=scheduler.num_accepted_tokens)
-        yield CounterMetricFamily("tokenstep_engine_steps", "Engine iterations run.", value=batcher.num_steps)
+        stats = batcher.stats()
+        yield GaugeMetricFamily("tokenstep_num_requests_running", "Requests in the running batch.", value=stats.num_running)
+        yield GaugeMetricFamily("tokenstep_num_requests_waiting", "Requests waiting for admission.", value=stats.num_waiting)
+        yield GaugeMetricFamily("tokenstep_kv_cache_usage_ratio", "Fraction of KV blocks in use (0-1).", value=stats.kv_cache_usage)
+        yield CounterMetricFamily("tokenstep_prompt_tokens", "Prompt tokens admitted.", value=stats.num_prompt_tokens_total)
+        yield CounterMetricFamily("tokenstep_generation_tokens", "Tokens generated.", value=stats.num_generation_tokens_total)
+        yield CounterMetricFamily("tokenstep_num_preemptions", "Requests preempted for lack of KV blocks.", value=stats.num_preemptions_total)
+        yield CounterMetricFamily("tokenstep_prefix_cache_queries", "Tokens looked up in the prefix cache.", value=stats.prefix_cache_query_tokens_total)
+        yield CounterMetricFamily("tokenstep_prefix_cache_hits", "Tokens served from the prefix cache.", value=stats.prefix_cache_hit_tokens_total)
+        yield CounterMetricFamily("tokenstep_spec_decode_num_draft_tokens", "Draft tokens proposed (speculative decoding: n-gram lookup or a draft model).", value=stats.spec_draft_tokens_total)
+        yield CounterMetricFamily("tokenstep_spec_decode_num_accepted_tokens", "Draft tokens the model agreed with.", value=stats.spec_accepted_tokens_total)
+        yield CounterMetricFamily("tokenstep_engine_steps", "Engine iterations run.", value=stats.num_steps_total)
+        yield CounterMetricFamily("tokenstep_engine_step_seconds", "Wall time spent in model steps.", value=stats.step_seconds_total)
 
 
 class Metrics:

@@ -86,7 +86,7 @@ async def tokenize(body: TokenizeRequest, state: Served = Depends(served)) -> To
 @router.post("/detokenize")
 async def detokenize(body: DetokenizeRequest, state: Served = Depends(served)) -> DetokenizeResponse:
     check_model(body.model, state)
-    vocab_size = state.batcher.core.vocab_size
+    vocab_size = state.batcher.vocab_size
     bad = [t for t in body.tokens if t < 0 or (vocab_size is not None and t >= vocab_size)]
     if bad:
         raise InvalidRequestError(f"token id {bad[0]} is out of range", param="tokens")

@@ -250,6 +250,8 @@ def test_metrics_exposition(tiny_server):
         "tokenstep_num_preemptions_total",
         "tokenstep_prefix_cache_queries_total",
         "tokenstep_prefix_cache_hits_total",
+        "tokenstep_engine_steps_total",
+        "tokenstep_engine_step_seconds_total",
     ):
         metric(response.text, name)
     for histogram in ("time_to_first_token", "inter_token_latency", "e2e_request_latency", "request_queue_time"):
