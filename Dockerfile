@@ -60,6 +60,7 @@ COPY pyproject.toml README.md ./
 COPY batching/ batching/
 COPY model_runtime/ model_runtime/
 COPY server/ server/
+COPY bench/ bench/
 # hadolint ignore=DL3059
 RUN pip install .
 

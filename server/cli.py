@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     if command == "serve":
         serve(parse_settings(rest))
     elif command == "bench":
-        from server.bench.cli import main as bench_main
+        from bench.cli import main as bench_main
 
         sys.exit(bench_main(rest))
     else:

@@ -13,6 +13,8 @@ The rules:
 - ``model_runtime/`` knows nothing of HTTP or asyncio.
 - ``server/`` holds no tensors: no torch. It may reach ``model_runtime``
   lazily (the CLI loads the model), so only the direct torch import is banned.
+- ``bench/`` (``tokenstep bench``) is an HTTP client: it imports none of the
+  engine's packages, no torch and no web server stack.
 """
 
 import ast
@@ -30,6 +32,8 @@ FORBIDDEN_IMPORTS: dict[str, frozenset[str]] = {
     "batching": frozenset({"torch"}) | WEB_STACK,
     "model_runtime": frozenset({"asyncio"}) | WEB_STACK,
     "server": frozenset({"torch"}),
+    # The load generator is a plain HTTP client: no tie to the server's code.
+    "bench": frozenset({"torch", "batching", "model_runtime", "server"}) | WEB_STACK,
 }
 
 _DYNAMIC_IMPORT_CALLS = frozenset({"import_module", "__import__"})

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from server.bench.cli import main as bench_main
+from bench.cli import main as bench_main
 from tests.e2e.conftest import ServerProcess, free_port
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -8,9 +8,9 @@ import time
 import httpx
 import pytest
 
-from server.bench.client import Target, build_payload, chunk_text, send_request, server_root
-from server.bench.datasets import BenchPrompt, load_jsonl_prompts, random_text_prompts, random_token_prompts
-from server.bench.runner import DEADLINE_ERROR, poisson_arrivals_s, run_requests
+from bench.client import Target, build_payload, chunk_text, send_request, server_root
+from bench.datasets import BenchPrompt, load_jsonl_prompts, random_text_prompts, random_token_prompts
+from bench.runner import DEADLINE_ERROR, poisson_arrivals_s, run_requests
 
 PROMPT = BenchPrompt([1, 2, 3], input_len=3, output_len=4)
 TARGET = Target("http://bench.test", "completions", "tiny", ignore_eos=True)
@@ -129,7 +129,7 @@ def test_small_helpers() -> None:
 
 
 def test_extra_body_goes_to_an_even_share_of_requests() -> None:
-    from server.bench.cli import with_extra_body
+    from bench.cli import with_extra_body
 
     extra = {"guided_choice": ["a", "b"]}
     prompts = with_extra_body([PROMPT] * 8, extra, 0.5)

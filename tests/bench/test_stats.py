@@ -6,7 +6,7 @@ import random
 import numpy as np
 import pytest
 
-from server.bench.stats import RequestResult, compute_metrics, mean, metrics_to_dict, percentile, request_tpot_s
+from bench.stats import RequestResult, compute_metrics, mean, metrics_to_dict, percentile, request_tpot_s
 
 
 def fake_results() -> list[RequestResult]:

@@ -22,8 +22,8 @@ from typing import Any
 
 import httpx
 
-from server.bench.datasets import DEFAULT_TOKENS_PER_WORD, SAMPLE_TEXT, BenchPrompt
-from server.bench.stats import RequestResult
+from bench.datasets import DEFAULT_TOKENS_PER_WORD, SAMPLE_TEXT, BenchPrompt
+from bench.stats import RequestResult
 
 PROBE_TIMEOUT_S = 10.0
 ENDPOINT_PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}

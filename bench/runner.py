@@ -22,9 +22,9 @@ import time
 import httpx
 from tqdm import tqdm
 
-from server.bench.client import Target, describe_exception, send_request
-from server.bench.datasets import BenchPrompt
-from server.bench.stats import RequestResult
+from bench.client import Target, describe_exception, send_request
+from bench.datasets import BenchPrompt
+from bench.stats import RequestResult
 
 CONNECT_TIMEOUT_S = 30.0
 DEADLINE_ERROR = "deadline"

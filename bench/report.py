@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server.bench.stats import LatencySummary, RequestResult, RunMetrics, metrics_to_dict
+from bench.stats import LatencySummary, RequestResult, RunMetrics, metrics_to_dict
 
 WIDTH = 50
 MAX_ERRORS_PRINTED = 5

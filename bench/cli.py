@@ -22,11 +22,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from server.bench.client import ServerProbe, Target, probe_server, server_root
-from server.bench.datasets import BenchPrompt, load_jsonl_prompts, random_text_prompts, random_token_prompts
-from server.bench.report import BenchRun, format_run_table, format_sweep_table, json_value, plot_runs, write_result_json
-from server.bench.runner import run_requests
-from server.bench.stats import compute_metrics
+from bench.client import ServerProbe, Target, probe_server, server_root
+from bench.datasets import BenchPrompt, load_jsonl_prompts, random_text_prompts, random_token_prompts
+from bench.report import BenchRun, format_run_table, format_sweep_table, json_value, plot_runs, write_result_json
+from bench.runner import run_requests
+from bench.stats import compute_metrics
 
 DEFAULT_MAX_DURATION_S = 1800.0
 
