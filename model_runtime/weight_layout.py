@@ -31,6 +31,7 @@ rows, the packed one from there; when packing wins from one row, the
 """
 
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -122,14 +123,26 @@ def choose_packed_from_rows(linears: list[RowSwitchedLinear]) -> int:
             module.packed_forward(x) if packed else module.mkl_forward(x)
         return time.perf_counter() - start
 
-    packed_from = PACKED_FROM_ROWS
-    for rows in sorted(PROBE_ROWS, reverse=True):
+    def best_s(rows: int) -> tuple[float, float]:
         pass_s(rows, True), pass_s(rows, False)  # warm-up: first-call allocations and oneDNN primitives
         best = {True: float("inf"), False: float("inf")}
         for _ in range(_PROBE_PASSES):
             for packed in (True, False):
                 best[packed] = min(best[packed], pass_s(rows, packed))
-        if best[True] >= best[False]:
+        return best[True], best[False]
+
+    return packed_from_rows_given(best_s)
+
+
+def packed_from_rows_given(best_s: Callable[[int], tuple[float, float]]) -> int:
+    """The decision of ``choose_packed_from_rows`` from ``best_s(rows) ->
+    (packed_s, mkl_s)``, probing from the largest row count down and stopping
+    at the first probe where packed does not win (smaller probes are then
+    not timed at all)."""
+    packed_from = PACKED_FROM_ROWS
+    for rows in sorted(PROBE_ROWS, reverse=True):
+        packed_s, mkl_s = best_s(rows)
+        if packed_s >= mkl_s:
             break
         packed_from = rows
     return packed_from

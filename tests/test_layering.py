@@ -18,6 +18,8 @@ The rules:
 """
 
 import ast
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,3 +173,47 @@ def test_checker_ignores_relative_and_lookalike_imports() -> None:
         ImportViolation("<string>", 15, "sse_starlette"),
         ImportViolation("<string>", 19, "asyncio"),
     ]
+
+
+# ------------------------------------------------- transitive, at run time
+#
+# The static rules above see each file's own imports. These import every
+# module of a package in a fresh interpreter and look at everything that got
+# loaded, so a forbidden module pulled in through a third-party or sibling
+# import is caught too. ``server.cli`` is the one wiring point allowed to
+# reach ``model_runtime`` (inside the loader it builds, not at import).
+
+TRANSITIVE_RULES: dict[str, frozenset[str]] = {
+    "batching": frozenset({"torch", "model_runtime", "server", "bench"}) | WEB_STACK,
+    "model_runtime": frozenset({"server", "bench"}) | WEB_STACK,
+    "server": frozenset({"torch", "model_runtime", "bench"}),
+    "bench": frozenset({"torch", "batching", "model_runtime", "server"}) | WEB_STACK,
+}
+
+_LOADED_AFTER_IMPORTING = """
+import importlib, pkgutil, sys
+package = importlib.import_module(sys.argv[1])
+for module in pkgutil.iter_modules(package.__path__):
+    importlib.import_module(f"{sys.argv[1]}.{module.name}")
+print(" ".join(sorted({name.split(".")[0] for name in sys.modules})))
+"""
+
+
+def loaded_top_level_modules(package: str) -> set[str]:
+    """Top-level names in ``sys.modules`` after importing every module of ``package``."""
+    result = subprocess.run([sys.executable, "-c", _LOADED_AFTER_IMPORTING, package], capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return set(result.stdout.split())
+
+
+@pytest.mark.parametrize("package", sorted(TRANSITIVE_RULES))
+def test_no_forbidden_module_is_loaded_transitively(package):
+    loaded = loaded_top_level_modules(package)
+    assert package in loaded
+    forbidden = sorted(loaded & (TRANSITIVE_RULES[package] - {package}))
+    assert not forbidden, f"importing {package}/ loads {forbidden}"
+
+
+def test_the_transitive_check_sees_what_a_package_pulls_in():
+    """model_runtime really loads torch: the check above would see a leak."""
+    assert "torch" in loaded_top_level_modules("model_runtime")

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from model_runtime.weight_layout import PACKED_FROM_ROWS, PROBE_ROWS, PackedLinear, RowSwitchedLinear, choose_packed_from_rows, optimise_cpu_linears
+from model_runtime.weight_layout import PACKED_FROM_ROWS, PackedLinear, RowSwitchedLinear, choose_packed_from_rows, optimise_cpu_linears, packed_from_rows_given
 
 
 @pytest.mark.parametrize("rows", [1, 7, 16, 64])
@@ -30,10 +30,42 @@ def test_row_switched_linear_matches_linear_in_float32_on_both_paths(rows, packe
     torch.testing.assert_close(switched(x), linear(x), atol=1e-5, rtol=1e-5)
 
 
-def test_the_switch_row_is_measured_among_the_probes():
+@pytest.mark.parametrize(
+    "packed_wins_at, expected",
+    [
+        ({1, 2, 4}, 1),  # packed faster everywhere: from one row
+        ({2, 4}, 2),
+        ({4}, 4),
+        ({1, 2}, PACKED_FROM_ROWS),  # MKL wins at the largest probe: keep the default
+        (set(), PACKED_FROM_ROWS),
+        ({1, 4}, 4),  # a win below a loss does not count: packed must win at every larger probe
+    ],
+)
+def test_the_switch_row_is_the_smallest_probe_from_which_packed_always_wins(packed_wins_at, expected):
+    timed: list[int] = []
+
+    def best_s(rows: int) -> tuple[float, float]:
+        timed.append(rows)
+        return (1.0, 2.0) if rows in packed_wins_at else (2.0, 1.0)
+
+    assert packed_from_rows_given(best_s) == expected
+    assert timed == sorted(timed, reverse=True)  # largest probe first
+
+
+def test_the_switch_row_is_measured_on_real_linears():
+    """On this host's kernels: a probe row (or the default), and the switched
+    linears still compute nn.Linear's values on both sides of it."""
     torch.manual_seed(0)
-    linears = [RowSwitchedLinear(nn.Linear(64, 256)) for _ in range(4)]
-    assert choose_packed_from_rows(linears) in {*PROBE_ROWS, PACKED_FROM_ROWS}
+    references = [nn.Linear(64, 256) for _ in range(4)]
+    expected_weights = [(linear.weight.detach().clone(), linear.bias.detach().clone()) for linear in references]
+    linears = [RowSwitchedLinear(linear) for linear in references]
+    rows = choose_packed_from_rows(linears)
+    assert rows in (1, 2, 4, PACKED_FROM_ROWS)
+    for module, (weight, bias) in zip(linears, expected_weights):
+        module.use_packed_from(rows)
+        for num_rows in (1, rows, rows + 3):
+            x = torch.randn(num_rows, 64)
+            torch.testing.assert_close(module(x), nn.functional.linear(x, weight, bias), atol=1e-5, rtol=1e-5)
 
 
 def test_float32_model_gets_row_switched_linears_with_the_same_values():

@@ -437,7 +437,18 @@ async def test_non_streaming_client_disconnect_aborts(engine_app):
     assert steps_after < max_tokens // 2, f"{steps_after} steps ran after the client left"
 
 
-async def test_engine_is_idle_after_everything(engine_app):
+async def test_engine_is_idle_after_a_mix_of_finishes(engine_app):
+    """Whatever ran before (or nothing), requests ending every way (length,
+    stop string, EOS, stream, 400, n > 1) leave no request and no block."""
+    requests = [
+        {"prompt": PROMPT, "max_tokens": 5},
+        {"prompt": PROMPT, "max_tokens": 8, "stop": [" "]},
+        {"prompt": PROMPT, "max_tokens": 6, "n": 3, "temperature": 1.0, "seed": 1},
+        {"prompt": PROMPT, "max_tokens": 4, "stream": True},
+        {"prompt": PROMPT, "max_tokens": 0},  # a 400 never reaches the engine
+    ]
+    responses = await asyncio.gather(*[engine_app.client.post("/v1/completions", json=body) for body in requests])
+    assert [r.status_code for r in responses] == [200, 200, 200, 200, 400]
     await wait_idle(engine_app)
     assert engine_app.batcher.core.scheduler.block_manager.num_used_blocks == 0
     assert not engine_app.batcher.core.has_unfinished
