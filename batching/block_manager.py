@@ -44,10 +44,6 @@ class BlockManager:
         self._blocks = [Block(block_id) for block_id in range(num_blocks)]
         self._free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
         self._cached: dict[BlockKey, int] = {}
-        # request_id -> keys of its full blocks, in order (cached or not yet).
-        self._request_keys: dict[str, list[BlockKey]] = {}
-        # request_id -> how many of its full blocks cache_full_blocks has seen.
-        self._num_registered: dict[str, int] = {}
 
     @property
     def num_free_blocks(self) -> int:
@@ -111,8 +107,8 @@ class BlockManager:
         num_full = request.num_computed_tokens // self.block_size
         keys = self._keys_for(request, num_full)
         # Only blocks that became full since the last call: earlier ones were handled then.
-        first_new = self._num_registered.get(request.request_id, 0)
-        self._num_registered[request.request_id] = num_full
+        first_new = request.num_registered_blocks
+        request.num_registered_blocks = num_full
         for index in range(first_new, num_full):
             key = keys[index]
             block = self._blocks[request.block_ids[index]]
@@ -129,8 +125,8 @@ class BlockManager:
             if block.ref_count == 0:
                 self._free[block_id] = None
         request.block_ids = []
-        self._request_keys.pop(request.request_id, None)
-        self._num_registered.pop(request.request_id, None)
+        request.block_keys = []
+        request.num_registered_blocks = 0
 
     def reset_prefix_cache(self) -> None:
         for key, block_id in list(self._cached.items()):
@@ -140,7 +136,7 @@ class BlockManager:
     def _keys_for(self, request: Request, num_full_blocks: int) -> list[BlockKey]:
         """The request's chained block keys, extended to at least ``num_full_blocks``
         (computed once per block, from that block's tokens only)."""
-        keys = self._request_keys.setdefault(request.request_id, [])
+        keys = request.block_keys
         while len(keys) < num_full_blocks:
             index = len(keys)
             parent = hash(keys[-1]) if keys else 0

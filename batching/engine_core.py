@@ -3,13 +3,15 @@
 ``step()`` reads as a sentence: ``schedule()`` -> ``runner.step(batch)`` ->
 ``process(outputs)``. ``process`` appends sampled tokens (via the scheduler),
 detokenizes them incrementally, applies stop strings and builds one
-``RequestOutput`` delta per touched request. The asyncio ``DynamicBatcher``
+``RequestOutput`` delta per touched request. Each request's text state
+(detokenizer, stop matcher, grammar, buffered prompt logprobs) lives on the
+request itself; every finish (token stop, grammar end, stop string, abort,
+error) is recorded by ``Scheduler.finish``. The asyncio ``DynamicBatcher``
 runs the same three calls with ``runner.step`` moved to a worker thread; tests
 drive ``step()`` directly.
 """
 
 import dataclasses
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from batching.detokenizer import IncrementalDetokenizer
@@ -19,20 +21,12 @@ from batching.outputs import RequestOutput
 from batching.request import Request, RequestStatus
 from batching.sampling_params import SamplingParams
 from batching.scheduler import Scheduler, TokenUpdate
-from batching.stop import StopStringMatcher
+from batching.stop import StopDecision, StopStringMatcher
 from batching.structured import GrammarCompiler
 
 
 class Runner(Protocol):
     def step(self, scheduler_output: SchedulerOutput) -> RunnerOutput: ...
-
-
-@dataclass(slots=True)
-class TextState:
-    """Per-request text pipeline: tokens -> detokenizer -> stop-string matcher."""
-
-    detokenizer: IncrementalDetokenizer
-    stop_matcher: StopStringMatcher
 
 
 class EngineCore:
@@ -45,9 +39,6 @@ class EngineCore:
         self.eos_token_ids = eos_token_ids
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
-        self._text: dict[str, TextState] = {}
-        # request_id -> position -> logprob of that prompt token, until emitted.
-        self._prompt_logprobs: dict[str, dict[int, TokenLogprobs]] = {}
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
         self._grammars: GrammarCompiler | None = None
@@ -87,17 +78,13 @@ class EngineCore:
         self.scheduler.add_request(request)
         self.num_prompt_tokens_total += request.num_prompt_tokens
         params = request.sampling_params
-        self._text[request.request_id] = TextState(
-            IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params.skip_special_tokens),
-            StopStringMatcher(params.stop),
-        )
+        request.detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params.skip_special_tokens)
+        request.stop_matcher = StopStringMatcher(params.stop)
         if params.prompt_logprobs is not None:
-            self._prompt_logprobs[request.request_id] = {}
+            request.pending_prompt_logprobs = {}
 
     def abort(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> RequestOutput | None:
         request = self.scheduler.finish_request(request_id, status)
-        self._text.pop(request_id, None)
-        self._prompt_logprobs.pop(request_id, None)
         if request is None:
             return None
         return self._output(request, [], "", [])
@@ -113,7 +100,8 @@ class EngineCore:
 
     def process(self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput) -> list[RequestOutput]:
         for chunk_logprobs in runner_output.prompt_logprobs:
-            positions = self._prompt_logprobs.get(chunk_logprobs.request_id)
+            chunk_request = self.scheduler.requests.get(chunk_logprobs.request_id)
+            positions = None if chunk_request is None else chunk_request.pending_prompt_logprobs
             if positions is not None:
                 for offset, logprob in enumerate(chunk_logprobs.logprobs):
                     positions[chunk_logprobs.first_position + offset] = logprob
@@ -126,7 +114,7 @@ class EngineCore:
         outputs: list[RequestOutput] = []
         for request_id, group in grouped.items():
             request = group[0].request
-            if request_id not in self._text:
+            if request.detokenizer is None:  # its text was already final
                 continue
             token_ids = [update.token_id for update in group]
             logprobs = [update.logprobs for update in group if update.logprobs is not None]
@@ -135,7 +123,7 @@ class EngineCore:
                     self._advance_grammar(request, token_id)
             new_text = self._advance_text(request, token_ids)
             output = self._output(request, token_ids, new_text, logprobs)
-            positions = self._prompt_logprobs.pop(request.request_id, None)
+            positions, request.pending_prompt_logprobs = request.pending_prompt_logprobs, None
             if positions is not None:
                 output = dataclasses.replace(output, prompt_logprobs=[positions[p] for p in sorted(positions)])
             outputs.append(output)
@@ -151,30 +139,27 @@ class EngineCore:
         return outputs
 
     def _advance_grammar(self, request: Request, token_id: int) -> None:
-        """Feed the grammar the token it allowed; finish the request once the
-        grammar can take nothing more (the structured text is complete)."""
+        """Feed the grammar the token it allowed; once it can take nothing more
+        (the structured text is complete) report a stop to the scheduler."""
         if not request.grammar.accept(token_id):
             # The mask allowed only grammar tokens, so this is a bug, not bad input.
-            request.stop_reason = f"grammar error: {request.grammar.error}"
-            self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_ERROR)
+            self.scheduler.finish(request, StopDecision(RequestStatus.FINISHED_ERROR, f"grammar error: {request.grammar.error}"))
         elif request.grammar.is_stopped:
-            self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
+            self.scheduler.finish(request, StopDecision(RequestStatus.FINISHED_STOPPED))
 
     def _advance_text(self, request: Request, token_ids: list[int]) -> str:
-        state = self._text[request.request_id]
-        text = state.detokenizer.step(token_ids)
+        """Detokenize the new tokens and cut at a stop string (reported to the
+        scheduler); at the finish, flush what was held and drop the text state."""
+        text = request.detokenizer.step(token_ids)
         if request.is_finished:
-            text += state.detokenizer.flush()
-        safe_text, matched = state.stop_matcher.feed(text)
+            text += request.detokenizer.flush()
+        safe_text, matched = request.stop_matcher.feed(text)
         if matched is not None:
-            request.stop_reason = matched
-            if not request.is_finished:
-                self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
-            request.status = RequestStatus.FINISHED_STOPPED
+            self.scheduler.finish(request, StopDecision(RequestStatus.FINISHED_STOPPED, matched))
         elif request.is_finished:
-            safe_text += state.stop_matcher.flush()
+            safe_text += request.stop_matcher.flush()
         if request.is_finished:
-            del self._text[request.request_id]
+            request.detokenizer = request.stop_matcher = None
         return safe_text
 
     @staticmethod

@@ -1,15 +1,24 @@
-"""One request is one object: its tokens, counters, blocks and status.
+"""One request is one object: its tokens, counters, blocks, status, and the
+per-request state of every stage that serves it.
 
 Lives on the CPU in plain lists. The scheduler moves it between the waiting
-and running queues; the engine appends sampled tokens and marks it finished.
+and running queues; the block manager keeps its prefix-cache keys on it; the
+engine core keeps its text pipeline on it (detokenizer, stop-string matcher,
+grammar, buffered prompt logprobs). No stage holds a side table keyed by
+request id, so a finished request takes all of its state with it.
 """
 
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from batching.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # these modules import this one
+    from batching.detokenizer import IncrementalDetokenizer
+    from batching.messages import TokenLogprobs
+    from batching.stop import StopStringMatcher
 
 
 class RequestStatus(enum.IntEnum):
@@ -68,6 +77,15 @@ class Request:
     # Draft-model speculation: the tokens the draft model proposed, last step,
     # to follow the request's current last token (consumed by the next step).
     draft_token_ids: list[int] = field(default_factory=list)
+    # Prefix caching (BlockManager): the chained keys of the request's full
+    # blocks, each computed once, and how many of them are registered.
+    block_keys: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)
+    num_registered_blocks: int = 0
+    # Text (EngineCore), from admission until the request's text is final.
+    detokenizer: "IncrementalDetokenizer | None" = None
+    stop_matcher: "StopStringMatcher | None" = None
+    # position -> logprob of that prompt token, until sent with the first delta.
+    pending_prompt_logprobs: "dict[int, TokenLogprobs] | None" = None
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -186,8 +186,7 @@ class Scheduler:
             request.num_computed_tokens = min(request.num_computed_tokens, request.num_tokens - 1)
             self.block_manager.cache_full_blocks(request)
             if stop is not None:
-                request.stop_reason = stop.stop_reason
-                self.finish_request(request.request_id, stop.status)
+                self.finish(request, stop)
         return updates
 
     @staticmethod
@@ -224,17 +223,26 @@ class Scheduler:
         return max(min(self.proposer.num_lookahead(request, k), room), 0)
 
     def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:
-        """Finish (or abort) a request and return its blocks to the pool."""
-        request = self.requests.pop(request_id, None)
-        if request is None:
-            return None
-        if request.status == RequestStatus.RUNNING:
-            self.running.remove(request)
-        elif request in self.waiting:
-            self.waiting.remove(request)
-        request.status = status
-        self.block_manager.free(request)
+        """Finish (or abort) a request by id; None if it is not (or no longer) here."""
+        request = self.requests.get(request_id)
+        if request is not None:
+            self.finish(request, StopDecision(status))
         return request
+
+    def finish(self, request: Request, decision: StopDecision) -> None:
+        """The one place a finish is decided and recorded: the request's final
+        status and what matched (``stop_reason``); its blocks go back to the
+        pool. Token stops, the grammar's end and stop strings all arrive here.
+        A request already finished in this step (by length, say) whose text
+        then completes a stop string is re-recorded as stopped by it."""
+        if self.requests.pop(request.request_id, None) is not None:
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            elif request in self.waiting:
+                self.waiting.remove(request)
+            self.block_manager.free(request)
+        request.status = decision.status
+        request.stop_reason = decision.stop_reason
 
     def _allocate_or_preempt(self, request: Request, num_new: int, preempted: list[str]) -> bool:
         """Allocate blocks for ``request``, preempting the newest requests if needed.
