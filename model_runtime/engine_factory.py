@@ -17,12 +17,12 @@ from model_runtime.runner import ModelRunner
 logger = logging.getLogger(__name__)
 
 # Default step token budgets. On 2 CPU cores a small budget keeps prefill chunks
-# from stalling decodes: W1 (16 in flight) measured 128 vs 512 tokens: same
-# throughput (100 vs 104 tok/s), TTFT p50 1.10 vs 1.39 s, ITL p99 284 vs 655 ms.
-# But with 64 in flight a 128-token step leaves 64 tokens for prompts, and new
-# requests trickle in: 512 gave 242-249 vs 211-214 tok/s and TTFT p50 1.8 vs
-# 5.9 s at the same TPOT. So on CPU the budget grows with the running
-# requests, 8 tokens each (128 at 16, 512 at 64), unless a budget is given.
+# from stalling decodes (same throughput at 16 in flight, a third of the ITL
+# p99 of 512), but with 64 in flight a fixed 128-token step leaves new prompts
+# trickling in; so on CPU the budget grows with the running requests, 8 tokens
+# each (128 at 16, 512 at 64), unless one is given. The measurements, with
+# their hosts and dates: docs/BENCHMARKS.md (2026-11-25 Intel host, 2026-12-01
+# AMD EPYC host).
 CPU_TOKEN_BUDGET = 128
 CPU_TOKENS_PER_RUNNING_REQUEST = 8
 CUDA_TOKEN_BUDGET = 2048
