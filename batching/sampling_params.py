@@ -10,6 +10,7 @@ from batching.errors import InvalidRequestError
 from batching.structured import GuidedDecoding
 
 MAX_LOGPROBS = 20
+MAX_TEMPERATURE = 2.0  # OpenAI's limit; the wire schemas take it from here
 
 
 def _check(condition: bool, param: str, message: str) -> None:
@@ -51,7 +52,7 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         _check(self.max_tokens >= 1, "max_tokens", "must be at least 1")
-        _check(0.0 <= self.temperature <= 100.0, "temperature", "must be in [0, 100]")
+        _check(0.0 <= self.temperature <= MAX_TEMPERATURE, "temperature", f"must be in [0, {MAX_TEMPERATURE:g}]")
         _check(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
         _check(self.top_k >= -1, "top_k", "must be -1 (disabled), 0 (disabled) or positive")
         _check(0.0 <= self.min_p <= 1.0, "min_p", "must be in [0, 1]")

@@ -34,8 +34,12 @@ from batching.stop import StopDecision, check_token_stop
 
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512
+    """The scheduler's limits. No defaults for the two limits: they come from
+    the engine configuration (``model_runtime.engine_factory``, which resolves
+    the device-dependent step budget), so no second default can disagree."""
+
+    max_num_seqs: int
+    max_num_batched_tokens: int
     # With N requests running, a step may batch up to this many tokens per
     # running request when that exceeds max_num_batched_tokens (0: fixed
     # budget), so prefill keeps pace as concurrency grows.

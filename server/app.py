@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.chat import router as chat_router
 from server.completions import router as completions_router
-from server.errors import AuthError, error_response, install_error_handlers
+from server.errors import RETRY_AFTER_NOT_READY_S, AuthError, error_response, install_error_handlers
 from server.metrics import Metrics
 from server.request_log import RequestIdMiddleware
 from server.response_store import ResponseStore
@@ -117,7 +117,7 @@ def create_app(settings: Settings, load: Callable[[], Served] | None = None, rea
     async def health(request: Request) -> JSONResponse:
         state: Served | None = request.app.state.served
         if state is None or not state.batcher.is_running or state.batcher.is_draining:
-            return error_response(503, f"not ready: {_not_ready_reason(request.app, state)}", headers={"Retry-After": "5"})
+            return error_response(503, f"not ready: {_not_ready_reason(request.app, state)}", headers={"Retry-After": str(RETRY_AFTER_NOT_READY_S)})
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics", summary="Prometheus metrics")

@@ -72,6 +72,11 @@ def output_error(output: RequestOutput) -> EngineFailedError:
 
 
 CLIENT_CLOSED_REQUEST = 499
+# Retry-After on 503s, in seconds: the one place both values live. Busy (queue
+# full, shutting down, engine stopped) is worth a retry at once, elsewhere or
+# here; not ready (/health while the model loads) takes seconds to change.
+RETRY_AFTER_BUSY_S = 1
+RETRY_AFTER_NOT_READY_S = 5
 _TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 429: "rate_limit_error"}
 
 
@@ -108,7 +113,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(TokenstepError)
     async def _domain(_: Request, exc: TokenstepError) -> JSONResponse:
-        headers = {"Retry-After": "1"} if exc.http_status == 503 else None
+        headers = {"Retry-After": str(RETRY_AFTER_BUSY_S)} if exc.http_status == 503 else None
         return error_response(exc.http_status, exc.message, exc.param, exc.error_type, exc.code, headers)
 
     @app.exception_handler(RequestValidationError)

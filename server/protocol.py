@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_serializer
 
+from batching.sampling_params import MAX_TEMPERATURE
+
 MAX_N = 16
 MAX_STOP_STRINGS = 16
 MAX_STOP_TOKEN_IDS = 64
@@ -48,7 +50,7 @@ class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: str | None = Field(None, description="the served model name (optional)")
-    temperature: float | None = Field(1.0, ge=0.0, le=2.0)
+    temperature: float | None = Field(1.0, ge=0.0, le=MAX_TEMPERATURE)
     top_p: float | None = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=MAX_N, description="choices per prompt")
     stream: bool = False

@@ -31,7 +31,7 @@ def test_draft_model_mode_asks_for_lookahead_and_sends_the_proposals_back():
     """With a draft model the scheduler asks the runner for the next step's
     drafts (blocks included) and schedules what came back after the new token."""
     block_manager = BlockManager(num_blocks=16, block_size=4)
-    scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=64, num_speculative_tokens=3, speculative_method="draft_model"), block_manager)
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, num_speculative_tokens=3, speculative_method="draft_model"), block_manager)
     request = Request("r", [5, 6, 7, 8, 9], SamplingParams(temperature=0.0, max_tokens=6))
     scheduler.add_request(request)
 
@@ -53,7 +53,7 @@ def test_draft_model_mode_asks_for_lookahead_and_sends_the_proposals_back():
 
 
 def test_ngram_mode_never_asks_for_lookahead():
-    scheduler = Scheduler(SchedulerConfig(num_speculative_tokens=3), BlockManager(num_blocks=16, block_size=4))
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=512, num_speculative_tokens=3), BlockManager(num_blocks=16, block_size=4))
     scheduler.add_request(Request("r", [1, 2, 3, 1, 2], SamplingParams(temperature=0.0, max_tokens=6)))
     (chunk,) = scheduler.schedule().chunks
     assert chunk.num_lookahead_tokens == 0
