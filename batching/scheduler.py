@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from batching.block_manager import BlockManager
 from batching.errors import InvalidRequestError
 from batching.messages import RunnerOutput, SampledToken, ScheduledChunk, SchedulerOutput, TokenLogprobs
+from batching.policies import ADMISSION_POLICIES, PREEMPTION_POLICIES
 from batching.request import Request, RequestStatus
 from batching.speculative import DraftModelProposer, NgramProposer, Proposer, can_speculate
 from batching.stop import StopDecision, check_token_stop
@@ -48,6 +49,10 @@ class SchedulerConfig:
     # n-gram lookup ("ngram") or the runner's draft model ("draft_model").
     num_speculative_tokens: int = 0
     speculative_method: str = "ngram"
+    # Which waiting request runs next, and which running one gives its
+    # blocks up when the pool is full (keys of ``batching.policies``).
+    admission_policy: str = "fcfs"
+    preemption_policy: str = "newest"
 
 
 PROPOSERS: dict[str, type[Proposer]] = {"ngram": NgramProposer, "draft_model": DraftModelProposer}
@@ -69,6 +74,8 @@ class Scheduler:
         self.config = config
         self.block_manager = block_manager
         self.proposer = PROPOSERS[config.speculative_method]()
+        self.admission = ADMISSION_POLICIES[config.admission_policy]()
+        self.preemption = PREEMPTION_POLICIES[config.preemption_policy]()
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -131,13 +138,13 @@ class Scheduler:
         while self.waiting and token_budget > 0 and not preempted:
             if len(self.running) >= self.config.max_num_seqs:
                 break
-            request = self.waiting[0]
+            request = self.admission.next_to_admit(self.waiting)
             cached_block_ids, num_cached = self.block_manager.find_cached_prefix(request)
             num_new = min(request.num_tokens - num_cached, token_budget)
             request.num_computed_tokens = 0
             if not self.block_manager.allocate(request, num_new, cached_block_ids):
                 break
-            self.waiting.popleft()
+            self.waiting.remove(request)
             request.status = RequestStatus.RUNNING
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = time.monotonic()
@@ -249,12 +256,14 @@ class Scheduler:
         request.stop_reason = decision.stop_reason
 
     def _allocate_or_preempt(self, request: Request, num_new: int, preempted: list[str]) -> bool:
-        """Allocate blocks for ``request``, preempting the newest requests if needed.
+        """Allocate blocks for ``request``, preempting the preemption policy's
+        victims (by default the newest requests) until they fit.
 
         Returns False when ``request`` itself had to be preempted.
         """
         while not self.block_manager.allocate(request, num_new):
-            victim = self.running[-1]
+            # Only requests this step has not scheduled yet may lose their blocks.
+            victim = self.preemption.choose_victim(self.running[self.running.index(request) :])
             self._preempt(victim)
             preempted.append(victim.request_id)
             if victim is request:
@@ -268,7 +277,7 @@ class Scheduler:
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(request)
+        self.admission.requeue_preempted(self.waiting, request)
 
     @staticmethod
     def _chunk(request: Request, num_new: int, draft: list[int], num_lookahead: int) -> ScheduledChunk:

@@ -229,6 +229,47 @@ def test_a_request_preempts_itself_when_it_is_the_newest() -> None:
     assert list(scheduler.waiting) == [newer]
 
 
+class PreemptTheAsker:
+    """A policy that gives up the blocks of whoever asks for more."""
+
+    def choose_victim(self, candidates: list) -> object:
+        return candidates[0]
+
+
+class LastComeFirstServed:
+    def next_to_admit(self, waiting):
+        return waiting[-1]
+
+    def requeue_preempted(self, waiting, request) -> None:
+        waiting.append(request)
+
+
+def test_the_preemption_policy_is_swappable() -> None:
+    """The same pool pressure as above; another policy picks another victim,
+    and only among requests not yet scheduled in the step."""
+    scheduler = create_scheduler(num_blocks=6, block_size=4)
+    scheduler.preemption = PreemptTheAsker()
+    oldest = create_request("oldest", list(range(10, 18)))
+    middle = create_request("middle", list(range(20, 26)))
+    newest = create_request("newest", list(range(30, 36)))
+    add_all(scheduler, [oldest, middle, newest])
+    runner = FakeRunner()
+    run_step(scheduler, runner)
+    scheduler_output, _ = run_step(scheduler, runner)
+    assert scheduler_output.preempted_request_ids == ["oldest"]
+    assert chunk_sizes(scheduler_output) == {"middle": 1, "newest": 1}
+    assert oldest.status == RequestStatus.PREEMPTED and scheduler.running == [middle, newest]
+
+
+def test_the_admission_policy_is_swappable() -> None:
+    scheduler = create_scheduler(max_num_seqs=1)
+    scheduler.admission = LastComeFirstServed()
+    first, second = create_request("first", [10, 11]), create_request("second", [20, 21])
+    add_all(scheduler, [first, second])
+    scheduler_output, _ = run_step(scheduler, FakeRunner())
+    assert chunk_sizes(scheduler_output) == {"second": 2}
+
+
 @pytest.mark.parametrize("enable_prefix_caching", [False, True])
 def test_preempted_request_goes_to_the_front_recomputes_and_continues(enable_prefix_caching: bool) -> None:
     scheduler = create_scheduler(
