@@ -9,23 +9,13 @@ import torch
 
 from batching.block_manager import BlockManager
 from batching.engine_core import EngineCore
-from batching.scheduler import Scheduler, SchedulerConfig
+from batching.scheduler import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_SEQS, Scheduler, SchedulerConfig
 from model_runtime.kv_cache import parse_memory_size
 from model_runtime.loader import LoadedModel, load_model
 from model_runtime.runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
-# Default step token budgets. On 2 CPU cores a small budget keeps prefill chunks
-# from stalling decodes (same throughput at 16 in flight, a third of the ITL
-# p99 of 512), but with 64 in flight a fixed 128-token step leaves new prompts
-# trickling in; so on CPU the budget grows with the running requests, 8 tokens
-# each (128 at 16, 512 at 64), unless one is given. The measurements, with
-# their hosts and dates: docs/BENCHMARKS.md (2026-11-25 Intel host, 2026-12-01
-# AMD EPYC host).
-CPU_TOKEN_BUDGET = 128
-CPU_TOKENS_PER_RUNNING_REQUEST = 8
-CUDA_TOKEN_BUDGET = 2048
 # On CUDA with no explicit budget, the KV pool takes this share of free memory.
 CUDA_KV_FRACTION = 0.8
 
@@ -42,11 +32,11 @@ class EngineConfig:
     model: str | Path
     dtype: str = "auto"
     device: str = "auto"
-    block_size: int = 16
+    block_size: int = DEFAULT_BLOCK_SIZE
     kv_cache_memory: str | int | None = None
     num_kv_blocks: int | None = None
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int | None = None
+    max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
+    max_num_batched_tokens: int | None = None  # None: by device (SchedulerConfig.for_device)
     enable_prefix_caching: bool = True
     max_model_len: int | None = None
     # Speculative decoding: draft tokens per greedy request per step; from
@@ -96,20 +86,14 @@ def build_engine_core(config: EngineConfig, loaded: LoadedModel | None = None, d
     if draft is None and config.speculative_model is not None:
         draft = load_draft_model(config, loaded)
     runner = ModelRunner(loaded, num_kv_blocks(config, loaded, draft), config.block_size, draft)
-    is_cuda = loaded.device.type == "cuda"
-    if config.max_num_batched_tokens is not None:
-        budget, per_running_request = config.max_num_batched_tokens, 0
-    else:
-        budget = CUDA_TOKEN_BUDGET if is_cuda else CPU_TOKEN_BUDGET
-        per_running_request = 0 if is_cuda else CPU_TOKENS_PER_RUNNING_REQUEST
     block_manager = BlockManager(runner.num_blocks, config.block_size, config.enable_prefix_caching)
     num_speculative_tokens = config.num_speculative_tokens
     if num_speculative_tokens is None:
         num_speculative_tokens = DEFAULT_DRAFT_MODEL_TOKENS if draft is not None else 0
-    scheduler_config = SchedulerConfig(
+    scheduler_config = SchedulerConfig.for_device(
+        loaded.device.type,
         max_num_seqs=config.max_num_seqs,
-        max_num_batched_tokens=budget,
-        tokens_per_running_request=per_running_request,
+        max_num_batched_tokens=config.max_num_batched_tokens,
         num_speculative_tokens=num_speculative_tokens,
         speculative_method="draft_model" if draft is not None else "ngram",
     )

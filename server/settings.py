@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from batching.scheduler import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_SEQS
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TOKENSTEP_", protected_namespaces=())
@@ -19,9 +21,9 @@ class Settings(BaseSettings):
     # repr=False: the key never shows up in a logged or printed settings object.
     api_key: str | None = Field(None, repr=False, description="require 'Authorization: Bearer KEY' on /v1 routes")
     served_model_name: str | None = None
-    max_num_seqs: int = Field(64, ge=1, description="most requests running at once")
+    max_num_seqs: int = Field(DEFAULT_MAX_NUM_SEQS, ge=1, description="most requests running at once")
     max_num_batched_tokens: int | None = Field(None, ge=1, description="token budget of one step (prefill + decode); default on CPU 128, or 8 per running request when more (512 at 64 in flight); 2048 on CUDA")
-    block_size: int = Field(16, ge=1, le=1024)
+    block_size: int = Field(DEFAULT_BLOCK_SIZE, ge=1, le=1024)
     kv_cache_memory: str | None = Field(None, description="KV pool size, e.g. 512MiB or 2GiB (default 1GiB on CPU, 80% of free GPU memory on CUDA)")
     max_model_len: int | None = Field(None, ge=1, description="context window (default: the model's)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from batching.errors import InvalidRequestError
 from batching.messages import RunnerOutput, SampledToken, SchedulerOutput
 from batching.request import Request, RequestStatus
-from batching.scheduler import Scheduler
+from batching.scheduler import CPU_TOKEN_BUDGET, CPU_TOKENS_PER_RUNNING_REQUEST, CUDA_TOKEN_BUDGET, Scheduler, SchedulerConfig
 from tests.batching.factories import (
     EOS_TOKEN_ID,
     FIRST_SAMPLED_TOKEN_ID,
@@ -577,3 +577,21 @@ def test_the_budget_grows_with_the_running_requests_when_asked():
         fixed.add_request(request)
     run_step(fixed, runner)
     assert run_step(fixed, runner)[0].num_batched_tokens == 64, "without it the budget stays fixed"
+
+
+# --- configuration -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "device_type, given, expected",
+    [
+        ("cpu", None, (CPU_TOKEN_BUDGET, CPU_TOKENS_PER_RUNNING_REQUEST)),
+        ("cuda", None, (CUDA_TOKEN_BUDGET, 0)),
+        ("cpu", 300, (300, 0)),  # a budget given is fixed
+        ("cuda", 300, (300, 0)),
+    ],
+)
+def test_step_budget_is_resolved_by_device(device_type, given, expected) -> None:
+    config = SchedulerConfig.for_device(device_type, max_num_seqs=8, max_num_batched_tokens=given, num_speculative_tokens=2)
+    assert (config.max_num_batched_tokens, config.tokens_per_running_request) == expected
+    assert (config.max_num_seqs, config.num_speculative_tokens) == (8, 2)
