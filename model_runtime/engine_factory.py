@@ -9,7 +9,8 @@ import torch
 
 from batching.block_manager import BlockManager
 from batching.engine_core import EngineCore
-from batching.scheduler import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_SEQS, Scheduler, SchedulerConfig
+from batching.scheduler import Scheduler
+from batching.scheduler_config import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_SEQS, SchedulerConfig
 from model_runtime.kv_cache import parse_memory_size
 from model_runtime.loader import LoadedModel, load_model
 from model_runtime.runner import ModelRunner

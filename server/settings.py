@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from batching.scheduler import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_SEQS
+from batching.scheduler_config import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_SEQS
 
 
 class Settings(BaseSettings):

@@ -15,7 +15,8 @@ from batching.block_manager import BlockManager
 from batching.engine import DynamicBatcher
 from batching.engine_core import EngineCore
 from batching.messages import RunnerOutput, SampledToken, SchedulerOutput
-from batching.scheduler import Scheduler, SchedulerConfig
+from batching.scheduler import Scheduler
+from batching.scheduler_config import SchedulerConfig
 
 BOS_TOKEN_ID = 1
 EOS_TOKEN_ID = 2

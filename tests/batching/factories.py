@@ -18,7 +18,8 @@ from batching.errors import InvalidRequestError
 from batching.messages import RunnerOutput, SampledToken, SchedulerOutput
 from batching.request import Request, RequestStatus
 from batching.sampling_params import SamplingParams
-from batching.scheduler import Scheduler, SchedulerConfig, TokenUpdate
+from batching.scheduler import Scheduler, TokenUpdate
+from batching.scheduler_config import SchedulerConfig
 
 EOS_TOKEN_ID = 2
 BLOCK_SIZE = 16

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from batching.errors import InvalidRequestError
 from batching.messages import RunnerOutput, SampledToken, SchedulerOutput
 from batching.request import Request, RequestStatus
-from batching.scheduler import CPU_TOKEN_BUDGET, CPU_TOKENS_PER_RUNNING_REQUEST, CUDA_TOKEN_BUDGET, Scheduler, SchedulerConfig
+from batching.scheduler import Scheduler
+from batching.scheduler_config import CPU_TOKEN_BUDGET, CPU_TOKENS_PER_RUNNING_REQUEST, CUDA_TOKEN_BUDGET, SchedulerConfig
 from tests.batching.factories import (
     EOS_TOKEN_ID,
     FIRST_SAMPLED_TOKEN_ID,

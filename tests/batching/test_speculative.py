@@ -5,7 +5,8 @@ from batching.block_manager import BlockManager
 from batching.messages import RunnerOutput, SampledToken
 from batching.request import Request
 from batching.sampling_params import SamplingParams
-from batching.scheduler import Scheduler, SchedulerConfig
+from batching.scheduler import Scheduler
+from batching.scheduler_config import SchedulerConfig
 from batching.speculative import can_speculate, propose_ngram
 
 

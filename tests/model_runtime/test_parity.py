@@ -211,7 +211,7 @@ def test_cpu_step_budget_grows_with_the_running_requests_unless_given(tiny_llama
     """Defaults wired by the engine factory: on CPU 128 tokens or 8 per
     running request; an explicit --max-num-batched-tokens stays fixed; no
     draft model means n-gram speculation, 0 tokens unless asked."""
-    from batching.scheduler import CPU_TOKEN_BUDGET, CPU_TOKENS_PER_RUNNING_REQUEST
+    from batching.scheduler_config import CPU_TOKEN_BUDGET, CPU_TOKENS_PER_RUNNING_REQUEST
 
     loaded = load_model(tiny_llama_dir, dtype="float32", device="cpu")
     default = build_engine_core(EngineConfig(model="unused", num_kv_blocks=64), loaded).scheduler.config

@@ -1,0 +1,57 @@
+"""The scheduler's configuration and its device-dependent defaults: the one
+place the step budget, the running-request cap and the block size default
+come from (the server's ``Settings`` and the engine factory read them here).
+"""
+
+from dataclasses import dataclass
+
+
+# Default step token budgets. On 2 CPU cores a small budget keeps prefill chunks
+# from stalling decodes (same throughput at 16 in flight, a third of the ITL
+# p99 of 512), but with 64 in flight a fixed 128-token step leaves new prompts
+# trickling in; so on CPU the budget grows with the running requests, 8 tokens
+# each (128 at 16, 512 at 64), unless one is given. The measurements, with
+# their hosts and dates: docs/BENCHMARKS.md (2026-11-25 Intel host, 2026-12-01
+# AMD EPYC host). The budget is a scheduling policy that depends only on the
+# device type, so it is resolved here, not in the tensor layer.
+CPU_TOKEN_BUDGET = 128
+CPU_TOKENS_PER_RUNNING_REQUEST = 8
+CUDA_TOKEN_BUDGET = 2048
+DEFAULT_MAX_NUM_SEQS = 64  # --max-num-seqs
+DEFAULT_BLOCK_SIZE = 16  # --block-size (tokens per KV block)
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    """The scheduler's limits. No defaults for the two limits: they come from
+    the engine configuration (``model_runtime.engine_factory``, which resolves
+    the device-dependent step budget), so no second default can disagree."""
+
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    # With N requests running, a step may batch up to this many tokens per
+    # running request when that exceeds max_num_batched_tokens (0: fixed
+    # budget), so prefill keeps pace as concurrency grows.
+    tokens_per_running_request: int = 0
+    # Speculative decoding: draft tokens per decoding request (0: off), from
+    # n-gram lookup ("ngram") or the runner's draft model ("draft_model").
+    num_speculative_tokens: int = 0
+    speculative_method: str = "ngram"
+    # Which waiting request runs next, and which running one gives its
+    # blocks up when the pool is full (keys of ``batching.policies``).
+    admission_policy: str = "fcfs"
+    preemption_policy: str = "newest"
+
+    @classmethod
+    def for_device(cls, device_type: str, *, max_num_seqs: int = DEFAULT_MAX_NUM_SEQS, max_num_batched_tokens: int | None = None, **options: object) -> "SchedulerConfig":
+        """The config with the step budget resolved for ``device_type``
+        (``"cpu"``, ``"cuda"``): a given budget is fixed; otherwise CUDA gets
+        ``CUDA_TOKEN_BUDGET`` and a CPU ``CPU_TOKEN_BUDGET`` growing by
+        ``CPU_TOKENS_PER_RUNNING_REQUEST`` per running request."""
+        if max_num_batched_tokens is not None:
+            budget, per_running_request = max_num_batched_tokens, 0
+        elif device_type == "cuda":
+            budget, per_running_request = CUDA_TOKEN_BUDGET, 0
+        else:
+            budget, per_running_request = CPU_TOKEN_BUDGET, CPU_TOKENS_PER_RUNNING_REQUEST
+        return cls(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, tokens_per_running_request=per_running_request, **options)
