@@ -113,8 +113,9 @@ class DynamicBatcher:
     async def start(self, model_thread: ThreadPoolExecutor | None = None) -> None:
         """Start the loop. Pass ``model_thread`` (one worker) to step the model
         on the thread that loaded it: torch's OpenMP pool is per calling
-        thread, and a second thread running torch ops makes every step up to
-        2x slower on a 2-core CPU (measured: 54 vs 96-111 ms per decode step)."""
+        thread, and a second thread running torch ops made every step up to
+        2x slower on a 2-core CPU (docs/PERFORMANCE.md, "Measurements behind
+        choices")."""
         if self._task is None:
             # Without a given thread, a fresh one per start: a stopped batcher can be started again.
             self._owns_executor = model_thread is None

@@ -85,8 +85,8 @@ def _gather(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
 
     ``index_select`` on the flattened block ids, not ``cache[block_ids]``:
     advanced indexing on CPU goes through a generic element-wise kernel, 3-4x
-    slower than ``index_select``'s row copies (64 sequences x 13 blocks here:
-    0.70 vs 0.18 ms per layer and tensor).
+    slower than ``index_select``'s row copies (docs/PERFORMANCE.md,
+    "Measurements behind choices").
     """
     gathered = cache.index_select(0, block_ids.reshape(-1)).view(*block_ids.shape, *cache.shape[1:])  # [..., n_blocks, block_size, kv_heads, head_dim]
     gathered = gathered.flatten(-4, -3)  # [..., tokens, kv_heads, head_dim]

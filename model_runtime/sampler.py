@@ -261,7 +261,7 @@ def _argmax(values: torch.Tensor) -> torch.Tensor:
     """Index of each row's maximum (the first, on ties): [num_rows, vocab] -> [num_rows].
 
     ``max(dim).indices``, not ``argmax``: on CPU, argmax over a 49k vocab is a
-    slow reduction (64 rows: 5.4 ms in bf16, 2.6 ms in float32, against 1.1 ms).
+    reduction 2-5x slower (docs/PERFORMANCE.md, "Measurements behind choices").
     """
     return values.max(dim=-1).indices
 

@@ -4,7 +4,7 @@
 ``F.linear(x, W)`` multiplies by ``W.t()``. With the default ``[out, in]``
 storage that is a transposed operand, and at the small row counts of a decode
 step (1-64 rows) MKL's GEMM runs up to 2-3x slower on it than on a contiguous
-``[in, out]`` matrix (measured here: 1536->576 at 16 rows, 235 us vs 96 us).
+``[in, out]`` matrix.
 Re-laying each weight out as ``W.t().contiguous().t()`` keeps its shape and
 values (the model's code is untouched) and changes only its strides. The LM
 head is left alone: at 49152 outputs the default layout is faster, and it is
@@ -13,21 +13,21 @@ often tied to the input embedding, which must stay row-major for lookups.
 **bfloat16** (on CPUs with native bf16: AMX or AVX512-BF16): every linear,
 the LM head included, becomes a ``PackedLinear`` whose weight is reordered
 once into oneDNN's blocked layout and multiplied by oneDNN (AMX tiles where
-present). Decode step of the default model on an Intel host with AMX,
-B = 1 / 16 / 64: bf16 plain 38.9 / 57.3 / 113.1 ms, bf16 packed 30.0 / 49.2 /
-109.2 ms (float32 with the ``[in, out]`` layout: 35.5 / 88.8 / 190.4 ms).
+present), faster than plain bf16 at every batch size measured.
 
 **float32, small models** (linears of at most ``DUAL_LAYOUT_MAX_BYTES``, the
 default model's 540 MB): which kernel is faster at a few rows depends on the
 CPU, so it is measured at load time (``choose_packed_from_rows``: the model's
 own linears, one pass over all their weights as in a decode step, at 1, 2
 and 4 rows). Packing was better from 16 rows on both hosts measured, but for
-a single row an Intel host (AMX) ran MKL's ``[in, out]`` GEMV faster (35.0 vs
-42.8 ms per decode step) while an AMD EPYC (Zen 5) ran oneDNN's packed kernel
-faster (25 vs 37-42 ms; at 4 rows 27 vs 61-71 ms). So each linear is a
+a single row an Intel host (AMX) ran MKL's ``[in, out]`` GEMV faster while an
+AMD EPYC (Zen 5) ran oneDNN's packed kernel faster. So each linear is a
 ``RowSwitchedLinear``: the ``[in, out]`` weight below ``packed_from_rows``
 rows, the packed one from there; when packing wins from one row, the
 ``[in, out]`` copy is dropped and the model holds its weights once.
+
+The measurements behind each choice, with host and date:
+docs/PERFORMANCE.md, "Measurements behind choices in the code".
 """
 
 import time
