@@ -13,6 +13,25 @@ from batching.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True, slots=True)
+class SpeculationPlan:
+    """What a chunk asks of speculative decoding, as one object: the draft
+    tokens appended to it for the runner to verify (n-gram lookup, or the
+    draft model's proposals of the last step), and how many drafts the
+    runner's draft model should propose after this step for the next one.
+    The request's blocks cover ``num_slots`` positions beyond its own tokens."""
+
+    draft_token_ids: list[int] = field(default_factory=list)
+    num_lookahead_tokens: int = 0
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.draft_token_ids) + self.num_lookahead_tokens
+
+
+NO_SPECULATION = SpeculationPlan()
+
+
+@dataclass(frozen=True, slots=True)
 class ScheduledChunk:
     """One request's slice of a step: ``new_token_ids`` at positions
     ``[num_computed_tokens, num_computed_tokens + len(new_token_ids))``.
@@ -24,6 +43,8 @@ class ScheduledChunk:
     per-step seed; ``prompt_token_ids`` feeds the repetition penalty;
     ``eos_token_id`` is banned while ``min_tokens`` is not reached.
     ``grammar`` (a ``GrammarMatcher``, or None) masks the sampled token.
+    ``speculation`` is the chunk's ``SpeculationPlan`` (None: it does not
+    speculate); its draft tokens are the tail of ``new_token_ids``.
     """
 
     request_id: str
@@ -36,16 +57,19 @@ class ScheduledChunk:
     output_token_ids: list[int]
     eos_token_id: int | None = None
     grammar: Any = None
-    # Draft tokens appended to ``new_token_ids`` (speculative decoding).
-    draft_token_ids: list[int] = field(default_factory=list)
-    # Draft-model speculation: how many draft tokens the runner's draft model
-    # should propose after this step, for the request's next step (0: none).
-    # The request's blocks cover those positions too.
-    num_lookahead_tokens: int = 0
+    speculation: SpeculationPlan | None = None
 
     @property
     def num_new_tokens(self) -> int:
         return len(self.new_token_ids)
+
+    @property
+    def draft_token_ids(self) -> list[int]:
+        return (self.speculation or NO_SPECULATION).draft_token_ids
+
+    @property
+    def num_lookahead_tokens(self) -> int:
+        return (self.speculation or NO_SPECULATION).num_lookahead_tokens
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,8 @@ blocks are freed and it goes back to the front of the queue, to be recomputed
 (prompt plus the tokens it already produced) when blocks free up.
 With ``num_speculative_tokens``, a decoding greedy request may also carry
 draft tokens (``batching.speculative``: n-gram lookup, or what a draft model
-proposed after the last step) when the budget and free blocks allow;
+proposed after the last step) when the budget and free blocks allow, as the
+chunk's one ``SpeculationPlan``;
 ``update_from_output`` then appends the ones the model agreed with. With a
 draft model, a chunk that samples also asks the runner for the next step's
 drafts (``num_lookahead_tokens``), and its blocks cover the positions the
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 
 from batching.block_manager import BlockManager
 from batching.errors import InvalidRequestError
-from batching.messages import RunnerOutput, SampledToken, ScheduledChunk, SchedulerOutput, TokenLogprobs
+from batching.messages import RunnerOutput, SampledToken, ScheduledChunk, SchedulerOutput, SpeculationPlan, TokenLogprobs
 from batching.policies import ADMISSION_POLICIES, PREEMPTION_POLICIES
 from batching.request import Request, RequestStatus
 from batching.speculative import DraftModelProposer, NgramProposer, Proposer, can_speculate
@@ -93,8 +94,7 @@ class Scheduler:
         step_budget = max(self.config.max_num_batched_tokens, self.config.tokens_per_running_request * len(self.running))
         token_budget = step_budget
         scheduled: list[tuple[Request, int]] = []
-        drafts: dict[str, list[int]] = {}
-        lookaheads: dict[str, int] = {}
+        plans: dict[str, SpeculationPlan] = {}
         preempted: list[str] = []
 
         for request in list(self.running):
@@ -103,12 +103,10 @@ class Scheduler:
             if request.status != RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
             num_new = min(request.num_tokens - request.num_computed_tokens, token_budget)
-            draft = self._draft(request, num_new, token_budget)
-            lookahead = self._lookahead(request, num_new, len(draft))
-            if (draft or lookahead) and self.block_manager.allocate(request, num_new + len(draft) + lookahead):
-                drafts[request.request_id] = draft
-                lookaheads[request.request_id] = lookahead
-                num_new += len(draft)
+            plan = self._speculation_plan(request, num_new, token_budget)
+            if plan is not None and self.block_manager.allocate(request, num_new + plan.num_slots):
+                plans[request.request_id] = plan
+                num_new += len(plan.draft_token_ids)
             elif not self._allocate_or_preempt(request, num_new, preempted):
                 continue
             scheduled.append((request, num_new))
@@ -129,19 +127,16 @@ class Scheduler:
                 request.first_scheduled_time = time.monotonic()
             request.num_computed_tokens = num_cached
             request.num_cached_tokens = num_cached
-            lookahead = self._lookahead(request, num_new, 0)
-            if lookahead and self.block_manager.allocate(request, num_new + lookahead):
-                lookaheads[request.request_id] = lookahead
+            plan = self._speculation_plan(request, num_new, draft_budget=0)  # no drafts before the first token
+            if plan is not None and self.block_manager.allocate(request, num_new + plan.num_slots):
+                plans[request.request_id] = plan
             self.num_prefix_query_tokens += request.num_tokens
             self.num_prefix_hit_tokens += num_cached
             self.running.append(request)
             scheduled.append((request, num_new))
             token_budget -= num_new
 
-        chunks = [
-            self._chunk(request, num_new, drafts.get(request.request_id, []), lookaheads.get(request.request_id, 0))
-            for request, num_new in scheduled
-        ]
+        chunks = [self._chunk(request, num_new, plans.get(request.request_id)) for request, num_new in scheduled]
         return SchedulerOutput(
             chunks=chunks,
             num_batched_tokens=step_budget - token_budget,
@@ -190,6 +185,14 @@ class Scheduler:
             if stop is not None:
                 return stop
         return None
+
+    def _speculation_plan(self, request: Request, num_new: int, draft_budget: int) -> SpeculationPlan | None:
+        """What this chunk asks of speculation (None: nothing): drafts to
+        verify, within ``draft_budget`` tokens, and a lookahead for the draft
+        model."""
+        draft = self._draft(request, num_new, draft_budget)
+        lookahead = self._lookahead(request, num_new, len(draft))
+        return SpeculationPlan(draft, lookahead) if draft or lookahead else None
 
     def _draft(self, request: Request, num_new: int, token_budget: int) -> list[int]:
         """Draft tokens for a decoding request, within the step's budget,
@@ -259,7 +262,8 @@ class Scheduler:
         self.admission.requeue_preempted(self.waiting, request)
 
     @staticmethod
-    def _chunk(request: Request, num_new: int, draft: list[int], num_lookahead: int) -> ScheduledChunk:
+    def _chunk(request: Request, num_new: int, plan: SpeculationPlan | None) -> ScheduledChunk:
+        draft = plan.draft_token_ids if plan is not None else []
         start = request.num_computed_tokens
         end = start + num_new - len(draft)  # the request's own tokens; the drafts follow them
         return ScheduledChunk(
@@ -273,6 +277,5 @@ class Scheduler:
             output_token_ids=list(request.output_token_ids),
             eos_token_id=request.eos_token_id,
             grammar=request.grammar,
-            draft_token_ids=draft,
-            num_lookahead_tokens=num_lookahead,
+            speculation=plan,
         )

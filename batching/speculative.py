@@ -13,8 +13,8 @@ token-for-token what plain greedy decoding gives, only sooner.
   same vocabulary runs in the runner after each step and proposes the next
   ``k`` tokens greedily; they come back in ``SampledToken.next_draft_token_ids``
   and wait on ``Request.draft_token_ids`` for the next step. The scheduler asks
-  for them by giving the step's chunk ``num_lookahead_tokens`` (and blocks for
-  the positions the draft model writes).
+  for them through the chunk's ``SpeculationPlan`` (``num_lookahead_tokens``,
+  with blocks for the positions the draft model writes).
 
 Only plain greedy requests speculate (no logprobs, penalties, logit bias,
 grammar, stop strings or pending ``min_tokens``): for them, verifying a draft
