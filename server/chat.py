@@ -56,7 +56,7 @@ async def create_chat_completion(body: ChatCompletionRequest, raw_request: Reque
     outputs = merge(state, choices, raw_request.app.state.metrics, settings.request_timeout)
     reply = ReplyShape(state, request_id, created, len(prompt), plan, body.skip_special_tokens)
     if body.stream:
-        return sse_response(_stream(reply, outputs, body.include_usage), settings)
+        return sse_response(_stream(reply, outputs, body.include_usage, body.continuous_usage), settings)
     return JSONResponse(await unless_disconnected(raw_request, _collect(reply, outputs)))
 
 
@@ -129,10 +129,19 @@ async def _collect(reply: ReplyShape, outputs: AsyncIterator[tuple[int, RequestO
     return model_dump(ChatCompletionResponse(id=reply.request_id, created=reply.created, model=reply.state.model_name, choices=choices, usage=usage))
 
 
-async def _stream(reply: ReplyShape, outputs: AsyncIterator[tuple[int, RequestOutput]], include_usage: bool) -> AsyncIterator[str]:
+async def _stream(reply: ReplyShape, outputs: AsyncIterator[tuple[int, RequestOutput]], include_usage: bool, continuous_usage: bool = False) -> AsyncIterator[str]:
+    """``continuous_usage``: every chunk after the role chunk also carries the usage so far."""
     started: set[int] = set()
     completion_tokens: dict[int, int] = {}
     parsers: dict[int, ToolCallParser | None] = {}
+
+    def usage() -> Usage:
+        total = sum(completion_tokens.values())
+        return Usage(prompt_tokens=reply.prompt_tokens, completion_tokens=total, total_tokens=reply.prompt_tokens + total)
+
+    def usage_so_far() -> Usage | None:
+        return usage() if continuous_usage else None
+
     try:
         async for index, output in outputs:
             if index not in started:
@@ -149,17 +158,16 @@ async def _stream(reply: ReplyShape, outputs: AsyncIterator[tuple[int, RequestOu
                     rest, last_calls = parser.finish()
                     content, calls = content + rest, calls + last_calls
             if content or logprobs:
-                yield reply.chunk([ChatChunkChoice(index=index, delta=DeltaMessage(content=content), logprobs=logprobs)])
+                yield reply.chunk([ChatChunkChoice(index=index, delta=DeltaMessage(content=content), logprobs=logprobs)], usage_so_far())
             if calls:
                 first = len(parser.calls) - len(calls)
                 fragments = [{"index": first + i, **call} for i, call in enumerate(calls)]
-                yield reply.chunk([ChatChunkChoice(index=index, delta=DeltaMessage(tool_calls=fragments))])
+                yield reply.chunk([ChatChunkChoice(index=index, delta=DeltaMessage(tool_calls=fragments))], usage_so_far())
             if output.is_finished:
                 reason = finish_reason(output, parser.calls if parser else [], reply.plan)
-                yield reply.chunk([ChatChunkChoice(index=index, delta=DeltaMessage(), finish_reason=reason, stop_reason=output.stop_reason)])
+                yield reply.chunk([ChatChunkChoice(index=index, delta=DeltaMessage(), finish_reason=reason, stop_reason=output.stop_reason)], usage_so_far())
         if include_usage:
-            total = sum(completion_tokens.values())
-            yield reply.chunk([], Usage(prompt_tokens=reply.prompt_tokens, completion_tokens=total, total_tokens=reply.prompt_tokens + total))
+            yield reply.chunk([], usage())
         yield "[DONE]"
     finally:
         await outputs.aclose()

@@ -120,7 +120,7 @@ async def create_completion(body: CompletionRequest, raw_request: Request, state
     outputs = merge(state, choices, raw_request.app.state.metrics, settings.request_timeout)
     header = {"id": request_id, "created": created, "model": state.model_name}  # every body and chunk starts so
     if body.stream:
-        return sse_response(_stream(outputs, accumulators, header, usage_prompt_tokens, body.include_usage), settings)
+        return sse_response(_stream(outputs, accumulators, header, usage_prompt_tokens, body), settings)
     return JSONResponse(await unless_disconnected(raw_request, _collect(outputs, accumulators, header, usage_prompt_tokens)))
 
 
@@ -139,15 +139,16 @@ async def _collect(outputs: AsyncIterator[tuple[int, RequestOutput]], accumulato
     return model_dump(CompletionResponse(**header, choices=choices, usage=_usage(prompt_tokens, accumulators)))
 
 
-async def _stream(outputs: AsyncIterator[tuple[int, RequestOutput]], accumulators: dict[int, ChoiceText], header: dict, prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
+async def _stream(outputs: AsyncIterator[tuple[int, RequestOutput]], accumulators: dict[int, ChoiceText], header: dict, prompt_tokens: int, body: CompletionRequest) -> AsyncIterator[str]:
     try:
         async for index, output in outputs:
             text, logprobs = accumulators[index].add(output)
             if not text and not output.is_finished and not (logprobs and logprobs.tokens):
                 continue
             choice = CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=output.finish_reason, stop_reason=output.stop_reason)
-            yield json.dumps(model_dump(CompletionResponse(**header, choices=[choice])))
-        if include_usage:
+            usage = _usage(prompt_tokens, accumulators) if body.continuous_usage else None
+            yield json.dumps(model_dump(CompletionResponse(**header, choices=[choice], usage=usage)))
+        if body.include_usage:
             usage = _usage(prompt_tokens, accumulators)
             yield json.dumps(model_dump(CompletionResponse(**header, choices=[], usage=usage)))
         yield "[DONE]"

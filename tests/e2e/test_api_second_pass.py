@@ -220,3 +220,20 @@ def test_x_request_id_is_echoed_or_the_request_id(tiny_server):
         assert response.headers["x-request-id"]
     time.sleep(0.2)
     assert f"request_id={plain.json()['id']} POST /v1/completions 200" in tiny_server.log_path.read_text()
+
+
+# ------------------------------------------------------------ continuous usage (vLLM)
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_continuous_usage_stats_put_usage_so_far_in_every_chunk(tiny_server, path):
+    prompt = {"prompt": "count"} if "chat" not in path else {"messages": [{"role": "user", "content": "count"}]}
+    body = {"model": MODEL, **prompt, "max_tokens": 6, "ignore_eos": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    chunks = streamed_payloads(tiny_server, path, body)
+    with_choices = [chunk for chunk in chunks if chunk["choices"] and chunk.get("usage")]
+    counts = [chunk["usage"]["completion_tokens"] for chunk in with_choices]
+    assert with_choices and counts == sorted(counts) and counts[-1] == 6
+    assert all(chunk["usage"]["total_tokens"] == chunk["usage"]["prompt_tokens"] + chunk["usage"]["completion_tokens"] for chunk in with_choices)
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 6
+    plain = streamed_payloads(tiny_server, path, {**body, "stream_options": {"include_usage": True}})
+    assert not any(chunk.get("usage") for chunk in plain if chunk["choices"])
