@@ -1,13 +1,13 @@
 """Plain-data messages between the scheduler, the runner and the engine.
 
 ``SchedulerOutput`` goes into ``model_runtime`` (the runner turns it into
-tensors); ``RunnerOutput`` comes back. Neither holds a tensor or a Request:
-lists of ints and floats only, so the runner is testable without a scheduler
-and the scheduler without a model.
+tensors); ``RunnerOutput`` comes back. Neither holds a tensor, a Request or
+a live object: ints, floats, lists and bytes only (a grammar travels as the
+bitmask of the tokens it allows next), so the runner is testable without a
+scheduler and the scheduler without a model.
 """
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from batching.sampling_params import SamplingParams
 
@@ -42,7 +42,9 @@ class ScheduledChunk:
     ``output_token_ids`` (the tokens generated so far) feed penalties and the
     per-step seed; ``prompt_token_ids`` feeds the repetition penalty;
     ``eos_token_id`` is banned while ``min_tokens`` is not reached.
-    ``grammar`` (a ``GrammarMatcher``, or None) masks the sampled token.
+    ``grammar_bitmask`` (constrained sampling chunks only; None otherwise)
+    is the grammar's allowed-next-token mask, computed on the batching side:
+    little-endian int32 words, bit ``t % 32`` of word ``t // 32`` is token t.
     ``speculation`` is the chunk's ``SpeculationPlan`` (None: it does not
     speculate); its draft tokens are the tail of ``new_token_ids``.
     """
@@ -56,7 +58,7 @@ class ScheduledChunk:
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     eos_token_id: int | None = None
-    grammar: Any = None
+    grammar_bitmask: bytes | None = None
     speculation: SpeculationPlan | None = None
 
     @property

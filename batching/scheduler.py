@@ -276,6 +276,6 @@ class Scheduler:
             prompt_token_ids=request.prompt_token_ids,
             output_token_ids=list(request.output_token_ids),
             eos_token_id=request.eos_token_id,
-            grammar=request.grammar,
+            grammar_bitmask=request.grammar.next_token_bitmask() if request.grammar is not None and end == request.num_tokens else None,
             speculation=plan,
         )

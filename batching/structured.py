@@ -1,9 +1,10 @@
 """Structured output: grammars that constrain a request's tokens one by one.
 
 A request with ``SamplingParams.guided`` gets a ``GrammarMatcher`` (an
-llguidance matcher) when it is made. Each step, the sampler asks the matcher
-which tokens may come next (a bitmask, filled straight into the sampler's
-buffer) and masks every other logit to -inf; after the step the engine feeds
+llguidance matcher) when it is made. Each step the scheduler asks the matcher
+of every constrained chunk that samples which tokens may come next
+(``next_token_bitmask``: bytes, sent to the runner in the chunk), and the
+sampler masks every other logit to -inf; after the step the engine feeds
 the sampled token back with ``accept``. EOS is in the mask exactly when the
 grammar accepts the text so far; once the grammar can take nothing more
 (``is_stopped``), the engine finishes the request with ``finish_reason: stop``
@@ -14,8 +15,8 @@ no dependencies (xgrammar pulls in torch, triton and tvm-ffi, about 1 GB), MIT
 licence, JSON schema, regex and Lark grammars with clear errors, and a mask
 for a 49k vocabulary in well under a millisecond per row on this CPU.
 
-Nothing here touches tensors: the runner hands ``fill_bitmask`` a raw buffer
-address. Matchers are compiled off the event loop (``GrammarCompiler.matcher``
+Nothing here touches tensors, and no matcher crosses into the runner: only
+its bitmask does. Matchers are compiled off the event loop (``GrammarCompiler.matcher``
 may take a while for big schemas) and compiled grammars are cached, so the
 same schema sent again costs one ``deep_copy``.
 """
@@ -123,10 +124,11 @@ class GrammarMatcher:
     def __init__(self, matcher: llguidance.LLMatcher) -> None:
         self._matcher = matcher
 
-    def fill_bitmask(self, address: int, num_bytes: int) -> None:
-        """Write the allowed-next-token bitmask (bit ``t % 32`` of 32-bit word
-        ``t // 32`` is token t) into ``num_bytes`` bytes at ``address``."""
-        self._matcher.unsafe_compute_mask_ptr(address, num_bytes)
+    def next_token_bitmask(self) -> bytes:
+        """The allowed-next-token bitmask: little-endian int32 words, bit
+        ``t % 32`` of word ``t // 32`` is token t (a word may follow the
+        vocabulary's last; the sampler reads the words it needs)."""
+        return self._matcher.compute_bitmask()
 
     def accept(self, token_id: int) -> bool:
         """Advance by a sampled token; False (and an error state) if the

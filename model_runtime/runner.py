@@ -76,7 +76,7 @@ class ModelRunner:
         if self.drafter is not None:
             self.drafter.mirror(input_ids, position_ids, context)
         rows = [
-            SamplingRow(chunk.sampling_params, chunk.prompt_token_ids, chunk.output_token_ids, chunk.eos_token_id, chunk.grammar)
+            SamplingRow(chunk.sampling_params, chunk.prompt_token_ids, chunk.output_token_ids, chunk.eos_token_id, chunk.grammar_bitmask)
             for chunk in sampling_chunks
         ]
         results = self.sampler.sample(logits[: len(sample_rows)], rows)

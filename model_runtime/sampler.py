@@ -33,7 +33,6 @@ import torch
 
 from batching.messages import TokenLogprobs
 from batching.sampling_params import SamplingParams
-from batching.structured import GrammarMatcher
 
 _SEED_STRIDE = 1_000_003  # mixes the request seed with the step index
 _SEED_MASK = (1 << 63) - 1  # torch generator seeds must fit in a signed 64-bit int
@@ -57,13 +56,13 @@ class SamplingRow:
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     eos_token_id: int | None
-    grammar: GrammarMatcher | None = None
+    grammar_bitmask: bytes | None = None  # allowed next tokens (batching.messages.ScheduledChunk)
 
 
 def _needs_processing(row: SamplingRow) -> bool:
     params = row.sampling_params
     return (
-        row.grammar is not None
+        row.grammar_bitmask is not None
         or bool(params.logit_bias)
         or params.has_penalties
         or params.logprobs is not None
@@ -97,7 +96,7 @@ def _apply_min_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
     """In place: -inf on EOS and stop tokens of rows still under min_tokens."""
     banned: list[tuple[int, int]] = []
     for i, row in enumerate(rows):
-        if row.grammar is not None or len(row.output_token_ids) >= row.sampling_params.min_tokens:
+        if row.grammar_bitmask is not None or len(row.output_token_ids) >= row.sampling_params.min_tokens:
             continue
         stop_ids = set(row.sampling_params.stop_token_ids)
         if row.eos_token_id is not None:
@@ -164,18 +163,18 @@ _BIT_SHIFTS: dict[torch.device, torch.Tensor] = {}
 def _apply_grammars(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
     """In place: -inf on every token a constrained row's grammar forbids now.
 
-    Each matcher writes its bitmask (bit ``t % 32`` of int32 word ``t // 32``)
-    into one row of a CPU buffer; the bits are expanded on the logits' device.
+    Each row's bitmask (bit ``t % 32`` of int32 word ``t // 32``, computed by
+    the batching side) becomes one row of a CPU buffer; the bits are expanded
+    on the logits' device.
     """
-    constrained = [i for i, row in enumerate(rows) if row.grammar is not None]
+    constrained = [i for i, row in enumerate(rows) if row.grammar_bitmask is not None]
     if not constrained:
         return
     vocab = logits.shape[1]
     num_words = (vocab + 31) // 32
-    bitmask = torch.empty(len(constrained), num_words, dtype=torch.int32)  # [num_constrained, num_words]
     row_bytes = num_words * 4
-    for j, i in enumerate(constrained):
-        rows[i].grammar.fill_bitmask(bitmask[j].data_ptr(), row_bytes)
+    masks = b"".join(rows[i].grammar_bitmask[:row_bytes].ljust(row_bytes, b"\0") for i in constrained)
+    bitmask = torch.frombuffer(bytearray(masks), dtype=torch.int32).view(len(constrained), num_words)  # [num_constrained, num_words]
     device = logits.device
     shifts = _BIT_SHIFTS.get(device)
     if shifts is None:
@@ -326,7 +325,7 @@ class Sampler:
         _apply_penalties(processed, rows)
         wants_logprobs = any(row.sampling_params.logprobs is not None for row in rows)
         logprob_source = processed if wants_logprobs else None
-        if wants_logprobs and any(row.grammar is not None for row in rows):
+        if wants_logprobs and any(row.grammar_bitmask is not None for row in rows):
             logprob_source = processed.clone()  # [num_rows, vocab], unmasked
         _apply_grammars(processed, rows)
         random_rows = [i for i, r in enumerate(rows) if not r.sampling_params.is_greedy]
