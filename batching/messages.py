@@ -28,7 +28,7 @@ class SpeculationPlan:
         return len(self.draft_token_ids) + self.num_lookahead_tokens
 
 
-NO_SPECULATION = SpeculationPlan()
+NO_SPECULATION = SpeculationPlan()  # shared: never mutate its list
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,8 +45,9 @@ class ScheduledChunk:
     ``grammar_bitmask`` (constrained sampling chunks only; None otherwise)
     is the grammar's allowed-next-token mask, computed on the batching side:
     little-endian int32 words, bit ``t % 32`` of word ``t // 32`` is token t.
-    ``speculation`` is the chunk's ``SpeculationPlan`` (None: it does not
-    speculate); its draft tokens are the tail of ``new_token_ids``.
+    ``speculation`` is the chunk's ``SpeculationPlan`` (``NO_SPECULATION``
+    when it does not speculate); its draft tokens are the tail of
+    ``new_token_ids``.
     """
 
     request_id: str
@@ -59,7 +60,7 @@ class ScheduledChunk:
     output_token_ids: list[int]
     eos_token_id: int | None = None
     grammar_bitmask: bytes | None = None
-    speculation: SpeculationPlan | None = None
+    speculation: SpeculationPlan = NO_SPECULATION
 
     @property
     def num_new_tokens(self) -> int:
@@ -67,11 +68,11 @@ class ScheduledChunk:
 
     @property
     def draft_token_ids(self) -> list[int]:
-        return (self.speculation or NO_SPECULATION).draft_token_ids
+        return self.speculation.draft_token_ids
 
     @property
     def num_lookahead_tokens(self) -> int:
-        return (self.speculation or NO_SPECULATION).num_lookahead_tokens
+        return self.speculation.num_lookahead_tokens
 
 
 @dataclass(frozen=True, slots=True)

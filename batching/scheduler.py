@@ -27,11 +27,11 @@ from dataclasses import dataclass
 
 from batching.block_manager import BlockManager
 from batching.errors import InvalidRequestError
-from batching.messages import RunnerOutput, SampledToken, ScheduledChunk, SchedulerOutput, SpeculationPlan, TokenLogprobs
+from batching.messages import NO_SPECULATION, RunnerOutput, SampledToken, ScheduledChunk, SchedulerOutput, SpeculationPlan, TokenLogprobs
 from batching.policies import ADMISSION_POLICIES, PREEMPTION_POLICIES
 from batching.request import Request, RequestStatus
-from batching.speculative import DraftModelProposer, NgramProposer, Proposer, can_speculate
 from batching.scheduler_config import SchedulerConfig
+from batching.speculative import DraftModelProposer, NgramProposer, Proposer, can_speculate
 from batching.stop import StopDecision, check_token_stop
 
 
@@ -136,7 +136,7 @@ class Scheduler:
             scheduled.append((request, num_new))
             token_budget -= num_new
 
-        chunks = [self._chunk(request, num_new, plans.get(request.request_id)) for request, num_new in scheduled]
+        chunks = [self._chunk(request, num_new, plans.get(request.request_id, NO_SPECULATION)) for request, num_new in scheduled]
         return SchedulerOutput(
             chunks=chunks,
             num_batched_tokens=step_budget - token_budget,
@@ -262,8 +262,8 @@ class Scheduler:
         self.admission.requeue_preempted(self.waiting, request)
 
     @staticmethod
-    def _chunk(request: Request, num_new: int, plan: SpeculationPlan | None) -> ScheduledChunk:
-        draft = plan.draft_token_ids if plan is not None else []
+    def _chunk(request: Request, num_new: int, plan: SpeculationPlan) -> ScheduledChunk:
+        draft = plan.draft_token_ids
         start = request.num_computed_tokens
         end = start + num_new - len(draft)  # the request's own tokens; the drafts follow them
         return ScheduledChunk(

@@ -97,9 +97,7 @@ class ReplyShape:
 def _message(text: str, parser: ToolCallParser | None) -> AssistantMessage:
     if parser is None:
         return AssistantMessage(content=text)
-    content, _ = parser.feed(text)
-    rest, _ = parser.finish()
-    content += rest
+    content, _ = parser.feed_delta(text, is_last=True)
     return AssistantMessage(content=content or None, tool_calls=[ToolCall(**call) for call in parser.calls] or None)
 
 
@@ -153,10 +151,7 @@ async def _stream(reply: ReplyShape, outputs: AsyncIterator[tuple[int, RequestOu
             content, calls = output.new_text, []
             parser = parsers[index]
             if parser is not None:
-                content, calls = parser.feed(content)
-                if output.is_finished:
-                    rest, last_calls = parser.finish()
-                    content, calls = content + rest, calls + last_calls
+                content, calls = parser.feed_delta(content, output.is_finished)
             if content or logprobs:
                 yield reply.chunk([ChatChunkChoice(index=index, delta=DeltaMessage(content=content), logprobs=logprobs)], usage_so_far())
             if calls:

@@ -56,10 +56,7 @@ class ResponseBuilder:
         """The events one engine delta produces (the last one finishes the response)."""
         content, calls = output.new_text, []
         if self._parser is not None:
-            content, calls = self._parser.feed(content)
-            if output.is_finished:
-                rest, last_calls = self._parser.finish()
-                content, calls = content + rest, calls + last_calls
+            content, calls = self._parser.feed_delta(content, output.is_finished)
         logprobs = [entry.model_dump(mode="json") for entry in self._reply.logprobs(output.logprobs).content] if self._want_logprobs and output.logprobs else []
         events = self._text(content, logprobs) if content or logprobs else []
         for call in calls:

@@ -270,6 +270,14 @@ class ToolCallParser:
         self.calls.extend(calls)
         return content, calls
 
+    def feed_delta(self, text: str, is_last: bool) -> tuple[str, list[dict[str, Any]]]:
+        """``feed`` one delta; with the last one, ``finish`` too (both results joined)."""
+        content, calls = self.feed(text)
+        if is_last:
+            rest, last_calls = self.finish()
+            content, calls = content + rest, calls + last_calls
+        return content, calls
+
     def finish(self) -> tuple[str, list[dict[str, Any]]]:
         rest, self._pending = self._pending, ""
         if self._in_call:

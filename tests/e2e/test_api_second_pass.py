@@ -218,8 +218,12 @@ def test_x_request_id_is_echoed_or_the_request_id(tiny_server):
     assert streamed.headers["x-request-id"] == json.loads(sse_events(streamed.text)[0])["id"]
     for response in (httpx.get(f"{tiny_server.base_url}/v1/models"), post(tiny_server, "/v1/completions", {"prompt": "x", "temperature": 9})):
         assert response.headers["x-request-id"]
+    too_long = post(tiny_server, "/v1/completions", body, headers={"X-Request-Id": "x" * 300})
+    assert too_long.headers["x-request-id"] == too_long.json()["id"]  # replaced, not echoed
     time.sleep(0.2)
-    assert f"request_id={plain.json()['id']} POST /v1/completions 200" in tiny_server.log_path.read_text()
+    log = tiny_server.log_path.read_text()
+    assert f"request_id={plain.json()['id']} POST /v1/completions 200" in log
+    assert " GET /health " not in log  # probes are logged at DEBUG only
 
 
 # ------------------------------------------------------------ continuous usage (vLLM)

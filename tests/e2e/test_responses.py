@@ -47,6 +47,19 @@ def test_text_response_matches_chat(tiny_server):
         assert response.status == "completed" and response.incomplete_details is None
 
 
+def test_output_text_logprobs_and_metadata(tiny_server):
+    client = client_for(tiny_server)
+    metadata = {"trace": "abc"}
+    response = client.responses.create(model=MODEL, input="Hi", max_output_tokens=5, include=["message.output_text.logprobs"], top_logprobs=2, metadata=metadata, **GREEDY)
+    part = response.output[0].content[0]
+    assert len(part.logprobs) == response.usage.output_tokens == 5
+    assert all(len(entry.top_logprobs) <= 3 for entry in part.logprobs)
+    assert b"".join(bytes(entry.bytes) for entry in part.logprobs).decode("utf-8", errors="ignore") == part.text
+    assert response.metadata == metadata
+    plain = client.responses.create(model=MODEL, input="Hi", max_output_tokens=5, **GREEDY)
+    assert plain.output[0].content[0].logprobs == [] and plain.output_text == response.output_text
+
+
 def test_parse_follows_the_pydantic_schema(tiny_server):
     client = client_for(tiny_server)
     parsed = client.responses.parse(model=MODEL, input="A city as JSON", text_format=City, max_output_tokens=200, **GREEDY)
