@@ -256,8 +256,7 @@ class DynamicBatcher:
             runner_output = await loop.run_in_executor(self._executor, self.core.runner.step, scheduler_output)
         except Exception as exc:  # one bad step fails its requests, not the server
             logger.exception("engine step failed")
-            ids = [chunk.request_id for chunk in scheduler_output.chunks]
-            self._publish(self.core.fail(ids, f"engine step failed: {exc}"))
+            self._publish(self.core.fail_step(scheduler_output, f"engine step failed: {exc}"))
             return
         self.num_steps += 1
         self.step_seconds_total += time.perf_counter() - started

@@ -129,10 +129,12 @@ class EngineCore:
             outputs.append(output)
         return outputs
 
-    def fail(self, request_ids: list[str], message: str) -> list[RequestOutput]:
-        """Finish the given requests with an error (a step raised)."""
+    def fail_step(self, scheduler_output: SchedulerOutput, message: str) -> list[RequestOutput]:
+        """The runner raised on ``scheduler_output``: finish its requests with
+        an error; the finishes it carried are sent again with the next step."""
+        self.scheduler.step_failed(scheduler_output)
         outputs = []
-        for request_id in request_ids:
+        for request_id in [chunk.request_id for chunk in scheduler_output.chunks]:
             output = self.abort(request_id, RequestStatus.FINISHED_ERROR)
             if output is not None:
                 outputs.append(dataclasses.replace(output, error=message))

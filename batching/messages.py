@@ -4,7 +4,10 @@
 tensors); ``RunnerOutput`` comes back. Neither holds a tensor, a Request or
 a live object: ints, floats, lists and bytes only (a grammar travels as the
 bitmask of the tokens it allows next), so the runner is testable without a
-scheduler and the scheduler without a model.
+scheduler and the scheduler without a model. The step message is
+incremental: a request's constant data and tokens cross once per admission
+(``NewRequestData``), then only new tokens and new blocks; the runner keeps
+the rest (``batching.runner_state``).
 """
 
 from dataclasses import dataclass, field
@@ -32,16 +35,30 @@ NO_SPECULATION = SpeculationPlan()  # shared: never mutate its list
 
 
 @dataclass(frozen=True, slots=True)
+class NewRequestData:
+    """What the runner keeps about a request, sent once with its first chunk
+    after each admission (a first admission or a resume after preemption):
+    its constant data and every token it holds so far. Later chunks of the
+    request carry only what changed."""
+
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_id: int | None = None  # banned while min_tokens is not reached
+
+
+@dataclass(frozen=True, slots=True)
 class ScheduledChunk:
     """One request's slice of a step: ``new_token_ids`` at positions
     ``[num_computed_tokens, num_computed_tokens + len(new_token_ids))``.
 
-    ``block_ids`` is the request's whole block table (covering the new tokens).
+    Incremental: ``new_request`` (None except on the first chunk after an
+    admission) carries the request's constant data and tokens, and
+    ``new_block_ids`` the blocks appended to its block table since its last
+    chunk (all of them on the first). The runner keeps the rest
+    (``batching.runner_state``).
     ``is_sampling`` is true when the chunk reaches the end of the request's
     known tokens, so the last position's logits pick the next token.
-    ``output_token_ids`` (the tokens generated so far) feed penalties and the
-    per-step seed; ``prompt_token_ids`` feeds the repetition penalty;
-    ``eos_token_id`` is banned while ``min_tokens`` is not reached.
     ``grammar_bitmask`` (constrained sampling chunks only; None otherwise)
     is the grammar's allowed-next-token mask, computed on the batching side:
     little-endian int32 words, bit ``t % 32`` of word ``t // 32`` is token t.
@@ -53,18 +70,21 @@ class ScheduledChunk:
     request_id: str
     new_token_ids: list[int]
     num_computed_tokens: int
-    block_ids: list[int]
+    new_block_ids: list[int]
     is_sampling: bool
-    sampling_params: SamplingParams
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
-    eos_token_id: int | None = None
+    new_request: NewRequestData | None = None
     grammar_bitmask: bytes | None = None
     speculation: SpeculationPlan = NO_SPECULATION
 
     @property
     def num_new_tokens(self) -> int:
         return len(self.new_token_ids)
+
+    @property
+    def own_token_ids(self) -> list[int]:
+        """The request's own tokens in this chunk (``new_token_ids`` less the drafts)."""
+        num_drafts = len(self.speculation.draft_token_ids)
+        return self.new_token_ids[: len(self.new_token_ids) - num_drafts] if num_drafts else self.new_token_ids
 
     @property
     def draft_token_ids(self) -> list[int]:
@@ -77,11 +97,17 @@ class ScheduledChunk:
 
 @dataclass(frozen=True, slots=True)
 class SchedulerOutput:
-    """What runs in one step: prefill chunks and decode tokens, in one list."""
+    """What runs in one step: prefill chunks and decode tokens, in one list.
+
+    ``preempted_request_ids`` lost their blocks in this schedule and
+    ``finished_request_ids`` finished since the last step that ran: the
+    runner drops what it kept about both (a preempted request comes back
+    with a ``NewRequestData``)."""
 
     chunks: list[ScheduledChunk]
     num_batched_tokens: int
     preempted_request_ids: list[str]
+    finished_request_ids: list[str] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from batching.block_manager import BlockManager
 from batching.errors import InvalidRequestError
-from batching.messages import NO_SPECULATION, RunnerOutput, SampledToken, ScheduledChunk, SchedulerOutput, SpeculationPlan, TokenLogprobs
+from batching.messages import NO_SPECULATION, NewRequestData, RunnerOutput, SampledToken, ScheduledChunk, SchedulerOutput, SpeculationPlan, TokenLogprobs
 from batching.policies import ADMISSION_POLICIES, PREEMPTION_POLICIES
 from batching.request import Request, RequestStatus
 from batching.scheduler_config import SchedulerConfig
@@ -64,6 +64,8 @@ class Scheduler:
         self.num_prefix_hit_tokens = 0
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
+        # Finished since the last step that ran; the next step tells the runner.
+        self.finished_request_ids: list[str] = []
 
     @property
     def has_unfinished(self) -> bool:
@@ -93,7 +95,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         step_budget = max(self.config.max_num_batched_tokens, self.config.tokens_per_running_request * len(self.running))
         token_budget = step_budget
-        scheduled: list[tuple[Request, int]] = []
+        scheduled: list[tuple[Request, int, int]] = []  # (request, tokens, blocks the runner already has)
         plans: dict[str, SpeculationPlan] = {}
         preempted: list[str] = []
 
@@ -103,13 +105,14 @@ class Scheduler:
             if request.status != RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
             num_new = min(request.num_tokens - request.num_computed_tokens, token_budget)
+            num_sent_blocks = len(request.block_ids)
             plan = self._speculation_plan(request, num_new, token_budget)
             if plan is not None and self.block_manager.allocate(request, num_new + plan.num_slots):
                 plans[request.request_id] = plan
                 num_new += len(plan.draft_token_ids)
             elif not self._allocate_or_preempt(request, num_new, preempted):
                 continue
-            scheduled.append((request, num_new))
+            scheduled.append((request, num_new, num_sent_blocks))
             token_budget -= num_new
 
         while self.waiting and token_budget > 0 and not preempted:
@@ -133,15 +136,23 @@ class Scheduler:
             self.num_prefix_query_tokens += request.num_tokens
             self.num_prefix_hit_tokens += num_cached
             self.running.append(request)
-            scheduled.append((request, num_new))
+            scheduled.append((request, num_new, 0))
             token_budget -= num_new
 
-        chunks = [self._chunk(request, num_new, plans.get(request.request_id, NO_SPECULATION)) for request, num_new in scheduled]
+        chunks = [self._chunk(request, num_new, plans.get(request.request_id, NO_SPECULATION), num_sent) for request, num_new, num_sent in scheduled]
+        finished, self.finished_request_ids = (self.finished_request_ids, []) if chunks else ([], self.finished_request_ids)
         return SchedulerOutput(
             chunks=chunks,
             num_batched_tokens=step_budget - token_budget,
             preempted_request_ids=preempted,
+            finished_request_ids=finished,
         )
+
+    def step_failed(self, scheduler_output: SchedulerOutput) -> None:
+        """The runner may not have seen ``scheduler_output``: tell it again
+        about the requests it named as finished (the engine then fails the
+        step's own requests, which finish too)."""
+        self.finished_request_ids.extend(scheduler_output.finished_request_ids)
 
     def update_from_output(self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput) -> list[TokenUpdate]:
         """Advance computed counters, append sampled tokens, cache the blocks
@@ -234,6 +245,7 @@ class Scheduler:
             elif request in self.waiting:
                 self.waiting.remove(request)
             self.block_manager.free(request)
+            self.finished_request_ids.append(request.request_id)
         request.status = decision.status
         request.stop_reason = decision.stop_reason
 
@@ -262,20 +274,23 @@ class Scheduler:
         self.admission.requeue_preempted(self.waiting, request)
 
     @staticmethod
-    def _chunk(request: Request, num_new: int, plan: SpeculationPlan) -> ScheduledChunk:
+    def _chunk(request: Request, num_new: int, plan: SpeculationPlan, num_sent_blocks: int) -> ScheduledChunk:
+        """The chunk as a delta: the whole request only on its first chunk
+        after admission (``num_sent_blocks == 0``), else its new tokens and
+        the blocks added since the runner last heard of it."""
         draft = plan.draft_token_ids
         start = request.num_computed_tokens
         end = start + num_new - len(draft)  # the request's own tokens; the drafts follow them
+        new_request = None
+        if num_sent_blocks == 0:
+            new_request = NewRequestData(request.prompt_token_ids, list(request.output_token_ids), request.sampling_params, request.eos_token_id)
         return ScheduledChunk(
             request_id=request.request_id,
             new_token_ids=request.token_slice(start, end) + draft,
             num_computed_tokens=start,
-            block_ids=list(request.block_ids),
+            new_block_ids=request.block_ids[num_sent_blocks:],
             is_sampling=end == request.num_tokens,
-            sampling_params=request.sampling_params,
-            prompt_token_ids=request.prompt_token_ids,
-            output_token_ids=list(request.output_token_ids),
-            eos_token_id=request.eos_token_id,
+            new_request=new_request,
             grammar_bitmask=request.grammar.next_token_bitmask() if request.grammar is not None and end == request.num_tokens else None,
             speculation=plan,
         )

@@ -1,6 +1,8 @@
 """``ModelRunner.step``: one ``SchedulerOutput`` in, one ``RunnerOutput`` out.
 
-Turns the scheduled chunks (plain lists on the CPU) into the step's tensors:
+First folds the step's deltas into what it keeps per request
+(``batching.runner_state``: tokens, block table, penalty counts), then
+turns the scheduled chunks into the step's tensors:
 flat ``input_ids``/``position_ids`` ``[1, T]``, a ``slot_mapping`` ``[T]``,
 padded block tables for the decode rows and a span per prefill chunk. Decode
 chunks (one new token) are placed first so attention can batch them. Runs the
@@ -20,11 +22,12 @@ import logging
 import torch
 
 from batching.messages import PromptLogprobs, RunnerOutput, SampledToken, ScheduledChunk, SchedulerOutput
+from batching.runner_state import RunnerRequest, RunnerRequests
 from model_runtime.attention import CONTEXT_KWARG, PrefillSpan, StepContext, decode_tables
 from model_runtime.drafter import DraftModel, Lookahead
 from model_runtime.kv_cache import CacheShape, PagedKVCache
 from model_runtime.loader import LoadedModel
-from model_runtime.sampler import Sampler, SamplingRow, prompt_logprobs
+from model_runtime.sampler import Sampler, SamplingRow, TokenCounts, prompt_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +45,7 @@ class ModelRunner:
         # Draft-model speculation: the draft keeps a cache with the same block ids.
         self.drafter = DraftModel(draft, num_blocks, block_size) if draft is not None else None
         self.sampler = Sampler(self.model.config.vocab_size)
+        self.requests = RunnerRequests()
         draft_bytes = self.drafter.kv_cache.kv_cache_bytes if self.drafter else 0
         logger.info(
             "KV cache: %d blocks of %d tokens = %d tokens (%.1f MiB%s)",
@@ -61,11 +65,14 @@ class ModelRunner:
 
     @torch.inference_mode()
     def step(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
-        chunks = sorted(scheduler_output.chunks, key=lambda chunk: chunk.num_new_tokens != 1)
-        input_ids, position_ids, context = self._prepare(chunks)
-        sampling_chunks = [chunk for chunk in chunks if chunk.is_sampling and not chunk.draft_token_ids]
-        draft_chunks = [chunk for chunk in chunks if chunk.draft_token_ids]
-        sample_rows, draft_rows, prompt_spans = self._logits_rows(chunks)
+        scheduled = list(zip(scheduler_output.chunks, self.requests.apply(scheduler_output)))
+        scheduled.sort(key=lambda pair: pair[0].num_new_tokens != 1)  # decode rows first
+        if not scheduled:
+            return RunnerOutput(sampled=[])
+        input_ids, position_ids, context = self._prepare(scheduled)
+        sampling = [(chunk, request) for chunk, request in scheduled if chunk.is_sampling and not chunk.draft_token_ids]
+        draft_chunks = [chunk for chunk, _ in scheduled if chunk.draft_token_ids]
+        sample_rows, draft_rows, prompt_spans = self._logits_rows(scheduled)
         if not sample_rows and not draft_rows and not prompt_spans:
             self._forward(input_ids, position_ids, context, logits_rows=None)
             if self.drafter is not None:
@@ -75,22 +82,30 @@ class ModelRunner:
         logits = self._forward(input_ids, position_ids, context, torch.tensor(all_rows, device=self.device))  # [R, vocab]
         if self.drafter is not None:
             self.drafter.mirror(input_ids, position_ids, context)
-        rows = [
-            SamplingRow(chunk.sampling_params, chunk.prompt_token_ids, chunk.output_token_ids, chunk.eos_token_id, chunk.grammar_bitmask)
-            for chunk in sampling_chunks
-        ]
+        rows = [self._sampling_row(chunk, request) for chunk, request in sampling]
         results = self.sampler.sample(logits[: len(sample_rows)], rows)
         sampled = [
             SampledToken(chunk.request_id, token_id, logprobs)
-            for chunk, (token_id, logprobs) in zip(sampling_chunks, results)
+            for (chunk, _), (token_id, logprobs) in zip(sampling, results)
         ]
         offset = len(sample_rows)
         if draft_chunks:
             sampled += self._verify_drafts(logits[offset : offset + len(draft_rows)], draft_chunks)
             offset += len(draft_rows)
         if self.drafter is not None:
-            sampled = self._propose_drafts(chunks, sampled)
+            sampled = self._propose_drafts(scheduled, sampled)
         return RunnerOutput(sampled=sampled, prompt_logprobs=self._prompt_logprobs(logits, offset, prompt_spans))
+
+    def _sampling_row(self, chunk: ScheduledChunk, request: RunnerRequest) -> SamplingRow:
+        """The sampler's view of a request; its penalty counts persist on the
+        request and take in only the tokens added since the last step."""
+        params = request.sampling_params
+        counts = None
+        if params.has_penalties:
+            if request.sampler_state is None:
+                request.sampler_state = TokenCounts(request.prompt_token_ids, self.sampler.vocab_size, self.device)
+            counts = request.sampler_state.update(request.output_token_ids)
+        return SamplingRow(params, request.num_output_tokens, request.eos_token_id, chunk.grammar_bitmask, counts)
 
     def _verify_drafts(self, logits: torch.Tensor, draft_chunks: list[ScheduledChunk]) -> list[SampledToken]:
         """Greedy verification: ``logits`` holds each draft chunk's last
@@ -107,55 +122,55 @@ class ModelRunner:
             sampled.append(SampledToken(chunk.request_id, chunk_picks[accepted], None, drafts[:accepted]))
         return sampled
 
-    def _propose_drafts(self, chunks: list[ScheduledChunk], sampled: list[SampledToken]) -> list[SampledToken]:
+    def _propose_drafts(self, scheduled: list[tuple[ScheduledChunk, RunnerRequest]], sampled: list[SampledToken]) -> list[SampledToken]:
         """The draft model's proposals for the chunks that asked for them,
-        continuing from each request's newest token (accepted drafts included)."""
-        asking = {chunk.request_id: chunk for chunk in chunks if chunk.num_lookahead_tokens}
+        continuing from each request's newest token (accepted drafts included),
+        which sits at position ``num_tokens + accepted``."""
+        asking = {chunk.request_id: (chunk, request) for chunk, request in scheduled if chunk.num_lookahead_tokens}
         lookaheads = []
         for token in sampled:
-            chunk = asking.get(token.request_id)
-            if chunk is None:
+            if token.request_id not in asking:
                 continue
-            num_own_tokens = chunk.num_new_tokens - len(chunk.draft_token_ids)
-            position = chunk.num_computed_tokens + num_own_tokens + len(token.accepted_draft_ids)
-            lookaheads.append(Lookahead(token.request_id, token.token_id, position, chunk.block_ids, chunk.num_lookahead_tokens))
+            chunk, request = asking[token.request_id]
+            position = request.num_tokens + len(token.accepted_draft_ids)
+            lookaheads.append(Lookahead(token.request_id, token.token_id, position, request.block_ids, chunk.num_lookahead_tokens))
         if not lookaheads:
             return sampled
         drafts = self.drafter.propose(lookaheads)
         return [dataclasses.replace(token, next_draft_token_ids=drafts[token.request_id]) if token.request_id in drafts else token for token in sampled]
 
-    def _logits_rows(self, chunks: list[ScheduledChunk]) -> tuple[list[int], list[int], list[tuple[ScheduledChunk, int, list[int]]]]:
+    def _logits_rows(self, scheduled: list[tuple[ScheduledChunk, RunnerRequest]]) -> tuple[list[int], list[int], list[tuple[RunnerRequest, int, list[int]]]]:
         """Rows whose logits are needed: each sampling chunk's last row; each
         draft chunk's last ``1 + drafts`` rows (in chunk order); and for
         prompt-logprob requests every row that predicts a prompt token."""
         sample_rows: list[int] = []
         draft_rows: list[int] = []
-        prompt_spans: list[tuple[ScheduledChunk, int, list[int]]] = []
+        prompt_spans: list[tuple[RunnerRequest, int, list[int]]] = []
         start = 0
-        for chunk in chunks:
+        for chunk, request in scheduled:
             end = start + chunk.num_new_tokens
             if chunk.draft_token_ids:
                 draft_rows.extend(range(end - len(chunk.draft_token_ids) - 1, end))
             elif chunk.is_sampling:
                 sample_rows.append(end - 1)
-            if chunk.sampling_params.prompt_logprobs is not None:
+            if request.sampling_params.prompt_logprobs is not None:
                 # Row of position p predicts the token at p + 1.
-                last_position = min(chunk.num_computed_tokens + chunk.num_new_tokens, len(chunk.prompt_token_ids) - 1)
+                last_position = min(chunk.num_computed_tokens + chunk.num_new_tokens, len(request.prompt_token_ids) - 1)
                 num_rows = max(last_position - chunk.num_computed_tokens, 0)
                 if num_rows:
-                    prompt_spans.append((chunk, chunk.num_computed_tokens + 1, list(range(start, start + num_rows))))
+                    prompt_spans.append((request, chunk.num_computed_tokens + 1, list(range(start, start + num_rows))))
             start = end
         return sample_rows, draft_rows, prompt_spans
 
-    def _prompt_logprobs(self, logits: torch.Tensor, offset: int, prompt_spans: list[tuple[ScheduledChunk, int, list[int]]]) -> list[PromptLogprobs]:
+    def _prompt_logprobs(self, logits: torch.Tensor, offset: int, prompt_spans: list[tuple[RunnerRequest, int, list[int]]]) -> list[PromptLogprobs]:
         results = []
-        for chunk, first_position, rows in prompt_spans:
+        for request, first_position, rows in prompt_spans:
             span_logits = logits[offset : offset + len(rows)]  # [n, vocab]
             offset += len(rows)
-            targets = chunk.prompt_token_ids[first_position : first_position + len(rows)]
-            num_top = chunk.sampling_params.prompt_logprobs
+            targets = request.prompt_token_ids[first_position : first_position + len(rows)]
+            num_top = request.sampling_params.prompt_logprobs
             logprobs = prompt_logprobs(span_logits, targets, num_top, self.sampler.vocab_size)
-            results.append(PromptLogprobs(chunk.request_id, first_position, logprobs))
+            results.append(PromptLogprobs(request.request_id, first_position, logprobs))
         return results
 
     def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, context: StepContext, logits_rows: torch.Tensor | None) -> torch.Tensor | None:
@@ -170,28 +185,28 @@ class ModelRunner:
         )
         return output.logits[0] if logits_rows is not None else None  # [S, vocab]
 
-    def _prepare(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor, StepContext]:
+    def _prepare(self, scheduled: list[tuple[ScheduledChunk, RunnerRequest]]) -> tuple[torch.Tensor, torch.Tensor, StepContext]:
         block_size = self.block_size
         token_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         prefills: list[PrefillSpan] = []
-        decode_chunks = [chunk for chunk in chunks if chunk.num_new_tokens == 1]
-        for chunk in chunks:
+        decode_rows = [(chunk, request) for chunk, request in scheduled if chunk.num_new_tokens == 1]
+        for chunk, request in scheduled:
             start = chunk.num_computed_tokens
             chunk_positions = range(start, start + chunk.num_new_tokens)
+            block_ids = request.block_ids
             if chunk.num_new_tokens != 1:
-                block_ids = torch.tensor(chunk.block_ids, dtype=torch.long, device=self.device)
-                prefills.append(PrefillSpan(len(token_ids), chunk.num_new_tokens, start, block_ids))
+                prefills.append(PrefillSpan(len(token_ids), chunk.num_new_tokens, start, torch.tensor(block_ids, dtype=torch.long, device=self.device)))
             token_ids.extend(chunk.new_token_ids)
             positions.extend(chunk_positions)
-            slots.extend(chunk.block_ids[p // block_size] * block_size + p % block_size for p in chunk_positions)
-        block_tables, context_mask = self._decode_tables(decode_chunks)
+            slots.extend(block_ids[p // block_size] * block_size + p % block_size for p in chunk_positions)
+        block_tables, context_mask = self._decode_tables(decode_rows)
         context = StepContext(
             key_caches=self.kv_cache.key_caches,
             value_caches=self.kv_cache.value_caches,
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
-            num_decode_tokens=len(decode_chunks),
+            num_decode_tokens=len(decode_rows),
             decode_block_tables=block_tables,
             decode_context_mask=context_mask,
             prefills=prefills,
@@ -200,8 +215,8 @@ class ModelRunner:
         position_ids = torch.tensor([positions], dtype=torch.long, device=self.device)  # [1, T]
         return input_ids, position_ids, context
 
-    def _decode_tables(self, decode_chunks: list[ScheduledChunk]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        if not decode_chunks:
+    def _decode_tables(self, decode_rows: list[tuple[ScheduledChunk, RunnerRequest]]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if not decode_rows:
             return None, None
-        context_lens = [chunk.num_computed_tokens + 1 for chunk in decode_chunks]
-        return decode_tables([chunk.block_ids for chunk in decode_chunks], context_lens, self.block_size, self.device)
+        context_lens = [chunk.num_computed_tokens + 1 for chunk, _ in decode_rows]
+        return decode_tables([request.block_ids for _, request in decode_rows], context_lens, self.block_size, self.device)

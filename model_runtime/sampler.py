@@ -1,8 +1,10 @@
 """``Sampler``: last-position logits in, one token id (and logprobs) per row out.
 
 Data flow: the runner hands over ``logits`` (``[num_rows, vocab]``, on the
-model's device, any float dtype) and one ``SamplingRow`` per row (plain CPU
-data: the request's ``SamplingParams`` and its token lists). Per-row parameters
+model's device, any float dtype) and one ``SamplingRow`` per row (the
+request's ``SamplingParams``, its output length and, for penalties, its
+``TokenCounts``, which the runner keeps across steps and brings up to date
+with the new tokens only). Per-row parameters
 become small ``[num_rows]`` tensors on the logits' device, every mask is a tensor
 op over the whole batch, and only the chosen ids and logprobs come back as
 Python ints and floats, so no tensor leaves ``model_runtime/``.
@@ -23,7 +25,7 @@ Order, as in vLLM, on a float32 copy of the logits:
 7. random rows: temperature, top-k, top-p, min-p, then the exponential race
    ``argmax(probs / q)``, ``q ~ Exp(1)``, which samples from ``probs`` without a
    cumulative sum. A seeded row draws ``q`` from its own generator seeded from
-   ``(seed, len(output_token_ids))``: its token depends neither on the other
+   ``(seed, num_output_tokens)``: its token depends neither on the other
    rows nor on earlier steps' RNG use, and no generator state is kept.
 """
 
@@ -42,21 +44,52 @@ _SEED_MASK = (1 << 63) - 1  # torch generator seeds must fit in a signed 64-bit 
 _TOP_P_TOLERANCE = 1e-6
 
 
+class TokenCounts:
+    """One request's token statistics for the penalties, kept across steps:
+    ``output_counts`` (``[vocab]`` float32, how often each token is in the
+    output) and ``prompt_mask`` (``[vocab]`` bool, in the prompt).
+    ``update`` adds only the output tokens appended since its last call, so a
+    step costs the new tokens, not the output's length. Ids outside
+    ``[0, vocab_size)`` are ignored."""
+
+    def __init__(self, prompt_token_ids: list[int], vocab_size: int, device: torch.device) -> None:
+        self.vocab_size = vocab_size
+        self.output_counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)  # [vocab]
+        self.prompt_mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)  # [vocab]
+        prompt_ids = self._in_vocab(prompt_token_ids)
+        if prompt_ids is not None:
+            self.prompt_mask[prompt_ids] = True
+        self.num_counted = 0
+
+    def update(self, output_token_ids: list[int]) -> "TokenCounts":
+        """Count ``output_token_ids[num_counted:]`` (the list only ever grows)."""
+        new_ids = self._in_vocab(output_token_ids[self.num_counted :])
+        self.num_counted = len(output_token_ids)
+        if new_ids is not None:
+            self.output_counts.index_put_((new_ids,), torch.ones_like(new_ids, dtype=torch.float32), accumulate=True)
+        return self
+
+    def _in_vocab(self, token_ids: list[int]) -> torch.Tensor | None:
+        kept = [t for t in token_ids if 0 <= t < self.vocab_size]
+        return torch.tensor(kept, dtype=torch.long, device=self.output_counts.device) if kept else None  # [len(kept)]
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingRow:
-    """What the sampler needs about one request: its options and its tokens.
+    """What the sampler needs about one request at this step.
 
-    ``output_token_ids`` drives min_tokens, the frequency/presence penalties
-    and the per-step seed; ``prompt_token_ids`` (with the output) drives the
-    repetition penalty. ``eos_token_id`` is None when EOS must not be banned
-    (no EOS, or the request ignores it).
+    ``num_output_tokens`` drives min_tokens and the per-step seed;
+    ``token_counts`` (required when the params have penalties) drives the
+    repetition (prompt and output) and frequency/presence (output)
+    penalties. ``eos_token_id`` is None when EOS must not be banned (no EOS,
+    or the request ignores it).
     """
 
     sampling_params: SamplingParams
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
+    num_output_tokens: int
     eos_token_id: int | None
     grammar_bitmask: bytes | None = None  # allowed next tokens (batching.messages.ScheduledChunk)
+    token_counts: TokenCounts | None = None
 
 
 def _needs_processing(row: SamplingRow) -> bool:
@@ -66,7 +99,7 @@ def _needs_processing(row: SamplingRow) -> bool:
         or bool(params.logit_bias)
         or params.has_penalties
         or params.logprobs is not None
-        or len(row.output_token_ids) < params.min_tokens
+        or row.num_output_tokens < params.min_tokens
     )
 
 
@@ -96,7 +129,7 @@ def _apply_min_tokens(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
     """In place: -inf on EOS and stop tokens of rows still under min_tokens."""
     banned: list[tuple[int, int]] = []
     for i, row in enumerate(rows):
-        if row.grammar_bitmask is not None or len(row.output_token_ids) >= row.sampling_params.min_tokens:
+        if row.grammar_bitmask is not None or row.num_output_tokens >= row.sampling_params.min_tokens:
             continue
         stop_ids = set(row.sampling_params.stop_token_ids)
         if row.eos_token_id is not None:
@@ -128,33 +161,27 @@ def _apply_logit_bias(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
 
 def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
     """In place: repetition penalty over prompt+output tokens, then frequency and
-    presence penalties over output tokens only (vLLM semantics)."""
+    presence penalties over output tokens only (vLLM semantics), on the
+    penalized rows only."""
     penalized = [i for i, row in enumerate(rows) if row.sampling_params.has_penalties]
     if not penalized:
         return
-    num_rows, vocab = logits.shape
+    if any(rows[i].token_counts is None for i in penalized):
+        raise ValueError("a row with penalties needs its token_counts")
     device = logits.device
-    counts = torch.zeros(num_rows, vocab, dtype=logits.dtype, device=device)  # [num_rows, vocab]
-    output_index = _index_tensors(
-        [(i, t) for i in penalized for t in rows[i].output_token_ids], vocab, device
-    )
-    if output_index is not None:
-        ones = torch.ones(output_index[0].shape[0], dtype=logits.dtype, device=device)
-        counts.index_put_(output_index, ones, accumulate=True)
-    is_seen = counts > 0  # [num_rows, vocab]
-    prompt_index = _index_tensors(
-        [(i, t) for i in penalized for t in rows[i].prompt_token_ids], vocab, device
-    )
-    if prompt_index is not None:
-        is_seen[prompt_index] = True
-    params = [row.sampling_params for row in rows]
-    repetition = _row_tensor([p.repetition_penalty for p in params], device)  # [num_rows]
-    frequency = _row_tensor([p.frequency_penalty for p in params], device)  # [num_rows]
-    presence = _row_tensor([p.presence_penalty for p in params], device)  # [num_rows]
-    repetition = repetition.unsqueeze(1)  # [num_rows, 1]
-    repeated = torch.where(logits > 0, logits / repetition, logits * repetition)
-    logits.copy_(torch.where(is_seen, repeated, logits))
-    logits -= frequency.unsqueeze(1) * counts + presence.unsqueeze(1) * (counts > 0)
+    counts = torch.stack([rows[i].token_counts.output_counts for i in penalized])  # [P, vocab]
+    is_output = counts > 0  # [P, vocab]
+    is_seen = is_output | torch.stack([rows[i].token_counts.prompt_mask for i in penalized])  # [P, vocab]
+    params = [rows[i].sampling_params for i in penalized]
+    repetition = _row_tensor([p.repetition_penalty for p in params], device).unsqueeze(1)  # [P, 1]
+    frequency = _row_tensor([p.frequency_penalty for p in params], device).unsqueeze(1)  # [P, 1]
+    presence = _row_tensor([p.presence_penalty for p in params], device).unsqueeze(1)  # [P, 1]
+    index = torch.tensor(penalized, dtype=torch.long, device=device)  # [P]
+    selected = logits.index_select(0, index)  # [P, vocab]
+    repeated = torch.where(selected > 0, selected / repetition, selected * repetition)
+    selected = torch.where(is_seen, repeated, selected)
+    selected -= frequency * counts + presence * is_output
+    logits.index_copy_(0, index, selected)
 
 
 _BIT_SHIFTS: dict[torch.device, torch.Tensor] = {}
@@ -251,7 +278,7 @@ def _exponential_noise(probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Te
         if seed is None:
             continue
         generator = torch.Generator(device=probs.device)
-        generator.manual_seed(_step_seed(seed, len(row.output_token_ids)))
+        generator.manual_seed(_step_seed(seed, row.num_output_tokens))
         noise[i].exponential_(generator=generator)
     return noise
 
@@ -291,8 +318,9 @@ def _sample_random(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tenso
 class Sampler:
     """Turns one step's last-position logits into one token per row.
 
-    Stateless between calls: seeded rows derive their randomness from
-    ``(seed, len(output_token_ids))``, unseeded rows use the default torch RNG.
+    Stateless between calls (a request's ``TokenCounts`` are the runner's):
+    seeded rows derive their randomness from ``(seed, num_output_tokens)``,
+    unseeded rows use the default torch RNG.
     Columns at and beyond ``vocab_size`` (padding of the model's output
     embedding) are never sampled and never appear in logprobs.
     """

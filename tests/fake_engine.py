@@ -15,6 +15,7 @@ from batching.block_manager import BlockManager
 from batching.engine import DynamicBatcher
 from batching.engine_core import EngineCore
 from batching.messages import RunnerOutput, SampledToken, SchedulerOutput
+from batching.runner_state import RunnerRequests
 from batching.scheduler import Scheduler
 from batching.scheduler_config import SchedulerConfig
 
@@ -64,17 +65,19 @@ class ScriptedRunner:
         self.fail_on = fail_on
         self.num_steps = 0
         self.steps: list[list[str]] = []  # request ids of each step's chunks
+        self.requests = RunnerRequests()  # its view of the requests, from the step messages
 
     def step(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
         ids = [chunk.request_id for chunk in scheduler_output.chunks]
         self.num_steps += 1
         self.steps.append(ids)
+        requests = self.requests.apply(scheduler_output)
         if self.fail_on is not None and any(self.fail_on(request_id) for request_id in ids):
             raise RuntimeError("scripted step failure")
         sampled = []
-        for chunk in scheduler_output.chunks:
+        for chunk, request in zip(scheduler_output.chunks, requests):
             if chunk.is_sampling:
-                position = len(chunk.output_token_ids)
+                position = request.num_output_tokens
                 sampled.append(SampledToken(chunk.request_id, self.reply[min(position, len(self.reply) - 1)]))
         return RunnerOutput(sampled=sampled)
 

@@ -17,6 +17,7 @@ from batching.block_manager import BlockManager
 from batching.errors import InvalidRequestError
 from batching.messages import RunnerOutput, SampledToken, SchedulerOutput
 from batching.request import Request, RequestStatus
+from batching.runner_state import RunnerRequests
 from batching.sampling_params import SamplingParams
 from batching.scheduler import Scheduler, TokenUpdate
 from batching.scheduler_config import SchedulerConfig
@@ -68,12 +69,15 @@ def create_requests(
 
 
 class FakeRunner:
-    """Samples token ``100 + step`` for every chunk with ``is_sampling``."""
+    """Samples token ``100 + step`` for every chunk with ``is_sampling``; keeps
+    its view of the requests from the step messages, as the model runner does."""
 
     def __init__(self) -> None:
         self.num_steps = 0
+        self.requests = RunnerRequests()
 
     def step(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
+        self.requests.apply(scheduler_output)
         token_id = FIRST_SAMPLED_TOKEN_ID + self.num_steps
         self.num_steps += 1
         return RunnerOutput(
@@ -168,16 +172,38 @@ def check_schedule(scheduler: Scheduler, scheduler_output: SchedulerOutput) -> N
     for chunk in scheduler_output.chunks:
         request = scheduler.requests[chunk.request_id]
         assert request.status == RequestStatus.RUNNING
-        start, end = chunk.num_computed_tokens, chunk.num_computed_tokens + chunk.num_new_tokens
+        start, end = chunk.num_computed_tokens, chunk.num_computed_tokens + len(chunk.own_token_ids)
         assert chunk.num_new_tokens >= 1
         assert start == request.num_computed_tokens
-        assert chunk.new_token_ids == request.all_token_ids[start:end]
+        assert chunk.own_token_ids == request.all_token_ids[start:end]
         assert chunk.is_sampling == (end == request.num_tokens)
-        assert chunk.block_ids == request.block_ids
-        assert scheduler.block_manager.blocks_needed(end) <= len(chunk.block_ids)
+        assert not chunk.draft_token_ids or chunk.is_sampling
+        assert scheduler.block_manager.blocks_needed(end + chunk.speculation.num_slots) <= len(request.block_ids)
     for request_id in scheduler_output.preempted_request_ids:
         assert scheduler.requests[request_id].status == RequestStatus.PREEMPTED
         assert request_id not in {c.request_id for c in scheduler_output.chunks}
+    for request_id in scheduler_output.finished_request_ids:
+        assert request_id not in scheduler.requests
+
+
+def check_runner_view(scheduler: Scheduler, scheduler_output: SchedulerOutput, runner_requests: RunnerRequests) -> None:
+    """What the runner rebuilt from the step's deltas is what the scheduler
+    holds: each scheduled request's block table, and a prefix of its tokens
+    that reaches at least the end of its chunk and, when it samples, exactly
+    there (an admission sends every token the request holds). Finished and
+    preempted requests are gone from it."""
+    for chunk in scheduler_output.chunks:
+        request = scheduler.requests.get(chunk.request_id)
+        if request is None:  # aborted while the step ran
+            continue
+        view = runner_requests[chunk.request_id]
+        end = chunk.num_computed_tokens + len(chunk.own_token_ids)
+        tokens = view.prompt_token_ids + view.output_token_ids
+        assert view.block_ids == request.block_ids
+        assert tokens == request.all_token_ids[: len(tokens)] and len(tokens) >= end
+        assert not chunk.is_sampling or len(tokens) == end
+    for request_id in (*scheduler_output.finished_request_ids, *scheduler_output.preempted_request_ids):
+        assert request_id not in runner_requests
 
 
 class Driver:
@@ -209,7 +235,9 @@ class Driver:
         if abort_index is not None and self.requests:
             aborted = self.requests[abort_index % len(self.requests)].request_id
             abort_request(self.scheduler, aborted)
-        updates = self.scheduler.update_from_output(scheduler_output, self.runner.step(scheduler_output))
+        runner_output = self.runner.step(scheduler_output)
+        check_runner_view(self.scheduler, scheduler_output, self.runner.requests)
+        updates = self.scheduler.update_from_output(scheduler_output, runner_output)
         for update in updates:
             assert update.request.request_id != aborted
             self.sent[update.request.request_id].append(update.token_id)

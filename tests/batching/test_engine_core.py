@@ -59,6 +59,25 @@ def test_abort_frees_blocks_and_ends_the_request():
     assert not core.has_unfinished and core.abort("r") is None
 
 
+def test_the_runner_forgets_finished_requests_even_after_a_failed_step():
+    """Finishes reach the runner with the next step that runs; when a step
+    fails before the runner saw it, the finishes it carried come again."""
+    runner = ScriptedRunner()
+    core = fake_core(runner)
+    core.add_request(core.make_request("done", PROMPT, SamplingParams(max_tokens=1)))
+    core.step()
+    assert not core.has_unfinished and "done" in runner.requests  # nothing has run since
+    core.add_request(core.make_request("bad", PROMPT, SamplingParams(max_tokens=5)))
+    lost = core.schedule()
+    assert lost.finished_request_ids == ["done"]
+    (failed,) = core.fail_step(lost, "the runner raised before reading the step")
+    assert failed.finish_reason == "error"
+    core.add_request(core.make_request("next", PROMPT, SamplingParams(max_tokens=5)))
+    core.step()
+    assert "done" not in runner.requests and "bad" not in runner.requests and "next" in runner.requests
+    assert len(runner.requests) == 1
+
+
 async def collect(stream) -> list:
     return [output async for output in stream]
 

@@ -28,21 +28,21 @@ def max_tokens_for(index: int) -> int:
     return 4 + (index * 5) % 13
 
 
-def reference_outputs(model_dir: Path, prompts: list[list[int]], max_tokens_of=max_tokens_for, dtype: torch.dtype = torch.float32) -> list[list[int]]:
+def reference_outputs(model_dir: Path, prompts: list[list[int]], max_tokens_of=max_tokens_for, dtype: torch.dtype = torch.float32, **generation: float) -> list[list[int]]:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     outputs = []
     for index, prompt in enumerate(prompts):
-        config = GenerationConfig(do_sample=False, max_new_tokens=max_tokens_of(index), eos_token_id=None, pad_token_id=0)
+        config = GenerationConfig(do_sample=False, max_new_tokens=max_tokens_of(index), eos_token_id=None, pad_token_id=0, **generation)
         with torch.inference_mode():
             generated = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long), generation_config=config)
         outputs.append(generated[0, len(prompt) :].tolist())
     return outputs
 
 
-def run_engine(core: EngineCore, prompts: list[list[int]], id_prefix: str = "r", max_tokens_of=max_tokens_for) -> list[list[int]]:
+def run_engine(core: EngineCore, prompts: list[list[int]], id_prefix: str = "r", max_tokens_of=max_tokens_for, **sampling: float) -> list[list[int]]:
     tokens: dict[str, list[int]] = {}
     for index, prompt in enumerate(prompts):
-        params = SamplingParams(max_tokens=max_tokens_of(index), temperature=0.0, ignore_eos=True)
+        params = SamplingParams(max_tokens=max_tokens_of(index), temperature=0.0, ignore_eos=True, **sampling)
         request = core.make_request(f"{id_prefix}{index}", prompt, params)
         core.add_request(request)
         tokens[request.request_id] = []
@@ -96,6 +96,18 @@ def test_parity_with_prefix_cache_hits(model_case):
     hits_before = core.scheduler.num_prefix_hit_tokens
     assert run_engine(core, prompts, "second") == expected
     assert core.scheduler.num_prefix_hit_tokens > hits_before
+
+
+def test_parity_with_repetition_penalty_under_preemption(model_case):
+    """The runner keeps each request's penalty counts across steps, from the
+    step deltas; after chunked prefill and preemption (the counts rebuilt on
+    resume) greedy tokens still equal ``generate(repetition_penalty=...)``."""
+    model_dir, loaded, prompts, _ = model_case
+    expected = reference_outputs(model_dir, prompts, LONG, repetition_penalty=1.8)
+    core = build(loaded, num_kv_blocks=30, max_num_batched_tokens=64)
+    assert run_engine(core, prompts, "pen", LONG, repetition_penalty=1.8) == expected
+    assert core.scheduler.num_preemptions > 0
+    assert expected != reference_outputs(model_dir, prompts, LONG), "the penalty should change some outputs"
 
 
 def test_parity_in_bfloat16_with_packed_linears(tiny_llama_dir):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from batching.sampling_params import SamplingParams
-from model_runtime.sampler import Sampler, SamplingRow
+from model_runtime.sampler import Sampler, SamplingRow, TokenCounts
 
 VOCAB = 8
 
@@ -16,13 +16,19 @@ def make_row(
     output_token_ids: list[int] | None = None,
     prompt_token_ids: list[int] | None = None,
     eos_token_id: int | None = None,
+    vocab_size: int = VOCAB,
     **params: object,
 ) -> SamplingRow:
+    sampling_params = SamplingParams(**params)
+    output_token_ids = output_token_ids or []
+    counts = None
+    if sampling_params.has_penalties:
+        counts = TokenCounts(prompt_token_ids or [], vocab_size, torch.device("cpu")).update(output_token_ids)
     return SamplingRow(
-        sampling_params=SamplingParams(**params),
-        prompt_token_ids=prompt_token_ids or [],
-        output_token_ids=output_token_ids or [],
+        sampling_params=sampling_params,
+        num_output_tokens=len(output_token_ids),
         eos_token_id=eos_token_id,
+        token_counts=counts,
     )
 
 
@@ -215,7 +221,7 @@ def test_logprobs_are_raw_log_softmax_sorted_and_sized() -> None:
 def test_input_logits_are_not_modified() -> None:
     logits = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
     before = logits.clone()
-    row = make_row(output_token_ids=[3], repetition_penalty=2.0, logit_bias={0: 1.0}, top_k=2)
+    row = make_row(output_token_ids=[3], vocab_size=4, repetition_penalty=2.0, logit_bias={0: 1.0}, top_k=2)
     Sampler(4).sample(logits, [row])
     assert torch.equal(logits, before)
 
@@ -223,3 +229,35 @@ def test_input_logits_are_not_modified() -> None:
 def test_mismatched_rows_raise() -> None:
     with pytest.raises(ValueError):
         Sampler(VOCAB).sample(torch.zeros(2, VOCAB), [make_row()])
+
+
+def test_token_counts_grow_with_only_the_new_tokens():
+    """Counts brought up to date step by step equal counts built at once,
+    and ids outside the vocabulary are ignored."""
+    output = [3, 3, 1, 7, 3, 99, -1, 1]
+    stepwise = TokenCounts([2, 2, 5, 42], VOCAB, torch.device("cpu"))
+    for end in range(len(output) + 1):
+        stepwise.update(output[:end])
+    at_once = TokenCounts([2, 2, 5, 42], VOCAB, torch.device("cpu")).update(output)
+    assert stepwise.output_counts.tolist() == at_once.output_counts.tolist() == [0, 2, 0, 3, 0, 0, 0, 1]
+    assert stepwise.prompt_mask.tolist() == [False, False, True, False, False, True, False, False]
+    assert stepwise.num_counted == len(output)
+
+
+def test_penalties_touch_only_the_penalized_rows():
+    logits = torch.tensor([[1.0, -1.0, 2.0, 0.5]]).repeat(2, 1)  # [2, 4]
+    counts = TokenCounts([0], 4, torch.device("cpu")).update([1, 1])
+    plain = SamplingRow(SamplingParams(temperature=0.0, logprobs=0), 0, None)
+    penalized = SamplingRow(SamplingParams(temperature=0.0, logprobs=0, repetition_penalty=2.0, frequency_penalty=0.5), 2, None, token_counts=counts)
+    (_, plain_lp), (_, penalized_lp) = Sampler(4).sample(logits, [plain, penalized])
+    expected_plain = hand_log_softmax([1.0, -1.0, 2.0, 0.5])
+    # token 0 (prompt): 1.0 / 2; token 1 (output twice): -1.0 * 2 - 0.5 * 2
+    expected_penalized = hand_log_softmax([0.5, -3.0, 2.0, 0.5])
+    assert plain_lp.logprob == pytest.approx(expected_plain[2], abs=1e-5)
+    assert penalized_lp.logprob == pytest.approx(expected_penalized[2], abs=1e-5)
+
+
+def test_a_penalized_row_without_counts_is_refused():
+    row = SamplingRow(SamplingParams(presence_penalty=1.0), 0, None)
+    with pytest.raises(ValueError, match="token_counts"):
+        Sampler(4).sample(torch.zeros(1, 4), [row])

@@ -29,6 +29,8 @@ def completion(prompt: str, max_tokens: int, stream: bool = True) -> dict:
 async def test_drain_finishes_short_requests_and_ends_the_rest(tiny_llama_dir: Path, tiny_weights: LoadedModel):
     served = build_served(tiny_llama_dir, tiny_weights, step_delay_s=0.01)
     async with in_process(served) as env:
+        # Warm first: a cold process's first steps alone can outlast the drain timeout.
+        assert (await env.client.post("/v1/completions", json=completion("warm up", 2, stream=False))).status_code == 200
         short = asyncio.create_task(read_stream(env.client, "/v1/completions", completion("short", 20)))
         long = asyncio.create_task(read_stream(env.client, "/v1/completions", completion("long", 500)))
         long_json = asyncio.create_task(env.client.post("/v1/completions", json=completion("long json", 500, stream=False)))
