@@ -1,6 +1,7 @@
-"""The scheduler's configuration and its device-dependent defaults: the one
-place the step budget, the running-request cap and the block size default
-come from (the server's ``Settings`` and the engine factory read them here).
+"""The scheduler's configuration and the engine's defaults: the one place
+the step budget, the running-request cap, the block size and the KV pool's
+default size come from (the server's ``Settings`` and the engine factory
+read them here; nothing else states them).
 """
 
 from dataclasses import dataclass
@@ -19,6 +20,12 @@ CPU_TOKENS_PER_RUNNING_REQUEST = 8
 CUDA_TOKEN_BUDGET = 2048
 DEFAULT_MAX_NUM_SEQS = 64  # --max-num-seqs
 DEFAULT_BLOCK_SIZE = 16  # --block-size (tokens per KV block)
+# The KV pool without --kv-cache-memory: a fixed size on CPU, a share of the
+# free memory on CUDA (resolved with the rest by
+# ``model_runtime.engine_factory.resolve_defaults``).
+CPU_KV_CACHE_MEMORY = "1GiB"
+CUDA_KV_FRACTION = 0.8
+DRAFT_MODEL_SPECULATIVE_TOKENS = 4  # --num-speculative-tokens with --speculative-model
 
 
 @dataclass(frozen=True, slots=True)

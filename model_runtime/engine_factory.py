@@ -10,24 +10,22 @@ import torch
 from batching.block_manager import BlockManager
 from batching.engine_core import EngineCore
 from batching.scheduler import Scheduler
-from batching.scheduler_config import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_SEQS, SchedulerConfig
+from batching.scheduler_config import CPU_KV_CACHE_MEMORY, CUDA_KV_FRACTION, DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_SEQS, DRAFT_MODEL_SPECULATIVE_TOKENS, SchedulerConfig
 from model_runtime.kv_cache import parse_memory_size
 from model_runtime.loader import LoadedModel, load_model
 from model_runtime.runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
-# On CUDA with no explicit budget, the KV pool takes this share of free memory.
-CUDA_KV_FRACTION = 0.8
-
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
-    """Everything needed to build an engine; mirrors the CLI flags.
+    """What the engine was asked for (the serve flags, built once from the
+    server's ``Settings``). None means "by device or model":
+    ``resolve_defaults`` decides each such default, in one place.
 
-    ``kv_cache_memory`` is a size (``"1GiB"``) or None for the default (1 GiB
-    on CPU, 80 % of free memory on CUDA). ``num_kv_blocks`` overrides it
-    exactly (used by tests to force preemption).
+    ``kv_cache_memory`` is a size (``"1GiB"``) or None; ``num_kv_blocks``
+    overrides it exactly (used by tests to force preemption).
     """
 
     model: str | Path
@@ -37,31 +35,57 @@ class EngineConfig:
     kv_cache_memory: str | int | None = None
     num_kv_blocks: int | None = None
     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
-    max_num_batched_tokens: int | None = None  # None: by device (SchedulerConfig.for_device)
+    max_num_batched_tokens: int | None = None
     enable_prefix_caching: bool = True
     max_model_len: int | None = None
     # Speculative decoding: draft tokens per greedy request per step; from
-    # n-gram lookup, or from ``speculative_model`` (then None means 4).
+    # n-gram lookup, or from ``speculative_model``.
     num_speculative_tokens: int | None = None
     speculative_model: str | Path | None = None
 
 
-DEFAULT_DRAFT_MODEL_TOKENS = 4
+@dataclass(frozen=True, slots=True)
+class EngineLimits:
+    """The engine's sizes with every default resolved (``resolve_defaults``)."""
+
+    num_kv_blocks: int
+    scheduler: SchedulerConfig
+    max_model_len: int
 
 
-def num_kv_blocks(config: EngineConfig, loaded: LoadedModel, draft: LoadedModel | None = None) -> int:
-    """Blocks the KV budget buys; with a draft model each block is paid twice
-    (the draft keeps a cache of the same blocks)."""
+def resolve_defaults(config: EngineConfig, loaded: LoadedModel, draft: LoadedModel | None = None) -> EngineLimits:
+    """Every default that depends on the device or the model, decided here:
+    the KV pool (``CPU_KV_CACHE_MEMORY`` on CPU, ``CUDA_KV_FRACTION`` of the
+    free memory on CUDA; with a draft model each block is paid twice, the
+    draft keeps a cache of the same blocks), the step budget
+    (``SchedulerConfig.for_device``), the speculative method and draft
+    length, and the context window (the model's, the draft's, the flag's,
+    whichever is smallest)."""
     if config.num_kv_blocks is not None:
-        return config.num_kv_blocks
-    if config.kv_cache_memory is not None:
-        budget = parse_memory_size(config.kv_cache_memory)
-    elif loaded.device.type == "cuda":
-        free_bytes, _ = torch.cuda.mem_get_info(loaded.device)
-        budget = int(free_bytes * CUDA_KV_FRACTION)
+        num_blocks = config.num_kv_blocks
     else:
-        budget = parse_memory_size("1GiB")
-    return budget // ModelRunner.bytes_per_block(loaded, config.block_size, draft)
+        if config.kv_cache_memory is not None:
+            budget = parse_memory_size(config.kv_cache_memory)
+        elif loaded.device.type == "cuda":
+            free_bytes, _ = torch.cuda.mem_get_info(loaded.device)
+            budget = int(free_bytes * CUDA_KV_FRACTION)
+        else:
+            budget = parse_memory_size(CPU_KV_CACHE_MEMORY)
+        num_blocks = budget // ModelRunner.bytes_per_block(loaded, config.block_size, draft)
+    num_speculative_tokens = config.num_speculative_tokens
+    if num_speculative_tokens is None:
+        num_speculative_tokens = DRAFT_MODEL_SPECULATIVE_TOKENS if draft is not None else 0
+    scheduler = SchedulerConfig.for_device(
+        loaded.device.type,
+        max_num_seqs=config.max_num_seqs,
+        max_num_batched_tokens=config.max_num_batched_tokens,
+        num_speculative_tokens=num_speculative_tokens,
+        speculative_method="draft_model" if draft is not None else "ngram",
+    )
+    # The draft model reads the same positions, so its window bounds ours too.
+    model_max_len = min(loaded.max_model_len, draft.max_model_len) if draft is not None else loaded.max_model_len
+    max_model_len = min(config.max_model_len or model_max_len, model_max_len)
+    return EngineLimits(num_blocks, scheduler, max_model_len)
 
 
 def load_draft_model(config: EngineConfig, loaded: LoadedModel) -> LoadedModel:
@@ -86,27 +110,14 @@ def build_engine_core(config: EngineConfig, loaded: LoadedModel | None = None, d
     loaded = loaded or load_model(config.model, config.dtype, config.device)
     if draft is None and config.speculative_model is not None:
         draft = load_draft_model(config, loaded)
-    runner = ModelRunner(loaded, num_kv_blocks(config, loaded, draft), config.block_size, draft)
+    limits = resolve_defaults(config, loaded, draft)
+    runner = ModelRunner(loaded, limits.num_kv_blocks, config.block_size, draft)
     block_manager = BlockManager(runner.num_blocks, config.block_size, config.enable_prefix_caching)
-    num_speculative_tokens = config.num_speculative_tokens
-    if num_speculative_tokens is None:
-        num_speculative_tokens = DEFAULT_DRAFT_MODEL_TOKENS if draft is not None else 0
-    scheduler_config = SchedulerConfig.for_device(
-        loaded.device.type,
-        max_num_seqs=config.max_num_seqs,
-        max_num_batched_tokens=config.max_num_batched_tokens,
-        num_speculative_tokens=num_speculative_tokens,
-        speculative_method="draft_model" if draft is not None else "ngram",
-    )
-    scheduler = Scheduler(scheduler_config, block_manager)
-    # The draft model reads the same positions, so its window bounds ours too.
-    model_max_len = min(loaded.max_model_len, draft.max_model_len) if draft is not None else loaded.max_model_len
-    max_model_len = min(config.max_model_len or model_max_len, model_max_len)
     return EngineCore(
-        scheduler,
+        Scheduler(limits.scheduler, block_manager),
         runner,
         loaded.tokenizer,
         eos_token_ids=loaded.eos_token_ids,
         vocab_size=loaded.model.config.vocab_size,
-        max_model_len=max_model_len,
+        max_model_len=limits.max_model_len,
     )

@@ -18,6 +18,7 @@ drafts for the chunks that ask (``num_lookahead_tokens``).
 
 import dataclasses
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -30,6 +31,31 @@ from model_runtime.loader import LoadedModel
 from model_runtime.sampler import Sampler, SamplingRow, TokenCounts, prompt_logprobs
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class PromptRows:
+    """Rows of the step whose logits score ``request``'s prompt tokens from
+    ``first_position`` on (the row of position p predicts the token at p + 1)."""
+
+    request: RunnerRequest
+    first_position: int
+    rows: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class LogitsRows:
+    """The step's rows whose logits are kept, in the order they are kept:
+    each sampling chunk's last row, each draft chunk's last ``1 + drafts``
+    rows, then the prompt-logprob rows."""
+
+    sample: list[int]
+    draft: list[int]
+    prompt: list[PromptRows]
+
+    @property
+    def all(self) -> list[int]:
+        return self.sample + self.draft + [row for span in self.prompt for row in span.rows]
 
 
 class ModelRunner:
@@ -72,29 +98,26 @@ class ModelRunner:
         input_ids, position_ids, context = self._prepare(scheduled)
         sampling = [(chunk, request) for chunk, request in scheduled if chunk.is_sampling and not chunk.draft_token_ids]
         draft_chunks = [chunk for chunk, _ in scheduled if chunk.draft_token_ids]
-        sample_rows, draft_rows, prompt_spans = self._logits_rows(scheduled)
-        if not sample_rows and not draft_rows and not prompt_spans:
-            self._forward(input_ids, position_ids, context, logits_rows=None)
-            if self.drafter is not None:
-                self.drafter.mirror(input_ids, position_ids, context)
-            return RunnerOutput(sampled=[])
-        all_rows = sample_rows + draft_rows + [row for span in prompt_spans for row in span[2]]
-        logits = self._forward(input_ids, position_ids, context, torch.tensor(all_rows, device=self.device))  # [R, vocab]
+        rows = self._logits_rows(scheduled)
+        kept = rows.all
+        logits = self._forward(input_ids, position_ids, context, torch.tensor(kept, device=self.device) if kept else None)  # [R, vocab]
         if self.drafter is not None:
             self.drafter.mirror(input_ids, position_ids, context)
-        rows = [self._sampling_row(chunk, request) for chunk, request in sampling]
-        results = self.sampler.sample(logits[: len(sample_rows)], rows)
+        if logits is None:
+            return RunnerOutput(sampled=[])
+        sampling_rows = [self._sampling_row(chunk, request) for chunk, request in sampling]
+        results = self.sampler.sample(logits[: len(rows.sample)], sampling_rows)
         sampled = [
             SampledToken(chunk.request_id, token_id, logprobs)
             for (chunk, _), (token_id, logprobs) in zip(sampling, results)
         ]
-        offset = len(sample_rows)
+        offset = len(rows.sample)
         if draft_chunks:
-            sampled += self._verify_drafts(logits[offset : offset + len(draft_rows)], draft_chunks)
-            offset += len(draft_rows)
+            sampled += self._verify_drafts(logits[offset : offset + len(rows.draft)], draft_chunks)
+            offset += len(rows.draft)
         if self.drafter is not None:
             sampled = self._propose_drafts(scheduled, sampled)
-        return RunnerOutput(sampled=sampled, prompt_logprobs=self._prompt_logprobs(logits, offset, prompt_spans))
+        return RunnerOutput(sampled=sampled, prompt_logprobs=self._prompt_logprobs(logits[offset:], rows.prompt))
 
     def _sampling_row(self, chunk: ScheduledChunk, request: RunnerRequest) -> SamplingRow:
         """The sampler's view of a request; its penalty counts persist on the
@@ -139,13 +162,14 @@ class ModelRunner:
         drafts = self.drafter.propose(lookaheads)
         return [dataclasses.replace(token, next_draft_token_ids=drafts[token.request_id]) if token.request_id in drafts else token for token in sampled]
 
-    def _logits_rows(self, scheduled: list[tuple[ScheduledChunk, RunnerRequest]]) -> tuple[list[int], list[int], list[tuple[RunnerRequest, int, list[int]]]]:
+    @staticmethod
+    def _logits_rows(scheduled: list[tuple[ScheduledChunk, RunnerRequest]]) -> LogitsRows:
         """Rows whose logits are needed: each sampling chunk's last row; each
         draft chunk's last ``1 + drafts`` rows (in chunk order); and for
         prompt-logprob requests every row that predicts a prompt token."""
         sample_rows: list[int] = []
         draft_rows: list[int] = []
-        prompt_spans: list[tuple[RunnerRequest, int, list[int]]] = []
+        prompt_spans: list[PromptRows] = []
         start = 0
         for chunk, request in scheduled:
             end = start + chunk.num_new_tokens
@@ -158,19 +182,20 @@ class ModelRunner:
                 last_position = min(chunk.num_computed_tokens + chunk.num_new_tokens, len(request.prompt_token_ids) - 1)
                 num_rows = max(last_position - chunk.num_computed_tokens, 0)
                 if num_rows:
-                    prompt_spans.append((request, chunk.num_computed_tokens + 1, list(range(start, start + num_rows))))
+                    prompt_spans.append(PromptRows(request, chunk.num_computed_tokens + 1, list(range(start, start + num_rows))))
             start = end
-        return sample_rows, draft_rows, prompt_spans
+        return LogitsRows(sample_rows, draft_rows, prompt_spans)
 
-    def _prompt_logprobs(self, logits: torch.Tensor, offset: int, prompt_spans: list[tuple[RunnerRequest, int, list[int]]]) -> list[PromptLogprobs]:
-        results = []
-        for request, first_position, rows in prompt_spans:
-            span_logits = logits[offset : offset + len(rows)]  # [n, vocab]
-            offset += len(rows)
-            targets = request.prompt_token_ids[first_position : first_position + len(rows)]
-            num_top = request.sampling_params.prompt_logprobs
+    def _prompt_logprobs(self, logits: torch.Tensor, prompt_spans: list[PromptRows]) -> list[PromptLogprobs]:
+        """``logits``: the prompt rows' logits, span after span."""
+        results, offset = [], 0
+        for span in prompt_spans:
+            span_logits = logits[offset : offset + len(span.rows)]  # [n, vocab]
+            offset += len(span.rows)
+            targets = span.request.prompt_token_ids[span.first_position : span.first_position + len(span.rows)]
+            num_top = span.request.sampling_params.prompt_logprobs
             logprobs = prompt_logprobs(span_logits, targets, num_top, self.sampler.vocab_size)
-            results.append(PromptLogprobs(request.request_id, first_position, logprobs))
+            results.append(PromptLogprobs(span.request.request_id, span.first_position, logprobs))
         return results
 
     def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, context: StepContext, logits_rows: torch.Tensor | None) -> torch.Tensor | None:

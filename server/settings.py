@@ -9,7 +9,16 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from batching.scheduler_config import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_SEQS
+from batching.scheduler_config import (
+    CPU_KV_CACHE_MEMORY,
+    CPU_TOKEN_BUDGET,
+    CPU_TOKENS_PER_RUNNING_REQUEST,
+    CUDA_KV_FRACTION,
+    CUDA_TOKEN_BUDGET,
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_MAX_NUM_SEQS,
+    DRAFT_MODEL_SPECULATIVE_TOKENS,
+)
 
 
 class Settings(BaseSettings):
@@ -22,14 +31,14 @@ class Settings(BaseSettings):
     api_key: str | None = Field(None, repr=False, description="require 'Authorization: Bearer KEY' on /v1 routes")
     served_model_name: str | None = None
     max_num_seqs: int = Field(DEFAULT_MAX_NUM_SEQS, ge=1, description="most requests running at once")
-    max_num_batched_tokens: int | None = Field(None, ge=1, description="token budget of one step (prefill + decode); default on CPU 128, or 8 per running request when more (512 at 64 in flight); 2048 on CUDA")
+    max_num_batched_tokens: int | None = Field(None, ge=1, description=f"token budget of one step (prefill + decode); default on CPU {CPU_TOKEN_BUDGET}, or {CPU_TOKENS_PER_RUNNING_REQUEST} per running request when more ({CPU_TOKENS_PER_RUNNING_REQUEST * DEFAULT_MAX_NUM_SEQS} at {DEFAULT_MAX_NUM_SEQS} in flight); {CUDA_TOKEN_BUDGET} on CUDA")
     block_size: int = Field(DEFAULT_BLOCK_SIZE, ge=1, le=1024)
-    kv_cache_memory: str | None = Field(None, description="KV pool size, e.g. 512MiB or 2GiB (default 1GiB on CPU, 80% of free GPU memory on CUDA)")
+    kv_cache_memory: str | None = Field(None, description=f"KV pool size, e.g. 512MiB or 2GiB (default {CPU_KV_CACHE_MEMORY} on CPU, {CUDA_KV_FRACTION:.0%} of free GPU memory on CUDA)")
     max_model_len: int | None = Field(None, ge=1, description="context window (default: the model's)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     enable_prefix_caching: bool = True
-    num_speculative_tokens: int | None = Field(None, ge=0, le=16, description="speculative decoding: draft tokens per greedy request per step, by n-gram lookup or from --speculative-model (default 0 = off; 4 with a speculative model)")
+    num_speculative_tokens: int | None = Field(None, ge=0, le=16, description=f"speculative decoding: draft tokens per greedy request per step, by n-gram lookup or from --speculative-model (default 0 = off; {DRAFT_MODEL_SPECULATIVE_TOKENS} with a speculative model)")
     speculative_model: str | None = Field(None, description="draft model (HF directory or hub id, same vocabulary) for speculative decoding; unset = n-gram lookup when --num-speculative-tokens > 0")
     chat_template: str | None = Field(None, description="Jinja chat template file overriding the model's")
     max_request_bytes: int = Field(16 * 2**20, ge=1024, description="larger request bodies get 413")

@@ -223,7 +223,7 @@ def test_cpu_step_budget_grows_with_the_running_requests_unless_given(tiny_llama
     """Defaults wired by the engine factory: on CPU 128 tokens or 8 per
     running request; an explicit --max-num-batched-tokens stays fixed; no
     draft model means n-gram speculation, 0 tokens unless asked."""
-    from batching.scheduler_config import CPU_TOKEN_BUDGET, CPU_TOKENS_PER_RUNNING_REQUEST
+    from batching.scheduler_config import CPU_TOKEN_BUDGET, CPU_TOKENS_PER_RUNNING_REQUEST, DRAFT_MODEL_SPECULATIVE_TOKENS
 
     loaded = load_model(tiny_llama_dir, dtype="float32", device="cpu")
     default = build_engine_core(EngineConfig(model="unused", num_kv_blocks=64), loaded).scheduler.config
@@ -232,4 +232,25 @@ def test_cpu_step_budget_grows_with_the_running_requests_unless_given(tiny_llama
     fixed = build_engine_core(EngineConfig(model="unused", num_kv_blocks=64, max_num_batched_tokens=300), loaded).scheduler.config
     assert (fixed.max_num_batched_tokens, fixed.tokens_per_running_request) == (300, 0)
     with_draft = build_engine_core(EngineConfig(model="unused", num_kv_blocks=64), loaded, load_model(tiny_llama_dir, dtype="float32", device="cpu"))
-    assert (with_draft.scheduler.config.num_speculative_tokens, with_draft.scheduler.config.speculative_method) == (4, "draft_model")
+    assert (with_draft.scheduler.config.num_speculative_tokens, with_draft.scheduler.config.speculative_method) == (DRAFT_MODEL_SPECULATIVE_TOKENS, "draft_model")
+
+
+def test_resolve_defaults_sizes_the_kv_pool_and_the_window(tiny_llama_dir):
+    """``resolve_defaults`` on CPU: the default pool is ``CPU_KV_CACHE_MEMORY``
+    worth of blocks, a draft model pays for its own copy of each block, a
+    given size wins, and the window is the smallest of flag, model and draft."""
+    from batching.scheduler_config import CPU_KV_CACHE_MEMORY
+    from model_runtime.engine_factory import resolve_defaults
+    from model_runtime.kv_cache import parse_memory_size
+    from model_runtime.runner import ModelRunner
+
+    loaded = load_model(tiny_llama_dir, dtype="float32", device="cpu")
+    draft = load_model(tiny_llama_dir, dtype="float32", device="cpu")
+    per_block = ModelRunner.bytes_per_block(loaded, 16)
+    plain = resolve_defaults(EngineConfig(model="unused"), loaded)
+    assert plain.num_kv_blocks == parse_memory_size(CPU_KV_CACHE_MEMORY) // per_block
+    assert plain.max_model_len == loaded.max_model_len
+    assert resolve_defaults(EngineConfig(model="unused"), loaded, draft).num_kv_blocks == parse_memory_size(CPU_KV_CACHE_MEMORY) // (2 * per_block)
+    assert resolve_defaults(EngineConfig(model="unused", kv_cache_memory="1MiB"), loaded).num_kv_blocks == 2**20 // per_block
+    assert resolve_defaults(EngineConfig(model="unused", max_model_len=100), loaded).max_model_len == 100
+    assert resolve_defaults(EngineConfig(model="unused", max_model_len=10**9), loaded).max_model_len == loaded.max_model_len
