@@ -3,6 +3,8 @@ lets in-flight requests finish for up to ``--shutdown-timeout``, then ends the
 rest with an error event and ``[DONE]`` (or a 503 JSON), and exits 0."""
 
 import asyncio
+import json
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -17,9 +19,20 @@ from tests.reliability.support import assert_openai_error, build_served, in_proc
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
-SHUTDOWN_TIMEOUT_S = 1.0
-SHORT_TOKENS = 100  # well under a second on the tiny model
-LONG_TOKENS = 1000  # several seconds even alone: cannot finish within the timeout
+# Margins that hold on fast and slow hosts alike (the suite runs on hosts that
+# differ 3x in speed): the short requests need a small fraction of the timeout
+# even at 100 ms a token, and the long ones, in a context stretched far past the
+# tiny model's 1024 positions, cannot finish within it even at 0.1 ms a token.
+SHUTDOWN_TIMEOUT_S = 4.0
+SHORT_TOKENS = 16
+LONG_TOKENS = 60_000
+LONG_CONTEXT = 65_536
+
+# The in-process drain: every step sleeps STEP_DELAY_S, so the long requests take
+# at least LONG_TOKENS_IN_PROCESS * STEP_DELAY_S = 10 s, five times the timeout.
+STEP_DELAY_S = 0.02
+DRAIN_TIMEOUT_S = 2.0
+LONG_TOKENS_IN_PROCESS = 500
 
 
 def completion(prompt: str, max_tokens: int, stream: bool = True) -> dict:
@@ -27,16 +40,16 @@ def completion(prompt: str, max_tokens: int, stream: bool = True) -> dict:
 
 
 async def test_drain_finishes_short_requests_and_ends_the_rest(tiny_llama_dir: Path, tiny_weights: LoadedModel):
-    served = build_served(tiny_llama_dir, tiny_weights, step_delay_s=0.01)
+    served = build_served(tiny_llama_dir, tiny_weights, step_delay_s=STEP_DELAY_S)
     async with in_process(served) as env:
         # Warm first: a cold process's first steps alone can outlast the drain timeout.
         assert (await env.client.post("/v1/completions", json=completion("warm up", 2, stream=False))).status_code == 200
-        short = asyncio.create_task(read_stream(env.client, "/v1/completions", completion("short", 20)))
-        long = asyncio.create_task(read_stream(env.client, "/v1/completions", completion("long", 500)))
-        long_json = asyncio.create_task(env.client.post("/v1/completions", json=completion("long json", 500, stream=False)))
+        short = asyncio.create_task(read_stream(env.client, "/v1/completions", completion("short", SHORT_TOKENS)))
+        long = asyncio.create_task(read_stream(env.client, "/v1/completions", completion("long", LONG_TOKENS_IN_PROCESS)))
+        long_json = asyncio.create_task(env.client.post("/v1/completions", json=completion("long json", LONG_TOKENS_IN_PROCESS, stream=False)))
         while len(env.batcher.core.scheduler.running) < 3:
             await asyncio.sleep(0.005)
-        draining = asyncio.create_task(drain(env.app, timeout_s=0.5))
+        draining = asyncio.create_task(drain(env.app, timeout_s=DRAIN_TIMEOUT_S))
         await asyncio.sleep(0.05)
 
         refused = await env.client.post("/v1/completions", json=completion("too late", 2, stream=False))
@@ -65,9 +78,19 @@ async def read_events(client: httpx.AsyncClient, body: dict, started: asyncio.Ev
         return response.status_code, raw
 
 
+def long_context_copy(model_dir: Path, target: Path) -> Path:
+    """``model_dir`` with ``LONG_CONTEXT`` positions (RoPE has no table to outgrow)."""
+    shutil.copytree(model_dir, target)
+    config = json.loads((target / "config.json").read_text())
+    config["max_position_embeddings"] = LONG_CONTEXT
+    (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
 async def test_sigterm_drains_streams_and_exits_0(tiny_llama_dir: Path, tmp_path: Path):
     log = tmp_path / "server.log"
-    args = [str(tiny_llama_dir), "--served-model-name", "tiny", "--dtype", "float32", "--kv-cache-memory", "16MiB", "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S)]
+    model_dir = long_context_copy(tiny_llama_dir, tmp_path / "long-context")
+    args = [str(model_dir), "--served-model-name", "tiny", "--dtype", "float32", "--kv-cache-memory", "160MiB", "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S)]
     server = start_server(args, log)
     try:
         async with httpx.AsyncClient(base_url=server.base_url, timeout=60) as client:
