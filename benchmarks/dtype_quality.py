@@ -1,6 +1,6 @@
 """How much a dtype changes the default model's predictions, against float32.
 
-    .venv/bin/python benchmarks/dtype_quality.py [--dtype bfloat16]
+    .venv/bin/python benchmarks/dtype_quality.py [--dtype bfloat16 | --quantization int8 [--float-lm-head]]
 
 Greedy-generates 48 tokens for each prompt in float32, then scores those same
 sequences (prompt + generated) with the other dtype, teacher-forced, and
@@ -16,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from model_runtime.default_model import default_model_dir
+from model_runtime.quantization import quantize_int8
 
 PROMPTS = [
     "The capital of France is",
@@ -43,18 +44,16 @@ def chat_ids(tokenizer, prompt: str) -> torch.Tensor:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--int8", action="store_true", help="float32 with torch dynamic int8 linears (per-channel weights; LM head excluded) instead")
+    parser.add_argument("--quantization", choices=["int8"], help="float32 activations with tokenstep's weight-only int8 linears (model_runtime/quantization.py) instead of --dtype")
+    parser.add_argument("--float-lm-head", action="store_true", help="with --quantization: keep the LM head float32")
     args = parser.parse_args()
     path = default_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(path)
     reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    if args.int8:
-        args.dtype = "dynamic int8"
+    if args.quantization:
         other = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        head = other.get_output_embeddings()
-        linears = {name for name, module in other.named_modules() if isinstance(module, torch.nn.Linear) and module is not head}
-        qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
-        other = torch.ao.quantization.quantize_dynamic(other, {name: qconfig for name in linears}, dtype=torch.qint8)
+        quantize_int8(other, include_lm_head=not args.float_lm_head)
+        args.dtype = "int8 weights" + (" (float32 LM head)" if args.float_lm_head else "")
     else:
         other = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).eval()
     diffs, agree, departures = [], [], []

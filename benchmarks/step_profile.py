@@ -22,7 +22,7 @@ from model_runtime.loader import load_model
 
 GROUPS = {
     "aten::mm": "matmul", "aten::addmm": "matmul", "aten::bmm": "matmul", "aten::linear": "matmul",
-    "mkldnn::_linear_pointwise": "matmul", "mkl::_mkl_linear": "matmul",
+    "mkldnn::_linear_pointwise": "matmul", "mkl::_mkl_linear": "matmul", "tokenstep::int8_linear": "matmul",
     "aten::index": "attention: KV gather", "aten::index_select": "attention: KV gather",
     "aten::_scaled_dot_product_flash_attention_for_cpu": "attention: SDPA",
     "aten::index_copy_": "cache write",
@@ -69,9 +69,10 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="1,16,64")
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--quantization", default="none", choices=["none", "int8"])
     parser.add_argument("--prefill-tokens", type=int, default=0, help="also carry a prefill chunk of this many tokens in every timed step")
     args = parser.parse_args()
-    loaded = load_model(default_model_dir(), args.dtype, "cpu")
+    loaded = load_model(default_model_dir(), args.dtype, "cpu", args.quantization)
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
         run(loaded, batch_size, args.context, args.prefill_tokens)
 

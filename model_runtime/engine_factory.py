@@ -31,6 +31,7 @@ class EngineConfig:
     model: str | Path
     dtype: str = "auto"
     device: str = "auto"
+    quantization: str = "none"
     block_size: int = DEFAULT_BLOCK_SIZE
     kv_cache_memory: str | int | None = None
     num_kv_blocks: int | None = None
@@ -107,7 +108,7 @@ def check_draft_vocabulary(draft: LoadedModel, loaded: LoadedModel, name: str) -
 
 
 def build_engine_core(config: EngineConfig, loaded: LoadedModel | None = None, draft: LoadedModel | None = None) -> EngineCore:
-    loaded = loaded or load_model(config.model, config.dtype, config.device)
+    loaded = loaded or load_model(config.model, config.dtype, config.device, config.quantization)
     if draft is None and config.speculative_model is not None:
         draft = load_draft_model(config, loaded)
     limits = resolve_defaults(config, loaded, draft)

@@ -21,6 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from model_runtime import attention
+from model_runtime.quantization import QUANTIZATIONS, describe, quantize_int8
 from model_runtime.weight_layout import optimise_cpu_linears
 
 logger = logging.getLogger(__name__)
@@ -56,20 +57,34 @@ class LoadedModel:
     eos_token_ids: tuple[int, ...]
 
 
-def load_model(model_path: str | Path, dtype: str = "auto", device: str = "auto") -> LoadedModel:
-    """Load ``model_path`` (a local HF directory or a hub id) with paged attention."""
+def load_model(model_path: str | Path, dtype: str = "auto", device: str = "auto", quantization: str = "none") -> LoadedModel:
+    """Load ``model_path`` (a local HF directory or a hub id) with paged
+    attention, its linears quantized as ``quantization`` says."""
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    check_quantization(quantization, torch_device, torch_dtype)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(
         model_path, dtype=torch_dtype, attn_implementation=attention.register()
     )
     model.to(torch_device).eval()
-    layout = optimise_cpu_linears(model, torch_dtype) if torch_device.type == "cpu" else "default layout"
+    if quantization == "int8":
+        layout = describe(quantize_int8(model))
+    elif torch_device.type == "cpu":
+        layout = optimise_cpu_linears(model, torch_dtype)
+    else:
+        layout = "default layout"
     config = model.config
     max_model_len = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
     logger.info("loaded %s on %s as %s (max_model_len %d; %s)", model_path, torch_device, torch_dtype, max_model_len, layout)
     return LoadedModel(model, tokenizer, torch_device, torch_dtype, max_model_len, _eos_token_ids(model, tokenizer))
+
+
+def check_quantization(quantization: str, device: torch.device, dtype: torch.dtype) -> None:
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantization!r}; choose {', '.join(QUANTIZATIONS)}")
+    if quantization == "int8" and (device.type != "cpu" or dtype != torch.float32):
+        raise ValueError(f"--quantization int8 runs on the CPU with float32 activations; got --device {device.type} and --dtype {str(dtype).removeprefix('torch.')}")
 
 
 def _eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:

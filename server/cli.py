@@ -25,6 +25,7 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int)
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--device", help="auto, cpu or cuda")
+    parser.add_argument("--quantization", choices=["none", "int8"], help="int8: weight-only int8 linears (CPU, float32 activations; default none)")
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--chat-template", help="Jinja chat template file overriding the model's")
     parser.add_argument("--num-speculative-tokens", type=int, help="speculative decoding: draft tokens per greedy request per step (default 0 = off; 4 with --speculative-model)")
@@ -61,6 +62,7 @@ def make_loader(settings: Settings):
             model=model,
             dtype=settings.dtype,
             device=settings.device,
+            quantization=settings.quantization,
             block_size=settings.block_size,
             kv_cache_memory=settings.kv_cache_memory,
             max_num_seqs=settings.max_num_seqs,

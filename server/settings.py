@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     max_model_len: int | None = Field(None, ge=1, description="context window (default: the model's)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    quantization: Literal["none", "int8"] = Field("none", description="int8: weight-only int8 linears with per-channel scales (CPU, float32 activations); none: the checkpoint's dtype")
     enable_prefix_caching: bool = True
     num_speculative_tokens: int | None = Field(None, ge=0, le=16, description=f"speculative decoding: draft tokens per greedy request per step, by n-gram lookup or from --speculative-model (default 0 = off; {DRAFT_MODEL_SPECULATIVE_TOKENS} with a speculative model)")
     speculative_model: str | None = Field(None, description="draft model (HF directory or hub id, same vocabulary) for speculative decoding; unset = n-gram lookup when --num-speculative-tokens > 0")

@@ -1,0 +1,131 @@
+"""tokenstep's own CPU kernels: C++ compiled on this machine, loaded as torch ops.
+
+``load()`` returns the ops (``torch.ops.tokenstep``) or None. The sources in
+this folder are compiled once per (source, torch, compiler) into
+``<cache dir>/kernels/<hash>/`` with the system C++ compiler (``$CXX`` or
+``c++``), as plain ``-O3`` objects, one per instruction set (AVX-512, AVX2,
+generic), so one build serves every CPU the image may land on; which one runs
+is measured at load (see ``model_runtime.quantization``). ``make venv`` builds
+them ahead (``python -m model_runtime.kernels``); otherwise the first load
+does, in about half a minute. Where there is no compiler, or the build fails,
+``load()`` logs why and returns None, and callers fall back to plain PyTorch.
+"""
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from model_runtime.default_model import cache_dir
+
+logger = logging.getLogger(__name__)
+
+SOURCE_DIR = Path(__file__).parent
+LIBRARY = "libtokenstep_kernels.so"
+# (name, compiler flags, float lanes per vector, rows per micro-tile): MR x 4
+# accumulators must fit the vector registers (32 zmm, 16 ymm or xmm).
+ISAS = (
+    ("avx512", ["-mavx512f", "-mavx2", "-mfma", "-mprefer-vector-width=512"], 16, 4),
+    ("avx2", ["-mavx2", "-mfma"], 8, 3),
+    ("generic", [], 4, 3),
+)
+DISABLE_ENV = "TOKENSTEP_NO_KERNELS"
+
+_lock = threading.Lock()
+_loaded: dict[str, object] = {}
+
+
+def compiler() -> str:
+    return os.environ.get("CXX") or "c++"
+
+
+def build_key() -> str:
+    digest = hashlib.sha256()
+    for source in sorted(SOURCE_DIR.glob("*.cpp")):
+        digest.update(source.name.encode() + source.read_bytes())
+    digest.update(torch.__version__.encode() + str(ISAS).encode() + compiler().encode())
+    return digest.hexdigest()[:16]
+
+
+def library_path() -> Path:
+    return cache_dir() / "kernels" / build_key() / LIBRARY
+
+
+def _run(command: list[str], cwd: Path) -> None:
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[:3])} ... failed:\n{result.stderr[-2000:]}")
+
+
+def build(target: Path) -> Path:
+    """Compile the kernels into ``target`` (atomically: a finished library or nothing)."""
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    cxx = shutil.which(compiler())
+    if cxx is None:
+        raise RuntimeError(f"no C++ compiler ({compiler()!r} is not on PATH)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        work = Path(tmp)
+        common = ["-std=gnu++17", "-fPIC", "-ffp-contract=fast", "-fno-math-errno"]
+        objects = []
+        for name, flags, lanes, rows in ISAS:
+            obj = work / f"woq_gemm_{name}.o"
+            defines = [f"-DTS_ISA={name}", f"-DTS_VEC={lanes}", f"-DTS_MR={rows}"]
+            _run([cxx, "-O3", *common, *flags, *defines, "-c", str(SOURCE_DIR / "woq_gemm.cpp"), "-o", str(obj)], work)
+            objects.append(str(obj))
+        abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+        includes = [f"-I{path}" for path in include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
+        ops = work / "ops.o"
+        # -fopenmp: at::parallel_for is inline OpenMP; without the flag its
+        # pragma is ignored and every op runs on one thread. It links
+        # against torch's own libgomp, so the process keeps one OpenMP pool.
+        _run([cxx, "-O2", *common, "-fopenmp", abi, *includes, "-c", str(SOURCE_DIR / "ops.cpp"), "-o", str(ops)], work)
+        libs = [arg for path in library_paths() for arg in (f"-L{path}", f"-Wl,-rpath,{path}")]
+        built = work / LIBRARY
+        _run([cxx, "-shared", "-o", str(built), str(ops), *objects, *libs, "-lc10", "-ltorch_cpu", "-l:libgomp.so.1"], work)
+        os.replace(built, target)
+    return target
+
+
+def load() -> object | None:
+    """``torch.ops.tokenstep`` with the kernels loaded (building them if needed), or None."""
+    with _lock:
+        if "ops" in _loaded:
+            return _loaded["ops"]
+        _loaded["ops"] = _load_once()
+        return _loaded["ops"]
+
+
+def _load_once() -> object | None:
+    if os.environ.get(DISABLE_ENV):
+        logger.info("tokenstep kernels disabled (%s set): using plain PyTorch", DISABLE_ENV)
+        return None
+    path = library_path()
+    try:
+        if not path.exists():
+            logger.info("compiling tokenstep's CPU kernels into %s (once per build)", path.parent)
+            build(path)
+        torch.ops.load_library(str(path))
+    except (OSError, RuntimeError) as error:
+        logger.warning("tokenstep's CPU kernels are unavailable, using plain PyTorch instead: %s", error)
+        return None
+    return torch.ops.tokenstep
+
+
+def main() -> None:
+    """``python -m model_runtime.kernels``: build ahead (``make venv``); exits 0 either way."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    ops = load()
+    if ops is None:
+        print("tokenstep kernels: not built; plain PyTorch will be used", file=sys.stderr)
+        return
+    print(f"tokenstep kernels: {library_path()} (instruction sets on this CPU: {', '.join(ops.isas())})")

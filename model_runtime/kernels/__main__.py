@@ -1,0 +1,3 @@
+from model_runtime.kernels import main
+
+main()

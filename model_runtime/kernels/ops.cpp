@@ -1,0 +1,109 @@
+// torch ops over the per-ISA kernels of woq_gemm.cpp:
+//   tokenstep::int8_linear(x, q, scales, offsets, bias, isa) -> y
+// x: float32 [..., K]; q: int8 [N, K] (contiguous); scales, offsets: float32
+// [N, ceil(K / 32)], w = q * scale + offset per group of 32 weights of a row;
+// bias: float32 [N] or None; isa: an index into isas() or -1 for the first
+// (widest) this CPU supports. Output channels are split across torch's
+// intra-op threads.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+extern "C" {
+#define TS_DECLARE(isa)                                                                                       \
+    void ts_int8_gemm_##isa(const float* x, int64_t M, int64_t K, const int8_t* q, const float* scales, \
+                            const float* offsets, const float* bias, float* y, int64_t N, int64_t n_begin, int64_t n_end);
+TS_DECLARE(avx512)
+TS_DECLARE(avx2)
+TS_DECLARE(generic)
+}
+
+namespace {
+
+using Int8Gemm = void (*)(const float*, int64_t, int64_t, const int8_t*, const float*, const float*, const float*,
+                          float*, int64_t, int64_t, int64_t);
+
+struct Isa {
+    const char* name;
+    bool supported;
+    Int8Gemm int8_gemm;
+};
+
+const std::vector<Isa>& all_isas() {
+    static const std::vector<Isa> isas = {
+        {"avx512", __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma"), &ts_int8_gemm_avx512},
+        {"avx2", __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"), &ts_int8_gemm_avx2},
+        {"generic", true, &ts_int8_gemm_generic},
+    };
+    return isas;
+}
+
+std::vector<std::string> isas() {
+    std::vector<std::string> names;
+    for (const auto& isa : all_isas())
+        if (isa.supported) names.emplace_back(isa.name);
+    return names;
+}
+
+const Isa& pick(int64_t index) {
+    std::vector<const Isa*> supported;
+    for (const auto& isa : all_isas())
+        if (isa.supported) supported.push_back(&isa);
+    TORCH_CHECK(index >= -1 && index < static_cast<int64_t>(supported.size()), "isa index ", index, " out of range");
+    return *supported[index < 0 ? 0 : index];
+}
+
+constexpr int64_t kTile = 4;    // output channels per kernel tile (woq_gemm.cpp: NR)
+constexpr int64_t kGroup = 32;  // weights per (scale, offset) (woq_gemm.cpp: GROUP)
+
+void check_groups(const at::Tensor& t, const char* name, int64_t N, int64_t K) {
+    const int64_t groups = (K + kGroup - 1) / kGroup;
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 2 && t.size(0) == N && t.size(1) == groups,
+                "int8_linear: ", name, " must be contiguous float32 [", N, ", ", groups, "]");
+}
+
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales, const at::Tensor& offsets,
+                       const c10::optional<at::Tensor>& bias, int64_t isa) {
+    TORCH_CHECK(x.scalar_type() == at::kFloat, "int8_linear: x must be float32");
+    TORCH_CHECK(q.scalar_type() == at::kChar && q.dim() == 2 && q.is_contiguous(), "int8_linear: q must be contiguous int8 [N, K]");
+    const int64_t N = q.size(0), K = q.size(1);
+    check_groups(scales, "scales", N, K);
+    check_groups(offsets, "offsets", N, K);
+    TORCH_CHECK(x.size(-1) == K, "int8_linear: x has ", x.size(-1), " features, the weight ", K);
+    const float* bias_data = nullptr;
+    if (bias.has_value() && bias->defined()) {
+        TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N, "int8_linear: bias must be float32 [N]");
+        bias_data = bias->data_ptr<float>();
+    }
+    const at::Tensor input = x.contiguous();
+    const int64_t M = input.numel() / K;
+    std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+    out_shape.back() = N;
+    at::Tensor y = at::empty(out_shape, x.options());
+    if (M == 0) return y;
+    const Int8Gemm gemm = pick(isa).int8_gemm;
+    const float* xd = input.data_ptr<float>();
+    const int8_t* qd = q.data_ptr<int8_t>();
+    const float* sd = scales.data_ptr<float>();
+    const float* od = offsets.data_ptr<float>();
+    float* yd = y.data_ptr<float>();
+    const int64_t tiles = (N + kTile - 1) / kTile;
+    at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+        gemm(xd, M, K, qd, sd, od, bias_data, yd, N, begin * kTile, std::min(end * kTile, N));
+    });
+    return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(tokenstep, m) {
+    m.def("isas() -> str[]", &isas);
+    m.def("int8_linear(Tensor x, Tensor q, Tensor scales, Tensor offsets, Tensor? bias, int isa=-1) -> Tensor");
+    m.impl("int8_linear", c10::DispatchKey::CPU, TORCH_FN(int8_linear));
+}

@@ -1,0 +1,217 @@
+// Weight-only-quantized GEMM for a few rows: y = x @ dequant(w)^T + bias.
+//
+// Compiled once per instruction set (build.py passes -DTS_ISA=<name> and the
+// matching -m flags); the code is plain C++ with GCC vector extensions, so the
+// same source becomes AVX-512, AVX2 or SSE2 code. No torch headers here: ops.cpp
+// binds these functions to a torch op and picks the one measured fastest.
+//
+// Shape of the work: output channels are taken NR at a time. Each tile of NR
+// weight rows is dequantized once into a small float scratch (it stays in L1),
+// then every block of MR input rows is multiplied against it with MR x NR
+// vector accumulators. A decode step (1-64 rows) therefore reads each weight
+// byte from memory once, which is the point: int8 weights are a quarter of
+// float32's bytes, and decode is bound by weight bytes.
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#ifndef TS_ISA
+#error "compile with -DTS_ISA=<name>"
+#endif
+#ifndef TS_VEC
+#error "compile with -DTS_VEC=<float lanes per vector>"
+#endif
+#ifndef TS_MR
+#error "compile with -DTS_MR=<rows per micro-tile>"
+#endif
+
+#define TS_CAT2(a, b) a##_##b
+#define TS_CAT(a, b) TS_CAT2(a, b)
+#define TS_NAME(name) TS_CAT(name, TS_ISA)
+
+namespace {
+
+constexpr int VEC = TS_VEC;
+constexpr int MR = TS_MR;
+constexpr int NR = 4;        // output channels per tile
+constexpr int64_t GROUP = 32; // weights per (scale, offset) pair along K
+static_assert(GROUP % VEC == 0, "a vector never straddles two groups");
+constexpr int64_t MB = 64;   // input rows per block: a block of x stays in L2
+
+typedef float vf __attribute__((vector_size(VEC * sizeof(float))));
+typedef int8_t vq __attribute__((vector_size(VEC)));
+
+inline vf load(const float* p) {
+    vf v;
+    std::memcpy(&v, p, sizeof(vf));
+    return v;
+}
+
+inline vf load_partial(const float* p, int64_t n) {
+    float lanes[VEC] = {};
+    std::memcpy(lanes, p, n * sizeof(float));
+    return load(lanes);
+}
+
+// VEC int8 weights as floats: sign-extend and convert, two instructions with
+// AVX2 or AVX-512 (GCC scalarizes __builtin_convertvector from int8 there).
+inline vf load_q(const int8_t* p) {
+#if defined(__AVX512F__) && TS_VEC == 16
+    return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#elif defined(__AVX2__) && TS_VEC == 8
+    return (vf)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+#else
+    vq v;
+    std::memcpy(&v, p, sizeof(vq));
+    return __builtin_convertvector(v, vf);
+#endif
+}
+
+inline vf load_q_partial(const int8_t* p, int64_t n) {
+    int8_t lanes[VEC] = {};
+    std::memcpy(lanes, p, n);
+    return load_q(lanes);
+}
+
+inline float hsum(vf v) {
+    float lanes[VEC];
+    std::memcpy(lanes, &v, sizeof(vf));
+    float s = 0.f;
+    for (int i = 0; i < VEC; ++i) s += lanes[i];
+    return s;
+}
+
+// Where the NR weight rows of a tile come from: a float scratch (zero-padded
+// to a multiple of VEC) or the int8 rows themselves, converted as they are read.
+struct FloatRows {
+    const float* rows;
+    int64_t ld;
+    vf at(int j, int64_t k) const { return load(rows + j * ld + k); }
+    vf tail(int j, int64_t k, int64_t) const { return load(rows + j * ld + k); }
+};
+
+// int8 rows of K weights with one (scale, offset) per GROUP: w = q * scale + offset.
+struct Int8Rows {
+    const int8_t* rows;
+    int64_t ld;
+    const float* scales;   // [rows, groups]
+    const float* offsets;  // [rows, groups]
+    int64_t groups;
+    vf at(int j, int64_t k) const { return dequant(j, k, load_q(rows + j * ld + k)); }
+    vf tail(int j, int64_t k, int64_t n) const { return dequant(j, k, load_q_partial(rows + j * ld + k, n)); }
+    vf dequant(int j, int64_t k, vf q) const {
+        const int64_t g = j * groups + k / GROUP;
+        return q * scales[g] + offsets[g];
+    }
+};
+
+// rows x[0..mr) (stride ldx) against the tile's NR weight rows; writes
+// y[i * ldy + j] = dot + bias[j] for j < nr.
+template <int mr, typename Rows>
+inline void micro(const float* x, int64_t ldx, int64_t K, Rows w_rows, float* y, int64_t ldy, int nr,
+                  const float* bias) {
+    vf acc[mr][NR];
+#pragma GCC unroll 8
+    for (int i = 0; i < mr; ++i)
+#pragma GCC unroll 4
+        for (int j = 0; j < NR; ++j) acc[i][j] = vf{};
+    int64_t k = 0;
+    for (; k + VEC <= K; k += VEC) {
+        vf w[NR];
+#pragma GCC unroll 4
+        for (int j = 0; j < NR; ++j) w[j] = w_rows.at(j, k);
+#pragma GCC unroll 8
+        for (int i = 0; i < mr; ++i) {
+            const vf xv = load(x + i * ldx + k);
+#pragma GCC unroll 4
+            for (int j = 0; j < NR; ++j) acc[i][j] += xv * w[j];
+        }
+    }
+    if (k < K) {
+        vf w[NR];
+        for (int j = 0; j < NR; ++j) w[j] = w_rows.tail(j, k, K - k);
+        for (int i = 0; i < mr; ++i) {
+            const vf xv = load_partial(x + i * ldx + k, K - k);
+            for (int j = 0; j < NR; ++j) acc[i][j] += xv * w[j];
+        }
+    }
+    for (int i = 0; i < mr; ++i)
+        for (int j = 0; j < nr; ++j) y[i * ldy + j] = hsum(acc[i][j]) + (bias ? bias[j] : 0.f);
+}
+
+template <typename Rows>
+using MicroFn = void (*)(const float*, int64_t, int64_t, Rows, float*, int64_t, int, const float*);
+
+template <typename Rows, int... Counts>
+struct MicroTable {
+    static constexpr MicroFn<Rows> table[] = {nullptr, &micro<Counts, Rows>...};
+};
+
+template <typename Rows, int N, int... Counts>
+struct MakeTable : MakeTable<Rows, N - 1, N, Counts...> {};
+template <typename Rows, int... Counts>
+struct MakeTable<Rows, 0, Counts...> : MicroTable<Rows, Counts...> {};
+
+template <typename Rows>
+inline MicroFn<Rows> micro_for(int mr) { return MakeTable<Rows, MR>::table[mr]; }
+
+inline int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
+
+}  // namespace
+
+// int8 weights q [N, K] with a float (scale, offset) per GROUP weights of a
+// row: w = q * scale + offset; scales and offsets are [N, ceil(K / GROUP)].
+// Writes output channels [n_begin, n_end) of y [M, N].
+//
+// Up to MR rows (a decode step of a few requests) read the int8 rows directly
+// (convert, dequantize and FMA per weight vector). More rows dequantize each
+// tile of NR weight rows once into a float scratch that stays in L1 and
+// multiply every block of MR rows against it; blocks of MB rows keep x in L2
+// for a long prefill.
+extern "C" void TS_NAME(ts_int8_gemm)(const float* x, int64_t M, int64_t K, const int8_t* q, const float* scales,
+                                      const float* offsets, const float* bias, float* y, int64_t N, int64_t n_begin,
+                                      int64_t n_end) {
+    const int64_t ldt = round_up(K, VEC);
+    const int64_t groups = (K + GROUP - 1) / GROUP;
+    float* tile = static_cast<float*>(std::aligned_alloc(64, round_up(NR * ldt * sizeof(float), 64)));
+    for (int64_t m0 = 0; m0 < M; m0 += MB) {
+        const int64_t mb = M - m0 < MB ? M - m0 : MB;
+        for (int64_t n0 = n_begin; n0 < n_end; n0 += NR) {
+            const int nr = static_cast<int>(n_end - n0 < NR ? n_end - n0 : NR);
+            const float* bias_n = bias ? bias + n0 : nullptr;
+            const Int8Rows rows{q + n0 * K, K, scales + n0 * groups, offsets + n0 * groups, groups};
+            if (mb <= MR && nr == NR) {
+                micro_for<Int8Rows>(static_cast<int>(mb))(x + m0 * K, K, K, rows, y + m0 * N + n0, N, nr, bias_n);
+                continue;
+            }
+            for (int j = 0; j < NR; ++j) {
+                float* out = tile + j * ldt;
+                if (j >= nr) {
+                    std::memset(out, 0, ldt * sizeof(float));
+                    continue;
+                }
+                int64_t k = 0;
+                for (; k + VEC <= K; k += VEC) {
+                    const vf v = rows.at(j, k);
+                    std::memcpy(out + k, &v, sizeof(vf));
+                }
+                if (k < K) {
+                    const vf v = rows.tail(j, k, K - k);
+                    float lanes[VEC];
+                    std::memcpy(lanes, &v, sizeof(vf));
+                    for (int64_t i = k; i < ldt; ++i) out[i] = i < K ? lanes[i - k] : 0.f;
+                }
+            }
+            for (int64_t i0 = 0; i0 < mb; i0 += MR) {
+                const int mr = static_cast<int>(mb - i0 < MR ? mb - i0 : MR);
+                const int64_t row = m0 + i0;
+                micro_for<FloatRows>(mr)(x + row * K, K, K, FloatRows{tile, ldt}, y + row * N + n0, N, nr, bias_n);
+            }
+        }
+    }
+    std::free(tile);
+}

@@ -1,0 +1,197 @@
+"""Weight-only int8 linears (``--quantization int8``, CPU, float32 activations).
+
+Each linear weight (``nn.Linear``, GPT-2's ``Conv1D``), the LM head's
+included, is stored as int8 in groups of ``GROUP`` = 32 weights along a row,
+each group with its own float32 scale and offset (asymmetric: the group's
+min..max range in 256 steps, ``w ~= q * scale + offset``); the activations,
+the bias, the embedding lookups and everything outside the linears stay
+float32. A decode step is bound by the bytes of weights it reads (540 MB in
+float32 for the default model); this is 1.25 bytes a weight instead of 4.
+
+Why groups of 32 and not one scale per output channel: on the default model
+per-channel int8 agreed with float32 on only 95 % of teacher-forced top-1
+tokens, groups of 32 on 99.5 % (its weights come from a GGUF file of 4-bit
+blocks of 32, each with its own range). docs/PERFORMANCE.md, "int8 weights".
+
+The product runs in tokenstep's own kernel (``model_runtime/kernels``:
+``torch.ops.tokenstep.int8_linear``), which dequantizes weight vectors in
+registers (a few rows) or a few weight rows at a time into L1 (more rows), so
+each weight byte is read from memory once per step. When the model loads,
+``choose_int8_kernels`` measures on this CPU which instruction-set build of it
+is fastest and from which row count (a long prefill) dequantizing the whole
+weight for torch's GEMM beats it. Without the kernels (no compiler, or
+``TOKENSTEP_NO_KERNELS=1``) every call dequantizes and uses torch's GEMM: the
+same values, slower.
+"""
+
+import logging
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from model_runtime import kernels
+
+logger = logging.getLogger(__name__)
+
+QUANTIZATIONS = ("none", "int8")
+INT8_MAX = 127
+GROUP = 32  # weights per (scale, offset); the kernel's GROUP
+# Row counts probed for the kernel/GEMM switch: decode steps, a decode step
+# beside a prefill chunk, a prefill.
+SWITCH_PROBE_ROWS = (32, 64, 128, 256)
+ISA_PROBE_ROWS = (1, 16)
+_PROBE_PASSES = 3
+
+
+def quantize_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``weight`` [N, K] as int8 ``q`` [N, K] and float32 ``scales``,
+    ``offsets`` [N, ceil(K / GROUP)], each group of ``GROUP`` weights of a row
+    mapped onto its own min..max range: ``w = q * scale + offset`` to within
+    ``scale / 2`` (a constant group is exact, with scale 1)."""
+    weight = weight.detach().float()
+    n, k = weight.shape
+    groups = -(-k // GROUP)
+    padded = nn.functional.pad(weight, (0, groups * GROUP - k), value=0.0) if k % GROUP else weight
+    grouped = padded.reshape(n, groups, GROUP)
+    low, high = grouped.amin(dim=2), grouped.amax(dim=2)
+    scales = (high - low) / (2 * INT8_MAX + 1)
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    steps = torch.round((grouped - low[..., None]) / scales[..., None]).clamp_(0, 2 * INT8_MAX + 1)
+    q = (steps - (INT8_MAX + 1)).to(torch.int8).reshape(n, groups * GROUP)[:, :k]
+    offsets = low + (INT8_MAX + 1) * scales  # so that q * scale + offset = low + steps * scale
+    return q.contiguous(), scales.contiguous(), offsets.contiguous()
+
+
+def dequantize_groups(q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    n, k = q.shape
+    index = torch.arange(k, device=q.device) // GROUP
+    return q.to(torch.float32).mul_(scales[:, index]).add_(offsets[:, index])
+
+
+class Int8Linear(nn.Module):
+    """``nn.Linear`` with an int8 weight, a scale and offset per group of 32 (inference only).
+
+    Inputs of fewer than ``gemm_from_rows`` rows go to the int8 kernel
+    (instruction set ``isa``, an index into ``ops.isas()``); larger ones, or
+    any input when ``ops`` is None, to torch's GEMM over the dequantized weight.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, ops: object | None) -> None:
+        """``weight`` [out, in] as ``nn.Linear`` holds it."""
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        q, scales, offsets = quantize_groups(weight)
+        self.register_buffer("q", q, persistent=False)
+        self.register_buffer("scales", scales, persistent=False)
+        self.register_buffer("offsets", offsets, persistent=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().contiguous(), requires_grad=False)
+        self.ops = ops
+        self.isa = -1
+        self.gemm_from_rows = float("inf") if ops is not None else 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() // self.in_features < self.gemm_from_rows:
+            return self.kernel_forward(x)
+        return self.gemm_forward(x)
+
+    def kernel_forward(self, x: torch.Tensor, isa: int | None = None) -> torch.Tensor:
+        return self.ops.int8_linear(x, self.q, self.scales, self.offsets, self.bias, self.isa if isa is None else isa)
+
+    def gemm_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.dequantized(), self.bias)
+
+    def dequantized(self) -> torch.Tensor:
+        return dequantize_groups(self.q, self.scales, self.offsets)
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor | None:
+    """The ``[out, in]`` weight of a CPU linear layer (``Conv1D`` stores ``[in, out]``), else None."""
+    if isinstance(module, nn.Linear) and module.weight.device.type == "cpu":
+        return module.weight
+    if isinstance(module, Conv1D) and module.weight.device.type == "cpu":
+        return module.weight.t()
+    return None
+
+
+def quantize_int8(model: nn.Module, include_lm_head: bool = True) -> list[Int8Linear]:
+    """Replace every CPU linear layer of ``model`` (the LM head too, unless
+    ``include_lm_head`` is False) by an ``Int8Linear``, choose its kernels by
+    measurement, return them. A tied input embedding keeps its float32 weight
+    for lookups."""
+    ops = kernels.load()
+    keep = model.get_output_embeddings() if not include_lm_head else None
+    quantized = []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            weight = linear_weight(child)
+            if weight is not None and child is not keep:
+                module = Int8Linear(weight, child.bias, ops)
+                setattr(parent, name, module)
+                quantized.append(module)
+    if ops is not None and quantized:
+        isa, gemm_from_rows = choose_int8_kernels(quantized, ops)
+        for module in quantized:
+            module.isa, module.gemm_from_rows = isa, gemm_from_rows
+    return quantized
+
+
+def describe(linears: list[Int8Linear]) -> str:
+    if not linears:
+        return "no linears quantized"
+    first = linears[0]
+    if first.ops is None:
+        return f"{len(linears)} linears int8 (no kernels: dequantized per call)"
+    switch = "every row count" if first.gemm_from_rows == float("inf") else f"below {first.gemm_from_rows} rows, torch GEMM from there"
+    return f"{len(linears)} linears int8 ({first.ops.isas()[first.isa]} kernel for {switch}; measured at load)"
+
+
+@torch.inference_mode()
+def choose_int8_kernels(linears: list[Int8Linear], ops: object) -> tuple[int, int | float]:
+    """(isa, gemm_from_rows) for this CPU, by timing: the instruction set
+    whose kernel passes fastest over all ``linears`` at ``ISA_PROBE_ROWS``
+    (weights streamed from memory, as in a decode step), then the switch to
+    torch's GEMM over one of each distinct shape at ``SWITCH_PROBE_ROWS``
+    (compute-bound there, so one layer's shapes tell). About a second for the
+    default model."""
+    isas = list(range(len(ops.isas())))
+    inputs = {(rows, k): torch.randn(rows, k) for rows in {*ISA_PROBE_ROWS, *SWITCH_PROBE_ROWS} for k in {m.in_features for m in linears}}
+
+    def best_s(run: Callable[[], None]) -> float:
+        run()  # warm-up
+        best = float("inf")
+        for _ in range(_PROBE_PASSES):
+            start = time.perf_counter()
+            run()
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    def kernel_pass(modules: list[Int8Linear], rows: int, isa: int) -> Callable[[], None]:
+        return lambda: [m.kernel_forward(inputs[rows, m.in_features], isa) for m in modules]
+
+    isa_s = {isa: sum(best_s(kernel_pass(linears, rows, isa)) for rows in ISA_PROBE_ROWS) for isa in isas}
+    isa = min(isa_s, key=isa_s.get)
+    shapes = list({(m.in_features, m.out_features): m for m in linears}.values())
+
+    def switch_s(rows: int) -> tuple[float, float]:
+        gemm = lambda: [m.gemm_forward(inputs[rows, m.in_features]) for m in shapes]  # noqa: E731
+        return best_s(kernel_pass(shapes, rows, isa)), best_s(gemm)
+
+    logger.info("int8 kernel per instruction set, one pass at rows %s: %s", ISA_PROBE_ROWS, {ops.isas()[i]: f"{s * 1e3:.1f} ms" for i, s in isa_s.items()})
+    return isa, gemm_from_rows_given(switch_s)
+
+
+def gemm_from_rows_given(switch_s: Callable[[int], tuple[float, float]]) -> int | float:
+    """The decision of ``choose_int8_kernels`` from ``switch_s(rows) ->
+    (kernel_s, gemm_s)``: the smallest probe from which torch's GEMM wins at
+    it and every larger probe (larger probes are timed first, and probing
+    stops where the kernel wins); infinity when the kernel wins at the largest."""
+    gemm_from: int | float = float("inf")
+    for rows in sorted(SWITCH_PROBE_ROWS, reverse=True):
+        kernel_s, gemm_s = switch_s(rows)
+        if kernel_s <= gemm_s:
+            break
+        gemm_from = rows
+    return gemm_from
