@@ -104,6 +104,8 @@ class Int8Linear(nn.Module):
         return nn.functional.linear(x, self.dequantized(), self.bias)
 
     def dequantized(self) -> torch.Tensor:
+        if self.ops is not None:
+            return self.ops.int8_dequantize(self.q, self.scales, self.offsets, self.isa)
         return dequantize_groups(self.q, self.scales, self.offsets)
 
 
@@ -122,19 +124,22 @@ def quantize_int8(model: nn.Module, include_lm_head: bool = True) -> list[Int8Li
     measurement, return them. A tied input embedding keeps its float32 weight
     for lookups."""
     ops = kernels.load()
-    keep = model.get_output_embeddings() if not include_lm_head else None
-    quantized = []
+    head = model.get_output_embeddings()
+    quantized, lm_head = [], None
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             weight = linear_weight(child)
-            if weight is not None and child is not keep:
-                module = Int8Linear(weight, child.bias, ops)
-                setattr(parent, name, module)
-                quantized.append(module)
+            if weight is None or (child is head and not include_lm_head):
+                continue
+            module = Int8Linear(weight, child.bias, ops)
+            setattr(parent, name, module)
+            quantized.append(module)
+            lm_head = module if child is head else lm_head
     if ops is not None and quantized:
-        isa, gemm_from_rows = choose_int8_kernels(quantized, ops)
+        isa, gemm_from_rows = choose_int8_kernels(quantized, ops, lm_head)
         for module in quantized:
-            module.isa, module.gemm_from_rows = isa, gemm_from_rows
+            module.isa = isa
+            module.gemm_from_rows = gemm_from_rows.get((module.in_features, module.out_features), float("inf"))
     return quantized
 
 
@@ -144,18 +149,20 @@ def describe(linears: list[Int8Linear]) -> str:
     first = linears[0]
     if first.ops is None:
         return f"{len(linears)} linears int8 (no kernels: dequantized per call)"
-    switch = "every row count" if first.gemm_from_rows == float("inf") else f"below {first.gemm_from_rows} rows, torch GEMM from there"
-    return f"{len(linears)} linears int8 ({first.ops.isas()[first.isa]} kernel for {switch}; measured at load)"
+    switches = sorted({m.gemm_from_rows for m in linears if m.gemm_from_rows != float("inf")})
+    switch = f"; torch GEMM on the dequantized weight from {'/'.join(map(str, switches))} rows" if switches else ""
+    return f"{len(linears)} linears int8 ({first.ops.isas()[first.isa]} kernel{switch}; measured at load)"
 
 
 @torch.inference_mode()
-def choose_int8_kernels(linears: list[Int8Linear], ops: object) -> tuple[int, int | float]:
-    """(isa, gemm_from_rows) for this CPU, by timing: the instruction set
-    whose kernel passes fastest over all ``linears`` at ``ISA_PROBE_ROWS``
-    (weights streamed from memory, as in a decode step), then the switch to
-    torch's GEMM over one of each distinct shape at ``SWITCH_PROBE_ROWS``
-    (compute-bound there, so one layer's shapes tell). About a second for the
-    default model."""
+def choose_int8_kernels(linears: list[Int8Linear], ops: object, lm_head: Int8Linear | None = None) -> tuple[int, dict[tuple[int, int], int | float]]:
+    """(isa, gemm_from_rows per (in, out) shape) for this CPU, by timing: the
+    instruction set whose kernel passes fastest over all ``linears`` at
+    ``ISA_PROBE_ROWS`` (weights streamed from memory, as in a decode step),
+    then for each distinct shape the row count from which torch's GEMM on the
+    dequantized weight wins, at ``SWITCH_PROBE_ROWS`` (compute-bound there, so
+    one layer's shapes tell). The LM head keeps the kernel: it sees only the
+    sampled rows, never a prefill. About a second for the default model."""
     isas = list(range(len(ops.isas())))
     inputs = {(rows, k): torch.randn(rows, k) for rows in {*ISA_PROBE_ROWS, *SWITCH_PROBE_ROWS} for k in {m.in_features for m in linears}}
 
@@ -173,14 +180,18 @@ def choose_int8_kernels(linears: list[Int8Linear], ops: object) -> tuple[int, in
 
     isa_s = {isa: sum(best_s(kernel_pass(linears, rows, isa)) for rows in ISA_PROBE_ROWS) for isa in isas}
     isa = min(isa_s, key=isa_s.get)
-    shapes = list({(m.in_features, m.out_features): m for m in linears}.values())
-
-    def switch_s(rows: int) -> tuple[float, float]:
-        gemm = lambda: [m.gemm_forward(inputs[rows, m.in_features]) for m in shapes]  # noqa: E731
-        return best_s(kernel_pass(shapes, rows, isa)), best_s(gemm)
-
     logger.info("int8 kernel per instruction set, one pass at rows %s: %s", ISA_PROBE_ROWS, {ops.isas()[i]: f"{s * 1e3:.1f} ms" for i, s in isa_s.items()})
-    return isa, gemm_from_rows_given(switch_s)
+    shapes = {(m.in_features, m.out_features): m for m in linears if m is not lm_head}
+    decisions = {}
+    for shape, module in shapes.items():
+        module.isa = isa
+
+        def switch_s(rows: int, module: Int8Linear = module) -> tuple[float, float]:
+            x = inputs[rows, module.in_features]
+            return best_s(lambda: module.kernel_forward(x, isa)), best_s(lambda: module.gemm_forward(x))
+
+        decisions[shape] = gemm_from_rows_given(switch_s)
+    return isa, decisions
 
 
 def gemm_from_rows_given(switch_s: Callable[[int], tuple[float, float]]) -> int | float:

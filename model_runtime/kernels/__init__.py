@@ -33,7 +33,7 @@ LIBRARY = "libtokenstep_kernels.so"
 # (name, compiler flags, float lanes per vector, rows per micro-tile): MR x 4
 # accumulators must fit the vector registers (32 zmm, 16 ymm or xmm).
 ISAS = (
-    ("avx512", ["-mavx512f", "-mavx2", "-mfma", "-mprefer-vector-width=512"], 16, 4),
+    ("avx512", ["-mavx512f", "-mavx2", "-mfma", "-mprefer-vector-width=512"], 16, 6),
     ("avx2", ["-mavx2", "-mfma"], 8, 3),
     ("generic", [], 4, 3),
 )

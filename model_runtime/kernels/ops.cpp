@@ -2,7 +2,9 @@
 //   tokenstep::int8_linear(x, q, scales, offsets, bias, isa) -> y
 // x: float32 [..., K]; q: int8 [N, K] (contiguous); scales, offsets: float32
 // [N, ceil(K / 32)], w = q * scale + offset per group of 32 weights of a row;
-// bias: float32 [N] or None; isa: an index into isas() or -1 for the first
+// bias: float32 [N] or None;
+//   tokenstep::int8_dequantize(q, scales, offsets, isa) -> float32 [N, K];
+// isa: an index into isas() or -1 for the first
 // (widest) this CPU supports. Output channels are split across torch's
 // intra-op threads.
 
@@ -19,6 +21,12 @@ extern "C" {
 #define TS_DECLARE(isa)                                                                                       \
     void ts_int8_gemm_##isa(const float* x, int64_t M, int64_t K, const int8_t* q, const float* scales, \
                             const float* offsets, const float* bias, float* y, int64_t N, int64_t n_begin, int64_t n_end);
+#define TS_DECLARE_DEQUANTIZE(isa) \
+    void ts_int8_dequantize_##isa(const int8_t* q, const float* scales, const float* offsets, int64_t K, float* out, \
+                                  int64_t n_begin, int64_t n_end);
+TS_DECLARE_DEQUANTIZE(avx512)
+TS_DECLARE_DEQUANTIZE(avx2)
+TS_DECLARE_DEQUANTIZE(generic)
 TS_DECLARE(avx512)
 TS_DECLARE(avx2)
 TS_DECLARE(generic)
@@ -29,17 +37,20 @@ namespace {
 using Int8Gemm = void (*)(const float*, int64_t, int64_t, const int8_t*, const float*, const float*, const float*,
                           float*, int64_t, int64_t, int64_t);
 
+using Int8Dequantize = void (*)(const int8_t*, const float*, const float*, int64_t, float*, int64_t, int64_t);
+
 struct Isa {
     const char* name;
     bool supported;
     Int8Gemm int8_gemm;
+    Int8Dequantize int8_dequantize;
 };
 
 const std::vector<Isa>& all_isas() {
     static const std::vector<Isa> isas = {
-        {"avx512", __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma"), &ts_int8_gemm_avx512},
-        {"avx2", __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"), &ts_int8_gemm_avx2},
-        {"generic", true, &ts_int8_gemm_generic},
+        {"avx512", __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma"), &ts_int8_gemm_avx512, &ts_int8_dequantize_avx512},
+        {"avx2", __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"), &ts_int8_gemm_avx2, &ts_int8_dequantize_avx2},
+        {"generic", true, &ts_int8_gemm_generic, &ts_int8_dequantize_generic},
     };
     return isas;
 }
@@ -100,10 +111,27 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
     return y;
 }
 
+at::Tensor int8_dequantize(const at::Tensor& q, const at::Tensor& scales, const at::Tensor& offsets, int64_t isa) {
+    TORCH_CHECK(q.scalar_type() == at::kChar && q.dim() == 2 && q.is_contiguous(), "int8_dequantize: q must be contiguous int8 [N, K]");
+    const int64_t N = q.size(0), K = q.size(1);
+    check_groups(scales, "scales", N, K);
+    check_groups(offsets, "offsets", N, K);
+    at::Tensor out = at::empty({N, K}, q.options().dtype(at::kFloat));
+    const Int8Dequantize dequantize = pick(isa).int8_dequantize;
+    const int8_t* qd = q.data_ptr<int8_t>();
+    const float* sd = scales.data_ptr<float>();
+    const float* od = offsets.data_ptr<float>();
+    float* outd = out.data_ptr<float>();
+    at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) { dequantize(qd, sd, od, K, outd, begin, end); });
+    return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(tokenstep, m) {
     m.def("isas() -> str[]", &isas);
     m.def("int8_linear(Tensor x, Tensor q, Tensor scales, Tensor offsets, Tensor? bias, int isa=-1) -> Tensor");
     m.impl("int8_linear", c10::DispatchKey::CPU, TORCH_FN(int8_linear));
+    m.def("int8_dequantize(Tensor q, Tensor scales, Tensor offsets, int isa=-1) -> Tensor");
+    m.impl("int8_dequantize", c10::DispatchKey::CPU, TORCH_FN(int8_dequantize));
 }

@@ -77,12 +77,17 @@ inline vf load_q_partial(const int8_t* p, int64_t n) {
     return load_q(lanes);
 }
 
+// A pairwise tree (log2(VEC) dependent adds, the first levels vector-wide):
+// summing the lanes in a row was a VEC-long chain of dependent adds per
+// output, which cost more than the products themselves when K is short.
 inline float hsum(vf v) {
     float lanes[VEC];
     std::memcpy(lanes, &v, sizeof(vf));
-    float s = 0.f;
-    for (int i = 0; i < VEC; ++i) s += lanes[i];
-    return s;
+#pragma GCC unroll 8
+    for (int width = VEC / 2; width >= 1; width /= 2)
+#pragma GCC unroll 16
+        for (int i = 0; i < width; ++i) lanes[i] += lanes[i + width];
+    return lanes[0];
 }
 
 // Where the NR weight rows of a tile come from: a float scratch (zero-padded
@@ -214,4 +219,24 @@ extern "C" void TS_NAME(ts_int8_gemm)(const float* x, int64_t M, int64_t K, cons
         }
     }
     std::free(tile);
+}
+
+// Rows [n_begin, n_end) of the int8 weight dequantized to float32 out [N, K]:
+// for a long prefill, torch's GEMM over this beats the kernel above.
+extern "C" void TS_NAME(ts_int8_dequantize)(const int8_t* q, const float* scales, const float* offsets, int64_t K,
+                                            float* out, int64_t n_begin, int64_t n_end) {
+    const int64_t groups = (K + GROUP - 1) / GROUP;
+    for (int64_t n = n_begin; n < n_end; ++n) {
+        const Int8Rows row{q + n * K, K, scales + n * groups, offsets + n * groups, groups};
+        float* dst = out + n * K;
+        int64_t k = 0;
+        for (; k + VEC <= K; k += VEC) {
+            const vf v = row.at(0, k);
+            std::memcpy(dst + k, &v, sizeof(vf));
+        }
+        if (k < K) {
+            const vf v = row.tail(0, k, K - k);
+            std::memcpy(dst + k, &v, (K - k) * sizeof(float));
+        }
+    }
 }

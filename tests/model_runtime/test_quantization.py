@@ -64,6 +64,12 @@ def test_every_isa_matches_the_dequantized_gemm(ops):
                     torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4 * in_features**0.5, msg=f"{isas[isa]} {rows}x{in_features}->{out_features}")
 
 
+def test_every_isa_dequantizes_as_torch_does(ops):
+    q, scales, offsets = quantize_groups(torch.randn(37, 101))
+    for isa in range(len(ops.isas())):  # the kernel fuses q * scale + offset: one rounding, not two
+        torch.testing.assert_close(ops.int8_dequantize(q, scales, offsets, isa), dequantize_groups(q, scales, offsets), rtol=1e-6, atol=1e-6)
+
+
 def test_kernel_takes_leading_dims_and_strided_inputs(ops):
     q, scales, offsets = quantize_groups(torch.randn(24, 40))
     x = torch.randn(2, 40, 3).transpose(1, 2)  # [2, 3, 40], not contiguous
