@@ -33,6 +33,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from model_runtime import kernels
+from model_runtime.weight_layout import switch_rows_given
 
 logger = logging.getLogger(__name__)
 
@@ -196,13 +197,7 @@ def choose_int8_kernels(linears: list[Int8Linear], ops: object, lm_head: Int8Lin
 
 def gemm_from_rows_given(switch_s: Callable[[int], tuple[float, float]]) -> int | float:
     """The decision of ``choose_int8_kernels`` from ``switch_s(rows) ->
-    (kernel_s, gemm_s)``: the smallest probe from which torch's GEMM wins at
-    it and every larger probe (larger probes are timed first, and probing
-    stops where the kernel wins); infinity when the kernel wins at the largest."""
-    gemm_from: int | float = float("inf")
-    for rows in sorted(SWITCH_PROBE_ROWS, reverse=True):
-        kernel_s, gemm_s = switch_s(rows)
-        if kernel_s <= gemm_s:
-            break
-        gemm_from = rows
-    return gemm_from
+    (kernel_s, gemm_s)``: the smallest of ``SWITCH_PROBE_ROWS`` from which
+    torch's GEMM wins at it and every larger probe, infinity when the kernel
+    wins at the largest (``weight_layout.switch_rows_given``)."""
+    return switch_rows_given(SWITCH_PROBE_ROWS, lambda rows: tuple(reversed(switch_s(rows))), float("inf"))

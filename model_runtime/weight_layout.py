@@ -136,16 +136,25 @@ def choose_packed_from_rows(linears: list[RowSwitchedLinear]) -> int:
 
 def packed_from_rows_given(best_s: Callable[[int], tuple[float, float]]) -> int:
     """The decision of ``choose_packed_from_rows`` from ``best_s(rows) ->
-    (packed_s, mkl_s)``, probing from the largest row count down and stopping
-    at the first probe where packed does not win (smaller probes are then
-    not timed at all)."""
-    packed_from = PACKED_FROM_ROWS
-    for rows in sorted(PROBE_ROWS, reverse=True):
-        packed_s, mkl_s = best_s(rows)
-        if packed_s >= mkl_s:
+    (packed_s, mkl_s)``: ``switch_rows_given`` over ``PROBE_ROWS``, else
+    ``PACKED_FROM_ROWS``."""
+    return switch_rows_given(PROBE_ROWS, best_s, PACKED_FROM_ROWS)
+
+
+def switch_rows_given(probe_rows: tuple[int, ...], times_s: Callable[[int], tuple[float, float]], otherwise: int | float) -> int | float:
+    """The row count from which the second of two kernels should run, from
+    ``times_s(rows) -> (second_s, first_s)``: the smallest probe at which the
+    second wins, and at every larger probe. Probes are timed from the largest
+    down and probing stops at the first where the second does not win
+    (smaller ones are not timed at all); ``otherwise`` when it loses at the
+    largest. Shared by every kernel choice made by timing at load."""
+    switch = otherwise
+    for rows in sorted(probe_rows, reverse=True):
+        second_s, first_s = times_s(rows)
+        if second_s >= first_s:
             break
-        packed_from = rows
-    return packed_from
+        switch = rows
+    return switch
 
 
 def prefer_input_major_linears(model: nn.Module) -> int:
