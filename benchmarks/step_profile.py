@@ -16,13 +16,14 @@ from collections import defaultdict
 from torch.profiler import ProfilerActivity, profile
 
 from batching.sampling_params import SamplingParams
-from model_runtime.default_model import default_model_dir
+from model_runtime.default_model import default_gguf_file, default_model_dir
 from model_runtime.engine_factory import EngineConfig, build_engine_core
 from model_runtime.loader import load_model
 
 GROUPS = {
     "aten::mm": "matmul", "aten::addmm": "matmul", "aten::bmm": "matmul", "aten::linear": "matmul",
-    "mkldnn::_linear_pointwise": "matmul", "mkl::_mkl_linear": "matmul", "tokenstep::int8_linear": "matmul",
+    "mkldnn::_linear_pointwise": "matmul", "mkl::_mkl_linear": "matmul", "tokenstep::int8_linear": "matmul", "tokenstep::int4_linear": "matmul",
+    "tokenstep::int8_dequantize": "matmul", "tokenstep::int4_dequantize": "matmul",
     "aten::index": "attention: KV gather", "aten::index_select": "attention: KV gather",
     "aten::_scaled_dot_product_flash_attention_for_cpu": "attention: SDPA",
     "aten::index_copy_": "cache write",
@@ -69,10 +70,10 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="1,16,64")
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--quantization", default="none", choices=["none", "int8"])
+    parser.add_argument("--quantization", default="none", choices=["none", "int8", "gguf"], help="gguf: the default model's shipped Q4_1/Q8_0 blocks")
     parser.add_argument("--prefill-tokens", type=int, default=0, help="also carry a prefill chunk of this many tokens in every timed step")
     args = parser.parse_args()
-    loaded = load_model(default_model_dir(), args.dtype, "cpu", args.quantization)
+    loaded = load_model(default_model_dir(), args.dtype, "cpu", args.quantization, default_gguf_file())
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
         run(loaded, batch_size, args.context, args.prefill_tokens)
 

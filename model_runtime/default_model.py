@@ -37,6 +37,11 @@ def gguf_folder() -> Path:
     return Path(spec.submodule_search_locations[0])
 
 
+def default_gguf_file() -> Path:
+    """The embedded model's own 4-bit file (``--quantization gguf`` serves its blocks)."""
+    return gguf_folder() / GGUF_FILE
+
+
 def default_model_dir() -> Path:
     """Return the converted default model directory, converting on first use."""
     target = cache_dir() / DEFAULT_MODEL_NAME
@@ -55,14 +60,14 @@ def convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from model_runtime.loader import drop_gguf_quantizer
+
     logger.info("converting %s (4-bit GGUF) to a float32 HF model in %s", gguf_file, target)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
     # The weights are already dequantized in memory; drop the GGUF quantizer so
     # save_pretrained writes plain float tensors and a config that reloads anywhere.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    drop_gguf_quantizer(model)
     staging = target.with_name(target.name + f".tmp-{os.getpid()}")
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)

@@ -21,6 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from model_runtime import attention
+from model_runtime.gguf_weights import load_gguf_linears
 from model_runtime.quantization import QUANTIZATIONS, describe, quantize_int8
 from model_runtime.weight_layout import optimise_cpu_linears
 
@@ -57,19 +58,28 @@ class LoadedModel:
     eos_token_ids: tuple[int, ...]
 
 
-def load_model(model_path: str | Path, dtype: str = "auto", device: str = "auto", quantization: str = "none") -> LoadedModel:
-    """Load ``model_path`` (a local HF directory or a hub id) with paged
-    attention, its linears quantized as ``quantization`` says."""
+def load_model(model_path: str | Path, dtype: str = "auto", device: str = "auto", quantization: str = "none", gguf_file: str | Path | None = None) -> LoadedModel:
+    """Load ``model_path`` (a local HF directory, a hub id or a ``.gguf``
+    file, dequantized by transformers) with paged attention, its linears
+    quantized as ``quantization`` says. ``gguf_file`` names the GGUF file a
+    directory was converted from, for ``quantization="gguf"``, which serves
+    the file's own quantized blocks."""
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    check_quantization(quantization, torch_device, torch_dtype)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    source, from_gguf = hf_source(model_path)
+    gguf_file = gguf_file or (model_path if from_gguf else None)
+    check_quantization(quantization, torch_device, torch_dtype, gguf_file)
+    tokenizer = AutoTokenizer.from_pretrained(source, **from_gguf)
     model = AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=torch_dtype, attn_implementation=attention.register()
+        source, dtype=torch_dtype, attn_implementation=attention.register(), **from_gguf
     )
     model.to(torch_device).eval()
+    if from_gguf:
+        drop_gguf_quantizer(model)
     if quantization == "int8":
         layout = describe(quantize_int8(model))
+    elif quantization == "gguf":
+        layout = describe(load_gguf_linears(model, gguf_file))
     elif torch_device.type == "cpu":
         layout = optimise_cpu_linears(model, torch_dtype)
     else:
@@ -80,11 +90,30 @@ def load_model(model_path: str | Path, dtype: str = "auto", device: str = "auto"
     return LoadedModel(model, tokenizer, torch_device, torch_dtype, max_model_len, _eos_token_ids(model, tokenizer))
 
 
-def check_quantization(quantization: str, device: torch.device, dtype: torch.dtype) -> None:
+def hf_source(model_path: str | Path) -> tuple[str | Path, dict[str, str]]:
+    """Where transformers loads ``model_path`` from, and the ``gguf_file``
+    keyword when it is a GGUF file (loaded from its folder)."""
+    path = Path(model_path)
+    if path.suffix == ".gguf" and path.is_file():
+        return path.parent, {"gguf_file": path.name}
+    return model_path, {}
+
+
+def drop_gguf_quantizer(model: PreTrainedModel) -> None:
+    """A model transformers dequantized from GGUF is plain float tensors; its
+    quantizer hook would only get in the way of later module swaps."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def check_quantization(quantization: str, device: torch.device, dtype: torch.dtype, gguf_file: str | Path | None = None) -> None:
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {quantization!r}; choose {', '.join(QUANTIZATIONS)}")
-    if quantization == "int8" and (device.type != "cpu" or dtype != torch.float32):
-        raise ValueError(f"--quantization int8 runs on the CPU with float32 activations; got --device {device.type} and --dtype {str(dtype).removeprefix('torch.')}")
+    if quantization in ("int8", "gguf") and (device.type != "cpu" or dtype != torch.float32):
+        raise ValueError(f"--quantization {quantization} runs on the CPU with float32 activations; got --device {device.type} and --dtype {str(dtype).removeprefix('torch.')}")
+    if quantization == "gguf" and gguf_file is None:
+        raise ValueError("--quantization gguf serves a GGUF file's own quantized weights: give a .gguf file as the model (or serve the default model)")
 
 
 def _eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:

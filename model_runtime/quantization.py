@@ -17,7 +17,7 @@ The product runs in tokenstep's own kernel (``model_runtime/kernels``:
 ``torch.ops.tokenstep.int8_linear``), which dequantizes weight vectors in
 registers (a few rows) or a few weight rows at a time into L1 (more rows), so
 each weight byte is read from memory once per step. When the model loads,
-``choose_int8_kernels`` measures on this CPU which instruction-set build of it
+``choose_kernels`` measures on this CPU which instruction-set build of it
 is fastest and from which row count (a long prefill) dequantizing the whole
 weight for torch's GEMM beats it. Without the kernels (no compiler, or
 ``TOKENSTEP_NO_KERNELS=1``) every call dequantizes and uses torch's GEMM: the
@@ -26,6 +26,7 @@ same values, slower.
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 
 import torch
@@ -37,7 +38,7 @@ from model_runtime.weight_layout import switch_rows_given
 
 logger = logging.getLogger(__name__)
 
-QUANTIZATIONS = ("none", "int8")
+QUANTIZATIONS = ("none", "int8", "gguf")
 INT8_MAX = 127
 GROUP = 32  # weights per (scale, offset); the kernel's GROUP
 # Row counts probed for the kernel/GEMM switch: decode steps, a decode step
@@ -72,22 +73,38 @@ def dequantize_groups(q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tens
     return q.to(torch.float32).mul_(scales[:, index]).add_(offsets[:, index])
 
 
-class Int8Linear(nn.Module):
-    """``nn.Linear`` with an int8 weight, a scale and offset per group of 32 (inference only).
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """4-bit weights packed [N, K / 2] in GGUF's Q4 order (byte i of each
+    group of 32 holds weight i in its low nibble, weight i + 16 in its high
+    one) as uint8 values 0..15 [N, K]."""
+    n, half = packed.shape
+    groups = packed.reshape(n, half // (GROUP // 2), GROUP // 2)
+    return torch.cat((groups & 15, groups >> 4), dim=2).reshape(n, 2 * half)
 
-    Inputs of fewer than ``gemm_from_rows`` rows go to the int8 kernel
+
+def pack_nibbles(values: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``unpack_nibbles``: values 0..15 [N, K] (K a multiple of 32) packed [N, K / 2]."""
+    n, k = values.shape
+    groups = values.to(torch.uint8).reshape(n, k // GROUP, 2, GROUP // 2)
+    return (groups[:, :, 0] | (groups[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+
+
+class GroupwiseLinear(nn.Module):
+    """``nn.Linear`` with a quantized weight ``q``, a float32 scale and offset
+    per group of 32 weights along a row (``w = q * scale + offset``; inference
+    only). Subclasses say how ``q`` is stored and which kernel ops read it.
+
+    Inputs of fewer than ``gemm_from_rows`` rows go to the kernel
     (instruction set ``isa``, an index into ``ops.isas()``); larger ones, or
     any input when ``ops`` is None, to torch's GEMM over the dequantized weight.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, ops: object | None) -> None:
-        """``weight`` [out, in] as ``nn.Linear`` holds it."""
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, bias: torch.Tensor | None, ops: object | None, in_features: int) -> None:
         super().__init__()
-        self.out_features, self.in_features = weight.shape
-        q, scales, offsets = quantize_groups(weight)
-        self.register_buffer("q", q, persistent=False)
-        self.register_buffer("scales", scales, persistent=False)
-        self.register_buffer("offsets", offsets, persistent=False)
+        self.out_features, self.in_features = q.shape[0], in_features
+        self.register_buffer("q", q.contiguous(), persistent=False)
+        self.register_buffer("scales", scales.float().contiguous(), persistent=False)
+        self.register_buffer("offsets", offsets.float().contiguous(), persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().contiguous(), requires_grad=False)
         self.ops = ops
         self.isa = -1
@@ -98,16 +115,41 @@ class Int8Linear(nn.Module):
             return self.kernel_forward(x)
         return self.gemm_forward(x)
 
-    def kernel_forward(self, x: torch.Tensor, isa: int | None = None) -> torch.Tensor:
-        return self.ops.int8_linear(x, self.q, self.scales, self.offsets, self.bias, self.isa if isa is None else isa)
-
     def gemm_forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, self.dequantized(), self.bias)
 
+    def kernel_forward(self, x: torch.Tensor, isa: int | None = None) -> torch.Tensor:
+        linear = getattr(self.ops, f"{self.KIND}_linear")
+        return linear(x, self.q, self.scales, self.offsets, self.bias, self.isa if isa is None else isa)
+
     def dequantized(self) -> torch.Tensor:
         if self.ops is not None:
-            return self.ops.int8_dequantize(self.q, self.scales, self.offsets, self.isa)
-        return dequantize_groups(self.q, self.scales, self.offsets)
+            return getattr(self.ops, f"{self.KIND}_dequantize")(self.q, self.scales, self.offsets, self.isa)
+        return dequantize_groups(self.values(), self.scales, self.offsets)
+
+
+class Int8Linear(GroupwiseLinear):
+    """One int8 a weight (``q`` [out, in])."""
+
+    KIND = "int8"
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, bias: torch.Tensor | None, ops: object | None) -> "Int8Linear":
+        """From a float ``weight`` [out, in] as ``nn.Linear`` holds it (``quantize_groups``)."""
+        return cls(*quantize_groups(weight), bias, ops, weight.shape[1])
+
+    def values(self) -> torch.Tensor:
+        return self.q
+
+
+class Int4Linear(GroupwiseLinear):
+    """Two 4-bit weights (0..15) a byte, ``q`` [out, in / 2] in GGUF's Q4
+    order (``pack_nibbles``); ``in`` is a multiple of 32."""
+
+    KIND = "int4"
+
+    def values(self) -> torch.Tensor:
+        return unpack_nibbles(self.q)
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor | None:
@@ -119,45 +161,66 @@ def linear_weight(module: nn.Module) -> torch.Tensor | None:
     return None
 
 
-def quantize_int8(model: nn.Module, include_lm_head: bool = True) -> list[Int8Linear]:
+def quantize_int8(model: nn.Module, include_lm_head: bool = True) -> list[GroupwiseLinear]:
     """Replace every CPU linear layer of ``model`` (the LM head too, unless
     ``include_lm_head`` is False) by an ``Int8Linear``, choose its kernels by
     measurement, return them. A tied input embedding keeps its float32 weight
     for lookups."""
     ops = kernels.load()
     head = model.get_output_embeddings()
+
+    def int8(name: str, module: nn.Module, weight: torch.Tensor) -> Int8Linear | None:
+        return None if module is head and not include_lm_head else Int8Linear.quantize(weight, module.bias, ops)
+
+    return replace_linears(model, int8, ops)
+
+
+Replacement = Callable[[str, nn.Module, torch.Tensor], GroupwiseLinear | None]
+
+
+def replace_linears(model: nn.Module, replacement: Replacement, ops: object | None) -> list[GroupwiseLinear]:
+    """Replace each CPU linear layer of ``model`` for which ``replacement(qualified
+    name, module, weight [out, in])`` returns a module, choose the kernels of
+    the new modules by measurement (``choose_kernels``), return them."""
+    head = model.get_output_embeddings()
     quantized, lm_head = [], None
-    for parent in list(model.modules()):
+    for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             weight = linear_weight(child)
-            if weight is None or (child is head and not include_lm_head):
+            module = None if weight is None else replacement(f"{parent_name}.{name}".lstrip("."), child, weight)
+            if module is None:
                 continue
-            module = Int8Linear(weight, child.bias, ops)
             setattr(parent, name, module)
             quantized.append(module)
             lm_head = module if child is head else lm_head
     if ops is not None and quantized:
-        isa, gemm_from_rows = choose_int8_kernels(quantized, ops, lm_head)
+        isa, gemm_from_rows = choose_kernels(quantized, ops, lm_head)
         for module in quantized:
             module.isa = isa
-            module.gemm_from_rows = gemm_from_rows.get((module.in_features, module.out_features), float("inf"))
+            module.gemm_from_rows = gemm_from_rows.get(shape_key(module), float("inf"))
     return quantized
 
 
-def describe(linears: list[Int8Linear]) -> str:
+def shape_key(module: GroupwiseLinear) -> tuple[str, int, int]:
+    return module.KIND, module.in_features, module.out_features
+
+
+def describe(linears: list[GroupwiseLinear]) -> str:
     if not linears:
         return "no linears quantized"
+    kinds = Counter(m.KIND for m in linears)
+    counts = " + ".join(f"{count} linears {kind}" for kind, count in kinds.items())
     first = linears[0]
     if first.ops is None:
-        return f"{len(linears)} linears int8 (no kernels: dequantized per call)"
+        return f"{counts} (no kernels: dequantized per call)"
     switches = sorted({m.gemm_from_rows for m in linears if m.gemm_from_rows != float("inf")})
     switch = f"; torch GEMM on the dequantized weight from {'/'.join(map(str, switches))} rows" if switches else ""
-    return f"{len(linears)} linears int8 ({first.ops.isas()[first.isa]} kernel{switch}; measured at load)"
+    return f"{counts} ({first.ops.isas()[first.isa]} kernel{switch}; measured at load)"
 
 
 @torch.inference_mode()
-def choose_int8_kernels(linears: list[Int8Linear], ops: object, lm_head: Int8Linear | None = None) -> tuple[int, dict[tuple[int, int], int | float]]:
-    """(isa, gemm_from_rows per (in, out) shape) for this CPU, by timing: the
+def choose_kernels(linears: list[GroupwiseLinear], ops: object, lm_head: GroupwiseLinear | None = None) -> tuple[int, dict[tuple[str, int, int], int | float]]:
+    """(isa, gemm_from_rows per ``shape_key``) for this CPU, by timing: the
     instruction set whose kernel passes fastest over all ``linears`` at
     ``ISA_PROBE_ROWS`` (weights streamed from memory, as in a decode step),
     then for each distinct shape the row count from which torch's GEMM on the
@@ -176,18 +239,18 @@ def choose_int8_kernels(linears: list[Int8Linear], ops: object, lm_head: Int8Lin
             best = min(best, time.perf_counter() - start)
         return best
 
-    def kernel_pass(modules: list[Int8Linear], rows: int, isa: int) -> Callable[[], None]:
+    def kernel_pass(modules: list[GroupwiseLinear], rows: int, isa: int) -> Callable[[], None]:
         return lambda: [m.kernel_forward(inputs[rows, m.in_features], isa) for m in modules]
 
     isa_s = {isa: sum(best_s(kernel_pass(linears, rows, isa)) for rows in ISA_PROBE_ROWS) for isa in isas}
     isa = min(isa_s, key=isa_s.get)
-    logger.info("int8 kernel per instruction set, one pass at rows %s: %s", ISA_PROBE_ROWS, {ops.isas()[i]: f"{s * 1e3:.1f} ms" for i, s in isa_s.items()})
-    shapes = {(m.in_features, m.out_features): m for m in linears if m is not lm_head}
+    logger.info("quantized kernels per instruction set, one pass at rows %s: %s", ISA_PROBE_ROWS, {ops.isas()[i]: f"{s * 1e3:.1f} ms" for i, s in isa_s.items()})
+    shapes = {shape_key(m): m for m in linears if m is not lm_head}
     decisions = {}
     for shape, module in shapes.items():
         module.isa = isa
 
-        def switch_s(rows: int, module: Int8Linear = module) -> tuple[float, float]:
+        def switch_s(rows: int, module: GroupwiseLinear = module) -> tuple[float, float]:
             x = inputs[rows, module.in_features]
             return best_s(lambda: module.kernel_forward(x, isa)), best_s(lambda: module.gemm_forward(x))
 
@@ -196,7 +259,7 @@ def choose_int8_kernels(linears: list[Int8Linear], ops: object, lm_head: Int8Lin
 
 
 def gemm_from_rows_given(switch_s: Callable[[int], tuple[float, float]]) -> int | float:
-    """The decision of ``choose_int8_kernels`` from ``switch_s(rows) ->
+    """The decision of ``choose_kernels`` from ``switch_s(rows) ->
     (kernel_s, gemm_s)``: the smallest of ``SWITCH_PROBE_ROWS`` from which
     torch's GEMM wins at it and every larger probe, infinity when the kernel
     wins at the largest (``weight_layout.switch_rows_given``)."""

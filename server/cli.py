@@ -25,7 +25,7 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int)
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--device", help="auto, cpu or cuda")
-    parser.add_argument("--quantization", choices=["none", "int8"], help="int8: weight-only int8 linears (CPU, float32 activations; default none)")
+    parser.add_argument("--quantization", choices=["none", "int8", "gguf"], help="int8: weight-only int8 linears; gguf: a GGUF model's own Q4_0/Q4_1/Q8_0 weights (both CPU, float32 activations; default none)")
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--chat-template", help="Jinja chat template file overriding the model's")
     parser.add_argument("--num-speculative-tokens", type=int, help="speculative decoding: draft tokens per greedy request per step (default 0 = off; 4 with --speculative-model)")
@@ -52,7 +52,7 @@ def make_loader(settings: Settings):
 
     def load():
         from batching.engine import DynamicBatcher
-        from model_runtime.default_model import DEFAULT_MODEL_NAME, default_model_dir
+        from model_runtime.default_model import DEFAULT_MODEL_NAME, default_gguf_file, default_model_dir
         from model_runtime.engine_factory import EngineConfig, build_engine_core
         from server.state import Served
 
@@ -63,6 +63,7 @@ def make_loader(settings: Settings):
             dtype=settings.dtype,
             device=settings.device,
             quantization=settings.quantization,
+            gguf_file=default_gguf_file() if settings.model is None and settings.quantization == "gguf" else None,
             block_size=settings.block_size,
             kv_cache_memory=settings.kv_cache_memory,
             max_num_seqs=settings.max_num_seqs,

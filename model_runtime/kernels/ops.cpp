@@ -4,6 +4,9 @@
 // [N, ceil(K / 32)], w = q * scale + offset per group of 32 weights of a row;
 // bias: float32 [N] or None;
 //   tokenstep::int8_dequantize(q, scales, offsets, isa) -> float32 [N, K];
+//   tokenstep::int4_linear / int4_dequantize: the same with packed uint8
+// [N, K / 2], two 4-bit weights a byte in GGUF's Q4 order (a group's byte i
+// holds weight i low, weight i + 16 high), K a multiple of 32;
 // isa: an index into isas() or -1 for the first
 // (widest) this CPU supports. Output channels are split across torch's
 // intra-op threads.
@@ -27,9 +30,17 @@ extern "C" {
 TS_DECLARE_DEQUANTIZE(avx512)
 TS_DECLARE_DEQUANTIZE(avx2)
 TS_DECLARE_DEQUANTIZE(generic)
+#define TS_DECLARE_INT4(isa)                                                                                     \
+    void ts_int4_gemm_##isa(const float* x, int64_t M, int64_t K, const uint8_t* q, const float* scales,          \
+                            const float* offsets, const float* bias, float* y, int64_t N, int64_t n_begin, int64_t n_end); \
+    void ts_int4_dequantize_##isa(const uint8_t* q, const float* scales, const float* offsets, int64_t K, float* out, \
+                                  int64_t n_begin, int64_t n_end);
 TS_DECLARE(avx512)
 TS_DECLARE(avx2)
 TS_DECLARE(generic)
+TS_DECLARE_INT4(avx512)
+TS_DECLARE_INT4(avx2)
+TS_DECLARE_INT4(generic)
 }
 
 namespace {
@@ -38,19 +49,27 @@ using Int8Gemm = void (*)(const float*, int64_t, int64_t, const int8_t*, const f
                           float*, int64_t, int64_t, int64_t);
 
 using Int8Dequantize = void (*)(const int8_t*, const float*, const float*, int64_t, float*, int64_t, int64_t);
+using Int4Gemm = void (*)(const float*, int64_t, int64_t, const uint8_t*, const float*, const float*, const float*,
+                          float*, int64_t, int64_t, int64_t);
+using Int4Dequantize = void (*)(const uint8_t*, const float*, const float*, int64_t, float*, int64_t, int64_t);
 
 struct Isa {
     const char* name;
     bool supported;
     Int8Gemm int8_gemm;
     Int8Dequantize int8_dequantize;
+    Int4Gemm int4_gemm;
+    Int4Dequantize int4_dequantize;
 };
 
 const std::vector<Isa>& all_isas() {
     static const std::vector<Isa> isas = {
-        {"avx512", __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma"), &ts_int8_gemm_avx512, &ts_int8_dequantize_avx512},
-        {"avx2", __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"), &ts_int8_gemm_avx2, &ts_int8_dequantize_avx2},
-        {"generic", true, &ts_int8_gemm_generic, &ts_int8_dequantize_generic},
+        {"avx512", __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma"), &ts_int8_gemm_avx512, &ts_int8_dequantize_avx512,
+         &ts_int4_gemm_avx512, &ts_int4_dequantize_avx512},
+        {"avx2", __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"), &ts_int8_gemm_avx2, &ts_int8_dequantize_avx2,
+         &ts_int4_gemm_avx2, &ts_int4_dequantize_avx2},
+        {"generic", true, &ts_int8_gemm_generic, &ts_int8_dequantize_generic, &ts_int4_gemm_generic,
+         &ts_int4_dequantize_generic},
     };
     return isas;
 }
@@ -73,23 +92,36 @@ const Isa& pick(int64_t index) {
 constexpr int64_t kTile = 4;    // output channels per kernel tile (woq_gemm.cpp: NR)
 constexpr int64_t kGroup = 32;  // weights per (scale, offset) (woq_gemm.cpp: GROUP)
 
-void check_groups(const at::Tensor& t, const char* name, int64_t N, int64_t K) {
-    const int64_t groups = (K + kGroup - 1) / kGroup;
-    TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 2 && t.size(0) == N && t.size(1) == groups,
-                "int8_linear: ", name, " must be contiguous float32 [", N, ", ", groups, "]");
+// The weight's N and K, checked: int8 q is [N, K]; 4-bit q is [N, K / 2] bytes,
+// K a multiple of the group.
+struct Shape {
+    int64_t N, K;
+};
+
+Shape check_weight(const char* op, const at::Tensor& q, bool int4, const at::Tensor& scales, const at::Tensor& offsets) {
+    const auto dtype = int4 ? at::kByte : at::kChar;
+    TORCH_CHECK(q.scalar_type() == dtype && q.dim() == 2 && q.is_contiguous(), op, ": q must be contiguous ",
+                int4 ? "uint8 [N, K / 2]" : "int8 [N, K]");
+    const Shape shape{q.size(0), int4 ? 2 * q.size(1) : q.size(1)};
+    TORCH_CHECK(!int4 || shape.K % kGroup == 0, op, ": K must be a multiple of ", kGroup, ", got ", shape.K);
+    const int64_t groups = (shape.K + kGroup - 1) / kGroup;
+    for (const auto* t : {&scales, &offsets})
+        TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 && t->size(0) == shape.N &&
+                        t->size(1) == groups,
+                    op, ": scales and offsets must be contiguous float32 [", shape.N, ", ", groups, "]");
+    return shape;
 }
 
-at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales, const at::Tensor& offsets,
-                       const c10::optional<at::Tensor>& bias, int64_t isa) {
-    TORCH_CHECK(x.scalar_type() == at::kFloat, "int8_linear: x must be float32");
-    TORCH_CHECK(q.scalar_type() == at::kChar && q.dim() == 2 && q.is_contiguous(), "int8_linear: q must be contiguous int8 [N, K]");
-    const int64_t N = q.size(0), K = q.size(1);
-    check_groups(scales, "scales", N, K);
-    check_groups(offsets, "offsets", N, K);
-    TORCH_CHECK(x.size(-1) == K, "int8_linear: x has ", x.size(-1), " features, the weight ", K);
+template <typename Q, typename Gemm>
+at::Tensor linear(const char* op, bool int4, Gemm Isa::*kernel, const at::Tensor& x, const at::Tensor& q,
+                  const at::Tensor& scales, const at::Tensor& offsets, const c10::optional<at::Tensor>& bias,
+                  int64_t isa) {
+    TORCH_CHECK(x.scalar_type() == at::kFloat, op, ": x must be float32");
+    const auto [N, K] = check_weight(op, q, int4, scales, offsets);
+    TORCH_CHECK(x.size(-1) == K, op, ": x has ", x.size(-1), " features, the weight ", K);
     const float* bias_data = nullptr;
     if (bias.has_value() && bias->defined()) {
-        TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N, "int8_linear: bias must be float32 [N]");
+        TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N, op, ": bias must be float32 [N]");
         bias_data = bias->data_ptr<float>();
     }
     const at::Tensor input = x.contiguous();
@@ -98,32 +130,49 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
     out_shape.back() = N;
     at::Tensor y = at::empty(out_shape, x.options());
     if (M == 0) return y;
-    const Int8Gemm gemm = pick(isa).int8_gemm;
+    const Gemm gemm = pick(isa).*kernel;
     const float* xd = input.data_ptr<float>();
-    const int8_t* qd = q.data_ptr<int8_t>();
+    const Q* qd = q.data_ptr<Q>();
     const float* sd = scales.data_ptr<float>();
     const float* od = offsets.data_ptr<float>();
     float* yd = y.data_ptr<float>();
     const int64_t tiles = (N + kTile - 1) / kTile;
-    at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, tiles, 1, [&, N = N, K = K](int64_t begin, int64_t end) {
         gemm(xd, M, K, qd, sd, od, bias_data, yd, N, begin * kTile, std::min(end * kTile, N));
     });
     return y;
 }
 
-at::Tensor int8_dequantize(const at::Tensor& q, const at::Tensor& scales, const at::Tensor& offsets, int64_t isa) {
-    TORCH_CHECK(q.scalar_type() == at::kChar && q.dim() == 2 && q.is_contiguous(), "int8_dequantize: q must be contiguous int8 [N, K]");
-    const int64_t N = q.size(0), K = q.size(1);
-    check_groups(scales, "scales", N, K);
-    check_groups(offsets, "offsets", N, K);
+template <typename Q, typename Dequantize>
+at::Tensor dequantize(const char* op, bool int4, Dequantize Isa::*kernel, const at::Tensor& q, const at::Tensor& scales,
+                      const at::Tensor& offsets, int64_t isa) {
+    const auto [N, K] = check_weight(op, q, int4, scales, offsets);
     at::Tensor out = at::empty({N, K}, q.options().dtype(at::kFloat));
-    const Int8Dequantize dequantize = pick(isa).int8_dequantize;
-    const int8_t* qd = q.data_ptr<int8_t>();
+    const Dequantize run = pick(isa).*kernel;
+    const Q* qd = q.data_ptr<Q>();
     const float* sd = scales.data_ptr<float>();
     const float* od = offsets.data_ptr<float>();
     float* outd = out.data_ptr<float>();
-    at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) { dequantize(qd, sd, od, K, outd, begin, end); });
+    at::parallel_for(0, N, 16, [&, K = K](int64_t begin, int64_t end) { run(qd, sd, od, K, outd, begin, end); });
     return out;
+}
+
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales, const at::Tensor& offsets,
+                       const c10::optional<at::Tensor>& bias, int64_t isa) {
+    return linear<int8_t>("int8_linear", false, &Isa::int8_gemm, x, q, scales, offsets, bias, isa);
+}
+
+at::Tensor int8_dequantize(const at::Tensor& q, const at::Tensor& scales, const at::Tensor& offsets, int64_t isa) {
+    return dequantize<int8_t>("int8_dequantize", false, &Isa::int8_dequantize, q, scales, offsets, isa);
+}
+
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales, const at::Tensor& offsets,
+                       const c10::optional<at::Tensor>& bias, int64_t isa) {
+    return linear<uint8_t>("int4_linear", true, &Isa::int4_gemm, x, q, scales, offsets, bias, isa);
+}
+
+at::Tensor int4_dequantize(const at::Tensor& q, const at::Tensor& scales, const at::Tensor& offsets, int64_t isa) {
+    return dequantize<uint8_t>("int4_dequantize", true, &Isa::int4_dequantize, q, scales, offsets, isa);
 }
 
 }  // namespace
@@ -134,4 +183,8 @@ TORCH_LIBRARY(tokenstep, m) {
     m.impl("int8_linear", c10::DispatchKey::CPU, TORCH_FN(int8_linear));
     m.def("int8_dequantize(Tensor q, Tensor scales, Tensor offsets, int isa=-1) -> Tensor");
     m.impl("int8_dequantize", c10::DispatchKey::CPU, TORCH_FN(int8_dequantize));
+    m.def("int4_linear(Tensor x, Tensor q, Tensor scales, Tensor offsets, Tensor? bias, int isa=-1) -> Tensor");
+    m.impl("int4_linear", c10::DispatchKey::CPU, TORCH_FN(int4_linear));
+    m.def("int4_dequantize(Tensor q, Tensor scales, Tensor offsets, int isa=-1) -> Tensor");
+    m.impl("int4_dequantize", c10::DispatchKey::CPU, TORCH_FN(int4_dequantize));
 }

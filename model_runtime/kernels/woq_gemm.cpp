@@ -1,4 +1,6 @@
-// Weight-only-quantized GEMM for a few rows: y = x @ dequant(w)^T + bias.
+// Weight-only-quantized GEMM for a few rows: y = x @ dequant(w)^T + bias, the
+// weights int8 (one byte each) or 4-bit (two to a byte, in GGUF's order), each
+// group of 32 along a row with its own float scale and offset.
 //
 // Compiled once per instruction set (build.py passes -DTS_ISA=<name> and the
 // matching -m flags); the code is plain C++ with GCC vector extensions, so the
@@ -77,6 +79,26 @@ inline vf load_q_partial(const int8_t* p, int64_t n) {
     return load_q(lanes);
 }
 
+// VEC 4-bit weights as floats (0..15): the low nibbles of VEC bytes, or their
+// high nibbles when shift is 4.
+inline vf load_nibbles(const uint8_t* p, int shift) {
+#if defined(__AVX512F__) && TS_VEC == 16
+    const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m512i nibbles = _mm512_and_si512(_mm512_srl_epi32(bytes, _mm_cvtsi32_si128(shift)), _mm512_set1_epi32(15));
+    return (vf)_mm512_cvtepi32_ps(nibbles);
+#elif defined(__AVX2__) && TS_VEC == 8
+    const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    const __m256i nibbles = _mm256_and_si256(_mm256_srl_epi32(bytes, _mm_cvtsi32_si128(shift)), _mm256_set1_epi32(15));
+    return (vf)_mm256_cvtepi32_ps(nibbles);
+#else
+    typedef uint8_t vu __attribute__((vector_size(VEC)));
+    typedef int32_t vi __attribute__((vector_size(VEC * sizeof(int32_t))));
+    vu v;
+    std::memcpy(&v, p, sizeof(vu));
+    return __builtin_convertvector((__builtin_convertvector(v, vi) >> shift) & 15, vf);
+#endif
+}
+
 // A pairwise tree (log2(VEC) dependent adds, the first levels vector-wide):
 // summing the lanes in a row was a VEC-long chain of dependent adds per
 // output, which cost more than the products themselves when K is short.
@@ -99,19 +121,39 @@ struct FloatRows {
     vf tail(int j, int64_t k, int64_t) const { return load(rows + j * ld + k); }
 };
 
-// int8 rows of K weights with one (scale, offset) per GROUP: w = q * scale + offset.
-struct Int8Rows {
-    const int8_t* rows;
-    int64_t ld;
+// Quantized rows of K weights with one (scale, offset) per GROUP along a row:
+// w = q * scale + offset. from(n) is the same matrix from row n on.
+template <typename Q, typename Self>
+struct GroupRows {
+    const Q* rows;
+    int64_t ld;            // Q elements per row
     const float* scales;   // [rows, groups]
     const float* offsets;  // [rows, groups]
     int64_t groups;
-    vf at(int j, int64_t k) const { return dequant(j, k, load_q(rows + j * ld + k)); }
-    vf tail(int j, int64_t k, int64_t n) const { return dequant(j, k, load_q_partial(rows + j * ld + k, n)); }
+    Self from(int64_t n) const { return Self{{rows + n * ld, ld, scales + n * groups, offsets + n * groups, groups}}; }
     vf dequant(int j, int64_t k, vf q) const {
         const int64_t g = j * groups + k / GROUP;
         return q * scales[g] + offsets[g];
     }
+};
+
+// int8 rows: one byte a weight.
+struct Int8Rows : GroupRows<int8_t, Int8Rows> {
+    vf at(int j, int64_t k) const { return dequant(j, k, load_q(rows + j * ld + k)); }
+    vf tail(int j, int64_t k, int64_t n) const { return dequant(j, k, load_q_partial(rows + j * ld + k, n)); }
+};
+
+// 4-bit rows as GGUF's Q4_0/Q4_1 blocks hold them: each group of 32 weights is
+// 16 bytes, byte i holding weight i in its low nibble and weight i + 16 in its
+// high one. K is a multiple of GROUP, so there is never a tail.
+struct Int4Rows : GroupRows<uint8_t, Int4Rows> {
+    static_assert(GROUP / 2 % VEC == 0, "a vector of nibbles never straddles a half-group");
+    vf at(int j, int64_t k) const {
+        const int64_t in_group = k % GROUP;
+        const uint8_t* p = rows + j * ld + (k - in_group) / 2 + in_group % (GROUP / 2);
+        return dequant(j, k, load_nibbles(p, in_group >= GROUP / 2 ? 4 : 0));
+    }
+    vf tail(int j, int64_t k, int64_t) const { return at(j, k); }
 };
 
 // rows x[0..mr) (stride ldx) against the tile's NR weight rows; writes
@@ -166,31 +208,27 @@ inline MicroFn<Rows> micro_for(int mr) { return MakeTable<Rows, MR>::table[mr]; 
 
 inline int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
 
-}  // namespace
-
-// int8 weights q [N, K] with a float (scale, offset) per GROUP weights of a
-// row: w = q * scale + offset; scales and offsets are [N, ceil(K / GROUP)].
-// Writes output channels [n_begin, n_end) of y [M, N].
+// y = x @ w^T + bias for output channels [n_begin, n_end) of y [M, N], the
+// weights w [N, K] read through ``all`` (Int8Rows or Int4Rows).
 //
 // Up to MR rows (a decode step of a few requests) read the int8 rows directly
 // (convert, dequantize and FMA per weight vector). More rows dequantize each
 // tile of NR weight rows once into a float scratch that stays in L1 and
 // multiply every block of MR rows against it; blocks of MB rows keep x in L2
 // for a long prefill.
-extern "C" void TS_NAME(ts_int8_gemm)(const float* x, int64_t M, int64_t K, const int8_t* q, const float* scales,
-                                      const float* offsets, const float* bias, float* y, int64_t N, int64_t n_begin,
-                                      int64_t n_end) {
+template <typename Rows>
+void gemm(const float* x, int64_t M, int64_t K, const Rows& all, const float* bias, float* y, int64_t N,
+          int64_t n_begin, int64_t n_end) {
     const int64_t ldt = round_up(K, VEC);
-    const int64_t groups = (K + GROUP - 1) / GROUP;
     float* tile = static_cast<float*>(std::aligned_alloc(64, round_up(NR * ldt * sizeof(float), 64)));
     for (int64_t m0 = 0; m0 < M; m0 += MB) {
         const int64_t mb = M - m0 < MB ? M - m0 : MB;
         for (int64_t n0 = n_begin; n0 < n_end; n0 += NR) {
             const int nr = static_cast<int>(n_end - n0 < NR ? n_end - n0 : NR);
             const float* bias_n = bias ? bias + n0 : nullptr;
-            const Int8Rows rows{q + n0 * K, K, scales + n0 * groups, offsets + n0 * groups, groups};
+            const Rows rows = all.from(n0);
             if (mb <= MR && nr == NR) {
-                micro_for<Int8Rows>(static_cast<int>(mb))(x + m0 * K, K, K, rows, y + m0 * N + n0, N, nr, bias_n);
+                micro_for<Rows>(static_cast<int>(mb))(x + m0 * K, K, K, rows, y + m0 * N + n0, N, nr, bias_n);
                 continue;
             }
             for (int j = 0; j < NR; ++j) {
@@ -221,13 +259,12 @@ extern "C" void TS_NAME(ts_int8_gemm)(const float* x, int64_t M, int64_t K, cons
     std::free(tile);
 }
 
-// Rows [n_begin, n_end) of the int8 weight dequantized to float32 out [N, K]:
-// for a long prefill, torch's GEMM over this beats the kernel above.
-extern "C" void TS_NAME(ts_int8_dequantize)(const int8_t* q, const float* scales, const float* offsets, int64_t K,
-                                            float* out, int64_t n_begin, int64_t n_end) {
-    const int64_t groups = (K + GROUP - 1) / GROUP;
+// Rows [n_begin, n_end) of the weight dequantized to float32 out [N, K]: for a
+// long prefill, torch's GEMM over this beats the kernel above.
+template <typename Rows>
+void dequantize(const Rows& all, int64_t K, float* out, int64_t n_begin, int64_t n_end) {
     for (int64_t n = n_begin; n < n_end; ++n) {
-        const Int8Rows row{q + n * K, K, scales + n * groups, offsets + n * groups, groups};
+        const Rows row = all.from(n);
         float* dst = out + n * K;
         int64_t k = 0;
         for (; k + VEC <= K; k += VEC) {
@@ -239,4 +276,34 @@ extern "C" void TS_NAME(ts_int8_dequantize)(const int8_t* q, const float* scales
             std::memcpy(dst + k, &v, (K - k) * sizeof(float));
         }
     }
+}
+
+inline int64_t groups_of(int64_t K) { return (K + GROUP - 1) / GROUP; }
+
+}  // namespace
+
+// int8 weights q [N, K] with a float (scale, offset) per GROUP weights of a
+// row, w = q * scale + offset; scales and offsets are [N, ceil(K / GROUP)].
+extern "C" void TS_NAME(ts_int8_gemm)(const float* x, int64_t M, int64_t K, const int8_t* q, const float* scales,
+                                      const float* offsets, const float* bias, float* y, int64_t N, int64_t n_begin,
+                                      int64_t n_end) {
+    gemm(x, M, K, Int8Rows{{q, K, scales, offsets, groups_of(K)}}, bias, y, N, n_begin, n_end);
+}
+
+extern "C" void TS_NAME(ts_int8_dequantize)(const int8_t* q, const float* scales, const float* offsets, int64_t K,
+                                            float* out, int64_t n_begin, int64_t n_end) {
+    dequantize(Int8Rows{{q, K, scales, offsets, groups_of(K)}}, K, out, n_begin, n_end);
+}
+
+// 4-bit weights packed [N, K / 2] in GGUF's order (Int4Rows), K a multiple of
+// GROUP, with a (scale, offset) per group: w = nibble * scale + offset.
+extern "C" void TS_NAME(ts_int4_gemm)(const float* x, int64_t M, int64_t K, const uint8_t* packed, const float* scales,
+                                      const float* offsets, const float* bias, float* y, int64_t N, int64_t n_begin,
+                                      int64_t n_end) {
+    gemm(x, M, K, Int4Rows{{packed, K / 2, scales, offsets, groups_of(K)}}, bias, y, N, n_begin, n_end);
+}
+
+extern "C" void TS_NAME(ts_int4_dequantize)(const uint8_t* packed, const float* scales, const float* offsets, int64_t K,
+                                            float* out, int64_t n_begin, int64_t n_end) {
+    dequantize(Int4Rows{{packed, K / 2, scales, offsets, groups_of(K)}}, K, out, n_begin, n_end);
 }

@@ -99,8 +99,8 @@ def test_both_paths_of_a_module_agree_and_conv1d_is_read_transposed(ops):
         conv.weight.copy_(linear.weight.t())
         conv.bias.copy_(linear.bias)
     assert torch.equal(linear_weight(conv), linear.weight)
-    with_kernel = Int8Linear(linear.weight, linear.bias, ops)
-    without = Int8Linear(linear_weight(conv), conv.bias, None)
+    with_kernel = Int8Linear.quantize(linear.weight, linear.bias, ops)
+    without = Int8Linear.quantize(linear_weight(conv), conv.bias, None)
     for rows in (1, 9, 300):
         x = torch.randn(rows, 48)
         torch.testing.assert_close(with_kernel(x), without(x), rtol=1e-4, atol=1e-4)

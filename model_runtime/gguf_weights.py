@@ -1,0 +1,241 @@
+"""``--quantization gguf``: a GGUF checkpoint's quantized linears served as the file stores them.
+
+GGUF's simple block formats hold 32 weights of a row per block, which is
+exactly a group of ``model_runtime.quantization``:
+
+- ``Q4_1``: a float16 scale ``d``, a float16 minimum ``m`` and 16 bytes of
+  nibbles, ``w = q * d + m`` with ``q`` in 0..15: an ``Int4Linear`` with scale
+  ``d`` and offset ``m``;
+- ``Q4_0``: ``d`` and 16 bytes, ``w = (q - 8) * d``: offset ``-8 d``;
+- ``Q8_0``: ``d`` and 32 int8, ``w = q * d``: an ``Int8Linear`` with offset 0.
+
+The nibbles keep GGUF's own order (the kernel reads it), and the values served
+are the file's, not a re-quantization of them. Other tensor types (float,
+the K-quants) stay as transformers dequantized them.
+
+Which module a GGUF tensor belongs to is transformers' own mapping
+(``get_gguf_hf_weights_map`` and the architecture's ``TensorProcessor``).
+llama.cpp stores Llama's q/k projections with their rows permuted; the
+processor's reordering of a column of row numbers gives that permutation,
+which moves whole rows of blocks. Every weight replaced is then checked
+against the float32 weight transformers made from the same file, so a mapping
+this does not understand is refused at load, never served wrong.
+"""
+
+import logging
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from model_runtime import kernels
+from model_runtime.quantization import GROUP, GroupwiseLinear, Int4Linear, Int8Linear, dequantize_groups, replace_linears, unpack_nibbles
+
+logger = logging.getLogger(__name__)
+
+# Bytes of one block of 32 weights, by GGUF type name.
+BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+# |served - transformers' float32| allowed, relative to the weight's largest
+# magnitude: the file's Q4_1 values are q * d + m, rounded once by the kernel's
+# fused multiply-add and twice by numpy's dequantization.
+EXACT_RTOL = 1e-6
+
+
+@dataclass(frozen=True, slots=True)
+class Blocks:
+    """One GGUF tensor's blocks as groupwise weights: ``q`` int8 [N, K] or
+    packed nibbles uint8 [N, K / 2] (``int4``), float32 ``scales`` and
+    ``offsets`` [N, K / 32]."""
+
+    int4: bool
+    q: torch.Tensor
+    scales: torch.Tensor
+    offsets: torch.Tensor
+
+    def rows(self, order: torch.Tensor) -> "Blocks":
+        return Blocks(self.int4, self.q[order].contiguous(), self.scales[order].contiguous(), self.offsets[order].contiguous())
+
+    def linear(self, bias: torch.Tensor | None, ops: object | None) -> GroupwiseLinear:
+        in_features = self.scales.shape[1] * GROUP
+        cls = Int4Linear if self.int4 else Int8Linear
+        return cls(self.q, self.scales, self.offsets, bias, ops, in_features)
+
+    def dequantized(self) -> torch.Tensor:
+        return dequantize_groups(unpack_nibbles(self.q) if self.int4 else self.q, self.scales, self.offsets)
+
+
+def decode_blocks(raw: np.ndarray, type_name: str) -> Blocks | None:
+    """``raw`` uint8 [N, bytes per row] of a GGUF tensor of type ``type_name``
+    as ``Blocks``, or None for a type served as float."""
+    if type_name not in BLOCK_BYTES or raw.ndim != 2:
+        return None
+    blocks = np.ascontiguousarray(raw).reshape(raw.shape[0], -1, BLOCK_BYTES[type_name])
+    n, groups, _ = blocks.shape
+
+    def half(start: int) -> torch.Tensor:
+        return torch.from_numpy(blocks[:, :, start : start + 2].copy().view(np.float16).reshape(n, groups)).float()
+
+    def body(start: int) -> torch.Tensor:
+        return torch.from_numpy(blocks[:, :, start:].reshape(n, -1).copy())
+
+    scales = half(0)
+    if type_name == "Q8_0":
+        return Blocks(False, body(2).view(torch.int8), scales, torch.zeros_like(scales))
+    if type_name == "Q4_0":
+        return Blocks(True, body(2), scales, -8 * scales)
+    return Blocks(True, body(4), scales, half(2))
+
+
+def row_order(processor: object, gguf_name: str, rows: int) -> torch.Tensor | None:
+    """The rows of the GGUF tensor in the order transformers' processor puts
+    them in (Llama's q/k: un-permuted), or None when the processor does more
+    than reorder rows."""
+    column = np.arange(rows, dtype=np.float64).reshape(rows, 1)
+    processed = processor.process(weights=column, name=gguf_name, tensor_key_mapping={}, parsed_parameters={}).weights
+    if processed.shape != (rows, 1) or sorted(processed[:, 0].tolist()) != list(range(rows)):
+        return None
+    return torch.from_numpy(processed[:, 0].astype(np.int64))
+
+
+@dataclass(frozen=True, slots=True)
+class GgufTensor:
+    name: str
+    type_name: str  # GGML type: "Q4_1", "F32", ...
+    data: np.ndarray  # uint8 [rows, bytes per row], mapped from the file
+
+
+# GGUF metadata value types: fixed sizes (struct format), 8 = string, 9 = array.
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
+
+
+def read_gguf(path: str | Path) -> tuple[dict[str, object], list[GgufTensor]]:
+    """The scalar and string metadata of a GGUF file (arrays skipped) and its
+    tensors, mapped read-only. gguf's own ``GGUFReader`` also parses every
+    array (a 49k-token vocabulary: 6 s on 2 cores); this reads what serving
+    the weights needs in well under a second."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    raw = np.memmap(path, dtype=np.uint8, mode="r")
+    buffer = memoryview(raw)
+    position = 0
+
+    def take(fmt: str):
+        nonlocal position
+        (value,) = struct.unpack_from("<" + fmt, buffer, position)
+        position += struct.calcsize(fmt)
+        return value
+
+    def string() -> str:
+        nonlocal position
+        length = take("Q")
+        position += length
+        return bytes(buffer[position - length : position]).decode("utf-8", errors="replace")
+
+    def value(kind: int):
+        nonlocal position
+        if kind in _SCALARS:
+            return take(_SCALARS[kind])
+        if kind == _STRING:
+            return string()
+        if kind != _ARRAY:
+            raise ValueError(f"{path}: unknown GGUF metadata type {kind}")
+        item, count = take("I"), take("Q")
+        if item in _SCALARS:
+            position += count * struct.calcsize(_SCALARS[item])
+        else:
+            for _ in range(count):
+                value(item)
+        return None
+
+    if bytes(buffer[:4]) != b"GGUF":
+        raise ValueError(f"{path} is not a GGUF file")
+    position = 4
+    _version, tensor_count, kv_count = take("I"), take("Q"), take("Q")
+    metadata = {}
+    for _ in range(kv_count):
+        key = string()
+        metadata[key] = value(take("I"))
+    infos = []
+    for _ in range(tensor_count):
+        name = string()
+        dims = [take("Q") for _ in range(take("I"))]
+        infos.append((name, GGMLQuantizationType(take("I")), dims, take("Q")))
+    alignment = metadata.get("general.alignment") or 32
+    data_start = -(-position // alignment) * alignment
+    tensors = []
+    for name, ggml_type, dims, offset in infos:
+        block, block_bytes = GGML_QUANT_SIZES[ggml_type]
+        row_bytes = dims[0] // block * block_bytes
+        rows = int(np.prod(dims[1:], dtype=np.int64)) if len(dims) > 1 else 1
+        start = data_start + offset
+        tensors.append(GgufTensor(name, ggml_type.name, raw[start : start + rows * row_bytes].reshape(rows, row_bytes)))
+    return metadata, tensors
+
+
+def read_linear_blocks(model: nn.Module, gguf_path: str | Path) -> dict[str, Blocks]:
+    """``Blocks`` of every GGUF-quantized weight of ``gguf_path``, keyed by the
+    ``model`` parameter name it loads into, rows in the model's order. Names
+    map through gguf's table for the file's architecture, as transformers
+    maps them when it loads the file."""
+    from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+
+    metadata, tensors = read_gguf(gguf_path)
+    architecture = metadata.get("general.architecture")
+    arch = next((key for key, name in MODEL_ARCH_NAMES.items() if name == architecture), None)
+    if arch is None:
+        raise ValueError(f"--quantization gguf: {gguf_path} has architecture {architecture!r}, which gguf does not know")
+    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=model.config.to_dict())
+    name_map = get_tensor_name_map(arch, model.config.num_hidden_layers)
+    hf_names = {}
+    for hf_name in model.state_dict():
+        stem, _, suffix = processor.preprocess_name(hf_name).rpartition(".")
+        gguf_stem = name_map.get_name(stem)
+        if gguf_stem is not None:
+            hf_names.setdefault(f"{gguf_stem}.{suffix}", hf_name)
+    found = {}
+    for tensor in tensors:
+        blocks = None if tensor.name not in hf_names else decode_blocks(tensor.data, tensor.type_name)
+        if blocks is None:
+            continue
+        order = row_order(processor, tensor.name, blocks.q.shape[0])
+        if order is None:
+            raise ValueError(f"--quantization gguf: {tensor.name} ({architecture}) is more than a reordering of rows in transformers; serve it without --quantization gguf")
+        found[hf_names[tensor.name]] = blocks.rows(order)
+    return found
+
+
+def load_gguf_linears(model: nn.Module, gguf_path: str | Path) -> list[GroupwiseLinear]:
+    """Replace each linear of ``model`` (loaded from ``gguf_path`` by
+    transformers, or from a float32 copy of it) whose weight the file stores
+    as Q4_0/Q4_1/Q8_0 by the matching groupwise module, kernels chosen by
+    measurement; a tied LM head takes the input embedding's blocks. Raises
+    ValueError when a served weight would differ from the model's."""
+    blocks = read_linear_blocks(model, gguf_path)
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    tied_head = head is not None and embedding is not None and head.weight.data_ptr() == embedding.weight.data_ptr()
+    embedding_name = next((name for name, module in model.named_modules() if module is embedding), None)
+    ops = kernels.load()
+
+    def from_file(name: str, module: nn.Module, weight: torch.Tensor) -> GroupwiseLinear | None:
+        source = blocks.get(f"{name}.weight")
+        if source is None and module is head and tied_head:
+            source = blocks.get(f"{embedding_name}.weight")
+        if source is None:
+            return None
+        check_exact(name, source.dequantized(), weight)
+        return source.linear(module.bias, ops)
+
+    return replace_linears(model, from_file, ops)
+
+
+def check_exact(name: str, served: torch.Tensor, weight: torch.Tensor) -> None:
+    if served.shape != weight.shape:
+        raise ValueError(f"--quantization gguf: {name} is {tuple(served.shape)} in the file, {tuple(weight.shape)} in the model")
+    error = (served - weight.float()).abs().max().item()
+    if error > EXACT_RTOL * max(weight.abs().max().item(), 1e-30):
+        raise ValueError(f"--quantization gguf: {name} read from the file differs from the model's weight by up to {error:.3g}; refusing to serve it")

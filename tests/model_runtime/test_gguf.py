@@ -1,0 +1,162 @@
+"""``--quantization gguf``: GGUF blocks decoded as gguf itself decodes them,
+the file index read as gguf's reader reads it, the 4-bit kernel against the
+dequantized GEMM (every instruction set), the served weights equal to the
+file's values (rows un-permuted, a tied head from the embedding), greedy
+parity with ``generate`` on the model transformers loads from the same file,
+and clear refusals."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from model_runtime import kernels
+from model_runtime.default_model import default_gguf_file
+from model_runtime.gguf_weights import decode_blocks, read_gguf
+from model_runtime.loader import load_model
+from model_runtime.quantization import GroupwiseLinear, Int4Linear, Int8Linear, dequantize_groups, pack_nibbles, unpack_nibbles
+from tests.model_runtime.test_parity import build, make_prompts, max_tokens_for, run_engine
+from tests.tiny_gguf import TYPES, build_tiny_llama_gguf
+
+ROWS = (1, 2, 5, 6, 7, 16, 64, 65, 130)
+SHAPES = ((32, 1), (64, 7), (96, 16), (576, 33))  # (in, out)
+
+
+@pytest.fixture(scope="module")
+def ops():
+    loaded = kernels.load()
+    assert loaded is not None, "the kernels did not build here (a C++ compiler is on every machine of this project)"
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_llama_gguf(tmp_path_factory.mktemp("tiny-gguf") / "tiny.gguf")
+
+
+def random_int4(out_features: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    packed = pack_nibbles(torch.randint(0, 16, (out_features, in_features)))
+    scales = torch.rand(out_features, in_features // 32) * 0.1 + 0.01
+    return packed, scales, torch.randn(out_features, in_features // 32) * 0.1
+
+
+def from_file(path: Path) -> nn.Module:
+    """The float32 model transformers makes from the file (its own dequantization)."""
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q8_0"])
+def test_blocks_decode_to_ggufs_own_values(type_name: str):
+    import gguf
+
+    weights = (np.random.default_rng(0).standard_normal((6, 96)) * np.logspace(-2, 1, 6)[:, None]).astype(np.float32)
+    raw = gguf.quants.quantize(weights, gguf.GGMLQuantizationType[type_name])
+    blocks = decode_blocks(raw, type_name)
+    assert blocks.int4 == (type_name != "Q8_0") and blocks.scales.shape == (6, 3)
+    expected = torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[type_name]))
+    torch.testing.assert_close(blocks.dequantized(), expected, rtol=1e-6, atol=1e-7)
+    assert decode_blocks(weights.astype(np.float16).view(np.uint8), "F16") is None
+
+
+def test_nibbles_pack_in_ggufs_order():
+    values = torch.randint(0, 16, (3, 64))
+    packed = pack_nibbles(values)
+    assert packed.shape == (3, 32) and torch.equal(unpack_nibbles(packed), values)
+    assert packed[0, 0] == values[0, 0] | (values[0, 16] << 4)  # byte i: weight i low, weight i + 16 high
+
+
+def test_file_index_matches_ggufs_reader(tiny_gguf: Path):
+    from gguf import GGUFReader
+
+    metadata, tensors = read_gguf(tiny_gguf)
+    assert metadata["general.architecture"] == "llama" and metadata["llama.block_count"] == 2
+    reference = GGUFReader(str(tiny_gguf)).tensors
+    assert [(t.name, t.type_name) for t in tensors] == [(t.name, t.tensor_type.name) for t in reference]
+    for mine, theirs in zip(tensors, reference):
+        assert np.array_equal(mine.data.reshape(-1), np.asarray(theirs.data).view(np.uint8).reshape(-1)), mine.name
+    with pytest.raises(ValueError, match="is not a GGUF file"):
+        read_gguf(Path(__file__))
+
+
+def test_int4_kernel_on_every_isa_matches_the_dequantized_gemm(ops):
+    torch.manual_seed(0)
+    for in_features, out_features in SHAPES:
+        packed, scales, offsets = random_int4(out_features, in_features)
+        weight = dequantize_groups(unpack_nibbles(packed), scales, offsets).double()
+        bias = torch.randn(out_features)
+        for isa in range(len(ops.isas())):
+            torch.testing.assert_close(ops.int4_dequantize(packed, scales, offsets, isa).double(), weight, rtol=1e-6, atol=1e-6)
+            for rows in ROWS:
+                x = torch.randn(rows, in_features)
+                for with_bias in (True, False):
+                    expected = nn.functional.linear(x.double(), weight, bias.double() if with_bias else None)
+                    got = ops.int4_linear(x, packed, scales, offsets, bias if with_bias else None, isa)
+                    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4 * in_features**0.5, msg=f"{ops.isas()[isa]} {rows}x{in_features}->{out_features}")
+
+
+def test_int4_kernel_refuses_bad_operands_clearly(ops):
+    packed, scales, offsets = random_int4(8, 64)
+    with pytest.raises(RuntimeError, match="q must be contiguous uint8"):
+        ops.int4_linear(torch.randn(2, 64), packed.view(torch.int8), scales, offsets, None)
+    with pytest.raises(RuntimeError, match="K must be a multiple of 32, got 48"):
+        ops.int4_linear(torch.randn(2, 48), packed[:, :24].contiguous(), scales[:, :2].contiguous(), offsets[:, :2].contiguous(), None)
+    with pytest.raises(RuntimeError, match="x has 63 features, the weight 64"):
+        ops.int4_linear(torch.randn(2, 63), packed, scales, offsets, None)
+
+
+def test_int4_module_without_kernels_gives_the_same_values(ops):
+    packed, scales, offsets = random_int4(40, 96)
+    bias = torch.randn(40)
+    with_kernel, without = Int4Linear(packed, scales, offsets, bias, ops, 96), Int4Linear(packed, scales, offsets, bias, None, 96)
+    for rows in (1, 9, 300):
+        x = torch.randn(rows, 96)
+        torch.testing.assert_close(with_kernel(x), without(x), rtol=1e-4, atol=1e-4)
+
+
+def test_gguf_serves_the_files_own_values(tiny_gguf: Path):
+    plain = from_file(tiny_gguf)
+    served = load_model(tiny_gguf, "float32", "cpu", "gguf").model
+    float_weights = {name: module.weight for name, module in plain.named_modules() if isinstance(module, nn.Linear)}
+    kinds = {}
+    for name, module in served.named_modules():
+        if isinstance(module, GroupwiseLinear):
+            torch.testing.assert_close(module.dequantized(), float_weights[name].detach(), rtol=0, atol=1e-6, msg=name)
+            kinds[name] = module.KIND
+        elif isinstance(module, nn.Linear):
+            kinds[name] = "float"
+    assert kinds["model.layers.1.self_attn.q_proj"] == "int4" and kinds["model.layers.1.self_attn.k_proj"] == "int4"  # permuted rows
+    assert kinds["model.layers.1.self_attn.v_proj"] == "int8" and kinds["model.layers.0.mlp.down_proj"] == "float"  # Q8_0, F16
+    assert TYPES["ffn_down"] == "F16" and kinds["lm_head"] == "int8"  # tied to the Q8_0 embedding
+    assert isinstance(served.lm_head, Int8Linear) and served.get_input_embeddings().weight.dtype == torch.float32
+
+
+def test_gguf_greedy_parity_with_generate_on_the_files_model(tiny_gguf: Path):
+    loaded = load_model(tiny_gguf, "float32", "cpu", "gguf")
+    reference_model = from_file(tiny_gguf)
+    prompts = make_prompts(seed=5, vocab_size=loaded.model.config.vocab_size)
+    expected = []
+    for index, prompt in enumerate(prompts):
+        with torch.inference_mode():
+            out = reference_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long), do_sample=False, max_new_tokens=max_tokens_for(index), eos_token_id=None, pad_token_id=0)
+        expected.append(out[0, len(prompt) :].tolist())
+    assert run_engine(build(loaded, num_kv_blocks=512, max_num_batched_tokens=4096), prompts) == expected
+    assert run_engine(build(loaded, num_kv_blocks=40, max_num_batched_tokens=37), prompts, id_prefix="p") == expected  # chunked, preempted
+
+
+def test_gguf_refuses_what_it_cannot_serve_exactly(tiny_gguf: Path, tiny_llama_dir: Path):
+    with pytest.raises(ValueError, match="give a .gguf file as the model"):
+        load_model(tiny_llama_dir, "float32", "cpu", "gguf")
+    with pytest.raises(ValueError, match="gguf runs on the CPU with float32 activations"):
+        load_model(tiny_gguf, "bfloat16", "cpu", "gguf")
+    with pytest.raises(ValueError, match=r"is \(267, 64\) in the file, \(49152, 64\) in the model"):
+        load_model(tiny_llama_dir, "float32", "cpu", "gguf", gguf_file=tiny_gguf)
+
+
+def test_the_default_model_serves_its_shipped_4_bit_blocks(default_model_dir: Path):
+    loaded = load_model(default_model_dir, "float32", "cpu", "gguf", gguf_file=default_gguf_file())
+    kinds = [module.KIND for module in loaded.model.modules() if isinstance(module, GroupwiseLinear)]
+    assert kinds.count("int4") == 210 and kinds.count("int8") == 1  # every Q4_1 linear, the Q8_0 tied head
+    assert not any(isinstance(module, nn.Linear) for module in loaded.model.modules())
