@@ -31,7 +31,7 @@ GROUPS = {
 }
 
 
-def run(loaded, batch_size: int, context: int, prefill_tokens: int = 0) -> None:
+def run(loaded, batch_size: int, context: int, prefill_tokens: int = 0, top_ops: int = 0) -> None:
     """Time decode steps of ``batch_size`` requests; with ``prefill_tokens``,
     every timed step also carries a prefill chunk of that many tokens (as
     when new requests arrive under load)."""
@@ -63,6 +63,9 @@ def run(loaded, batch_size: int, context: int, prefill_tokens: int = 0) -> None:
     label = f" + {prefill_tokens} prefill tokens" if prefill_tokens else ""
     print(f"B={batch_size:3d}{label}: {step_s * 1000:6.1f} ms/step, {batch_size / step_s:6.1f} tok/s | " + ", ".join(
         f"{name} {ms / profiled:.0%}" for name, ms in sorted(totals.items(), key=lambda kv: -kv[1])))
+    if top_ops:
+        others = sorted((e for e in prof.key_averages() if e.key not in GROUPS), key=lambda e: -e.self_cpu_time_total)[:top_ops]
+        print("  other ops: " + ", ".join(f"{e.key} {e.count}x {e.self_cpu_time_total / 1000:.1f} ms" for e in others))
 
 
 def main() -> None:
@@ -71,11 +74,12 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--quantization", default="none", choices=["none", "int8", "gguf"], help="gguf: the default model's shipped Q4_1/Q8_0 blocks")
+    parser.add_argument("--top-ops", type=int, default=0, help="also list the N costliest ops outside the named groups")
     parser.add_argument("--prefill-tokens", type=int, default=0, help="also carry a prefill chunk of this many tokens in every timed step")
     args = parser.parse_args()
     loaded = load_model(default_model_dir(), args.dtype, "cpu", args.quantization, default_gguf_file())
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
-        run(loaded, batch_size, args.context, args.prefill_tokens)
+        run(loaded, batch_size, args.context, args.prefill_tokens, args.top_ops)
 
 
 if __name__ == "__main__":

@@ -79,23 +79,24 @@ inline vf load_q_partial(const int8_t* p, int64_t n) {
     return load_q(lanes);
 }
 
-// VEC 4-bit weights as floats (0..15): the low nibbles of VEC bytes, or their
-// high nibbles when shift is 4.
-inline vf load_nibbles(const uint8_t* p, int shift) {
+// VEC 4-bit weights as floats (0..15): the low nibbles of VEC bytes, or
+// (high) their high nibbles. Both halves of a group read the same bytes, so
+// the compiler loads them once.
+template <bool high>
+inline vf load_nibbles(const uint8_t* p) {
 #if defined(__AVX512F__) && TS_VEC == 16
     const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    const __m512i nibbles = _mm512_and_si512(_mm512_srl_epi32(bytes, _mm_cvtsi32_si128(shift)), _mm512_set1_epi32(15));
-    return (vf)_mm512_cvtepi32_ps(nibbles);
+    return (vf)_mm512_cvtepi32_ps(high ? _mm512_srli_epi32(bytes, 4) : _mm512_and_si512(bytes, _mm512_set1_epi32(15)));
 #elif defined(__AVX2__) && TS_VEC == 8
     const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-    const __m256i nibbles = _mm256_and_si256(_mm256_srl_epi32(bytes, _mm_cvtsi32_si128(shift)), _mm256_set1_epi32(15));
-    return (vf)_mm256_cvtepi32_ps(nibbles);
+    return (vf)_mm256_cvtepi32_ps(high ? _mm256_srli_epi32(bytes, 4) : _mm256_and_si256(bytes, _mm256_set1_epi32(15)));
 #else
     typedef uint8_t vu __attribute__((vector_size(VEC)));
     typedef int32_t vi __attribute__((vector_size(VEC * sizeof(int32_t))));
     vu v;
     std::memcpy(&v, p, sizeof(vu));
-    return __builtin_convertvector((__builtin_convertvector(v, vi) >> shift) & 15, vf);
+    const vi bytes = __builtin_convertvector(v, vi);
+    return __builtin_convertvector(high ? bytes >> 4 : bytes & 15, vf);
 #endif
 }
 
@@ -114,10 +115,15 @@ inline float hsum(vf v) {
 
 // Where the NR weight rows of a tile come from: a float scratch (zero-padded
 // to a multiple of VEC) or the int8 rows themselves, converted as they are read.
+//
+// Each reads STEP weights of a row at a time (a multiple of VEC), as
+// sub(j, k, s): the s-th vector from k on, k a multiple of STEP; tail() is the
+// last partial vector where K is not a multiple of STEP.
 struct FloatRows {
+    static constexpr int64_t STEP = VEC;
     const float* rows;
     int64_t ld;
-    vf at(int j, int64_t k) const { return load(rows + j * ld + k); }
+    vf sub(int j, int64_t k, int) const { return load(rows + j * ld + k); }
     vf tail(int j, int64_t k, int64_t) const { return load(rows + j * ld + k); }
 };
 
@@ -139,21 +145,23 @@ struct GroupRows {
 
 // int8 rows: one byte a weight.
 struct Int8Rows : GroupRows<int8_t, Int8Rows> {
-    vf at(int j, int64_t k) const { return dequant(j, k, load_q(rows + j * ld + k)); }
+    static constexpr int64_t STEP = VEC;
+    vf sub(int j, int64_t k, int) const { return dequant(j, k, load_q(rows + j * ld + k)); }
     vf tail(int j, int64_t k, int64_t n) const { return dequant(j, k, load_q_partial(rows + j * ld + k, n)); }
 };
 
 // 4-bit rows as GGUF's Q4_0/Q4_1 blocks hold them: each group of 32 weights is
 // 16 bytes, byte i holding weight i in its low nibble and weight i + 16 in its
-// high one. K is a multiple of GROUP, so there is never a tail.
+// high one. A step is a whole group; K is a multiple of GROUP (no tail).
 struct Int4Rows : GroupRows<uint8_t, Int4Rows> {
+    static constexpr int64_t STEP = GROUP;
     static_assert(GROUP / 2 % VEC == 0, "a vector of nibbles never straddles a half-group");
-    vf at(int j, int64_t k) const {
-        const int64_t in_group = k % GROUP;
-        const uint8_t* p = rows + j * ld + (k - in_group) / 2 + in_group % (GROUP / 2);
-        return dequant(j, k, load_nibbles(p, in_group >= GROUP / 2 ? 4 : 0));
+    vf sub(int j, int64_t k, int s) const {  // s is a constant once the caller's loop is unrolled
+        const int in_group = s * VEC;
+        const uint8_t* p = rows + j * ld + k / 2 + in_group % (GROUP / 2);
+        return dequant(j, k, in_group < GROUP / 2 ? load_nibbles<false>(p) : load_nibbles<true>(p));
     }
-    vf tail(int j, int64_t k, int64_t) const { return at(j, k); }
+    vf tail(int j, int64_t k, int64_t) const { return sub(j, k, 0); }  // never called: no tail
 };
 
 // rows x[0..mr) (stride ldx) against the tile's NR weight rows; writes
@@ -167,17 +175,21 @@ inline void micro(const float* x, int64_t ldx, int64_t K, Rows w_rows, float* y,
 #pragma GCC unroll 4
         for (int j = 0; j < NR; ++j) acc[i][j] = vf{};
     int64_t k = 0;
-    for (; k + VEC <= K; k += VEC) {
-        vf w[NR];
-#pragma GCC unroll 4
-        for (int j = 0; j < NR; ++j) w[j] = w_rows.at(j, k);
+    for (; k + Rows::STEP <= K; k += Rows::STEP) {
 #pragma GCC unroll 8
-        for (int i = 0; i < mr; ++i) {
-            const vf xv = load(x + i * ldx + k);
+        for (int s = 0; s < Rows::STEP / VEC; ++s) {
+            vf w[NR];
 #pragma GCC unroll 4
-            for (int j = 0; j < NR; ++j) acc[i][j] += xv * w[j];
+            for (int j = 0; j < NR; ++j) w[j] = w_rows.sub(j, k, s);
+#pragma GCC unroll 8
+            for (int i = 0; i < mr; ++i) {
+                const vf xv = load(x + i * ldx + k + s * VEC);
+#pragma GCC unroll 4
+                for (int j = 0; j < NR; ++j) acc[i][j] += xv * w[j];
+            }
         }
     }
+    if (k + VEC <= K) __builtin_unreachable();  // STEP is VEC where K may have a tail
     if (k < K) {
         vf w[NR];
         for (int j = 0; j < NR; ++j) w[j] = w_rows.tail(j, k, K - k);
@@ -238,10 +250,12 @@ void gemm(const float* x, int64_t M, int64_t K, const Rows& all, const float* bi
                     continue;
                 }
                 int64_t k = 0;
-                for (; k + VEC <= K; k += VEC) {
-                    const vf v = rows.at(j, k);
-                    std::memcpy(out + k, &v, sizeof(vf));
-                }
+                for (; k + Rows::STEP <= K; k += Rows::STEP)
+#pragma GCC unroll 8
+                    for (int s = 0; s < Rows::STEP / VEC; ++s) {
+                        const vf v = rows.sub(j, k, s);
+                        std::memcpy(out + k + s * VEC, &v, sizeof(vf));
+                    }
                 if (k < K) {
                     const vf v = rows.tail(j, k, K - k);
                     float lanes[VEC];
@@ -267,10 +281,12 @@ void dequantize(const Rows& all, int64_t K, float* out, int64_t n_begin, int64_t
         const Rows row = all.from(n);
         float* dst = out + n * K;
         int64_t k = 0;
-        for (; k + VEC <= K; k += VEC) {
-            const vf v = row.at(0, k);
-            std::memcpy(dst + k, &v, sizeof(vf));
-        }
+        for (; k + Rows::STEP <= K; k += Rows::STEP)
+#pragma GCC unroll 8
+            for (int s = 0; s < Rows::STEP / VEC; ++s) {
+                const vf v = row.sub(0, k, s);
+                std::memcpy(dst + k + s * VEC, &v, sizeof(vf));
+            }
         if (k < K) {
             const vf v = row.tail(0, k, K - k);
             std::memcpy(dst + k, &v, (K - k) * sizeof(float));
