@@ -26,6 +26,7 @@ GROUPS = {
     "tokenstep::int8_dequantize": "matmul", "tokenstep::int4_dequantize": "matmul",
     "aten::index": "attention: KV gather", "aten::index_select": "attention: KV gather",
     "aten::_scaled_dot_product_flash_attention_for_cpu": "attention: SDPA",
+    "tokenstep::paged_decode_attention": "attention: decode kernel",
     "aten::index_copy_": "cache write",
     "aten::argmax": "sampling", "aten::topk": "sampling", "aten::sort": "sampling", "aten::exponential_": "sampling",
 }

@@ -5,8 +5,10 @@ each layer, transformers hands us the step's new ``query``/``key``/``value``
 (positions already applied); we write the new K/V into the paged cache by slot
 index, then each sequence attends over its own blocks:
 
-* decode sequences (one new token each) are batched: their blocks are gathered
-  into a padded ``[B, L]`` context with a length mask, one SDPA call;
+* decode sequences (one new token each) are batched: with tokenstep's kernels
+  (float32 caches on the CPU), ``tokenstep::paged_decode_attention`` reads each
+  sequence's keys and values straight from its blocks; otherwise their blocks
+  are gathered into a padded ``[B, L]`` context with a length mask, one SDPA call;
 * prefill chunks run one SDPA call each, causal over their new tokens and
   fully visible over the cached prefix.
 
@@ -19,6 +21,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
+
+from model_runtime import kernels
+from model_runtime.kv_cache import CacheShape
 
 ATTENTION_NAME = "tokenstep_paged"
 CONTEXT_KWARG = "tokenstep_context"
@@ -43,7 +48,8 @@ class StepContext:
     slot_mapping: torch.Tensor  # [T] long: cache slot of each new token
     num_decode_tokens: int
     decode_block_tables: torch.Tensor | None  # [B, max_blocks] long, padded with 0
-    decode_context_mask: torch.Tensor | None  # [B, 1, 1, max_blocks * block_size] bool
+    decode_context_lens: torch.Tensor | None  # [B] long
+    decode_context_mask: torch.Tensor | None  # [B, 1, 1, max_blocks * block_size] bool; None where the kernel runs
     prefills: list[PrefillSpan]
 
 
@@ -100,6 +106,9 @@ def _decode_attention(
     context: StepContext,
     scaling: float | None,
 ) -> torch.Tensor:
+    if context.decode_context_mask is None:
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return kernels.load().paged_decode_attention(query.transpose(0, 1), key_cache, value_cache, context.decode_block_tables, context.decode_context_lens, scale)
     keys = _gather(key_cache, context.decode_block_tables)  # [B, kv_heads, L, head_dim]
     values = _gather(value_cache, context.decode_block_tables)
     query = query.transpose(0, 1).unsqueeze(2)  # [B, heads, 1, head_dim]
@@ -136,16 +145,29 @@ def _is_gqa(query: torch.Tensor, keys: torch.Tensor) -> bool:
     return query.shape[-3] != keys.shape[-3]
 
 
-def decode_tables(block_tables: list[list[int]], context_lens: list[int], block_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Padded block tables ``[B, max_blocks]`` and the context mask
-    ``[B, 1, 1, max_blocks * block_size]`` of a batch of decode rows."""
+DECODE_KERNEL_LANES = 16  # the kernel takes head_dim a multiple of this, up to 256
+
+
+def decode_kernel_runs(shape: CacheShape, device: torch.device) -> bool:
+    """Whether decode attention runs in tokenstep's kernel (float32 caches on
+    the CPU, a head_dim it takes, kernels built) rather than gather + SDPA."""
+    head_dim_fits = shape.head_dim % DECODE_KERNEL_LANES == 0 and shape.head_dim <= 256
+    return device.type == "cpu" and shape.dtype == torch.float32 and head_dim_fits and kernels.load() is not None
+
+
+def decode_tables(block_tables: list[list[int]], context_lens: list[int], block_size: int, device: torch.device, with_mask: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Padded block tables ``[B, max_blocks]``, context lengths ``[B]`` and,
+    ``with_mask`` (for SDPA), the context mask ``[B, 1, 1, max_blocks *
+    block_size]`` of a batch of decode rows."""
     max_blocks = max(len(block_ids) for block_ids in block_tables)
     padded = [block_ids + [0] * (max_blocks - len(block_ids)) for block_ids in block_tables]
     tables = torch.tensor(padded, dtype=torch.long, device=device)  # [B, max_blocks]
-    lens = torch.tensor(context_lens, device=device)  # [B]
+    lens = torch.tensor(context_lens, dtype=torch.long, device=device)  # [B]
+    if not with_mask:
+        return tables, lens, None
     positions = torch.arange(max_blocks * block_size, device=device)
     mask = positions[None, :] < lens[:, None]  # [B, L]
-    return tables, mask[:, None, None, :]
+    return tables, lens, mask[:, None, None, :]
 
 
 def register() -> str:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model_runtime.attention import CONTEXT_KWARG, StepContext, decode_tables
+from model_runtime.attention import CONTEXT_KWARG, StepContext, decode_kernel_runs, decode_tables
 from model_runtime.kv_cache import CacheShape, PagedKVCache
 from model_runtime.loader import LoadedModel
 
@@ -48,6 +48,7 @@ class DraftModel:
         self.device = loaded.device
         self.block_size = block_size
         self.kv_cache = PagedKVCache(CacheShape.from_config(self.model.config, loaded.dtype), num_blocks, block_size, self.device)
+        self.decode_kernel = decode_kernel_runs(self.kv_cache.shape, self.device)
 
     @staticmethod
     def bytes_per_block(loaded: LoadedModel, block_size: int) -> int:
@@ -80,13 +81,14 @@ class DraftModel:
     def _decode_context(self, block_tables: list[list[int]], positions: list[int]) -> StepContext:
         block_size = self.block_size
         slots = [block_ids[p // block_size] * block_size + p % block_size for block_ids, p in zip(block_tables, positions)]
-        tables, mask = decode_tables(block_tables, [p + 1 for p in positions], block_size, self.device)
+        tables, lens, mask = decode_tables(block_tables, [p + 1 for p in positions], block_size, self.device, with_mask=not self.decode_kernel)
         return StepContext(
             key_caches=self.kv_cache.key_caches,
             value_caches=self.kv_cache.value_caches,
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
             num_decode_tokens=len(positions),
             decode_block_tables=tables,
+            decode_context_lens=lens,
             decode_context_mask=mask,
             prefills=[],
         )

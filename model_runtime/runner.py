@@ -24,7 +24,7 @@ import torch
 
 from batching.messages import PromptLogprobs, RunnerOutput, SampledToken, ScheduledChunk, SchedulerOutput
 from batching.runner_state import RunnerRequest, RunnerRequests
-from model_runtime.attention import CONTEXT_KWARG, PrefillSpan, StepContext, decode_tables
+from model_runtime.attention import CONTEXT_KWARG, PrefillSpan, StepContext, decode_kernel_runs, decode_tables
 from model_runtime.drafter import DraftModel, Lookahead
 from model_runtime.kv_cache import CacheShape, PagedKVCache
 from model_runtime.loader import LoadedModel
@@ -68,6 +68,7 @@ class ModelRunner:
         self.block_size = block_size
         shape = CacheShape.from_config(self.model.config, loaded.dtype)
         self.kv_cache = PagedKVCache(shape, num_blocks, block_size, self.device)
+        self.decode_kernel = decode_kernel_runs(shape, self.device)
         # Draft-model speculation: the draft keeps a cache with the same block ids.
         self.drafter = DraftModel(draft, num_blocks, block_size) if draft is not None else None
         self.sampler = Sampler(self.model.config.vocab_size)
@@ -226,13 +227,14 @@ class ModelRunner:
             token_ids.extend(chunk.new_token_ids)
             positions.extend(chunk_positions)
             slots.extend(block_ids[p // block_size] * block_size + p % block_size for p in chunk_positions)
-        block_tables, context_mask = self._decode_tables(decode_rows)
+        block_tables, context_lens, context_mask = self._decode_tables(decode_rows)
         context = StepContext(
             key_caches=self.kv_cache.key_caches,
             value_caches=self.kv_cache.value_caches,
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
             num_decode_tokens=len(decode_rows),
             decode_block_tables=block_tables,
+            decode_context_lens=context_lens,
             decode_context_mask=context_mask,
             prefills=prefills,
         )
@@ -240,8 +242,8 @@ class ModelRunner:
         position_ids = torch.tensor([positions], dtype=torch.long, device=self.device)  # [1, T]
         return input_ids, position_ids, context
 
-    def _decode_tables(self, decode_rows: list[tuple[ScheduledChunk, RunnerRequest]]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def _decode_tables(self, decode_rows: list[tuple[ScheduledChunk, RunnerRequest]]) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         if not decode_rows:
-            return None, None
+            return None, None, None
         context_lens = [chunk.num_computed_tokens + 1 for chunk, _ in decode_rows]
-        return decode_tables([request.block_ids for _, request in decode_rows], context_lens, self.block_size, self.device)
+        return decode_tables([request.block_ids for _, request in decode_rows], context_lens, self.block_size, self.device, with_mask=not self.decode_kernel)

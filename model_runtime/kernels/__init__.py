@@ -37,6 +37,8 @@ ISAS = (
     ("avx2", ["-mavx2", "-mfma"], 8, 3),
     ("generic", [], 4, 3),
 )
+# Compiled once per instruction set above; ops.cpp binds them to torch ops.
+PER_ISA_SOURCES = ("woq_gemm.cpp", "paged_attention.cpp")
 DISABLE_ENV = "TOKENSTEP_NO_KERNELS"
 
 _lock = threading.Lock()
@@ -78,10 +80,11 @@ def build(target: Path) -> Path:
         common = ["-std=gnu++17", "-fPIC", "-ffp-contract=fast", "-fno-math-errno"]
         objects = []
         for name, flags, lanes, rows in ISAS:
-            obj = work / f"woq_gemm_{name}.o"
             defines = [f"-DTS_ISA={name}", f"-DTS_VEC={lanes}", f"-DTS_MR={rows}"]
-            _run([cxx, "-O3", *common, *flags, *defines, "-c", str(SOURCE_DIR / "woq_gemm.cpp"), "-o", str(obj)], work)
-            objects.append(str(obj))
+            for source in PER_ISA_SOURCES:
+                obj = work / f"{Path(source).stem}_{name}.o"
+                _run([cxx, "-O3", *common, *flags, *defines, "-c", str(SOURCE_DIR / source), "-o", str(obj)], work)
+                objects.append(str(obj))
         abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
         includes = [f"-I{path}" for path in include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
         ops = work / "ops.o"

@@ -4,6 +4,9 @@
 // [N, ceil(K / 32)], w = q * scale + offset per group of 32 weights of a row;
 // bias: float32 [N] or None;
 //   tokenstep::int8_dequantize(q, scales, offsets, isa) -> float32 [N, K];
+//   tokenstep::paged_decode_attention(query, key_cache, value_cache, block_tables,
+//   context_lens, scale, isa) -> out: one new token per sequence attending
+//   over its paged cache (paged_attention.cpp);
 //   tokenstep::int4_linear / int4_dequantize: the same with packed uint8
 // [N, K / 2], two 4-bit weights a byte in GGUF's Q4 order (a group's byte i
 // holds weight i low, weight i + 16 high), K a multiple of 32;
@@ -41,6 +44,14 @@ TS_DECLARE(generic)
 TS_DECLARE_INT4(avx512)
 TS_DECLARE_INT4(avx2)
 TS_DECLARE_INT4(generic)
+#define TS_DECLARE_ATTENTION(isa)                                                                                   \
+    void ts_paged_decode_##isa(const float* q, int64_t q_stride_b, int64_t q_stride_h, const float* k_cache,          \
+                               const float* v_cache, int64_t block_size, int64_t kv_heads, int64_t D,                 \
+                               const int64_t* tables, int64_t max_blocks, const int64_t* lens, int64_t heads,         \
+                               float scale, float* out, int64_t item_begin, int64_t item_end);
+TS_DECLARE_ATTENTION(avx512)
+TS_DECLARE_ATTENTION(avx2)
+TS_DECLARE_ATTENTION(generic)
 }
 
 namespace {
@@ -52,6 +63,8 @@ using Int8Dequantize = void (*)(const int8_t*, const float*, const float*, int64
 using Int4Gemm = void (*)(const float*, int64_t, int64_t, const uint8_t*, const float*, const float*, const float*,
                           float*, int64_t, int64_t, int64_t);
 using Int4Dequantize = void (*)(const uint8_t*, const float*, const float*, int64_t, float*, int64_t, int64_t);
+using PagedDecode = void (*)(const float*, int64_t, int64_t, const float*, const float*, int64_t, int64_t, int64_t,
+                             const int64_t*, int64_t, const int64_t*, int64_t, float, float*, int64_t, int64_t);
 
 struct Isa {
     const char* name;
@@ -60,16 +73,17 @@ struct Isa {
     Int8Dequantize int8_dequantize;
     Int4Gemm int4_gemm;
     Int4Dequantize int4_dequantize;
+    PagedDecode paged_decode;
 };
 
 const std::vector<Isa>& all_isas() {
     static const std::vector<Isa> isas = {
         {"avx512", __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma"), &ts_int8_gemm_avx512, &ts_int8_dequantize_avx512,
-         &ts_int4_gemm_avx512, &ts_int4_dequantize_avx512},
+         &ts_int4_gemm_avx512, &ts_int4_dequantize_avx512, &ts_paged_decode_avx512},
         {"avx2", __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"), &ts_int8_gemm_avx2, &ts_int8_dequantize_avx2,
-         &ts_int4_gemm_avx2, &ts_int4_dequantize_avx2},
+         &ts_int4_gemm_avx2, &ts_int4_dequantize_avx2, &ts_paged_decode_avx2},
         {"generic", true, &ts_int8_gemm_generic, &ts_int8_dequantize_generic, &ts_int4_gemm_generic,
-         &ts_int4_dequantize_generic},
+         &ts_int4_dequantize_generic, &ts_paged_decode_generic},
     };
     return isas;
 }
@@ -91,6 +105,7 @@ const Isa& pick(int64_t index) {
 
 constexpr int64_t kTile = 4;    // output channels per kernel tile (woq_gemm.cpp: NR)
 constexpr int64_t kGroup = 32;  // weights per (scale, offset) (woq_gemm.cpp: GROUP)
+constexpr int64_t kAttentionLanes = 16;  // the widest build's VEC: every build's chunks divide head_dim
 
 // The weight's N and K, checked: int8 q is [N, K]; 4-bit q is [N, K / 2] bytes,
 // K a multiple of the group.
@@ -175,6 +190,52 @@ at::Tensor int4_dequantize(const at::Tensor& q, const at::Tensor& scales, const 
     return dequantize<uint8_t>("int4_dequantize", true, &Isa::int4_dequantize, q, scales, offsets, isa);
 }
 
+at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                                  const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
+                                  int64_t isa) {
+    const char* op = "paged_decode_attention";
+    TORCH_CHECK(query.scalar_type() == at::kFloat && query.dim() == 3 && query.stride(2) == 1, op,
+                ": query must be float32 [B, heads, head_dim] with contiguous rows");
+    TORCH_CHECK(key_cache.scalar_type() == at::kFloat && key_cache.dim() == 4 && key_cache.is_contiguous() &&
+                    value_cache.sizes() == key_cache.sizes() && value_cache.scalar_type() == at::kFloat &&
+                    value_cache.is_contiguous(),
+                op, ": caches must be contiguous float32 [num_blocks, block_size, kv_heads, head_dim], both the same");
+    const int64_t B = query.size(0), heads = query.size(1), D = query.size(2);
+    const int64_t num_blocks = key_cache.size(0), block_size = key_cache.size(1), kv_heads = key_cache.size(2);
+    TORCH_CHECK(key_cache.size(3) == D, op, ": the cache's head_dim is ", key_cache.size(3), ", the query's ", D);
+    TORCH_CHECK(heads % kv_heads == 0, op, ": ", heads, " query heads are not a multiple of ", kv_heads, " KV heads");
+    TORCH_CHECK(D % kAttentionLanes == 0 && D <= 256, op, ": head_dim must be a multiple of ", kAttentionLanes,
+                " up to 256, got ", D);
+    TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.dim() == 2 && block_tables.is_contiguous() &&
+                    block_tables.size(0) == B,
+                op, ": block_tables must be contiguous int64 [B, max_blocks]");
+    TORCH_CHECK(context_lens.scalar_type() == at::kLong && context_lens.dim() == 1 && context_lens.is_contiguous() &&
+                    context_lens.size(0) == B,
+                op, ": context_lens must be contiguous int64 [B]");
+    const int64_t max_blocks = block_tables.size(1);
+    const int64_t* lens = context_lens.data_ptr<int64_t>();
+    const int64_t* tables = block_tables.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) {
+        TORCH_CHECK(lens[b] >= 1 && lens[b] <= max_blocks * block_size, op, ": sequence ", b, " has ", lens[b],
+                    " cached tokens, its table room for ", max_blocks * block_size);
+        for (int64_t i = 0; i < (lens[b] + block_size - 1) / block_size; ++i)
+            TORCH_CHECK(tables[b * max_blocks + i] >= 0 && tables[b * max_blocks + i] < num_blocks, op, ": block id ",
+                        tables[b * max_blocks + i], " out of range");
+    }
+    at::Tensor out = at::empty({B, heads, D}, query.options());
+    const PagedDecode run = pick(isa).paged_decode;
+    const float* qd = query.data_ptr<float>();
+    const float* kd = key_cache.data_ptr<float>();
+    const float* vd = value_cache.data_ptr<float>();
+    float* outd = out.data_ptr<float>();
+    const int64_t q_stride_b = query.stride(0), q_stride_h = query.stride(1);
+    at::parallel_for(0, B * kv_heads, 1, [&](int64_t begin, int64_t end) {
+        run(qd, q_stride_b, q_stride_h, kd, vd, block_size, kv_heads, D, tables, max_blocks, lens, heads,
+            static_cast<float>(scale), outd, begin, end);
+    });
+    return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(tokenstep, m) {
@@ -187,4 +248,6 @@ TORCH_LIBRARY(tokenstep, m) {
     m.impl("int4_linear", c10::DispatchKey::CPU, TORCH_FN(int4_linear));
     m.def("int4_dequantize(Tensor q, Tensor scales, Tensor offsets, int isa=-1) -> Tensor");
     m.impl("int4_dequantize", c10::DispatchKey::CPU, TORCH_FN(int4_dequantize));
+    m.def("paged_decode_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, Tensor context_lens, float scale, int isa=-1) -> Tensor");
+    m.impl("paged_decode_attention", c10::DispatchKey::CPU, TORCH_FN(paged_decode_attention));
 }

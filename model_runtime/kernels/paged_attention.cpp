@@ -1,0 +1,162 @@
+// Decode attention over the paged KV cache: one new query token per sequence,
+// reading each sequence's keys and values straight from its blocks.
+//
+// The PyTorch path gathers every sequence's blocks into a padded [B, L] copy
+// and runs one masked SDPA call per layer; at 16 short sequences that is
+// mostly per-call overhead and copies. Here one work item is a (sequence, KV
+// head) pair: its query heads (a GQA group) share each key and value row as
+// it is read, scores go to a scratch row, softmax is exact (max subtracted,
+// vectorized exp), and the output is the probability-weighted sum of values.
+// Compiled once per instruction set like woq_gemm.cpp; no torch headers.
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#ifndef TS_ISA
+#error "compile with -DTS_ISA=<name>"
+#endif
+#ifndef TS_VEC
+#error "compile with -DTS_VEC=<float lanes per vector>"
+#endif
+
+#define TS_CAT2(a, b) a##_##b
+#define TS_CAT(a, b) TS_CAT2(a, b)
+#define TS_NAME(name) TS_CAT(name, TS_ISA)
+
+namespace {
+
+constexpr int VEC = TS_VEC;
+typedef float vf __attribute__((vector_size(VEC * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(VEC * sizeof(int32_t))));
+
+inline vf load(const float* p) {
+    vf v;
+    std::memcpy(&v, p, sizeof(vf));
+    return v;
+}
+
+inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof(vf)); }
+
+inline vf splat(float x) { return vf{} + x; }
+
+// The lanes' sum, in registers where the instruction set has the shuffles.
+inline float hsum(vf v) {
+#if defined(__AVX512F__) && TS_VEC == 16
+    return _mm512_reduce_add_ps((__m512)v);
+#elif defined(__AVX2__) && TS_VEC == 8
+    const __m128 halves = _mm_add_ps(_mm256_castps256_ps128((__m256)v), _mm256_extractf128_ps((__m256)v, 1));
+    const __m128 pairs = _mm_add_ps(halves, _mm_movehl_ps(halves, halves));
+    return _mm_cvtss_f32(_mm_add_ss(pairs, _mm_shuffle_ps(pairs, pairs, 1)));
+#endif
+    float lanes[VEC];
+    std::memcpy(lanes, &v, sizeof(vf));
+#pragma GCC unroll 8
+    for (int width = VEC / 2; width >= 1; width /= 2)
+#pragma GCC unroll 16
+        for (int i = 0; i < width; ++i) lanes[i] += lanes[i + width];
+    return lanes[0];
+}
+
+// exp(x) for x <= 0 (scores minus their maximum), to about 2 ulp: 2^n * p(r)
+// with x = n ln2 + r, |r| <= ln2 / 2, p a degree-6 polynomial; below -87 the
+// result is 0 (a probability under 1e-38 of the largest).
+inline vf exp_nonpositive(vf x) {
+    const vf low = splat(-87.f);
+    const vi underflow = x < low;
+    x = x < low ? low : x;
+    const vf magic = splat(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
+    const vf shifted = x * splat(1.44269504088896341f) + magic;
+    vi n;
+    std::memcpy(&n, &shifted, sizeof(vi));
+    n -= 0x4B400000;  // the bits of magic
+    const vf nf = shifted - magic;
+    vf r = x - nf * splat(0.693145751953125f);
+    r = r - nf * splat(1.42860682030941723212e-6f);
+    vf p = splat(1.f / 720) * r + splat(1.f / 120);
+    p = p * r + splat(1.f / 24);
+    p = p * r + splat(1.f / 6);
+    p = p * r + splat(0.5f);
+    p = p * r + splat(1.f);
+    p = p * r + splat(1.f);
+    const vi bits = (n + 127) << 23;
+    vf scale;
+    std::memcpy(&scale, &bits, sizeof(vf));
+    const vf result = p * scale;
+    return underflow ? vf{} : result;
+}
+
+constexpr int64_t MAX_CHUNKS = 256 / VEC;  // head_dim up to 256 in registers
+
+}  // namespace
+
+// Work items [item_begin, item_end) of B * kv_heads, item = b * kv_heads + kv_head:
+// query heads kv_head * group .. + group of sequence b (group = heads / kv_heads)
+// attend over its lens[b] cached tokens, token t at block tables[b][t / block_size],
+// slot t % block_size. q [B, heads, D] with strides (q_stride_b, q_stride_h, 1);
+// caches [num_blocks, block_size, kv_heads, D] contiguous; out [B, heads, D] contiguous.
+extern "C" void TS_NAME(ts_paged_decode)(const float* q, int64_t q_stride_b, int64_t q_stride_h, const float* k_cache,
+                                         const float* v_cache, int64_t block_size, int64_t kv_heads, int64_t D,
+                                         const int64_t* tables, int64_t max_blocks, const int64_t* lens, int64_t heads,
+                                         float scale, float* out, int64_t item_begin, int64_t item_end) {
+    const int64_t group = heads / kv_heads;
+    const int64_t chunks = D / VEC;  // ops.cpp: D is a multiple of VEC, at most 256
+    std::vector<float> scores;
+    std::vector<int64_t> rows;
+    for (int64_t item = item_begin; item < item_end; ++item) {
+        const int64_t b = item / kv_heads, kv_head = item % kv_heads, len = lens[b];
+        const int64_t* table = tables + b * max_blocks;
+        rows.resize(len);
+        for (int64_t t = 0; t < len; ++t)
+            rows[t] = ((table[t / block_size] * block_size + t % block_size) * kv_heads + kv_head) * D;
+        scores.resize(group * len);
+        for (int64_t g = 0; g < group; ++g) {
+            const float* query = q + b * q_stride_b + (kv_head * group + g) * q_stride_h;
+            vf qv[MAX_CHUNKS];
+            for (int64_t c = 0; c < chunks; ++c) qv[c] = load(query + c * VEC) * splat(scale);
+            float* s = scores.data() + g * len;
+            float max = -3.4e38f;
+            for (int64_t t = 0; t < len; ++t) {
+                const float* key = k_cache + rows[t];
+                vf acc0 = qv[0] * load(key), acc1 = {};
+                for (int64_t c = 1; c + 1 < chunks; c += 2) {
+                    acc0 += qv[c] * load(key + c * VEC);
+                    acc1 += qv[c + 1] * load(key + (c + 1) * VEC);
+                }
+                if (chunks % 2 == 0) acc1 += qv[chunks - 1] * load(key + (chunks - 1) * VEC);
+                s[t] = hsum(acc0 + acc1);
+                max = s[t] > max ? s[t] : max;
+            }
+            vf total = {};
+            int64_t t = 0;
+            for (; t + VEC <= len; t += VEC) {
+                const vf p = exp_nonpositive(load(s + t) - splat(max));
+                store(s + t, p);
+                total += p;
+            }
+            float sum = hsum(total);
+            if (t < len) {
+                float lanes[VEC];
+                for (int i = 0; i < VEC; ++i) lanes[i] = t + i < len ? s[t + i] - max : -100.f;
+                const vf p = exp_nonpositive(load(lanes));
+                std::memcpy(lanes, &p, sizeof(vf));
+                for (int64_t i = t; i < len; ++i) {
+                    s[i] = lanes[i - t];
+                    sum += s[i];
+                }
+            }
+            vf acc[MAX_CHUNKS] = {};
+            for (int64_t t2 = 0; t2 < len; ++t2) {
+                const float* value = v_cache + rows[t2];
+                const vf p = splat(s[t2]);
+                for (int64_t c = 0; c < chunks; ++c) acc[c] += p * load(value + c * VEC);
+            }
+            float* out_head = out + (b * heads + kv_head * group + g) * D;
+            const vf inverse = splat(1.f / sum);
+            for (int64_t c = 0; c < chunks; ++c) store(out_head + c * VEC, acc[c] * inverse);
+        }
+    }
+}

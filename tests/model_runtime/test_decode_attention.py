@@ -1,0 +1,68 @@
+"""``tokenstep::paged_decode_attention`` against the gather + SDPA path it
+replaces: ragged context lengths over shuffled blocks, GQA groups, head
+sizes, every instruction-set build; and clear refusals."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model_runtime import kernels
+from model_runtime.attention import _gather, decode_kernel_runs, decode_tables
+from model_runtime.kv_cache import CacheShape
+
+LENS = [1, 2, 15, 16, 17, 33, 100, 250]
+
+
+@pytest.fixture(scope="module")
+def ops():
+    loaded = kernels.load()
+    assert loaded is not None, "the kernels did not build here (a C++ compiler is on every machine of this project)"
+    return loaded
+
+
+def ragged_batch(block_size: int, kv_heads: int, head_dim: int, heads: int):
+    torch.manual_seed(0)
+    num_blocks = sum(-(-n // block_size) for n in LENS) + 3
+    key_cache, value_cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim).unbind(0)
+    order = torch.randperm(num_blocks).tolist()
+    tables, start = [], 0
+    for n in LENS:
+        count = -(-n // block_size)
+        tables.append(order[start : start + count])
+        start += count
+    query = torch.randn(heads, len(LENS), head_dim)  # as the model hands it: [heads, B, head_dim]
+    return query, key_cache.contiguous(), value_cache.contiguous(), tables
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "block_size"), [(9, 3, 64, 16), (4, 4, 16, 4), (8, 2, 128, 32), (2, 1, 32, 16)])
+def test_matches_gather_and_sdpa_on_every_isa(ops, heads: int, kv_heads: int, head_dim: int, block_size: int):
+    query, key_cache, value_cache, tables = ragged_batch(block_size, kv_heads, head_dim, heads)
+    block_tables, lens, mask = decode_tables(tables, LENS, block_size, torch.device("cpu"))
+    keys, values = _gather(key_cache, block_tables), _gather(value_cache, block_tables)
+    expected = F.scaled_dot_product_attention(query.transpose(0, 1).unsqueeze(2), keys, values, attn_mask=mask, scale=0.3, enable_gqa=heads != kv_heads).squeeze(2)
+    for isa in range(len(ops.isas())):
+        got = ops.paged_decode_attention(query.transpose(0, 1), key_cache, value_cache, block_tables, lens, 0.3, isa)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=ops.isas()[isa])
+
+
+def test_refuses_bad_operands_clearly(ops):
+    query, key_cache, value_cache, tables = ragged_batch(16, 3, 64, 9)
+    block_tables, lens, _ = decode_tables(tables, LENS, 16, torch.device("cpu"), with_mask=False)
+    q = query.transpose(0, 1)
+    with pytest.raises(RuntimeError, match="has 300 cached tokens, its table room for 256"):
+        ops.paged_decode_attention(q, key_cache, value_cache, block_tables, lens.clone().fill_(300), 1.0)
+    bad_tables = block_tables.clone()
+    bad_tables[0, 0] = 10_000
+    with pytest.raises(RuntimeError, match="block id 10000 out of range"):
+        ops.paged_decode_attention(q, key_cache, value_cache, bad_tables, lens, 1.0)
+    with pytest.raises(RuntimeError, match="8 query heads are not a multiple of 3 KV heads"):
+        ops.paged_decode_attention(q[:, :8], key_cache, value_cache, block_tables, lens, 1.0)
+    with pytest.raises(RuntimeError, match="head_dim must be a multiple of 16"):
+        ops.paged_decode_attention(q[..., :24], key_cache[..., :24].contiguous(), value_cache[..., :24].contiguous(), block_tables, lens, 1.0)
+
+
+def test_the_kernel_runs_only_where_it_applies(ops):
+    cpu = torch.device("cpu")
+    assert decode_kernel_runs(CacheShape(2, 3, 64, torch.float32), cpu)
+    assert not decode_kernel_runs(CacheShape(2, 3, 64, torch.bfloat16), cpu)  # bf16 caches: SDPA
+    assert not decode_kernel_runs(CacheShape(2, 3, 72, torch.float32), cpu)  # a head size it does not take
