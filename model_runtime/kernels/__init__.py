@@ -51,7 +51,7 @@ def compiler() -> str:
 
 def build_key() -> str:
     digest = hashlib.sha256()
-    for source in sorted(SOURCE_DIR.glob("*.cpp")):
+    for source in sorted([*SOURCE_DIR.glob("*.cpp"), *SOURCE_DIR.glob("*.h")]):
         digest.update(source.name.encode() + source.read_bytes())
     digest.update(torch.__version__.encode() + str(ISAS).encode() + compiler().encode())
     return digest.hexdigest()[:16]

@@ -9,57 +9,13 @@
 // vectorized exp), and the output is the probability-weighted sum of values.
 // Compiled once per instruction set like woq_gemm.cpp; no torch headers.
 
-#include <cstdint>
-#include <cstring>
 #include <vector>
-#if defined(__AVX2__)
-#include <immintrin.h>
-#endif
 
-#ifndef TS_ISA
-#error "compile with -DTS_ISA=<name>"
-#endif
-#ifndef TS_VEC
-#error "compile with -DTS_VEC=<float lanes per vector>"
-#endif
-
-#define TS_CAT2(a, b) a##_##b
-#define TS_CAT(a, b) TS_CAT2(a, b)
-#define TS_NAME(name) TS_CAT(name, TS_ISA)
+#include "vec.h"
 
 namespace {
 
-constexpr int VEC = TS_VEC;
-typedef float vf __attribute__((vector_size(VEC * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(VEC * sizeof(int32_t))));
-
-inline vf load(const float* p) {
-    vf v;
-    std::memcpy(&v, p, sizeof(vf));
-    return v;
-}
-
-inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof(vf)); }
-
-inline vf splat(float x) { return vf{} + x; }
-
-// The lanes' sum, in registers where the instruction set has the shuffles.
-inline float hsum(vf v) {
-#if defined(__AVX512F__) && TS_VEC == 16
-    return _mm512_reduce_add_ps((__m512)v);
-#elif defined(__AVX2__) && TS_VEC == 8
-    const __m128 halves = _mm_add_ps(_mm256_castps256_ps128((__m256)v), _mm256_extractf128_ps((__m256)v, 1));
-    const __m128 pairs = _mm_add_ps(halves, _mm_movehl_ps(halves, halves));
-    return _mm_cvtss_f32(_mm_add_ss(pairs, _mm_shuffle_ps(pairs, pairs, 1)));
-#endif
-    float lanes[VEC];
-    std::memcpy(lanes, &v, sizeof(vf));
-#pragma GCC unroll 8
-    for (int width = VEC / 2; width >= 1; width /= 2)
-#pragma GCC unroll 16
-        for (int i = 0; i < width; ++i) lanes[i] += lanes[i + width];
-    return lanes[0];
-}
 
 // exp(x) for x <= 0 (scores minus their maximum), to about 2 ulp: 2^n * p(r)
 // with x = n ln2 + r, |r| <= ln2 / 2, p a degree-6 polynomial; below -87 the

@@ -14,44 +14,23 @@
 // byte from memory once, which is the point: int8 weights are a quarter of
 // float32's bytes, and decode is bound by weight bytes.
 
-#include <cstdint>
 #include <cstdlib>
-#include <cstring>
-#if defined(__AVX2__)
-#include <immintrin.h>
-#endif
 
-#ifndef TS_ISA
-#error "compile with -DTS_ISA=<name>"
-#endif
-#ifndef TS_VEC
-#error "compile with -DTS_VEC=<float lanes per vector>"
-#endif
+#include "vec.h"
+
 #ifndef TS_MR
 #error "compile with -DTS_MR=<rows per micro-tile>"
 #endif
 
-#define TS_CAT2(a, b) a##_##b
-#define TS_CAT(a, b) TS_CAT2(a, b)
-#define TS_NAME(name) TS_CAT(name, TS_ISA)
-
 namespace {
 
-constexpr int VEC = TS_VEC;
 constexpr int MR = TS_MR;
 constexpr int NR = 4;        // output channels per tile
 constexpr int64_t GROUP = 32; // weights per (scale, offset) pair along K
 static_assert(GROUP % VEC == 0, "a vector never straddles two groups");
 constexpr int64_t MB = 64;   // input rows per block: a block of x stays in L2
 
-typedef float vf __attribute__((vector_size(VEC * sizeof(float))));
 typedef int8_t vq __attribute__((vector_size(VEC)));
-
-inline vf load(const float* p) {
-    vf v;
-    std::memcpy(&v, p, sizeof(vf));
-    return v;
-}
 
 inline vf load_partial(const float* p, int64_t n) {
     float lanes[VEC] = {};
@@ -98,19 +77,6 @@ inline vf load_nibbles(const uint8_t* p) {
     const vi bytes = __builtin_convertvector(v, vi);
     return __builtin_convertvector(high ? bytes >> 4 : bytes & 15, vf);
 #endif
-}
-
-// A pairwise tree (log2(VEC) dependent adds, the first levels vector-wide):
-// summing the lanes in a row was a VEC-long chain of dependent adds per
-// output, which cost more than the products themselves when K is short.
-inline float hsum(vf v) {
-    float lanes[VEC];
-    std::memcpy(lanes, &v, sizeof(vf));
-#pragma GCC unroll 8
-    for (int width = VEC / 2; width >= 1; width /= 2)
-#pragma GCC unroll 16
-        for (int i = 0; i < width; ++i) lanes[i] += lanes[i + width];
-    return lanes[0];
 }
 
 // Where the NR weight rows of a tile come from: a float scratch (zero-padded

@@ -18,7 +18,7 @@ from model_runtime.default_model import default_gguf_file
 from model_runtime.gguf_weights import decode_blocks, read_gguf
 from model_runtime.loader import load_model
 from model_runtime.quantization import GroupwiseLinear, Int4Linear, Int8Linear, dequantize_groups, pack_nibbles, unpack_nibbles
-from tests.model_runtime.test_parity import build, make_prompts, max_tokens_for, run_engine
+from tests.model_runtime.test_parity import build, generate_outputs, make_prompts, run_engine
 from tests.tiny_gguf import TYPES, build_tiny_llama_gguf
 
 ROWS = (1, 2, 5, 6, 7, 16, 64, 65, 130)
@@ -137,11 +137,7 @@ def test_gguf_greedy_parity_with_generate_on_the_files_model(tiny_gguf: Path):
     loaded = load_model(tiny_gguf, "float32", "cpu", "gguf")
     reference_model = from_file(tiny_gguf)
     prompts = make_prompts(seed=5, vocab_size=loaded.model.config.vocab_size)
-    expected = []
-    for index, prompt in enumerate(prompts):
-        with torch.inference_mode():
-            out = reference_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long), do_sample=False, max_new_tokens=max_tokens_for(index), eos_token_id=None, pad_token_id=0)
-        expected.append(out[0, len(prompt) :].tolist())
+    expected = generate_outputs(reference_model, prompts)
     assert run_engine(build(loaded, num_kv_blocks=512, max_num_batched_tokens=4096), prompts) == expected
     assert run_engine(build(loaded, num_kv_blocks=40, max_num_batched_tokens=37), prompts, id_prefix="p") == expected  # chunked, preempted
 

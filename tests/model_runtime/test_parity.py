@@ -30,6 +30,11 @@ def max_tokens_for(index: int) -> int:
 
 def reference_outputs(model_dir: Path, prompts: list[list[int]], max_tokens_of=max_tokens_for, dtype: torch.dtype = torch.float32, **generation: float) -> list[list[int]]:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    return generate_outputs(model, prompts, max_tokens_of, **generation)
+
+
+def generate_outputs(model: torch.nn.Module, prompts: list[list[int]], max_tokens_of=max_tokens_for, **generation: float) -> list[list[int]]:
+    """Greedy ``model.generate`` of each prompt alone: the parity reference."""
     outputs = []
     for index, prompt in enumerate(prompts):
         config = GenerationConfig(do_sample=False, max_new_tokens=max_tokens_of(index), eos_token_id=None, pad_token_id=0, **generation)

@@ -17,7 +17,7 @@ from transformers.pytorch_utils import Conv1D
 from model_runtime import kernels
 from model_runtime.loader import load_model
 from model_runtime.quantization import GROUP, Int8Linear, dequantize_groups, gemm_from_rows_given, linear_weight, quantize_groups
-from tests.model_runtime.test_parity import build, make_prompts, max_tokens_for, run_engine
+from tests.model_runtime.test_parity import build, generate_outputs, make_prompts, run_engine
 
 ROWS = (1, 2, 3, 4, 5, 7, 16, 63, 64, 65, 130)
 FALLBACK_PROMPTS = [[5, 6, 7], list(range(100, 140))]
@@ -173,10 +173,6 @@ def test_int8_greedy_parity_with_generate_on_the_dequantized_model(family: str, 
     assert all(not isinstance(m, (nn.Linear, Conv1D)) for m in loaded.model.modules())
     prompts = make_prompts(seed=3, vocab_size=loaded.model.config.vocab_size)
     reference_model = dequantized_reference(model_dir)
-    expected = []
-    for index, prompt in enumerate(prompts):
-        with torch.inference_mode():
-            out = reference_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long), do_sample=False, max_new_tokens=max_tokens_for(index), eos_token_id=None, pad_token_id=0)
-        expected.append(out[0, len(prompt) :].tolist())
+    expected = generate_outputs(reference_model, prompts)
     assert run_engine(build(loaded, num_kv_blocks=512, max_num_batched_tokens=4096), prompts) == expected
     assert run_engine(build(loaded, num_kv_blocks=40, max_num_batched_tokens=37), prompts, id_prefix="p") == expected  # chunked, preempted
