@@ -49,6 +49,13 @@ class SchedulerConfig:
     admission_policy: str = "fcfs"
     preemption_policy: str = "newest"
 
+    @property
+    def max_step_tokens(self) -> int:
+        """The most tokens one step can carry (the budget at ``max_num_seqs``
+        running, drafts included)."""
+        budget = max(self.max_num_batched_tokens, self.tokens_per_running_request * self.max_num_seqs)
+        return budget + self.max_num_seqs * self.num_speculative_tokens
+
     @classmethod
     def for_device(cls, device_type: str, *, max_num_seqs: int = DEFAULT_MAX_NUM_SEQS, max_num_batched_tokens: int | None = None, **options: object) -> "SchedulerConfig":
         """The config with the step budget resolved for ``device_type``

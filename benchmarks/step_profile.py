@@ -32,11 +32,11 @@ GROUPS = {
 }
 
 
-def run(loaded, batch_size: int, context: int, prefill_tokens: int = 0, top_ops: int = 0) -> None:
+def run(loaded, batch_size: int, context: int, prefill_tokens: int = 0, top_ops: int = 0, compile_forward: bool = False) -> None:
     """Time decode steps of ``batch_size`` requests; with ``prefill_tokens``,
     every timed step also carries a prefill chunk of that many tokens (as
     when new requests arrive under load)."""
-    core = build_engine_core(EngineConfig(model="x", kv_cache_memory="1GiB", max_num_batched_tokens=8192, max_num_seqs=256), loaded)
+    core = build_engine_core(EngineConfig(model="x", kv_cache_memory="1GiB", max_num_batched_tokens=1024, max_num_seqs=256, compile=compile_forward), loaded)
     params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
     for i in range(batch_size):
         core.add_request(core.make_request(f"r{i}", [1000 + (i * 7 + t) % 40000 for t in range(context)], params))
@@ -77,10 +77,11 @@ def main() -> None:
     parser.add_argument("--quantization", default="none", choices=["none", "int8", "gguf"], help="gguf: the default model's shipped Q4_1/Q8_0 blocks")
     parser.add_argument("--top-ops", type=int, default=0, help="also list the N costliest ops outside the named groups")
     parser.add_argument("--prefill-tokens", type=int, default=0, help="also carry a prefill chunk of this many tokens in every timed step")
+    parser.add_argument("--compile", action="store_true", help="compile the step forward whole (serve --compile)")
     args = parser.parse_args()
     loaded = load_model(default_model_dir(), args.dtype, "cpu", args.quantization, default_gguf_file())
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
-        run(loaded, batch_size, args.context, args.prefill_tokens, args.top_ops)
+        run(loaded, batch_size, args.context, args.prefill_tokens, args.top_ops, args.compile)
 
 
 if __name__ == "__main__":

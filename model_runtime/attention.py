@@ -63,10 +63,29 @@ def paged_attention_forward(
     dropout: float = 0.0,
     **kwargs: object,
 ) -> tuple[torch.Tensor, None]:
-    """Attention over the paged cache; returns ``[1, T, heads, head_dim]``."""
-    context: StepContext = kwargs[CONTEXT_KWARG]
+    """Attention over the paged cache; returns ``[1, T, heads, head_dim]``.
+
+    A compiled forward (``model_runtime.step_graph``) passes its own context,
+    which routes this layer through one opaque op that ends in ``attend``."""
+    context = kwargs[CONTEXT_KWARG]
     layer = module.layer_idx
-    key_cache, value_cache = context.key_caches[layer], context.value_caches[layer]
+    if not isinstance(context, StepContext):
+        return context.attend(query, key, value, layer, scaling), None
+    return attend(query, key, value, context.key_caches[layer], context.value_caches[layer], context, scaling), None
+
+
+def attend(
+    query: torch.Tensor,  # [1, heads, T, head_dim]
+    key: torch.Tensor,  # [1, kv_heads, T, head_dim]
+    value: torch.Tensor,  # [1, kv_heads, T, head_dim]
+    key_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim]
+    value_cache: torch.Tensor,
+    context: StepContext,
+    scaling: float | None,
+) -> torch.Tensor:
+    """Write this layer's new K/V, then attend: decode rows batched, each
+    prefill chunk on its own. ``context``'s step metadata is used, not its
+    caches. Returns ``[1, T, heads, head_dim]``."""
     _write_cache(key_cache, value_cache, key[0], value[0], context.slot_mapping)
 
     num_tokens, num_heads, head_dim = query.shape[2], query.shape[1], query.shape[3]
@@ -76,7 +95,7 @@ def paged_attention_forward(
     for span in context.prefills:
         rows = slice(span.start, span.start + span.num_new_tokens)
         output[rows] = _prefill_attention(query[0, :, rows], key_cache, value_cache, span, scaling)
-    return output.unsqueeze(0), None
+    return output.unsqueeze(0)
 
 
 def _write_cache(key_cache: torch.Tensor, value_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -108,7 +127,7 @@ def _decode_attention(
 ) -> torch.Tensor:
     if context.decode_context_mask is None:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        return kernels.load().paged_decode_attention(query.transpose(0, 1), key_cache, value_cache, context.decode_block_tables, context.decode_context_lens, scale)
+        return kernels.load().paged_decode_attention(query.transpose(0, 1), key_cache, value_cache, context.decode_block_tables, context.decode_context_lens, scale)  # [B, heads, head_dim]
     keys = _gather(key_cache, context.decode_block_tables)  # [B, kv_heads, L, head_dim]
     values = _gather(value_cache, context.decode_block_tables)
     query = query.transpose(0, 1).unsqueeze(2)  # [B, heads, 1, head_dim]

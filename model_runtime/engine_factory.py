@@ -46,6 +46,8 @@ class EngineConfig:
     # n-gram lookup, or from ``speculative_model``.
     num_speculative_tokens: int | None = None
     speculative_model: str | Path | None = None
+    # Compile the step forward whole (``model_runtime.step_graph``).
+    compile: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +117,8 @@ def build_engine_core(config: EngineConfig, loaded: LoadedModel | None = None, d
     if draft is None and config.speculative_model is not None:
         draft = load_draft_model(config, loaded)
     limits = resolve_defaults(config, loaded, draft)
-    runner = ModelRunner(loaded, limits.num_kv_blocks, config.block_size, draft)
+    compile_max_tokens = limits.scheduler.max_step_tokens if config.compile else None
+    runner = ModelRunner(loaded, limits.num_kv_blocks, config.block_size, draft, compile_max_tokens)
     block_manager = BlockManager(runner.num_blocks, config.block_size, config.enable_prefix_caching)
     return EngineCore(
         Scheduler(limits.scheduler, block_manager),

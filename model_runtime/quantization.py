@@ -111,16 +111,19 @@ class GroupwiseLinear(nn.Module):
         self.gemm_from_rows = float("inf") if ops is not None else 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() // self.in_features < self.gemm_from_rows:
-            return self.kernel_forward(x)
-        return self.gemm_forward(x)
+        if self.ops is None:
+            return self.gemm_forward(x)
+        # The op itself switches to dequantize + GEMM from gemm_from_rows rows.
+        gemm_from_rows = 0 if self.gemm_from_rows == float("inf") else int(self.gemm_from_rows)
+        return self.kernel_forward(x, gemm_from_rows=gemm_from_rows)
 
     def gemm_forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, self.dequantized(), self.bias)
 
-    def kernel_forward(self, x: torch.Tensor, isa: int | None = None) -> torch.Tensor:
+    def kernel_forward(self, x: torch.Tensor, isa: int | None = None, gemm_from_rows: int = 0) -> torch.Tensor:
+        """The kernel (``gemm_from_rows`` 0) or, from that many rows on, the op's own dequantize + GEMM."""
         linear = getattr(self.ops, f"{self.KIND}_linear")
-        return linear(x, self.q, self.scales, self.offsets, self.bias, self.isa if isa is None else isa)
+        return linear(x, self.q, self.scales, self.offsets, self.bias, self.isa if isa is None else isa, gemm_from_rows)
 
     def dequantized(self) -> torch.Tensor:
         if self.ops is not None:

@@ -29,6 +29,7 @@ from model_runtime.drafter import DraftModel, Lookahead
 from model_runtime.kv_cache import CacheShape, PagedKVCache
 from model_runtime.loader import LoadedModel
 from model_runtime.sampler import Sampler, SamplingRow, TokenCounts, prompt_logprobs
+from model_runtime.step_graph import CompiledForward, warm_up
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +60,11 @@ class LogitsRows:
 
 
 class ModelRunner:
-    """Owns the model, the KV cache tensors and the sampler."""
+    """Owns the model, the KV cache tensors and the sampler. With
+    ``compile_max_tokens`` the step forward is compiled whole
+    (``model_runtime.step_graph``) for steps of up to that many tokens."""
 
-    def __init__(self, loaded: LoadedModel, num_blocks: int, block_size: int = 16, draft: LoadedModel | None = None) -> None:
+    def __init__(self, loaded: LoadedModel, num_blocks: int, block_size: int = 16, draft: LoadedModel | None = None, compile_max_tokens: int | None = None) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.device = loaded.device
@@ -73,12 +76,25 @@ class ModelRunner:
         self.drafter = DraftModel(draft, num_blocks, block_size) if draft is not None else None
         self.sampler = Sampler(self.model.config.vocab_size)
         self.requests = RunnerRequests()
+        self.compiled = self._compile(compile_max_tokens) if compile_max_tokens else None
         draft_bytes = self.drafter.kv_cache.kv_cache_bytes if self.drafter else 0
         logger.info(
             "KV cache: %d blocks of %d tokens = %d tokens (%.1f MiB%s)",
             num_blocks, block_size, self.kv_cache.num_tokens, self.kv_cache.kv_cache_bytes / 2**20,
             f" + {draft_bytes / 2**20:.1f} MiB for the draft model" if draft_bytes else "",
         )
+
+    def _compile(self, max_num_tokens: int) -> CompiledForward | None:
+        """The compiled forward, warmed up for every step shape; None (eager
+        steps, with a warning) where compiling fails, e.g. with no C++ compiler."""
+        compiled = CompiledForward(self.model)
+        try:
+            with torch.inference_mode():
+                warm_up(compiled, self.kv_cache.key_caches, self.kv_cache.value_caches, max_num_tokens, with_mask=not self.decode_kernel)
+        except Exception as error:  # torch.compile raises many kinds; any of them means: run eagerly
+            logger.warning("--compile: compiling the step forward failed, running it eagerly instead: %s", str(error).splitlines()[0] if str(error) else type(error).__name__)
+            return None
+        return compiled
 
     @staticmethod
     def bytes_per_block(loaded: LoadedModel, block_size: int, draft: LoadedModel | None = None) -> int:
@@ -201,6 +217,10 @@ class ModelRunner:
 
     def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, context: StepContext, logits_rows: torch.Tensor | None) -> torch.Tensor | None:
         # With no sampling rows, keep a single row: the LM head cost is negligible.
+        if self.compiled is not None:
+            keep = logits_rows if logits_rows is not None else torch.tensor([0], device=self.device)
+            logits = self.compiled(input_ids, position_ids, context, keep)
+            return logits[0] if logits_rows is not None else None  # [S, vocab]
         keep = logits_rows if logits_rows is not None else 1
         output = self.model(
             input_ids=input_ids,

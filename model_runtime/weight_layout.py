@@ -36,6 +36,22 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+# oneDNN's packed linear as an opaque op for compiled forwards
+# (``model_runtime.step_graph``): inductor's own lowering of
+# ``mkldnn._linear_pointwise`` rejects dynamic row counts. A plain
+# ``Library`` op: a ``torch.library.custom_op`` costs about 4x more per call.
+_GRAPH_OPS = torch.library.Library("tokenstep_layout", "DEF")
+_GRAPH_OPS.define("packed_linear(Tensor x, Tensor packed_weight, Tensor? bias) -> Tensor")
+_GRAPH_OPS.impl("packed_linear", lambda x, w, b: torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], ""), "CompositeExplicitAutograd")
+torch.library.register_fake("tokenstep_layout::packed_linear", lambda x, w, b: x.new_empty(*x.shape[:-1], w.shape[0]))
+
+
+def packed_linear(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ W.t() + bias`` with ``W`` packed by ``mkldnn._reorder_linear_weight``."""
+    if torch.compiler.is_compiling():
+        return torch.ops.tokenstep_layout.packed_linear(x, packed_weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(x, packed_weight, bias, "none", [], "")
+
 # oneDNN picks its blocked layout for an expected row count; decode steps
 # run 1-64 rows and 16 measured as well as any other hint at every size in
 # bf16; for float32, 64 did better (see the module docstring).
@@ -66,7 +82,7 @@ class PackedLinear(nn.Module):
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+        return packed_linear(x, self.packed_weight, self.bias)
 
 
 class RowSwitchedLinear(nn.Module):
@@ -91,7 +107,7 @@ class RowSwitchedLinear(nn.Module):
         return self.mkl_forward(x)
 
     def packed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+        return packed_linear(x, self.packed_weight, self.bias)
 
     def mkl_forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, self.weight, self.bias)

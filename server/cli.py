@@ -27,6 +27,7 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="auto, cpu or cuda")
     parser.add_argument("--quantization", choices=["none", "int8", "gguf"], help="int8: weight-only int8 linears; gguf: a GGUF model's own Q4_0/Q4_1/Q8_0 weights (both CPU, float32 activations; default none)")
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="compile the step forward whole (torch.compile): shorter steps, 1-2 minutes more at start (default off)")
     parser.add_argument("--chat-template", help="Jinja chat template file overriding the model's")
     parser.add_argument("--num-speculative-tokens", type=int, help="speculative decoding: draft tokens per greedy request per step (default 0 = off; 4 with --speculative-model)")
     parser.add_argument("--speculative-model", help="draft model with the served model's vocabulary (HF directory or hub id); without it drafts come from n-gram lookup")
@@ -72,6 +73,7 @@ def make_loader(settings: Settings):
             max_model_len=settings.max_model_len,
             num_speculative_tokens=settings.num_speculative_tokens,
             speculative_model=settings.speculative_model,
+            compile=settings.compile,
         )
         chat_template = Path(settings.chat_template).read_text() if settings.chat_template else None
         core = build_engine_core(config)

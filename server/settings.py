@@ -39,6 +39,7 @@ class Settings(BaseSettings):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     quantization: Literal["none", "int8", "gguf"] = Field("none", description="int8: weight-only int8 linears in groups of 32 (scale + offset each); gguf: a GGUF model's (or the default model's) own Q4_0/Q4_1/Q8_0 blocks, served as stored; both CPU with float32 activations; none: the checkpoint's dtype")
     enable_prefix_caching: bool = True
+    compile: bool = Field(False, description="compile the step forward whole with torch.compile (inductor; needs a C++ compiler): shorter steps, but 1-2 minutes more at start (less once inductor's cache is warm)")
     num_speculative_tokens: int | None = Field(None, ge=0, le=16, description=f"speculative decoding: draft tokens per greedy request per step, by n-gram lookup or from --speculative-model (default 0 = off; {DRAFT_MODEL_SPECULATIVE_TOKENS} with a speculative model)")
     speculative_model: str | None = Field(None, description="draft model (HF directory or hub id, same vocabulary) for speculative decoding; unset = n-gram lookup when --num-speculative-tokens > 0")
     chat_template: str | None = Field(None, description="Jinja chat template file overriding the model's")

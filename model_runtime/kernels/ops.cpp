@@ -1,5 +1,5 @@
 // torch ops over the per-ISA kernels of woq_gemm.cpp:
-//   tokenstep::int8_linear(x, q, scales, offsets, bias, isa) -> y
+//   tokenstep::int8_linear(x, q, scales, offsets, bias, isa, gemm_from_rows) -> y
 // x: float32 [..., K]; q: int8 [N, K] (contiguous); scales, offsets: float32
 // [N, ceil(K / 32)], w = q * scale + offset per group of 32 weights of a row;
 // bias: float32 [N] or None;
@@ -17,6 +17,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/linear.h>
 #include <torch/library.h>
 
 #include <cstdint>
@@ -172,22 +173,32 @@ at::Tensor dequantize(const char* op, bool int4, Dequantize Isa::*kernel, const 
     return out;
 }
 
-at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales, const at::Tensor& offsets,
-                       const c10::optional<at::Tensor>& bias, int64_t isa) {
-    return linear<int8_t>("int8_linear", false, &Isa::int8_gemm, x, q, scales, offsets, bias, isa);
-}
-
 at::Tensor int8_dequantize(const at::Tensor& q, const at::Tensor& scales, const at::Tensor& offsets, int64_t isa) {
     return dequantize<int8_t>("int8_dequantize", false, &Isa::int8_dequantize, q, scales, offsets, isa);
 }
 
-at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales, const at::Tensor& offsets,
-                       const c10::optional<at::Tensor>& bias, int64_t isa) {
-    return linear<uint8_t>("int4_linear", true, &Isa::int4_gemm, x, q, scales, offsets, bias, isa);
-}
-
 at::Tensor int4_dequantize(const at::Tensor& q, const at::Tensor& scales, const at::Tensor& offsets, int64_t isa) {
     return dequantize<uint8_t>("int4_dequantize", true, &Isa::int4_dequantize, q, scales, offsets, isa);
+}
+
+// From gemm_from_rows rows on (when > 0), the weight is dequantized and
+// torch's GEMM runs instead: faster for long prefills (measured at load).
+// The switch lives here rather than in Python so that a compiled forward
+// has no branch on the row count.
+bool use_gemm(const at::Tensor& x, int64_t gemm_from_rows) {
+    return gemm_from_rows > 0 && x.size(-1) > 0 && x.numel() / x.size(-1) >= gemm_from_rows;
+}
+
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales, const at::Tensor& offsets,
+                       const c10::optional<at::Tensor>& bias, int64_t isa, int64_t gemm_from_rows) {
+    if (use_gemm(x, gemm_from_rows)) return at::linear(x, int8_dequantize(q, scales, offsets, isa), bias);
+    return linear<int8_t>("int8_linear", false, &Isa::int8_gemm, x, q, scales, offsets, bias, isa);
+}
+
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales, const at::Tensor& offsets,
+                       const c10::optional<at::Tensor>& bias, int64_t isa, int64_t gemm_from_rows) {
+    if (use_gemm(x, gemm_from_rows)) return at::linear(x, int4_dequantize(q, scales, offsets, isa), bias);
+    return linear<uint8_t>("int4_linear", true, &Isa::int4_gemm, x, q, scales, offsets, bias, isa);
 }
 
 at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
@@ -240,11 +251,11 @@ at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& key
 
 TORCH_LIBRARY(tokenstep, m) {
     m.def("isas() -> str[]", &isas);
-    m.def("int8_linear(Tensor x, Tensor q, Tensor scales, Tensor offsets, Tensor? bias, int isa=-1) -> Tensor");
+    m.def("int8_linear(Tensor x, Tensor q, Tensor scales, Tensor offsets, Tensor? bias, int isa=-1, int gemm_from_rows=0) -> Tensor");
     m.impl("int8_linear", c10::DispatchKey::CPU, TORCH_FN(int8_linear));
     m.def("int8_dequantize(Tensor q, Tensor scales, Tensor offsets, int isa=-1) -> Tensor");
     m.impl("int8_dequantize", c10::DispatchKey::CPU, TORCH_FN(int8_dequantize));
-    m.def("int4_linear(Tensor x, Tensor q, Tensor scales, Tensor offsets, Tensor? bias, int isa=-1) -> Tensor");
+    m.def("int4_linear(Tensor x, Tensor q, Tensor scales, Tensor offsets, Tensor? bias, int isa=-1, int gemm_from_rows=0) -> Tensor");
     m.impl("int4_linear", c10::DispatchKey::CPU, TORCH_FN(int4_linear));
     m.def("int4_dequantize(Tensor q, Tensor scales, Tensor offsets, int isa=-1) -> Tensor");
     m.impl("int4_dequantize", c10::DispatchKey::CPU, TORCH_FN(int4_dequantize));

@@ -77,6 +77,7 @@ def test_flag_overrides_env(clean_env):
         ("TOKENSTEP_MODEL", "/env/model", "model", "/env/model"),
         ("TOKENSTEP_ENABLE_PREFIX_CACHING", "false", "enable_prefix_caching", False),
         ("TOKENSTEP_KV_CACHE_MEMORY", "128MiB", "kv_cache_memory", "128MiB"),
+        ("TOKENSTEP_COMPILE", "true", "compile", True),
     ],
 )
 def test_env_for_other_flags(clean_env, env, value, field, expected):
@@ -89,6 +90,13 @@ def test_boolean_flag_overrides_env_both_ways(clean_env):
     assert parse_settings(["--enable-prefix-caching"]).enable_prefix_caching is True
     clean_env.setenv("TOKENSTEP_ENABLE_PREFIX_CACHING", "true")
     assert parse_settings(["--no-enable-prefix-caching"]).enable_prefix_caching is False
+
+
+def test_compile_is_off_by_default_and_a_flag(clean_env):
+    assert parse_settings([]).compile is False
+    assert parse_settings(["--compile"]).compile is True
+    clean_env.setenv("TOKENSTEP_COMPILE", "true")
+    assert parse_settings(["--no-compile"]).compile is False
 
 
 def test_positional_model_overrides_env(clean_env):

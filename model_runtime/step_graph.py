@@ -1,0 +1,236 @@
+"""The step forward compiled whole with ``torch.compile`` (``--compile``).
+
+Eager, one decode step of the default model is about 4,000 small torch ops
+plus the Python of 30 decoder layers; compiled, inductor fuses the norms,
+RoPE, activations and residual adds into a few C++ kernels per layer and the
+Python disappears. The model's own forward is what gets compiled (no model
+code of ours); attention stays tokenstep's: the graph sees it as one opaque
+op per layer, ``tokenstep_graph::paged_attention``, whose step metadata
+travels as one int64 tensor, so no Python object of the step (block tables,
+prefill spans) becomes a guard of the graph.
+
+Where the data lives: the runner builds a ``StepContext`` (tensors, as in
+eager mode); ``pack`` flattens its metadata into one int64 tensor; the graph
+passes that tensor to each layer's op; the op's ``unpack`` rebuilds the
+``StepContext`` as views of it (once per step: it is remembered by the step's
+serial number) and runs ``attention.attend``, as eager mode does.
+
+Shapes: the step's token count T and the number of kept logits rows are
+dynamic. Sizes 1 and the row counts at which a linear layer switches kernels
+(measured at load) split them into a few graphs, all compiled by ``warm_up``
+at start so that no request waits for a compile.
+"""
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from model_runtime.attention import CONTEXT_KWARG, PrefillSpan, StepContext, attend
+
+logger = logging.getLogger(__name__)
+
+# Header of the packed metadata: serial, T, decode rows, their table width,
+# prefill chunks, and the block size where decode runs through SDPA (which
+# needs the context mask) or 0.
+_HEADER = 6
+_PREFILL_FIELDS = 4  # start, num_new_tokens, num_computed_tokens, num_blocks
+_serials = itertools.count(1)
+
+
+def pack(context: StepContext) -> torch.Tensor:
+    """The step's metadata as one int64 tensor ``[n]``, n > 6:
+    header, slot mapping ``[T]``, decode lengths ``[B]`` and tables ``[B *
+    width]``, per prefill (start, new, computed, number of blocks), then the
+    prefills' block ids."""
+    num_tokens = context.slot_mapping.shape[0]
+    num_decode = context.num_decode_tokens
+    width = context.decode_block_tables.shape[1] if num_decode else 0
+    spans = [(s.start, s.num_new_tokens, s.num_computed_tokens, s.block_ids.shape[0]) for s in context.prefills]
+    mask_block_size = context.decode_context_mask.shape[-1] // width if context.decode_context_mask is not None else 0
+    header = [next(_serials), num_tokens, num_decode, width, len(spans), mask_block_size]
+    parts = [torch.tensor(header + [v for span in spans for v in span], dtype=torch.long), context.slot_mapping]
+    if num_decode:
+        parts += [context.decode_context_lens, context.decode_block_tables.flatten()]
+    parts += [span.block_ids for span in context.prefills]
+    return torch.cat(parts)
+
+
+_last_unpacked: tuple[int, StepContext] | None = None
+
+
+def unpack(metadata: torch.Tensor) -> StepContext:
+    """The ``StepContext`` (without caches) that ``pack`` flattened, as views
+    of ``metadata``; remembered for the step's other layers."""
+    global _last_unpacked
+    serial, num_tokens, num_decode, width, num_prefills, mask_block_size = metadata[:_HEADER].tolist()
+    if _last_unpacked is not None and _last_unpacked[0] == serial:
+        return _last_unpacked[1]
+    spans = metadata[_HEADER : _HEADER + num_prefills * _PREFILL_FIELDS].view(num_prefills, _PREFILL_FIELDS).tolist()
+    at = _HEADER + num_prefills * _PREFILL_FIELDS
+    slot_mapping = metadata[at : at + num_tokens]
+    at += num_tokens
+    tables = lens = mask = None
+    if num_decode:
+        lens = metadata[at : at + num_decode]
+        tables = metadata[at + num_decode : at + num_decode + num_decode * width].view(num_decode, width)
+        at += num_decode + num_decode * width
+        if mask_block_size:
+            positions = torch.arange(width * mask_block_size, device=metadata.device)
+            mask = (positions[None, :] < lens[:, None])[:, None, None, :]  # [B, 1, 1, L]
+    prefills = []
+    for start, num_new, num_computed, num_blocks in spans:
+        prefills.append(PrefillSpan(start, num_new, num_computed, metadata[at : at + num_blocks]))
+        at += num_blocks
+    context = StepContext([], [], slot_mapping, num_decode, tables, lens, mask, prefills)
+    _last_unpacked = (serial, context)
+    return context
+
+
+@torch.library.custom_op("tokenstep_graph::paged_attention", mutates_args=("key_cache", "value_cache"))
+def paged_attention(
+    query: torch.Tensor,  # [1, heads, T, head_dim]
+    key: torch.Tensor,  # [1, kv_heads, T, head_dim]
+    value: torch.Tensor,
+    key_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim]
+    value_cache: torch.Tensor,
+    metadata: torch.Tensor,  # int64 [n]: pack()
+    scaling: float,
+) -> torch.Tensor:
+    """One layer's paged attention as the graph sees it: ``[1, T, heads, head_dim]``."""
+    return attend(query, key, value, key_cache, value_cache, unpack(metadata), scaling)
+
+
+@paged_attention.register_fake
+def _(query, key, value, key_cache, value_cache, metadata, scaling):
+    return query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])
+
+
+def _register_kernel_fakes() -> None:
+    """Shapes of tokenstep's C++ ops (``model_runtime.kernels``) for tracing."""
+    from model_runtime import kernels
+
+    if kernels.load() is None or getattr(_register_kernel_fakes, "done", False):
+        return
+    for kind in ("int8", "int4"):
+        def linear_fake(x, q, scales, offsets, bias, isa=-1, gemm_from_rows=0):
+            return x.new_empty(*x.shape[:-1], q.shape[0])
+
+        def dequantize_fake(q, scales, offsets, isa=-1, packed=kind == "int4"):
+            return q.new_empty(q.shape[0], q.shape[1] * (2 if packed else 1), dtype=torch.float32)
+
+        torch.library.register_fake(f"tokenstep::{kind}_linear", linear_fake)
+        torch.library.register_fake(f"tokenstep::{kind}_dequantize", dequantize_fake)
+    _register_kernel_fakes.done = True
+
+
+@dataclass(frozen=True)
+class GraphStepContext:
+    """What the compiled forward passes down to attention instead of a
+    ``StepContext``: the caches and the packed metadata, tensors only."""
+
+    key_caches: list[torch.Tensor]
+    value_caches: list[torch.Tensor]
+    metadata: torch.Tensor
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int, scaling: float) -> torch.Tensor:
+        return torch.ops.tokenstep_graph.paged_attention(query, key, value, self.key_caches[layer], self.value_caches[layer], self.metadata, scaling)
+
+
+class CompiledForward:
+    """``model(...)`` of one step, compiled once per shape class."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        _register_kernel_fakes()
+        self.model = model
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        # One graph for every step size: without this, sizes 0 and 1 (one
+        # token, one kept row) would each get a graph of their own.
+        torch.fx.experimental._config.backed_size_oblivious = True
+        # Nor should the step's one sequence dimension be unified with the
+        # batch dimension when a step has one token.
+        torch.fx.experimental._config.use_duck_shape = False
+        self._compiled = torch.compile(self._forward, dynamic=True, fullgraph=True, options={"guard_filter_fn": _step_guards})
+
+    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, logits_rows: torch.Tensor, context: GraphStepContext) -> torch.Tensor:
+        output = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False, logits_to_keep=logits_rows, **{CONTEXT_KWARG: context})
+        return output.logits
+
+    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, context: StepContext, logits_rows: torch.Tensor) -> torch.Tensor:
+        """Logits ``[1, R, vocab]`` at ``logits_rows`` ``[R]`` of the step."""
+        graph_context = GraphStepContext(context.key_caches, context.value_caches, pack(context))
+        return self._compiled(input_ids, position_ids, logits_rows, graph_context)
+
+
+# The guards a compiled step keeps: the shapes of the step's own inputs and
+# the symbolic-shape relations between them (which graph a step size takes).
+# The rest (about 8,000 guards on the model's modules, parameters, caches and
+# the context's type, which never change after load) cost 2.5 ms a step.
+_KEPT_TENSOR_GUARDS = {"input_ids", "position_ids", "logits_rows", "context.metadata"}
+_KEPT_GUARD_TYPES = {"SHAPE_ENV", "GRAD_MODE", "GLOBAL_STATE", "TORCH_FUNCTION_STATE", "DEFAULT_DEVICE", "DETERMINISTIC_ALGORITHMS"}
+
+
+def _step_guards(entries: list) -> list[bool]:
+    return [entry.guard_type in _KEPT_GUARD_TYPES or (entry.guard_type == "TENSOR_MATCH" and entry.name in _KEPT_TENSOR_GUARDS) for entry in entries]
+
+
+RECOMPILE_LIMIT = 32  # shape classes: T = 1 or not, kept rows 1 or not, each linear's kernel switch
+
+
+def warm_up(forward: CompiledForward, key_caches: list[torch.Tensor], value_caches: list[torch.Tensor], max_num_tokens: int, with_mask: bool) -> None:
+    """Compile every shape class a step can take before serving: one decode
+    row alone; then, for a step size on each side of every row count where a
+    linear switches kernels (and 2 and the largest step), that many decode
+    rows, a prefill of that many tokens alone, and one beside two decode rows. The steps write garbage into the first
+    blocks of the pool, which nothing holds yet at start."""
+    start = time.perf_counter()
+    token_counts = sorted({2, max_num_tokens} | {n for rows in kernel_switch_rows(forward.model) for n in (rows - 1, rows) if 2 <= n <= max_num_tokens})
+    shapes = [(1, 0)] + [shape for n in token_counts for shape in ((n, 0), (0, n), (2, n))]
+    for num_decode, num_prefill in shapes:
+        context, positions, rows = _synthetic_step(num_decode, num_prefill, key_caches, value_caches, with_mask)
+        input_ids = torch.zeros(1, num_decode + num_prefill, dtype=torch.long, device=key_caches[0].device)
+        forward(input_ids, torch.tensor([positions], device=input_ids.device), context, rows)
+    logger.info("compiled the step forward for %d step shapes in %.1f s", len(shapes), time.perf_counter() - start)
+
+
+def kernel_switch_rows(model: torch.nn.Module) -> set[int]:
+    """Row counts at which a float32 linear layer changes kernels in Python
+    (measured at load): each one splits the compiled graphs."""
+    rows = set()
+    for module in model.modules():
+        value = getattr(module, "packed_from_rows", None)  # quantized linears switch inside their op
+        if isinstance(value, int) and value > 1:
+            rows.add(value)
+    return rows
+
+
+def _synthetic_step(num_decode: int, num_prefill: int, key_caches: list[torch.Tensor], value_caches: list[torch.Tensor], with_mask: bool) -> tuple[StepContext, list[int], torch.Tensor]:
+    """A step of ``num_decode`` one-token rows at position ``block_size``
+    (two blocks each) then one fresh prefill of ``num_prefill`` tokens, on
+    block ids wrapped into the pool; with its positions and the rows whose
+    logits a real step would keep."""
+    num_blocks, block_size = key_caches[0].shape[:2]
+    device = key_caches[0].device
+    slots, positions, tables = [], [], []
+    for row in range(num_decode):
+        blocks = [(2 * row) % num_blocks, (2 * row + 1) % num_blocks]
+        tables.append(blocks)
+        slots.append(blocks[1] * block_size)
+        positions.append(block_size)
+    prefills = []
+    if num_prefill:
+        block_ids = [(2 * num_decode + i) % num_blocks for i in range(-(-num_prefill // block_size))]
+        prefills.append(PrefillSpan(num_decode, num_prefill, 0, torch.tensor(block_ids, device=device)))
+        slots += [block_ids[p // block_size] * block_size + p % block_size for p in range(num_prefill)]
+        positions += list(range(num_prefill))
+    decode_tables = decode_lens = mask = None
+    if num_decode:
+        decode_tables = torch.tensor(tables, device=device)  # [B, 2]
+        decode_lens = torch.full((num_decode,), block_size + 1, device=device)  # [B]
+        if with_mask:
+            mask = (torch.arange(2 * block_size, device=device)[None, :] < decode_lens[:, None])[:, None, None, :]
+    context = StepContext(key_caches, value_caches, torch.tensor(slots, device=device), num_decode, decode_tables, decode_lens, mask, prefills)
+    rows = list(range(num_decode)) + ([num_decode + num_prefill - 1] if num_prefill else [])
+    return context, positions, torch.tensor(rows, device=device)
