@@ -87,6 +87,8 @@ def attend(
     prefill chunk on its own. ``context``'s step metadata is used, not its
     caches. Returns ``[1, T, heads, head_dim]``."""
     _write_cache(key_cache, value_cache, key[0], value[0], context.slot_mapping)
+    if not context.prefills:  # decode rows only: the kernel's [B, heads, head_dim] is the output
+        return _decode_attention(query[0], key_cache, value_cache, context, scaling).contiguous().unsqueeze(0)
 
     num_tokens, num_heads, head_dim = query.shape[2], query.shape[1], query.shape[3]
     output = query.new_empty(num_tokens, num_heads, head_dim)  # [T, heads, head_dim]
@@ -99,6 +101,9 @@ def attend(
 
 
 def _write_cache(key_cache: torch.Tensor, value_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    if key_cache.dtype == torch.float32 and key_cache.device.type == "cpu" and (ops := kernels.load()) is not None:
+        ops.write_kv_cache(key, value, key_cache, value_cache, slot_mapping)
+        return
     num_kv_heads, head_dim = key_cache.shape[2], key_cache.shape[3]
     # key/value: [kv_heads, T, head_dim] -> [T, kv_heads, head_dim]
     key_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key.transpose(0, 1))

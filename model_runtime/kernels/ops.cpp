@@ -7,6 +7,8 @@
 //   tokenstep::paged_decode_attention(query, key_cache, value_cache, block_tables,
 //   context_lens, scale, isa) -> out: one new token per sequence attending
 //   over its paged cache (paged_attention.cpp);
+//   tokenstep::write_kv_cache(key, value, key_cache, value_cache, slot_mapping):
+//   a step's new K/V into their slots;
 //   tokenstep::int4_linear / int4_dequantize: the same with packed uint8
 // [N, K / 2], two 4-bit weights a byte in GGUF's Q4 order (a group's byte i
 // holds weight i low, weight i + 16 high), K a multiple of 32;
@@ -21,6 +23,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -201,6 +204,41 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
     return linear<uint8_t>("int4_linear", true, &Isa::int4_gemm, x, q, scales, offsets, bias, isa);
 }
 
+// The step's new keys and values into their cache slots: key/value [kv_heads,
+// T, head_dim] as the model hands them (rows contiguous), caches [num_blocks,
+// block_size, kv_heads, head_dim] contiguous float32, slot_mapping [T]. One
+// call for both tensors instead of two index_copy_ over transposed views.
+void write_kv_cache(const at::Tensor& key, const at::Tensor& value, const at::Tensor& key_cache,
+                    const at::Tensor& value_cache, const at::Tensor& slot_mapping) {
+    const char* op = "write_kv_cache";
+    TORCH_CHECK(key_cache.scalar_type() == at::kFloat && key_cache.dim() == 4 && key_cache.is_contiguous() &&
+                    value_cache.sizes() == key_cache.sizes() && value_cache.scalar_type() == at::kFloat &&
+                    value_cache.is_contiguous(),
+                op, ": caches must be contiguous float32 [num_blocks, block_size, kv_heads, head_dim], both the same");
+    const int64_t kv_heads = key_cache.size(2), D = key_cache.size(3), num_slots = key_cache.size(0) * key_cache.size(1);
+    for (const auto* t : {&key, &value})
+        TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 3 && t->size(0) == kv_heads && t->size(2) == D &&
+                        t->stride(2) == 1 && t->size(1) == key.size(1),
+                    op, ": key and value must be float32 [", kv_heads, ", T, ", D, "] with contiguous rows");
+    const int64_t T = key.size(1);
+    TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 && slot_mapping.size(0) == T &&
+                    slot_mapping.is_contiguous(),
+                op, ": slot_mapping must be contiguous int64 [T]");
+    const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+    for (int64_t t = 0; t < T; ++t)
+        TORCH_CHECK(slots[t] >= 0 && slots[t] < num_slots, op, ": slot ", slots[t], " out of range");
+    float* caches[2] = {key_cache.data_ptr<float>(), value_cache.data_ptr<float>()};
+    const at::Tensor* sources[2] = {&key, &value};
+    for (int which = 0; which < 2; ++which) {
+        const float* src = sources[which]->data_ptr<float>();
+        const int64_t stride_h = sources[which]->stride(0), stride_t = sources[which]->stride(1);
+        for (int64_t t = 0; t < T; ++t)
+            for (int64_t h = 0; h < kv_heads; ++h)
+                std::memcpy(caches[which] + (slots[t] * kv_heads + h) * D, src + h * stride_h + t * stride_t,
+                            D * sizeof(float));
+    }
+}
+
 at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
                                   const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
                                   int64_t isa) {
@@ -261,4 +299,6 @@ TORCH_LIBRARY(tokenstep, m) {
     m.impl("int4_dequantize", c10::DispatchKey::CPU, TORCH_FN(int4_dequantize));
     m.def("paged_decode_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, Tensor context_lens, float scale, int isa=-1) -> Tensor");
     m.impl("paged_decode_attention", c10::DispatchKey::CPU, TORCH_FN(paged_decode_attention));
+    m.def("write_kv_cache(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor slot_mapping) -> ()");
+    m.impl("write_kv_cache", c10::DispatchKey::CPU, TORCH_FN(write_kv_cache));
 }

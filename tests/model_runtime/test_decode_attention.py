@@ -66,3 +66,19 @@ def test_the_kernel_runs_only_where_it_applies(ops):
     assert decode_kernel_runs(CacheShape(2, 3, 64, torch.float32), cpu)
     assert not decode_kernel_runs(CacheShape(2, 3, 64, torch.bfloat16), cpu)  # bf16 caches: SDPA
     assert not decode_kernel_runs(CacheShape(2, 3, 72, torch.float32), cpu)  # a head size it does not take
+
+
+def test_write_kv_cache_matches_index_copy(ops):
+    torch.manual_seed(1)
+    key_cache, value_cache = torch.zeros(2, 6, 4, 3, 16).unbind(0)
+    key_cache, value_cache = key_cache.contiguous(), value_cache.contiguous()
+    expected_keys, expected_values = key_cache.clone(), value_cache.clone()
+    key, value = torch.randn(2, 1, 5, 3, 16).unbind(0)
+    key, value = key[0].transpose(0, 1), value[0].transpose(0, 1)  # [kv_heads, T, head_dim], strided as the model's
+    slots = torch.tensor([0, 5, 23, 7, 12])
+    expected_keys.view(-1, 3, 16).index_copy_(0, slots, key.transpose(0, 1))
+    expected_values.view(-1, 3, 16).index_copy_(0, slots, value.transpose(0, 1))
+    ops.write_kv_cache(key, value, key_cache, value_cache, slots)
+    assert torch.equal(key_cache, expected_keys) and torch.equal(value_cache, expected_values)
+    with pytest.raises(RuntimeError, match="slot 24 out of range"):
+        ops.write_kv_cache(key, value, key_cache, value_cache, torch.tensor([0, 1, 2, 3, 24]))
