@@ -49,7 +49,7 @@ for peer in $PEERS; do
   if curl -s "http://127.0.0.1:$PORT/" > /dev/null; then echo "port $PORT is busy: stop what is there first" >&2; exit 1; fi
   setsid bash -c "$(declare -f start_peer); ROOT=$ROOT PORT=$PORT MODEL_DIR=$MODEL_DIR start_peer $peer" > "$OUT/$peer.server.log" 2>&1 &
   pid=$!
-  for _ in $(seq 1 600); do curl -sf "http://127.0.0.1:$PORT/v1/models" > /dev/null && break; sleep 1; done
+  for _ in $(seq 1 600); do curl -sf "http://127.0.0.1:$PORT/v1/models" > /dev/null && break; kill -0 "$pid" 2>/dev/null || break; sleep 1; done
   kill -0 "$pid" || { echo "$peer did not start: see $OUT/$peer.server.log" >&2; exit 1; }
   BENCH=$(bench_cmd "$peer")
   $BENCH --num-prompts 4 --max-concurrency 4 --output-len 8 --no-progress > /dev/null || true   # warm-up

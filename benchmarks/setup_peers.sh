@@ -36,7 +36,12 @@ setup_llama() {
     python3 -m pip download -q --no-deps --no-binary :all: -d "$tmp" "$LLAMA_CPP_PYTHON"
     tar xzf "$tmp"/llama_cpp_python-*.tar.gz -C "$tmp"
     rm -rf "$src"; mv "$tmp"/llama_cpp_python-*/vendor/llama.cpp "$src"; rm -rf "$tmp"
+    # No AMX: on this project's Intel VMs lscpu lists amx_tile/amx_int8, but
+    # the kernel refuses the tile state and ggml's Q4_1 AMX kernel dies with
+    # SIGILL at its first tilezero (seen 2026-12-03); torch checks and skips it.
+    local no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
     cmake -S "$src" -B "$src/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+      -DCMAKE_C_FLAGS="$no_amx" -DCMAKE_CXX_FLAGS="$no_amx" \
       -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DGGML_CUDA=OFF > "$ROOT/llama-cmake.log"
     cmake --build "$src/build" --target llama-server -j "$(nproc)" > "$ROOT/llama-build.log"
   fi
