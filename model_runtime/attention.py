@@ -187,11 +187,13 @@ def decode_tables(block_tables: list[list[int]], context_lens: list[int], block_
     padded = [block_ids + [0] * (max_blocks - len(block_ids)) for block_ids in block_tables]
     tables = torch.tensor(padded, dtype=torch.long, device=device)  # [B, max_blocks]
     lens = torch.tensor(context_lens, dtype=torch.long, device=device)  # [B]
-    if not with_mask:
-        return tables, lens, None
-    positions = torch.arange(max_blocks * block_size, device=device)
-    mask = positions[None, :] < lens[:, None]  # [B, L]
-    return tables, lens, mask[:, None, None, :]
+    return tables, lens, context_mask(lens, max_blocks * block_size) if with_mask else None
+
+
+def context_mask(context_lens: torch.Tensor, max_len: int) -> torch.Tensor:
+    """SDPA's mask ``[B, 1, 1, max_len]`` over decode rows' padded contexts."""
+    positions = torch.arange(max_len, device=context_lens.device)
+    return (positions[None, :] < context_lens[:, None])[:, None, None, :]
 
 
 def register() -> str:

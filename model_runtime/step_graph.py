@@ -16,9 +16,11 @@ passes that tensor to each layer's op; the op's ``unpack`` rebuilds the
 serial number) and runs ``attention.attend``, as eager mode does.
 
 Shapes: the step's token count T and the number of kept logits rows are
-dynamic. Sizes 1 and the row counts at which a linear layer switches kernels
-(measured at load) split them into a few graphs, all compiled by ``warm_up``
-at start so that no request waits for a compile.
+dynamic, and one graph serves every size (sizes 0 and 1 are not special
+cased, and the quantized linears switch kernels inside their C++ op). Only a
+float32 linear that switches between MKL and oneDNN at some row count
+(measured at load) splits the graphs; ``warm_up`` compiles every graph at
+start so that no request waits for a compile.
 """
 
 import itertools
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model_runtime.attention import CONTEXT_KWARG, PrefillSpan, StepContext, attend
+from model_runtime.attention import CONTEXT_KWARG, PrefillSpan, StepContext, attend, context_mask, decode_tables
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +53,7 @@ def pack(context: StepContext) -> torch.Tensor:
     spans = [(s.start, s.num_new_tokens, s.num_computed_tokens, s.block_ids.shape[0]) for s in context.prefills]
     mask_block_size = context.decode_context_mask.shape[-1] // width if context.decode_context_mask is not None else 0
     header = [next(_serials), num_tokens, num_decode, width, len(spans), mask_block_size]
-    parts = [torch.tensor(header + [v for span in spans for v in span], dtype=torch.long), context.slot_mapping]
+    parts = [torch.tensor(header + [v for span in spans for v in span], dtype=torch.long, device=context.slot_mapping.device), context.slot_mapping]
     if num_decode:
         parts += [context.decode_context_lens, context.decode_block_tables.flatten()]
     parts += [span.block_ids for span in context.prefills]
@@ -78,8 +80,7 @@ def unpack(metadata: torch.Tensor) -> StepContext:
         tables = metadata[at + num_decode : at + num_decode + num_decode * width].view(num_decode, width)
         at += num_decode + num_decode * width
         if mask_block_size:
-            positions = torch.arange(width * mask_block_size, device=metadata.device)
-            mask = (positions[None, :] < lens[:, None])[:, None, None, :]  # [B, 1, 1, L]
+            mask = context_mask(lens, width * mask_block_size)
     prefills = []
     for start, num_new, num_computed, num_blocks in spans:
         prefills.append(PrefillSpan(start, num_new, num_computed, metadata[at : at + num_blocks]))
@@ -225,12 +226,9 @@ def _synthetic_step(num_decode: int, num_prefill: int, key_caches: list[torch.Te
         prefills.append(PrefillSpan(num_decode, num_prefill, 0, torch.tensor(block_ids, device=device)))
         slots += [block_ids[p // block_size] * block_size + p % block_size for p in range(num_prefill)]
         positions += list(range(num_prefill))
-    decode_tables = decode_lens = mask = None
+    decode_block_tables = decode_lens = mask = None
     if num_decode:
-        decode_tables = torch.tensor(tables, device=device)  # [B, 2]
-        decode_lens = torch.full((num_decode,), block_size + 1, device=device)  # [B]
-        if with_mask:
-            mask = (torch.arange(2 * block_size, device=device)[None, :] < decode_lens[:, None])[:, None, None, :]
-    context = StepContext(key_caches, value_caches, torch.tensor(slots, device=device), num_decode, decode_tables, decode_lens, mask, prefills)
+        decode_block_tables, decode_lens, mask = decode_tables(tables, [block_size + 1] * num_decode, block_size, device, with_mask)
+    context = StepContext(key_caches, value_caches, torch.tensor(slots, device=device), num_decode, decode_block_tables, decode_lens, mask, prefills)
     rows = list(range(num_decode)) + ([num_decode + num_prefill - 1] if num_prefill else [])
     return context, positions, torch.tensor(rows, device=device)

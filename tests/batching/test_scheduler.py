@@ -596,3 +596,10 @@ def test_step_budget_is_resolved_by_device(device_type, given, expected) -> None
     config = SchedulerConfig.for_device(device_type, max_num_seqs=8, max_num_batched_tokens=given, num_speculative_tokens=2)
     assert (config.max_num_batched_tokens, config.tokens_per_running_request) == expected
     assert (config.max_num_seqs, config.num_speculative_tokens) == (8, 2)
+
+
+def test_max_step_tokens_is_the_budget_at_full_concurrency_with_drafts() -> None:
+    growing = SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=128, tokens_per_running_request=8, num_speculative_tokens=2)
+    assert growing.max_step_tokens == 64 * 8 + 64 * 2
+    fixed = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=300)
+    assert fixed.max_step_tokens == 300

@@ -176,3 +176,14 @@ def test_int8_greedy_parity_with_generate_on_the_dequantized_model(family: str, 
     expected = generate_outputs(reference_model, prompts)
     assert run_engine(build(loaded, num_kv_blocks=512, max_num_batched_tokens=4096), prompts) == expected
     assert run_engine(build(loaded, num_kv_blocks=40, max_num_batched_tokens=37), prompts, id_prefix="p") == expected  # chunked, preempted
+
+
+def test_the_op_switches_to_dequantize_and_gemm_from_gemm_from_rows(ops):
+    torch.manual_seed(5)
+    module = Int8Linear.quantize(torch.randn(48, 96), torch.randn(48), ops)
+    x = torch.randn(6, 96)
+    gemm = module.gemm_forward(x)
+    assert torch.equal(module.kernel_forward(x, gemm_from_rows=6), gemm)  # 6 rows >= 6: dequantize + GEMM inside the op
+    assert not torch.equal(module.kernel_forward(x, gemm_from_rows=7), gemm)  # below it: the kernel (other summation order)
+    module.gemm_from_rows = 4
+    assert torch.equal(module(x), gemm) and torch.allclose(module(x[:3]), module.gemm_forward(x[:3]), atol=1e-4)
