@@ -1,6 +1,6 @@
 """How much a dtype changes the default model's predictions, against float32.
 
-    .venv/bin/python benchmarks/dtype_quality.py [--dtype bfloat16 | --quantization int8 [--float-lm-head]]
+    .venv/bin/python benchmarks/dtype_quality.py [--dtype bfloat16 | --quantization int8 [--float-lm-head] | --quantization gguf] [--activations int16|int8]
 
 Greedy-generates 48 tokens for each prompt in float32, then scores those same
 sequences (prompt + generated) with the other dtype, teacher-forced, and
@@ -15,7 +15,10 @@ import statistics
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from model_runtime.default_model import default_model_dir
+from model_runtime import kernels
+from model_runtime.default_model import default_gguf_file, default_model_dir
+from model_runtime.gguf_weights import load_gguf_linears
+from model_runtime.int_activations import quantize_activations
 from model_runtime.quantization import quantize_int8
 
 PROMPTS = [
@@ -44,16 +47,24 @@ def chat_ids(tokenizer, prompt: str) -> torch.Tensor:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--quantization", choices=["int8"], help="float32 activations with tokenstep's weight-only int8 linears (model_runtime/quantization.py) instead of --dtype")
-    parser.add_argument("--float-lm-head", action="store_true", help="with --quantization: keep the LM head float32")
+    parser.add_argument("--quantization", choices=["int8", "gguf"], help="float32 activations with tokenstep's weight-only int8 linears (model_runtime/quantization.py), or the shipped GGUF's own Q4_1/Q8_0 blocks, instead of --dtype")
+    parser.add_argument("--float-lm-head", action="store_true", help="with --quantization int8: keep the LM head float32")
+    parser.add_argument("--activations", choices=["float32", "int16", "int8"], default="float32", help="int16/int8: the quantized linears quantize their inputs too (serve --activations)")
     args = parser.parse_args()
     path = default_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(path)
     reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     if args.quantization:
         other = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        quantize_int8(other, include_lm_head=not args.float_lm_head)
-        args.dtype = "int8 weights" + (" (float32 LM head)" if args.float_lm_head else "")
+        if args.quantization == "gguf":
+            load_gguf_linears(other, default_gguf_file())
+            args.dtype = "the GGUF's Q4_1/Q8_0 blocks"
+        else:
+            quantize_int8(other, include_lm_head=not args.float_lm_head)
+            args.dtype = "int8 weights" + (" (float32 LM head)" if args.float_lm_head else "")
+        if args.activations != "float32":
+            assert quantize_activations(other, kernels.load(), args.activations), "integer activations need tokenstep's kernels"
+            args.dtype += f", {args.activations} activations"
     else:
         other = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).eval()
     diffs, agree, departures = [], [], []

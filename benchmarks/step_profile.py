@@ -23,7 +23,7 @@ from model_runtime.loader import load_model
 GROUPS = {
     "aten::mm": "matmul", "aten::addmm": "matmul", "aten::bmm": "matmul", "aten::linear": "matmul",
     "mkldnn::_linear_pointwise": "matmul", "mkl::_mkl_linear": "matmul", "tokenstep::int8_linear": "matmul", "tokenstep::int4_linear": "matmul",
-    "tokenstep::int8_dequantize": "matmul", "tokenstep::int4_dequantize": "matmul",
+    "tokenstep::int8_dequantize": "matmul", "tokenstep::int4_dequantize": "matmul", "tokenstep::int_linear": "matmul",
     "aten::index": "attention: KV gather", "aten::index_select": "attention: KV gather",
     "aten::_scaled_dot_product_flash_attention_for_cpu": "attention: SDPA",
     "tokenstep::paged_decode_attention": "attention: decode kernel",
@@ -77,9 +77,10 @@ def main() -> None:
     parser.add_argument("--quantization", default="none", choices=["none", "int8", "gguf"], help="gguf: the default model's shipped Q4_1/Q8_0 blocks")
     parser.add_argument("--top-ops", type=int, default=0, help="also list the N costliest ops outside the named groups")
     parser.add_argument("--prefill-tokens", type=int, default=0, help="also carry a prefill chunk of this many tokens in every timed step")
+    parser.add_argument("--activations", default="float32", choices=["float32", "int16", "int8"], help="int16/int8: the quantized linears quantize their inputs too (serve --activations)")
     parser.add_argument("--compile", action="store_true", help="compile the step forward whole (serve --compile)")
     args = parser.parse_args()
-    loaded = load_model(default_model_dir(), args.dtype, "cpu", args.quantization, default_gguf_file())
+    loaded = load_model(default_model_dir(), args.dtype, "cpu", args.quantization, default_gguf_file(), args.activations)
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
         run(loaded, batch_size, args.context, args.prefill_tokens, args.top_ops, args.compile)
 

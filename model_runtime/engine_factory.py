@@ -35,6 +35,8 @@ class EngineConfig:
     # The GGUF file ``model`` was converted from (the default model's), for
     # ``quantization="gguf"``; a ``.gguf`` model is its own.
     gguf_file: str | Path | None = None
+    # "int8": quantized linears quantize their inputs too (model_runtime.int8_activations).
+    activations: str = "float32"
     block_size: int = DEFAULT_BLOCK_SIZE
     kv_cache_memory: str | int | None = None
     num_kv_blocks: int | None = None
@@ -113,7 +115,7 @@ def check_draft_vocabulary(draft: LoadedModel, loaded: LoadedModel, name: str) -
 
 
 def build_engine_core(config: EngineConfig, loaded: LoadedModel | None = None, draft: LoadedModel | None = None) -> EngineCore:
-    loaded = loaded or load_model(config.model, config.dtype, config.device, config.quantization, config.gguf_file)
+    loaded = loaded or load_model(config.model, config.dtype, config.device, config.quantization, config.gguf_file, config.activations)
     if draft is None and config.speculative_model is not None:
         draft = load_draft_model(config, loaded)
     limits = resolve_defaults(config, loaded, draft)

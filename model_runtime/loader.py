@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from model_runtime import attention
+from model_runtime import attention, kernels
 from model_runtime.gguf_weights import load_gguf_linears
+from model_runtime.int_activations import ACTIVATIONS, quantize_activations
 from model_runtime.quantization import QUANTIZATIONS, describe, quantize_int8
 from model_runtime.weight_layout import optimise_cpu_linears
 
@@ -58,17 +59,19 @@ class LoadedModel:
     eos_token_ids: tuple[int, ...]
 
 
-def load_model(model_path: str | Path, dtype: str = "auto", device: str = "auto", quantization: str = "none", gguf_file: str | Path | None = None) -> LoadedModel:
+def load_model(model_path: str | Path, dtype: str = "auto", device: str = "auto", quantization: str = "none", gguf_file: str | Path | None = None, activations: str = "float32") -> LoadedModel:
     """Load ``model_path`` (a local HF directory, a hub id or a ``.gguf``
     file, dequantized by transformers) with paged attention, its linears
     quantized as ``quantization`` says. ``gguf_file`` names the GGUF file a
     directory was converted from, for ``quantization="gguf"``, which serves
-    the file's own quantized blocks."""
+    the file's own quantized blocks. ``activations="int16"`` or ``"int8"``
+    makes those quantized linears quantize their inputs too
+    (``model_runtime.int_activations``)."""
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     source, from_gguf = hf_source(model_path)
     gguf_file = gguf_file or (model_path if from_gguf else None)
-    check_quantization(quantization, torch_device, torch_dtype, gguf_file)
+    check_quantization(quantization, torch_device, torch_dtype, gguf_file, activations)
     tokenizer = AutoTokenizer.from_pretrained(source, **from_gguf)
     model = AutoModelForCausalLM.from_pretrained(
         source, dtype=torch_dtype, attn_implementation=attention.register(), **from_gguf
@@ -76,10 +79,11 @@ def load_model(model_path: str | Path, dtype: str = "auto", device: str = "auto"
     model.to(torch_device).eval()
     if from_gguf:
         drop_gguf_quantizer(model)
-    if quantization == "int8":
-        layout = describe(quantize_int8(model))
-    elif quantization == "gguf":
-        layout = describe(load_gguf_linears(model, gguf_file))
+    if quantization in ("int8", "gguf"):
+        linears = quantize_int8(model) if quantization == "int8" else load_gguf_linears(model, gguf_file)
+        layout = describe(linears)
+        if activations != "float32" and quantize_activations(model, kernels.load(), activations):
+            layout += f"; {activations} activations"
     elif torch_device.type == "cpu":
         layout = optimise_cpu_linears(model, torch_dtype)
     else:
@@ -107,9 +111,13 @@ def drop_gguf_quantizer(model: PreTrainedModel) -> None:
         del model.config.quantization_config
 
 
-def check_quantization(quantization: str, device: torch.device, dtype: torch.dtype, gguf_file: str | Path | None = None) -> None:
+def check_quantization(quantization: str, device: torch.device, dtype: torch.dtype, gguf_file: str | Path | None = None, activations: str = "float32") -> None:
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {quantization!r}; choose {', '.join(QUANTIZATIONS)}")
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"unknown activations {activations!r}; choose {', '.join(ACTIVATIONS)}")
+    if activations != "float32" and quantization not in ("int8", "gguf"):
+        raise ValueError(f"--activations {activations} quantizes the inputs of quantized linears: use it with --quantization int8 or gguf")
     if quantization in ("int8", "gguf") and (device.type != "cpu" or dtype != torch.float32):
         raise ValueError(f"--quantization {quantization} runs on the CPU with float32 activations; got --device {device.type} and --dtype {str(dtype).removeprefix('torch.')}")
     if quantization == "gguf" and gguf_file is None:

@@ -124,6 +124,11 @@ def _register_kernel_fakes() -> None:
 
         torch.library.register_fake(f"tokenstep::{kind}_linear", linear_fake)
         torch.library.register_fake(f"tokenstep::{kind}_dequantize", dequantize_fake)
+
+    def int_linear_fake(x, codes, scales, offsets, bias, bits, act_bits, out_features, isa=-1):
+        return x.new_empty(*x.shape[:-1], out_features)
+
+    torch.library.register_fake("tokenstep::int_linear", int_linear_fake)
     _register_kernel_fakes.done = True
 
 

@@ -26,6 +26,7 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--device", help="auto, cpu or cuda")
     parser.add_argument("--quantization", choices=["none", "int8", "gguf"], help="int8: weight-only int8 linears; gguf: a GGUF model's own Q4_0/Q4_1/Q8_0 weights (both CPU, float32 activations; default none)")
+    parser.add_argument("--activations", choices=["float32", "int16", "int8"], help="int16 / int8 (with --quantization gguf or int8): quantize the linears' inputs per group of 32 too, for integer dot products; int16 stays close to float32's outputs, int8 (as llama.cpp) moves them more (default float32)")
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="compile the step forward whole (torch.compile): shorter steps, 1-2 minutes more at start (default off)")
     parser.add_argument("--chat-template", help="Jinja chat template file overriding the model's")
@@ -65,6 +66,7 @@ def make_loader(settings: Settings):
             device=settings.device,
             quantization=settings.quantization,
             gguf_file=default_gguf_file() if settings.model is None and settings.quantization == "gguf" else None,
+            activations=settings.activations,
             block_size=settings.block_size,
             kv_cache_memory=settings.kv_cache_memory,
             max_num_seqs=settings.max_num_seqs,

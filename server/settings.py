@@ -38,6 +38,7 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     quantization: Literal["none", "int8", "gguf"] = Field("none", description="int8: weight-only int8 linears in groups of 32 (scale + offset each); gguf: a GGUF model's (or the default model's) own Q4_0/Q4_1/Q8_0 blocks, served as stored; both CPU with float32 activations; none: the checkpoint's dtype")
+    activations: Literal["float32", "int16", "int8"] = Field("float32", description="int16 or int8 (with --quantization gguf or int8): the quantized linears round their inputs per group of 32 to integers too, for integer dot products and a much faster decode; int16 stays very close to the float model's outputs, int8 (what llama.cpp does) moves them more (CPU, needs tokenstep's kernels)")
     enable_prefix_caching: bool = True
     compile: bool = Field(False, description="compile the step forward whole with torch.compile (inductor; needs a C++ compiler): shorter steps, but 1-2 minutes more at start (less once inductor's cache is warm)")
     num_speculative_tokens: int | None = Field(None, ge=0, le=16, description=f"speculative decoding: draft tokens per greedy request per step, by n-gram lookup or from --speculative-model (default 0 = off; {DRAFT_MODEL_SPECULATIVE_TOKENS} with a speculative model)")

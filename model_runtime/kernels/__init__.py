@@ -33,12 +33,12 @@ LIBRARY = "libtokenstep_kernels.so"
 # (name, compiler flags, float lanes per vector, rows per micro-tile): MR x 4
 # accumulators must fit the vector registers (32 zmm, 16 ymm or xmm).
 ISAS = (
-    ("avx512", ["-mavx512f", "-mavx2", "-mfma", "-mprefer-vector-width=512"], 16, 6),
-    ("avx2", ["-mavx2", "-mfma"], 8, 3),
+    ("avx512", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx2", "-mfma", "-mf16c", "-mprefer-vector-width=512"], 16, 6),
+    ("avx2", ["-mavx2", "-mfma", "-mf16c"], 8, 3),
     ("generic", [], 4, 3),
 )
 # Compiled once per instruction set above; ops.cpp binds them to torch ops.
-PER_ISA_SOURCES = ("woq_gemm.cpp", "paged_attention.cpp")
+PER_ISA_SOURCES = ("woq_gemm.cpp", "int_gemm.cpp", "paged_attention.cpp")
 DISABLE_ENV = "TOKENSTEP_NO_KERNELS"
 
 _lock = threading.Lock()

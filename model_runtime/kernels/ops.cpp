@@ -9,6 +9,8 @@
 //   over its paged cache (paged_attention.cpp);
 //   tokenstep::write_kv_cache(key, value, key_cache, value_cache, slot_mapping):
 //   a step's new K/V into their slots;
+//   tokenstep::int_linear(x, codes, scales, offsets, bias, bits, act_bits, out_features, isa):
+//   the activations quantized to int8 or int16 per group of 32 too (int_gemm.cpp);
 //   tokenstep::int4_linear / int4_dequantize: the same with packed uint8
 // [N, K / 2], two 4-bit weights a byte in GGUF's Q4 order (a group's byte i
 // holds weight i low, weight i + 16 high), K a multiple of 32;
@@ -48,6 +50,16 @@ TS_DECLARE(generic)
 TS_DECLARE_INT4(avx512)
 TS_DECLARE_INT4(avx2)
 TS_DECLARE_INT4(generic)
+#define TS_DECLARE_INT(isa)                                                                                       \
+    void ts_quantize_activations_##isa(const float* x, int64_t K, int64_t groups, int64_t act_bits, void* xq,       \
+                                       float* dx, float* sx, int64_t m_begin, int64_t m_end);                       \
+    void ts_int_gemm_##isa(const void* xq, int64_t act_bits, const float* dx, const float* sx, int64_t M,           \
+                           int64_t groups, const uint8_t* codes, int64_t bits, const uint16_t* scales,              \
+                           const uint16_t* offsets, const float* bias, float* y, int64_t N, int64_t tile_begin,     \
+                           int64_t tile_end);
+TS_DECLARE_INT(avx512)
+TS_DECLARE_INT(avx2)
+TS_DECLARE_INT(generic)
 #define TS_DECLARE_ATTENTION(isa)                                                                                   \
     void ts_paged_decode_##isa(const float* q, int64_t q_stride_b, int64_t q_stride_h, const float* k_cache,          \
                                const float* v_cache, int64_t block_size, int64_t kv_heads, int64_t D,                 \
@@ -67,6 +79,9 @@ using Int8Dequantize = void (*)(const int8_t*, const float*, const float*, int64
 using Int4Gemm = void (*)(const float*, int64_t, int64_t, const uint8_t*, const float*, const float*, const float*,
                           float*, int64_t, int64_t, int64_t);
 using Int4Dequantize = void (*)(const uint8_t*, const float*, const float*, int64_t, float*, int64_t, int64_t);
+using QuantizeActivations = void (*)(const float*, int64_t, int64_t, int64_t, void*, float*, float*, int64_t, int64_t);
+using IntGemm = void (*)(const void*, int64_t, const float*, const float*, int64_t, int64_t, const uint8_t*, int64_t,
+                         const uint16_t*, const uint16_t*, const float*, float*, int64_t, int64_t, int64_t);
 using PagedDecode = void (*)(const float*, int64_t, int64_t, const float*, const float*, int64_t, int64_t, int64_t,
                              const int64_t*, int64_t, const int64_t*, int64_t, float, float*, int64_t, int64_t);
 
@@ -78,16 +93,22 @@ struct Isa {
     Int4Gemm int4_gemm;
     Int4Dequantize int4_dequantize;
     PagedDecode paged_decode;
+    QuantizeActivations quantize_activations;
+    IntGemm int_gemm;
 };
 
 const std::vector<Isa>& all_isas() {
     static const std::vector<Isa> isas = {
-        {"avx512", __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma"), &ts_int8_gemm_avx512, &ts_int8_dequantize_avx512,
-         &ts_int4_gemm_avx512, &ts_int4_dequantize_avx512, &ts_paged_decode_avx512},
+        // The AVX-512 build also uses VNNI (vpdpbusd) and BW: every AVX-512
+        // part this project has met has both; one without runs the AVX2 build.
+        {"avx512", __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("fma"),
+         &ts_int8_gemm_avx512, &ts_int8_dequantize_avx512, &ts_int4_gemm_avx512, &ts_int4_dequantize_avx512,
+         &ts_paged_decode_avx512, &ts_quantize_activations_avx512, &ts_int_gemm_avx512},
         {"avx2", __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"), &ts_int8_gemm_avx2, &ts_int8_dequantize_avx2,
-         &ts_int4_gemm_avx2, &ts_int4_dequantize_avx2, &ts_paged_decode_avx2},
+         &ts_int4_gemm_avx2, &ts_int4_dequantize_avx2, &ts_paged_decode_avx2, &ts_quantize_activations_avx2, &ts_int_gemm_avx2},
         {"generic", true, &ts_int8_gemm_generic, &ts_int8_dequantize_generic, &ts_int4_gemm_generic,
-         &ts_int4_dequantize_generic, &ts_paged_decode_generic},
+         &ts_int4_dequantize_generic, &ts_paged_decode_generic, &ts_quantize_activations_generic, &ts_int_gemm_generic},
     };
     return isas;
 }
@@ -204,6 +225,63 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
     return linear<uint8_t>("int4_linear", true, &Isa::int4_gemm, x, q, scales, offsets, bias, isa);
 }
 
+constexpr int64_t kIntTile = 16;  // output channels per tile (int_gemm.cpp: TILE)
+
+// x [..., K] float32 against a weight packed by int_activations.pack_codes for
+// act_bits (8 or 16) activations: codes uint8 [tiles, groups, 32 * bits / 8
+// * 16 bytes], scales and offsets float16 [tiles, groups, 16]; N output
+// channels (tiles * 16 or a few fewer), K at most groups * 32. The rows are
+// quantized per group of 32 first (int_gemm.cpp).
+at::Tensor int_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& offsets,
+                      const c10::optional<at::Tensor>& bias, int64_t bits, int64_t act_bits, int64_t N, int64_t isa) {
+    const char* op = "int_linear";
+    TORCH_CHECK(bits == 4 || bits == 8, op, ": bits must be 4 or 8, got ", bits);
+    TORCH_CHECK(act_bits == 8 || act_bits == 16, op, ": act_bits must be 8 or 16, got ", act_bits);
+    TORCH_CHECK(x.scalar_type() == at::kFloat, op, ": x must be float32");
+    const int64_t group_bytes = kGroup * bits / 8 * kIntTile;
+    TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 3 && codes.is_contiguous() && codes.size(2) == group_bytes,
+                op, ": codes must be contiguous uint8 [tiles, groups, ", group_bytes, "]");
+    const int64_t tiles = codes.size(0), groups = codes.size(1);
+    for (const auto* t : {&scales, &offsets})
+        TORCH_CHECK(t->scalar_type() == at::kHalf && t->is_contiguous() && t->dim() == 3 && t->size(0) == tiles &&
+                        t->size(1) == groups && t->size(2) == kIntTile,
+                    op, ": scales and offsets must be contiguous float16 [", tiles, ", ", groups, ", ", kIntTile, "]");
+    TORCH_CHECK(N > (tiles - 1) * kIntTile && N <= tiles * kIntTile, op, ": ", N, " outputs do not fill ", tiles, " tiles");
+    const int64_t K = x.size(-1);
+    TORCH_CHECK(K > (groups - 1) * kGroup && K <= groups * kGroup, op, ": x has ", K, " features, the weight ", groups,
+                " groups of ", kGroup);
+    const float* bias_data = nullptr;
+    if (bias.has_value() && bias->defined()) {
+        TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N, op, ": bias must be float32 [N]");
+        bias_data = bias->data_ptr<float>();
+    }
+    const at::Tensor input = x.contiguous();
+    const int64_t M = K > 0 ? input.numel() / K : 0;
+    std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+    out_shape.back() = N;
+    at::Tensor y = at::empty(out_shape, x.options());
+    if (M == 0) return y;
+    at::Tensor xq = at::empty({M, groups * kGroup}, x.options().dtype(act_bits == 8 ? at::kChar : at::kShort));
+    at::Tensor dx = at::empty({M, groups}, x.options());
+    at::Tensor sx = at::empty({M, groups}, x.options());
+    const Isa& kernels = pick(isa);
+    const float* xd = input.data_ptr<float>();
+    void* xqd = xq.data_ptr();
+    float* dxd = dx.data_ptr<float>();
+    float* sxd = sx.data_ptr<float>();
+    at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+        kernels.quantize_activations(xd, K, groups, act_bits, xqd, dxd, sxd, begin, end);
+    });
+    const uint8_t* cd = codes.data_ptr<uint8_t>();
+    const auto* sd = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+    const auto* od = reinterpret_cast<const uint16_t*>(offsets.data_ptr<at::Half>());
+    float* yd = y.data_ptr<float>();
+    at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+        kernels.int_gemm(xqd, act_bits, dxd, sxd, M, groups, cd, bits, sd, od, bias_data, yd, N, begin, end);
+    });
+    return y;
+}
+
 // The step's new keys and values into their cache slots: key/value [kv_heads,
 // T, head_dim] as the model hands them (rows contiguous), caches [num_blocks,
 // block_size, kv_heads, head_dim] contiguous float32, slot_mapping [T]. One
@@ -297,6 +375,8 @@ TORCH_LIBRARY(tokenstep, m) {
     m.impl("int4_linear", c10::DispatchKey::CPU, TORCH_FN(int4_linear));
     m.def("int4_dequantize(Tensor q, Tensor scales, Tensor offsets, int isa=-1) -> Tensor");
     m.impl("int4_dequantize", c10::DispatchKey::CPU, TORCH_FN(int4_dequantize));
+    m.def("int_linear(Tensor x, Tensor codes, Tensor scales, Tensor offsets, Tensor? bias, int bits, int act_bits, int out_features, int isa=-1) -> Tensor");
+    m.impl("int_linear", c10::DispatchKey::CPU, TORCH_FN(int_linear));
     m.def("paged_decode_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, Tensor context_lens, float scale, int isa=-1) -> Tensor");
     m.impl("paged_decode_attention", c10::DispatchKey::CPU, TORCH_FN(paged_decode_attention));
     m.def("write_kv_cache(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor slot_mapping) -> ()");

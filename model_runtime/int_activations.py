@@ -1,0 +1,163 @@
+"""``--activations int16`` / ``int8``: quantized linears that quantize their input too.
+
+With ``--quantization gguf`` or ``int8`` the weights are already integer
+codes in groups of 32 with a scale and offset each. These modes also round
+each group of 32 activations of a row to a signed integer of 16 or 8 bits
+with its own scale (symmetric, ``max|x| / 32767`` or ``/ 127``), so the inner
+product of a group is an exact integer sum (AVX-512 VNNI: ``vpdpwssd``, 32
+products an instruction, or ``vpdpbusd``, 64) and only two float
+multiply-adds per group remain (``model_runtime/kernels/int_gemm.cpp`` has the
+algebra). A decode step reads each weight in its 4 or 8 bits and does almost
+no float work per weight.
+
+Both change the numbers: outputs are no longer exactly those of the float
+model the codes dequantize to. int16 rounds each activation to within
+1/65534 of its group's largest, and stays very close to it; int8 is what
+llama.cpp does for its Q4/Q8 dot products and moves more
+(docs/PERFORMANCE.md has the measured agreement of both). Each row's result
+is independent of the other rows of its step, so batching does not change
+what a request gets. Without tokenstep's kernels (no compiler) the modes are
+unavailable and the float-activation linears stay, with a warning.
+
+The weights are repacked at load into the kernel's layout (``pack_codes``):
+tiles of 16 output channels, per group blocks of 16 channels x 4 codes (int8
+activations) or x 2 (int16), scales and offsets as float16 (GGUF's
+Q4_1/Q8_0 store theirs in float16, so those are exact).
+"""
+
+import logging
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from model_runtime.quantization import GROUP, GroupwiseLinear, Int4Linear, Int8Linear, unpack_nibbles
+
+logger = logging.getLogger(__name__)
+
+ACTIVATIONS = ("float32", "int16", "int8")
+TILE = 16  # output channels per tile (int_gemm.cpp: TILE)
+_PROBE_ROWS = (1, 16)
+_PROBE_PASSES = 3
+
+
+def pack_codes(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, bits: int, act_bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Unsigned ``codes`` [N, K] (below ``2**bits``) with float ``scales`` and
+    ``offsets`` [N, ceil(K / 32)] (``w = scale * code + offset``) in the
+    kernel's layout for ``act_bits`` activations: codes uint8 [tiles, groups,
+    512 or 256 bytes], scales and offsets float16 [tiles, groups, 16].
+    Channels and codes past N and K are zero (a zero activation meets them)."""
+    n, k = codes.shape
+    groups, tiles = -(-k // GROUP), -(-n // TILE)
+    per_lane = 32 // act_bits  # codes of one channel in a block: one lane of the dot instruction
+    padded = torch.zeros(tiles * TILE, groups * GROUP, dtype=torch.uint8)
+    padded[:n, :k] = codes
+    # [tile, channel, group, block, code] -> [tile, group, block, channel, code]
+    blocks = padded.reshape(tiles, TILE, groups, GROUP // per_lane, per_lane).permute(0, 2, 3, 1, 4)
+    blocks = blocks.reshape(tiles, groups, GROUP // per_lane, TILE * per_lane)
+    if bits == 4:  # blocks 2j and 2j + 1 share one: low nibbles, high nibbles
+        blocks = blocks[:, :, 0::2] | (blocks[:, :, 1::2] << 4)
+    packed = blocks.reshape(tiles, groups, -1).contiguous()
+
+    def per_tile(values: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(tiles * TILE, groups, dtype=torch.float32)
+        out[:n] = values
+        return out.reshape(tiles, TILE, groups).permute(0, 2, 1).to(torch.float16).contiguous()
+
+    return packed, per_tile(scales), per_tile(offsets)
+
+
+class IntActivationLinear(nn.Module):
+    """A quantized linear whose input is quantized per group of 32 too, to
+    ``act_bits`` (16 or 8) bits (``tokenstep::int_linear``); built from an
+    ``Int4Linear`` or ``Int8Linear``."""
+
+    def __init__(self, source: GroupwiseLinear, ops: object, act_bits: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.act_bits = source.in_features, source.out_features, act_bits
+        if isinstance(source, Int4Linear):
+            self.bits, codes, offsets = 4, unpack_nibbles(source.q), source.offsets
+        elif isinstance(source, Int8Linear):
+            # int8 q in -128..127 as unsigned codes q + 128: w = s q + o = s (q + 128) + (o - 128 s)
+            self.bits, codes, offsets = 8, (source.q.to(torch.int16) + 128).to(torch.uint8), source.offsets - 128 * source.scales
+        else:
+            raise TypeError(f"no int8-activation form of {type(source).__name__}")
+        codes, scales, offsets = pack_codes(codes, source.scales, offsets, self.bits, act_bits)
+        self.register_buffer("codes", codes, persistent=False)
+        self.register_buffer("scales", scales, persistent=False)
+        self.register_buffer("offsets", offsets, persistent=False)
+        self.bias = source.bias
+        self.ops = ops
+        self.isa = -1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x, self.isa)
+
+    def run(self, x: torch.Tensor, isa: int) -> torch.Tensor:
+        return self.ops.int_linear(x, self.codes, self.scales, self.offsets, self.bias, self.bits, self.act_bits, self.out_features, isa)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, act_bits={self.act_bits}"
+
+
+def quantize_activations(model: nn.Module, ops: object | None, activations: str) -> list[IntActivationLinear]:
+    """Replace every ``GroupwiseLinear`` of ``model`` by an
+    ``IntActivationLinear`` for ``activations`` ("int16" or "int8") and
+    choose the instruction set by timing; an empty list (nothing replaced)
+    when ``ops`` is None."""
+    act_bits = {"int16": 16, "int8": 8}[activations]
+    if ops is None:
+        logger.warning("--activations %s needs tokenstep's CPU kernels, which are unavailable: the activations stay float32", activations)
+        return []
+    replaced = []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, GroupwiseLinear):
+                module = IntActivationLinear(child, ops, act_bits)
+                setattr(parent, name, module)
+                replaced.append(module)
+    if replaced:
+        isa = choose_isa(replaced, ops)
+        for module in replaced:
+            module.isa = isa
+    return replaced
+
+
+@torch.inference_mode()
+def choose_isa(linears: list[IntActivationLinear], ops: object) -> int:
+    """The instruction-set build whose kernel passes fastest over ``linears``
+    at ``_PROBE_ROWS`` rows (each one's best of a few passes)."""
+    inputs = {(rows, k): torch.randn(rows, k) for rows in _PROBE_ROWS for k in {m.in_features for m in linears}}
+
+    def pass_s(isa: int, rows: int) -> float:
+        run: Callable[[], None] = lambda: [m.run(inputs[rows, m.in_features], isa) for m in linears]
+        run()
+        best = float("inf")
+        for _ in range(_PROBE_PASSES):
+            start = time.perf_counter()
+            run()
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    seconds = {isa: sum(pass_s(isa, rows) for rows in _PROBE_ROWS) for isa in range(len(ops.isas()))}
+    logger.info("integer-activation kernels per instruction set, one pass at rows %s: %s", _PROBE_ROWS, {ops.isas()[i]: f"{s * 1e3:.1f} ms" for i, s in seconds.items()})
+    return min(seconds, key=seconds.get)
+
+
+def reference_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, bias: torch.Tensor | None, act_bits: int) -> torch.Tensor:
+    """What ``IntActivationLinear`` computes, in plain float64 PyTorch (for
+    tests): x [M, K] quantized per group of 32 to ``act_bits`` with the
+    kernel's rounding, unsigned ``codes`` [N, K], float ``scales`` and
+    ``offsets`` [N, groups]."""
+    m, k = x.shape
+    groups = scales.shape[1]
+    padded = nn.functional.pad(x.float(), (0, groups * GROUP - k)).reshape(m, groups, GROUP)
+    d = padded.abs().amax(dim=2) / (2 ** (act_bits - 1) - 1)
+    inverse = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    xq = torch.round(padded * inverse[..., None])
+    sx = d * xq.sum(dim=2)
+    u = nn.functional.pad(codes.double(), (0, groups * GROUP - k)).reshape(codes.shape[0], groups, GROUP)
+    dots = torch.einsum("mgi,ngi->mng", xq.double(), u)
+    y = (dots * scales.double()[None] * d.double()[:, None]).sum(dim=2) + sx.double() @ offsets.double().t()
+    return y if bias is None else y + bias.double()

@@ -1,0 +1,174 @@
+"""``--activations int16`` / ``int8``: the integer kernel against a float64
+reference of the same arithmetic (every instruction-set build, ragged shapes,
+4- and 8-bit codes, both activation widths), the layout, each row independent
+of its batch, the modules built from the float-activation ones, tokens
+unchanged by batching, chunking and preemption, the default model's agreement
+with its float-activation self, and clear refusals."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from model_runtime import kernels
+from model_runtime.default_model import default_gguf_file
+from model_runtime.gguf_weights import load_gguf_linears
+from model_runtime.int_activations import IntActivationLinear, pack_codes, quantize_activations, reference_linear
+from model_runtime.loader import load_model
+from model_runtime.quantization import GroupwiseLinear, Int4Linear, Int8Linear, pack_nibbles
+from tests.model_runtime.test_parity import build, make_prompts, run_engine
+from tests.tiny_gguf import build_tiny_llama_gguf
+
+ROWS = (1, 2, 7, 8, 9, 16, 17, 64)
+SHAPES = ((32, 16), (70, 33), (576, 64), (96, 5))  # (in, out): K and N ragged against 32 and 16
+
+
+@pytest.fixture(scope="module")
+def ops():
+    loaded = kernels.load()
+    assert loaded is not None, "the kernels did not build here (a C++ compiler is on every machine of this project)"
+    return loaded
+
+
+def random_codes(out_features: int, in_features: int, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    groups = -(-in_features // 32)
+    codes = torch.randint(0, 2**bits, (out_features, in_features), dtype=torch.uint8)
+    codes[0] = 2**bits - 1  # the largest code against the largest activations: no saturation anywhere
+    return codes, torch.rand(out_features, groups) * 0.1 + 1e-3, torch.randn(out_features, groups) * 0.1
+
+
+def per_channel(per_tile: torch.Tensor, out_features: int) -> torch.Tensor:
+    """Scales or offsets [tiles, groups, 16] back as [out_features, groups], float64."""
+    return per_tile.permute(0, 2, 1).reshape(-1, per_tile.shape[1])[:out_features].double()
+
+
+@pytest.mark.parametrize("act_bits", [16, 8])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_every_isa_matches_the_integer_arithmetic_in_float64(ops, bits: int, act_bits: int):
+    torch.manual_seed(bits + act_bits)
+    for in_features, out_features in SHAPES:
+        if bits == 4 and in_features % 32:
+            continue  # 4-bit weights come from GGUF blocks: whole groups
+        codes, scales, offsets = random_codes(out_features, in_features, bits)
+        bias = torch.randn(out_features)
+        packed = pack_codes(codes, scales, offsets, bits, act_bits)
+        stored_scales, stored_offsets = per_channel(packed[1], out_features), per_channel(packed[2], out_features)
+        assert torch.equal(stored_scales, scales.half().double()) and torch.equal(stored_offsets, offsets.half().double())
+        for rows in ROWS:
+            x = torch.randn(rows, in_features) * 3
+            x[0, :32] = torch.where(torch.arange(32) % 2 == 0, 1.0, -1.0)  # every |xq| the largest, against the largest codes
+            expected = reference_linear(x, codes, stored_scales, stored_offsets, bias, act_bits)
+            for isa in range(len(ops.isas())):
+                got = ops.int_linear(x, *packed, bias, bits, act_bits, out_features, isa)
+                torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item(), msg=f"{ops.isas()[isa]} {rows}x{in_features}->{out_features}")
+
+
+@pytest.mark.parametrize("act_bits", [16, 8])
+def test_the_layout_puts_a_lanes_codes_of_sixteen_channels_in_each_block(act_bits: int):
+    per_lane = 32 // act_bits  # 2 codes a lane for int16 activations, 4 for int8
+    width = 16 * per_lane  # bytes of one 8-bit block
+    codes = torch.arange(32 * 64, dtype=torch.int32).reshape(32, 64).remainder(251).to(torch.uint8)  # [N=32, K=64]
+    packed, _, _ = pack_codes(codes, torch.ones(32, 2), torch.zeros(32, 2), 8, act_bits)
+    assert packed.shape == (2, 2, 512)  # 2 tiles of 16 channels, 2 groups, 32 / per_lane blocks
+    block = packed[1, 1, 3 * width : 4 * width].reshape(16, per_lane)  # tile 1, group 1, block 3
+    assert torch.equal(block, codes[16:32, 32 + 3 * per_lane : 32 + 4 * per_lane])
+    nibbles = codes % 16
+    packed4, _, _ = pack_codes(nibbles, torch.ones(32, 2), torch.zeros(32, 2), 4, act_bits)
+    assert packed4.shape == (2, 2, 256)
+    pair = packed4[0, 0, width : 2 * width]  # blocks 2 (low nibbles) and 3 (high)
+    assert torch.equal((pair & 15).reshape(16, per_lane), nibbles[:16, 2 * per_lane : 3 * per_lane])
+    assert torch.equal((pair >> 4).reshape(16, per_lane), nibbles[:16, 3 * per_lane : 4 * per_lane])
+
+
+@pytest.mark.parametrize("act_bits", [16, 8])
+def test_a_rows_result_does_not_depend_on_its_batch(ops, act_bits: int):
+    torch.manual_seed(2)
+    codes, scales, offsets = random_codes(80, 96, 4)
+    packed = pack_codes(codes, scales, offsets, 4, act_bits)
+    x = torch.randn(19, 96)
+    together = ops.int_linear(x, *packed, None, 4, act_bits, 80)
+    for row in (0, 3, 4, 7, 8, 18):
+        assert torch.equal(ops.int_linear(x[row : row + 1], *packed, None, 4, act_bits, 80)[0], together[row])
+    assert ops.int_linear(x.reshape(19, 1, 96), *packed, None, 4, act_bits, 80).shape == (19, 1, 80)
+    assert ops.int_linear(x[:0], *packed, None, 4, act_bits, 80).shape == (0, 80)
+
+
+def test_the_op_refuses_bad_operands_clearly(ops):
+    codes, scales, offsets = random_codes(32, 64, 4)
+    packed = pack_codes(codes, scales, offsets, 4, 16)
+    with pytest.raises(RuntimeError, match="x has 65 features"):
+        ops.int_linear(torch.randn(2, 65), *packed, None, 4, 16, 32)
+    with pytest.raises(RuntimeError, match="bits must be 4 or 8"):
+        ops.int_linear(torch.randn(2, 64), *packed, None, 5, 16, 32)
+    with pytest.raises(RuntimeError, match="act_bits must be 8 or 16"):
+        ops.int_linear(torch.randn(2, 64), *packed, None, 4, 4, 32)
+    with pytest.raises(RuntimeError, match="codes must be contiguous uint8"):
+        ops.int_linear(torch.randn(2, 64), *packed, None, 8, 16, 32)  # 4-bit codes read as 8-bit
+    with pytest.raises(RuntimeError, match="scales and offsets must be contiguous float16"):
+        ops.int_linear(torch.randn(2, 64), packed[0], packed[1].float(), packed[2], None, 4, 16, 32)
+    with pytest.raises(RuntimeError, match="33 outputs do not fill 2 tiles"):
+        ops.int_linear(torch.randn(2, 64), *packed, None, 4, 16, 33)
+
+
+# |int-activation output - float-activation output| / max |output|: int16
+# activations round 256 times finer than int8. 4-bit weights have float16
+# scales (GGUF's); int8's float32 scales are stored in float16 too, a few 1e-4.
+TOLERANCE = {(4, 16): 1e-4, (8, 16): 2e-3, (4, 8): 0.02, (8, 8): 0.02}
+
+
+@pytest.mark.parametrize("act_bits", [16, 8])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_modules_from_the_float_activation_linears_stay_close_to_them(ops, bits: int, act_bits: int):
+    torch.manual_seed(9)
+    tolerance = TOLERANCE[bits, act_bits]
+    if bits == 4:
+        scales, offsets = (torch.rand(40, 2) * 0.05).half().float(), (torch.randn(40, 2) * 0.05).half().float()
+        source = Int4Linear(pack_nibbles(torch.randint(0, 16, (40, 64))), scales, offsets, torch.randn(40), ops, 64)
+    else:
+        source = Int8Linear.quantize(torch.randn(40, 70), torch.randn(40), ops)
+    module = IntActivationLinear(source, ops, act_bits)
+    x = torch.randn(5, source.in_features)
+    float_activations = source.gemm_forward(x)
+    got = module(x)
+    # each activation off by up to half a step of its group's scale
+    assert (got - float_activations).abs().max() < tolerance * float_activations.abs().max()
+    assert not torch.equal(got, float_activations)
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_llama_gguf(tmp_path_factory.mktemp("tiny-gguf-int-activations") / "tiny.gguf")
+
+
+@pytest.mark.parametrize(("source", "activations"), [("gguf", "int16"), ("gguf", "int8"), ("int8", "int8")])
+def test_tokens_do_not_depend_on_batching_chunking_or_preemption(source: str, activations: str, tiny_gguf: Path, tiny_llama_dir: Path):
+    model = tiny_gguf if source == "gguf" else tiny_llama_dir
+    loaded = load_model(model, "float32", "cpu", source, activations=activations)
+    assert not any(isinstance(m, GroupwiseLinear) for m in loaded.model.modules())
+    assert any(isinstance(m, IntActivationLinear) and m.bits == (4 if source == "gguf" else 8) for m in loaded.model.modules())
+    prompts = make_prompts(seed=11, vocab_size=loaded.model.config.vocab_size)
+    together = run_engine(build(loaded, num_kv_blocks=512, max_num_batched_tokens=4096), prompts)
+    assert run_engine(build(loaded, num_kv_blocks=40, max_num_batched_tokens=37), prompts, id_prefix="p") == together  # chunked, preempted
+    alone = [run_engine(build(loaded, num_kv_blocks=512), [prompt], id_prefix=f"a{i}-", max_tokens_of=lambda _, i=i: len(together[i]))[0] for i, prompt in enumerate(prompts[:4])]
+    assert alone == together[:4]
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize(("activations", "agreement", "logit_error"), [("int16", 1.0, 0.01), ("int8", 0.9, 2.0)])
+def test_the_default_model_agrees_with_its_float_activation_self(default_model_dir: Path, activations: str, agreement: float, logit_error: float):
+    model = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()  # plain attention
+    load_gguf_linears(model, default_gguf_file())
+    prompt = torch.tensor([list(range(1000, 1064))])
+    float_logits = model(prompt).logits[0]
+    assert len(quantize_activations(model, kernels.load(), activations)) == 211  # every Q4_1 linear and the Q8_0 head
+    logits = model(prompt).logits[0]
+    assert (logits.argmax(-1) == float_logits.argmax(-1)).float().mean().item() >= agreement
+    assert 0 < (logits - float_logits).abs().max().item() < logit_error
+
+
+def test_integer_activations_need_quantized_weights(tiny_llama_dir: Path):
+    with pytest.raises(ValueError, match="--activations int16 quantizes the inputs of quantized linears: use it with --quantization int8 or gguf"):
+        load_model(tiny_llama_dir, "float32", "cpu", "none", activations="int16")
+    with pytest.raises(ValueError, match="unknown activations 'int4'"):
+        load_model(tiny_llama_dir, "float32", "cpu", "int8", activations="int4")
