@@ -26,7 +26,8 @@ GROUPS = {
     "tokenstep::int8_dequantize": "matmul", "tokenstep::int4_dequantize": "matmul", "tokenstep::int_linear": "matmul",
     "aten::index": "attention: KV gather", "aten::index_select": "attention: KV gather",
     "aten::_scaled_dot_product_flash_attention_for_cpu": "attention: SDPA",
-    "tokenstep::paged_decode_attention": "attention: decode kernel",
+    "tokenstep::paged_decode_attention": "attention: decode kernel", "tokenstep::paged_attention_step": "attention: C++ op (cache write, decode kernel, prefill SDPA)",
+    "tokenstep::write_kv_cache": "cache write",
     "aten::index_copy_": "cache write",
     "aten::argmax": "sampling", "aten::topk": "sampling", "aten::sort": "sampling", "aten::exponential_": "sampling",
 }

@@ -51,6 +51,9 @@ class StepContext:
     decode_context_lens: torch.Tensor | None  # [B] long
     decode_context_mask: torch.Tensor | None  # [B, 1, 1, max_blocks * block_size] bool; None where the kernel runs
     prefills: list[PrefillSpan]
+    # All of the above as one int64 tensor (step_graph.pack) where the kernels
+    # run: each layer is then one C++ op, tokenstep::paged_attention_step.
+    metadata: torch.Tensor | None = None
 
 
 def paged_attention_forward(
@@ -71,6 +74,9 @@ def paged_attention_forward(
     layer = module.layer_idx
     if not isinstance(context, StepContext):
         return context.attend(query, key, value, layer, scaling), None
+    if context.metadata is not None:
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return kernels.load().paged_attention_step(query, key, value, context.key_caches[layer], context.value_caches[layer], context.metadata, scale), None
     return attend(query, key, value, context.key_caches[layer], context.value_caches[layer], context, scaling), None
 
 

@@ -29,7 +29,7 @@ from model_runtime.drafter import DraftModel, Lookahead
 from model_runtime.kv_cache import CacheShape, PagedKVCache
 from model_runtime.loader import LoadedModel
 from model_runtime.sampler import Sampler, SamplingRow, TokenCounts, prompt_logprobs
-from model_runtime.step_graph import CompiledForward, warm_up
+from model_runtime.step_graph import CompiledForward, pack, warm_up
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class ModelRunner:
     def _compile(self, max_num_tokens: int) -> CompiledForward | None:
         """The compiled forward, warmed up for every step shape; None (eager
         steps, with a warning) where compiling fails, e.g. with no C++ compiler."""
-        compiled = CompiledForward(self.model)
+        compiled = CompiledForward(self.model, native=self.decode_kernel)
         try:
             with torch.inference_mode():
                 warm_up(compiled, self.kv_cache.key_caches, self.kv_cache.value_caches, max_num_tokens, with_mask=not self.decode_kernel)
@@ -258,6 +258,8 @@ class ModelRunner:
             decode_context_mask=context_mask,
             prefills=prefills,
         )
+        if self.decode_kernel:  # every layer's attention in one C++ op
+            context.metadata = pack(context)
         input_ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)  # [1, T]
         position_ids = torch.tensor([positions], dtype=torch.long, device=self.device)  # [1, T]
         return input_ids, position_ids, context

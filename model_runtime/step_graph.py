@@ -129,6 +129,11 @@ def _register_kernel_fakes() -> None:
         return x.new_empty(*x.shape[:-1], out_features)
 
     torch.library.register_fake("tokenstep::int_linear", int_linear_fake)
+
+    def attention_fake(query, key, value, key_cache, value_cache, metadata, scale):
+        return query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])
+
+    torch.library.register_fake("tokenstep::paged_attention_step", attention_fake)
     _register_kernel_fakes.done = True
 
 
@@ -140,17 +145,20 @@ class GraphStepContext:
     key_caches: list[torch.Tensor]
     value_caches: list[torch.Tensor]
     metadata: torch.Tensor
+    native: bool  # tokenstep's C++ op for the whole layer (the kernels run), else the Python op above
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int, scaling: float) -> torch.Tensor:
-        return torch.ops.tokenstep_graph.paged_attention(query, key, value, self.key_caches[layer], self.value_caches[layer], self.metadata, scaling)
+        op = torch.ops.tokenstep.paged_attention_step if self.native else torch.ops.tokenstep_graph.paged_attention
+        return op(query, key, value, self.key_caches[layer], self.value_caches[layer], self.metadata, scaling)
 
 
 class CompiledForward:
     """``model(...)`` of one step, compiled once per shape class."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, native: bool = False) -> None:
         _register_kernel_fakes()
         self.model = model
+        self.native = native
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         # One graph for every step size: without this, sizes 0 and 1 (one
         # token, one kept row) would each get a graph of their own.
@@ -166,7 +174,8 @@ class CompiledForward:
 
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, context: StepContext, logits_rows: torch.Tensor) -> torch.Tensor:
         """Logits ``[1, R, vocab]`` at ``logits_rows`` ``[R]`` of the step."""
-        graph_context = GraphStepContext(context.key_caches, context.value_caches, pack(context))
+        metadata = context.metadata if context.metadata is not None else pack(context)
+        graph_context = GraphStepContext(context.key_caches, context.value_caches, metadata, self.native)
         return self._compiled(input_ids, position_ids, logits_rows, graph_context)
 
 

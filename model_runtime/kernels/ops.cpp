@@ -9,6 +9,9 @@
 //   over its paged cache (paged_attention.cpp);
 //   tokenstep::write_kv_cache(key, value, key_cache, value_cache, slot_mapping):
 //   a step's new K/V into their slots;
+//   tokenstep::paged_attention_step(query, key, value, key_cache, value_cache,
+//   metadata, scale): one layer's whole step of attention (both of the above
+//   and SDPA for prefill chunks) from step_graph.pack's metadata;
 //   tokenstep::int_linear(x, codes, scales, offsets, bias, bits, act_bits, out_features, isa):
 //   the activations quantized to int8 or int16 per group of 32 too (int_gemm.cpp);
 //   tokenstep::int4_linear / int4_dequantize: the same with packed uint8
@@ -21,7 +24,9 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/arange.h>
 #include <ATen/ops/linear.h>
+#include <ATen/ops/scaled_dot_product_attention.h>
 #include <torch/library.h>
 
 #include <cstdint>
@@ -363,6 +368,72 @@ at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& key
     return out;
 }
 
+// One layer's attention for a whole step, all in C++: the step's new K/V
+// into their slots, the decode rows through the paged kernel, each prefill
+// chunk through SDPA over its gathered blocks (causal; a chunk after cached
+// tokens sees them all). The step's layout comes as one int64 tensor,
+// ``step_graph.pack``'s: header [serial, T, B, width, prefills, mask block
+// size], per prefill (start, new tokens, cached tokens, blocks), then the
+// slot mapping [T], decode context lengths [B] and block tables [B * width],
+// then each prefill's block ids. query [1, heads, T, D], key and value [1,
+// kv_heads, T, D]; returns [1, T, heads, D]. Python's attention.attend does
+// the same with about ten torch calls a layer, which cost more than the
+// attention itself in a decode step of a few rows.
+at::Tensor paged_attention_step(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                                const at::Tensor& key_cache, const at::Tensor& value_cache, const at::Tensor& metadata,
+                                double scale) {
+    const char* op = "paged_attention_step";
+    constexpr int64_t kHeader = 6, kSpan = 4;
+    TORCH_CHECK(metadata.scalar_type() == at::kLong && metadata.dim() == 1 && metadata.is_contiguous() &&
+                    metadata.size(0) >= kHeader,
+                op, ": metadata must be step_graph.pack's contiguous int64 tensor");
+    TORCH_CHECK(query.dim() == 4 && key.dim() == 4 && value.dim() == 4 && query.size(0) == 1, op,
+                ": query, key and value must be [1, heads, T, head_dim]");
+    const int64_t* meta = metadata.data_ptr<int64_t>();
+    const int64_t T = meta[1], B = meta[2], width = meta[3], P = meta[4];
+    int64_t at = kHeader + P * kSpan;
+    TORCH_CHECK(T == query.size(2) && B >= 0 && B <= T && P >= 0 && at + T + B * (1 + width) <= metadata.size(0), op,
+                ": metadata does not describe this step");
+    const int64_t* spans = meta + kHeader;
+    write_kv_cache(key.select(0, 0), value.select(0, 0), key_cache, value_cache, metadata.narrow(0, at, T));
+    at += T;
+    const at::Tensor q = query.select(0, 0);  // [heads, T, D]
+    at::Tensor decoded;
+    if (B > 0) {
+        const at::Tensor lens = metadata.narrow(0, at, B);
+        const at::Tensor tables = metadata.narrow(0, at + B, B * width).view({B, width});
+        at += B + B * width;
+        decoded = paged_decode_attention(q.narrow(1, 0, B).transpose(0, 1), key_cache, value_cache, tables, lens, scale, -1);
+        if (P == 0) return decoded.unsqueeze(0);
+    }
+    const int64_t heads = q.size(0), D = q.size(2), kv_heads = key_cache.size(2), block_size = key_cache.size(1);
+    at::Tensor out = at::empty({T, heads, D}, query.options());
+    if (B > 0) out.narrow(0, 0, B).copy_(decoded);
+    for (int64_t p = 0; p < P; ++p) {
+        const int64_t start = spans[p * kSpan], fresh = spans[p * kSpan + 1], cached = spans[p * kSpan + 2];
+        const int64_t num_blocks = spans[p * kSpan + 3], context = cached + fresh;
+        TORCH_CHECK(start >= B && start + fresh <= T && at + num_blocks <= metadata.size(0) &&
+                        context <= num_blocks * block_size,
+                    op, ": prefill ", p, " does not fit the step");
+        const at::Tensor block_ids = metadata.narrow(0, at, num_blocks);
+        at += num_blocks;
+        // [blocks, block_size, kv_heads, D] -> [1, kv_heads, context, D]
+        const auto gather = [&](const at::Tensor& cache) {
+            return cache.index_select(0, block_ids).view({num_blocks * block_size, kv_heads, D}).narrow(0, 0, context).transpose(0, 1).unsqueeze(0);
+        };
+        const at::Tensor chunk = q.narrow(1, start, fresh).unsqueeze(0);  // [1, heads, fresh, D]
+        c10::optional<at::Tensor> mask;
+        if (cached > 0) {  // query i sits at position cached + i and sees keys up to it
+            const at::Tensor positions = at::arange(context, metadata.options());
+            mask = positions.unsqueeze(0).le(positions.narrow(0, cached, fresh).unsqueeze(1));  // [fresh, context]
+        }
+        const at::Tensor attended = at::scaled_dot_product_attention(chunk, gather(key_cache), gather(value_cache), mask, 0.0,
+                                                                     cached == 0, scale, heads != kv_heads);
+        out.narrow(0, start, fresh).copy_(attended.select(0, 0).transpose(0, 1));
+    }
+    return out.unsqueeze(0);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(tokenstep, m) {
@@ -379,6 +450,8 @@ TORCH_LIBRARY(tokenstep, m) {
     m.impl("int_linear", c10::DispatchKey::CPU, TORCH_FN(int_linear));
     m.def("paged_decode_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, Tensor context_lens, float scale, int isa=-1) -> Tensor");
     m.impl("paged_decode_attention", c10::DispatchKey::CPU, TORCH_FN(paged_decode_attention));
+    m.def("paged_attention_step(Tensor query, Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor metadata, float scale) -> Tensor");
+    m.impl("paged_attention_step", c10::DispatchKey::CPU, TORCH_FN(paged_attention_step));
     m.def("write_kv_cache(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor slot_mapping) -> ()");
     m.impl("write_kv_cache", c10::DispatchKey::CPU, TORCH_FN(write_kv_cache));
 }
