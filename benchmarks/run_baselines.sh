@@ -7,7 +7,8 @@
 # tokenstep-int8, tokenstep-gguf: --quantization int8 / gguf (the shipped Q4_1
 # blocks); tokenstep-compile, tokenstep-gguf-compile: the same with --compile;
 # tokenstep-gguf-a16, tokenstep-gguf-a8 (and -compile): gguf with
-# --activations int16 / int8;
+# --activations int16 / int8; tokenstep-int8-a16-compile,
+# tokenstep-int8-a8-compile: --quantization int8 likewise, with --compile;
 # llama-q4_1, llama-f32: llama.cpp's llama-server on the shipped
 # Q4_1 file and on its f32 conversion (-t 2 --parallel 16). W64_PROMPTS=0
 # skips the 64-in-flight run.
@@ -35,6 +36,8 @@ start_peer() {
     tokenstep-gguf) exec .venv/bin/tokenstep serve --host 127.0.0.1 --port $PORT --log-level warning --quantization gguf ;;
     tokenstep-compile) exec .venv/bin/tokenstep serve --host 127.0.0.1 --port $PORT --log-level warning --compile ;;
     tokenstep-gguf-compile) exec .venv/bin/tokenstep serve --host 127.0.0.1 --port $PORT --log-level warning --quantization gguf --compile ;;
+    tokenstep-int8-a16-compile) exec .venv/bin/tokenstep serve --host 127.0.0.1 --port $PORT --log-level warning --quantization int8 --activations int16 --compile ;;
+    tokenstep-int8-a8-compile) exec .venv/bin/tokenstep serve --host 127.0.0.1 --port $PORT --log-level warning --quantization int8 --activations int8 --compile ;;
     tokenstep-gguf-a16) exec .venv/bin/tokenstep serve --host 127.0.0.1 --port $PORT --log-level warning --quantization gguf --activations int16 ;;
     tokenstep-gguf-a16-compile) exec .venv/bin/tokenstep serve --host 127.0.0.1 --port $PORT --log-level warning --quantization gguf --activations int16 --compile ;;
     tokenstep-gguf-a8) exec .venv/bin/tokenstep serve --host 127.0.0.1 --port $PORT --log-level warning --quantization gguf --activations int8 ;;

@@ -7,7 +7,7 @@ this folder are compiled once per (source, torch, compiler) into
 generic), so one build serves every CPU the image may land on; which one runs
 is measured at load (see ``model_runtime.quantization``). ``make venv`` builds
 them ahead (``python -m model_runtime.kernels``); otherwise the first load
-does (about 20 s with GCC 12 on 2 cores). Where there is no compiler, or the build fails,
+does (about 60 s with GCC 12 on 2 cores, one compiler per core). Where there is no compiler, or the build fails,
 ``load()`` logs why and returns None, and callers fall back to plain PyTorch.
 """
 
@@ -20,6 +20,7 @@ import sys
 import sysconfig
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -78,12 +79,12 @@ def build(target: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         work = Path(tmp)
         common = ["-std=gnu++17", "-fPIC", "-ffp-contract=fast", "-fno-math-errno"]
-        objects = []
+        compiles, objects = [], []
         for name, flags, lanes, rows in ISAS:
             defines = [f"-DTS_ISA={name}", f"-DTS_VEC={lanes}", f"-DTS_MR={rows}"]
             for source in PER_ISA_SOURCES:
                 obj = work / f"{Path(source).stem}_{name}.o"
-                _run([cxx, "-O3", *common, *flags, *defines, "-c", str(SOURCE_DIR / source), "-o", str(obj)], work)
+                compiles.append([cxx, "-O3", *common, *flags, *defines, "-c", str(SOURCE_DIR / source), "-o", str(obj)])
                 objects.append(str(obj))
         abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
         includes = [f"-I{path}" for path in include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
@@ -91,7 +92,10 @@ def build(target: Path) -> Path:
         # -fopenmp: at::parallel_for is inline OpenMP; without the flag its
         # pragma is ignored and every op runs on one thread. It links
         # against torch's own libgomp, so the process keeps one OpenMP pool.
-        _run([cxx, "-O2", *common, "-fopenmp", abi, *includes, "-c", str(SOURCE_DIR / "ops.cpp"), "-o", str(ops)], work)
+        compiles.append([cxx, "-O2", *common, "-fopenmp", abi, *includes, "-c", str(SOURCE_DIR / "ops.cpp"), "-o", str(ops)])
+        # One compiler per core: the objects are independent.
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            list(pool.map(lambda command: _run(command, work), compiles))
         libs = [arg for path in library_paths() for arg in (f"-L{path}", f"-Wl,-rpath,{path}")]
         built = work / LIBRARY
         _run([cxx, "-shared", "-o", str(built), str(ops), *objects, *libs, "-lc10", "-ltorch_cpu", "-l:libgomp.so.1"], work)

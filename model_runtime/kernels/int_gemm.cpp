@@ -171,7 +171,9 @@ struct Block {  // plain C++: every build's reference behaviour
         for (auto& c : codes.c) c >>= 4;
         return codes;
     }
-    static void dot(IntAcc& acc, const Codes& w, int32_t x4) {
+    // Not inlined: GCC spends over a minute unrolling and vectorizing this
+    // scalar loop into every micro-kernel, for CPUs without AVX2 only.
+    __attribute__((noinline)) static void dot(IntAcc& acc, const Codes& w, int32_t x4) {
         typedef std::conditional_t<A == 8, int8_t, int16_t> Act;
         Act x[L];
         std::memcpy(x, &x4, sizeof(x));

@@ -1,14 +1,16 @@
 """``tokenstep::paged_decode_attention`` against the gather + SDPA path it
 replaces: ragged context lengths over shuffled blocks, GQA groups, head
-sizes, every instruction-set build; and clear refusals."""
+sizes, every instruction-set build; and clear refusals. The cache-write op,
+and the whole-layer op (``paged_attention_step``) against ``attend``."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from model_runtime import kernels
-from model_runtime.attention import _gather, decode_kernel_runs, decode_tables
+from model_runtime.attention import PrefillSpan, StepContext, _gather, attend, decode_kernel_runs, decode_tables
 from model_runtime.kv_cache import CacheShape
+from model_runtime.step_graph import pack
 
 LENS = [1, 2, 15, 16, 17, 33, 100, 250]
 
@@ -82,3 +84,33 @@ def test_write_kv_cache_matches_index_copy(ops):
     assert torch.equal(key_cache, expected_keys) and torch.equal(value_cache, expected_values)
     with pytest.raises(RuntimeError, match="slot 24 out of range"):
         ops.write_kv_cache(key, value, key_cache, value_cache, torch.tensor([0, 1, 2, 3, 24]))
+
+
+def test_the_whole_layer_op_matches_attend_on_a_mixed_step(ops):
+    """Three decode rows, a fresh prefill and a chunk after cached tokens, in
+    one step: tokenstep::paged_attention_step writes the same caches and
+    returns what attention.attend (Python, gather + SDPA for the prefills)
+    does."""
+    torch.manual_seed(3)
+    heads, kv_heads, head_dim, block_size = 6, 2, 32, 4
+    key_cache, value_cache = (t.contiguous() for t in torch.randn(2, 24, block_size, kv_heads, head_dim).unbind(0))
+    decode_tables_ = [[3, 7], [1], [9, 10, 11]]
+    decode_lens = [6, 2, 12]  # the new token is each one's last
+    fresh = (5, 0, [12, 13])  # (tokens, cached, blocks)
+    resumed = (3, 6, [14, 15, 16])
+    slots = [table[(n - 1) // block_size] * block_size + (n - 1) % block_size for table, n in zip(decode_tables_, decode_lens)]
+    for new, cached, blocks in (fresh, resumed):
+        slots += [blocks[p // block_size] * block_size + p % block_size for p in range(cached, cached + new)]
+    num_tokens = len(slots)
+    tables, lens, _ = decode_tables(decode_tables_, decode_lens, block_size, torch.device("cpu"), with_mask=False)
+    prefills = [PrefillSpan(3, 5, 0, torch.tensor(fresh[2])), PrefillSpan(8, 3, 6, torch.tensor(resumed[2]))]
+    context = StepContext([], [], torch.tensor(slots), 3, tables, lens, None, prefills)
+    query = torch.randn(1, num_tokens, heads, head_dim).transpose(1, 2)  # [1, heads, T, head_dim], strided as the model's
+    key, value = (torch.randn(1, num_tokens, kv_heads, head_dim).transpose(1, 2) for _ in range(2))
+    caches = (key_cache.clone(), value_cache.clone())
+    expected = attend(query, key, value, *caches, context, 0.25)
+    got = ops.paged_attention_step(query, key, value, key_cache, value_cache, pack(context), 0.25)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(key_cache, caches[0]) and torch.equal(value_cache, caches[1])
+    with pytest.raises(RuntimeError, match="metadata does not describe this step"):
+        ops.paged_attention_step(query[:, :, :5], key[:, :, :5], value[:, :, :5], key_cache, value_cache, pack(context), 0.25)
