@@ -144,20 +144,3 @@ def choose_isa(linears: list[IntActivationLinear], ops: object) -> int:
     logger.info("integer-activation kernels per instruction set, one pass at rows %s: %s", _PROBE_ROWS, {ops.isas()[i]: f"{s * 1e3:.1f} ms" for i, s in seconds.items()})
     return min(seconds, key=seconds.get)
 
-
-def reference_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, bias: torch.Tensor | None, act_bits: int) -> torch.Tensor:
-    """What ``IntActivationLinear`` computes, in plain float64 PyTorch (for
-    tests): x [M, K] quantized per group of 32 to ``act_bits`` with the
-    kernel's rounding, unsigned ``codes`` [N, K], float ``scales`` and
-    ``offsets`` [N, groups]."""
-    m, k = x.shape
-    groups = scales.shape[1]
-    padded = nn.functional.pad(x.float(), (0, groups * GROUP - k)).reshape(m, groups, GROUP)
-    d = padded.abs().amax(dim=2) / (2 ** (act_bits - 1) - 1)
-    inverse = torch.where(d > 0, 1 / d, torch.zeros_like(d))
-    xq = torch.round(padded * inverse[..., None])
-    sx = d * xq.sum(dim=2)
-    u = nn.functional.pad(codes.double(), (0, groups * GROUP - k)).reshape(codes.shape[0], groups, GROUP)
-    dots = torch.einsum("mgi,ngi->mng", xq.double(), u)
-    y = (dots * scales.double()[None] * d.double()[:, None]).sum(dim=2) + sx.double() @ offsets.double().t()
-    return y if bias is None else y + bias.double()

@@ -9,14 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM
 
 from model_runtime import kernels
 from model_runtime.default_model import default_gguf_file
 from model_runtime.gguf_weights import load_gguf_linears
-from model_runtime.int_activations import IntActivationLinear, pack_codes, quantize_activations, reference_linear
+from model_runtime.int_activations import IntActivationLinear, pack_codes, quantize_activations
 from model_runtime.loader import load_model
-from model_runtime.quantization import GroupwiseLinear, Int4Linear, Int8Linear, pack_nibbles
+from model_runtime.quantization import GROUP, GroupwiseLinear, Int4Linear, Int8Linear, pack_nibbles
 from tests.model_runtime.test_parity import build, make_prompts, run_engine
 from tests.tiny_gguf import build_tiny_llama_gguf
 
@@ -36,6 +37,23 @@ def random_codes(out_features: int, in_features: int, bits: int) -> tuple[torch.
     codes = torch.randint(0, 2**bits, (out_features, in_features), dtype=torch.uint8)
     codes[0] = 2**bits - 1  # the largest code against the largest activations: no saturation anywhere
     return codes, torch.rand(out_features, groups) * 0.1 + 1e-3, torch.randn(out_features, groups) * 0.1
+
+
+def reference_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, bias: torch.Tensor | None, act_bits: int) -> torch.Tensor:
+    """What ``IntActivationLinear`` computes, in plain float64 PyTorch: x [M, K] quantized per group of 32 to ``act_bits`` with the
+    kernel's rounding, unsigned ``codes`` [N, K], float ``scales`` and
+    ``offsets`` [N, groups]."""
+    m, k = x.shape
+    groups = scales.shape[1]
+    padded = nn.functional.pad(x.float(), (0, groups * GROUP - k)).reshape(m, groups, GROUP)
+    d = padded.abs().amax(dim=2) / (2 ** (act_bits - 1) - 1)
+    inverse = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    xq = torch.round(padded * inverse[..., None])
+    sx = d * xq.sum(dim=2)
+    u = nn.functional.pad(codes.double(), (0, groups * GROUP - k)).reshape(codes.shape[0], groups, GROUP)
+    dots = torch.einsum("mgi,ngi->mng", xq.double(), u)
+    y = (dots * scales.double()[None] * d.double()[:, None]).sum(dim=2) + sx.double() @ offsets.double().t()
+    return y if bias is None else y + bias.double()
 
 
 def per_channel(per_tile: torch.Tensor, out_features: int) -> torch.Tensor:

@@ -99,6 +99,15 @@ def test_compile_is_off_by_default_and_a_flag(clean_env):
     assert parse_settings(["--no-compile"]).compile is False
 
 
+def test_activations_default_to_float32_and_take_int16_or_int8(clean_env):
+    assert parse_settings([]).activations == "float32"
+    assert parse_settings(["--activations", "int16"]).activations == "int16"
+    clean_env.setenv("TOKENSTEP_ACTIVATIONS", "int8")
+    assert parse_settings([]).activations == "int8"
+    with pytest.raises(SystemExit):
+        parse_settings(["--activations", "int4"])
+
+
 def test_positional_model_overrides_env(clean_env):
     clean_env.setenv("TOKENSTEP_MODEL", "/env/model")
     assert parse_settings(["/flag/model"]).model == "/flag/model"
