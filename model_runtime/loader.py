@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from model_runtime import attention, kernels
 from model_runtime.gguf_weights import load_gguf_linears
 from model_runtime.int_activations import ACTIVATIONS, quantize_activations
-from model_runtime.quantization import QUANTIZATIONS, describe, quantize_int8
+from model_runtime.quantization import QUANTIZATIONS, describe, quantize_int8, to_float_linears
 from model_runtime.weight_layout import optimise_cpu_linears
 
 logger = logging.getLogger(__name__)
@@ -82,8 +82,11 @@ def load_model(model_path: str | Path, dtype: str = "auto", device: str = "auto"
     if quantization in ("int8", "gguf"):
         linears = quantize_int8(model) if quantization == "int8" else load_gguf_linears(model, gguf_file)
         layout = describe(linears)
-        if activations != "float32" and quantize_activations(model, kernels.load(), activations):
+        ops = kernels.load()
+        if activations != "float32" and quantize_activations(model, ops, activations):  # warns when ops is None
             layout += f"; {activations} activations"
+        if ops is None:  # no compiler: the same values as float32 linears, at float32's speed
+            layout = f"{to_float_linears(model)} linears dequantized to float32 (no kernels); {optimise_cpu_linears(model, torch_dtype)}"
     elif torch_device.type == "cpu":
         layout = optimise_cpu_linears(model, torch_dtype)
     else:

@@ -129,15 +129,18 @@ def test_gemm_switch_rule_on_scripted_timings():
 def test_without_a_compiler_the_kernels_fall_back_to_torch_with_the_same_tokens(tmp_path: Path, tiny_llama_dir: Path):
     script = (
         "from model_runtime import kernels; from model_runtime.loader import load_model\n"
+        "from model_runtime.quantization import GroupwiseLinear\n"
         "from tests.model_runtime.test_parity import build, run_engine\n"
         "assert kernels.load() is None\n"
-        f"loaded = load_model({str(tiny_llama_dir)!r}, 'float32', 'cpu', 'int8')\n"
+        f"loaded = load_model({str(tiny_llama_dir)!r}, 'float32', 'cpu', 'int8', activations='int16')\n"
+        "assert not any(isinstance(m, GroupwiseLinear) for m in loaded.model.modules())  # float32 linears of the same values\n"
         f"print(run_engine(build(loaded, num_kv_blocks=64), {FALLBACK_PROMPTS!r}))\n"
     )
     env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "TOKENSTEP_CACHE_DIR": str(tmp_path)}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "kernels are unavailable, using plain PyTorch" in result.stderr
+    assert "--activations int16 needs tokenstep's CPU kernels, which are unavailable" in result.stderr
     with_kernels = run_engine(build(load_model(tiny_llama_dir, "float32", "cpu", "int8"), num_kv_blocks=64), FALLBACK_PROMPTS)
     assert result.stdout.strip() == repr(with_kernels)
 
