@@ -26,20 +26,17 @@ Q4_1/Q8_0 store theirs in float16, so those are exact).
 """
 
 import logging
-import time
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from model_runtime.quantization import GROUP, GroupwiseLinear, Int4Linear, Int8Linear, unpack_nibbles
+from model_runtime.quantization import GROUP, GroupwiseLinear, Int4Linear, Int8Linear, best_seconds, unpack_nibbles
 
 logger = logging.getLogger(__name__)
 
 ACTIVATIONS = ("float32", "int16", "int8")
 TILE = 16  # output channels per tile (int_gemm.cpp: TILE)
 _PROBE_ROWS = (1, 16)
-_PROBE_PASSES = 3
 
 
 def pack_codes(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, bits: int, act_bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -131,14 +128,7 @@ def choose_isa(linears: list[IntActivationLinear], ops: object) -> int:
     inputs = {(rows, k): torch.randn(rows, k) for rows in _PROBE_ROWS for k in {m.in_features for m in linears}}
 
     def pass_s(isa: int, rows: int) -> float:
-        run: Callable[[], None] = lambda: [m.run(inputs[rows, m.in_features], isa) for m in linears]
-        run()
-        best = float("inf")
-        for _ in range(_PROBE_PASSES):
-            start = time.perf_counter()
-            run()
-            best = min(best, time.perf_counter() - start)
-        return best
+        return best_seconds(lambda: [m.run(inputs[rows, m.in_features], isa) for m in linears])
 
     seconds = {isa: sum(pass_s(isa, rows) for rows in _PROBE_ROWS) for isa in range(len(ops.isas()))}
     logger.info("integer-activation kernels per instruction set, one pass at rows %s: %s", _PROBE_ROWS, {ops.isas()[i]: f"{s * 1e3:.1f} ms" for i, s in seconds.items()})

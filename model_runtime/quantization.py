@@ -245,6 +245,17 @@ def describe(linears: list[GroupwiseLinear]) -> str:
     return f"{counts} ({first.ops.isas()[first.isa]} kernel{switch}; measured at load)"
 
 
+def best_seconds(run: Callable[[], object]) -> float:
+    """The fastest of a few timed calls of ``run``, after one untimed warm-up."""
+    run()
+    best = float("inf")
+    for _ in range(_PROBE_PASSES):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 @torch.inference_mode()
 def choose_kernels(linears: list[GroupwiseLinear], ops: object, lm_head: GroupwiseLinear | None = None) -> tuple[int, dict[tuple[str, int, int], int | float]]:
     """(isa, gemm_from_rows per ``shape_key``) for this CPU, by timing: the
@@ -256,15 +267,7 @@ def choose_kernels(linears: list[GroupwiseLinear], ops: object, lm_head: Groupwi
     sampled rows, never a prefill. About a second for the default model."""
     isas = list(range(len(ops.isas())))
     inputs = {(rows, k): torch.randn(rows, k) for rows in {*ISA_PROBE_ROWS, *SWITCH_PROBE_ROWS} for k in {m.in_features for m in linears}}
-
-    def best_s(run: Callable[[], None]) -> float:
-        run()  # warm-up
-        best = float("inf")
-        for _ in range(_PROBE_PASSES):
-            start = time.perf_counter()
-            run()
-            best = min(best, time.perf_counter() - start)
-        return best
+    best_s = best_seconds
 
     def kernel_pass(modules: list[GroupwiseLinear], rows: int, isa: int) -> Callable[[], None]:
         return lambda: [m.kernel_forward(inputs[rows, m.in_features], isa) for m in modules]
