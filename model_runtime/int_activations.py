@@ -17,7 +17,7 @@ llama.cpp does for its Q4/Q8 dot products and moves more
 (docs/PERFORMANCE.md has the measured agreement of both). Each row's result
 is independent of the other rows of its step, so batching does not change
 what a request gets. Without tokenstep's kernels (no compiler) the modes are
-unavailable and the float-activation linears stay, with a warning.
+unavailable: the loader warns and serves float32 linears of the same weights.
 
 The weights are repacked at load into the kernel's layout (``pack_codes``):
 tiles of 16 output channels, per group blocks of 16 channels x 4 codes (int8
@@ -30,7 +30,7 @@ import logging
 import torch
 from torch import nn
 
-from model_runtime.quantization import GROUP, GroupwiseLinear, Int4Linear, Int8Linear, best_seconds, unpack_nibbles
+from model_runtime.quantization import GROUP, GroupwiseLinear, Int4Linear, Int8Linear, best_seconds, replace_groupwise, unpack_nibbles
 
 logger = logging.getLogger(__name__)
 
@@ -98,22 +98,13 @@ class IntActivationLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, act_bits={self.act_bits}"
 
 
-def quantize_activations(model: nn.Module, ops: object | None, activations: str) -> list[IntActivationLinear]:
+def quantize_activations(model: nn.Module, ops: object, activations: str) -> list[IntActivationLinear]:
     """Replace every ``GroupwiseLinear`` of ``model`` by an
-    ``IntActivationLinear`` for ``activations`` ("int16" or "int8") and
-    choose the instruction set by timing; an empty list (nothing replaced)
-    when ``ops`` is None."""
+    ``IntActivationLinear`` for ``activations`` ("int16" or "int8") on
+    tokenstep's kernels ``ops`` and choose the instruction set by timing.
+    (Without kernels the loader serves float32 linears instead.)"""
     act_bits = {"int16": 16, "int8": 8}[activations]
-    if ops is None:
-        logger.warning("--activations %s needs tokenstep's CPU kernels, which are unavailable: the activations stay float32", activations)
-        return []
-    replaced = []
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, GroupwiseLinear):
-                module = IntActivationLinear(child, ops, act_bits)
-                setattr(parent, name, module)
-                replaced.append(module)
+    replaced = replace_groupwise(model, lambda module: IntActivationLinear(module, ops, act_bits))
     if replaced:
         isa = choose_isa(replaced, ops)
         for module in replaced:

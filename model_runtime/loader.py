@@ -81,12 +81,15 @@ def load_model(model_path: str | Path, dtype: str = "auto", device: str = "auto"
         drop_gguf_quantizer(model)
     if quantization in ("int8", "gguf"):
         linears = quantize_int8(model) if quantization == "int8" else load_gguf_linears(model, gguf_file)
-        layout = describe(linears)
         ops = kernels.load()
-        if activations != "float32" and quantize_activations(model, ops, activations):  # warns when ops is None
-            layout += f"; {activations} activations"
         if ops is None:  # no compiler: the same values as float32 linears, at float32's speed
+            if activations != "float32":
+                logger.warning("--activations %s needs tokenstep's CPU kernels, which are unavailable: the activations stay float32", activations)
             layout = f"{to_float_linears(model)} linears dequantized to float32 (no kernels); {optimise_cpu_linears(model, torch_dtype)}"
+        else:
+            layout = describe(linears)
+            if activations != "float32" and quantize_activations(model, ops, activations):
+                layout += f"; {activations} activations"
     elif torch_device.type == "cpu":
         layout = optimise_cpu_linears(model, torch_dtype)
     else:

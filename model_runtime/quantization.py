@@ -20,8 +20,8 @@ each weight byte is read from memory once per step. When the model loads,
 ``choose_kernels`` measures on this CPU which instruction-set build of it
 is fastest and from which row count (a long prefill) dequantizing the whole
 weight for torch's GEMM beats it. Without the kernels (no compiler, or
-``TOKENSTEP_NO_KERNELS=1``) each linear dequantizes its weight once, on first
-use, and runs torch's GEMM on it: the same values, float32's memory and speed.
+``TOKENSTEP_NO_KERNELS=1``) the loader serves float32 linears of the same
+values instead (``to_float_linears``): float32's memory and speed.
 """
 
 import logging
@@ -95,9 +95,8 @@ class GroupwiseLinear(nn.Module):
     only). Subclasses say how ``q`` is stored and which kernel ops read it.
 
     Inputs of fewer than ``gemm_from_rows`` rows go to the kernel
-    (instruction set ``isa``, an index into ``ops.isas()``); larger ones to
-    torch's GEMM over the dequantized weight. When ``ops`` is None every input
-    goes to torch's GEMM over the weight dequantized once, on first use.
+    (instruction set ``isa``, an index into ``ops.isas()``); larger ones, or
+    any input when ``ops`` is None, to torch's GEMM over the dequantized weight.
     """
 
     def __init__(self, q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, bias: torch.Tensor | None, ops: object | None, in_features: int) -> None:
@@ -110,15 +109,10 @@ class GroupwiseLinear(nn.Module):
         self.ops = ops
         self.isa = -1
         self.gemm_from_rows = float("inf") if ops is not None else 0
-        self._float_weight: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.ops is None:
-            # No kernels: dequantized once and kept (float32's memory), not on
-            # every call (that was ~500 ms a decode step for the default model).
-            if self._float_weight is None:
-                self._float_weight = self.dequantized()
-            return nn.functional.linear(x, self._float_weight, self.bias)
+            return self.gemm_forward(x)
         # The op itself switches to dequantize + GEMM from gemm_from_rows rows.
         gemm_from_rows = 0 if self.gemm_from_rows == float("inf") else int(self.gemm_from_rows)
         return self.kernel_forward(x, gemm_from_rows=gemm_from_rows)
@@ -161,22 +155,31 @@ class Int4Linear(GroupwiseLinear):
         return unpack_nibbles(self.q)
 
 
+def replace_groupwise(model: nn.Module, make: Callable[[GroupwiseLinear], nn.Module]) -> list[nn.Module]:
+    """Replace every ``GroupwiseLinear`` of ``model`` by ``make(it)``; returns the new modules."""
+    made = []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, GroupwiseLinear):
+                made.append(make(child))
+                setattr(parent, name, made[-1])
+    return made
+
+
 def to_float_linears(model: nn.Module) -> int:
     """Replace every ``GroupwiseLinear`` of ``model`` by a float32
     ``nn.Linear`` holding its dequantized weight (the same values); returns
     how many. Without tokenstep's kernels that is what serves a quantized
     model at float32's speed, in float32's memory."""
-    count = 0
+
+    def float_linear(module: GroupwiseLinear) -> nn.Linear:
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        linear.weight = nn.Parameter(module.dequantized(), requires_grad=False)
+        linear.bias = module.bias
+        return linear
+
     with torch.no_grad():
-        for parent in list(model.modules()):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, GroupwiseLinear):
-                    linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
-                    linear.weight = nn.Parameter(child.dequantized(), requires_grad=False)
-                    linear.bias = child.bias
-                    setattr(parent, name, linear)
-                    count += 1
-    return count
+        return len(replace_groupwise(model, float_linear))
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor | None:
@@ -239,7 +242,7 @@ def describe(linears: list[GroupwiseLinear]) -> str:
     counts = " + ".join(f"{count} linears {kind}" for kind, count in kinds.items())
     first = linears[0]
     if first.ops is None:
-        return f"{counts} (no kernels: dequantized to float32 once, torch's GEMM)"
+        return f"{counts} (no kernels: dequantized per call)"
     switches = sorted({m.gemm_from_rows for m in linears if m.gemm_from_rows != float("inf")})
     switch = f"; torch GEMM on the dequantized weight from {'/'.join(map(str, switches))} rows" if switches else ""
     return f"{counts} ({first.ops.isas()[first.isa]} kernel{switch}; measured at load)"

@@ -25,7 +25,7 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int)
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--device", help="auto, cpu or cuda")
-    parser.add_argument("--quantization", choices=["none", "int8", "gguf"], help="int8: weight-only int8 linears; gguf: a GGUF model's own Q4_0/Q4_1/Q8_0 weights (both CPU, float32 activations; default none)")
+    parser.add_argument("--quantization", choices=["none", "int8", "gguf"], help="int8: weight-only int8 linears; gguf: a GGUF model's own Q4_0/Q4_1/Q8_0 weights (both CPU; float32 activations unless --activations; default none)")
     parser.add_argument("--activations", choices=["float32", "int16", "int8"], help="int16 / int8 (with --quantization gguf or int8): quantize the linears' inputs per group of 32 too, for integer dot products; int16 stays close to float32's outputs, int8 (as llama.cpp) moves them more (default float32)")
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="compile the step forward whole (torch.compile): shorter steps, 1-2 minutes more at start (default off)")

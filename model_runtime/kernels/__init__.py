@@ -7,7 +7,7 @@ this folder are compiled once per (source, torch, compiler) into
 generic), so one build serves every CPU the image may land on; which one runs
 is measured at load (see ``model_runtime.quantization``). ``make venv`` builds
 them ahead (``python -m model_runtime.kernels``); otherwise the first load
-does (about 60 s with GCC 12 on 2 cores, one compiler per core). Where there is no compiler, or the build fails,
+does (about 15 s with GCC 12 on 2 cores, one compiler per core). Where there is no compiler, or the build fails,
 ``load()`` logs why and returns None, and callers fall back to plain PyTorch.
 """
 

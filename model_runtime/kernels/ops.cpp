@@ -157,35 +157,49 @@ Shape check_weight(const char* op, const at::Tensor& q, bool int4, const at::Ten
     return shape;
 }
 
-template <typename Q, typename Gemm>
-at::Tensor linear(const char* op, bool int4, Gemm Isa::*kernel, const at::Tensor& x, const at::Tensor& q,
-                  const at::Tensor& scales, const at::Tensor& offsets, const c10::optional<at::Tensor>& bias,
-                  int64_t isa) {
+// What every linear op shares: x float32 [..., K] (K checked by the caller)
+// as contiguous rows, their count M, the output y [..., N] and the bias
+// (float32 [N]) or null.
+struct LinearCall {
+    at::Tensor input;
+    int64_t M;
+    at::Tensor y;
+    const float* bias;
+};
+
+LinearCall linear_call(const char* op, const at::Tensor& x, int64_t N, const c10::optional<at::Tensor>& bias) {
     TORCH_CHECK(x.scalar_type() == at::kFloat, op, ": x must be float32");
-    const auto [N, K] = check_weight(op, q, int4, scales, offsets);
-    TORCH_CHECK(x.size(-1) == K, op, ": x has ", x.size(-1), " features, the weight ", K);
     const float* bias_data = nullptr;
     if (bias.has_value() && bias->defined()) {
         TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N, op, ": bias must be float32 [N]");
         bias_data = bias->data_ptr<float>();
     }
-    const at::Tensor input = x.contiguous();
-    const int64_t M = input.numel() / K;
+    at::Tensor input = x.contiguous();
+    const int64_t K = x.size(-1);
     std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
     out_shape.back() = N;
-    at::Tensor y = at::empty(out_shape, x.options());
-    if (M == 0) return y;
+    return {input, K > 0 ? input.numel() / K : 0, at::empty(out_shape, x.options()), bias_data};
+}
+
+template <typename Q, typename Gemm>
+at::Tensor linear(const char* op, bool int4, Gemm Isa::*kernel, const at::Tensor& x, const at::Tensor& q,
+                  const at::Tensor& scales, const at::Tensor& offsets, const c10::optional<at::Tensor>& bias,
+                  int64_t isa) {
+    const auto [N, K] = check_weight(op, q, int4, scales, offsets);
+    TORCH_CHECK(x.size(-1) == K, op, ": x has ", x.size(-1), " features, the weight ", K);
+    const LinearCall call = linear_call(op, x, N, bias);  // not a structured binding: C++17 lambdas cannot capture one
+    if (call.M == 0) return call.y;
     const Gemm gemm = pick(isa).*kernel;
-    const float* xd = input.data_ptr<float>();
+    const float* xd = call.input.data_ptr<float>();
     const Q* qd = q.data_ptr<Q>();
     const float* sd = scales.data_ptr<float>();
     const float* od = offsets.data_ptr<float>();
-    float* yd = y.data_ptr<float>();
+    float* yd = call.y.data_ptr<float>();
     const int64_t tiles = (N + kTile - 1) / kTile;
     at::parallel_for(0, tiles, 1, [&, N = N, K = K](int64_t begin, int64_t end) {
-        gemm(xd, M, K, qd, sd, od, bias_data, yd, N, begin * kTile, std::min(end * kTile, N));
+        gemm(xd, call.M, K, qd, sd, od, call.bias, yd, N, begin * kTile, std::min(end * kTile, N));
     });
-    return y;
+    return call.y;
 }
 
 template <typename Q, typename Dequantize>
@@ -242,7 +256,6 @@ at::Tensor int_linear(const at::Tensor& x, const at::Tensor& codes, const at::Te
     const char* op = "int_linear";
     TORCH_CHECK(bits == 4 || bits == 8, op, ": bits must be 4 or 8, got ", bits);
     TORCH_CHECK(act_bits == 8 || act_bits == 16, op, ": act_bits must be 8 or 16, got ", act_bits);
-    TORCH_CHECK(x.scalar_type() == at::kFloat, op, ": x must be float32");
     const int64_t group_bytes = kGroup * bits / 8 * kIntTile;
     TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 3 && codes.is_contiguous() && codes.size(2) == group_bytes,
                 op, ": codes must be contiguous uint8 [tiles, groups, ", group_bytes, "]");
@@ -255,22 +268,14 @@ at::Tensor int_linear(const at::Tensor& x, const at::Tensor& codes, const at::Te
     const int64_t K = x.size(-1);
     TORCH_CHECK(K > (groups - 1) * kGroup && K <= groups * kGroup, op, ": x has ", K, " features, the weight ", groups,
                 " groups of ", kGroup);
-    const float* bias_data = nullptr;
-    if (bias.has_value() && bias->defined()) {
-        TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N, op, ": bias must be float32 [N]");
-        bias_data = bias->data_ptr<float>();
-    }
-    const at::Tensor input = x.contiguous();
-    const int64_t M = K > 0 ? input.numel() / K : 0;
-    std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-    out_shape.back() = N;
-    at::Tensor y = at::empty(out_shape, x.options());
-    if (M == 0) return y;
+    const LinearCall call = linear_call(op, x, N, bias);  // not a structured binding: C++17 lambdas cannot capture one
+    if (call.M == 0) return call.y;
+    const int64_t M = call.M;
     at::Tensor xq = at::empty({M, groups * kGroup}, x.options().dtype(act_bits == 8 ? at::kChar : at::kShort));
     at::Tensor dx = at::empty({M, groups}, x.options());
     at::Tensor sx = at::empty({M, groups}, x.options());
     const Isa& kernels = pick(isa);
-    const float* xd = input.data_ptr<float>();
+    const float* xd = call.input.data_ptr<float>();
     void* xqd = xq.data_ptr();
     float* dxd = dx.data_ptr<float>();
     float* sxd = sx.data_ptr<float>();
@@ -280,11 +285,11 @@ at::Tensor int_linear(const at::Tensor& x, const at::Tensor& codes, const at::Te
     const uint8_t* cd = codes.data_ptr<uint8_t>();
     const auto* sd = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
     const auto* od = reinterpret_cast<const uint16_t*>(offsets.data_ptr<at::Half>());
-    float* yd = y.data_ptr<float>();
+    float* yd = call.y.data_ptr<float>();
     at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-        kernels.int_gemm(xqd, act_bits, dxd, sxd, M, groups, cd, bits, sd, od, bias_data, yd, N, begin, end);
+        kernels.int_gemm(xqd, act_bits, dxd, sxd, M, groups, cd, bits, sd, od, call.bias, yd, N, begin, end);
     });
-    return y;
+    return call.y;
 }
 
 // The step's new keys and values into their cache slots: key/value [kv_heads,

@@ -1,6 +1,6 @@
-"""``tokenstep serve --quantization int8`` and ``--quantization gguf`` on the
-embedded default model, through the OpenAI SDK: the real model still answers,
-streamed and not."""
+"""``tokenstep serve --quantization int8`` and ``--quantization gguf`` (also
+with ``--activations int16``) on the embedded default model, through the
+OpenAI SDK: the real model still answers, streamed and not."""
 
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,15 +11,19 @@ import pytest
 from tests.e2e.conftest import ServerProcess, running_server
 
 MODEL = "smollm2-135m-instruct"
-# What the log says was served, per --quantization.
-LAYOUTS = {"int8": "211 linears int8", "gguf": "1 linears int8 + 210 linears int4"}
+# Flags, and what the log says was served with them.
+LAYOUTS = {
+    "int8": (["--quantization", "int8"], "211 linears int8"),
+    "gguf": (["--quantization", "gguf"], "1 linears int8 + 210 linears int4"),
+    "gguf-int16": (["--quantization", "gguf", "--activations", "int16"], "; int16 activations"),
+}
 
 
 @pytest.fixture(scope="module", params=sorted(LAYOUTS))
 def quantized_server(request: pytest.FixtureRequest, default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, ServerProcess]]:
     log = tmp_path_factory.mktemp("logs") / f"{request.param}_server.log"
     env = {"TOKENSTEP_CACHE_DIR": str(default_model_dir.parent), "TOKENSTEP_KV_CACHE_MEMORY": "128MiB"}
-    for server in running_server(["--quantization", request.param], log, env):
+    for server in running_server(LAYOUTS[request.param][0], log, env):
         yield request.param, server
 
 
@@ -31,4 +35,4 @@ def test_quantized_default_model_answers_streamed_and_not(quantized_server: tupl
     assert "Paris" in answer
     streamed = "".join(chunk.choices[0].delta.content or "" for chunk in client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0, stream=True) if chunk.choices)
     assert streamed == answer
-    assert LAYOUTS[quantization] in server.log_path.read_text()
+    assert LAYOUTS[quantization][1] in server.log_path.read_text()
