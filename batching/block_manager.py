@@ -8,6 +8,12 @@ share the same physical blocks by reference count. A block whose count drops to
 zero keeps its key and goes to the back of the free queue; allocation takes from
 the front, so cached blocks are reused least-recently-freed first (LRU) and stay
 hittable until then.
+
+Encoder-decoder requests also hold cross blocks (``Request.cross_block_ids``:
+the cross-attention K/V of their source), taken from the same pool at
+admission and never shared or cached: freed, they go to the front of the
+queue. Their decoder blocks are keyed like any others, but the chain starts
+from a hash of the source, since the decoder's K/V depend on it.
 """
 
 from collections import OrderedDict
@@ -78,6 +84,15 @@ class BlockManager:
             block_ids.append(block_id)
         return block_ids, len(block_ids) * self.block_size
 
+    def allocate_cross(self, request: Request) -> bool:
+        """Give an encoder-decoder request the cross blocks its source needs
+        (on admission). Returns False, changing nothing, when the pool is too small."""
+        needed = self.blocks_needed(request.num_encoder_tokens) - len(request.cross_block_ids)
+        if needed > self.num_free_blocks:
+            return False
+        request.cross_block_ids.extend(self._take_fresh() for _ in range(max(needed, 0)))
+        return True
+
     def allocate(self, request: Request, num_new_tokens: int, cached_block_ids: list[int] = ()) -> bool:
         """Give ``request`` blocks for ``num_computed_tokens + num_new_tokens`` tokens.
 
@@ -117,7 +132,13 @@ class BlockManager:
                 self._cached[key] = block.block_id
 
     def free(self, request: Request) -> None:
-        """Drop the request's references; tail blocks are evicted first."""
+        """Drop the request's references; tail blocks are evicted first, and
+        cross blocks (which hold nothing reusable) before any of them."""
+        for block_id in request.cross_block_ids:
+            self._blocks[block_id].ref_count = 0
+            self._free[block_id] = None
+            self._free.move_to_end(block_id, last=False)
+        request.cross_block_ids = []
         for block_id in reversed(request.block_ids):
             block = self._blocks[block_id]
             block.ref_count -= 1
@@ -139,10 +160,15 @@ class BlockManager:
         keys = request.block_keys
         while len(keys) < num_full_blocks:
             index = len(keys)
-            parent = hash(keys[-1]) if keys else 0
+            parent = hash(keys[-1]) if keys else self._root_hash(request)
             chunk = tuple(request.token_slice(index * self.block_size, (index + 1) * self.block_size))
             keys.append((parent, chunk))
         return keys
+
+    @staticmethod
+    def _root_hash(request: Request) -> int:
+        """Where a request's key chain starts: 0, or its source's hash."""
+        return hash(tuple(request.encoder_token_ids)) if request.encoder_token_ids is not None else 0
 
     def _take(self, block_id: int) -> None:
         block = self._blocks[block_id]

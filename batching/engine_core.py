@@ -18,7 +18,7 @@ from batching.detokenizer import IncrementalDetokenizer
 from batching.errors import InvalidRequestError
 from batching.messages import RunnerOutput, SchedulerOutput, TokenLogprobs
 from batching.outputs import RequestOutput
-from batching.request import Request, RequestStatus
+from batching.request import EncoderDecoderPrompts, Request, RequestStatus
 from batching.sampling_params import SamplingParams
 from batching.scheduler import Scheduler, TokenUpdate
 from batching.stop import StopDecision, StopStringMatcher
@@ -32,8 +32,10 @@ class Runner(Protocol):
 class EngineCore:
     """Scheduler + runner + text processing, with no threads and no asyncio."""
 
-    def __init__(self, scheduler: Scheduler, runner: Runner, tokenizer: Any, eos_token_ids: tuple[int, ...] = (), vocab_size: int | None = None, max_model_len: int | None = None) -> None:
+    def __init__(self, scheduler: Scheduler, runner: Runner, tokenizer: Any, eos_token_ids: tuple[int, ...] = (), vocab_size: int | None = None, max_model_len: int | None = None, encoder_decoder: EncoderDecoderPrompts | None = None) -> None:
         self.scheduler = scheduler
+        # Set for encoder-decoder models: prompts are sources (``EncoderDecoderPrompts``).
+        self.encoder_decoder = encoder_decoder
         self.runner = runner
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
@@ -62,10 +64,22 @@ class EngineCore:
         extra_eos = tuple(t for t in self.eos_token_ids[1:] if t not in params.stop_token_ids)
         if extra_eos and not params.ignore_eos:
             params = dataclasses.replace(params, stop_token_ids=params.stop_token_ids + extra_eos)
-        request = Request(request_id, list(prompt_token_ids), params, eos_token_id=eos)
+        if self.encoder_decoder is not None:
+            request = self._encoder_decoder_request(request_id, prompt_token_ids, params, eos)
+        else:
+            request = Request(request_id, list(prompt_token_ids), params, eos_token_id=eos)
         if params.guided is not None:
             request.grammar = self.grammar_compiler.matcher(params.guided)
         return request
+
+    def _encoder_decoder_request(self, request_id: str, source_token_ids: list[int], params: SamplingParams, eos: int | None) -> Request:
+        """The prompt is the encoder's source; the decoder starts from its own prompt."""
+        prompts = self.encoder_decoder
+        if len(source_token_ids) > prompts.max_source_tokens:
+            raise InvalidRequestError(f"the prompt has {len(source_token_ids)} tokens, but this model's encoder reads at most {prompts.max_source_tokens}", param="prompt")
+        if params.prompt_logprobs is not None:
+            raise InvalidRequestError("prompt logprobs are not defined for an encoder-decoder model: the prompt is its encoder's input, which it does not predict", param="prompt_logprobs")
+        return Request(request_id, list(prompts.decoder_prompt_token_ids), params, eos_token_id=eos, encoder_token_ids=list(source_token_ids))
 
     @property
     def grammar_compiler(self) -> GrammarCompiler:
@@ -76,7 +90,7 @@ class EngineCore:
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)
-        self.num_prompt_tokens_total += request.num_prompt_tokens
+        self.num_prompt_tokens_total += request.num_encoder_tokens or request.num_prompt_tokens
         params = request.sampling_params
         request.detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params.skip_special_tokens)
         request.stop_matcher = StopStringMatcher(params.stop)

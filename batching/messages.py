@@ -45,6 +45,9 @@ class NewRequestData:
     output_token_ids: list[int]
     sampling_params: SamplingParams
     eos_token_id: int | None = None  # banned while min_tokens is not reached
+    # Encoder-decoder models: the source, and the blocks for its cross-attention K/V.
+    encoder_token_ids: list[int] | None = None
+    cross_block_ids: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,6 +49,17 @@ _FINISH_REASONS = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class EncoderDecoderPrompts:
+    """How an encoder-decoder model's requests are built: the client's prompt
+    is the source (at most ``max_source_tokens``), and the decoder starts
+    from ``decoder_prompt_token_ids`` (its start token, and the token its
+    generation config forces first, if any)."""
+
+    decoder_prompt_token_ids: tuple[int, ...]
+    max_source_tokens: int
+
+
 @dataclass(slots=True, eq=False)
 class Request:
     """A generation request and its progress.
@@ -57,6 +68,12 @@ class Request:
     ``num_computed_tokens`` tokens lives in ``block_ids`` (block i holds tokens
     ``[i * block_size, (i + 1) * block_size)``). ``num_cached_tokens`` counts
     prompt tokens served from the prefix cache at the latest admission.
+
+    Encoder-decoder models: ``encoder_token_ids`` is the source the encoder
+    reads (the prompt the client sent) and ``prompt_token_ids`` the decoder's
+    own prompt (its start token); the cross-attention K/V of the source live
+    in ``cross_block_ids``, a second, read-only block table held from
+    admission to finish or preemption.
     """
 
     request_id: str
@@ -70,6 +87,8 @@ class Request:
     num_cached_tokens: int = 0
     num_preemptions: int = 0
     block_ids: list[int] = field(default_factory=list)
+    encoder_token_ids: list[int] | None = None
+    cross_block_ids: list[int] = field(default_factory=list)
     stop_reason: int | str | None = None
     first_scheduled_time: float | None = None
     # A ``batching.structured.GrammarMatcher`` when the output is constrained.
@@ -102,6 +121,10 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
+
+    @property
+    def num_encoder_tokens(self) -> int:
+        return len(self.encoder_token_ids) if self.encoder_token_ids is not None else 0
 
     @property
     def max_total_tokens(self) -> int:

@@ -39,6 +39,9 @@ class RunnerRequest:
     sampling_params: SamplingParams
     eos_token_id: int | None
     block_ids: list[int] = field(default_factory=list)
+    # Encoder-decoder models: the source and its cross blocks (fixed per admission).
+    encoder_token_ids: list[int] | None = None
+    cross_block_ids: list[int] = field(default_factory=list)
     # The drafts of the latest chunk; the next chunk says how many were accepted.
     draft_token_ids: list[int] = field(default_factory=list)
     # Per-request state the runner's own stages keep across steps (the
@@ -79,7 +82,7 @@ class RunnerRequests:
     def _apply_chunk(self, chunk: ScheduledChunk) -> RunnerRequest:
         new = chunk.new_request
         if new is not None:
-            request = RunnerRequest(chunk.request_id, new.prompt_token_ids, list(new.output_token_ids), new.sampling_params, new.eos_token_id)
+            request = RunnerRequest(chunk.request_id, new.prompt_token_ids, list(new.output_token_ids), new.sampling_params, new.eos_token_id, encoder_token_ids=new.encoder_token_ids, cross_block_ids=list(new.cross_block_ids))
             self._requests[chunk.request_id] = request
         else:
             request = self._requests.get(chunk.request_id)

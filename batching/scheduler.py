@@ -81,12 +81,14 @@ class Scheduler:
 
     def check_fits(self, request: Request) -> None:
         """Raise ``InvalidRequestError`` if the request could never fit the cache alone."""
-        needed = self.block_manager.blocks_needed(request.max_total_tokens)
-        if needed > self.block_manager.num_blocks:
-            capacity = self.block_manager.num_blocks * self.block_manager.block_size
+        manager = self.block_manager
+        needed = manager.blocks_needed(request.max_total_tokens) + manager.blocks_needed(request.num_encoder_tokens)
+        if needed > manager.num_blocks:
+            capacity = manager.num_blocks * manager.block_size
+            source = f"a source of {request.num_encoder_tokens} tokens, " if request.encoder_token_ids is not None else ""
             raise InvalidRequestError(
-                f"prompt ({request.num_prompt_tokens} tokens) plus max_tokens "
-                f"({request.sampling_params.max_tokens}) needs {request.max_total_tokens} KV cache "
+                f"{source}prompt ({request.num_prompt_tokens} tokens) plus max_tokens "
+                f"({request.sampling_params.max_tokens}) needs {needed * manager.block_size} KV cache "
                 f"slots, but the whole cache holds {capacity}; lower max_tokens or raise "
                 "--kv-cache-memory",
                 param="max_tokens",
@@ -98,6 +100,13 @@ class Scheduler:
         scheduled: list[tuple[Request, int, int]] = []  # (request, tokens, blocks the runner already has)
         plans: dict[str, SpeculationPlan] = {}
         preempted: list[str] = []
+
+        # A source longer than the whole budget cannot share a step (the
+        # encoder reads it in one pass): when its turn comes, it runs alone.
+        if self.waiting and len(self.running) < self.config.max_num_seqs:
+            head = self.admission.next_to_admit(self.waiting)
+            if head.num_encoder_tokens >= step_budget and (num_new := self._admit(head, step_budget, first=True)):
+                return self._output([(head, num_new, 0)], plans, step_budget, step_budget - num_new - head.num_encoder_tokens, preempted)
 
         for request in list(self.running):
             if token_budget == 0:
@@ -119,26 +128,50 @@ class Scheduler:
             if len(self.running) >= self.config.max_num_seqs:
                 break
             request = self.admission.next_to_admit(self.waiting)
-            cached_block_ids, num_cached = self.block_manager.find_cached_prefix(request)
-            num_new = min(request.num_tokens - num_cached, token_budget)
-            request.num_computed_tokens = 0
-            if not self.block_manager.allocate(request, num_new, cached_block_ids):
+            num_new = self._admit(request, token_budget, plans, first=not any(num_sent == 0 for _, _, num_sent in scheduled))
+            if not num_new:
                 break
-            self.waiting.remove(request)
-            request.status = RequestStatus.RUNNING
-            if request.first_scheduled_time is None:
-                request.first_scheduled_time = time.monotonic()
-            request.num_computed_tokens = num_cached
-            request.num_cached_tokens = num_cached
-            plan = self._speculation_plan(request, num_new, draft_budget=0)  # no drafts before the first token
-            if plan is not None and self.block_manager.allocate(request, num_new + plan.num_slots):
-                plans[request.request_id] = plan
-            self.num_prefix_query_tokens += request.num_tokens
-            self.num_prefix_hit_tokens += num_cached
-            self.running.append(request)
             scheduled.append((request, num_new, 0))
-            token_budget -= num_new
+            token_budget -= num_new + request.num_encoder_tokens  # below 0 when a first source overran it
 
+        return self._output(scheduled, plans, step_budget, token_budget, preempted)
+
+    def _admit(self, request: Request, token_budget: int, plans: dict[str, SpeculationPlan] | None = None, first: bool = False) -> int:
+        """Admit ``request`` with ``token_budget`` tokens left in the step:
+        blocks, cross blocks for its source, then the running queue. The
+        encoder reads a source whole, so it must fit the budget left beside
+        at least one decoder token, unless it is the step's ``first``
+        admission (which may overrun the budget by its source: else a source
+        longer than what decoding leaves would wait as long as they run).
+        Returns its chunk's number of new tokens, or 0 when it must wait
+        (nothing changed)."""
+        num_encoder = request.num_encoder_tokens
+        if num_encoder and not first and num_encoder >= token_budget:
+            return 0
+        cached_block_ids, num_cached = self.block_manager.find_cached_prefix(request)
+        num_new = min(request.num_tokens - num_cached, max(token_budget - num_encoder, 1))
+        request.num_computed_tokens = 0
+        if num_encoder and not self.block_manager.allocate_cross(request):
+            return 0
+        if not self.block_manager.allocate(request, num_new, cached_block_ids):
+            if num_encoder:
+                self.block_manager.free(request)  # the cross blocks just taken
+            return 0
+        self.waiting.remove(request)
+        request.status = RequestStatus.RUNNING
+        if request.first_scheduled_time is None:
+            request.first_scheduled_time = time.monotonic()
+        request.num_computed_tokens = num_cached
+        request.num_cached_tokens = num_cached
+        plan = self._speculation_plan(request, num_new, draft_budget=0)  # no drafts before the first token
+        if plan is not None and plans is not None and self.block_manager.allocate(request, num_new + plan.num_slots):
+            plans[request.request_id] = plan
+        self.num_prefix_query_tokens += request.num_tokens
+        self.num_prefix_hit_tokens += num_cached
+        self.running.append(request)
+        return num_new
+
+    def _output(self, scheduled: list[tuple[Request, int, int]], plans: dict[str, SpeculationPlan], step_budget: int, token_budget: int, preempted: list[str]) -> SchedulerOutput:
         chunks = [self._chunk(request, num_new, plans.get(request.request_id, NO_SPECULATION), num_sent) for request, num_new, num_sent in scheduled]
         finished, self.finished_request_ids = (self.finished_request_ids, []) if chunks else ([], self.finished_request_ids)
         return SchedulerOutput(
@@ -283,7 +316,7 @@ class Scheduler:
         end = start + num_new - len(draft)  # the request's own tokens; the drafts follow them
         new_request = None
         if num_sent_blocks == 0:
-            new_request = NewRequestData(request.prompt_token_ids, list(request.output_token_ids), request.sampling_params, request.eos_token_id)
+            new_request = NewRequestData(request.prompt_token_ids, list(request.output_token_ids), request.sampling_params, request.eos_token_id, request.encoder_token_ids, list(request.cross_block_ids))
         return ScheduledChunk(
             request_id=request.request_id,
             new_token_ids=request.token_slice(start, end) + draft,

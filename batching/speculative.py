@@ -27,6 +27,7 @@ from batching.request import Request
 
 NGRAM_MAX = 3
 NGRAM_MIN = 2
+SOURCE_SEPARATOR = -1  # no token: no n-gram spans a source and its decoder tokens
 
 
 def can_speculate(request: Request) -> bool:
@@ -66,8 +67,16 @@ class Proposer(Protocol):
 
 
 class NgramProposer:
+    """For an encoder-decoder request the lookup also reads its source
+    (translation and summaries copy from it), after the decoder's own tokens."""
+
     def propose(self, request: Request, num_tokens: int) -> list[int]:
-        return propose_ngram(request.token_slice(0, request.num_tokens), num_tokens)
+        tokens = request.token_slice(0, request.num_tokens)
+        if request.encoder_token_ids is not None:
+            tokens = request.encoder_token_ids + [SOURCE_SEPARATOR] + tokens
+            draft = propose_ngram(tokens, num_tokens)
+            return draft[: draft.index(SOURCE_SEPARATOR)] if SOURCE_SEPARATOR in draft else draft
+        return propose_ngram(tokens, num_tokens)
 
     def num_lookahead(self, request: Request, num_tokens: int) -> int:
         return 0

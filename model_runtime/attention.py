@@ -92,7 +92,7 @@ def attend(
     """Write this layer's new K/V, then attend: decode rows batched, each
     prefill chunk on its own. ``context``'s step metadata is used, not its
     caches. Returns ``[1, T, heads, head_dim]``."""
-    _write_cache(key_cache, value_cache, key[0], value[0], context.slot_mapping)
+    write_cache(key_cache, value_cache, key[0], value[0], context.slot_mapping)
     if not context.prefills:  # decode rows only: the kernel's [B, heads, head_dim] is the output
         return _decode_attention(query[0], key_cache, value_cache, context, scaling).contiguous().unsqueeze(0)
 
@@ -106,7 +106,7 @@ def attend(
     return output.unsqueeze(0)
 
 
-def _write_cache(key_cache: torch.Tensor, value_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def write_cache(key_cache: torch.Tensor, value_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     if key_cache.dtype == torch.float32 and key_cache.device.type == "cpu" and (ops := kernels.load()) is not None:
         ops.write_kv_cache(key, value, key_cache, value_cache, slot_mapping)
         return
@@ -116,7 +116,7 @@ def _write_cache(key_cache: torch.Tensor, value_cache: torch.Tensor, key: torch.
     value_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value.transpose(0, 1))
 
 
-def _gather(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+def gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
     """Blocks of one or more sequences as ``[..., kv_heads, tokens, head_dim]``.
 
     ``index_select`` on the flattened block ids, not ``cache[block_ids]``:
@@ -139,8 +139,8 @@ def _decode_attention(
     if context.decode_context_mask is None:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         return kernels.load().paged_decode_attention(query.transpose(0, 1), key_cache, value_cache, context.decode_block_tables, context.decode_context_lens, scale)  # [B, heads, head_dim]
-    keys = _gather(key_cache, context.decode_block_tables)  # [B, kv_heads, L, head_dim]
-    values = _gather(value_cache, context.decode_block_tables)
+    keys = gather_blocks(key_cache, context.decode_block_tables)  # [B, kv_heads, L, head_dim]
+    values = gather_blocks(value_cache, context.decode_block_tables)
     query = query.transpose(0, 1).unsqueeze(2)  # [B, heads, 1, head_dim]
     out = F.scaled_dot_product_attention(query, keys, values, attn_mask=context.decode_context_mask, scale=scaling, enable_gqa=_is_gqa(query, keys))
     return out.squeeze(2)  # [B, heads, head_dim]
@@ -154,8 +154,8 @@ def _prefill_attention(
     scaling: float | None,
 ) -> torch.Tensor:
     context_len = span.num_computed_tokens + span.num_new_tokens
-    keys = _gather(key_cache, span.block_ids)[:, :context_len]  # [kv_heads, ctx, head_dim]
-    values = _gather(value_cache, span.block_ids)[:, :context_len]
+    keys = gather_blocks(key_cache, span.block_ids)[:, :context_len]  # [kv_heads, ctx, head_dim]
+    values = gather_blocks(value_cache, span.block_ids)[:, :context_len]
     keys, values = keys.unsqueeze(0), values.unsqueeze(0)  # [1, kv_heads, ctx, head_dim]
     query = query.unsqueeze(0)  # [1, heads, n, head_dim]
     gqa = _is_gqa(query, keys)

@@ -11,6 +11,7 @@ from batching.block_manager import BlockManager
 from batching.engine_core import EngineCore
 from batching.scheduler import Scheduler
 from batching.scheduler_config import CPU_KV_CACHE_MEMORY, CUDA_KV_FRACTION, DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_SEQS, DRAFT_MODEL_SPECULATIVE_TOKENS, SchedulerConfig
+from model_runtime.encoder_decoder import encoder_decoder_prompts
 from model_runtime.kv_cache import parse_memory_size
 from model_runtime.loader import LoadedModel, load_model
 from model_runtime.runner import ModelRunner
@@ -116,6 +117,8 @@ def check_draft_vocabulary(draft: LoadedModel, loaded: LoadedModel, name: str) -
 
 def build_engine_core(config: EngineConfig, loaded: LoadedModel | None = None, draft: LoadedModel | None = None) -> EngineCore:
     loaded = loaded or load_model(config.model, config.dtype, config.device, config.quantization, config.gguf_file, config.activations)
+    if loaded.family is not None and config.speculative_model is not None:
+        raise ValueError("--speculative-model serves decoder-only models; n-gram speculation (--num-speculative-tokens) works with encoder-decoder models")
     if draft is None and config.speculative_model is not None:
         draft = load_draft_model(config, loaded)
     limits = resolve_defaults(config, loaded, draft)
@@ -129,4 +132,5 @@ def build_engine_core(config: EngineConfig, loaded: LoadedModel | None = None, d
         eos_token_ids=loaded.eos_token_ids,
         vocab_size=loaded.model.config.vocab_size,
         max_model_len=limits.max_model_len,
+        encoder_decoder=encoder_decoder_prompts(loaded.model, limits.max_model_len) if loaded.family else None,
     )

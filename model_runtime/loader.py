@@ -1,4 +1,10 @@
-"""Load a causal LM and its tokenizer; choose device and dtype.
+"""Load a causal LM (or a T5/BART-family encoder-decoder model) and its
+tokenizer; choose device and dtype.
+
+The kind of model is read off its config before anything loads: an
+encoder-decoder config loads through ``AutoModelForSeq2SeqLM`` (never as
+its decoder alone, which ``AutoModelForCausalLM`` would do with BART), one
+of an unsupported kind is refused with a clear message.
 
 ``--device auto`` picks CUDA when present, else CPU. ``--dtype auto`` is
 float32 on CPU and bfloat16 on CUDA (float16 when the GPU lacks bf16).
@@ -18,9 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from model_runtime import attention, kernels
+from model_runtime.encoder_decoder import family_of
 from model_runtime.gguf_weights import load_gguf_linears
 from model_runtime.int_activations import ACTIVATIONS, quantize_activations
 from model_runtime.quantization import QUANTIZATIONS, describe, quantize_int8, to_float_linears
@@ -57,6 +65,8 @@ class LoadedModel:
     dtype: torch.dtype
     max_model_len: int
     eos_token_ids: tuple[int, ...]
+    # The encoder-decoder family ("t5", "bart"; model_runtime.encoder_decoder), None for a decoder-only model.
+    family: str | None = None
 
 
 def load_model(model_path: str | Path, dtype: str = "auto", device: str = "auto", quantization: str = "none", gguf_file: str | Path | None = None, activations: str = "float32") -> LoadedModel:
@@ -72,10 +82,14 @@ def load_model(model_path: str | Path, dtype: str = "auto", device: str = "auto"
     source, from_gguf = hf_source(model_path)
     gguf_file = gguf_file or (model_path if from_gguf else None)
     check_quantization(quantization, torch_device, torch_dtype, gguf_file, activations)
+    family = model_family(source, from_gguf)
+    if family is not None and (quantization != "none" or activations != "float32"):
+        raise ValueError(f"--quantization and --activations serve decoder-only models; {model_path} is an encoder-decoder model")
     tokenizer = AutoTokenizer.from_pretrained(source, **from_gguf)
-    model = AutoModelForCausalLM.from_pretrained(
-        source, dtype=torch_dtype, attn_implementation=attention.register(), **from_gguf
-    )
+    if family is None:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, attn_implementation=attention.register(), **from_gguf)
+    else:  # its decoder runs tokenstep's own step (model_runtime.encoder_decoder); the encoder, SDPA
+        model = AutoModelForSeq2SeqLM.from_pretrained(source, dtype=torch_dtype, attn_implementation="sdpa")
     model.to(torch_device).eval()
     if from_gguf:
         drop_gguf_quantizer(model)
@@ -97,7 +111,17 @@ def load_model(model_path: str | Path, dtype: str = "auto", device: str = "auto"
     config = model.config
     max_model_len = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
     logger.info("loaded %s on %s as %s (max_model_len %d; %s)", model_path, torch_device, torch_dtype, max_model_len, layout)
-    return LoadedModel(model, tokenizer, torch_device, torch_dtype, max_model_len, _eos_token_ids(model, tokenizer))
+    return LoadedModel(model, tokenizer, torch_device, torch_dtype, max_model_len, _eos_token_ids(model, tokenizer), family)
+
+
+def model_family(source: str | Path, from_gguf: dict[str, str]) -> str | None:
+    """None for a causal LM, the family of a supported encoder-decoder model;
+    ``ValueError`` for anything else."""
+    config = AutoConfig.from_pretrained(source, **from_gguf)
+    family = family_of(config)
+    if family is None and config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ValueError(f"{source} is a {config.model_type!r} model, which is not a causal LM: tokenstep serves decoder-only causal LMs and T5/BART-family encoder-decoder models")
+    return family
 
 
 def hf_source(model_path: str | Path) -> tuple[str | Path, dict[str, str]]:

@@ -14,6 +14,11 @@ the drafts up to the first disagreement are accepted, followed by the
 model's own token there. With a draft model (``model_runtime.drafter``) the
 step also runs through the draft model, which then proposes the next step's
 drafts for the chunks that ask (``num_lookahead_tokens``).
+
+For an encoder-decoder model (``model_runtime.encoder_decoder``) the step
+first encodes the sources of newly admitted requests into their cross
+blocks; the tokens of the step are then decoder tokens, and the forward is
+the family's decoder step, which also cross-attends from each row's blocks.
 """
 
 import dataclasses
@@ -26,6 +31,7 @@ from batching.messages import PromptLogprobs, RunnerOutput, SampledToken, Schedu
 from batching.runner_state import RunnerRequest, RunnerRequests
 from model_runtime.attention import CONTEXT_KWARG, PrefillSpan, StepContext, decode_kernel_runs, decode_tables
 from model_runtime.drafter import DraftModel, Lookahead
+from model_runtime.encoder_decoder import CrossContext, EncoderDecoderStep, cache_shape, cross_context
 from model_runtime.kv_cache import CacheShape, PagedKVCache
 from model_runtime.loader import LoadedModel
 from model_runtime.sampler import Sampler, SamplingRow, TokenCounts, prompt_logprobs
@@ -69,13 +75,17 @@ class ModelRunner:
         self.model = loaded.model
         self.device = loaded.device
         self.block_size = block_size
-        shape = CacheShape.from_config(self.model.config, loaded.dtype)
+        self.encoder_decoder = EncoderDecoderStep(self.model, loaded.family) if loaded.family else None
+        shape = self.cache_shape(loaded)
         self.kv_cache = PagedKVCache(shape, num_blocks, block_size, self.device)
         self.decode_kernel = decode_kernel_runs(shape, self.device)
         # Draft-model speculation: the draft keeps a cache with the same block ids.
         self.drafter = DraftModel(draft, num_blocks, block_size) if draft is not None else None
         self.sampler = Sampler(self.model.config.vocab_size)
         self.requests = RunnerRequests()
+        if compile_max_tokens and self.encoder_decoder is not None:
+            logger.warning("--compile: the step forward of encoder-decoder models is not compiled; running it eagerly")
+            compile_max_tokens = None
         self.compiled = self._compile(compile_max_tokens) if compile_max_tokens else None
         draft_bytes = self.drafter.kv_cache.kv_cache_bytes if self.drafter else 0
         logger.info(
@@ -97,9 +107,15 @@ class ModelRunner:
         return compiled
 
     @staticmethod
+    def cache_shape(loaded: LoadedModel) -> CacheShape:
+        if loaded.family:
+            return cache_shape(loaded.model, loaded.dtype)
+        return CacheShape.from_config(loaded.model.config, loaded.dtype)
+
+    @staticmethod
     def bytes_per_block(loaded: LoadedModel, block_size: int, draft: LoadedModel | None = None) -> int:
         """KV bytes one block costs: the target's, plus the draft model's."""
-        target = CacheShape.from_config(loaded.model.config, loaded.dtype).bytes_per_token() * block_size
+        target = ModelRunner.cache_shape(loaded).bytes_per_token() * block_size
         return target + (DraftModel.bytes_per_block(draft, block_size) if draft is not None else 0)
 
     @property
@@ -112,12 +128,16 @@ class ModelRunner:
         scheduled.sort(key=lambda pair: pair[0].num_new_tokens != 1)  # decode rows first
         if not scheduled:
             return RunnerOutput(sampled=[])
+        cross = None
+        if self.encoder_decoder is not None:
+            self._encode(scheduled)
+            cross = self._cross_context(scheduled)
         input_ids, position_ids, context = self._prepare(scheduled)
         sampling = [(chunk, request) for chunk, request in scheduled if chunk.is_sampling and not chunk.draft_token_ids]
         draft_chunks = [chunk for chunk, _ in scheduled if chunk.draft_token_ids]
         rows = self._logits_rows(scheduled)
         kept = rows.all
-        logits = self._forward(input_ids, position_ids, context, torch.tensor(kept, device=self.device) if kept else None)  # [R, vocab]
+        logits = self._forward(input_ids, position_ids, context, torch.tensor(kept, device=self.device) if kept else None, cross)  # [R, vocab]
         if self.drafter is not None:
             self.drafter.mirror(input_ids, position_ids, context)
         if logits is None:
@@ -145,7 +165,17 @@ class ModelRunner:
             if request.sampler_state is None:
                 request.sampler_state = TokenCounts(request.prompt_token_ids, self.sampler.vocab_size, self.device)
             counts = request.sampler_state.update(request.output_token_ids)
-        return SamplingRow(params, request.num_output_tokens, request.eos_token_id, chunk.grammar_bitmask, counts)
+        return SamplingRow(params, request.num_output_tokens, request.eos_token_id, self._allowed_tokens(chunk, request), counts)
+
+    def _allowed_tokens(self, chunk: ScheduledChunk, request: RunnerRequest) -> bytes | None:
+        """The chunk's grammar bitmask; or, for the last token of an
+        encoder-decoder request whose generation config forces EOS there
+        (BART's, as ``model.generate`` does), a bitmask allowing only EOS."""
+        params = request.sampling_params
+        forced = self.encoder_decoder.forced_eos_bitmask if self.encoder_decoder is not None else None
+        if chunk.grammar_bitmask is None and forced is not None and not params.ignore_eos and request.num_output_tokens == params.max_tokens - 1:
+            return forced
+        return chunk.grammar_bitmask
 
     def _verify_drafts(self, logits: torch.Tensor, draft_chunks: list[ScheduledChunk]) -> list[SampledToken]:
         """Greedy verification: ``logits`` holds each draft chunk's last
@@ -215,7 +245,25 @@ class ModelRunner:
             results.append(PromptLogprobs(span.request.request_id, span.first_position, logprobs))
         return results
 
-    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, context: StepContext, logits_rows: torch.Tensor | None) -> torch.Tensor | None:
+    def _encode(self, scheduled: list[tuple[ScheduledChunk, RunnerRequest]]) -> None:
+        """Encode the sources of the requests admitted (or resumed) in this step."""
+        for chunk, request in scheduled:
+            if chunk.new_request is not None:
+                self.encoder_decoder.encode(request.encoder_token_ids, request.cross_block_ids, self.kv_cache.key_caches, self.kv_cache.value_caches)
+
+    def _cross_context(self, scheduled: list[tuple[ScheduledChunk, RunnerRequest]]) -> CrossContext:
+        """Each row's cross blocks, in the order ``_prepare`` lays the rows out."""
+        decode = [request for chunk, request in scheduled if chunk.num_new_tokens == 1]
+        prefill = [request for chunk, request in scheduled if chunk.num_new_tokens != 1]
+        return cross_context(
+            [r.cross_block_ids for r in decode], [len(r.encoder_token_ids) for r in decode],
+            [r.cross_block_ids for r in prefill], [len(r.encoder_token_ids) for r in prefill],
+            self.block_size, self.device, with_mask=not self.decode_kernel,
+        )
+
+    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, context: StepContext, logits_rows: torch.Tensor | None, cross: CrossContext | None = None) -> torch.Tensor | None:
+        if cross is not None:
+            return self.encoder_decoder.forward(input_ids, position_ids, context, cross, logits_rows)
         # With no sampling rows, keep a single row: the LM head cost is negligible.
         if self.compiled is not None:
             keep = logits_rows if logits_rows is not None else torch.tensor([0], device=self.device)
@@ -258,7 +306,7 @@ class ModelRunner:
             decode_context_mask=context_mask,
             prefills=prefills,
         )
-        if self.decode_kernel:  # every layer's attention in one C++ op
+        if self.decode_kernel and self.encoder_decoder is None:  # every layer's attention in one C++ op
             context.metadata = pack(context)
         input_ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)  # [1, T]
         position_ids = torch.tensor([positions], dtype=torch.long, device=self.device)  # [1, T]

@@ -104,6 +104,8 @@ def create_app(settings: Settings, load: Callable[[], Served] | None = None, rea
     app.state.served = None
     app.state.model_thread = None
     app.state.load_error = None
+    # Called when loading fails (``server.shutdown`` stops the process then, non-zero).
+    app.state.on_load_failure = None
     app.state.responses = ResponseStore(settings.max_stored_responses)
     app.state.metrics = Metrics(lambda: app.state.served.batcher if app.state.served else None)
     install_error_handlers(app)
@@ -153,8 +155,11 @@ async def _load_and_start(app: FastAPI, load: Callable[[], Served]) -> None:
     try:
         state = await asyncio.get_running_loop().run_in_executor(model_thread, load)
     except Exception as exc:
-        logger.exception("loading the model failed")
-        app.state.load_error = str(exc)
+        logger.debug("loading the model failed", exc_info=True)
+        app.state.load_error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, (ValueError, OSError)) else str(exc)
+        logger.error("loading the model failed: %s", app.state.load_error)
+        if app.state.on_load_failure is not None:
+            app.state.on_load_failure()
         return
     await _start(app, state, model_thread)
     logger.info("serving %s", state.model_name)

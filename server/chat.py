@@ -23,7 +23,7 @@ from batching.outputs import RequestOutput
 from server.chat_prompt import build_chat_prompt, message_dicts
 from server.choices import merge, start_choices, unless_disconnected
 from server.logprobs import chat_logprobs
-from server.params import check_context, check_model, default_max_tokens, sampling_params
+from server.params import check_context, check_generation_request, default_max_tokens, sampling_params
 from server.protocol import AssistantMessage, ChatChoice, ChatChoiceLogprobs, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, DeltaMessage, ToolCall, Usage, model_dump, new_id
 from server.sse import sse_response
 from server.state import Served, served
@@ -41,7 +41,7 @@ def _check_supported(body: ChatCompletionRequest) -> None:
 async def create_chat_completion(body: ChatCompletionRequest, raw_request: Request, state: Served = Depends(served)) -> JSONResponse | EventSourceResponse:
     created = int(time.time())  # arrival: the same value in every chunk and in the JSON body
     _check_supported(body)
-    check_model(body.model, state)
+    check_generation_request(body, state)
     chat_prompt = build_chat_prompt(state, message_dicts(body.messages), body)
     prompt, plan = chat_prompt.token_ids, chat_prompt.plan
     max_tokens = body.max_completion_tokens or body.max_tokens or default_max_tokens(len(prompt), state)

@@ -17,7 +17,7 @@ from batching.errors import InvalidRequestError
 from batching.outputs import RequestOutput
 from server.choices import merge, start_choices, unless_disconnected
 from server.logprobs import LegacyLogprobs
-from server.params import check_context, check_model, sampling_params
+from server.params import check_context, check_generation_request, sampling_params
 from server.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Usage, model_dump, new_id
 from server.sse import sse_response
 from server.state import Served, served
@@ -101,7 +101,7 @@ class ChoiceText:
 async def create_completion(body: CompletionRequest, raw_request: Request, state: Served = Depends(served)) -> JSONResponse | EventSourceResponse:
     created = int(time.time())  # arrival: the same value in every chunk and in the JSON body
     _check_supported(body)
-    check_model(body.model, state)
+    check_generation_request(body, state)
     prompts, texts = prompt_token_lists(body, state)
     max_tokens = body.max_tokens if body.max_tokens is not None else 16
     for prompt in prompts:

@@ -89,10 +89,28 @@ def check_model(requested: str | None, state: Served) -> None:
         raise ModelNotFoundError(f"The model `{requested}` does not exist. Available: {state.model_name}", param="model")
 
 
+def check_generation_request(body: SamplingFields, state: Served) -> None:
+    """What every generating route checks first: the model, and for an
+    encoder-decoder model the fields that do not apply to it (``echo``: the
+    source is not part of the output; ``decoder_input_ids``: the decoder
+    starts from the model's own prompt)."""
+    check_model(body.model, state)
+    if state.encoder_decoder is None:
+        return
+    if getattr(body, "echo", False):
+        raise InvalidRequestError("echo is not supported by an encoder-decoder model: the prompt is the encoder's input, not part of the output", param="echo")
+    if (body.model_extra or {}).get("decoder_input_ids") is not None:
+        raise InvalidRequestError("decoder_input_ids are not supported: the decoder starts from the model's own start token", param="decoder_input_ids")
+
+
 def check_context(num_prompt_tokens: int, max_tokens: int, state: Served, max_tokens_param: str = "max_tokens", prompt_param: str = "prompt") -> None:
     """Prompt + max_tokens must fit the context window (400 naming both numbers
     and, as ``param``, the field the client sent: ``max_tokens_param`` when the
-    prompt alone fits, else ``prompt_param``)."""
+    prompt alone fits, else ``prompt_param``). For an encoder-decoder model
+    the prompt is the encoder's and the output the decoder's: each fits its own."""
+    if state.encoder_decoder is not None:
+        _check_encoder_decoder_context(num_prompt_tokens, max_tokens, state, max_tokens_param, prompt_param)
+        return
     if num_prompt_tokens + max_tokens > state.max_model_len:
         error = InvalidRequestError(
             f"This model's maximum context length is {state.max_model_len} tokens. However, you requested "
@@ -104,7 +122,23 @@ def check_context(num_prompt_tokens: int, max_tokens: int, state: Served, max_to
         raise error
 
 
+def _check_encoder_decoder_context(num_source_tokens: int, max_tokens: int, state: Served, max_tokens_param: str, prompt_param: str) -> None:
+    prompts = state.encoder_decoder
+    if num_source_tokens > prompts.max_source_tokens:
+        error = InvalidRequestError(f"This model's encoder reads at most {prompts.max_source_tokens} tokens, but the prompt has {num_source_tokens}. Please shorten the prompt.", param=prompt_param)
+    elif len(prompts.decoder_prompt_token_ids) + max_tokens > state.max_model_len:
+        limit = state.max_model_len - len(prompts.decoder_prompt_token_ids)
+        error = InvalidRequestError(f"This model's decoder writes at most {limit} tokens, but you requested {max_tokens}. Please reduce {max_tokens_param}.", param=max_tokens_param)
+    else:
+        return
+    error.code = "context_length_exceeded"
+    raise error
+
+
 def default_max_tokens(num_prompt_tokens: int, state: Served) -> int:
-    """The rest of the context window (and of the KV cache), as vLLM does."""
+    """The rest of the context window (and of the KV cache), as vLLM does;
+    for an encoder-decoder model, the rest of the decoder's."""
     limit = min(state.max_model_len, state.batcher.kv_capacity_tokens)
+    if state.encoder_decoder is not None:
+        return max(limit - len(state.encoder_decoder.decoder_prompt_token_ids), 1)
     return max(limit - num_prompt_tokens, 1)

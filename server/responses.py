@@ -25,7 +25,7 @@ from server.chat import ReplyShape
 from server.chat_prompt import build_chat_prompt
 from server.choices import merge, start_choices, unless_disconnected
 from server.errors import ResponseNotFoundError
-from server.params import check_context, check_model, default_max_tokens, sampling_params
+from server.params import check_context, check_generation_request, default_max_tokens, sampling_params
 from server.response_events import ResponseBuilder, new_item_id
 from server.response_store import ResponseStore, StoredResponse
 from server.responses_protocol import ResponsesRequest, check_supported, input_messages, template_fields
@@ -50,7 +50,7 @@ def _stored(raw_request: Request, response_id: str, param: str | None = None) ->
 async def create_response(body: ResponsesRequest, raw_request: Request, state: Served = Depends(served)) -> JSONResponse | EventSourceResponse:
     created_at = int(time.time())
     check_supported(body)
-    check_model(body.model, state)
+    check_generation_request(body, state)
     history = _stored(raw_request, body.previous_response_id, "previous_response_id").conversation if body.previous_response_id else []
     conversation = history + input_messages(body.input)
     system = [{"role": "system", "content": body.instructions}] if body.instructions else []

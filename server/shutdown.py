@@ -1,6 +1,10 @@
 """Graceful shutdown: SIGTERM -> stop admitting (503) -> let in-flight requests
 finish for up to ``--shutdown-timeout`` -> end the rest with an error -> exit 0.
 
+A model that fails to load ends the process too, with exit status 1 and one
+line on stderr saying why (so compose and Kubernetes restart or report it,
+rather than probing a ``/health`` that would answer 503 forever).
+
 uvicorn's own shutdown closes the listening socket first and then waits for
 open connections, so a drain placed in the lifespan would run too late (after
 every stream was waited for or cut). ``DrainingServer`` drains *before*
@@ -40,6 +44,7 @@ logger = logging.getLogger(__name__)
 CONNECTION_CLOSE_MARGIN_S = 5.0
 FORCE_EXIT_POLL_S = 0.1
 STARTUP_FAILURE_EXIT_CODE = 3  # what uvicorn.run exits with when the server never started
+LOAD_FAILURE_EXIT_CODE = 1
 
 
 def sse_grace_period_s(settings: Settings) -> float:
@@ -87,9 +92,13 @@ def run_until_drained(app: FastAPI, settings: Settings) -> None:
             raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, after_uvicorn)
+    app.state.on_load_failure = lambda: setattr(server, "should_exit", True)
     try:
         server.run()
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once drained, as uvicorn.run expects
         pass
+    if app.state.load_error is not None:
+        print(f"tokenstep: could not load the model: {app.state.load_error}", file=sys.stderr)
+        sys.exit(LOAD_FAILURE_EXIT_CODE)
     if not server.started:
         sys.exit(STARTUP_FAILURE_EXIT_CODE)

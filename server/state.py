@@ -12,6 +12,7 @@ from fastapi import Request
 
 from batching.engine import DynamicBatcher
 from batching.errors import EngineUnavailableError
+from batching.request import EncoderDecoderPrompts
 from batching.token_bytes import TokenBytes
 
 
@@ -26,9 +27,12 @@ class Served:
     model_root: str = ""
     chat_template: str | None = None
     token_bytes: TokenBytes = field(init=False)
+    # Set for an encoder-decoder model: prompts are its sources.
+    encoder_decoder: EncoderDecoderPrompts | None = field(init=False)
 
     def __post_init__(self) -> None:
         self.token_bytes = TokenBytes(self.tokenizer)
+        self.encoder_decoder = getattr(getattr(self.batcher, "core", None), "encoder_decoder", None)
 
 
 def served(request: Request) -> Served:

@@ -10,7 +10,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from tests.tiny_models import build_noisy_copy, build_tiny_gpt2, build_tiny_llama  # noqa: E402
+from tests.tiny_models import build_noisy_copy, build_tiny_bart, build_tiny_gpt2, build_tiny_llama, build_tiny_t5  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -47,3 +47,33 @@ def noisy_llama_dir(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Pa
 @pytest.fixture(scope="session")
 def noisy_gpt2_dir(tmp_path_factory: pytest.TempPathFactory, tiny_gpt2_dir: Path) -> Path:
     return build_noisy_copy(tiny_gpt2_dir, tmp_path_factory.mktemp("noisy-gpt2"), noise_std=0.05)
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_dir(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Path:
+    return build_tiny_t5(tmp_path_factory.mktemp("tiny-t5"), default_model_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_relu_untied_dir(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Path:
+    return build_tiny_t5(tmp_path_factory.mktemp("tiny-t5-relu"), default_model_dir, gated=False, tied=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_bart_dir(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Path:
+    return build_tiny_bart(tmp_path_factory.mktemp("tiny-bart"), default_model_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_mbart_dir(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Path:
+    return build_tiny_bart(tmp_path_factory.mktemp("tiny-mbart"), default_model_dir, "mbart")
+
+
+@pytest.fixture(scope="session")
+def tiny_marian_dir(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Path:
+    return build_tiny_bart(tmp_path_factory.mktemp("tiny-marian"), default_model_dir, "marian")
+
+
+@pytest.fixture(scope="session")
+def tiny_bart_no_template_dir(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Path:
+    return build_tiny_bart(tmp_path_factory.mktemp("tiny-bart-plain"), default_model_dir, chat_template=False)

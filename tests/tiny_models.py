@@ -63,3 +63,65 @@ def build_noisy_copy(source_dir: Path, target: Path, noise_std: float) -> Path:
         for parameter in model.parameters():
             parameter.add_(torch.randn_like(parameter) * noise_std)
     return _save(model, target, source_dir)
+
+
+def _widen(model: torch.nn.Module, std: float) -> torch.nn.Module:
+    """Re-draw every weight matrix with a wide normal (norms stay at one),
+    so greedy decisions are well separated."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.dim() >= 2 and "embed_positions" not in name:
+                parameter.normal_(0.0, std)
+    return model
+
+
+def build_tiny_t5(target: Path, tokenizer_dir: Path, gated: bool = True, tied: bool = True) -> Path:
+    """T5 v1.1-style (gated GELU) or original (ReLU) T5, tied or untied LM head:
+    relative position bias in self-attention, none in cross-attention."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = T5Config(
+        vocab_size=VOCAB_SIZE,
+        d_model=64,
+        d_kv=16,
+        d_ff=128,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=64,
+        feed_forward_proj="gated-gelu" if gated else "relu",
+        tie_word_embeddings=tied,
+        pad_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=0,
+    )
+    return _save(_widen(T5ForConditionalGeneration(config).eval(), 0.3), target, tokenizer_dir)
+
+
+def build_tiny_bart(target: Path, tokenizer_dir: Path, model_type: str = "bart", chat_template: bool = True) -> Path:
+    """BART (post-norm, learned positions), mBART (pre-norm) or Marian
+    (sinusoidal positions, scaled embeddings); BART forces a BOS first and an
+    EOS last, as its checkpoints' generation configs do."""
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    torch.manual_seed(0)
+    sizes = dict(
+        vocab_size=VOCAB_SIZE, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=1024, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        decoder_start_token_id=2,
+    )
+    if model_type == "marian":
+        sizes.update(decoder_start_token_id=0, scale_embedding=True, decoder_vocab_size=VOCAB_SIZE)
+    config = AutoConfig.for_model(model_type, **sizes)
+    model = _widen(AutoModelForSeq2SeqLM.from_config(config).eval(), 0.2)
+    if model_type == "bart":
+        model.generation_config.forced_bos_token_id = 1
+        model.generation_config.forced_eos_token_id = 2
+    model.save_pretrained(target)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if not chat_template:
+        tokenizer.chat_template = None
+    tokenizer.save_pretrained(target)
+    return target

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from model_runtime import kernels
-from model_runtime.attention import PrefillSpan, StepContext, _gather, attend, decode_kernel_runs, decode_tables
+from model_runtime.attention import PrefillSpan, StepContext, gather_blocks, attend, decode_kernel_runs, decode_tables
 from model_runtime.kv_cache import CacheShape
 from model_runtime.step_graph import pack
 
@@ -40,7 +40,7 @@ def ragged_batch(block_size: int, kv_heads: int, head_dim: int, heads: int):
 def test_matches_gather_and_sdpa_on_every_isa(ops, heads: int, kv_heads: int, head_dim: int, block_size: int):
     query, key_cache, value_cache, tables = ragged_batch(block_size, kv_heads, head_dim, heads)
     block_tables, lens, mask = decode_tables(tables, LENS, block_size, torch.device("cpu"))
-    keys, values = _gather(key_cache, block_tables), _gather(value_cache, block_tables)
+    keys, values = gather_blocks(key_cache, block_tables), gather_blocks(value_cache, block_tables)
     expected = F.scaled_dot_product_attention(query.transpose(0, 1).unsqueeze(2), keys, values, attn_mask=mask, scale=0.3, enable_gqa=heads != kv_heads).squeeze(2)
     for isa in range(len(ops.isas())):
         got = ops.paged_decode_attention(query.transpose(0, 1), key_cache, value_cache, block_tables, lens, 0.3, isa)

@@ -1,0 +1,168 @@
+"""Encoder-decoder models (T5 and BART families): encode once, cross-attend
+from the cache, decode in the continuous batch.
+
+When a request is admitted its source goes through the model's own encoder
+in one pass; the cross-attention K/V of every decoder layer are computed from
+the encoder output at once and written into the request's cross blocks (a
+second, read-only block table, from the same pool as the decoder's
+self-attention blocks: a decoder layer's pool holds both kinds), and the
+encoder output is dropped. Each step then runs the decoder over the flat
+ragged batch ``[1, T]`` like a decoder-only model: causal self-attention over
+the paged cache, plus cross-attention reading each row's cross blocks.
+
+The decoders' own forwards cannot take a flat batch: BART's computes its
+positions as ``arange(T)`` and T5's its relative position bias from one
+offset for the whole batch. So each family's step forward lives in a file of
+its own (``t5_step``, ``bart_step``), built from the model's own modules
+(embeddings, norms, projections, feed-forward blocks); greedy parity with
+``model.generate`` proves them.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+from batching.request import EncoderDecoderPrompts
+from model_runtime import kernels
+from model_runtime.attention import StepContext, gather_blocks, write_cache, decode_tables
+from model_runtime.kv_cache import CacheShape
+
+# model_type -> family: the step forward that serves it.
+FAMILIES = {"t5": "t5", "mt5": "t5", "bart": "bart", "mbart": "bart", "marian": "bart"}
+
+
+def family_of(config: object) -> str | None:
+    """The encoder-decoder family of a model config, None for a decoder-only
+    model; raises ``ValueError`` for an encoder-decoder model of another kind."""
+    if not getattr(config, "is_encoder_decoder", False):
+        return None
+    model_type = getattr(config, "model_type", "?")
+    if model_type not in FAMILIES:
+        raise ValueError(
+            f"{model_type!r} is an encoder-decoder model tokenstep does not serve: it serves decoder-only "
+            f"causal LMs and the encoder-decoder families T5 (t5, mt5) and BART (bart, mbart, marian)"
+        )
+    return FAMILIES[model_type]
+
+
+@dataclass(slots=True)
+class CrossContext:
+    """Where each row of a step finds its source's K/V: decode rows batched
+    (padded cross block tables and source lengths), then each prefill span
+    of ``StepContext.prefills`` with its own cross blocks."""
+
+    decode_block_tables: torch.Tensor | None  # [B, max_blocks] long
+    decode_lens: torch.Tensor | None  # [B] long
+    decode_mask: torch.Tensor | None  # [B, 1, 1, max_blocks * block_size] bool; None where the kernel runs
+    prefill_block_ids: list[torch.Tensor]
+    prefill_lens: list[int]
+
+
+def cross_attend(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, context: StepContext, cross: CrossContext, scale: float) -> torch.Tensor:
+    """Cross-attention of ``query`` ``[1, heads, T, head_dim]`` over each
+    row's source (every source token is visible); returns ``[1, T, heads, head_dim]``."""
+    num_tokens, num_heads, head_dim = query.shape[2], query.shape[1], query.shape[3]
+    output = query.new_empty(num_tokens, num_heads, head_dim)
+    num_decode = context.num_decode_tokens
+    if num_decode:
+        decode_query = query[0, :, :num_decode].transpose(0, 1)  # [B, heads, head_dim]
+        if cross.decode_mask is None:
+            output[:num_decode] = kernels.load().paged_decode_attention(decode_query, key_cache, value_cache, cross.decode_block_tables, cross.decode_lens, scale)
+        else:
+            keys = gather_blocks(key_cache, cross.decode_block_tables)  # [B, heads, L, head_dim]
+            values = gather_blocks(value_cache, cross.decode_block_tables)
+            out = F.scaled_dot_product_attention(decode_query.unsqueeze(2), keys, values, attn_mask=cross.decode_mask, scale=scale)
+            output[:num_decode] = out.squeeze(2)
+    for span, block_ids, source_len in zip(context.prefills, cross.prefill_block_ids, cross.prefill_lens):
+        rows = slice(span.start, span.start + span.num_new_tokens)
+        keys = gather_blocks(key_cache, block_ids)[:, :source_len].unsqueeze(0)  # [1, heads, S, head_dim]
+        values = gather_blocks(value_cache, block_ids)[:, :source_len].unsqueeze(0)
+        out = F.scaled_dot_product_attention(query[:, :, rows], keys, values, scale=scale)  # [1, heads, n, head_dim]
+        output[rows] = out[0].transpose(0, 1)
+    return output.unsqueeze(0)
+
+
+class EncoderDecoderStep:
+    """The runner's view of an encoder-decoder model: its cache shape, the
+    encode step of newly admitted requests, and the decoder step forward
+    (the family's ``decoder``)."""
+
+    def __init__(self, model: PreTrainedModel, family: str) -> None:
+        from model_runtime.bart_step import BartDecoderStep
+        from model_runtime.t5_step import T5DecoderStep
+
+        self.model = model
+        self.decoder = T5DecoderStep(model) if family == "t5" else BartDecoderStep(model)
+        self.encoder = model.get_encoder()
+        forced_eos = getattr(model.generation_config, "forced_eos_token_id", None)
+        forced_eos = forced_eos[0] if isinstance(forced_eos, (list, tuple)) else forced_eos
+        # The generation config's forced EOS (BART's): the last token a
+        # request may produce is EOS, as model.generate makes it.
+        self.forced_eos_bitmask = only_token_bitmask(forced_eos) if forced_eos is not None else None
+
+    def encode(self, source_token_ids: list[int], cross_block_ids: list[int], key_caches: list[torch.Tensor], value_caches: list[torch.Tensor]) -> None:
+        """Run the encoder over one source and write every decoder layer's
+        cross-attention K/V into its cross blocks."""
+        device = key_caches[0].device
+        block_size = key_caches[0].shape[1]
+        input_ids = torch.tensor([source_token_ids], dtype=torch.long, device=device)
+        hidden = self.encoder(input_ids=input_ids).last_hidden_state[0]  # [S, d_model]
+        positions = torch.arange(len(source_token_ids), device=device)
+        slots = torch.tensor(cross_block_ids, dtype=torch.long, device=device)[positions // block_size] * block_size + positions % block_size
+        for layer, (key_cache, value_cache) in enumerate(zip(key_caches, value_caches)):
+            key, value = self.decoder.cross_key_value(layer, hidden)  # [heads, S, head_dim]
+            write_cache(key_cache, value_cache, key, value, slots)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, context: StepContext, cross: CrossContext, logits_rows: torch.Tensor | None) -> torch.Tensor | None:
+        """Logits ``[R, vocab]`` at ``logits_rows`` of the step (None without rows)."""
+        hidden = self.decoder.hidden_states(input_ids, position_ids, context, cross)  # [T, d_model]
+        if logits_rows is None:
+            return None
+        return self.decoder.logits(hidden[logits_rows])
+
+
+def cache_shape(model: PreTrainedModel, dtype: torch.dtype) -> CacheShape:
+    """What one cached token costs in an encoder-decoder model's pool: its
+    decoder's layers and heads (self and cross blocks alike)."""
+    config = model.config
+    if family_of(config) == "t5":
+        return CacheShape(config.num_decoder_layers, config.num_heads, config.d_kv, dtype)
+    return CacheShape(config.decoder_layers, config.decoder_attention_heads, config.d_model // config.decoder_attention_heads, dtype)
+
+
+def cross_context(tables: list[list[int]], lens: list[int], prefill_tables: list[list[int]], prefill_lens: list[int], block_size: int, device: torch.device, with_mask: bool) -> CrossContext:
+    """The step's ``CrossContext`` from the decode rows' cross block tables
+    and source lengths, then the prefill spans'."""
+    decode_block_tables = decode_lens = decode_mask = None
+    if tables:
+        decode_block_tables, decode_lens, decode_mask = decode_tables(tables, lens, block_size, device, with_mask)
+    prefill_blocks = [torch.tensor(blocks, dtype=torch.long, device=device) for blocks in prefill_tables]
+    return CrossContext(decode_block_tables, decode_lens, decode_mask, prefill_blocks, list(prefill_lens))
+
+
+def only_token_bitmask(token_id: int) -> bytes:
+    """A sampler bitmask (``ScheduledChunk.grammar_bitmask``'s layout) allowing ``token_id`` only."""
+    mask = bytearray(4 * (token_id // 32 + 1))
+    bit = token_id % 32
+    mask[4 * (token_id // 32) + bit // 8] = 1 << (bit % 8)
+    return bytes(mask)
+
+
+def encoder_decoder_prompts(model: PreTrainedModel, max_source_tokens: int) -> EncoderDecoderPrompts:
+    """The decoder's prompt as ``model.generate`` starts it: the decoder start
+    token, then the token the generation config forces first (mBART's
+    target language, BART's BOS), if any."""
+    generation, config = model.generation_config, model.config
+    start = getattr(generation, "decoder_start_token_id", None)
+    if start is None:
+        start = getattr(config, "decoder_start_token_id", None)
+    if start is None:
+        start = config.pad_token_id  # T5's convention
+    start = start[0] if isinstance(start, (list, tuple)) else start
+    if start is None:
+        raise ValueError("the model's config names no decoder_start_token_id (nor a pad token to start from)")
+    forced_bos = getattr(generation, "forced_bos_token_id", None)
+    prompt = (start,) if forced_bos is None else (start, forced_bos)
+    return EncoderDecoderPrompts(prompt, max_source_tokens)
