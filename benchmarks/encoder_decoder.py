@@ -5,7 +5,7 @@ BART). Sources of ``--input-len`` random tokens, ``--output-len`` tokens each,
 EOS ignored. Without ``--model-dir`` a BART is built with random weights
 (``--size tiny``: the tests' 2-layer d_model 64; ``base``: bart-base's shape).
 
-    .venv/bin/python benchmarks/encoder_decoder.py --size base --out benchmarks/results/encdec
+    .venv/bin/python benchmarks/encoder_decoder.py --size base --out benchmarks/results/encdec   # -> .../encdec/base/
 """
 
 import argparse
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 def build_model(size: str, target: Path) -> Path:
     from model_runtime.default_model import default_model_dir
-    from tests.tiny_models import build_tiny_bart
+    from tests.tiny_models import _widen, build_tiny_bart
 
     if size == "tiny":
         return build_tiny_bart(target, default_model_dir())
@@ -36,7 +36,8 @@ def build_model(size: str, target: Path) -> Path:
     config = BartConfig(vocab_size=49152, d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12, decoder_attention_heads=12,
                         encoder_ffn_dim=3072, decoder_ffn_dim=3072, max_position_embeddings=1024, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                         decoder_start_token_id=2)
-    BartForConditionalGeneration(config).eval().save_pretrained(target)
+    # Wide random weights, so the text is not one special token repeated (a stream of no text).
+    _widen(BartForConditionalGeneration(config).eval(), 0.1).save_pretrained(target)
     AutoTokenizer.from_pretrained(default_model_dir()).save_pretrained(target)
     return target
 
@@ -103,6 +104,7 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/encdec"))
     args = parser.parse_args()
+    args.out = args.out / (args.model_dir.name if args.model_dir else args.size)
     args.out.mkdir(parents=True, exist_ok=True)
     levels = [int(level) for level in args.levels.split(",")]
     with tempfile.TemporaryDirectory() as scratch:
@@ -115,7 +117,7 @@ def main() -> None:
             tokenstep_tps = metrics["output_throughput"]
             rows.append({"in_flight": level, "tokenstep_tok_s": tokenstep_tps, "generate_tok_s": static, "ratio": tokenstep_tps / static})
             print(f"{level:>3} in flight: tokenstep {tokenstep_tps:8.1f} tok/s, generate (static batch) {static:8.1f} tok/s, {tokenstep_tps / static:.2f}x", flush=True)
-    (args.out / f"summary-{args.size}.json").write_text(json.dumps({"size": args.size, "input_len": args.input_len, "output_len": args.output_len, "rows": rows}, indent=2))
+    (args.out / "summary.json").write_text(json.dumps({"size": args.size, "input_len": args.input_len, "output_len": args.output_len, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":
