@@ -19,7 +19,7 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key")
     parser.add_argument("--served-model-name")
     parser.add_argument("--max-num-seqs", type=int)
-    parser.add_argument("--max-num-batched-tokens", type=int, help="token budget of one step (default on CPU: 128, or 8 per running request when more; 2048 on CUDA)")
+    parser.add_argument("--max-num-batched-tokens", type=int, help="token budget of one step (default on CPU: 128, or 8 per running request when more; 2048 on CUDA); an encoder-decoder model's sources count whole, and one longer than the budget runs in a step of its own")
     parser.add_argument("--block-size", type=int)
     parser.add_argument("--kv-cache-memory", help="e.g. 512MiB, 2GiB or bytes")
     parser.add_argument("--max-model-len", type=int)

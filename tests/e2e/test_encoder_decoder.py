@@ -60,6 +60,13 @@ def test_sampling_options_work(client: OpenAI):
     assert [c.text for c in again.choices] == [c.text for c in completion.choices]
 
 
+def test_structured_output_and_penalties(client: OpenAI):
+    choice = client.completions.create(model="t5", prompt=PROMPT, max_tokens=8, temperature=0, extra_body={"guided_choice": ["oui", "non"]})
+    assert choice.choices[0].text in ("oui", "non")
+    penalized = client.completions.create(model="t5", prompt=PROMPT, max_tokens=8, temperature=0, frequency_penalty=1.5, extra_body={"ignore_eos": True})
+    assert penalized.usage.completion_tokens == 8
+
+
 def test_chat_uses_the_template(client: OpenAI):
     chat = client.chat.completions.create(model="t5", messages=[{"role": "user", "content": "hello"}], max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
     assert chat.choices[0].finish_reason == "length"
