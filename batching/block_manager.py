@@ -64,6 +64,11 @@ class BlockManager:
         """Fraction of blocks referenced by a live request (0.0 to 1.0)."""
         return self.num_used_blocks / self.num_blocks if self.num_blocks else 0.0
 
+    def block_map(self, free: str, cached: str, used: str) -> str:
+        """One letter per block: ``used`` when a request holds it, ``cached``
+        when free but keeping a prefix for reuse, else ``free``."""
+        return "".join(used if block.ref_count else cached if block.key is not None else free for block in self._blocks)
+
     def blocks_needed(self, num_tokens: int) -> int:
         return cdiv(num_tokens, self.block_size)
 

@@ -20,6 +20,7 @@ import asyncio
 import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -28,11 +29,13 @@ from batching.errors import EngineUnavailableError, InvalidRequestError, QueueFu
 from batching.outputs import RequestOutput
 from batching.request import Request, RequestStatus
 from batching.sampling_params import SamplingParams
-from batching.stats import EngineStats
+from batching.stats import BLOCK_CACHED, BLOCK_FREE, BLOCK_USED, EngineStats, EngineView, RequestRow, StepRecord
 
 logger = logging.getLogger(__name__)
 
 DRAIN_POLL_S = 0.05  # how often drain() looks whether the in-flight requests are done
+STEP_HISTORY_S = 300.0  # how far back view() reports steps
+STEP_HISTORY_MAX = 20_000  # steps kept at most (a few minutes of fast steps)
 
 
 class DynamicBatcher:
@@ -56,6 +59,7 @@ class DynamicBatcher:
         self._is_draining = False
         self.num_steps = 0
         self.step_seconds_total = 0.0
+        self._steps: deque[StepRecord] = deque(maxlen=STEP_HISTORY_MAX)
         self.failure: str | None = None  # why the loop died, if it did
 
     @property
@@ -109,6 +113,20 @@ class DynamicBatcher:
             num_steps_total=self.num_steps,
             step_seconds_total=self.step_seconds_total,
         )
+
+    def view(self) -> EngineView:
+        """``stats()`` and what a live view draws: every request's row (running
+        first), the block map and the steps of the last ``STEP_HISTORY_S``."""
+        scheduler = self.core.scheduler
+        rows = [self._row(request, "prefill" if request.num_computed_tokens < request.num_prompt_tokens else "decoding") for request in scheduler.running]
+        rows += [self._row(request, "preempted" if request.status == RequestStatus.PREEMPTED else "waiting") for request in scheduler.waiting]
+        since = time.monotonic() - STEP_HISTORY_S
+        steps = [step for step in self._steps if step.end_time >= since]
+        return EngineView(self.stats(), rows, scheduler.block_manager.block_map(BLOCK_FREE, BLOCK_CACHED, BLOCK_USED), steps)
+
+    @staticmethod
+    def _row(request: Request, state: str) -> RequestRow:
+        return RequestRow(request.request_id, state, request.num_prompt_tokens + request.num_encoder_tokens, request.num_output_tokens, request.num_computed_tokens, len(request.block_ids) + len(request.cross_block_ids))
 
     async def start(self, model_thread: ThreadPoolExecutor | None = None) -> None:
         """Start the loop. Pass ``model_thread`` (one worker) to step the model
@@ -258,9 +276,12 @@ class DynamicBatcher:
             logger.exception("engine step failed")
             self._publish(self.core.fail_step(scheduler_output, f"engine step failed: {exc}"))
             return
+        ended = time.perf_counter()
         self.num_steps += 1
-        self.step_seconds_total += time.perf_counter() - started
+        self.step_seconds_total += ended - started
+        generated_before = self.core.num_generation_tokens_total
         self._publish(self.core.process(scheduler_output, runner_output))
+        self._steps.append(StepRecord(time.monotonic(), scheduler_output.num_batched_tokens, self.core.num_generation_tokens_total - generated_before, ended - started))
 
     def _fail_all(self, message: str, status: int) -> None:
         """End every open stream with an error output now; the requests are

@@ -1,5 +1,7 @@
 """``EngineStats``: a frozen snapshot of what the engine is doing, for readers
-outside the batching layer (``/metrics``, and any dashboard or health view).
+outside the batching layer (``/metrics``, and any dashboard or health view);
+``EngineView`` adds what a live view draws (``/stats`` and ``/dashboard``):
+each request's row, the KV pool block by block and the recent steps.
 
 The batcher builds it on demand from its own counters (``DynamicBatcher.stats``),
 on the event loop's thread, so readers never reach into the scheduler, the
@@ -7,7 +9,7 @@ block manager or the engine core, and never see a half-updated state.
 Plain ints and floats only.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,3 +36,44 @@ class EngineStats:
     @property
     def kv_capacity_tokens(self) -> int:
         return self.num_kv_blocks * self.block_size
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRow:
+    """One request as the dashboard lists it. ``state``: ``prefill`` (its
+    prompt is being computed, chunk by chunk), ``decoding``, ``waiting`` or
+    ``preempted`` (waiting to be recomputed)."""
+
+    request_id: str
+    state: str
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_computed_tokens: int
+    num_blocks: int
+
+
+@dataclass(frozen=True, slots=True)
+class StepRecord:
+    """One engine step: when it ended (monotonic seconds), the tokens it
+    computed, the tokens it added to outputs, and its time."""
+
+    end_time: float
+    num_tokens: int
+    num_generated: int
+    seconds: float
+
+
+# Block map letters: free and empty, free but cached for prefix reuse, in use.
+BLOCK_FREE, BLOCK_CACHED, BLOCK_USED = ".", "c", "u"
+
+
+@dataclass(frozen=True, slots=True)
+class EngineView:
+    """``stats`` plus the requests (running first, then the queue), the block
+    map (one letter per block: ``BLOCK_FREE``, ``BLOCK_CACHED``,
+    ``BLOCK_USED``) and the steps of the last few minutes, oldest first."""
+
+    stats: EngineStats
+    requests: list[RequestRow] = field(default_factory=list)
+    block_map: str = ""
+    steps: list[StepRecord] = field(default_factory=list)

@@ -1,5 +1,6 @@
 """The FastAPI app factory: lifespan (engine start/stop), auth, health,
-metrics, the request-size limit, and the routers.
+metrics, the request-size limit, the routers, and the browser pages
+(``server.ui``: ``/``, ``/dashboard``, their ``/static`` files).
 
 The engine is built by a loader callable run in a worker thread at start-up,
 so ``/health`` answers 503 while the model loads and 200 once it serves (and
@@ -21,6 +22,7 @@ from contextlib import asynccontextmanager
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -34,6 +36,9 @@ from server.responses import router as responses_router
 from server.settings import Settings
 from server.state import Served
 from server.tokenize import router as tokenize_router
+from server.ui import STATIC_DIR
+from server.ui import pages as ui_pages
+from server.ui import router as stats_router
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +136,10 @@ def create_app(settings: Settings, load: Callable[[], Served] | None = None, rea
     api.include_router(chat_router)
     api.include_router(responses_router)
     api.include_router(tokenize_router)
+    api.include_router(stats_router)
     app.include_router(api)
+    app.include_router(ui_pages)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
 
 
