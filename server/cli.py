@@ -90,6 +90,8 @@ def serve(settings: Settings) -> None:
     from server.shutdown import run_until_drained
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    host = "localhost" if settings.host in ("0.0.0.0", "::", "127.0.0.1") else settings.host
+    logging.getLogger("tokenstep").info("once the model is loaded: playground at http://%s:%d/ , live dashboard at http://%s:%d/dashboard", host, settings.port, host, settings.port)
     app = create_app(settings, load=make_loader(settings))
     run_until_drained(app, settings)
 

@@ -181,6 +181,13 @@ print(''.join(json.loads(line[6:])['choices'][0]['text'] for line in open(sys.ar
 log "model $model streamed $chunks chunks: The capital of France is$text"
 phase_done stream
 
+log "the playground and the dashboard ship in the image"
+curl -sf "http://127.0.0.1:$PORT/" | grep -q 'id="chat-form"' || fail "GET / did not serve the playground"
+curl -sf "http://127.0.0.1:$PORT/dashboard" | grep -q 'id="block-map"' || fail "GET /dashboard did not serve the dashboard"
+curl -sf "http://127.0.0.1:$PORT/static/playground.js" | grep -q 'renderMarkdown' || fail "the pages' scripts are missing from the image"
+curl -sf "http://127.0.0.1:$PORT/stats" | "$PYTHON" -c "import json, sys; assert json.load(sys.stdin)['kv']['blocks'] > 0" || fail "GET /stats did not answer"
+phase_done pages
+
 if [ -z "${DOCKER_CHECK_KEEP:-}" ]; then
     compose down -v --remove-orphans
     STACK_UP=""
