@@ -59,6 +59,7 @@ OPERATIONS = [
     ("POST", "/detokenize"),
     ("GET", "/health"),
     ("GET", "/metrics"),
+    ("GET", "/stats"),
 ]
 schema = schemathesis.pytest.from_fixture("fuzz_schema")
 
