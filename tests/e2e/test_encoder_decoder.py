@@ -5,6 +5,7 @@ with a non-zero exit and one clear line."""
 
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -65,6 +66,25 @@ def test_structured_output_and_penalties(client: OpenAI):
     assert choice.choices[0].text in ("oui", "non")
     penalized = client.completions.create(model="t5", prompt=PROMPT, max_tokens=8, temperature=0, frequency_penalty=1.5, extra_body={"ignore_eos": True})
     assert penalized.usage.completion_tokens == 8
+
+
+def test_disconnects_mid_stream_leak_no_self_or_cross_blocks(t5_server: ServerProcess):
+    """Clients that leave mid-answer: their requests end and both block tables go back to the pool."""
+    body = {"model": "t5", "prompt": PROMPT * 20, "max_tokens": 400, "stream": True, "ignore_eos": True}
+    for _ in range(4):
+        with httpx.stream("POST", f"{t5_server.base_url}/v1/completions", json=body, timeout=30) as response:
+            chunks = 0
+            for line in response.iter_lines():
+                chunks += line.startswith("data: {")
+                if chunks == 3:
+                    break
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        stats = httpx.get(f"{t5_server.base_url}/stats").json()
+        if stats["running"] == 0 and "u" not in stats["kv"]["map"]:
+            break
+        time.sleep(0.1)
+    assert stats["running"] == 0 and "u" not in stats["kv"]["map"], stats["requests"]
 
 
 def test_chat_uses_the_template(client: OpenAI):
