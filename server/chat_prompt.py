@@ -77,4 +77,6 @@ def build_chat_prompt(state: Served, messages: list[dict[str, Any]], fields: Cha
         )
     except Exception as exc:  # a template error is the request's fault (roles, ordering)
         raise InvalidRequestError(f"the chat template could not render these messages: {exc}", param="messages") from None
-    return ChatPrompt(state.tokenizer(text, add_special_tokens=False).input_ids, plan)
+    # An encoder-decoder model's source is tokenized as its encoder was trained
+    # on (T5 appends </s>, BART wraps in <s> ... </s>); its templates rarely add them.
+    return ChatPrompt(state.tokenizer(text, add_special_tokens=state.encoder_decoder is not None).input_ids, plan)

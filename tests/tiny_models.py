@@ -97,7 +97,16 @@ def build_tiny_t5(target: Path, tokenizer_dir: Path, gated: bool = True, tied: b
         eos_token_id=2,
         decoder_start_token_id=0,
     )
-    return _save(_widen(T5ForConditionalGeneration(config).eval(), 0.3), target, tokenizer_dir)
+    model = _widen(T5ForConditionalGeneration(config).eval(), 0.3)
+    model.save_pretrained(target)
+    # Like T5's own tokenizer, append EOS to every encoded text (the encoder's input ends with it).
+    from tokenizers.processors import TemplateProcessing
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    eos = tokenizer.convert_ids_to_tokens(2)
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single=f"$A {eos}", pair=f"$A {eos} $B {eos}", special_tokens=[(eos, 2)])
+    tokenizer.save_pretrained(target)
+    return target
 
 
 def build_tiny_bart(target: Path, tokenizer_dir: Path, model_type: str = "bart", chat_template: bool = True) -> Path:

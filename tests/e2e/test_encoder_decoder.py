@@ -87,10 +87,15 @@ def test_disconnects_mid_stream_leak_no_self_or_cross_blocks(t5_server: ServerPr
     assert stats["running"] == 0 and "u" not in stats["kv"]["map"], stats["requests"]
 
 
-def test_chat_uses_the_template(client: OpenAI):
-    chat = client.chat.completions.create(model="t5", messages=[{"role": "user", "content": "hello"}], max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+def test_chat_uses_the_template(client: OpenAI, tiny_t5_dir: Path):
+    """The rendered chat is the source, tokenized with the tokenizer's special tokens as the encoder expects."""
+    messages = [{"role": "user", "content": "hello"}]
+    chat = client.chat.completions.create(model="t5", messages=messages, max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
     assert chat.choices[0].finish_reason == "length"
     assert chat.usage.completion_tokens == 5
+    tokenizer = AutoTokenizer.from_pretrained(tiny_t5_dir)
+    source = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)).input_ids
+    assert chat.usage.prompt_tokens == len(source)
 
 
 def test_fields_that_do_not_apply_are_refused(client: OpenAI, t5_server: ServerProcess):
