@@ -118,7 +118,7 @@ class DynamicBatcher:
         """``stats()`` and what a live view draws: every request's row (running
         first), the block map and the steps of the last ``STEP_HISTORY_S``."""
         scheduler = self.core.scheduler
-        rows = [self._row(request, "prefill" if request.num_computed_tokens < request.num_prompt_tokens else "decoding") for request in scheduler.running]
+        rows = [self._row(request, "prefill" if request.num_computed_tokens < request.num_tokens - 1 else "decoding") for request in scheduler.running]
         rows += [self._row(request, "preempted" if request.status == RequestStatus.PREEMPTED else "waiting") for request in scheduler.waiting]
         since = time.monotonic() - STEP_HISTORY_S
         steps = [step for step in self._steps if step.end_time >= since]

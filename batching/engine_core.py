@@ -76,7 +76,7 @@ class EngineCore:
         """The prompt is the encoder's source; the decoder starts from its own prompt."""
         prompts = self.encoder_decoder
         if len(source_token_ids) > prompts.max_source_tokens:
-            raise InvalidRequestError(f"the prompt has {len(source_token_ids)} tokens, but this model's encoder reads at most {prompts.max_source_tokens}", param="prompt")
+            raise InvalidRequestError(f"This model's encoder reads at most {prompts.max_source_tokens} tokens, but the prompt has {len(source_token_ids)}. Please shorten the prompt.", param="prompt", code="context_length_exceeded")
         if params.prompt_logprobs is not None:
             raise InvalidRequestError("prompt logprobs are not defined for an encoder-decoder model: the prompt is its encoder's input, which it does not predict", param="prompt_logprobs")
         return Request(request_id, list(prompts.decoder_prompt_token_ids), params, eos_token_id=eos, encoder_token_ids=list(source_token_ids))

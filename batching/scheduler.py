@@ -124,13 +124,15 @@ class Scheduler:
             scheduled.append((request, num_new, num_sent_blocks))
             token_budget -= num_new
 
+        first = True
         while self.waiting and token_budget > 0 and not preempted:
             if len(self.running) >= self.config.max_num_seqs:
                 break
             request = self.admission.next_to_admit(self.waiting)
-            num_new = self._admit(request, token_budget, plans, first=not any(num_sent == 0 for _, _, num_sent in scheduled))
+            num_new = self._admit(request, token_budget, plans, first=first)
             if not num_new:
                 break
+            first = False
             scheduled.append((request, num_new, 0))
             token_budget -= num_new + request.num_encoder_tokens  # below 0 when a first source overran it
 

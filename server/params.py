@@ -109,7 +109,7 @@ def check_context(num_prompt_tokens: int, max_tokens: int, state: Served, max_to
     prompt alone fits, else ``prompt_param``). For an encoder-decoder model
     the prompt is the encoder's and the output the decoder's: each fits its own."""
     if state.encoder_decoder is not None:
-        _check_encoder_decoder_context(num_prompt_tokens, max_tokens, state, max_tokens_param, prompt_param)
+        _check_decoder_window(max_tokens, state, max_tokens_param)
         return
     if num_prompt_tokens + max_tokens > state.max_model_len:
         error = InvalidRequestError(
@@ -122,17 +122,11 @@ def check_context(num_prompt_tokens: int, max_tokens: int, state: Served, max_to
         raise error
 
 
-def _check_encoder_decoder_context(num_source_tokens: int, max_tokens: int, state: Served, max_tokens_param: str, prompt_param: str) -> None:
-    prompts = state.encoder_decoder
-    if num_source_tokens > prompts.max_source_tokens:
-        error = InvalidRequestError(f"This model's encoder reads at most {prompts.max_source_tokens} tokens, but the prompt has {num_source_tokens}. Please shorten the prompt.", param=prompt_param)
-    elif len(prompts.decoder_prompt_token_ids) + max_tokens > state.max_model_len:
-        limit = state.max_model_len - len(prompts.decoder_prompt_token_ids)
-        error = InvalidRequestError(f"This model's decoder writes at most {limit} tokens, but you requested {max_tokens}. Please reduce {max_tokens_param}.", param=max_tokens_param)
-    else:
-        return
-    error.code = "context_length_exceeded"
-    raise error
+def _check_decoder_window(max_tokens: int, state: Served, max_tokens_param: str) -> None:
+    """The decoder's window; the source's length is the engine's check (``EngineCore.make_request``)."""
+    limit = state.max_model_len - len(state.encoder_decoder.decoder_prompt_token_ids)
+    if max_tokens > limit:
+        raise InvalidRequestError(f"This model's decoder writes at most {limit} tokens, but you requested {max_tokens}. Please reduce {max_tokens_param}.", param=max_tokens_param, code="context_length_exceeded")
 
 
 def default_max_tokens(num_prompt_tokens: int, state: Served) -> int:

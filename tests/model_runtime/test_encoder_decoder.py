@@ -144,7 +144,7 @@ def test_parity_with_ngram_speculation(tiny_bart_dir: Path):
 def test_bad_requests_are_refused(tiny_t5_dir: Path):
     loaded = load_model(tiny_t5_dir, dtype="float32", device="cpu")
     core = build(loaded, num_kv_blocks=64, max_model_len=64)
-    with pytest.raises(InvalidRequestError, match="encoder reads at most 64"):
+    with pytest.raises(InvalidRequestError, match="encoder reads at most 64 tokens"):
         core.make_request("long", list(range(3, 70)), SamplingParams(max_tokens=4))
     with pytest.raises(InvalidRequestError, match="prompt logprobs"):
         core.make_request("plp", [5, 6], SamplingParams(max_tokens=4, prompt_logprobs=1))
