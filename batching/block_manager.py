@@ -9,6 +9,15 @@ zero keeps its key and goes to the back of the free queue; allocation takes from
 the front, so cached blocks are reused least-recently-freed first (LRU) and stay
 hittable until then.
 
+Where every layer of the model attends at most ``sliding_window`` tokens
+back (Mistral, StarCoder2, Qwen2 with its window on every layer), the blocks
+that fall wholly before a running request's window go back to the pool as
+it advances (``drop_out_of_window``; with their keys, so a later request with
+the same prefix may still hit them), and a request holds about a window's
+worth of blocks however long it runs, as vLLM's and SGLang's sliding-window
+managers do. A model with some full-attention layer (Gemma 2 and 3, gpt-oss)
+keeps every block its full layers read.
+
 Encoder-decoder requests also hold cross blocks (``Request.cross_block_ids``:
 the cross-attention K/V of their source), taken from the same pool at
 admission and never shared or cached: freed, they go to the front of the
@@ -40,13 +49,16 @@ class BlockManager:
 
     Invariants: a block is in ``_free`` iff its ``ref_count`` is 0; a key in
     ``_cached`` maps to the block whose ``key`` it is; each request's
-    ``block_ids`` cover at least its computed tokens.
+    ``block_ids`` cover at least its computed tokens, and it holds those
+    from ``num_dropped_blocks`` on.
     """
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, sliding_window: int | None = None) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        # Tokens back any layer reads, where every layer slides; None: all of them.
+        self.sliding_window = sliding_window
         self._blocks = [Block(block_id) for block_id in range(num_blocks)]
         self._free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
         self._cached: dict[BlockKey, int] = {}
@@ -71,6 +83,28 @@ class BlockManager:
 
     def blocks_needed(self, num_tokens: int) -> int:
         return cdiv(num_tokens, self.block_size)
+
+    def max_blocks_held(self, num_tokens: int, max_chunk_tokens: int) -> int:
+        """The most blocks a request of ``num_tokens`` ever holds at once,
+        in chunks of up to ``max_chunk_tokens``: all of its blocks, or with a
+        sliding window, the window's (less the query) plus one chunk's, one
+        more where they straddle a block boundary."""
+        num_blocks = self.blocks_needed(num_tokens)
+        if self.sliding_window is None:
+            return num_blocks
+        return min(num_blocks, self.blocks_needed(self.sliding_window - 1 + max_chunk_tokens) + 1)
+
+    def drop_out_of_window(self, request: Request) -> None:
+        """Return to the pool the request's blocks wholly before its next
+        query's window (that query sits at ``num_computed_tokens``; a query at
+        p sees keys after p - sliding_window). Kept keys stay hittable."""
+        if self.sliding_window is None:
+            return
+        first_visible = request.num_computed_tokens - self.sliding_window + 1
+        num_droppable = min(max(first_visible, 0) // self.block_size, len(request.block_ids))
+        for block_id in request.block_ids[request.num_dropped_blocks : num_droppable]:
+            self._release(block_id)
+        request.num_dropped_blocks = max(request.num_dropped_blocks, num_droppable)
 
     def find_cached_prefix(self, request: Request) -> tuple[list[int], int]:
         """Return (block_ids, num_tokens) of the longest cached prefix.
@@ -127,7 +161,9 @@ class BlockManager:
         num_full = request.num_computed_tokens // self.block_size
         keys = self._keys_for(request, num_full)
         # Only blocks that became full since the last call: earlier ones were handled then.
-        first_new = request.num_registered_blocks
+        # Dropped blocks were registered before they went (or came keyed from the
+        # prefix cache); their ids are stale and may hold another request's tokens now.
+        first_new = max(request.num_registered_blocks, request.num_dropped_blocks)
         request.num_registered_blocks = num_full
         for index in range(first_new, num_full):
             key = keys[index]
@@ -144,13 +180,10 @@ class BlockManager:
             self._free[block_id] = None
             self._free.move_to_end(block_id, last=False)
         request.cross_block_ids = []
-        for block_id in reversed(request.block_ids):
-            block = self._blocks[block_id]
-            block.ref_count -= 1
-            assert block.ref_count >= 0, f"block {block_id} freed twice"
-            if block.ref_count == 0:
-                self._free[block_id] = None
+        for block_id in reversed(request.block_ids[request.num_dropped_blocks :]):
+            self._release(block_id)
         request.block_ids = []
+        request.num_dropped_blocks = 0
         request.block_keys = []
         request.num_registered_blocks = 0
 
@@ -174,6 +207,14 @@ class BlockManager:
     def _root_hash(request: Request) -> int:
         """Where a request's key chain starts: 0, or its source's hash."""
         return hash(tuple(request.encoder_token_ids)) if request.encoder_token_ids is not None else 0
+
+    def _release(self, block_id: int) -> None:
+        """Drop one reference; an unreferenced block joins the back of the free queue."""
+        block = self._blocks[block_id]
+        block.ref_count -= 1
+        assert block.ref_count >= 0, f"block {block_id} freed twice"
+        if block.ref_count == 0:
+            self._free[block_id] = None
 
     def _take(self, block_id: int) -> None:
         block = self._blocks[block_id]

@@ -66,7 +66,8 @@ class Request:
 
     Invariants: ``num_computed_tokens <= num_tokens``; the KV of the first
     ``num_computed_tokens`` tokens lives in ``block_ids`` (block i holds tokens
-    ``[i * block_size, (i + 1) * block_size)``). ``num_cached_tokens`` counts
+    ``[i * block_size, (i + 1) * block_size)``), from block
+    ``num_dropped_blocks`` on. ``num_cached_tokens`` counts
     prompt tokens served from the prefix cache at the latest admission.
 
     Encoder-decoder models: ``encoder_token_ids`` is the source the encoder
@@ -87,6 +88,10 @@ class Request:
     num_cached_tokens: int = 0
     num_preemptions: int = 0
     block_ids: list[int] = field(default_factory=list)
+    # With a sliding window on every layer (BlockManager.sliding_window): the
+    # first ``num_dropped_blocks`` of ``block_ids`` lie wholly before any
+    # future query's window and went back to the pool; their ids are stale.
+    num_dropped_blocks: int = 0
     encoder_token_ids: list[int] | None = None
     cross_block_ids: list[int] = field(default_factory=list)
     stop_reason: int | str | None = None

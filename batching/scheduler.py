@@ -82,7 +82,7 @@ class Scheduler:
     def check_fits(self, request: Request) -> None:
         """Raise ``InvalidRequestError`` if the request could never fit the cache alone."""
         manager = self.block_manager
-        needed = manager.blocks_needed(request.max_total_tokens) + manager.blocks_needed(request.num_encoder_tokens)
+        needed = manager.max_blocks_held(request.max_total_tokens, self.config.max_step_tokens) + manager.blocks_needed(request.num_encoder_tokens)
         if needed > manager.num_blocks:
             capacity = manager.num_blocks * manager.block_size
             source = f"a source of {request.num_encoder_tokens} tokens, " if request.encoder_token_ids is not None else ""
@@ -165,6 +165,7 @@ class Scheduler:
             request.first_scheduled_time = time.monotonic()
         request.num_computed_tokens = num_cached
         request.num_cached_tokens = num_cached
+        self.block_manager.drop_out_of_window(request)  # a long cached prefix: keep only its window
         plan = self._speculation_plan(request, num_new, draft_budget=0)  # no drafts before the first token
         if plan is not None and plans is not None and self.block_manager.allocate(request, num_new + plan.num_slots):
             plans[request.request_id] = plan
@@ -216,6 +217,7 @@ class Scheduler:
             # a stop among accepted drafts leaves the positions after it uncomputed.
             request.num_computed_tokens = min(request.num_computed_tokens, request.num_tokens - 1)
             self.block_manager.cache_full_blocks(request)
+            self.block_manager.drop_out_of_window(request)
             if stop is not None:
                 self.finish(request, stop)
         return updates

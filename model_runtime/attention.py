@@ -12,6 +12,16 @@ index, then each sequence attends over its own blocks:
 * prefill chunks run one SDPA call each, causal over their new tokens and
   fully visible over the cached prefix.
 
+Each layer's own features come from the kwargs transformers hands the
+attention function (``LayerFeatures``): a sliding window (a query at
+position p sees keys at positions p - window < k <= p, as transformers'
+masks and flash attention do), logit soft-capping (Gemma 2) and attention
+sinks (gpt-oss's ``s_aux``). Every path honours them: the C++ kernels take
+them as arguments; in Python, soft-capping and sinks, which SDPA cannot
+express, run as plain math (``_attention_math``, the model's own eager
+arithmetic). Which kwargs a model may pass at all is decided at load
+(``model_runtime.architecture``): anything else is refused there.
+
 The step's metadata travels in one ``StepContext`` passed through the
 forward's kwargs (transformers forwards unknown kwargs down to attention).
 """
@@ -24,36 +34,41 @@ from transformers import AttentionInterface
 
 from model_runtime import kernels
 from model_runtime.kv_cache import CacheShape
+from model_runtime.step_context import PrefillSpan, StepContext
 
 ATTENTION_NAME = "tokenstep_paged"
 CONTEXT_KWARG = "tokenstep_context"
 
 
-@dataclass(slots=True)
-class PrefillSpan:
-    """One prefill chunk: rows ``[start, start + num_new_tokens)`` of the batch."""
+@dataclass(frozen=True, slots=True)
+class LayerFeatures:
+    """What one layer's attention computes beyond causal
+    ``softmax(q . k * scale) v``, as transformers passes it to the layer's
+    attention function."""
 
-    start: int
-    num_new_tokens: int
-    num_computed_tokens: int
-    block_ids: torch.Tensor  # [num_blocks_of_seq] long
+    scale: float
+    sliding_window: int | None = None  # a query at p sees keys at p - window < k <= p
+    softcap: float | None = None  # scores become softcap * tanh(scores / softcap)
+    sinks: torch.Tensor | None = None  # [heads]: one learned logit per head in every softmax's denominator
 
+    @classmethod
+    def from_kwargs(cls, kwargs: dict, scaling: float | None, head_dim: int) -> "LayerFeatures":
+        window = kwargs.get("sliding_window")
+        return cls(
+            scale=scaling if scaling is not None else head_dim**-0.5,
+            sliding_window=window if window else None,  # 0 and None both mean: no window
+            softcap=kwargs.get("softcap") or None,
+            sinks=kwargs.get("s_aux"),
+        )
 
-@dataclass(slots=True)
-class StepContext:
-    """Everything attention needs for one step. Decode rows come first."""
+    @property
+    def needs_math(self) -> bool:
+        """SDPA cannot express soft-capping or sinks."""
+        return self.softcap is not None or self.sinks is not None
 
-    key_caches: list[torch.Tensor]  # per layer [num_blocks, block_size, kv_heads, head_dim]
-    value_caches: list[torch.Tensor]
-    slot_mapping: torch.Tensor  # [T] long: cache slot of each new token
-    num_decode_tokens: int
-    decode_block_tables: torch.Tensor | None  # [B, max_blocks] long, padded with 0
-    decode_context_lens: torch.Tensor | None  # [B] long
-    decode_context_mask: torch.Tensor | None  # [B, 1, 1, max_blocks * block_size] bool; None where the kernel runs
-    prefills: list[PrefillSpan]
-    # All of the above as one int64 tensor (step_graph.pack) where the kernels
-    # run: each layer is then one C++ op, tokenstep::paged_attention_step.
-    metadata: torch.Tensor | None = None
+    def first_visible(self, position: int) -> int:
+        """The first key position a query at ``position`` sees."""
+        return max(position - self.sliding_window + 1, 0) if self.sliding_window else 0
 
 
 def paged_attention_forward(
@@ -72,12 +87,12 @@ def paged_attention_forward(
     which routes this layer through one opaque op that ends in ``attend``."""
     context = kwargs[CONTEXT_KWARG]
     layer = module.layer_idx
+    features = LayerFeatures.from_kwargs(kwargs, scaling, query.shape[-1])
     if not isinstance(context, StepContext):
-        return context.attend(query, key, value, layer, scaling), None
+        return context.attend(query, key, value, layer, features), None
     if context.metadata is not None:
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        return kernels.load().paged_attention_step(query, key, value, context.key_caches[layer], context.value_caches[layer], context.metadata, scale), None
-    return attend(query, key, value, context.key_caches[layer], context.value_caches[layer], context, scaling), None
+        return kernels.load().paged_attention_step(query, key, value, context.key_caches[layer], context.value_caches[layer], context.metadata, features.scale, features.sliding_window or 0, features.softcap or 0.0, features.sinks), None
+    return attend(query, key, value, context.key_caches[layer], context.value_caches[layer], context, features), None
 
 
 def attend(
@@ -87,33 +102,34 @@ def attend(
     key_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim]
     value_cache: torch.Tensor,
     context: StepContext,
-    scaling: float | None,
+    features: LayerFeatures,
 ) -> torch.Tensor:
     """Write this layer's new K/V, then attend: decode rows batched, each
     prefill chunk on its own. ``context``'s step metadata is used, not its
-    caches. Returns ``[1, T, heads, head_dim]``."""
+    caches. Returns ``[1, T, heads, value_head_dim]``."""
     write_cache(key_cache, value_cache, key[0], value[0], context.slot_mapping)
     if not context.prefills:  # decode rows only: the kernel's [B, heads, head_dim] is the output
-        return _decode_attention(query[0], key_cache, value_cache, context, scaling).contiguous().unsqueeze(0)
+        return _decode_attention(query[0], key_cache, value_cache, context, features).contiguous().unsqueeze(0)
 
-    num_tokens, num_heads, head_dim = query.shape[2], query.shape[1], query.shape[3]
-    output = query.new_empty(num_tokens, num_heads, head_dim)  # [T, heads, head_dim]
+    num_tokens, num_heads, value_head_dim = query.shape[2], query.shape[1], value_cache.shape[3]
+    output = query.new_empty(num_tokens, num_heads, value_head_dim)  # [T, heads, value_head_dim]
     if context.num_decode_tokens:
-        output[: context.num_decode_tokens] = _decode_attention(query[0, :, : context.num_decode_tokens], key_cache, value_cache, context, scaling)
+        output[: context.num_decode_tokens] = _decode_attention(query[0, :, : context.num_decode_tokens], key_cache, value_cache, context, features)
     for span in context.prefills:
         rows = slice(span.start, span.start + span.num_new_tokens)
-        output[rows] = _prefill_attention(query[0, :, rows], key_cache, value_cache, span, scaling)
+        output[rows] = _prefill_attention(query[0, :, rows], key_cache, value_cache, span, features)
     return output.unsqueeze(0)
 
 
 def write_cache(key_cache: torch.Tensor, value_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    if key_cache.dtype == torch.float32 and key_cache.device.type == "cpu" and (ops := kernels.load()) is not None:
+    """The step's new ``key``/``value`` ``[kv_heads, T, head_dim]`` into their slots."""
+    is_native = key_cache.dtype == torch.float32 and key_cache.device.type == "cpu" and key_cache.shape == value_cache.shape
+    if is_native and key.stride(-1) == 1 and value.stride(-1) == 1 and (ops := kernels.load()) is not None:
         ops.write_kv_cache(key, value, key_cache, value_cache, slot_mapping)
         return
-    num_kv_heads, head_dim = key_cache.shape[2], key_cache.shape[3]
     # key/value: [kv_heads, T, head_dim] -> [T, kv_heads, head_dim]
-    key_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key.transpose(0, 1))
-    value_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value.transpose(0, 1))
+    key_cache.flatten(0, 1).index_copy_(0, slot_mapping, key.transpose(0, 1))
+    value_cache.flatten(0, 1).index_copy_(0, slot_mapping, value.transpose(0, 1))
 
 
 def gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
@@ -134,16 +150,23 @@ def _decode_attention(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     context: StepContext,
-    scaling: float | None,
+    features: LayerFeatures,
 ) -> torch.Tensor:
+    """``[B, heads, value_head_dim]``: each decode row over its own context."""
     if context.decode_context_mask is None:
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        return kernels.load().paged_decode_attention(query.transpose(0, 1), key_cache, value_cache, context.decode_block_tables, context.decode_context_lens, scale)  # [B, heads, head_dim]
+        return kernels.load().paged_decode_attention(
+            query.transpose(0, 1), key_cache, value_cache, context.decode_block_tables, context.decode_context_lens,
+            features.scale, -1, features.sliding_window or 0, features.softcap or 0.0, features.sinks,
+        )  # [B, heads, head_dim]
     keys = gather_blocks(key_cache, context.decode_block_tables)  # [B, kv_heads, L, head_dim]
     values = gather_blocks(value_cache, context.decode_block_tables)
     query = query.transpose(0, 1).unsqueeze(2)  # [B, heads, 1, head_dim]
-    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=context.decode_context_mask, scale=scaling, enable_gqa=_is_gqa(query, keys))
-    return out.squeeze(2)  # [B, heads, head_dim]
+    mask = context.decode_context_mask  # [B, 1, 1, L]
+    if features.sliding_window:
+        positions = torch.arange(mask.shape[-1], device=mask.device)
+        first = context.decode_context_lens - features.sliding_window  # the query sits at len - 1
+        mask = mask & (positions[None, :] >= first[:, None])[:, None, None, :]
+    return _attention(query, keys, values, mask, features).squeeze(2)  # [B, heads, value_head_dim]
 
 
 def _prefill_attention(
@@ -151,23 +174,68 @@ def _prefill_attention(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     span: PrefillSpan,
-    scaling: float | None,
+    features: LayerFeatures,
 ) -> torch.Tensor:
+    """``[n, heads, value_head_dim]``: a chunk's queries over its cached
+    tokens and itself. Only the blocks from the chunk's first visible key
+    on are read (with a sliding window, older ones may hold another
+    request's tokens by now)."""
+    block_size = key_cache.shape[1]
     context_len = span.num_computed_tokens + span.num_new_tokens
-    keys = gather_blocks(key_cache, span.block_ids)[:, :context_len]  # [kv_heads, ctx, head_dim]
-    values = gather_blocks(value_cache, span.block_ids)[:, :context_len]
-    keys, values = keys.unsqueeze(0), values.unsqueeze(0)  # [1, kv_heads, ctx, head_dim]
+    first_block = features.first_visible(span.num_computed_tokens) // block_size
+    block_ids = span.block_ids[first_block : -(-context_len // block_size)]
+    first_position = first_block * block_size
+    keys = gather_blocks(key_cache, block_ids)[:, : context_len - first_position].unsqueeze(0)  # [1, kv_heads, ctx, head_dim]
+    values = gather_blocks(value_cache, block_ids)[:, : context_len - first_position].unsqueeze(0)
     query = query.unsqueeze(0)  # [1, heads, n, head_dim]
-    gqa = _is_gqa(query, keys)
-    if span.num_computed_tokens == 0:
-        out = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scaling, enable_gqa=gqa)
+    if span.num_computed_tokens == 0 and not features.sliding_window and not features.needs_math:
+        out = F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=features.scale, enable_gqa=_is_gqa(query, keys))
     else:
-        # Query i sits at position num_computed + i and sees keys up to it.
-        positions = torch.arange(context_len, device=query.device)
-        query_positions = positions[span.num_computed_tokens :, None]
-        mask = positions[None, :] <= query_positions  # [n, ctx]
-        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling, enable_gqa=gqa)
-    return out[0].transpose(0, 1)  # [n, heads, head_dim]
+        query_positions = torch.arange(span.num_computed_tokens, context_len, device=query.device)
+        key_positions = torch.arange(first_position, context_len, device=query.device)
+        out = _attention(query, keys, values, causal_mask(query_positions, key_positions, features.sliding_window), features)
+    return out[0].transpose(0, 1)  # [n, heads, value_head_dim]
+
+
+def causal_mask(query_positions: torch.Tensor, key_positions: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
+    """``[n, L]`` bool: which keys each query sees (causal, and within the window)."""
+    visible = key_positions[None, :] <= query_positions[:, None]
+    if sliding_window:
+        visible &= key_positions[None, :] > query_positions[:, None] - sliding_window
+    return visible
+
+
+def _attention(
+    query: torch.Tensor,  # [B, heads, n, head_dim]
+    keys: torch.Tensor,  # [B, kv_heads, L, head_dim]
+    values: torch.Tensor,  # [B, kv_heads, L, value_head_dim]
+    mask: torch.Tensor,  # bool, broadcastable to [B, heads, n, L]
+    features: LayerFeatures,
+) -> torch.Tensor:
+    """Masked attention ``[B, heads, n, value_head_dim]``: SDPA, or plain
+    math where the layer soft-caps its scores or has sinks."""
+    if features.needs_math:
+        return _attention_math(query, keys, values, mask, features)
+    return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=features.scale, enable_gqa=_is_gqa(query, keys))
+
+
+def _attention_math(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, features: LayerFeatures) -> torch.Tensor:
+    """What the model's own eager attention computes: scores scaled, soft-capped
+    (``softcap``), masked; sinks appended as one more logit per row and
+    dropped after the softmax, which runs in float32. Shapes as ``_attention``."""
+    group = query.shape[1] // keys.shape[1]
+    if group > 1:  # GQA: each KV head serves ``group`` query heads
+        keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
+    scores = torch.matmul(query, keys.transpose(-1, -2)) * features.scale  # [B, heads, n, L]
+    if features.softcap is not None:
+        scores = torch.tanh(scores / features.softcap) * features.softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    if features.sinks is not None:
+        sinks = features.sinks.to(scores.dtype).view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        probs = torch.softmax(torch.cat([scores, sinks], dim=-1).float(), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores.float(), dim=-1)
+    return torch.matmul(probs.to(values.dtype), values)
 
 
 def _is_gqa(query: torch.Tensor, keys: torch.Tensor) -> bool:
@@ -180,26 +248,10 @@ DECODE_KERNEL_LANES = 16  # the kernel takes head_dim a multiple of this, up to 
 
 def decode_kernel_runs(shape: CacheShape, device: torch.device) -> bool:
     """Whether decode attention runs in tokenstep's kernel (float32 caches on
-    the CPU, a head_dim it takes, kernels built) rather than gather + SDPA."""
-    head_dim_fits = shape.head_dim % DECODE_KERNEL_LANES == 0 and shape.head_dim <= 256
+    the CPU, keys and values of one head_dim it takes, kernels built)
+    rather than gather + SDPA."""
+    head_dim_fits = shape.head_dim % DECODE_KERNEL_LANES == 0 and shape.head_dim <= 256 and shape.value_head_dim == shape.head_dim
     return device.type == "cpu" and shape.dtype == torch.float32 and head_dim_fits and kernels.load() is not None
-
-
-def decode_tables(block_tables: list[list[int]], context_lens: list[int], block_size: int, device: torch.device, with_mask: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Padded block tables ``[B, max_blocks]``, context lengths ``[B]`` and,
-    ``with_mask`` (for SDPA), the context mask ``[B, 1, 1, max_blocks *
-    block_size]`` of a batch of decode rows."""
-    max_blocks = max(len(block_ids) for block_ids in block_tables)
-    padded = [block_ids + [0] * (max_blocks - len(block_ids)) for block_ids in block_tables]
-    tables = torch.tensor(padded, dtype=torch.long, device=device)  # [B, max_blocks]
-    lens = torch.tensor(context_lens, dtype=torch.long, device=device)  # [B]
-    return tables, lens, context_mask(lens, max_blocks * block_size) if with_mask else None
-
-
-def context_mask(context_lens: torch.Tensor, max_len: int) -> torch.Tensor:
-    """SDPA's mask ``[B, 1, 1, max_len]`` over decode rows' padded contexts."""
-    positions = torch.arange(max_len, device=context_lens.device)
-    return (positions[None, :] < context_lens[:, None])[:, None, None, :]
 
 
 def register() -> str:

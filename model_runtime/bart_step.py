@@ -17,7 +17,8 @@ from collections.abc import Callable
 import torch
 from transformers import PreTrainedModel
 
-from model_runtime.attention import StepContext, attend
+from model_runtime.attention import LayerFeatures, attend
+from model_runtime.step_context import StepContext
 from model_runtime.encoder_decoder import CrossContext, cross_attend
 
 # Layer norm before each residual block (and once more at the end).
@@ -61,7 +62,7 @@ class BartDecoderStep:
 
             def self_attention(x: torch.Tensor, attention=layer.self_attn) -> torch.Tensor:
                 query, key, value = (self._heads(projection(x)) for projection in (attention.q_proj, attention.k_proj, attention.v_proj))
-                return attention.out_proj(attend(query, key, value, key_cache, value_cache, context, attention.scaling).flatten(-2))
+                return attention.out_proj(attend(query, key, value, key_cache, value_cache, context, LayerFeatures(attention.scaling)).flatten(-2))
 
             def cross_attention(x: torch.Tensor, attention=layer.encoder_attn) -> torch.Tensor:
                 query = self._heads(attention.q_proj(x))

@@ -23,9 +23,10 @@ from dataclasses import dataclass
 
 import torch
 
-from model_runtime.attention import CONTEXT_KWARG, StepContext, decode_kernel_runs, decode_tables
-from model_runtime.kv_cache import CacheShape, PagedKVCache
+from model_runtime.attention import CONTEXT_KWARG, decode_kernel_runs
+from model_runtime.kv_cache import PagedKVCache
 from model_runtime.loader import LoadedModel
+from model_runtime.step_context import SequenceChunk, StepContext, build_step
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,12 +48,12 @@ class DraftModel:
         self.model = loaded.model
         self.device = loaded.device
         self.block_size = block_size
-        self.kv_cache = PagedKVCache(CacheShape.from_config(self.model.config, loaded.dtype), num_blocks, block_size, self.device)
+        self.kv_cache = PagedKVCache(loaded.attention.cache_shape, num_blocks, block_size, self.device)
         self.decode_kernel = decode_kernel_runs(self.kv_cache.shape, self.device)
 
     @staticmethod
     def bytes_per_block(loaded: LoadedModel, block_size: int) -> int:
-        return CacheShape.from_config(loaded.model.config, loaded.dtype).bytes_per_token() * block_size
+        return loaded.attention.cache_shape.bytes_per_token() * block_size
 
     def mirror(self, input_ids: torch.Tensor, position_ids: torch.Tensor, context: StepContext) -> None:
         """Run the target's step inputs through the draft model (K/V only)."""
@@ -65,9 +66,7 @@ class DraftModel:
         for step in range(max((item.num_tokens for item in lookaheads), default=0)):
             active = [item for item in lookaheads if item.num_tokens > step]
             positions = [item.position + step for item in active]
-            input_ids = torch.tensor([[tokens[item.request_id] for item in active]], dtype=torch.long, device=self.device)  # [1, B]
-            position_ids = torch.tensor([positions], dtype=torch.long, device=self.device)  # [1, B]
-            context = self._decode_context([item.block_ids for item in active], positions)
+            input_ids, position_ids, context = self._decode_context([item.block_ids for item in active], positions, [tokens[item.request_id] for item in active])  # [1, B] each
             logits = self._forward(input_ids, position_ids, context, logits_to_keep=0)[0]  # [B, vocab]
             picks = logits.max(dim=-1).indices.tolist()  # [B]
             for item, token_id in zip(active, picks):
@@ -78,20 +77,9 @@ class DraftModel:
     def _own(self, context: StepContext) -> StepContext:
         return dataclasses.replace(context, key_caches=self.kv_cache.key_caches, value_caches=self.kv_cache.value_caches)
 
-    def _decode_context(self, block_tables: list[list[int]], positions: list[int]) -> StepContext:
-        block_size = self.block_size
-        slots = [block_ids[p // block_size] * block_size + p % block_size for block_ids, p in zip(block_tables, positions)]
-        tables, lens, mask = decode_tables(block_tables, [p + 1 for p in positions], block_size, self.device, with_mask=not self.decode_kernel)
-        return StepContext(
-            key_caches=self.kv_cache.key_caches,
-            value_caches=self.kv_cache.value_caches,
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
-            num_decode_tokens=len(positions),
-            decode_block_tables=tables,
-            decode_context_lens=lens,
-            decode_context_mask=mask,
-            prefills=[],
-        )
+    def _decode_context(self, block_tables: list[list[int]], positions: list[int], token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, StepContext]:
+        chunks = [SequenceChunk([token_id], position, block_ids) for token_id, position, block_ids in zip(token_ids, positions, block_tables)]
+        return build_step(chunks, self.kv_cache.key_caches, self.kv_cache.value_caches, self.device, with_mask=not self.decode_kernel)
 
     def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, context: StepContext, logits_to_keep: int) -> torch.Tensor:
         output = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False, logits_to_keep=logits_to_keep, **{CONTEXT_KWARG: context})

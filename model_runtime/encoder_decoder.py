@@ -26,7 +26,8 @@ from transformers import PreTrainedModel
 
 from batching.request import EncoderDecoderPrompts
 from model_runtime import kernels
-from model_runtime.attention import StepContext, gather_blocks, write_cache, decode_tables
+from model_runtime.attention import gather_blocks, write_cache
+from model_runtime.step_context import StepContext, decode_tables
 from model_runtime.kv_cache import CacheShape
 
 # model_type -> family: the step forward that serves it.

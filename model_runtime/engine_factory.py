@@ -108,11 +108,19 @@ def check_draft_vocabulary(draft: LoadedModel, loaded: LoadedModel, name: str) -
     """Draft token ids must mean the same tokens and be valid target inputs."""
     if draft.tokenizer.get_vocab() != loaded.tokenizer.get_vocab():
         raise ValueError(f"--speculative-model {name}: its tokenizer's vocabulary differs from the served model's")
-    if draft.model.config.vocab_size > loaded.model.config.vocab_size:
+    if draft.vocab_size > loaded.vocab_size:
         raise ValueError(
-            f"--speculative-model {name}: vocab_size {draft.model.config.vocab_size} "
-            f"exceeds the served model's {loaded.model.config.vocab_size}"
+            f"--speculative-model {name}: vocab_size {draft.vocab_size} "
+            f"exceeds the served model's {loaded.vocab_size}"
         )
+
+
+def kv_window(loaded: LoadedModel, draft: LoadedModel | None = None) -> int | None:
+    """How far back any layer reads, where every layer of the model (and of
+    the draft model, which shares the block tables) slides: KV older than
+    that goes back to the pool while a request runs. None: keep it all."""
+    windows = [model.attention.kv_window if model.attention is not None else None for model in (loaded, draft) if model is not None]
+    return max(windows) if all(windows) else None
 
 
 def build_engine_core(config: EngineConfig, loaded: LoadedModel | None = None, draft: LoadedModel | None = None) -> EngineCore:
@@ -124,13 +132,13 @@ def build_engine_core(config: EngineConfig, loaded: LoadedModel | None = None, d
     limits = resolve_defaults(config, loaded, draft)
     compile_max_tokens = limits.scheduler.max_step_tokens if config.compile else None
     runner = ModelRunner(loaded, limits.num_kv_blocks, config.block_size, draft, compile_max_tokens)
-    block_manager = BlockManager(runner.num_blocks, config.block_size, config.enable_prefix_caching)
+    block_manager = BlockManager(runner.num_blocks, config.block_size, config.enable_prefix_caching, kv_window(loaded, draft))
     return EngineCore(
         Scheduler(limits.scheduler, block_manager),
         runner,
         loaded.tokenizer,
         eos_token_ids=loaded.eos_token_ids,
-        vocab_size=loaded.model.config.vocab_size,
+        vocab_size=loaded.vocab_size,
         max_model_len=limits.max_model_len,
         encoder_decoder=encoder_decoder_prompts(loaded.model, limits.max_model_len) if loaded.family else None,
     )

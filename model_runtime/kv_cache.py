@@ -30,23 +30,22 @@ def parse_memory_size(text: str | int) -> int:
 
 @dataclass(frozen=True, slots=True)
 class CacheShape:
-    """What one cached token costs, read off the model config."""
+    """What one cached token costs. Keys and values may differ in head size
+    (DeepSeek's multi-head latent attention, expanded per head)."""
 
     num_layers: int
     num_kv_heads: int
     head_dim: int
     dtype: torch.dtype
+    value_head_dim: int | None = None  # None: the keys' head_dim
 
-    @classmethod
-    def from_config(cls, config: object, dtype: torch.dtype) -> "CacheShape":
-        num_heads = config.num_attention_heads
-        num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
-        return cls(config.num_hidden_layers, num_kv_heads, head_dim, dtype)
+    def __post_init__(self) -> None:
+        if self.value_head_dim is None:
+            object.__setattr__(self, "value_head_dim", self.head_dim)
 
     def bytes_per_token(self) -> int:
         element_size = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element_size
+        return self.num_layers * self.num_kv_heads * (self.head_dim + self.value_head_dim) * element_size
 
 
 class PagedKVCache:
@@ -58,10 +57,11 @@ class PagedKVCache:
         self.shape = shape
         self.num_blocks = num_blocks
         self.block_size = block_size
-        layer_shape = (num_blocks, block_size, shape.num_kv_heads, shape.head_dim)
-        # [num_blocks, block_size, num_kv_heads, head_dim] per layer
-        self.key_caches = [torch.zeros(layer_shape, dtype=shape.dtype, device=device) for _ in range(shape.num_layers)]
-        self.value_caches = [torch.zeros(layer_shape, dtype=shape.dtype, device=device) for _ in range(shape.num_layers)]
+        key_shape = (num_blocks, block_size, shape.num_kv_heads, shape.head_dim)
+        value_shape = (num_blocks, block_size, shape.num_kv_heads, shape.value_head_dim)
+        # [num_blocks, block_size, num_kv_heads, head_dim] per layer (value_head_dim for values)
+        self.key_caches = [torch.zeros(key_shape, dtype=shape.dtype, device=device) for _ in range(shape.num_layers)]
+        self.value_caches = [torch.zeros(value_shape, dtype=shape.dtype, device=device) for _ in range(shape.num_layers)]
 
     @property
     def num_tokens(self) -> int:

@@ -28,6 +28,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from model_runtime import attention, kernels
+from model_runtime.architecture import AttentionLayout, check_decoder
 from model_runtime.encoder_decoder import family_of
 from model_runtime.gguf_weights import load_gguf_linears
 from model_runtime.int_activations import ACTIVATIONS, quantize_activations
@@ -65,8 +66,11 @@ class LoadedModel:
     dtype: torch.dtype
     max_model_len: int
     eos_token_ids: tuple[int, ...]
+    vocab_size: int  # logits per row (a composite model's text config says)
     # The encoder-decoder family ("t5", "bart"; model_runtime.encoder_decoder), None for a decoder-only model.
     family: str | None = None
+    # A decoder-only model's attention as the load-time check found it (model_runtime.architecture).
+    attention: AttentionLayout | None = None
 
 
 def load_model(model_path: str | Path, dtype: str = "auto", device: str = "auto", quantization: str = "none", gguf_file: str | Path | None = None, activations: str = "float32") -> LoadedModel:
@@ -93,25 +97,30 @@ def load_model(model_path: str | Path, dtype: str = "auto", device: str = "auto"
     model.to(torch_device).eval()
     if from_gguf:
         drop_gguf_quantizer(model)
+    # Exact or refused: proven on the float model, before quantization swaps its linears.
+    layout = check_decoder(model) if family is None else None
     if quantization in ("int8", "gguf"):
-        linears = quantize_int8(model) if quantization == "int8" else load_gguf_linears(model, gguf_file)
+        quantized = quantize_int8(model) if quantization == "int8" else load_gguf_linears(model, gguf_file)
         ops = kernels.load()
         if ops is None:  # no compiler: the same values as float32 linears, at float32's speed
             if activations != "float32":
                 logger.warning("--activations %s needs tokenstep's CPU kernels, which are unavailable: the activations stay float32", activations)
-            layout = f"{to_float_linears(model)} linears dequantized to float32 (no kernels); {optimise_cpu_linears(model, torch_dtype)}"
+            linears = f"{to_float_linears(model)} linears dequantized to float32 (no kernels); {optimise_cpu_linears(model, torch_dtype)}"
         else:
-            layout = describe(linears)
+            linears = describe(quantized)
             if activations != "float32" and quantize_activations(model, ops, activations):
-                layout += f"; {activations} activations"
+                linears += f"; {activations} activations"
     elif torch_device.type == "cpu":
-        layout = optimise_cpu_linears(model, torch_dtype)
+        linears = optimise_cpu_linears(model, torch_dtype)
     else:
-        layout = "default layout"
+        linears = "default layout"
     config = model.config
     max_model_len = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
-    logger.info("loaded %s on %s as %s (max_model_len %d; %s)", model_path, torch_device, torch_dtype, max_model_len, layout)
-    return LoadedModel(model, tokenizer, torch_device, torch_dtype, max_model_len, _eos_token_ids(model, tokenizer), family)
+    logger.info("loaded %s on %s as %s (max_model_len %d; %s)", model_path, torch_device, torch_dtype, max_model_len, linears)
+    if layout is not None:
+        logger.info("attention checked against the model's own forward: %s", layout.describe())
+    vocab_size = model.config.get_text_config(decoder=True).vocab_size
+    return LoadedModel(model, tokenizer, torch_device, torch_dtype, max_model_len, _eos_token_ids(model, tokenizer), vocab_size, family, layout)
 
 
 def model_family(source: str | Path, from_gguf: dict[str, str]) -> str | None:

@@ -29,12 +29,13 @@ import torch
 
 from batching.messages import PromptLogprobs, RunnerOutput, SampledToken, ScheduledChunk, SchedulerOutput
 from batching.runner_state import RunnerRequest, RunnerRequests
-from model_runtime.attention import CONTEXT_KWARG, PrefillSpan, StepContext, decode_kernel_runs, decode_tables
+from model_runtime.attention import CONTEXT_KWARG, decode_kernel_runs
 from model_runtime.drafter import DraftModel, Lookahead
 from model_runtime.encoder_decoder import CrossContext, EncoderDecoderStep, cache_shape, cross_context
 from model_runtime.kv_cache import CacheShape, PagedKVCache
 from model_runtime.loader import LoadedModel
 from model_runtime.sampler import Sampler, SamplingRow, TokenCounts, prompt_logprobs
+from model_runtime.step_context import SequenceChunk, StepContext, build_step
 from model_runtime.step_graph import CompiledForward, pack, warm_up
 
 logger = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ class ModelRunner:
         self.decode_kernel = decode_kernel_runs(shape, self.device)
         # Draft-model speculation: the draft keeps a cache with the same block ids.
         self.drafter = DraftModel(draft, num_blocks, block_size) if draft is not None else None
-        self.sampler = Sampler(self.model.config.vocab_size)
+        self.sampler = Sampler(loaded.vocab_size)
         self.requests = RunnerRequests()
         if compile_max_tokens and self.encoder_decoder is not None:
             logger.warning("--compile: the step forward of encoder-decoder models is not compiled; running it eagerly")
@@ -110,7 +111,7 @@ class ModelRunner:
     def cache_shape(loaded: LoadedModel) -> CacheShape:
         if loaded.family:
             return cache_shape(loaded.model, loaded.dtype)
-        return CacheShape.from_config(loaded.model.config, loaded.dtype)
+        return loaded.attention.cache_shape
 
     @staticmethod
     def bytes_per_block(loaded: LoadedModel, block_size: int, draft: LoadedModel | None = None) -> int:
@@ -280,40 +281,8 @@ class ModelRunner:
         return output.logits[0] if logits_rows is not None else None  # [S, vocab]
 
     def _prepare(self, scheduled: list[tuple[ScheduledChunk, RunnerRequest]]) -> tuple[torch.Tensor, torch.Tensor, StepContext]:
-        block_size = self.block_size
-        token_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        prefills: list[PrefillSpan] = []
-        decode_rows = [(chunk, request) for chunk, request in scheduled if chunk.num_new_tokens == 1]
-        for chunk, request in scheduled:
-            start = chunk.num_computed_tokens
-            chunk_positions = range(start, start + chunk.num_new_tokens)
-            block_ids = request.block_ids
-            if chunk.num_new_tokens != 1:
-                prefills.append(PrefillSpan(len(token_ids), chunk.num_new_tokens, start, torch.tensor(block_ids, dtype=torch.long, device=self.device)))
-            token_ids.extend(chunk.new_token_ids)
-            positions.extend(chunk_positions)
-            slots.extend(block_ids[p // block_size] * block_size + p % block_size for p in chunk_positions)
-        block_tables, context_lens, context_mask = self._decode_tables(decode_rows)
-        context = StepContext(
-            key_caches=self.kv_cache.key_caches,
-            value_caches=self.kv_cache.value_caches,
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
-            num_decode_tokens=len(decode_rows),
-            decode_block_tables=block_tables,
-            decode_context_lens=context_lens,
-            decode_context_mask=context_mask,
-            prefills=prefills,
-        )
+        chunks = [SequenceChunk(chunk.new_token_ids, chunk.num_computed_tokens, request.block_ids) for chunk, request in scheduled]
+        input_ids, position_ids, context = build_step(chunks, self.kv_cache.key_caches, self.kv_cache.value_caches, self.device, with_mask=not self.decode_kernel)
         if self.decode_kernel and self.encoder_decoder is None:  # every layer's attention in one C++ op
             context.metadata = pack(context)
-        input_ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)  # [1, T]
-        position_ids = torch.tensor([positions], dtype=torch.long, device=self.device)  # [1, T]
         return input_ids, position_ids, context
-
-    def _decode_tables(self, decode_rows: list[tuple[ScheduledChunk, RunnerRequest]]) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        if not decode_rows:
-            return None, None, None
-        context_lens = [chunk.num_computed_tokens + 1 for chunk, _ in decode_rows]
-        return decode_tables([request.block_ids for _, request in decode_rows], context_lens, self.block_size, self.device, with_mask=not self.decode_kernel)

@@ -26,11 +26,15 @@ start so that no request waits for a compile.
 import itertools
 import logging
 import time
+import types
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from model_runtime.attention import CONTEXT_KWARG, PrefillSpan, StepContext, attend, context_mask, decode_tables
+from model_runtime.attention import CONTEXT_KWARG, LayerFeatures, attend
+from model_runtime.step_context import PrefillSpan, SequenceChunk, StepContext, build_step, context_mask
 
 logger = logging.getLogger(__name__)
 
@@ -99,14 +103,18 @@ def paged_attention(
     value_cache: torch.Tensor,
     metadata: torch.Tensor,  # int64 [n]: pack()
     scaling: float,
+    window: int,  # the layer's LayerFeatures, 0 / 0.0 / None for none
+    softcap: float,
+    sinks: torch.Tensor | None,
 ) -> torch.Tensor:
-    """One layer's paged attention as the graph sees it: ``[1, T, heads, head_dim]``."""
-    return attend(query, key, value, key_cache, value_cache, unpack(metadata), scaling)
+    """One layer's paged attention as the graph sees it: ``[1, T, heads, value_head_dim]``."""
+    features = LayerFeatures(scaling, window or None, softcap or None, sinks)
+    return attend(query, key, value, key_cache, value_cache, unpack(metadata), features)
 
 
 @paged_attention.register_fake
-def _(query, key, value, key_cache, value_cache, metadata, scaling):
-    return query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])
+def _(query, key, value, key_cache, value_cache, metadata, scaling, window, softcap, sinks):
+    return query.new_empty(1, query.shape[2], query.shape[1], value_cache.shape[3])
 
 
 def _register_kernel_fakes() -> None:
@@ -130,7 +138,7 @@ def _register_kernel_fakes() -> None:
 
     torch.library.register_fake("tokenstep::int_linear", int_linear_fake)
 
-    def attention_fake(query, key, value, key_cache, value_cache, metadata, scale):
+    def attention_fake(query, key, value, key_cache, value_cache, metadata, scale, window=0, softcap=0.0, sinks=None):
         return query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])
 
     torch.library.register_fake("tokenstep::paged_attention_step", attention_fake)
@@ -147,9 +155,9 @@ class GraphStepContext:
     metadata: torch.Tensor
     native: bool  # tokenstep's C++ op for the whole layer (the kernels run), else the Python op above
 
-    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int, scaling: float) -> torch.Tensor:
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int, features: LayerFeatures) -> torch.Tensor:
         op = torch.ops.tokenstep.paged_attention_step if self.native else torch.ops.tokenstep_graph.paged_attention
-        return op(query, key, value, self.key_caches[layer], self.value_caches[layer], self.metadata, scaling)
+        return op(query, key, value, self.key_caches[layer], self.value_caches[layer], self.metadata, features.scale, features.sliding_window or 0, features.softcap or 0.0, features.sinks)
 
 
 class CompiledForward:
@@ -166,17 +174,32 @@ class CompiledForward:
         # Nor should the step's one sequence dimension be unified with the
         # batch dimension when a step has one token.
         torch.fx.experimental._config.use_duck_shape = False
-        self._compiled = torch.compile(self._forward, dynamic=True, fullgraph=True, options={"guard_filter_fn": _step_guards})
-
-    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, logits_rows: torch.Tensor, context: GraphStepContext) -> torch.Tensor:
-        output = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False, logits_to_keep=logits_rows, **{CONTEXT_KWARG: context})
-        return output.logits
+        if model not in _COMPILED:
+            _COMPILED[model] = torch.compile(_own_copy(_step_forward), dynamic=True, fullgraph=True, options={"guard_filter_fn": _step_guards})
+        self._compiled = _COMPILED[model]
 
     def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, context: StepContext, logits_rows: torch.Tensor) -> torch.Tensor:
         """Logits ``[1, R, vocab]`` at ``logits_rows`` ``[R]`` of the step."""
         metadata = context.metadata if context.metadata is not None else pack(context)
         graph_context = GraphStepContext(context.key_caches, context.value_caches, metadata, self.native)
-        return self._compiled(input_ids, position_ids, logits_rows, graph_context)
+        return self._compiled(self.model, input_ids, position_ids, logits_rows, graph_context)
+
+
+def _step_forward(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor, logits_rows: torch.Tensor, context: GraphStepContext) -> torch.Tensor:
+    output = model(input_ids=input_ids, position_ids=position_ids, use_cache=False, logits_to_keep=logits_rows, **{CONTEXT_KWARG: context})
+    return output.logits
+
+
+# Dynamo keeps its graphs on the code object it traced, and the guards a
+# step keeps (below) say nothing of which model runs: two models compiled
+# from one code object would run each other's graphs. So each model gets a
+# copy of the code of its own, shared by every CompiledForward of that model.
+_COMPILED: "weakref.WeakKeyDictionary[torch.nn.Module, Callable]" = weakref.WeakKeyDictionary()
+
+
+def _own_copy(function: Callable) -> Callable:
+    """``function`` with a code object of its own (so a cache of its own)."""
+    return types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__, function.__defaults__, function.__closure__)
 
 
 # The guards a compiled step keeps: the shapes of the step's own inputs and
@@ -204,9 +227,8 @@ def warm_up(forward: CompiledForward, key_caches: list[torch.Tensor], value_cach
     token_counts = sorted({2, max_num_tokens} | {n for rows in kernel_switch_rows(forward.model) for n in (rows - 1, rows) if 2 <= n <= max_num_tokens})
     shapes = [(1, 0)] + [shape for n in token_counts for shape in ((n, 0), (0, n), (2, n))]
     for num_decode, num_prefill in shapes:
-        context, positions, rows = _synthetic_step(num_decode, num_prefill, key_caches, value_caches, with_mask)
-        input_ids = torch.zeros(1, num_decode + num_prefill, dtype=torch.long, device=key_caches[0].device)
-        forward(input_ids, torch.tensor([positions], device=input_ids.device), context, rows)
+        input_ids, position_ids, context, rows = _synthetic_step(num_decode, num_prefill, key_caches, value_caches, with_mask)
+        forward(input_ids, position_ids, context, rows)
     logger.info("compiled the step forward for %d step shapes in %.1f s", len(shapes), time.perf_counter() - start)
 
 
@@ -221,28 +243,15 @@ def kernel_switch_rows(model: torch.nn.Module) -> set[int]:
     return rows
 
 
-def _synthetic_step(num_decode: int, num_prefill: int, key_caches: list[torch.Tensor], value_caches: list[torch.Tensor], with_mask: bool) -> tuple[StepContext, list[int], torch.Tensor]:
+def _synthetic_step(num_decode: int, num_prefill: int, key_caches: list[torch.Tensor], value_caches: list[torch.Tensor], with_mask: bool) -> tuple[torch.Tensor, torch.Tensor, StepContext, torch.Tensor]:
     """A step of ``num_decode`` one-token rows at position ``block_size``
     (two blocks each) then one fresh prefill of ``num_prefill`` tokens, on
-    block ids wrapped into the pool; with its positions and the rows whose
+    block ids wrapped into the pool: its inputs, context and the rows whose
     logits a real step would keep."""
     num_blocks, block_size = key_caches[0].shape[:2]
-    device = key_caches[0].device
-    slots, positions, tables = [], [], []
-    for row in range(num_decode):
-        blocks = [(2 * row) % num_blocks, (2 * row + 1) % num_blocks]
-        tables.append(blocks)
-        slots.append(blocks[1] * block_size)
-        positions.append(block_size)
-    prefills = []
+    chunks = [SequenceChunk([0], block_size, [(2 * row) % num_blocks, (2 * row + 1) % num_blocks]) for row in range(num_decode)]
     if num_prefill:
-        block_ids = [(2 * num_decode + i) % num_blocks for i in range(-(-num_prefill // block_size))]
-        prefills.append(PrefillSpan(num_decode, num_prefill, 0, torch.tensor(block_ids, device=device)))
-        slots += [block_ids[p // block_size] * block_size + p % block_size for p in range(num_prefill)]
-        positions += list(range(num_prefill))
-    decode_block_tables = decode_lens = mask = None
-    if num_decode:
-        decode_block_tables, decode_lens, mask = decode_tables(tables, [block_size + 1] * num_decode, block_size, device, with_mask)
-    context = StepContext(key_caches, value_caches, torch.tensor(slots, device=device), num_decode, decode_block_tables, decode_lens, mask, prefills)
+        chunks.append(SequenceChunk([0] * num_prefill, 0, [(2 * num_decode + i) % num_blocks for i in range(-(-num_prefill // block_size))]))
+    input_ids, position_ids, context = build_step(chunks, key_caches, value_caches, key_caches[0].device, with_mask)
     rows = list(range(num_decode)) + ([num_decode + num_prefill - 1] if num_prefill else [])
-    return context, positions, torch.tensor(rows, device=device)
+    return input_ids, position_ids, context, torch.tensor(rows, device=input_ids.device)

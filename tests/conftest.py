@@ -2,6 +2,7 @@
 random-weight models that reuse its tokenizer."""
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,19 @@ def tiny_marian_dir(tmp_path_factory: pytest.TempPathFactory, default_model_dir:
 @pytest.fixture(scope="session")
 def tiny_bart_no_template_dir(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Path:
     return build_tiny_bart(tmp_path_factory.mktemp("tiny-bart-plain"), default_model_dir, chat_template=False)
+
+
+@pytest.fixture(scope="session")
+def zoo_dir(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Callable[[str], Path]:
+    """``zoo_dir(name)``: the tiny model ``name`` of ``tests/model_zoo.py``,
+    built on first use, once per session."""
+    from tests.model_zoo import build
+
+    built: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in built:
+            built[name] = build(name, tmp_path_factory.mktemp(f"zoo-{name}"), default_model_dir)
+        return built[name]
+
+    return get

@@ -10,6 +10,22 @@ import torch
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 VOCAB_SIZE = 49152
+# The shape of every tiny decoder: Llama's here, each architecture of the
+# model zoo (tests/model_zoo.py) where its config class takes it.
+TINY_DECODER = dict(
+    vocab_size=VOCAB_SIZE,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=1024,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=2,
+    initializer_range=0.2,
+)
 
 
 def _save(model: torch.nn.Module, target: Path, tokenizer_dir: Path) -> Path:
@@ -20,20 +36,7 @@ def _save(model: torch.nn.Module, target: Path, tokenizer_dir: Path) -> Path:
 
 def build_tiny_llama(target: Path, tokenizer_dir: Path) -> Path:
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-        tie_word_embeddings=True,
-        initializer_range=0.2,
-    )
+    config = LlamaConfig(**TINY_DECODER, tie_word_embeddings=True)
     return _save(LlamaForCausalLM(config).eval(), target, tokenizer_dir)
 
 

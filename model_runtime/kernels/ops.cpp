@@ -5,13 +5,15 @@
 // bias: float32 [N] or None;
 //   tokenstep::int8_dequantize(q, scales, offsets, isa) -> float32 [N, K];
 //   tokenstep::paged_decode_attention(query, key_cache, value_cache, block_tables,
-//   context_lens, scale, isa) -> out: one new token per sequence attending
-//   over its paged cache (paged_attention.cpp);
+//   context_lens, scale, isa, window, softcap, sinks) -> out: one new token per
+//   sequence attending over its paged cache (paged_attention.cpp), with the
+//   layer's sliding window, soft-capping and sinks (0 / None: none);
 //   tokenstep::write_kv_cache(key, value, key_cache, value_cache, slot_mapping):
 //   a step's new K/V into their slots;
 //   tokenstep::paged_attention_step(query, key, value, key_cache, value_cache,
-//   metadata, scale): one layer's whole step of attention (both of the above
-//   and SDPA for prefill chunks) from step_graph.pack's metadata;
+//   metadata, scale, window, softcap, sinks): one layer's whole step of
+//   attention (both of the above and SDPA, or plain math where the layer
+//   soft-caps or has sinks, for prefill chunks) from step_graph.pack's metadata;
 //   tokenstep::int_linear(x, codes, scales, offsets, bias, bits, act_bits, out_features, isa):
 //   the activations quantized to int8 or int16 per group of 32 too (int_gemm.cpp);
 //   tokenstep::int4_linear / int4_dequantize: the same with packed uint8
@@ -25,10 +27,14 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/arange.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/linear.h>
+#include <ATen/ops/matmul.h>
 #include <ATen/ops/scaled_dot_product_attention.h>
+#include <ATen/ops/softmax.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -69,7 +75,8 @@ TS_DECLARE_INT(generic)
     void ts_paged_decode_##isa(const float* q, int64_t q_stride_b, int64_t q_stride_h, const float* k_cache,          \
                                const float* v_cache, int64_t block_size, int64_t kv_heads, int64_t D,                 \
                                const int64_t* tables, int64_t max_blocks, const int64_t* lens, int64_t heads,         \
-                               float scale, float* out, int64_t item_begin, int64_t item_end);
+                               float scale, int64_t window, float softcap, const float* sinks, float* out,            \
+                               int64_t item_begin, int64_t item_end);
 TS_DECLARE_ATTENTION(avx512)
 TS_DECLARE_ATTENTION(avx2)
 TS_DECLARE_ATTENTION(generic)
@@ -88,7 +95,8 @@ using QuantizeActivations = void (*)(const float*, int64_t, int64_t, int64_t, vo
 using IntGemm = void (*)(const void*, int64_t, const float*, const float*, int64_t, int64_t, const uint8_t*, int64_t,
                          const uint16_t*, const uint16_t*, const float*, float*, int64_t, int64_t, int64_t);
 using PagedDecode = void (*)(const float*, int64_t, int64_t, const float*, const float*, int64_t, int64_t, int64_t,
-                             const int64_t*, int64_t, const int64_t*, int64_t, float, float*, int64_t, int64_t);
+                             const int64_t*, int64_t, const int64_t*, int64_t, float, int64_t, float, const float*, float*,
+                             int64_t, int64_t);
 
 struct Isa {
     const char* name;
@@ -327,9 +335,17 @@ void write_kv_cache(const at::Tensor& key, const at::Tensor& value, const at::Te
     }
 }
 
+// The layer's sinks as the kernels read them: float32 [heads] contiguous, or null.
+const float* sinks_data(const char* op, const c10::optional<at::Tensor>& sinks, int64_t heads) {
+    if (!sinks.has_value() || !sinks->defined()) return nullptr;
+    TORCH_CHECK(sinks->scalar_type() == at::kFloat && sinks->is_contiguous() && sinks->numel() == heads, op,
+                ": sinks must be contiguous float32 [", heads, "]");
+    return sinks->data_ptr<float>();
+}
+
 at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
                                   const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
-                                  int64_t isa) {
+                                  int64_t isa, int64_t window, double softcap, const c10::optional<at::Tensor>& sinks) {
     const char* op = "paged_decode_attention";
     TORCH_CHECK(query.scalar_type() == at::kFloat && query.dim() == 3 && query.stride(2) == 1, op,
                 ": query must be float32 [B, heads, head_dim] with contiguous rows");
@@ -343,19 +359,23 @@ at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& key
     TORCH_CHECK(heads % kv_heads == 0, op, ": ", heads, " query heads are not a multiple of ", kv_heads, " KV heads");
     TORCH_CHECK(D % kAttentionLanes == 0 && D <= 256, op, ": head_dim must be a multiple of ", kAttentionLanes,
                 " up to 256, got ", D);
+    TORCH_CHECK(window >= 0 && softcap >= 0, op, ": window and softcap must not be negative");
     TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.dim() == 2 && block_tables.is_contiguous() &&
                     block_tables.size(0) == B,
                 op, ": block_tables must be contiguous int64 [B, max_blocks]");
     TORCH_CHECK(context_lens.scalar_type() == at::kLong && context_lens.dim() == 1 && context_lens.is_contiguous() &&
                     context_lens.size(0) == B,
                 op, ": context_lens must be contiguous int64 [B]");
+    const float* sinks_ptr = sinks_data(op, sinks, heads);
     const int64_t max_blocks = block_tables.size(1);
     const int64_t* lens = context_lens.data_ptr<int64_t>();
     const int64_t* tables = block_tables.data_ptr<int64_t>();
     for (int64_t b = 0; b < B; ++b) {
         TORCH_CHECK(lens[b] >= 1 && lens[b] <= max_blocks * block_size, op, ": sequence ", b, " has ", lens[b],
                     " cached tokens, its table room for ", max_blocks * block_size);
-        for (int64_t i = 0; i < (lens[b] + block_size - 1) / block_size; ++i)
+        // Only the blocks the window reads must be live: older ones may have gone back to the pool.
+        const int64_t first = window > 0 && lens[b] > window ? lens[b] - window : 0;
+        for (int64_t i = first / block_size; i < (lens[b] + block_size - 1) / block_size; ++i)
             TORCH_CHECK(tables[b * max_blocks + i] >= 0 && tables[b * max_blocks + i] < num_blocks, op, ": block id ",
                         tables[b * max_blocks + i], " out of range");
     }
@@ -368,15 +388,41 @@ at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& key
     const int64_t q_stride_b = query.stride(0), q_stride_h = query.stride(1);
     at::parallel_for(0, B * kv_heads, 1, [&](int64_t begin, int64_t end) {
         run(qd, q_stride_b, q_stride_h, kd, vd, block_size, kv_heads, D, tables, max_blocks, lens, heads,
-            static_cast<float>(scale), outd, begin, end);
+            static_cast<float>(scale), window, static_cast<float>(softcap), sinks_ptr, outd, begin, end);
     });
     return out;
+}
+
+// A prefill chunk's attention as the model's own eager code computes it,
+// for layers that soft-cap their scores or have sinks (SDPA can do
+// neither): q [1, heads, n, D], k and v [1, kv_heads, L, D / Dv], mask [n, L]
+// bool; returns [1, heads, n, Dv].
+at::Tensor attention_math(const at::Tensor& q, at::Tensor k, at::Tensor v, const at::Tensor& mask, double scale,
+                          double softcap, const c10::optional<at::Tensor>& sinks) {
+    const int64_t group = q.size(1) / k.size(1);
+    if (group > 1) {
+        k = k.repeat_interleave(group, 1);
+        v = v.repeat_interleave(group, 1);
+    }
+    at::Tensor scores = at::matmul(q, k.transpose(-1, -2)).mul_(scale);  // [1, heads, n, L]
+    if (softcap > 0) scores = scores.div_(softcap).tanh_().mul_(softcap);
+    scores.masked_fill_(mask.logical_not(), -INFINITY);
+    at::Tensor probs;
+    if (sinks.has_value() && sinks->defined()) {
+        const at::Tensor sink_column = sinks->to(scores.scalar_type()).view({1, -1, 1, 1}).expand({1, q.size(1), q.size(2), 1});
+        probs = at::softmax(at::cat({scores, sink_column}, -1), -1).narrow(-1, 0, scores.size(-1));
+    } else {
+        probs = at::softmax(scores, -1);
+    }
+    return at::matmul(probs, v);
 }
 
 // One layer's attention for a whole step, all in C++: the step's new K/V
 // into their slots, the decode rows through the paged kernel, each prefill
 // chunk through SDPA over its gathered blocks (causal; a chunk after cached
-// tokens sees them all). The step's layout comes as one int64 tensor,
+// tokens sees them all; with a window, only its last window of them), or
+// through attention_math where the layer soft-caps or has sinks. The step's
+// layout comes as one int64 tensor,
 // ``step_graph.pack``'s: header [serial, T, B, width, prefills, mask block
 // size], per prefill (start, new tokens, cached tokens, blocks), then the
 // slot mapping [T], decode context lengths [B] and block tables [B * width],
@@ -386,7 +432,7 @@ at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& key
 // attention itself in a decode step of a few rows.
 at::Tensor paged_attention_step(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                                 const at::Tensor& key_cache, const at::Tensor& value_cache, const at::Tensor& metadata,
-                                double scale) {
+                                double scale, int64_t window, double softcap, const c10::optional<at::Tensor>& sinks) {
     const char* op = "paged_attention_step";
     constexpr int64_t kHeader = 6, kSpan = 4;
     TORCH_CHECK(metadata.scalar_type() == at::kLong && metadata.dim() == 1 && metadata.is_contiguous() &&
@@ -400,19 +446,23 @@ at::Tensor paged_attention_step(const at::Tensor& query, const at::Tensor& key, 
     TORCH_CHECK(T == query.size(2) && B >= 0 && B <= T && P >= 0 && at + T + B * (1 + width) <= metadata.size(0), op,
                 ": metadata does not describe this step");
     const int64_t* spans = meta + kHeader;
-    write_kv_cache(key.select(0, 0), value.select(0, 0), key_cache, value_cache, metadata.narrow(0, at, T));
+    const auto rows_contiguous = [](const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); };
+    write_kv_cache(rows_contiguous(key.select(0, 0)), rows_contiguous(value.select(0, 0)), key_cache, value_cache,
+                   metadata.narrow(0, at, T));
     at += T;
-    const at::Tensor q = query.select(0, 0);  // [heads, T, D]
+    const at::Tensor q = rows_contiguous(query.select(0, 0));  // [heads, T, D]
     at::Tensor decoded;
     if (B > 0) {
         const at::Tensor lens = metadata.narrow(0, at, B);
         const at::Tensor tables = metadata.narrow(0, at + B, B * width).view({B, width});
         at += B + B * width;
-        decoded = paged_decode_attention(q.narrow(1, 0, B).transpose(0, 1), key_cache, value_cache, tables, lens, scale, -1);
+        decoded = paged_decode_attention(q.narrow(1, 0, B).transpose(0, 1), key_cache, value_cache, tables, lens, scale, -1,
+                                         window, softcap, sinks);
         if (P == 0) return decoded.unsqueeze(0);
     }
-    const int64_t heads = q.size(0), D = q.size(2), kv_heads = key_cache.size(2), block_size = key_cache.size(1);
-    at::Tensor out = at::empty({T, heads, D}, query.options());
+    const int64_t heads = q.size(0), kv_heads = key_cache.size(2), block_size = key_cache.size(1);
+    const bool math = softcap > 0 || (sinks.has_value() && sinks->defined());
+    at::Tensor out = at::empty({T, heads, value_cache.size(3)}, query.options());
     if (B > 0) out.narrow(0, 0, B).copy_(decoded);
     for (int64_t p = 0; p < P; ++p) {
         const int64_t start = spans[p * kSpan], fresh = spans[p * kSpan + 1], cached = spans[p * kSpan + 2];
@@ -420,20 +470,28 @@ at::Tensor paged_attention_step(const at::Tensor& query, const at::Tensor& key, 
         TORCH_CHECK(start >= B && start + fresh <= T && at + num_blocks <= metadata.size(0) &&
                         context <= num_blocks * block_size,
                     op, ": prefill ", p, " does not fit the step");
-        const at::Tensor block_ids = metadata.narrow(0, at, num_blocks);
+        // Blocks from the one holding the chunk's first visible key (cached - window + 1) on.
+        const int64_t first_block = window > 0 ? std::max<int64_t>(cached - window + 1, 0) / block_size : 0;
+        const int64_t first_position = first_block * block_size, visible = context - first_position;
+        const int64_t read_blocks = (context + block_size - 1) / block_size - first_block;
+        const at::Tensor block_ids = metadata.narrow(0, at + first_block, read_blocks);
         at += num_blocks;
-        // [blocks, block_size, kv_heads, D] -> [1, kv_heads, context, D]
+        // [blocks, block_size, kv_heads, D] -> [1, kv_heads, visible, D]
         const auto gather = [&](const at::Tensor& cache) {
-            return cache.index_select(0, block_ids).view({num_blocks * block_size, kv_heads, D}).narrow(0, 0, context).transpose(0, 1).unsqueeze(0);
+            return cache.index_select(0, block_ids).flatten(0, 1).narrow(0, 0, visible).transpose(0, 1).unsqueeze(0);
         };
         const at::Tensor chunk = q.narrow(1, start, fresh).unsqueeze(0);  // [1, heads, fresh, D]
         c10::optional<at::Tensor> mask;
-        if (cached > 0) {  // query i sits at position cached + i and sees keys up to it
-            const at::Tensor positions = at::arange(context, metadata.options());
-            mask = positions.unsqueeze(0).le(positions.narrow(0, cached, fresh).unsqueeze(1));  // [fresh, context]
+        if (cached > 0 || window > 0 || math) {  // query i sits at position cached + i
+            const at::Tensor keys_at = at::arange(first_position, context, metadata.options()).unsqueeze(0);
+            const at::Tensor queries_at = at::arange(cached, context, metadata.options()).unsqueeze(1);
+            at::Tensor visible_mask = keys_at.le(queries_at);  // [fresh, visible]
+            if (window > 0) visible_mask.logical_and_(keys_at.gt(queries_at.sub(window)));
+            mask = visible_mask;
         }
-        const at::Tensor attended = at::scaled_dot_product_attention(chunk, gather(key_cache), gather(value_cache), mask, 0.0,
-                                                                     cached == 0, scale, heads != kv_heads);
+        const at::Tensor attended = math ? attention_math(chunk, gather(key_cache), gather(value_cache), *mask, scale, softcap, sinks)
+                                         : at::scaled_dot_product_attention(chunk, gather(key_cache), gather(value_cache), mask,
+                                                                            0.0, !mask.has_value(), scale, heads != kv_heads);
         out.narrow(0, start, fresh).copy_(attended.select(0, 0).transpose(0, 1));
     }
     return out.unsqueeze(0);
@@ -453,9 +511,9 @@ TORCH_LIBRARY(tokenstep, m) {
     m.impl("int4_dequantize", c10::DispatchKey::CPU, TORCH_FN(int4_dequantize));
     m.def("int_linear(Tensor x, Tensor codes, Tensor scales, Tensor offsets, Tensor? bias, int bits, int act_bits, int out_features, int isa=-1) -> Tensor");
     m.impl("int_linear", c10::DispatchKey::CPU, TORCH_FN(int_linear));
-    m.def("paged_decode_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, Tensor context_lens, float scale, int isa=-1) -> Tensor");
+    m.def("paged_decode_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, Tensor context_lens, float scale, int isa=-1, int window=0, float softcap=0.0, Tensor? sinks=None) -> Tensor");
     m.impl("paged_decode_attention", c10::DispatchKey::CPU, TORCH_FN(paged_decode_attention));
-    m.def("paged_attention_step(Tensor query, Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor metadata, float scale) -> Tensor");
+    m.def("paged_attention_step(Tensor query, Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor metadata, float scale, int window=0, float softcap=0.0, Tensor? sinks=None) -> Tensor");
     m.impl("paged_attention_step", c10::DispatchKey::CPU, TORCH_FN(paged_attention_step));
     m.def("write_kv_cache(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor slot_mapping) -> ()");
     m.impl("write_kv_cache", c10::DispatchKey::CPU, TORCH_FN(write_kv_cache));

@@ -9,6 +9,7 @@
 // vectorized exp), and the output is the probability-weighted sum of values.
 // Compiled once per instruction set like woq_gemm.cpp; no torch headers.
 
+#include <cmath>
 #include <vector>
 
 #include "vec.h"
@@ -54,28 +55,36 @@ constexpr int64_t MAX_CHUNKS = 256 / VEC;  // head_dim up to 256 in registers
 // attend over its lens[b] cached tokens, token t at block tables[b][t / block_size],
 // slot t % block_size. q [B, heads, D] with strides (q_stride_b, q_stride_h, 1);
 // caches [num_blocks, block_size, kv_heads, D] contiguous; out [B, heads, D] contiguous.
+// The layer's features (attention.LayerFeatures): with window > 0 only the last
+// window tokens are read (older blocks may hold another request's tokens by now);
+// with softcap > 0 each score s becomes softcap * tanh(s / softcap); sinks (one
+// float per query head, or null) add exp(sink) to each softmax's denominator.
 extern "C" void TS_NAME(ts_paged_decode)(const float* q, int64_t q_stride_b, int64_t q_stride_h, const float* k_cache,
                                          const float* v_cache, int64_t block_size, int64_t kv_heads, int64_t D,
                                          const int64_t* tables, int64_t max_blocks, const int64_t* lens, int64_t heads,
-                                         float scale, float* out, int64_t item_begin, int64_t item_end) {
+                                         float scale, int64_t window, float softcap, const float* sinks, float* out,
+                                         int64_t item_begin, int64_t item_end) {
     const int64_t group = heads / kv_heads;
     const int64_t chunks = D / VEC;  // ops.cpp: D is a multiple of VEC, at most 256
     std::vector<float> scores;
     std::vector<int64_t> rows;
     for (int64_t item = item_begin; item < item_end; ++item) {
         const int64_t b = item / kv_heads, kv_head = item % kv_heads, len = lens[b];
+        const int64_t first = window > 0 && len > window ? len - window : 0, n = len - first;
         const int64_t* table = tables + b * max_blocks;
-        rows.resize(len);
-        for (int64_t t = 0; t < len; ++t)
-            rows[t] = ((table[t / block_size] * block_size + t % block_size) * kv_heads + kv_head) * D;
-        scores.resize(group * len);
+        rows.resize(n);
+        for (int64_t i = 0; i < n; ++i) {
+            const int64_t t = first + i;
+            rows[i] = ((table[t / block_size] * block_size + t % block_size) * kv_heads + kv_head) * D;
+        }
+        scores.resize(group * n);
         for (int64_t g = 0; g < group; ++g) {
-            const float* query = q + b * q_stride_b + (kv_head * group + g) * q_stride_h;
+            const int64_t head = kv_head * group + g;
+            const float* query = q + b * q_stride_b + head * q_stride_h;
             vf qv[MAX_CHUNKS];
             for (int64_t c = 0; c < chunks; ++c) qv[c] = load(query + c * VEC) * splat(scale);
-            float* s = scores.data() + g * len;
-            float max = -3.4e38f;
-            for (int64_t t = 0; t < len; ++t) {
+            float* s = scores.data() + g * n;
+            for (int64_t t = 0; t < n; ++t) {
                 const float* key = k_cache + rows[t];
                 vf acc0 = qv[0] * load(key), acc1 = {};
                 for (int64_t c = 1; c + 1 < chunks; c += 2) {
@@ -84,33 +93,37 @@ extern "C" void TS_NAME(ts_paged_decode)(const float* q, int64_t q_stride_b, int
                 }
                 if (chunks % 2 == 0) acc1 += qv[chunks - 1] * load(key + (chunks - 1) * VEC);
                 s[t] = hsum(acc0 + acc1);
-                max = s[t] > max ? s[t] : max;
             }
+            if (softcap > 0.f)
+                for (int64_t t = 0; t < n; ++t) s[t] = softcap * std::tanh(s[t] / softcap);
+            float max = sinks != nullptr ? sinks[head] : -3.4e38f;
+            for (int64_t t = 0; t < n; ++t) max = s[t] > max ? s[t] : max;
             vf total = {};
             int64_t t = 0;
-            for (; t + VEC <= len; t += VEC) {
+            for (; t + VEC <= n; t += VEC) {
                 const vf p = exp_nonpositive(load(s + t) - splat(max));
                 store(s + t, p);
                 total += p;
             }
             float sum = hsum(total);
-            if (t < len) {
+            if (t < n) {
                 float lanes[VEC];
-                for (int i = 0; i < VEC; ++i) lanes[i] = t + i < len ? s[t + i] - max : -100.f;
+                for (int i = 0; i < VEC; ++i) lanes[i] = t + i < n ? s[t + i] - max : -100.f;
                 const vf p = exp_nonpositive(load(lanes));
                 std::memcpy(lanes, &p, sizeof(vf));
-                for (int64_t i = t; i < len; ++i) {
+                for (int64_t i = t; i < n; ++i) {
                     s[i] = lanes[i - t];
                     sum += s[i];
                 }
             }
+            if (sinks != nullptr) sum += std::exp(sinks[head] - max);
             vf acc[MAX_CHUNKS] = {};
-            for (int64_t t2 = 0; t2 < len; ++t2) {
+            for (int64_t t2 = 0; t2 < n; ++t2) {
                 const float* value = v_cache + rows[t2];
                 const vf p = splat(s[t2]);
                 for (int64_t c = 0; c < chunks; ++c) acc[c] += p * load(value + c * VEC);
             }
-            float* out_head = out + (b * heads + kv_head * group + g) * D;
+            float* out_head = out + (b * heads + head) * D;
             const vf inverse = splat(1.f / sum);
             for (int64_t c = 0; c < chunks; ++c) store(out_head + c * VEC, acc[c] * inverse);
         }

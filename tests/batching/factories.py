@@ -35,8 +35,9 @@ def create_scheduler(
     max_num_batched_tokens: int = 512,
     enable_prefix_caching: bool = True,
     tokens_per_running_request: int = 0,
+    sliding_window: int | None = None,
 ) -> Scheduler:
-    block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching=enable_prefix_caching)
+    block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching=enable_prefix_caching, sliding_window=sliding_window)
     config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, tokens_per_running_request=tokens_per_running_request)
     return Scheduler(config, block_manager)
 
@@ -139,14 +140,22 @@ def check_invariants(scheduler: Scheduler, requests: list[Request]) -> None:
         if request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED):
             assert request.num_computed_tokens == 0
             assert request in scheduler.waiting
-        assert len(set(request.block_ids)) == len(request.block_ids)
-        holders.update(request.block_ids)
+        held = request.block_ids[request.num_dropped_blocks :]  # the dropped ones are stale ids
+        assert len(set(held)) == len(held)
+        holders.update(held)
         if request.status != RequestStatus.RUNNING:
             continue
         assert request in scheduler.running
         assert request.num_computed_tokens < request.num_tokens
         assert block_manager.blocks_needed(request.num_computed_tokens) <= len(request.block_ids)
+        if block_manager.sliding_window is None:
+            assert request.num_dropped_blocks == 0
+        else:  # nothing the next query can see was dropped; nothing wholly before it is held
+            first_visible = max(request.num_computed_tokens - block_manager.sliding_window + 1, 0)
+            assert request.num_dropped_blocks == min(first_visible // block_size, len(request.block_ids))
         for index, block_id in enumerate(request.block_ids):
+            if index < request.num_dropped_blocks:
+                continue
             if block_id not in first_holder:
                 first_holder[block_id] = (request, index)
                 continue
@@ -159,7 +168,7 @@ def check_invariants(scheduler: Scheduler, requests: list[Request]) -> None:
 
     ref_counts = [ref_count(block_manager, b) for b in range(block_manager.num_blocks)]
     assert ref_counts == [holders[b] for b in range(block_manager.num_blocks)]
-    assert sum(ref_counts) == sum(len(r.block_ids) for r in requests)
+    assert sum(ref_counts) == sum(len(r.block_ids) - r.num_dropped_blocks for r in requests)
     assert block_manager.num_free_blocks == ref_counts.count(0)
     assert set(scheduler.requests.values()) == set(scheduler.running) | set(scheduler.waiting)
 
@@ -217,7 +226,7 @@ class Driver:
 
     def add(self, prompt_token_ids: list[int], max_tokens: int) -> None:
         request = create_request(f"r{len(self.requests)}", prompt_token_ids, max_tokens)
-        too_big = self.scheduler.block_manager.blocks_needed(request.max_total_tokens) > (
+        too_big = self.scheduler.block_manager.max_blocks_held(request.max_total_tokens, self.scheduler.config.max_step_tokens) > (
             self.scheduler.block_manager.num_blocks
         )
         if too_big:

@@ -499,6 +499,7 @@ operations = st.lists(
     max_num_seqs=st.integers(1, 6),
     max_num_batched_tokens=st.integers(1, 24),
     enable_prefix_caching=st.booleans(),
+    sliding_window=st.one_of(st.none(), st.integers(1, 9)),
     ops=operations,
     drain=st.booleans(),
 )
@@ -508,6 +509,7 @@ def test_random_operations_keep_block_invariants(
     max_num_seqs: int,
     max_num_batched_tokens: int,
     enable_prefix_caching: bool,
+    sliding_window: int | None,
     ops: list[tuple],
     drain: bool,
 ) -> None:
@@ -517,6 +519,7 @@ def test_random_operations_keep_block_invariants(
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,
         enable_prefix_caching=enable_prefix_caching,
+        sliding_window=sliding_window,
     )
     driver = Driver(scheduler)
     for operation in ops:

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from model_runtime import kernels
-from model_runtime.attention import PrefillSpan, StepContext, gather_blocks, attend, decode_kernel_runs, decode_tables
+from model_runtime.attention import LayerFeatures, attend, decode_kernel_runs, gather_blocks
+from model_runtime.step_context import PrefillSpan, StepContext, decode_tables
 from model_runtime.kv_cache import CacheShape
 from model_runtime.step_graph import pack
 
@@ -108,7 +109,7 @@ def test_the_whole_layer_op_matches_attend_on_a_mixed_step(ops):
     query = torch.randn(1, num_tokens, heads, head_dim).transpose(1, 2)  # [1, heads, T, head_dim], strided as the model's
     key, value = (torch.randn(1, num_tokens, kv_heads, head_dim).transpose(1, 2) for _ in range(2))
     caches = (key_cache.clone(), value_cache.clone())
-    expected = attend(query, key, value, *caches, context, 0.25)
+    expected = attend(query, key, value, *caches, context, LayerFeatures(0.25))
     got = ops.paged_attention_step(query, key, value, key_cache, value_cache, pack(context), 0.25)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert torch.equal(key_cache, caches[0]) and torch.equal(value_cache, caches[1])

@@ -219,7 +219,7 @@ def test_draft_model_must_share_the_vocabulary(tiny_llama_dir):
     with pytest.raises(ValueError, match="vocabulary differs"):
         check_draft_vocabulary(draft, loaded, "other")
     draft.tokenizer = loaded.tokenizer
-    draft.model.config.vocab_size = loaded.model.config.vocab_size + 1
+    draft.vocab_size = loaded.vocab_size + 1
     with pytest.raises(ValueError, match="exceeds"):
         check_draft_vocabulary(draft, loaded, "bigger")
 

@@ -6,7 +6,7 @@ preemption)."""
 import pytest
 import torch
 
-from model_runtime.attention import PrefillSpan, StepContext, decode_tables
+from model_runtime.step_context import PrefillSpan, StepContext, decode_tables
 from model_runtime.step_graph import kernel_switch_rows, pack, unpack
 from tests.model_runtime.test_parity import build, make_prompts, reference_outputs, run_engine
 

@@ -1,0 +1,338 @@
+"""Whether tokenstep serves a decoder-only model exactly, decided at load.
+
+tokenstep runs the model's own forward over one flat ragged batch, with its
+own paged attention plugged in through transformers' ``AttentionInterface``.
+That equals the model's own ``generate`` only when every layer's attention
+reaches tokenstep's function with the step's context; when everything a
+layer asks of attention is something tokenstep does (``LayerFeatures``:
+scaling, sliding windows, soft-capping, sinks); and when nothing outside
+attention mixes the sequences of the flat batch or reads positions other
+than ``position_ids``. ``check_decoder`` proves this on the model itself,
+before it serves, and refuses it with one line naming the feature otherwise:
+
+1. **The config**: layer kinds other than full and sliding attention (Llama
+   4's chunked layers, the linear-attention and state-space layers of hybrid
+   models) and bidirectional attention.
+2. **A recording pass**: one short forward that records each attention
+   call: which layer, the kwargs it passes (each must be honoured or known to
+   be meaningless here), its mask (a model that builds its own, ALiBi say,
+   is refused) and the shapes of its keys and values, which size the KV
+   cache (``CacheShape``; a config's ``num_key_value_heads`` may not be what
+   the model does).
+3. **A parity probe**: two short sequences run in four ragged steps over a
+   scratch cache, as the server runs them (prefills, chunks after cached
+   tokens, decode rows side by side), through the paths this host serves
+   with (the C++ kernels where they run); every logit is compared with what
+   the model's own eager attention and cache give for each sequence alone,
+   as ``generate`` runs it (a prefill, then a token at a time). Where a
+   layer or the config has a sliding window, the probe runs again with
+   every window shrunk to a few tokens (in the configs and in the modules),
+   so that it reaches past them.
+
+The probe costs ten forwards of a few tokens each (twenty where something slides).
+"""
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from transformers import AttentionInterface, PreTrainedModel
+
+from model_runtime.attention import ATTENTION_NAME, CONTEXT_KWARG, decode_kernel_runs, paged_attention_forward
+from model_runtime.kv_cache import CacheShape, PagedKVCache
+from model_runtime.step_context import SequenceChunk, build_step
+from model_runtime.step_graph import pack
+
+logger = logging.getLogger(__name__)
+
+# What tokenstep's attention does with each kwarg transformers' models pass:
+# honoured (attention.LayerFeatures), or meaningless for a step over the
+# paged cache (dropout is 0 in eval mode; positions were applied by the
+# model's rotary embedding; cache flags). Anything else is refused at load.
+HONOURED_KWARGS = {"sliding_window", "softcap", "s_aux"}
+IGNORED_KWARGS = {"dropout", "position_ids", "use_cache", "output_attentions", "output_router_logits", "cache_position", "is_causal", CONTEXT_KWARG}
+SERVED_LAYER_TYPES = {"full_attention", "sliding_attention"}
+_LAYER_TYPE_NAMES = {
+    "chunked_attention": "chunked attention (each query sees only its own chunk of tokens, as in Llama 4)",
+    "linear_attention": "linear-attention layers (their state is not a KV cache)",
+    "mamba": "state-space (Mamba) layers (their state is not a KV cache)",
+    "conv": "convolution layers (their state is not a KV cache)",
+}
+
+PROBE_LENGTHS = (8, 10)  # tokens of the two probe sequences
+# Each step's (start, end) of both sequences: fresh prefills, chunks after
+# cached tokens, then PROBE_DECODE_STEPS decode steps; every kind covers at
+# least 4 rows.
+PROBE_STEPS = (((0, 4), (0, 5)), ((4, 6), (5, 8)), ((6, 7), (8, 9)), ((7, 8), (9, 10)))
+PROBE_DECODE_STEPS = 2
+PROBE_OUTLIER_ROWS = 2
+PROBE_BLOCK_SIZE = 4
+PROBE_WINDOW = 3  # sliding windows shrink to this (and up, one per distinct window)
+# Largest |logit difference| / max(1, largest |logit|) of a row the probe
+# accepts: float32 differs from the model's eager arithmetic by summation
+# order only (seen: 1e-6); bfloat16 by rounding (seen: up to 3e-2). An
+# attention feature left out differs by 0.3 to 1.6 (docs/MODELS.md).
+PROBE_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 1e-1, torch.float16: 5e-2}
+
+
+class UnsupportedModelError(ValueError):
+    """A model tokenstep cannot serve exactly; the message names the feature."""
+
+    def __init__(self, model_type: str, feature: str) -> None:
+        super().__init__(f"tokenstep cannot serve this {model_type!r} model exactly: {feature}")
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionLayout:
+    """A decoder-only model's attention as the load-time check observed it."""
+
+    cache_shape: CacheShape
+    sliding_windows: tuple[int | None, ...]  # per layer: tokens back it attends, None for all
+    is_softcapped: bool
+    has_sinks: bool
+
+    @property
+    def kv_window(self) -> int | None:
+        """How far back any layer ever reads (KV older than that can go back
+        to the pool), or None where some layer attends to every token."""
+        windows = self.sliding_windows
+        return max(windows) if windows and all(windows) else None
+
+    def describe(self) -> str:
+        """One phrase for the start-up log."""
+        shape = self.cache_shape
+        values = f" (values {shape.value_head_dim})" if shape.value_head_dim != shape.head_dim else ""
+        parts = [f"{shape.num_layers} layers of {shape.num_kv_heads} KV heads x {shape.head_dim}{values}"]
+        sliding = [w for w in self.sliding_windows if w]
+        if sliding:
+            parts.append(f"sliding window {'/'.join(str(w) for w in sorted(set(sliding)))} on {len(sliding)} of {len(self.sliding_windows)} layers")
+        parts += ["soft-capped scores"] * self.is_softcapped + ["attention sinks"] * self.has_sinks
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionCall:
+    """What one attention call of the recording pass was handed."""
+
+    layer: int | None
+    kwargs: dict
+    has_mask: bool
+    is_causal: bool  # the kwarg if passed, else the module's own flag (as flash attention reads it)
+    query_shape: tuple[int, ...]  # [1, heads, T, head_dim]
+    key_shape: tuple[int, ...]  # [1, kv_heads, T, head_dim]
+    value_shape: tuple[int, ...]  # [1, kv_heads, T, value_head_dim]
+
+
+def check_decoder(model: PreTrainedModel) -> AttentionLayout:
+    """Prove that tokenstep serves ``model`` (loaded with tokenstep's
+    attention) exactly, or raise ``UnsupportedModelError``; returns what
+    its attention looks like."""
+    config = model.config.get_text_config(decoder=True)
+    refuse = _refuser(config)
+    _check_config(config, refuse)
+    vocab_size = model.get_input_embeddings().num_embeddings
+    generator = torch.Generator().manual_seed(0)
+    sequences = [torch.randint(vocab_size, (n,), generator=generator).tolist() for n in PROBE_LENGTHS]
+    layout = _layout(_record(model, sequences[0], refuse), config, model.dtype, refuse)
+    _probe(model, sequences, layout, refuse, "")
+    # The config's windows too: a window the layers do not pass to attention
+    # but the model's masks or cache apply would otherwise go unseen.
+    windows = {w for w in layout.sliding_windows if w} | {w for owner in _window_owners(model) if isinstance(w := getattr(owner, "sliding_window", None), int) and w > 0}
+    if windows:
+        with _shrunk_windows(model, windows) as shrunk:
+            _probe(model, sequences, layout, refuse, f" with its sliding windows shrunk to {sorted(shrunk.values())} tokens")
+    return layout
+
+
+def _refuser(config: object) -> Callable[[str], UnsupportedModelError]:
+    model_type = getattr(config, "model_type", "unknown")
+    return lambda feature: UnsupportedModelError(model_type, feature)
+
+
+def _check_config(config: object, refuse: Callable[[str], UnsupportedModelError]) -> None:
+    for layer_type in dict.fromkeys(getattr(config, "layer_types", None) or []):
+        if layer_type not in SERVED_LAYER_TYPES:
+            raise refuse(_LAYER_TYPE_NAMES.get(layer_type, f"layers of type {layer_type!r}"))
+    if getattr(config, "attention_chunk_size", None):
+        raise refuse(_LAYER_TYPE_NAMES["chunked_attention"])
+    if getattr(config, "is_causal", True) is False or getattr(config, "use_bidirectional_attention", False):
+        raise refuse("bidirectional attention (tokenstep serves causal language models)")
+
+
+@contextlib.contextmanager
+def _attention_function(function: Callable) -> Iterator[None]:
+    """tokenstep's attention name maps to ``function`` for the duration."""
+    AttentionInterface.register(ATTENTION_NAME, function)
+    try:
+        yield
+    finally:
+        AttentionInterface.register(ATTENTION_NAME, paged_attention_forward)
+
+
+def _record(model: PreTrainedModel, token_ids: list[int], refuse: Callable[[str], UnsupportedModelError]) -> list[AttentionCall]:
+    """The attention calls of one forward over ``token_ids``."""
+    calls: list[AttentionCall] = []
+
+    def recording_forward(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        is_causal = kwargs.get("is_causal")
+        is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+        calls.append(AttentionCall(getattr(module, "layer_idx", None), dict(kwargs, scaling=scaling), attention_mask is not None, bool(is_causal), tuple(query.shape), tuple(key.shape), tuple(value.shape)))
+        return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1]), None  # [1, T, heads, value_head_dim]
+
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([token_ids], device=device)
+    with _attention_function(recording_forward), torch.inference_mode():
+        try:
+            model(input_ids=input_ids, position_ids=torch.arange(len(token_ids), device=device)[None], use_cache=False, **{CONTEXT_KWARG: "recording"})
+        except Exception as error:
+            raise refuse(f"its forward fails with tokenstep's attention ({type(error).__name__}: {error})") from error
+    return calls
+
+
+def _layout(calls: list[AttentionCall], config: object, dtype: torch.dtype, refuse: Callable[[str], UnsupportedModelError]) -> AttentionLayout:
+    """Check the recorded calls; the cache shape and features they show."""
+    num_layers = config.num_hidden_layers
+    if not calls:
+        raise refuse("its layers never call an attention function through transformers' AttentionInterface")
+    if any(CONTEXT_KWARG not in call.kwargs for call in calls):
+        raise refuse("its decoder layers do not pass the forward's keyword arguments on to attention, so tokenstep's step never reaches it")
+    layers = [call.layer for call in calls]
+    if None in layers:
+        raise refuse("its attention modules have no layer_idx")
+    if sorted(layers) != list(range(num_layers)):
+        missing = sorted(set(range(num_layers)) - set(layers))
+        reason = f"layers {missing} have no attention, and tokenstep's cache holds attention keys and values only" if missing else "some layer attends more than once in a forward"
+        raise refuse(reason)
+    calls = sorted(calls, key=lambda call: call.layer)
+    for call in calls:
+        _check_call(call, refuse)
+    shapes = {(call.key_shape[1], call.key_shape[3], call.value_shape[3], call.query_shape[1]) for call in calls}
+    if len(shapes) > 1:
+        raise refuse(f"its layers differ in attention shape (KV heads, key and value head sizes, query heads: {sorted(shapes)})")
+    num_kv_heads, head_dim, value_head_dim, num_heads = shapes.pop()
+    if num_heads % num_kv_heads:
+        raise refuse(f"{num_heads} query heads do not share {num_kv_heads} KV heads evenly")
+    return AttentionLayout(
+        CacheShape(num_layers, num_kv_heads, head_dim, dtype, value_head_dim),
+        tuple(call.kwargs.get("sliding_window") or None for call in calls),
+        any(call.kwargs.get("softcap") for call in calls),
+        any(call.kwargs.get("s_aux") is not None for call in calls),
+    )
+
+
+def _check_call(call: AttentionCall, refuse: Callable[[str], UnsupportedModelError]) -> None:
+    """Every kwarg of one call is honoured, meaningless here, or None."""
+    kwargs = call.kwargs
+    if call.has_mask:
+        raise refuse("it builds its own attention mask (ALiBi position biases or a custom pattern), which tokenstep's attention would ignore")
+    if not call.is_causal:
+        raise refuse("bidirectional attention (tokenstep serves causal language models)")
+    if kwargs.get("dropout"):
+        raise refuse("attention dropout outside training")
+    sinks = kwargs.get("s_aux")
+    if sinks is not None and (not isinstance(sinks, torch.Tensor) or sinks.shape != (call.query_shape[1],)):
+        raise refuse("attention sinks of a shape other than one per query head")
+    for name, value in kwargs.items():
+        if name not in HONOURED_KWARGS | IGNORED_KWARGS | {"scaling"} and value is not None:
+            raise refuse(f"its attention asks for {name!r}, which tokenstep's paged attention does not do")
+
+
+def _probe(model: PreTrainedModel, sequences: list[list[int]], layout: AttentionLayout, refuse: Callable[[str], UnsupportedModelError], condition: str) -> None:
+    """The ragged steps over a scratch cache against the model's own eager
+    forward of each sequence alone; refuses where more than
+    ``PROBE_OUTLIER_ROWS`` rows differ (every path of the steps covers more
+    rows than that; a mixture of experts in bfloat16 may route a token or
+    two differently)."""
+    reference = _reference_logits(model, sequences)  # [rows, vocab]
+    try:
+        paged = _paged_logits(model, sequences, layout)
+    except Exception as error:
+        raise refuse(f"its forward over tokenstep's ragged batch fails{condition} ({type(error).__name__}: {error})") from error
+    row_errors = (paged - reference).abs().amax(-1) / reference.abs().amax(-1).clamp(min=1.0)  # [rows]
+    tolerance = PROBE_TOLERANCE.get(model.dtype, PROBE_TOLERANCE[torch.bfloat16])
+    num_differing = int((row_errors > tolerance).sum())
+    logger.debug("architecture probe%s: relative logit differences per row %s (tolerance %.0e)", condition, [round(e, 5) for e in row_errors.tolist()], tolerance)
+    if num_differing > PROBE_OUTLIER_ROWS:
+        raise refuse(f"over tokenstep's ragged batch{condition}, {num_differing} of {len(row_errors)} rows of logits differ from its own forward's (by up to {row_errors.max().item():.1e} of their scale)")
+
+
+def _reference_logits(model: PreTrainedModel, sequences: list[list[int]]) -> torch.Tensor:
+    """``[sum of lengths, vocab]``: each sequence alone, as ``generate`` runs
+    it, through the model's own eager attention and cache: a prefill of all
+    but its last ``PROBE_DECODE_STEPS`` tokens, then one token at a time."""
+    device = next(model.parameters()).device
+    rows = []
+    model.set_attn_implementation("eager")
+    try:
+        with torch.inference_mode():
+            for tokens in sequences:
+                input_ids = torch.tensor([tokens], device=device)
+                head = len(tokens) - PROBE_DECODE_STEPS
+                output = model(input_ids=input_ids[:, :head], use_cache=True)
+                rows.append(output.logits[0])
+                for position in range(head, len(tokens)):
+                    output = model(input_ids=input_ids[:, position : position + 1], past_key_values=output.past_key_values, use_cache=True)
+                    rows.append(output.logits[0])
+    finally:
+        model.set_attn_implementation(ATTENTION_NAME)
+    return torch.cat(rows).float()
+
+
+def _paged_logits(model: PreTrainedModel, sequences: list[list[int]], layout: AttentionLayout) -> torch.Tensor:
+    """The rows of ``_reference_logits``, computed as a server does, in
+    ``PROBE_STEPS``: both sequences start as prefills, go on in chunks after
+    their cached tokens, and end as decode rows side by side."""
+    device = next(model.parameters()).device
+    tables, num_blocks = [], 0
+    for tokens in sequences:
+        count = -(-len(tokens) // PROBE_BLOCK_SIZE)
+        tables.append(list(range(num_blocks, num_blocks + count)))
+        num_blocks += count
+    cache = PagedKVCache(layout.cache_shape, num_blocks, PROBE_BLOCK_SIZE, device)
+    is_native = decode_kernel_runs(layout.cache_shape, device)
+    rows: list[list[torch.Tensor]] = [[] for _ in sequences]
+    with torch.inference_mode():
+        for bounds in PROBE_STEPS:
+            spans = sorted(enumerate(bounds), key=lambda span: span[1][1] - span[1][0] != 1)  # decode rows first
+            chunks = [SequenceChunk(sequences[index][start:end], start, tables[index]) for index, (start, end) in spans]
+            input_ids, position_ids, context = build_step(chunks, cache.key_caches, cache.value_caches, device, with_mask=not is_native)
+            if is_native:
+                context.metadata = pack(context)
+            logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False, logits_to_keep=0, **{CONTEXT_KWARG: context}).logits[0]
+            for (index, _), chunk_logits in zip(spans, logits.float().split([len(chunk.token_ids) for chunk in chunks])):
+                rows[index].append(chunk_logits)
+    return torch.cat([row for sequence_rows in rows for row in sequence_rows])
+
+
+@contextlib.contextmanager
+def _shrunk_windows(model: PreTrainedModel, windows: set[int]) -> Iterator[dict[int, int]]:
+    """Every ``sliding_window`` attribute of the model's configs and modules
+    that holds one of ``windows`` set to a few tokens (a distinct size per
+    window) for the duration. A window kept anywhere else stays large in
+    one of the two forwards the probe compares, which then differ."""
+    shrunk = {window: PROBE_WINDOW + index for index, window in enumerate(sorted(windows))}
+    patched = [(owner, value) for owner in _window_owners(model) if isinstance(value := getattr(owner, "sliding_window", None), int) and value in shrunk]
+    try:
+        for owner, value in patched:
+            owner.sliding_window = shrunk[value]
+        yield shrunk
+    finally:
+        for owner, value in patched:
+            owner.sliding_window = value
+
+
+def _window_owners(model: PreTrainedModel) -> list[object]:
+    """The model's modules and configs (text configs included): where a
+    ``sliding_window`` may be kept."""
+    owners = {id(model.config): model.config}
+    for module in model.modules():
+        owners[id(module)] = module
+        if (config := getattr(module, "config", None)) is not None:
+            owners[id(config)] = config
+    for config in list(owners.values()):
+        if hasattr(config, "get_text_config"):
+            text_config = config.get_text_config(decoder=True)
+            owners[id(text_config)] = text_config
+    return list(owners.values())

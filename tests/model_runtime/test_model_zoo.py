@@ -1,0 +1,124 @@
+"""The model-zoo parity matrix: every architecture of ``tests/model_zoo.py``
+is either served exactly or refused at load with one line naming why.
+
+Served: concurrent greedy outputs equal ``model.generate`` on each prompt
+alone, for prompts well past the sliding window, chunked (a 37-token step
+budget) and preempted (a 12-block pool), then again from the prefix cache.
+The features each path must honour are also run through the compiled graph,
+n-gram and draft-model speculation and int8 weights, on the architectures
+that have them (sliding windows, soft-capping, sinks); and the load-time
+check, in float32 and bfloat16, is shown to refuse each of them left out.
+Refused: ``load_model`` raises ``UnsupportedModelError`` naming the feature.
+"""
+
+import random
+import pytest
+
+from model_runtime.architecture import UnsupportedModelError
+from model_runtime.attention import ATTENTION_NAME, LayerFeatures
+from model_runtime.engine_factory import EngineConfig, build_engine_core
+from model_runtime.loader import load_model
+from tests.model_runtime.test_parity import build, generate_outputs, reference_outputs, repetitive_prompts, run_engine
+from tests.model_zoo import WINDOW, ZOO
+
+SERVED = [name for name, model in ZOO.items() if model.refused is None]
+REFUSED = [name for name, model in ZOO.items() if model.refused is not None]
+PROMPT_LENGTHS = (1, 7, WINDOW - 1, WINDOW, WINDOW + 1, 2 * WINDOW, 90, 160)
+
+
+def max_tokens_of(index: int) -> int:
+    return 12 + (index * 5) % 13
+
+
+def zoo_prompts(seed: int = 11) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 49152) for _ in range(n)] for n in PROMPT_LENGTHS]
+
+
+@pytest.mark.parametrize("name", SERVED)
+def test_served_exactly_chunked_preempted_and_from_the_prefix_cache(name: str, zoo_dir):
+    model_dir = zoo_dir(name)
+    loaded = load_model(model_dir, dtype="float32", device="cpu")
+    prompts = zoo_prompts()
+    expected = reference_outputs(model_dir, prompts, max_tokens_of)
+    squeezed = build(loaded, num_kv_blocks=12, max_num_batched_tokens=37)
+    assert run_engine(squeezed, prompts, "squeezed", max_tokens_of) == expected
+    assert squeezed.scheduler.num_preemptions > 0
+    cached = build(loaded, num_kv_blocks=256, max_num_batched_tokens=128, enable_prefix_caching=True)
+    assert run_engine(cached, prompts, "first", max_tokens_of) == expected
+    assert run_engine(cached, prompts, "second", max_tokens_of) == expected
+    assert cached.scheduler.num_prefix_hit_tokens > 0
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_refused_at_load_naming_the_feature(name: str, zoo_dir):
+    with pytest.raises(UnsupportedModelError, match=ZOO[name].refused):
+        load_model(zoo_dir(name), dtype="float32", device="cpu")
+
+
+# The architectures whose attention has features beyond causal softmax.
+FEATURED = ["mistral-sliding", "gemma2", "gpt-oss"]
+
+
+@pytest.mark.parametrize("name", FEATURED)
+def test_compiled_graph_honours_the_features(name: str, zoo_dir):
+    model_dir = zoo_dir(name)
+    loaded = load_model(model_dir, dtype="float32", device="cpu")
+    prompts = zoo_prompts(seed=12)
+    core = build(loaded, num_kv_blocks=14, max_num_batched_tokens=40, compile=True)
+    assert core.runner.compiled is not None
+    assert run_engine(core, prompts, "compiled", max_tokens_of) == reference_outputs(model_dir, prompts, max_tokens_of)
+    assert core.scheduler.num_preemptions > 0
+
+
+@pytest.mark.parametrize("name", ["mistral-sliding", "gemma2"])  # the tiny gpt-oss repeats nothing n-grams could find
+def test_ngram_verification_honours_the_features(name: str, zoo_dir):
+    model_dir = zoo_dir(name)
+    loaded = load_model(model_dir, dtype="float32", device="cpu")
+    prompts = repetitive_prompts(seed=3, vocab_size=loaded.model.config.vocab_size)
+    core = build(loaded, num_kv_blocks=40, max_num_batched_tokens=64, num_speculative_tokens=4)
+    assert run_engine(core, prompts, "ngram", max_tokens_of) == reference_outputs(model_dir, prompts, max_tokens_of)
+    assert core.scheduler.num_draft_tokens > 0
+
+
+@pytest.mark.parametrize("name", FEATURED)
+def test_draft_model_verification_honours_the_features(name: str, zoo_dir):
+    """The draft model (here the model itself: every draft is accepted)
+    shares the block tables, and proposes past the window too."""
+    model_dir = zoo_dir(name)
+    loaded = load_model(model_dir, dtype="float32", device="cpu")
+    prompts = zoo_prompts(seed=15)
+    config = EngineConfig(model="unused", num_kv_blocks=40, max_num_batched_tokens=64, num_speculative_tokens=3)
+    core = build_engine_core(config, loaded, load_model(model_dir, dtype="float32", device="cpu"))
+    assert run_engine(core, prompts, "draft", max_tokens_of) == reference_outputs(model_dir, prompts, max_tokens_of)
+    assert core.scheduler.num_accepted_tokens == core.scheduler.num_draft_tokens > 0
+
+
+@pytest.mark.parametrize("name", FEATURED)
+def test_int8_weights_keep_the_features(name: str, zoo_dir):
+    """Quantized linears change the numbers, not the attention: the engine
+    equals ``generate`` on the same int8 model run with its own eager attention."""
+    model_dir = zoo_dir(name)
+    loaded = load_model(model_dir, dtype="float32", device="cpu", quantization="int8")
+    prompts = zoo_prompts(seed=13)
+    loaded.model.set_attn_implementation("eager")
+    try:
+        expected = generate_outputs(loaded.model, prompts, max_tokens_of)
+    finally:
+        loaded.model.set_attn_implementation(ATTENTION_NAME)
+    assert run_engine(build(loaded, num_kv_blocks=14, max_num_batched_tokens=37), prompts, "int8", max_tokens_of) == expected
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize(("name", "kwarg"), [("mistral-sliding", "sliding_window"), ("gemma2", "softcap"), ("gpt-oss", "s_aux"), ("gpt-oss", "sliding_window")])
+def test_the_load_check_refuses_a_feature_left_out(name: str, kwarg: str, dtype: str, zoo_dir, monkeypatch):
+    """The load-time check is what stands between a model and wrong answers
+    (and the only check of bfloat16, whose greedy text may differ from
+    ``generate``'s by rounding): it passes the model as served, and refuses
+    it where tokenstep's attention is made to drop one of its features."""
+    model_dir = zoo_dir(name)
+    assert load_model(model_dir, dtype=dtype, device="cpu").attention is not None
+    from_kwargs = LayerFeatures.from_kwargs.__func__
+    monkeypatch.setattr(LayerFeatures, "from_kwargs", classmethod(lambda cls, kwargs, *rest: from_kwargs(cls, {k: v for k, v in kwargs.items() if k != kwarg}, *rest)))
+    with pytest.raises(UnsupportedModelError, match="rows of logits differ"):
+        load_model(model_dir, dtype=dtype, device="cpu")
