@@ -41,7 +41,7 @@ import torch
 from transformers import AttentionInterface, PreTrainedModel
 
 from model_runtime.attention import ATTENTION_NAME, CONTEXT_KWARG, decode_kernel_runs, paged_attention_forward
-from model_runtime.kv_cache import CacheShape, PagedKVCache
+from model_runtime.kv_cache import CacheShape, LayerKV, PagedKVCache
 from model_runtime.step_context import SequenceChunk, build_step
 from model_runtime.step_graph import pack
 
@@ -102,9 +102,14 @@ class AttentionLayout:
 
     def describe(self) -> str:
         """One phrase for the start-up log."""
-        shape = self.cache_shape
-        values = f" (values {shape.value_head_dim})" if shape.value_head_dim != shape.head_dim else ""
-        parts = [f"{shape.num_layers} layers of {shape.num_kv_heads} KV heads x {shape.head_dim}{values}"]
+        layers = self.cache_shape.layers
+        sizes = [(layer.num_kv_heads, layer.head_dim, layer.value_head_dim) for layer in layers]
+        parts = [
+            f"{sizes.count(size)} layer{'s' * (sizes.count(size) != 1)} of {size[0]} KV heads x {size[1]}" + (f" (values {size[2]})" if size[2] != size[1] else "")
+            for size in dict.fromkeys(sizes)
+        ]
+        if shared := sum(layer.shares_kv_of is not None for layer in layers):
+            parts.append(f"{shared} layers reading earlier layers' keys and values")
         sliding = [w for w in self.sliding_windows if w]
         if sliding:
             parts.append(f"sliding window {'/'.join(str(w) for w in sorted(set(sliding)))} on {len(sliding)} of {len(self.sliding_windows)} layers")
@@ -123,6 +128,7 @@ class AttentionCall:
     query_shape: tuple[int, ...]  # [1, heads, T, head_dim]
     key_shape: tuple[int, ...]  # [1, kv_heads, T, head_dim]
     value_shape: tuple[int, ...]  # [1, kv_heads, T, value_head_dim]
+    kv_storage: tuple[int, int]  # where the key and value tensors' data live: a layer handed another's (KV sharing) repeats them
 
 
 def check_decoder(model: PreTrainedModel) -> AttentionLayout:
@@ -174,11 +180,16 @@ def _attention_function(function: Callable) -> Iterator[None]:
 def _record(model: PreTrainedModel, token_ids: list[int], refuse: Callable[[str], UnsupportedModelError]) -> list[AttentionCall]:
     """The attention calls of one forward over ``token_ids``."""
     calls: list[AttentionCall] = []
+    held: list[torch.Tensor] = []  # alive until the pass ends, so no two layers' tensors share an address by reuse
 
     def recording_forward(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        held.extend((key, value))
         is_causal = kwargs.get("is_causal")
         is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
-        calls.append(AttentionCall(getattr(module, "layer_idx", None), dict(kwargs, scaling=scaling), attention_mask is not None, bool(is_causal), tuple(query.shape), tuple(key.shape), tuple(value.shape)))
+        calls.append(AttentionCall(
+            getattr(module, "layer_idx", None), dict(kwargs, scaling=scaling), attention_mask is not None, bool(is_causal),
+            tuple(query.shape), tuple(key.shape), tuple(value.shape), (key.data_ptr(), value.data_ptr()),
+        ))
         return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1]), None  # [1, T, heads, value_head_dim]
 
     device = next(model.parameters()).device
@@ -208,14 +219,13 @@ def _layout(calls: list[AttentionCall], config: object, dtype: torch.dtype, refu
     calls = sorted(calls, key=lambda call: call.layer)
     for call in calls:
         _check_call(call, refuse)
-    shapes = {(call.key_shape[1], call.key_shape[3], call.value_shape[3], call.query_shape[1]) for call in calls}
-    if len(shapes) > 1:
-        raise refuse(f"its layers differ in attention shape (KV heads, key and value head sizes, query heads: {sorted(shapes)})")
-    num_kv_heads, head_dim, value_head_dim, num_heads = shapes.pop()
-    if num_heads % num_kv_heads:
-        raise refuse(f"{num_heads} query heads do not share {num_kv_heads} KV heads evenly")
+    # A layer handed the very keys and values of an earlier one (Gemma 3n and 4's KV sharing) reads that layer's cache.
+    first_holder: dict[tuple[int, int], int] = {}
+    for call in calls:
+        first_holder.setdefault(call.kv_storage, call.layer)
+    shares = [first_holder[call.kv_storage] if first_holder[call.kv_storage] != call.layer else None for call in calls]
     return AttentionLayout(
-        CacheShape(num_layers, num_kv_heads, head_dim, dtype, value_head_dim),
+        CacheShape(tuple(LayerKV(call.key_shape[1], call.key_shape[3], call.value_shape[3], source) for call, source in zip(calls, shares)), dtype),
         tuple(call.kwargs.get("sliding_window") or None for call in calls),
         any(call.kwargs.get("softcap") for call in calls),
         any(call.kwargs.get("s_aux") is not None for call in calls),
@@ -231,6 +241,9 @@ def _check_call(call: AttentionCall, refuse: Callable[[str], UnsupportedModelErr
         raise refuse("bidirectional attention (tokenstep serves causal language models)")
     if kwargs.get("dropout"):
         raise refuse("attention dropout outside training")
+    num_heads, num_kv_heads = call.query_shape[1], call.key_shape[1]
+    if num_heads % num_kv_heads or call.value_shape[1] != num_kv_heads:
+        raise refuse(f"layer {call.layer}'s {num_heads} query heads do not share its {num_kv_heads} KV heads evenly")
     sinks = kwargs.get("s_aux")
     if sinks is not None and (not isinstance(sinks, torch.Tensor) or sinks.shape != (call.query_shape[1],)):
         raise refuse("attention sinks of a shape other than one per query head")
@@ -300,7 +313,8 @@ def _paged_logits(model: PreTrainedModel, sequences: list[list[int]], layout: At
             input_ids, position_ids, context = build_step(chunks, cache.key_caches, cache.value_caches, device, with_mask=not is_native)
             if is_native:
                 context.metadata = pack(context)
-            logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False, logits_to_keep=0, **{CONTEXT_KWARG: context}).logits[0]
+            every_row = torch.arange(input_ids.shape[1], device=device)  # rows as a tensor, as the runner keeps them
+            logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False, logits_to_keep=every_row, **{CONTEXT_KWARG: context}).logits[0]
             for (index, _), chunk_logits in zip(spans, logits.float().split([len(chunk.token_ids) for chunk in chunks])):
                 rows[index].append(chunk_logits)
     return torch.cat([row for sequence_rows in rows for row in sequence_rows])

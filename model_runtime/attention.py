@@ -243,15 +243,19 @@ def _is_gqa(query: torch.Tensor, keys: torch.Tensor) -> bool:
     return query.shape[-3] != keys.shape[-3]
 
 
-DECODE_KERNEL_LANES = 16  # the kernel takes head_dim a multiple of this, up to 256
+DECODE_KERNEL_LANES = 16  # the kernel takes head_dim a multiple of this,
+DECODE_KERNEL_MAX_HEAD_DIM = 512  # up to this
 
 
 def decode_kernel_runs(shape: CacheShape, device: torch.device) -> bool:
     """Whether decode attention runs in tokenstep's kernel (float32 caches on
-    the CPU, keys and values of one head_dim it takes, kernels built)
-    rather than gather + SDPA."""
-    head_dim_fits = shape.head_dim % DECODE_KERNEL_LANES == 0 and shape.head_dim <= 256 and shape.value_head_dim == shape.head_dim
-    return device.type == "cpu" and shape.dtype == torch.float32 and head_dim_fits and kernels.load() is not None
+    the CPU, every layer's keys and values of one head_dim it takes, kernels
+    built) rather than gather + SDPA."""
+    head_dims_fit = all(
+        layer.head_dim % DECODE_KERNEL_LANES == 0 and layer.head_dim <= DECODE_KERNEL_MAX_HEAD_DIM and layer.value_head_dim == layer.head_dim
+        for layer in shape.layers
+    )
+    return device.type == "cpu" and shape.dtype == torch.float32 and head_dims_fit and kernels.load() is not None
 
 
 def register() -> str:

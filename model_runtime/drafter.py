@@ -57,7 +57,7 @@ class DraftModel:
 
     def mirror(self, input_ids: torch.Tensor, position_ids: torch.Tensor, context: StepContext) -> None:
         """Run the target's step inputs through the draft model (K/V only)."""
-        self._forward(input_ids, position_ids, self._own(context), logits_to_keep=1)
+        self._forward(input_ids, position_ids, self._own(context), rows=torch.tensor([0], device=self.device))
 
     def propose(self, lookaheads: list[Lookahead]) -> dict[str, list[int]]:
         """Greedy drafts for each request, ``num_tokens`` each, batched."""
@@ -67,7 +67,7 @@ class DraftModel:
             active = [item for item in lookaheads if item.num_tokens > step]
             positions = [item.position + step for item in active]
             input_ids, position_ids, context = self._decode_context([item.block_ids for item in active], positions, [tokens[item.request_id] for item in active])  # [1, B] each
-            logits = self._forward(input_ids, position_ids, context, logits_to_keep=0)[0]  # [B, vocab]
+            logits = self._forward(input_ids, position_ids, context, rows=torch.arange(len(active), device=self.device))[0]  # [B, vocab]
             picks = logits.max(dim=-1).indices.tolist()  # [B]
             for item, token_id in zip(active, picks):
                 drafts[item.request_id].append(token_id)
@@ -81,7 +81,8 @@ class DraftModel:
         chunks = [SequenceChunk([token_id], position, block_ids) for token_id, position, block_ids in zip(token_ids, positions, block_tables)]
         return build_step(chunks, self.kv_cache.key_caches, self.kv_cache.value_caches, self.device, with_mask=not self.decode_kernel)
 
-    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, context: StepContext, logits_to_keep: int) -> torch.Tensor:
-        output = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False, logits_to_keep=logits_to_keep, **{CONTEXT_KWARG: context})
-        return output.logits  # [1, rows, vocab]
+    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, context: StepContext, rows: torch.Tensor) -> torch.Tensor:
+        """Logits ``[1, len(rows), vocab]`` at the step's ``rows`` (a tensor, as the runner keeps them)."""
+        output = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False, logits_to_keep=rows, **{CONTEXT_KWARG: context})
+        return output.logits
 

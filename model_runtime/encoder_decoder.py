@@ -129,8 +129,8 @@ def cache_shape(model: PreTrainedModel, dtype: torch.dtype) -> CacheShape:
     decoder's layers and heads (self and cross blocks alike)."""
     config = model.config
     if family_of(config) == "t5":
-        return CacheShape(config.num_decoder_layers, config.num_heads, config.d_kv, dtype)
-    return CacheShape(config.decoder_layers, config.decoder_attention_heads, config.d_model // config.decoder_attention_heads, dtype)
+        return CacheShape.uniform(config.num_decoder_layers, config.num_heads, config.d_kv, dtype)
+    return CacheShape.uniform(config.decoder_layers, config.decoder_attention_heads, config.d_model // config.decoder_attention_heads, dtype)
 
 
 def cross_context(tables: list[list[int]], lens: list[int], prefill_tables: list[list[int]], prefill_lens: list[int], block_size: int, device: torch.device, with_mask: bool) -> CrossContext:

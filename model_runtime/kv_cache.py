@@ -1,7 +1,7 @@
 """The paged KV cache: preallocated per-layer K and V tensors.
 
 Each layer owns ``K`` and ``V`` of shape
-``[num_blocks, block_size, num_kv_heads, head_dim]``. Block ids come from
+``[num_blocks, block_size, num_kv_heads, head_dim]`` (its own heads and sizes). Block ids come from
 ``batching.block_manager``; token ``t`` of a sequence lives at slot
 ``block_ids[t // block_size] * block_size + t % block_size``.
 """
@@ -29,23 +29,40 @@ def parse_memory_size(text: str | int) -> int:
 
 
 @dataclass(frozen=True, slots=True)
-class CacheShape:
-    """What one cached token costs. Keys and values may differ in head size
-    (DeepSeek's multi-head latent attention, expanded per head)."""
+class LayerKV:
+    """One layer's cached token: its KV heads and their key and value sizes
+    (which differ under DeepSeek's multi-head latent attention, expanded per
+    head as transformers computes it)."""
 
-    num_layers: int
     num_kv_heads: int
     head_dim: int
-    dtype: torch.dtype
-    value_head_dim: int | None = None  # None: the keys' head_dim
+    value_head_dim: int
+    # KV sharing (Gemma 3n and 4): the earlier layer whose keys and values this
+    # one is handed, and whose cache it reads; it holds none of its own.
+    shares_kv_of: int | None = None
 
-    def __post_init__(self) -> None:
-        if self.value_head_dim is None:
-            object.__setattr__(self, "value_head_dim", self.head_dim)
+
+@dataclass(frozen=True, slots=True)
+class CacheShape:
+    """What one cached token costs, layer by layer (Gemma 4's full layers
+    have heads twice the size of its sliding ones)."""
+
+    layers: tuple[LayerKV, ...]
+    dtype: torch.dtype
+
+    @classmethod
+    def uniform(cls, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, value_head_dim: int | None = None) -> "CacheShape":
+        """Every layer alike."""
+        return cls((LayerKV(num_kv_heads, head_dim, value_head_dim or head_dim),) * num_layers, dtype)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
 
     def bytes_per_token(self) -> int:
         element_size = torch.empty((), dtype=self.dtype).element_size()
-        return self.num_layers * self.num_kv_heads * (self.head_dim + self.value_head_dim) * element_size
+        own = [layer for layer in self.layers if layer.shares_kv_of is None]
+        return sum(layer.num_kv_heads * (layer.head_dim + layer.value_head_dim) for layer in own) * element_size
 
 
 class PagedKVCache:
@@ -57,11 +74,18 @@ class PagedKVCache:
         self.shape = shape
         self.num_blocks = num_blocks
         self.block_size = block_size
-        key_shape = (num_blocks, block_size, shape.num_kv_heads, shape.head_dim)
-        value_shape = (num_blocks, block_size, shape.num_kv_heads, shape.value_head_dim)
-        # [num_blocks, block_size, num_kv_heads, head_dim] per layer (value_head_dim for values)
-        self.key_caches = [torch.zeros(key_shape, dtype=shape.dtype, device=device) for _ in range(shape.num_layers)]
-        self.value_caches = [torch.zeros(value_shape, dtype=shape.dtype, device=device) for _ in range(shape.num_layers)]
+        # [num_blocks, block_size, num_kv_heads, head_dim] per layer (value_head_dim for values);
+        # a layer that shares another's keys and values gets that layer's tensors
+        # (it writes the same values into the same slots, and reads what the other reads).
+        self.key_caches: list[torch.Tensor] = []
+        self.value_caches: list[torch.Tensor] = []
+        for layer in shape.layers:
+            if layer.shares_kv_of is not None:
+                self.key_caches.append(self.key_caches[layer.shares_kv_of])
+                self.value_caches.append(self.value_caches[layer.shares_kv_of])
+                continue
+            self.key_caches.append(torch.zeros(num_blocks, block_size, layer.num_kv_heads, layer.head_dim, dtype=shape.dtype, device=device))
+            self.value_caches.append(torch.zeros(num_blocks, block_size, layer.num_kv_heads, layer.value_head_dim, dtype=shape.dtype, device=device))
 
     @property
     def num_tokens(self) -> int:

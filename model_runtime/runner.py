@@ -266,19 +266,14 @@ class ModelRunner:
         if cross is not None:
             return self.encoder_decoder.forward(input_ids, position_ids, context, cross, logits_rows)
         # With no sampling rows, keep a single row: the LM head cost is negligible.
+        # Always rows as a tensor: an integer n means "the last n tokens", which some
+        # models (Gemma 4's KV-shared layers) use to drop the other rows early.
+        keep = logits_rows if logits_rows is not None else torch.tensor([0], device=self.device)
         if self.compiled is not None:
-            keep = logits_rows if logits_rows is not None else torch.tensor([0], device=self.device)
             logits = self.compiled(input_ids, position_ids, context, keep)
-            return logits[0] if logits_rows is not None else None  # [S, vocab]
-        keep = logits_rows if logits_rows is not None else 1
-        output = self.model(
-            input_ids=input_ids,
-            position_ids=position_ids,
-            use_cache=False,
-            logits_to_keep=keep,
-            **{CONTEXT_KWARG: context},
-        )
-        return output.logits[0] if logits_rows is not None else None  # [S, vocab]
+        else:
+            logits = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False, logits_to_keep=keep, **{CONTEXT_KWARG: context}).logits
+        return logits[0] if logits_rows is not None else None  # [S, vocab]
 
     def _prepare(self, scheduled: list[tuple[ScheduledChunk, RunnerRequest]]) -> tuple[torch.Tensor, torch.Tensor, StepContext]:
         chunks = [SequenceChunk(chunk.new_token_ids, chunk.num_computed_tokens, request.block_ids) for chunk, request in scheduled]

@@ -20,6 +20,7 @@ from tests.tiny_models import TINY_DECODER
 
 WINDOW = 24  # sliding window of the sliding architectures, in tokens
 _MOE = dict(num_local_experts=4, num_experts_per_tok=2)
+_GEMMA4 = dict(sliding_window=WINDOW, per_layer_config={"01": {"head_dim": 32}}, hidden_size_per_layer_input=8, vocab_size_per_layer_input=TINY_DECODER["vocab_size"])
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,13 @@ ZOO: dict[str, ZooModel] = {
     "mistral-sliding": ZooModel("mistral", dict(sliding_window=WINDOW)),
     "gemma2": ZooModel("gemma2", dict(sliding_window=WINDOW, query_pre_attn_scalar=16, attn_logit_softcapping=2.0, final_logit_softcapping=30.0)),
     "gemma3": ZooModel("gemma3_text", dict(sliding_window=WINDOW, query_pre_attn_scalar=16, layer_types=["sliding_attention", "full_attention"])),
+    # Gemma 4: full layers with heads of their own size (32, the sliding ones 16), per-layer inputs.
+    "gemma4": ZooModel("gemma4_text", dict(_GEMMA4, layer_types=["sliding_attention", "full_attention"])),
+    # ... and its smaller variants' KV sharing: the last two layers reuse the keys and values of the first two.
+    "gemma4-kv-shared": ZooModel(
+        "gemma4_text",
+        dict(_GEMMA4, num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2, num_kv_shared_layers=2, per_layer_config={"01": {"head_dim": 32}, "03": {"head_dim": 32}}),
+    ),
     "phi3": ZooModel("phi3"),
     "olmo2": ZooModel("olmo2"),
     "granite": ZooModel("granite"),

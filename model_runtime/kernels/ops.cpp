@@ -357,8 +357,8 @@ at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& key
     const int64_t num_blocks = key_cache.size(0), block_size = key_cache.size(1), kv_heads = key_cache.size(2);
     TORCH_CHECK(key_cache.size(3) == D, op, ": the cache's head_dim is ", key_cache.size(3), ", the query's ", D);
     TORCH_CHECK(heads % kv_heads == 0, op, ": ", heads, " query heads are not a multiple of ", kv_heads, " KV heads");
-    TORCH_CHECK(D % kAttentionLanes == 0 && D <= 256, op, ": head_dim must be a multiple of ", kAttentionLanes,
-                " up to 256, got ", D);
+    TORCH_CHECK(D % kAttentionLanes == 0 && D <= 512, op, ": head_dim must be a multiple of ", kAttentionLanes,
+                " up to 512, got ", D);
     TORCH_CHECK(window >= 0 && softcap >= 0, op, ": window and softcap must not be negative");
     TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.dim() == 2 && block_tables.is_contiguous() &&
                     block_tables.size(0) == B,

@@ -46,7 +46,7 @@ inline vf exp_nonpositive(vf x) {
     return underflow ? vf{} : result;
 }
 
-constexpr int64_t MAX_CHUNKS = 256 / VEC;  // head_dim up to 256 in registers
+constexpr int64_t MAX_CHUNKS = 512 / VEC;  // head_dim up to 512
 
 }  // namespace
 
@@ -65,7 +65,7 @@ extern "C" void TS_NAME(ts_paged_decode)(const float* q, int64_t q_stride_b, int
                                          float scale, int64_t window, float softcap, const float* sinks, float* out,
                                          int64_t item_begin, int64_t item_end) {
     const int64_t group = heads / kv_heads;
-    const int64_t chunks = D / VEC;  // ops.cpp: D is a multiple of VEC, at most 256
+    const int64_t chunks = D / VEC;  // ops.cpp: D is a multiple of VEC, at most 512
     std::vector<float> scores;
     std::vector<int64_t> rows;
     for (int64_t item = item_begin; item < item_end; ++item) {
@@ -117,7 +117,8 @@ extern "C" void TS_NAME(ts_paged_decode)(const float* q, int64_t q_stride_b, int
                 }
             }
             if (sinks != nullptr) sum += std::exp(sinks[head] - max);
-            vf acc[MAX_CHUNKS] = {};
+            vf acc[MAX_CHUNKS];
+            for (int64_t c = 0; c < chunks; ++c) acc[c] = vf{};
             for (int64_t t2 = 0; t2 < n; ++t2) {
                 const float* value = v_cache + rows[t2];
                 const vf p = splat(s[t2]);

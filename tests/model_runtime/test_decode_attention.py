@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from model_runtime import kernels
 from model_runtime.attention import LayerFeatures, attend, decode_kernel_runs, gather_blocks
 from model_runtime.step_context import PrefillSpan, StepContext, decode_tables
-from model_runtime.kv_cache import CacheShape
+from model_runtime.kv_cache import CacheShape, LayerKV
 from model_runtime.step_graph import pack
 
 LENS = [1, 2, 15, 16, 17, 33, 100, 250]
@@ -37,7 +37,7 @@ def ragged_batch(block_size: int, kv_heads: int, head_dim: int, heads: int):
     return query, key_cache.contiguous(), value_cache.contiguous(), tables
 
 
-@pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "block_size"), [(9, 3, 64, 16), (4, 4, 16, 4), (8, 2, 128, 32), (2, 1, 32, 16)])
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "block_size"), [(9, 3, 64, 16), (4, 4, 16, 4), (8, 2, 128, 32), (2, 1, 32, 16), (4, 2, 512, 16)])
 def test_matches_gather_and_sdpa_on_every_isa(ops, heads: int, kv_heads: int, head_dim: int, block_size: int):
     query, key_cache, value_cache, tables = ragged_batch(block_size, kv_heads, head_dim, heads)
     block_tables, lens, mask = decode_tables(tables, LENS, block_size, torch.device("cpu"))
@@ -60,15 +60,17 @@ def test_refuses_bad_operands_clearly(ops):
         ops.paged_decode_attention(q, key_cache, value_cache, bad_tables, lens, 1.0)
     with pytest.raises(RuntimeError, match="8 query heads are not a multiple of 3 KV heads"):
         ops.paged_decode_attention(q[:, :8], key_cache, value_cache, block_tables, lens, 1.0)
-    with pytest.raises(RuntimeError, match="head_dim must be a multiple of 16"):
+    with pytest.raises(RuntimeError, match="head_dim must be a multiple of 16 up to 512"):
         ops.paged_decode_attention(q[..., :24], key_cache[..., :24].contiguous(), value_cache[..., :24].contiguous(), block_tables, lens, 1.0)
 
 
 def test_the_kernel_runs_only_where_it_applies(ops):
     cpu = torch.device("cpu")
-    assert decode_kernel_runs(CacheShape(2, 3, 64, torch.float32), cpu)
-    assert not decode_kernel_runs(CacheShape(2, 3, 64, torch.bfloat16), cpu)  # bf16 caches: SDPA
-    assert not decode_kernel_runs(CacheShape(2, 3, 72, torch.float32), cpu)  # a head size it does not take
+    assert decode_kernel_runs(CacheShape.uniform(2, 3, 64, torch.float32), cpu)
+    assert decode_kernel_runs(CacheShape((LayerKV(4, 256, 256), LayerKV(2, 512, 512)), torch.float32), cpu)  # Gemma 4's sliding and full layers
+    assert not decode_kernel_runs(CacheShape.uniform(2, 3, 64, torch.bfloat16), cpu)  # bf16 caches: SDPA
+    assert not decode_kernel_runs(CacheShape.uniform(2, 3, 72, torch.float32), cpu)  # a head size it does not take
+    assert not decode_kernel_runs(CacheShape.uniform(2, 3, 64, torch.float32, value_head_dim=32), cpu)  # keys and values of two sizes
 
 
 def test_write_kv_cache_matches_index_copy(ops):

@@ -122,3 +122,15 @@ def test_the_load_check_refuses_a_feature_left_out(name: str, kwarg: str, dtype:
     monkeypatch.setattr(LayerFeatures, "from_kwargs", classmethod(lambda cls, kwargs, *rest: from_kwargs(cls, {k: v for k, v in kwargs.items() if k != kwarg}, *rest)))
     with pytest.raises(UnsupportedModelError, match="rows of logits differ"):
         load_model(model_dir, dtype=dtype, device="cpu")
+
+
+def test_kv_shared_layers_read_the_cache_of_the_layer_they_share(zoo_dir):
+    """Gemma 4's last layers are handed the keys and values of earlier ones:
+    they hold no cache of their own (their parity is in the matrix above)."""
+    loaded = load_model(zoo_dir("gemma4-kv-shared"), dtype="float32", device="cpu")
+    shape = loaded.attention.cache_shape
+    assert [layer.shares_kv_of for layer in shape.layers] == [None, None, 0, 1]
+    assert [layer.head_dim for layer in shape.layers] == [16, 32, 16, 32]
+    assert shape.bytes_per_token() == 2 * (16 + 16) * 4 + 2 * (32 + 32) * 4  # 2 KV heads of the first two layers, float32
+    cache = build(loaded, num_kv_blocks=8).runner.kv_cache
+    assert cache.key_caches[2] is cache.key_caches[0] and cache.value_caches[3] is cache.value_caches[1]
