@@ -14,6 +14,7 @@ Refused: ``load_model`` raises ``UnsupportedModelError`` naming the feature.
 import random
 import pytest
 
+from batching.errors import InvalidRequestError
 from model_runtime.architecture import UnsupportedModelError
 from model_runtime.attention import ATTENTION_NAME, LayerFeatures
 from model_runtime.engine_factory import EngineConfig, build_engine_core
@@ -134,3 +135,17 @@ def test_kv_shared_layers_read_the_cache_of_the_layer_they_share(zoo_dir):
     assert shape.bytes_per_token() == 2 * (16 + 16) * 4 + 2 * (32 + 32) * 4  # 2 KV heads of the first two layers, float32
     cache = build(loaded, num_kv_blocks=8).runner.kv_cache
     assert cache.key_caches[2] is cache.key_caches[0] and cache.value_caches[3] is cache.value_caches[1]
+
+
+def test_a_model_that_slides_everywhere_serves_a_request_longer_than_its_pool(zoo_dir):
+    """Mistral's window on every layer: a 300-token prompt and 40 more tokens
+    run in a 6-block (96-token) pool, its blocks going back and coming round
+    again as the window moves, and the tokens still equal ``generate``'s. A
+    model with a full-attention layer (Gemma 3) needs them all: refused."""
+    prompt = zoo_prompts()[-1] * 2  # 320 tokens
+    sliding = zoo_dir("mistral-sliding")
+    core = build(load_model(sliding, dtype="float32", device="cpu"), num_kv_blocks=6, max_num_batched_tokens=37)
+    assert run_engine(core, [prompt], "long", lambda _: 40) == reference_outputs(sliding, [prompt], lambda _: 40)
+    mixed = build(load_model(zoo_dir("gemma3"), dtype="float32", device="cpu"), num_kv_blocks=6, max_num_batched_tokens=37)
+    with pytest.raises(InvalidRequestError, match="the whole cache holds 96"):
+        run_engine(mixed, [prompt], "long", lambda _: 40)
