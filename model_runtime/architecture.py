@@ -32,7 +32,7 @@ import torch
 from transformers import AttentionInterface, PreTrainedModel
 
 from model_runtime.architecture_probe import prove_parity, probe_sequences
-from model_runtime.attention import ATTENTION_NAME, CONTEXT_KWARG, paged_attention_forward
+from model_runtime.attention import ATTENTION_NAME, CONTEXT_KWARG, install_step_slot, paged_attention_forward
 from model_runtime.kv_cache import CacheShape, LayerKV
 
 # What tokenstep's attention does with each kwarg transformers' models pass:
@@ -101,6 +101,7 @@ class AttentionCall:
     key_shape: tuple[int, ...]  # [1, kv_heads, T, head_dim]
     value_shape: tuple[int, ...]  # [1, kv_heads, T, value_head_dim]
     kv_storage: tuple[int, int]  # where the key and value tensors' data live: a layer handed another's (KV sharing) repeats them
+    module: torch.nn.Module  # the attention module (a slot goes there when the kwargs do not come through)
 
 
 def check_decoder(model: PreTrainedModel) -> AttentionLayout:
@@ -110,7 +111,12 @@ def check_decoder(model: PreTrainedModel) -> AttentionLayout:
     config = model.config.get_text_config(decoder=True)
     refuse = _refuser(config)
     _check_config(config, refuse)
-    layout = _layout(_record(model, probe_sequences(model)[0], refuse), config, model.dtype, refuse)
+    calls = _record(model, probe_sequences(model)[0], refuse)
+    layout = _layout(calls, config, model.dtype, refuse)
+    if any(CONTEXT_KWARG not in call.kwargs for call in calls):
+        # Its decoder layers drop the forward's kwargs (Falcon, StableLM,
+        # Nemotron): the step reaches attention through a slot instead.
+        install_step_slot(model, [call.module for call in calls])
     prove_parity(model, layout.cache_shape, layout.sliding_windows, refuse)
     return layout
 
@@ -126,6 +132,8 @@ def _check_config(config: object, refuse: Callable[[str], UnsupportedModelError]
             raise refuse(_LAYER_TYPE_NAMES.get(layer_type, f"layers of type {layer_type!r}"))
     if getattr(config, "attention_chunk_size", None):
         raise refuse(_LAYER_TYPE_NAMES["chunked_attention"])
+    if getattr(config, "alibi", False) is True or getattr(getattr(config, "attn_config", None), "alibi", False) is True:
+        raise refuse("ALiBi position biases (added to the attention scores through the model's own mask)")
     if getattr(config, "is_causal", True) is False or getattr(config, "use_bidirectional_attention", False):
         raise refuse("bidirectional attention (tokenstep serves causal language models)")
 
@@ -151,7 +159,7 @@ def _record(model: PreTrainedModel, token_ids: list[int], refuse: Callable[[str]
         is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
         calls.append(AttentionCall(
             getattr(module, "layer_idx", None), dict(kwargs, scaling=scaling), attention_mask is not None, bool(is_causal),
-            tuple(query.shape), tuple(key.shape), tuple(value.shape), (key.data_ptr(), value.data_ptr()),
+            tuple(query.shape), tuple(key.shape), tuple(value.shape), (key.data_ptr(), value.data_ptr()), module,
         ))
         return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1]), None  # [1, T, heads, value_head_dim]
 
@@ -170,8 +178,6 @@ def _layout(calls: list[AttentionCall], config: object, dtype: torch.dtype, refu
     num_layers = config.num_hidden_layers
     if not calls:
         raise refuse("its layers never call an attention function through transformers' AttentionInterface")
-    if any(CONTEXT_KWARG not in call.kwargs for call in calls):
-        raise refuse("its decoder layers do not pass the forward's keyword arguments on to attention, so tokenstep's step never reaches it")
     layers = [call.layer for call in calls]
     if None in layers:
         raise refuse("its attention modules have no layer_idx")

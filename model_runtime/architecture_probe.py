@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 import torch
 from transformers import PreTrainedModel
 
-from model_runtime.attention import ATTENTION_NAME, CONTEXT_KWARG, decode_kernel_runs
+from model_runtime.attention import ATTENTION_NAME, decode_kernel_runs, step_forward
 from model_runtime.kv_cache import CacheShape, PagedKVCache
 from model_runtime.step_context import SequenceChunk, build_step
 from model_runtime.step_graph import pack
@@ -129,7 +129,7 @@ def _paged_logits(model: PreTrainedModel, sequences: list[list[int]], cache_shap
             if is_native:
                 context.metadata = pack(context)
             every_row = torch.arange(input_ids.shape[1], device=device)  # rows as a tensor, as the runner keeps them
-            logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False, logits_to_keep=every_row, **{CONTEXT_KWARG: context}).logits[0]
+            logits = step_forward(model, input_ids, position_ids, context, every_row)[0]
             for (index, _), chunk_logits in zip(spans, logits.float().split([len(chunk.token_ids) for chunk in chunks])):
                 rows[index].append(chunk_logits)
     return torch.cat([row for sequence_rows in rows for row in sequence_rows])

@@ -38,6 +38,39 @@ from model_runtime.step_context import PrefillSpan, StepContext
 
 ATTENTION_NAME = "tokenstep_paged"
 CONTEXT_KWARG = "tokenstep_context"
+SLOT_ATTRIBUTE = "tokenstep_step_slot"
+
+
+class StepSlot:
+    """Where a step's context waits for the attention of a model whose
+    decoder layers drop the forward's kwargs (Falcon, StableLM, Nemotron):
+    the load-time check gives such a model one, on the model and on each
+    attention module; ``step_forward`` fills it for the forward's duration."""
+
+    __slots__ = ("context",)
+
+    def __init__(self) -> None:
+        self.context: object | None = None
+
+
+def install_step_slot(model: torch.nn.Module, attention_modules: list[torch.nn.Module]) -> None:
+    slot = StepSlot()
+    for owner in (model, *attention_modules):
+        setattr(owner, SLOT_ATTRIBUTE, slot)
+
+
+def step_forward(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor, context: object, rows: torch.Tensor) -> torch.Tensor:
+    """The model's own forward over one step (``input_ids`` ``[1, T]``):
+    logits ``[1, R, vocab]`` at ``rows`` ``[R]``, the context reaching
+    attention through the forward's kwargs (and the model's slot, if it has one)."""
+    slot = getattr(model, SLOT_ATTRIBUTE, None)
+    if slot is not None:
+        slot.context = context
+    try:
+        return model(input_ids=input_ids, position_ids=position_ids, use_cache=False, logits_to_keep=rows, **{CONTEXT_KWARG: context}).logits
+    finally:
+        if slot is not None:
+            slot.context = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +118,7 @@ def paged_attention_forward(
 
     A compiled forward (``model_runtime.step_graph``) passes its own context,
     which routes this layer through one opaque op that ends in ``attend``."""
-    context = kwargs[CONTEXT_KWARG]
+    context = kwargs[CONTEXT_KWARG] if CONTEXT_KWARG in kwargs else getattr(module, SLOT_ATTRIBUTE).context
     layer = module.layer_idx
     features = LayerFeatures.from_kwargs(kwargs, scaling, query.shape[-1])
     if not isinstance(context, StepContext):

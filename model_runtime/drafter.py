@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model_runtime.attention import CONTEXT_KWARG, decode_kernel_runs
+from model_runtime.attention import decode_kernel_runs, step_forward
 from model_runtime.kv_cache import PagedKVCache
 from model_runtime.loader import LoadedModel
 from model_runtime.step_context import SequenceChunk, StepContext, build_step
@@ -83,6 +83,5 @@ class DraftModel:
 
     def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, context: StepContext, rows: torch.Tensor) -> torch.Tensor:
         """Logits ``[1, len(rows), vocab]`` at the step's ``rows`` (a tensor, as the runner keeps them)."""
-        output = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False, logits_to_keep=rows, **{CONTEXT_KWARG: context})
-        return output.logits
+        return step_forward(self.model, input_ids, position_ids, context, rows)
 

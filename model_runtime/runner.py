@@ -29,7 +29,7 @@ import torch
 
 from batching.messages import PromptLogprobs, RunnerOutput, SampledToken, ScheduledChunk, SchedulerOutput
 from batching.runner_state import RunnerRequest, RunnerRequests
-from model_runtime.attention import CONTEXT_KWARG, decode_kernel_runs
+from model_runtime.attention import SLOT_ATTRIBUTE, decode_kernel_runs, step_forward
 from model_runtime.drafter import DraftModel, Lookahead
 from model_runtime.encoder_decoder import CrossContext, EncoderDecoderStep, cache_shape, cross_context
 from model_runtime.kv_cache import CacheShape, PagedKVCache
@@ -86,6 +86,9 @@ class ModelRunner:
         self.requests = RunnerRequests()
         if compile_max_tokens and self.encoder_decoder is not None:
             logger.warning("--compile: the step forward of encoder-decoder models is not compiled; running it eagerly")
+            compile_max_tokens = None
+        if compile_max_tokens and hasattr(self.model, SLOT_ATTRIBUTE):
+            logger.warning("--compile: this model's decoder layers drop the forward's kwargs (its attention reads the step from a slot); running it eagerly")
             compile_max_tokens = None
         self.compiled = self._compile(compile_max_tokens) if compile_max_tokens else None
         draft_bytes = self.drafter.kv_cache.kv_cache_bytes if self.drafter else 0
@@ -272,7 +275,7 @@ class ModelRunner:
         if self.compiled is not None:
             logits = self.compiled(input_ids, position_ids, context, keep)
         else:
-            logits = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False, logits_to_keep=keep, **{CONTEXT_KWARG: context}).logits
+            logits = step_forward(self.model, input_ids, position_ids, context, keep)
         return logits[0] if logits_rows is not None else None  # [S, vocab]
 
     def _prepare(self, scheduled: list[tuple[ScheduledChunk, RunnerRequest]]) -> tuple[torch.Tensor, torch.Tensor, StepContext]:

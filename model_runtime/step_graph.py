@@ -186,8 +186,7 @@ class CompiledForward:
 
 
 def _step_forward(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor, logits_rows: torch.Tensor, context: GraphStepContext) -> torch.Tensor:
-    output = model(input_ids=input_ids, position_ids=position_ids, use_cache=False, logits_to_keep=logits_rows, **{CONTEXT_KWARG: context})
-    return output.logits
+    return model(input_ids=input_ids, position_ids=position_ids, use_cache=False, logits_to_keep=logits_rows, **{CONTEXT_KWARG: context}).logits
 
 
 # Dynamo keeps its graphs on the code object it traced, and the guards a

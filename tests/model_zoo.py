@@ -64,10 +64,13 @@ ZOO: dict[str, ZooModel] = {
     # Its config keeps a stray num_key_value_heads=2 that the model ignores (it has 4 KV heads):
     # the cache is shaped by what the layers hand attention, not by the config.
     "gpt-neox": ZooModel("gpt_neox", drop=("head_dim",)),
-    "falcon": ZooModel(
-        "falcon", dict(new_decoder_architecture=True, num_kv_heads=2), drop=("num_key_value_heads", "head_dim", "intermediate_size"),
-        refused="do not pass the forward's keyword arguments on to attention",
+    # Falcon's decoder layers drop the forward's kwargs: the step reaches attention through a slot.
+    "falcon": ZooModel("falcon", dict(new_decoder_architecture=True, num_kv_heads=2), drop=("num_key_value_heads", "head_dim", "intermediate_size")),
+    "falcon-alibi": ZooModel(
+        "falcon", dict(alibi=True, new_decoder_architecture=False, multi_query=False), drop=("num_key_value_heads", "head_dim", "intermediate_size"),
+        refused="ALiBi position biases",
     ),
+    "stablelm": ZooModel("stablelm"),
     "phi": ZooModel("phi", drop=("head_dim",)),
     "gpt2": ZooModel("gpt2", dict(n_embd=64, n_layer=2, n_head=4, n_positions=1024), drop=tuple(k for k in TINY_DECODER if k not in ("vocab_size", "bos_token_id", "eos_token_id", "initializer_range"))),
     "cohere": ZooModel("cohere"),

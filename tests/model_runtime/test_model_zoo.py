@@ -16,7 +16,7 @@ import pytest
 
 from batching.errors import InvalidRequestError
 from model_runtime.architecture import UnsupportedModelError
-from model_runtime.attention import ATTENTION_NAME, LayerFeatures
+from model_runtime.attention import ATTENTION_NAME, SLOT_ATTRIBUTE, LayerFeatures
 from model_runtime.engine_factory import EngineConfig, build_engine_core
 from model_runtime.loader import load_model
 from tests.model_runtime.test_parity import build, generate_outputs, reference_outputs, repetitive_prompts, run_engine
@@ -149,3 +149,16 @@ def test_a_model_that_slides_everywhere_serves_a_request_longer_than_its_pool(zo
     mixed = build(load_model(zoo_dir("gemma3"), dtype="float32", device="cpu"), num_kv_blocks=6, max_num_batched_tokens=37)
     with pytest.raises(InvalidRequestError, match="the whole cache holds 96"):
         run_engine(mixed, [prompt], "long", lambda _: 40)
+
+
+def test_a_model_whose_layers_drop_the_kwargs_is_served_through_a_slot_and_not_compiled(zoo_dir, caplog):
+    """Falcon's decoder layers call attention without the forward's kwargs:
+    the step's context reaches it through the slot the load check installs
+    (the matrix proves the tokens); --compile then runs eagerly, saying so."""
+    loaded = load_model(zoo_dir("falcon"), dtype="float32", device="cpu")
+    assert hasattr(loaded.model, SLOT_ATTRIBUTE)
+    assert not hasattr(load_model(zoo_dir("llama"), dtype="float32", device="cpu").model, SLOT_ATTRIBUTE)
+    with caplog.at_level("WARNING"):
+        core = build(loaded, num_kv_blocks=8, compile=True)
+    assert core.runner.compiled is None and "running it eagerly" in caplog.text
+    assert getattr(loaded.model, SLOT_ATTRIBUTE).context is None  # filled only during a forward
