@@ -61,7 +61,7 @@ def test_refused_at_load_naming_the_feature(name: str, zoo_dir):
 FEATURED = ["mistral-sliding", "gemma2", "gpt-oss"]
 
 
-@pytest.mark.parametrize("name", FEATURED)
+@pytest.mark.parametrize("name", ["gemma2", "gpt-oss"])  # windows on both; soft-capping, sinks (each compile costs ~10 s)
 def test_compiled_graph_honours_the_features(name: str, zoo_dir):
     model_dir = zoo_dir(name)
     loaded = load_model(model_dir, dtype="float32", device="cpu")
@@ -110,8 +110,16 @@ def test_int8_weights_keep_the_features(name: str, zoo_dir):
     assert run_engine(build(loaded, num_kv_blocks=14, max_num_batched_tokens=37), prompts, "int8", max_tokens_of) == expected
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize(("name", "kwarg"), [("mistral-sliding", "sliding_window"), ("gemma2", "softcap"), ("gpt-oss", "s_aux"), ("gpt-oss", "sliding_window")])
+@pytest.mark.parametrize(
+    ("name", "kwarg", "dtype"),
+    [
+        ("mistral-sliding", "sliding_window", "float32"),
+        ("gemma2", "softcap", "float32"),
+        ("gpt-oss", "s_aux", "float32"),
+        ("gpt-oss", "s_aux", "bfloat16"),
+        ("gpt-oss", "sliding_window", "bfloat16"),
+    ],
+)
 def test_the_load_check_refuses_a_feature_left_out(name: str, kwarg: str, dtype: str, zoo_dir, monkeypatch):
     """The load-time check is what stands between a model and wrong answers
     (and the only check of bfloat16, whose greedy text may differ from
