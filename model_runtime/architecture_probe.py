@@ -15,6 +15,7 @@ It costs ten forwards of a few tokens each (twenty where something slides).
 """
 
 import contextlib
+import inspect
 import logging
 from collections.abc import Callable, Iterator
 
@@ -91,6 +92,8 @@ def _reference_logits(model: PreTrainedModel, sequences: list[list[int]]) -> tor
     it, through the model's own eager attention and cache: a prefill of all
     but its last ``PROBE_DECODE_STEPS`` tokens, then one token at a time."""
     device = next(model.parameters()).device
+    # transformers 5.2x renames the forward's past_key_values to cache (the old name warns).
+    cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     rows = []
     model.set_attn_implementation("eager")
     try:
@@ -101,7 +104,7 @@ def _reference_logits(model: PreTrainedModel, sequences: list[list[int]]) -> tor
                 output = model(input_ids=input_ids[:, :head], use_cache=True)
                 rows.append(output.logits[0])
                 for position in range(head, len(tokens)):
-                    output = model(input_ids=input_ids[:, position : position + 1], past_key_values=output.past_key_values, use_cache=True)
+                    output = model(input_ids=input_ids[:, position : position + 1], use_cache=True, **{cache_kwarg: output.past_key_values})
                     rows.append(output.logits[0])
     finally:
         model.set_attn_implementation(ATTENTION_NAME)
