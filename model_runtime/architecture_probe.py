@@ -74,7 +74,10 @@ def _probe(model: PreTrainedModel, sequences: list[list[int]], cache_shape: Cach
     ``PROBE_OUTLIER_ROWS`` rows differ (every path of the steps covers more
     rows than that; a mixture of experts in bfloat16 may route a token or
     two differently)."""
-    reference = _reference_logits(model, sequences)  # [rows, vocab]
+    try:
+        reference = _reference_logits(model, sequences)  # [rows, vocab]
+    except Exception as error:
+        raise refuse(f"its own eager forward with a cache fails{condition}, so there is nothing to prove tokenstep's steps against ({type(error).__name__}: {error})") from error
     try:
         paged = _paged_logits(model, sequences, cache_shape)
     except Exception as error:

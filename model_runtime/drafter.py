@@ -26,7 +26,7 @@ import torch
 from model_runtime.attention import decode_kernel_runs, step_forward
 from model_runtime.kv_cache import PagedKVCache
 from model_runtime.loader import LoadedModel
-from model_runtime.step_context import SequenceChunk, StepContext, build_step
+from model_runtime.step_context import SequenceChunk, StepContext, build_step, context_mask
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +75,16 @@ class DraftModel:
         return drafts
 
     def _own(self, context: StepContext) -> StepContext:
-        return dataclasses.replace(context, key_caches=self.kv_cache.key_caches, value_caches=self.kv_cache.value_caches)
+        """The target's step over the draft model's caches. Where the target's
+        attention runs in the C++ kernels and the draft's cannot (a head size
+        the kernel does not take), the draft's decode rows get the SDPA mask."""
+        own = dataclasses.replace(context, key_caches=self.kv_cache.key_caches, value_caches=self.kv_cache.value_caches)
+        if context.metadata is not None and not self.decode_kernel:
+            mask = None
+            if context.num_decode_tokens:
+                mask = context_mask(context.decode_context_lens, context.decode_block_tables.shape[1] * self.block_size)
+            own = dataclasses.replace(own, metadata=None, decode_context_mask=mask)
+        return own
 
     def _decode_context(self, block_tables: list[list[int]], positions: list[int], token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, StepContext]:
         chunks = [SequenceChunk([token_id], position, block_ids) for token_id, position, block_ids in zip(token_ids, positions, block_tables)]

@@ -41,6 +41,8 @@ class ZooModel:
 
 ZOO: dict[str, ZooModel] = {
     "llama": ZooModel("llama"),
+    # A head size the C++ decode kernel does not take (a multiple of 16): the Python paths in float32.
+    "llama-head-24": ZooModel("llama", dict(hidden_size=48, num_attention_heads=2, num_key_value_heads=1, head_dim=24)),
     "qwen2": ZooModel("qwen2"),
     "qwen2-sliding": ZooModel("qwen2", dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=0)),
     "qwen3": ZooModel("qwen3"),

@@ -17,7 +17,7 @@ import pytest
 from batching.errors import InvalidRequestError
 from model_runtime.architecture import UnsupportedModelError
 from model_runtime.attention import ATTENTION_NAME, SLOT_ATTRIBUTE, LayerFeatures
-from model_runtime.engine_factory import EngineConfig, build_engine_core
+from model_runtime.engine_factory import EngineConfig, build_engine_core, kv_window
 from model_runtime.loader import load_model
 from tests.model_runtime.test_parity import build, generate_outputs, reference_outputs, repetitive_prompts, run_engine
 from tests.model_zoo import WINDOW, ZOO
@@ -170,3 +170,40 @@ def test_a_model_whose_layers_drop_the_kwargs_is_served_through_a_slot_and_not_c
         core = build(loaded, num_kv_blocks=8, compile=True)
     assert core.runner.compiled is None and "running it eagerly" in caplog.text
     assert getattr(loaded.model, SLOT_ATTRIBUTE).context is None  # filled only during a forward
+
+
+def test_a_draft_model_the_kernel_does_not_take_beside_a_target_it_does(zoo_dir):
+    """The target's steps run in the C++ kernels; the draft model's head size
+    (24) does not fit them: it mirrors those steps through the Python paths."""
+    target, draft = (load_model(zoo_dir(name), dtype="float32", device="cpu") for name in ("llama", "llama-head-24"))
+    prompts = zoo_prompts(seed=16)
+    core = build_engine_core(EngineConfig(model="unused", num_kv_blocks=64, max_num_batched_tokens=64, num_speculative_tokens=3), target, draft)
+    assert core.runner.decode_kernel and not core.runner.drafter.decode_kernel
+    assert run_engine(core, prompts, "draft", max_tokens_of) == reference_outputs(zoo_dir("llama"), prompts, max_tokens_of)
+    assert core.scheduler.num_draft_tokens > 0
+
+
+def test_blocks_drop_only_where_the_model_and_its_draft_both_slide_everywhere(zoo_dir):
+    sliding, mixed, full = (load_model(zoo_dir(name), dtype="float32", device="cpu") for name in ("mistral-sliding", "gemma3", "llama"))
+    assert kv_window(sliding) == WINDOW and kv_window(sliding, sliding) == WINDOW
+    assert kv_window(mixed) is None and kv_window(full) is None and kv_window(sliding, full) is None
+
+
+@pytest.mark.parametrize(("window", "served"), [(WINDOW, False), (1024, True)])
+def test_a_window_only_the_config_states_is_proven_or_refused(window: int, served: bool, zoo_dir, tmp_path):
+    """A Llama whose config carries a sliding_window its attention never
+    receives: generate's cache applies it, tokenstep would not, so a window
+    shorter than the context is refused; one as long as the context (1024,
+    as Phi-3.5-MoE's 131072 is) never bites and is served."""
+    import json
+    import shutil
+
+    model_dir = tmp_path / "llama-stray-window"
+    shutil.copytree(zoo_dir("llama"), model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps(config | {"sliding_window": window}))
+    if served:
+        assert load_model(model_dir, dtype="float32", device="cpu").attention.kv_window is None
+    else:
+        with pytest.raises(UnsupportedModelError, match="sliding windows shrunk"):
+            load_model(model_dir, dtype="float32", device="cpu")
