@@ -95,7 +95,8 @@ def _reference_logits(model: PreTrainedModel, sequences: list[list[int]]) -> tor
     it, through the model's own eager attention and cache: a prefill of all
     but its last ``PROBE_DECODE_STEPS`` tokens, then one token at a time."""
     device = next(model.parameters()).device
-    # transformers 5.2x renames the forward's past_key_values to cache (the old name warns).
+    # transformers 5.2x renames the forward's past_key_values to cache, in the
+    # output too (either old name warns).
     cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     rows = []
     model.set_attn_implementation("eager")
@@ -107,7 +108,7 @@ def _reference_logits(model: PreTrainedModel, sequences: list[list[int]]) -> tor
                 output = model(input_ids=input_ids[:, :head], use_cache=True)
                 rows.append(output.logits[0])
                 for position in range(head, len(tokens)):
-                    output = model(input_ids=input_ids[:, position : position + 1], use_cache=True, **{cache_kwarg: output.past_key_values})
+                    output = model(input_ids=input_ids[:, position : position + 1], use_cache=True, **{cache_kwarg: getattr(output, cache_kwarg)})
                     rows.append(output.logits[0])
     finally:
         model.set_attn_implementation(ATTENTION_NAME)

@@ -182,10 +182,17 @@ log "model $model streamed $chunks chunks: The capital of France is$text"
 phase_done stream
 
 log "the playground and the dashboard ship in the image"
-curl -sf "http://127.0.0.1:$PORT/" | grep -q 'id="chat-form"' || fail "GET / did not serve the playground"
-curl -sf "http://127.0.0.1:$PORT/dashboard" | grep -q 'id="block-map"' || fail "GET /dashboard did not serve the dashboard"
-curl -sf "http://127.0.0.1:$PORT/static/playground.js" | grep -q 'renderMarkdown' || fail "the pages' scripts are missing from the image"
-curl -sf "http://127.0.0.1:$PORT/stats" | "$PYTHON" -c "import json, sys; assert json.load(sys.stdin)['kv']['blocks'] > 0" || fail "GET /stats did not answer"
+# Each page is saved whole before it is searched: `curl | grep -q` under
+# pipefail fails at random (grep exits at the first match, curl's next write
+# gets EPIPE and curl exits 23), which once failed CI with every page served.
+page() {  # page PATH: the body of GET PATH, saved to $WORK/page
+    curl -sf -m 10 -o "$WORK/page" "http://127.0.0.1:$PORT$1" || fail "GET $1 did not answer 200"
+}
+page / && grep -q 'id="chat-form"' "$WORK/page" || fail "GET / did not serve the playground"
+page /dashboard && grep -q 'id="block-map"' "$WORK/page" || fail "GET /dashboard did not serve the dashboard"
+page /static/playground.js && grep -q 'renderMarkdown' "$WORK/page" || fail "the pages' scripts are missing from the image"
+page /stats && "$PYTHON" -c "import json, sys; assert json.load(open(sys.argv[1]))['kv']['blocks'] > 0" "$WORK/page" \
+    || fail "GET /stats did not report the KV cache"
 phase_done pages
 
 if [ -z "${DOCKER_CHECK_KEEP:-}" ]; then

@@ -11,8 +11,11 @@ check, in float32 and bfloat16, is shown to refuse each of them left out.
 Refused: ``load_model`` raises ``UnsupportedModelError`` naming the feature.
 """
 
+import logging
 import random
+
 import pytest
+import transformers.utils.logging as hf_logging
 
 from batching.errors import InvalidRequestError
 from model_runtime.architecture import UnsupportedModelError
@@ -207,3 +210,13 @@ def test_a_window_only_the_config_states_is_proven_or_refused(window: int, serve
     else:
         with pytest.raises(UnsupportedModelError, match="sliding windows shrunk"):
             load_model(model_dir, dtype="float32", device="cpu")
+
+
+def test_loading_a_model_logs_no_transformers_warning(zoo_dir, caplog, monkeypatch):
+    """The load check's reference forward passes and reads the cache under the
+    names this transformers gives them: an old name warned at every start."""
+    monkeypatch.setattr(logging.getLogger("transformers"), "propagate", True)
+    hf_logging.warning_once.cache_clear()
+    with caplog.at_level("WARNING", logger="transformers"):
+        load_model(zoo_dir("llama"), dtype="float32", device="cpu")
+    assert [record.getMessage() for record in caplog.records if record.name.startswith("transformers")] == []
