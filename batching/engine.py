@@ -118,15 +118,27 @@ class DynamicBatcher:
         """``stats()`` and what a live view draws: every request's row (running
         first), the block map and the steps of the last ``STEP_HISTORY_S``."""
         scheduler = self.core.scheduler
-        rows = [self._row(request, "prefill" if request.num_computed_tokens < request.num_tokens - 1 else "decoding") for request in scheduler.running]
-        rows += [self._row(request, "preempted" if request.status == RequestStatus.PREEMPTED else "waiting") for request in scheduler.waiting]
+        rows = [
+            self._row(request, "prefill" if request.num_computed_tokens < request.num_tokens - 1 else "decoding")
+            for request in scheduler.running
+        ]
+        rows += [
+            self._row(request, "preempted" if request.status == RequestStatus.PREEMPTED else "waiting") for request in scheduler.waiting
+        ]
         since = time.monotonic() - STEP_HISTORY_S
         steps = [step for step in self._steps if step.end_time >= since]
         return EngineView(self.stats(), rows, scheduler.block_manager.block_map(BLOCK_FREE, BLOCK_CACHED, BLOCK_USED), steps)
 
     @staticmethod
     def _row(request: Request, state: str) -> RequestRow:
-        return RequestRow(request.request_id, state, request.num_prompt_tokens + request.num_encoder_tokens, request.num_output_tokens, request.num_computed_tokens, len(request.block_ids) + len(request.cross_block_ids))
+        return RequestRow(
+            request.request_id,
+            state,
+            request.num_prompt_tokens + request.num_encoder_tokens,
+            request.num_output_tokens,
+            request.num_computed_tokens,
+            len(request.block_ids) + len(request.cross_block_ids),
+        )
 
     async def start(self, model_thread: ThreadPoolExecutor | None = None) -> None:
         """Start the loop. Pass ``model_thread`` (one worker) to step the model
@@ -182,7 +194,9 @@ class DynamicBatcher:
             )
         num_free_seqs = max(max_num_seqs - len(self.core.scheduler.running), 0)
         if self.num_waiting + num_requests - num_free_seqs > self.max_queue_len:
-            raise QueueFullError(f"the server is overloaded: {self.num_waiting} requests are waiting and the queue holds {self.max_queue_len}; retry later")
+            raise QueueFullError(
+                f"the server is overloaded: {self.num_waiting} requests are waiting and the queue holds {self.max_queue_len}; retry later"
+            )
 
     async def drain(self, timeout_s: float) -> int:
         """Stop admitting, let in-flight requests finish for up to ``timeout_s``
@@ -199,7 +213,9 @@ class DynamicBatcher:
         self._fail_all("the server is shutting down", status=503)
         return num_unfinished
 
-    async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+    async def generate(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
         """Admit a request and return its stream of deltas.
 
         Validation errors (``InvalidRequestError``) are raised here, before
@@ -281,13 +297,24 @@ class DynamicBatcher:
         self.step_seconds_total += ended - started
         generated_before = self.core.num_generation_tokens_total
         self._publish(self.core.process(scheduler_output, runner_output))
-        self._steps.append(StepRecord(time.monotonic(), scheduler_output.num_batched_tokens, self.core.num_generation_tokens_total - generated_before, ended - started))
+        self._steps.append(
+            StepRecord(
+                time.monotonic(),
+                scheduler_output.num_batched_tokens,
+                self.core.num_generation_tokens_total - generated_before,
+                ended - started,
+            )
+        )
 
     def _fail_all(self, message: str, status: int) -> None:
         """End every open stream with an error output now; the requests are
         aborted (blocks freed) at the start of the next iteration."""
         for request_id, stream in self._streams.items():
-            stream.put_nowait(RequestOutput(request_id, [], "", finish_reason=RequestStatus.FINISHED_ERROR.finish_reason, error=message, error_status=status))
+            stream.put_nowait(
+                RequestOutput(
+                    request_id, [], "", finish_reason=RequestStatus.FINISHED_ERROR.finish_reason, error=message, error_status=status
+                )
+            )
             self._aborts.add(request_id)
         self._streams.clear()
         self._wakeup.set()

@@ -32,7 +32,16 @@ class Runner(Protocol):
 class EngineCore:
     """Scheduler + runner + text processing, with no threads and no asyncio."""
 
-    def __init__(self, scheduler: Scheduler, runner: Runner, tokenizer: Any, eos_token_ids: tuple[int, ...] = (), vocab_size: int | None = None, max_model_len: int | None = None, encoder_decoder: EncoderDecoderPrompts | None = None) -> None:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        runner: Runner,
+        tokenizer: Any,
+        eos_token_ids: tuple[int, ...] = (),
+        vocab_size: int | None = None,
+        max_model_len: int | None = None,
+        encoder_decoder: EncoderDecoderPrompts | None = None,
+    ) -> None:
         self.scheduler = scheduler
         # Set for encoder-decoder models: prompts are sources (``EncoderDecoderPrompts``).
         self.encoder_decoder = encoder_decoder
@@ -76,10 +85,21 @@ class EngineCore:
         """The prompt is the encoder's source; the decoder starts from its own prompt."""
         prompts = self.encoder_decoder
         if len(source_token_ids) > prompts.max_source_tokens:
-            raise InvalidRequestError(f"This model's encoder reads at most {prompts.max_source_tokens} tokens, but the prompt has {len(source_token_ids)}. Please shorten the prompt.", param="prompt", code="context_length_exceeded")
+            raise InvalidRequestError(
+                f"This model's encoder reads at most {prompts.max_source_tokens} tokens, but the prompt has "
+                f"{len(source_token_ids)}. Please shorten the prompt.",
+                param="prompt",
+                code="context_length_exceeded",
+            )
         if params.prompt_logprobs is not None:
-            raise InvalidRequestError("prompt logprobs are not defined for an encoder-decoder model: the prompt is its encoder's input, which it does not predict", param="prompt_logprobs")
-        return Request(request_id, list(prompts.decoder_prompt_token_ids), params, eos_token_id=eos, encoder_token_ids=list(source_token_ids))
+            raise InvalidRequestError(
+                "prompt logprobs are not defined for an encoder-decoder model: the prompt is its encoder's input, "
+                "which it does not predict",
+                param="prompt_logprobs",
+            )
+        return Request(
+            request_id, list(prompts.decoder_prompt_token_ids), params, eos_token_id=eos, encoder_token_ids=list(source_token_ids)
+        )
 
     @property
     def grammar_compiler(self) -> GrammarCompiler:
@@ -126,7 +146,7 @@ class EngineCore:
         for update in updates:
             grouped.setdefault(update.request.request_id, []).append(update)
         outputs: list[RequestOutput] = []
-        for request_id, group in grouped.items():
+        for group in grouped.values():
             request = group[0].request
             if request.detokenizer is None:  # its text was already final
                 continue

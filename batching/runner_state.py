@@ -82,7 +82,15 @@ class RunnerRequests:
     def _apply_chunk(self, chunk: ScheduledChunk) -> RunnerRequest:
         new = chunk.new_request
         if new is not None:
-            request = RunnerRequest(chunk.request_id, new.prompt_token_ids, list(new.output_token_ids), new.sampling_params, new.eos_token_id, encoder_token_ids=new.encoder_token_ids, cross_block_ids=list(new.cross_block_ids))
+            request = RunnerRequest(
+                chunk.request_id,
+                new.prompt_token_ids,
+                list(new.output_token_ids),
+                new.sampling_params,
+                new.eos_token_id,
+                encoder_token_ids=new.encoder_token_ids,
+                cross_block_ids=list(new.cross_block_ids),
+            )
             self._requests[chunk.request_id] = request
         else:
             request = self._requests.get(chunk.request_id)

@@ -27,13 +27,21 @@ from dataclasses import dataclass
 
 from batching.block_manager import BlockManager
 from batching.errors import InvalidRequestError
-from batching.messages import NO_SPECULATION, NewRequestData, RunnerOutput, SampledToken, ScheduledChunk, SchedulerOutput, SpeculationPlan, TokenLogprobs
+from batching.messages import (
+    NO_SPECULATION,
+    NewRequestData,
+    RunnerOutput,
+    SampledToken,
+    ScheduledChunk,
+    SchedulerOutput,
+    SpeculationPlan,
+    TokenLogprobs,
+)
 from batching.policies import ADMISSION_POLICIES, PREEMPTION_POLICIES
 from batching.request import Request, RequestStatus
 from batching.scheduler_config import SchedulerConfig
 from batching.speculative import DraftModelProposer, NgramProposer, Proposer, can_speculate
 from batching.stop import StopDecision, check_token_stop
-
 
 PROPOSERS: dict[str, type[Proposer]] = {"ngram": NgramProposer, "draft_model": DraftModelProposer}
 
@@ -82,7 +90,9 @@ class Scheduler:
     def check_fits(self, request: Request) -> None:
         """Raise ``InvalidRequestError`` if the request could never fit the cache alone."""
         manager = self.block_manager
-        needed = manager.max_blocks_held(request.max_total_tokens, self.config.max_step_tokens) + manager.blocks_needed(request.num_encoder_tokens)
+        needed = manager.max_blocks_held(request.max_total_tokens, self.config.max_step_tokens) + manager.blocks_needed(
+            request.num_encoder_tokens
+        )
         if needed > manager.num_blocks:
             capacity = manager.num_blocks * manager.block_size
             source = f"a source of {request.num_encoder_tokens} tokens, " if request.encoder_token_ids is not None else ""
@@ -174,8 +184,18 @@ class Scheduler:
         self.running.append(request)
         return num_new
 
-    def _output(self, scheduled: list[tuple[Request, int, int]], plans: dict[str, SpeculationPlan], step_budget: int, token_budget: int, preempted: list[str]) -> SchedulerOutput:
-        chunks = [self._chunk(request, num_new, plans.get(request.request_id, NO_SPECULATION), num_sent) for request, num_new, num_sent in scheduled]
+    def _output(
+        self,
+        scheduled: list[tuple[Request, int, int]],
+        plans: dict[str, SpeculationPlan],
+        step_budget: int,
+        token_budget: int,
+        preempted: list[str],
+    ) -> SchedulerOutput:
+        chunks = [
+            self._chunk(request, num_new, plans.get(request.request_id, NO_SPECULATION), num_sent)
+            for request, num_new, num_sent in scheduled
+        ]
         finished, self.finished_request_ids = (self.finished_request_ids, []) if chunks else ([], self.finished_request_ids)
         return SchedulerOutput(
             chunks=chunks,
@@ -320,7 +340,14 @@ class Scheduler:
         end = start + num_new - len(draft)  # the request's own tokens; the drafts follow them
         new_request = None
         if num_sent_blocks == 0:
-            new_request = NewRequestData(request.prompt_token_ids, list(request.output_token_ids), request.sampling_params, request.eos_token_id, request.encoder_token_ids, list(request.cross_block_ids))
+            new_request = NewRequestData(
+                request.prompt_token_ids,
+                list(request.output_token_ids),
+                request.sampling_params,
+                request.eos_token_id,
+                request.encoder_token_ids,
+                list(request.cross_block_ids),
+            )
         return ScheduledChunk(
             request_id=request.request_id,
             new_token_ids=request.token_slice(start, end) + draft,

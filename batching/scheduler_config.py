@@ -6,7 +6,6 @@ read them here; nothing else states them).
 
 from dataclasses import dataclass
 
-
 # Default step token budgets. On 2 CPU cores a small budget keeps prefill chunks
 # from stalling decodes (same throughput at 16 in flight, a third of the ITL
 # p99 of 512), but with 64 in flight a fixed 128-token step leaves new prompts
@@ -57,7 +56,9 @@ class SchedulerConfig:
         return budget + self.max_num_seqs * self.num_speculative_tokens
 
     @classmethod
-    def for_device(cls, device_type: str, *, max_num_seqs: int = DEFAULT_MAX_NUM_SEQS, max_num_batched_tokens: int | None = None, **options: object) -> "SchedulerConfig":
+    def for_device(
+        cls, device_type: str, *, max_num_seqs: int = DEFAULT_MAX_NUM_SEQS, max_num_batched_tokens: int | None = None, **options: object
+    ) -> "SchedulerConfig":
         """The config with the step budget resolved for ``device_type``
         (``"cpu"``, ``"cuda"``): a given budget is fixed; otherwise CUDA gets
         ``CUDA_TOKEN_BUDGET`` and a CPU ``CPU_TOKEN_BUDGET`` growing by

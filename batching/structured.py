@@ -182,7 +182,9 @@ class GrammarCompiler:
         if self._ll_tokenizer is None:
             backend = getattr(self._hf_tokenizer, "backend_tokenizer", None)
             if backend is None:
-                raise InvalidRequestError("structured output needs a fast (Rust) tokenizer, and this model's is not one", param="response_format")
+                raise InvalidRequestError(
+                    "structured output needs a fast (Rust) tokenizer, and this model's is not one", param="response_format"
+                )
             backend = copy(backend)  # padding or truncation settings would leak into the grammar's view
             backend.no_padding()
             backend.no_truncation()

@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base-url", required=True, help="server root, e.g. http://127.0.0.1:8000 (a trailing /v1 is dropped)")
     parser.add_argument("--model", help="model name (default: the first id from GET /v1/models)")
     parser.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
-    parser.add_argument("--dataset", default="random", help="'random' or a JSONL file of {\"prompt\": text|ids, \"output_len\"?: int}")
+    parser.add_argument("--dataset", default="random", help='\'random\' or a JSONL file of {"prompt": text|ids, "output_len"?: int}')
     parser.add_argument("--input-len", type=int, default=128, help="random prompt length in tokens (default 128)")
     parser.add_argument("--output-len", type=int, default=128, help="max_tokens per request (default 128)")
     parser.add_argument("--num-prompts", type=int, default=64, help="requests per run (default 64)")
@@ -49,11 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ignore-eos", action="store_true", help="send ignore_eos: true so every request makes output-len tokens")
     parser.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY'")
     parser.add_argument("--extra-body", type=_json_object, help='JSON merged into request bodies, e.g. \'{"guided_choice": ["a", "b"]}\'')
-    parser.add_argument("--extra-body-fraction", type=float, default=1.0, help="share of requests (spread evenly) that get --extra-body (default 1)")
+    parser.add_argument(
+        "--extra-body-fraction", type=float, default=1.0, help="share of requests (spread evenly) that get --extra-body (default 1)"
+    )
     parser.add_argument("--result-json", type=Path, help="write metrics and config here (a list for a sweep)")
     parser.add_argument("--plot", type=Path, help="PNG: latency CDF (one run) or curves vs concurrency (sweep)")
     parser.add_argument("--label", default="", help="name of this server/config in the table, JSON and plot")
-    parser.add_argument("--max-duration", type=float, default=DEFAULT_MAX_DURATION_S, help="hard bound on the whole bench in s (default 1800)")
+    parser.add_argument(
+        "--max-duration", type=float, default=DEFAULT_MAX_DURATION_S, help="hard bound on the whole bench in s (default 1800)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     return parser
 
@@ -100,7 +104,9 @@ def with_extra_body(prompts: list[BenchPrompt], extra_body: dict[str, Any] | Non
     """Give ``extra_body`` to ``floor(len(prompts) * fraction)`` prompts, evenly spread."""
     if not extra_body:
         return prompts
-    return [dataclasses.replace(p, extra_body=extra_body) if int((i + 1) * fraction) > int(i * fraction) else p for i, p in enumerate(prompts)]
+    return [
+        dataclasses.replace(p, extra_body=extra_body) if int((i + 1) * fraction) > int(i * fraction) else p for i, p in enumerate(prompts)
+    ]
 
 
 def make_prompts(args: argparse.Namespace, probe: ServerProbe) -> tuple[list[BenchPrompt], str]:

@@ -158,7 +158,7 @@ def sse_data(line: str) -> str | None:
     """The payload of an SSE ``data:`` line; None for comments, events and blanks."""
     if not line.startswith("data:"):
         return None
-    return line[len("data:"):].strip()
+    return line[len("data:") :].strip()
 
 
 async def send_request(client: httpx.AsyncClient, target: Target, prompt: BenchPrompt) -> RequestResult:

@@ -77,7 +77,9 @@ def random_token_prompts(vocab_ids: list[int], num_prompts: int, input_len: int,
     return [BenchPrompt(rng.choices(vocab_ids, k=input_len), input_len, output_len) for _ in range(num_prompts)]
 
 
-def random_text_prompts(num_prompts: int, input_len: int, output_len: int, seed: int, tokens_per_word: float = DEFAULT_TOKENS_PER_WORD) -> list[BenchPrompt]:
+def random_text_prompts(
+    num_prompts: int, input_len: int, output_len: int, seed: int, tokens_per_word: float = DEFAULT_TOKENS_PER_WORD
+) -> list[BenchPrompt]:
     """``num_prompts`` texts of random words, about ``input_len`` tokens each."""
     rng = random.Random(seed)
     words = sample_words()
@@ -85,7 +87,9 @@ def random_text_prompts(num_prompts: int, input_len: int, output_len: int, seed:
     return [BenchPrompt(" ".join(rng.choices(words, k=num_words)), input_len, output_len) for _ in range(num_prompts)]
 
 
-def load_jsonl_prompts(path: Path, num_prompts: int, output_len: int, tokens_per_word: float = DEFAULT_TOKENS_PER_WORD) -> list[BenchPrompt]:
+def load_jsonl_prompts(
+    path: Path, num_prompts: int, output_len: int, tokens_per_word: float = DEFAULT_TOKENS_PER_WORD
+) -> list[BenchPrompt]:
     """Prompts from a JSONL file, one object per line, in file order.
 
     Each row needs ``"prompt"`` (text or a list of token ids) and may set

@@ -104,7 +104,10 @@ def format_run_table(run: BenchRun) -> str:
 
 def format_sweep_table(runs: list[BenchRun]) -> str:
     """One line per concurrency level: counts, throughputs and p50/p99 latencies."""
-    header = f"{'conc':>6} {'ok':>5} {'fail':>5} {'req/s':>8} {'out tok/s':>10} {'tot tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'E2E p50':>9}"
+    header = (
+        f"{'conc':>6} {'ok':>5} {'fail':>5} {'req/s':>8} {'out tok/s':>10} {'tot tok/s':>10} {'TTFT p50':>9} "
+        f"{'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'E2E p50':>9}"
+    )
     lines = [_title(" Concurrency sweep (latencies in ms) ", "="), header]
     for run in runs:
         m = run.metrics
@@ -148,7 +151,9 @@ def _plot_sweep(plt: Any, runs: list[BenchRun]) -> Any:
     ax_tput.set_ylabel("tokens / s")
     for axis, name, title in ((ax_ttft, "ttft", "TTFT"), (ax_itl, "itl", "ITL")):
         for pct, style in (("median_ms", "o-"), ("p90_ms", "s--"), ("p99_ms", "^:")):
-            axis.plot(levels, [getattr(getattr(r.metrics, name), pct) for r in runs], style, label=pct.replace("_ms", "").replace("median", "p50"))
+            axis.plot(
+                levels, [getattr(getattr(r.metrics, name), pct) for r in runs], style, label=pct.replace("_ms", "").replace("median", "p50")
+            )
         axis.set_title(f"{title} percentiles")
         axis.set_ylabel("ms")
     for axis in (ax_tput, ax_ttft, ax_itl):

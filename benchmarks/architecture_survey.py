@@ -30,6 +30,8 @@ PROMPT_LENGTHS = (1, 5, 23, 30, 60, 100)
 MAX_TOKENS = 16
 SLIDING_WINDOW = 24  # set where the config class has a sliding_window
 SURVEY_VOCAB_SIZE = 1024  # the tests' tiny shape (tests/tiny_models.py) with a smaller vocabulary
+
+
 def survey_one(model_type: str, work_dir: Path) -> str:
     """Build, load and compare one architecture (runs in the child)."""
     import torch
@@ -100,7 +102,14 @@ def main() -> None:
     for model_type in args.model_types or sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
         command = [sys.executable, __file__, "--child", model_type, "--work-dir", str(args.work_dir)]
         try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S, preexec_fn=_limit_memory, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+            done = subprocess.run(
+                command,
+                capture_output=True,
+                text=True,
+                timeout=TIMEOUT_S,
+                preexec_fn=_limit_memory,
+                env=dict(os.environ, HF_HUB_OFFLINE="1"),
+            )
             results = [line.removeprefix("RESULT ") for line in done.stdout.splitlines() if line.startswith("RESULT ")]
             result = results[-1] if results else f"crashed (exit {done.returncode})"
         except subprocess.TimeoutExpired:

@@ -1,6 +1,7 @@
 """How much a dtype changes the default model's predictions, against float32.
 
-    .venv/bin/python benchmarks/dtype_quality.py [--dtype bfloat16 | --quantization int8 [--float-lm-head] | --quantization gguf] [--activations int16|int8]
+    .venv/bin/python benchmarks/dtype_quality.py [--dtype bfloat16 | --quantization int8 [--float-lm-head]
+        | --quantization gguf] [--activations int16|int8]
 
 Greedy-generates 48 tokens for each prompt in float32, then scores those same
 sequences (prompt + generated) with the other dtype, teacher-forced, and
@@ -47,9 +48,21 @@ def chat_ids(tokenizer, prompt: str) -> torch.Tensor:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--quantization", choices=["int8", "gguf"], help="float32 activations with tokenstep's weight-only int8 linears (model_runtime/quantization.py), or the shipped GGUF's own Q4_1/Q8_0 blocks, instead of --dtype")
+    parser.add_argument(
+        "--quantization",
+        choices=["int8", "gguf"],
+        help=(
+            "float32 activations with tokenstep's weight-only int8 linears (model_runtime/quantization.py), or "
+            "the shipped GGUF's own Q4_1/Q8_0 blocks, instead of --dtype"
+        ),
+    )
     parser.add_argument("--float-lm-head", action="store_true", help="with --quantization int8: keep the LM head float32")
-    parser.add_argument("--activations", choices=["float32", "int16", "int8"], default="float32", help="int16/int8: the quantized linears quantize their inputs too (serve --activations)")
+    parser.add_argument(
+        "--activations",
+        choices=["float32", "int16", "int8"],
+        default="float32",
+        help="int16/int8: the quantized linears quantize their inputs too (serve --activations)",
+    )
     args = parser.parse_args()
     path = default_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -83,9 +96,15 @@ def main() -> None:
         same = (own == targets).tolist()
         departures.append(same.index(False) if False in same else NEW_TOKENS)
     print(f"{args.dtype} vs float32 over {len(PROMPTS)} prompts x {NEW_TOKENS} tokens:")
-    print(f"  |delta logprob| of the float32 greedy tokens: mean {statistics.mean(diffs):.4f}, median {statistics.median(diffs):.4f}, max {max(diffs):.3f}")
+    print(
+        f"  |delta logprob| of the float32 greedy tokens: mean {statistics.mean(diffs):.4f}, median "
+        f"{statistics.median(diffs):.4f}, max {max(diffs):.3f}"
+    )
     print(f"  top-1 agreement (teacher-forced): {sum(agree) / len(agree):.1%}")
-    print(f"  greedy outputs identical for {sum(d == NEW_TOKENS for d in departures)}/{len(PROMPTS)} prompts; first departure at token {sorted(departures)}")
+    print(
+        f"  greedy outputs identical for {sum(d == NEW_TOKENS for d in departures)}/{len(PROMPTS)} prompts; "
+        f"first departure at token {sorted(departures)}"
+    )
 
 
 if __name__ == "__main__":

@@ -33,9 +33,21 @@ def build_model(size: str, target: Path) -> Path:
     from transformers import AutoTokenizer, BartConfig, BartForConditionalGeneration
 
     torch.manual_seed(0)
-    config = BartConfig(vocab_size=49152, d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12, decoder_attention_heads=12,
-                        encoder_ffn_dim=3072, decoder_ffn_dim=3072, max_position_embeddings=1024, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                        decoder_start_token_id=2)
+    config = BartConfig(
+        vocab_size=49152,
+        d_model=768,
+        encoder_layers=6,
+        decoder_layers=6,
+        encoder_attention_heads=12,
+        decoder_attention_heads=12,
+        encoder_ffn_dim=3072,
+        decoder_ffn_dim=3072,
+        max_position_embeddings=1024,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+    )
     # Wide random weights, so the text is not one special token repeated (a stream of no text).
     _widen(BartForConditionalGeneration(config).eval(), 0.1).save_pretrained(target)
     AutoTokenizer.from_pretrained(default_model_dir()).save_pretrained(target)
@@ -47,7 +59,15 @@ def generate_throughput(model_dir: Path, batch: int, input_len: int, output_len:
     torch.manual_seed(1)
     model = AutoModelForSeq2SeqLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     sources = torch.randint(3, model.config.vocab_size, (batch, input_len))
-    settings = dict(do_sample=False, num_beams=1, max_new_tokens=output_len, min_new_tokens=output_len, eos_token_id=None, forced_eos_token_id=None, forced_bos_token_id=None)
+    settings = dict(
+        do_sample=False,
+        num_beams=1,
+        max_new_tokens=output_len,
+        min_new_tokens=output_len,
+        eos_token_id=None,
+        forced_eos_token_id=None,
+        forced_bos_token_id=None,
+    )
     with torch.inference_mode():
         model.generate(sources[:, :8], max_new_tokens=4, do_sample=False)  # warm-up
         start = time.perf_counter()
@@ -70,8 +90,12 @@ def tokenstep_throughput(model_dir: Path, levels: list[int], input_len: int, out
     """``tokenstep bench`` against a served model at each level (4x the level in prompts, at least 8)."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-c", CLI, "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-                              start_new_session=True, stdout=open(out / "server.log", "w"), stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [sys.executable, "-c", CLI, "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+        start_new_session=True,
+        stdout=open(out / "server.log", "w"),
+        stderr=subprocess.STDOUT,
+    )
     try:
         import httpx
 
@@ -85,9 +109,31 @@ def tokenstep_throughput(model_dir: Path, levels: list[int], input_len: int, out
         results = {}
         for level in levels:
             result_json = out / f"tokenstep-c{level}.json"
-            subprocess.run([sys.executable, "-c", CLI, "bench", "--base-url", base, "--input-len", str(input_len), "--output-len", str(output_len), "--ignore-eos",
-                            "--num-prompts", str(max(4 * level, 8)), "--max-concurrency", str(level), "--result-json", str(result_json), "--no-progress",
-                            "--label", f"tokenstep c{level}"], check=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    CLI,
+                    "bench",
+                    "--base-url",
+                    base,
+                    "--input-len",
+                    str(input_len),
+                    "--output-len",
+                    str(output_len),
+                    "--ignore-eos",
+                    "--num-prompts",
+                    str(max(4 * level, 8)),
+                    "--max-concurrency",
+                    str(level),
+                    "--result-json",
+                    str(result_json),
+                    "--no-progress",
+                    "--label",
+                    f"tokenstep c{level}",
+                ],
+                check=True,
+            )
             results[level] = json.loads(result_json.read_text())
         return results
     finally:
@@ -116,8 +162,14 @@ def main() -> None:
             metrics = served[level]
             tokenstep_tps = metrics["output_throughput"]
             rows.append({"in_flight": level, "tokenstep_tok_s": tokenstep_tps, "generate_tok_s": static, "ratio": tokenstep_tps / static})
-            print(f"{level:>3} in flight: tokenstep {tokenstep_tps:8.1f} tok/s, generate (static batch) {static:8.1f} tok/s, {tokenstep_tps / static:.2f}x", flush=True)
-    (args.out / "summary.json").write_text(json.dumps({"size": args.size, "input_len": args.input_len, "output_len": args.output_len, "rows": rows}, indent=2))
+            print(
+                f"{level:>3} in flight: tokenstep {tokenstep_tps:8.1f} tok/s, generate (static batch) {static:8.1f} "
+                f"tok/s, {tokenstep_tps / static:.2f}x",
+                flush=True,
+            )
+    (args.out / "summary.json").write_text(
+        json.dumps({"size": args.size, "input_len": args.input_len, "output_len": args.output_len, "rows": rows}, indent=2)
+    )
 
 
 if __name__ == "__main__":

@@ -25,7 +25,12 @@ FIELD_TYPES = [
     {"type": "boolean"},
     {"type": "string", "enum": ["red", "green", "blue"]},
     {"type": "array", "items": {"type": "string"}, "maxItems": 4},
-    {"type": "object", "properties": {"x": {"type": "integer"}, "y": {"type": "integer"}}, "required": ["x", "y"], "additionalProperties": False},
+    {
+        "type": "object",
+        "properties": {"x": {"type": "integer"}, "y": {"type": "integer"}},
+        "required": ["x", "y"],
+        "additionalProperties": False,
+    },
 ]
 
 SCHEMA = {

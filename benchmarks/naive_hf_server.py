@@ -46,7 +46,8 @@ def build_app(model_dir: str, name: str) -> FastAPI:
             max_new_tokens=max_tokens,
             do_sample=temperature > 0,
             temperature=temperature if temperature > 0 else None,
-            top_p=None, top_k=None,
+            top_p=None,
+            top_k=None,
             pad_token_id=tokenizer.eos_token_id,
         )
         if body.get("ignore_eos"):
@@ -78,6 +79,7 @@ def build_app(model_dir: str, name: str) -> FastAPI:
             return f"data: {json.dumps(payload)}\n\n"
 
         if body.get("stream"):
+
             async def events():
                 queue = await run()
                 pieces = 0
@@ -88,7 +90,14 @@ def build_app(model_dir: str, name: str) -> FastAPI:
                 output_tokens = max_tokens if body.get("ignore_eos") else pieces
                 yield chunk("", "length")
                 if (body.get("stream_options") or {}).get("include_usage"):
-                    yield chunk("", usage={"prompt_tokens": len(input_ids), "completion_tokens": output_tokens, "total_tokens": len(input_ids) + output_tokens})
+                    yield chunk(
+                        "",
+                        usage={
+                            "prompt_tokens": len(input_ids),
+                            "completion_tokens": output_tokens,
+                            "total_tokens": len(input_ids) + output_tokens,
+                        },
+                    )
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream")
@@ -97,8 +106,15 @@ def build_app(model_dir: str, name: str) -> FastAPI:
         parts = []
         while (text := await queue.get()) is not None:
             parts.append(text)
-        return JSONResponse({"id": request_id, "object": "text_completion", "created": int(time.time()), "model": name,
-                             "choices": [{"index": 0, "text": "".join(parts), "finish_reason": "length"}]})
+        return JSONResponse(
+            {
+                "id": request_id,
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": name,
+                "choices": [{"index": 0, "text": "".join(parts), "finish_reason": "length"}],
+            }
+        )
 
     return app
 

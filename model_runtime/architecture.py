@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AttentionInterface, PreTrainedModel
 
-from model_runtime.architecture_probe import prove_parity, probe_sequences
+from model_runtime.architecture_probe import probe_sequences, prove_parity
 from model_runtime.attention import ATTENTION_NAME, CONTEXT_KWARG, install_step_slot, paged_attention_forward
 from model_runtime.kv_cache import CacheShape, LayerKV
 
@@ -40,7 +40,16 @@ from model_runtime.kv_cache import CacheShape, LayerKV
 # paged cache (dropout is 0 in eval mode; positions were applied by the
 # model's rotary embedding; cache flags). Anything else is refused at load.
 HONOURED_KWARGS = {"sliding_window", "softcap", "s_aux"}
-IGNORED_KWARGS = {"dropout", "position_ids", "use_cache", "output_attentions", "output_router_logits", "cache_position", "is_causal", CONTEXT_KWARG}
+IGNORED_KWARGS = {
+    "dropout",
+    "position_ids",
+    "use_cache",
+    "output_attentions",
+    "output_router_logits",
+    "cache_position",
+    "is_causal",
+    CONTEXT_KWARG,
+}
 SERVED_LAYER_TYPES = {"full_attention", "sliding_attention"}
 _LAYER_TYPE_NAMES = {
     "chunked_attention": "chunked attention (each query sees only its own chunk of tokens, as in Llama 4)",
@@ -48,6 +57,7 @@ _LAYER_TYPE_NAMES = {
     "mamba": "state-space (Mamba) layers (their state is not a KV cache)",
     "conv": "convolution layers (their state is not a KV cache)",
 }
+
 
 class UnsupportedModelError(ValueError):
     """A model tokenstep cannot serve exactly; the message names the feature."""
@@ -77,14 +87,17 @@ class AttentionLayout:
         layers = self.cache_shape.layers
         sizes = [(layer.num_kv_heads, layer.head_dim, layer.value_head_dim) for layer in layers]
         parts = [
-            f"{sizes.count(size)} layer{'s' * (sizes.count(size) != 1)} of {size[0]} KV heads x {size[1]}" + (f" (values {size[2]})" if size[2] != size[1] else "")
+            f"{sizes.count(size)} layer{'s' * (sizes.count(size) != 1)} of {size[0]} KV heads x {size[1]}"
+            + (f" (values {size[2]})" if size[2] != size[1] else "")
             for size in dict.fromkeys(sizes)
         ]
         if shared := sum(layer.shares_kv_of is not None for layer in layers):
             parts.append(f"{shared} layers reading earlier layers' keys and values")
         sliding = [w for w in self.sliding_windows if w]
         if sliding:
-            parts.append(f"sliding window {'/'.join(str(w) for w in sorted(set(sliding)))} on {len(sliding)} of {len(self.sliding_windows)} layers")
+            parts.append(
+                f"sliding window {'/'.join(str(w) for w in sorted(set(sliding)))} on {len(sliding)} of {len(self.sliding_windows)} layers"
+            )
         parts += ["soft-capped scores"] * self.is_softcapped + ["attention sinks"] * self.has_sinks
         return ", ".join(parts)
 
@@ -157,23 +170,39 @@ def _record(model: PreTrainedModel, token_ids: list[int], refuse: Callable[[str]
         held.extend((key, value))
         is_causal = kwargs.get("is_causal")
         is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
-        calls.append(AttentionCall(
-            getattr(module, "layer_idx", None), dict(kwargs, scaling=scaling), attention_mask is not None, bool(is_causal),
-            tuple(query.shape), tuple(key.shape), tuple(value.shape), (key.data_ptr(), value.data_ptr()), module,
-        ))
+        calls.append(
+            AttentionCall(
+                getattr(module, "layer_idx", None),
+                dict(kwargs, scaling=scaling),
+                attention_mask is not None,
+                bool(is_causal),
+                tuple(query.shape),
+                tuple(key.shape),
+                tuple(value.shape),
+                (key.data_ptr(), value.data_ptr()),
+                module,
+            )
+        )
         return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1]), None  # [1, T, heads, value_head_dim]
 
     device = next(model.parameters()).device
     input_ids = torch.tensor([token_ids], device=device)
     with _attention_function(recording_forward), torch.inference_mode():
         try:
-            model(input_ids=input_ids, position_ids=torch.arange(len(token_ids), device=device)[None], use_cache=False, **{CONTEXT_KWARG: "recording"})
+            model(
+                input_ids=input_ids,
+                position_ids=torch.arange(len(token_ids), device=device)[None],
+                use_cache=False,
+                **{CONTEXT_KWARG: "recording"},
+            )
         except Exception as error:
             raise refuse(f"its forward fails with tokenstep's attention ({type(error).__name__}: {error})") from error
     return calls
 
 
-def _layout(calls: list[AttentionCall], config: object, dtype: torch.dtype, refuse: Callable[[str], UnsupportedModelError]) -> AttentionLayout:
+def _layout(
+    calls: list[AttentionCall], config: object, dtype: torch.dtype, refuse: Callable[[str], UnsupportedModelError]
+) -> AttentionLayout:
     """Check the recorded calls; the cache shape and features they show."""
     num_layers = config.num_hidden_layers
     if not calls:
@@ -183,7 +212,11 @@ def _layout(calls: list[AttentionCall], config: object, dtype: torch.dtype, refu
         raise refuse("its attention modules have no layer_idx")
     if sorted(layers) != list(range(num_layers)):
         missing = sorted(set(range(num_layers)) - set(layers))
-        reason = f"layers {missing} have no attention, and tokenstep's cache holds attention keys and values only" if missing else "some layer attends more than once in a forward"
+        reason = (
+            f"layers {missing} have no attention, and tokenstep's cache holds attention keys and values only"
+            if missing
+            else "some layer attends more than once in a forward"
+        )
         raise refuse(reason)
     calls = sorted(calls, key=lambda call: call.layer)
     for call in calls:
@@ -194,7 +227,9 @@ def _layout(calls: list[AttentionCall], config: object, dtype: torch.dtype, refu
         first_holder.setdefault(call.kv_storage, call.layer)
     shares = [first_holder[call.kv_storage] if first_holder[call.kv_storage] != call.layer else None for call in calls]
     return AttentionLayout(
-        CacheShape(tuple(LayerKV(call.key_shape[1], call.key_shape[3], call.value_shape[3], source) for call, source in zip(calls, shares)), dtype),
+        CacheShape(
+            tuple(LayerKV(call.key_shape[1], call.key_shape[3], call.value_shape[3], source) for call, source in zip(calls, shares)), dtype
+        ),
         tuple(call.kwargs.get("sliding_window") or None for call in calls),
         any(call.kwargs.get("softcap") for call in calls),
         any(call.kwargs.get("s_aux") is not None for call in calls),
@@ -205,7 +240,9 @@ def _check_call(call: AttentionCall, refuse: Callable[[str], UnsupportedModelErr
     """Every kwarg of one call is honoured, meaningless here, or None."""
     kwargs = call.kwargs
     if call.has_mask:
-        raise refuse("it builds its own attention mask (ALiBi position biases or a custom pattern), which tokenstep's attention would ignore")
+        raise refuse(
+            "it builds its own attention mask (ALiBi position biases or a custom pattern), which tokenstep's attention would ignore"
+        )
     if not call.is_causal:
         raise refuse("bidirectional attention (tokenstep serves causal language models)")
     if kwargs.get("dropout"):

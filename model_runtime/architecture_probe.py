@@ -52,7 +52,9 @@ def probe_sequences(model: PreTrainedModel) -> list[list[int]]:
     return [torch.randint(vocab_size, (n,), generator=generator).tolist() for n in PROBE_LENGTHS]
 
 
-def prove_parity(model: PreTrainedModel, cache_shape: CacheShape, layer_windows: tuple[int | None, ...], refuse: Callable[[str], Exception]) -> None:
+def prove_parity(
+    model: PreTrainedModel, cache_shape: CacheShape, layer_windows: tuple[int | None, ...], refuse: Callable[[str], Exception]
+) -> None:
     """Raise ``refuse(why)`` where tokenstep's steps differ from the model's
     own forward, as served and with every sliding window shrunk."""
     sequences = probe_sequences(model)
@@ -61,14 +63,18 @@ def prove_parity(model: PreTrainedModel, cache_shape: CacheShape, layer_windows:
     # but the model's masks or cache apply would otherwise go unseen. One as
     # long as the model's context never bites (Phi-3.5-MoE's 131072).
     max_positions = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None) or float("inf")
-    stated = {w for owner in _window_owners(model) if isinstance(w := getattr(owner, "sliding_window", None), int) and 0 < w < max_positions}
+    stated = {
+        w for owner in _window_owners(model) if isinstance(w := getattr(owner, "sliding_window", None), int) and 0 < w < max_positions
+    }
     windows = {w for w in layer_windows if w} | stated
     if windows:
         with _shrunk_windows(model, windows) as shrunk:
             _probe(model, sequences, cache_shape, refuse, f" with its sliding windows shrunk to {sorted(shrunk.values())} tokens")
 
 
-def _probe(model: PreTrainedModel, sequences: list[list[int]], cache_shape: CacheShape, refuse: Callable[[str], Exception], condition: str) -> None:
+def _probe(
+    model: PreTrainedModel, sequences: list[list[int]], cache_shape: CacheShape, refuse: Callable[[str], Exception], condition: str
+) -> None:
     """The ragged steps over a scratch cache against the model's own eager
     forward of each sequence alone; refuses where more than
     ``PROBE_OUTLIER_ROWS`` rows differ (every path of the steps covers more
@@ -77,7 +83,10 @@ def _probe(model: PreTrainedModel, sequences: list[list[int]], cache_shape: Cach
     try:
         reference = _reference_logits(model, sequences)  # [rows, vocab]
     except Exception as error:
-        raise refuse(f"its own eager forward with a cache fails{condition}, so there is nothing to prove tokenstep's steps against ({type(error).__name__}: {error})") from error
+        raise refuse(
+            f"its own eager forward with a cache fails{condition}, so there is nothing to prove tokenstep's steps "
+            f"against ({type(error).__name__}: {error})"
+        ) from error
     try:
         paged = _paged_logits(model, sequences, cache_shape)
     except Exception as error:
@@ -85,9 +94,17 @@ def _probe(model: PreTrainedModel, sequences: list[list[int]], cache_shape: Cach
     row_errors = (paged - reference).abs().amax(-1) / reference.abs().amax(-1).clamp(min=1.0)  # [rows]
     tolerance = PROBE_TOLERANCE.get(model.dtype, PROBE_TOLERANCE[torch.bfloat16])
     num_differing = int((row_errors > tolerance).sum())
-    logger.debug("architecture probe%s: relative logit differences per row %s (tolerance %.0e)", condition, [round(e, 5) for e in row_errors.tolist()], tolerance)
+    logger.debug(
+        "architecture probe%s: relative logit differences per row %s (tolerance %.0e)",
+        condition,
+        [round(e, 5) for e in row_errors.tolist()],
+        tolerance,
+    )
     if num_differing > PROBE_OUTLIER_ROWS:
-        raise refuse(f"over tokenstep's ragged batch{condition}, {num_differing} of {len(row_errors)} rows of logits differ from its own forward's (by up to {row_errors.max().item():.1e} of their scale)")
+        raise refuse(
+            f"over tokenstep's ragged batch{condition}, {num_differing} of {len(row_errors)} rows of logits "
+            f"differ from its own forward's (by up to {row_errors.max().item():.1e} of their scale)"
+        )
 
 
 def _reference_logits(model: PreTrainedModel, sequences: list[list[int]]) -> torch.Tensor:
@@ -108,7 +125,9 @@ def _reference_logits(model: PreTrainedModel, sequences: list[list[int]]) -> tor
                 output = model(input_ids=input_ids[:, :head], use_cache=True)
                 rows.append(output.logits[0])
                 for position in range(head, len(tokens)):
-                    output = model(input_ids=input_ids[:, position : position + 1], use_cache=True, **{cache_kwarg: getattr(output, cache_kwarg)})
+                    output = model(
+                        input_ids=input_ids[:, position : position + 1], use_cache=True, **{cache_kwarg: getattr(output, cache_kwarg)}
+                    )
                     rows.append(output.logits[0])
     finally:
         model.set_attn_implementation(ATTENTION_NAME)
@@ -149,7 +168,11 @@ def _shrunk_windows(model: PreTrainedModel, windows: set[int]) -> Iterator[dict[
     window) for the duration. A window kept anywhere else stays large in
     one of the two forwards the probe compares, which then differ."""
     shrunk = {window: PROBE_WINDOW + index for index, window in enumerate(sorted(windows))}
-    patched = [(owner, value) for owner in _window_owners(model) if isinstance(value := getattr(owner, "sliding_window", None), int) and value in shrunk]
+    patched = [
+        (owner, value)
+        for owner in _window_owners(model)
+        if isinstance(value := getattr(owner, "sliding_window", None), int) and value in shrunk
+    ]
     try:
         for owner, value in patched:
             owner.sliding_window = shrunk[value]

@@ -59,7 +59,9 @@ def install_step_slot(model: torch.nn.Module, attention_modules: list[torch.nn.M
         setattr(owner, SLOT_ATTRIBUTE, slot)
 
 
-def step_forward(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor, context: object, rows: torch.Tensor) -> torch.Tensor:
+def step_forward(
+    model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor, context: object, rows: torch.Tensor
+) -> torch.Tensor:
     """The model's own forward over one step (``input_ids`` ``[1, T]``):
     logits ``[1, R, vocab]`` at ``rows`` ``[R]``, the context reaching
     attention through the forward's kwargs (and the model's slot, if it has one)."""
@@ -67,7 +69,9 @@ def step_forward(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: 
     if slot is not None:
         slot.context = context
     try:
-        return model(input_ids=input_ids, position_ids=position_ids, use_cache=False, logits_to_keep=rows, **{CONTEXT_KWARG: context}).logits
+        return model(
+            input_ids=input_ids, position_ids=position_ids, use_cache=False, logits_to_keep=rows, **{CONTEXT_KWARG: context}
+        ).logits
     finally:
         if slot is not None:
             slot.context = None
@@ -124,7 +128,18 @@ def paged_attention_forward(
     if not isinstance(context, StepContext):
         return context.attend(query, key, value, layer, features), None
     if context.metadata is not None:
-        return kernels.load().paged_attention_step(query, key, value, context.key_caches[layer], context.value_caches[layer], context.metadata, features.scale, features.sliding_window or 0, features.softcap or 0.0, features.sinks), None
+        return kernels.load().paged_attention_step(
+            query,
+            key,
+            value,
+            context.key_caches[layer],
+            context.value_caches[layer],
+            context.metadata,
+            features.scale,
+            features.sliding_window or 0,
+            features.softcap or 0.0,
+            features.sinks,
+        ), None
     return attend(query, key, value, context.key_caches[layer], context.value_caches[layer], context, features), None
 
 
@@ -147,14 +162,18 @@ def attend(
     num_tokens, num_heads, value_head_dim = query.shape[2], query.shape[1], value_cache.shape[3]
     output = query.new_empty(num_tokens, num_heads, value_head_dim)  # [T, heads, value_head_dim]
     if context.num_decode_tokens:
-        output[: context.num_decode_tokens] = _decode_attention(query[0, :, : context.num_decode_tokens], key_cache, value_cache, context, features)
+        output[: context.num_decode_tokens] = _decode_attention(
+            query[0, :, : context.num_decode_tokens], key_cache, value_cache, context, features
+        )
     for span in context.prefills:
         rows = slice(span.start, span.start + span.num_new_tokens)
         output[rows] = _prefill_attention(query[0, :, rows], key_cache, value_cache, span, features)
     return output.unsqueeze(0)
 
 
-def write_cache(key_cache: torch.Tensor, value_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def write_cache(
+    key_cache: torch.Tensor, value_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
     """The step's new ``key``/``value`` ``[kv_heads, T, head_dim]`` into their slots."""
     is_native = key_cache.dtype == torch.float32 and key_cache.device.type == "cpu" and key_cache.shape == value_cache.shape
     if is_native and key.stride(-1) == 1 and value.stride(-1) == 1 and (ops := kernels.load()) is not None:
@@ -173,7 +192,9 @@ def gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
     slower than ``index_select``'s row copies (docs/PERFORMANCE.md,
     "Measurements behind choices").
     """
-    gathered = cache.index_select(0, block_ids.reshape(-1)).view(*block_ids.shape, *cache.shape[1:])  # [..., n_blocks, block_size, kv_heads, head_dim]
+    gathered = cache.index_select(0, block_ids.reshape(-1)).view(
+        *block_ids.shape, *cache.shape[1:]
+    )  # [..., n_blocks, block_size, kv_heads, head_dim]
     gathered = gathered.flatten(-4, -3)  # [..., tokens, kv_heads, head_dim]
     return gathered.transpose(-3, -2)
 
@@ -188,8 +209,16 @@ def _decode_attention(
     """``[B, heads, value_head_dim]``: each decode row over its own context."""
     if context.decode_context_mask is None:
         return kernels.load().paged_decode_attention(
-            query.transpose(0, 1), key_cache, value_cache, context.decode_block_tables, context.decode_context_lens,
-            features.scale, -1, features.sliding_window or 0, features.softcap or 0.0, features.sinks,
+            query.transpose(0, 1),
+            key_cache,
+            value_cache,
+            context.decode_block_tables,
+            context.decode_context_lens,
+            features.scale,
+            -1,
+            features.sliding_window or 0,
+            features.softcap or 0.0,
+            features.sinks,
         )  # [B, heads, head_dim]
     keys = gather_blocks(key_cache, context.decode_block_tables)  # [B, kv_heads, L, head_dim]
     values = gather_blocks(value_cache, context.decode_block_tables)
@@ -252,7 +281,9 @@ def _attention(
     return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=features.scale, enable_gqa=_is_gqa(query, keys))
 
 
-def _attention_math(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, features: LayerFeatures) -> torch.Tensor:
+def _attention_math(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, features: LayerFeatures
+) -> torch.Tensor:
     """What the model's own eager attention computes: scores scaled, soft-capped
     (``softcap``), masked; sinks appended as one more logit per row and
     dropped after the softmax, which runs in float32. Shapes as ``_attention``."""
@@ -285,7 +316,9 @@ def decode_kernel_runs(shape: CacheShape, device: torch.device) -> bool:
     the CPU, every layer's keys and values of one head_dim it takes, kernels
     built) rather than gather + SDPA."""
     head_dims_fit = all(
-        layer.head_dim % DECODE_KERNEL_LANES == 0 and layer.head_dim <= DECODE_KERNEL_MAX_HEAD_DIM and layer.value_head_dim == layer.head_dim
+        layer.head_dim % DECODE_KERNEL_LANES == 0
+        and layer.head_dim <= DECODE_KERNEL_MAX_HEAD_DIM
+        and layer.value_head_dim == layer.head_dim
         for layer in shape.layers
     )
     return device.type == "cpu" and shape.dtype == torch.float32 and head_dims_fit and kernels.load() is not None

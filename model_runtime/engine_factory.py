@@ -10,7 +10,14 @@ import torch
 from batching.block_manager import BlockManager
 from batching.engine_core import EngineCore
 from batching.scheduler import Scheduler
-from batching.scheduler_config import CPU_KV_CACHE_MEMORY, CUDA_KV_FRACTION, DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_SEQS, DRAFT_MODEL_SPECULATIVE_TOKENS, SchedulerConfig
+from batching.scheduler_config import (
+    CPU_KV_CACHE_MEMORY,
+    CUDA_KV_FRACTION,
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_MAX_NUM_SEQS,
+    DRAFT_MODEL_SPECULATIVE_TOKENS,
+    SchedulerConfig,
+)
 from model_runtime.encoder_decoder import encoder_decoder_prompts
 from model_runtime.kv_cache import parse_memory_size
 from model_runtime.loader import LoadedModel, load_model
@@ -109,10 +116,7 @@ def check_draft_vocabulary(draft: LoadedModel, loaded: LoadedModel, name: str) -
     if draft.tokenizer.get_vocab() != loaded.tokenizer.get_vocab():
         raise ValueError(f"--speculative-model {name}: its tokenizer's vocabulary differs from the served model's")
     if draft.vocab_size > loaded.vocab_size:
-        raise ValueError(
-            f"--speculative-model {name}: vocab_size {draft.vocab_size} "
-            f"exceeds the served model's {loaded.vocab_size}"
-        )
+        raise ValueError(f"--speculative-model {name}: vocab_size {draft.vocab_size} exceeds the served model's {loaded.vocab_size}")
 
 
 def kv_window(loaded: LoadedModel, draft: LoadedModel | None = None) -> int | None:
@@ -126,7 +130,10 @@ def kv_window(loaded: LoadedModel, draft: LoadedModel | None = None) -> int | No
 def build_engine_core(config: EngineConfig, loaded: LoadedModel | None = None, draft: LoadedModel | None = None) -> EngineCore:
     loaded = loaded or load_model(config.model, config.dtype, config.device, config.quantization, config.gguf_file, config.activations)
     if loaded.family is not None and config.speculative_model is not None:
-        raise ValueError("--speculative-model serves decoder-only models; n-gram speculation (--num-speculative-tokens) works with encoder-decoder models")
+        raise ValueError(
+            "--speculative-model serves decoder-only models; n-gram speculation (--num-speculative-tokens) works "
+            "with encoder-decoder models"
+        )
     if draft is None and config.speculative_model is not None:
         draft = load_draft_model(config, loaded)
     limits = resolve_defaults(config, loaded, draft)

@@ -204,7 +204,10 @@ def read_linear_blocks(model: nn.Module, gguf_path: str | Path) -> dict[str, Blo
             continue
         order = row_order(processor, tensor.name, blocks.q.shape[0])
         if order is None:
-            raise ValueError(f"--quantization gguf: {tensor.name} ({architecture}) is more than a reordering of rows in transformers; serve it without --quantization gguf")
+            raise ValueError(
+                f"--quantization gguf: {tensor.name} ({architecture}) is more than a reordering of rows in "
+                f"transformers; serve it without --quantization gguf"
+            )
         found[hf_names[tensor.name]] = blocks.rows(order)
     return found
 
@@ -238,4 +241,6 @@ def check_exact(name: str, served: torch.Tensor, weight: torch.Tensor) -> None:
         raise ValueError(f"--quantization gguf: {name} is {tuple(served.shape)} in the file, {tuple(weight.shape)} in the model")
     error = (served - weight.float()).abs().max().item()
     if error > EXACT_RTOL * max(weight.abs().max().item(), 1e-30):
-        raise ValueError(f"--quantization gguf: {name} read from the file differs from the model's weight by up to {error:.3g}; refusing to serve it")
+        raise ValueError(
+            f"--quantization gguf: {name} read from the file differs from the model's weight by up to {error:.3g}; refusing to serve it"
+        )

@@ -39,7 +39,9 @@ TILE = 16  # output channels per tile (int_gemm.cpp: TILE)
 _PROBE_ROWS = (1, 16)
 
 
-def pack_codes(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, bits: int, act_bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pack_codes(
+    codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, bits: int, act_bits: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Unsigned ``codes`` [N, K] (below ``2**bits``) with float ``scales`` and
     ``offsets`` [N, ceil(K / 32)] (``w = scale * code + offset``) in the
     kernel's layout for ``act_bits`` activations: codes uint8 [tiles, groups,
@@ -122,6 +124,9 @@ def choose_isa(linears: list[IntActivationLinear], ops: object) -> int:
         return best_seconds(lambda: [m.run(inputs[rows, m.in_features], isa) for m in linears])
 
     seconds = {isa: sum(pass_s(isa, rows) for rows in _PROBE_ROWS) for isa in range(len(ops.isas()))}
-    logger.info("integer-activation kernels per instruction set, one pass at rows %s: %s", _PROBE_ROWS, {ops.isas()[i]: f"{s * 1e3:.1f} ms" for i, s in seconds.items()})
+    logger.info(
+        "integer-activation kernels per instruction set, one pass at rows %s: %s",
+        _PROBE_ROWS,
+        {ops.isas()[i]: f"{s * 1e3:.1f} ms" for i, s in seconds.items()},
+    )
     return min(seconds, key=seconds.get)
-

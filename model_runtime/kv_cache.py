@@ -12,9 +12,18 @@ from dataclasses import dataclass
 import torch
 
 _UNITS = {
-    "": 1, "b": 1,
-    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
-    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
 }
 
 
@@ -51,7 +60,9 @@ class CacheShape:
     dtype: torch.dtype
 
     @classmethod
-    def uniform(cls, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, value_head_dim: int | None = None) -> "CacheShape":
+    def uniform(
+        cls, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, value_head_dim: int | None = None
+    ) -> "CacheShape":
         """Every layer alike."""
         return cls((LayerKV(num_kv_heads, head_dim, value_head_dim or head_dim),) * num_layers, dtype)
 
@@ -84,8 +95,12 @@ class PagedKVCache:
                 self.key_caches.append(self.key_caches[layer.shares_kv_of])
                 self.value_caches.append(self.value_caches[layer.shares_kv_of])
                 continue
-            self.key_caches.append(torch.zeros(num_blocks, block_size, layer.num_kv_heads, layer.head_dim, dtype=shape.dtype, device=device))
-            self.value_caches.append(torch.zeros(num_blocks, block_size, layer.num_kv_heads, layer.value_head_dim, dtype=shape.dtype, device=device))
+            self.key_caches.append(
+                torch.zeros(num_blocks, block_size, layer.num_kv_heads, layer.head_dim, dtype=shape.dtype, device=device)
+            )
+            self.value_caches.append(
+                torch.zeros(num_blocks, block_size, layer.num_kv_heads, layer.value_head_dim, dtype=shape.dtype, device=device)
+            )
 
     @property
     def num_tokens(self) -> int:

@@ -73,7 +73,14 @@ class LoadedModel:
     attention: AttentionLayout | None = None
 
 
-def load_model(model_path: str | Path, dtype: str = "auto", device: str = "auto", quantization: str = "none", gguf_file: str | Path | None = None, activations: str = "float32") -> LoadedModel:
+def load_model(
+    model_path: str | Path,
+    dtype: str = "auto",
+    device: str = "auto",
+    quantization: str = "none",
+    gguf_file: str | Path | None = None,
+    activations: str = "float32",
+) -> LoadedModel:
     """Load ``model_path`` (a local HF directory, a hub id or a ``.gguf``
     file, dequantized by transformers) with paged attention, its linears
     quantized as ``quantization`` says. ``gguf_file`` names the GGUF file a
@@ -104,7 +111,9 @@ def load_model(model_path: str | Path, dtype: str = "auto", device: str = "auto"
         ops = kernels.load()
         if ops is None:  # no compiler: the same values as float32 linears, at float32's speed
             if activations != "float32":
-                logger.warning("--activations %s needs tokenstep's CPU kernels, which are unavailable: the activations stay float32", activations)
+                logger.warning(
+                    "--activations %s needs tokenstep's CPU kernels, which are unavailable: the activations stay float32", activations
+                )
             linears = f"{to_float_linears(model)} linears dequantized to float32 (no kernels); {optimise_cpu_linears(model, torch_dtype)}"
         else:
             linears = describe(quantized)
@@ -120,7 +129,9 @@ def load_model(model_path: str | Path, dtype: str = "auto", device: str = "auto"
     if layout is not None:
         logger.info("attention checked against the model's own forward: %s", layout.describe())
     vocab_size = model.config.get_text_config(decoder=True).vocab_size
-    return LoadedModel(model, tokenizer, torch_device, torch_dtype, max_model_len, _eos_token_ids(model, tokenizer), vocab_size, family, layout)
+    return LoadedModel(
+        model, tokenizer, torch_device, torch_dtype, max_model_len, _eos_token_ids(model, tokenizer), vocab_size, family, layout
+    )
 
 
 def model_family(source: str | Path, from_gguf: dict[str, str]) -> str | None:
@@ -129,7 +140,10 @@ def model_family(source: str | Path, from_gguf: dict[str, str]) -> str | None:
     config = AutoConfig.from_pretrained(source, **from_gguf)
     family = family_of(config)
     if family is None and config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise ValueError(f"{source} is a {config.model_type!r} model, which is not a causal LM: tokenstep serves decoder-only causal LMs and T5/BART-family encoder-decoder models")
+        raise ValueError(
+            f"{source} is a {config.model_type!r} model, which is not a causal LM: tokenstep serves decoder-only "
+            f"causal LMs and T5/BART-family encoder-decoder models"
+        )
     return family
 
 
@@ -150,7 +164,9 @@ def drop_gguf_quantizer(model: PreTrainedModel) -> None:
         del model.config.quantization_config
 
 
-def check_quantization(quantization: str, device: torch.device, dtype: torch.dtype, gguf_file: str | Path | None = None, activations: str = "float32") -> None:
+def check_quantization(
+    quantization: str, device: torch.device, dtype: torch.dtype, gguf_file: str | Path | None = None, activations: str = "float32"
+) -> None:
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {quantization!r}; choose {', '.join(QUANTIZATIONS)}")
     if activations not in ACTIVATIONS:
@@ -158,9 +174,14 @@ def check_quantization(quantization: str, device: torch.device, dtype: torch.dty
     if activations != "float32" and quantization not in ("int8", "gguf"):
         raise ValueError(f"--activations {activations} quantizes the inputs of quantized linears: use it with --quantization int8 or gguf")
     if quantization in ("int8", "gguf") and (device.type != "cpu" or dtype != torch.float32):
-        raise ValueError(f"--quantization {quantization} runs on the CPU with float32 activations; got --device {device.type} and --dtype {str(dtype).removeprefix('torch.')}")
+        raise ValueError(
+            f"--quantization {quantization} runs on the CPU with float32 activations; got --device {device.type} "
+            f"and --dtype {str(dtype).removeprefix('torch.')}"
+        )
     if quantization == "gguf" and gguf_file is None:
-        raise ValueError("--quantization gguf serves a GGUF file's own quantized weights: give a .gguf file as the model (or serve the default model)")
+        raise ValueError(
+            "--quantization gguf serves a GGUF file's own quantized weights: give a .gguf file as the model (or serve the default model)"
+        )
 
 
 def _eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:

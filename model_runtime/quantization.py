@@ -99,7 +99,9 @@ class GroupwiseLinear(nn.Module):
     any input when ``ops`` is None, to torch's GEMM over the dequantized weight.
     """
 
-    def __init__(self, q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, bias: torch.Tensor | None, ops: object | None, in_features: int) -> None:
+    def __init__(
+        self, q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, bias: torch.Tensor | None, ops: object | None, in_features: int
+    ) -> None:
         super().__init__()
         self.out_features, self.in_features = q.shape[0], in_features
         self.register_buffer("q", q.contiguous(), persistent=False)
@@ -260,7 +262,9 @@ def best_seconds(run: Callable[[], object]) -> float:
 
 
 @torch.inference_mode()
-def choose_kernels(linears: list[GroupwiseLinear], ops: object, lm_head: GroupwiseLinear | None = None) -> tuple[int, dict[tuple[str, int, int], int | float]]:
+def choose_kernels(
+    linears: list[GroupwiseLinear], ops: object, lm_head: GroupwiseLinear | None = None
+) -> tuple[int, dict[tuple[str, int, int], int | float]]:
     """(isa, gemm_from_rows per ``shape_key``) for this CPU, by timing: the
     instruction set whose kernel passes fastest over all ``linears`` at
     ``ISA_PROBE_ROWS`` (weights streamed from memory, as in a decode step),
@@ -277,7 +281,11 @@ def choose_kernels(linears: list[GroupwiseLinear], ops: object, lm_head: Groupwi
 
     isa_s = {isa: sum(best_s(kernel_pass(linears, rows, isa)) for rows in ISA_PROBE_ROWS) for isa in isas}
     isa = min(isa_s, key=isa_s.get)
-    logger.info("quantized kernels per instruction set, one pass at rows %s: %s", ISA_PROBE_ROWS, {ops.isas()[i]: f"{s * 1e3:.1f} ms" for i, s in isa_s.items()})
+    logger.info(
+        "quantized kernels per instruction set, one pass at rows %s: %s",
+        ISA_PROBE_ROWS,
+        {ops.isas()[i]: f"{s * 1e3:.1f} ms" for i, s in isa_s.items()},
+    )
     shapes = {shape_key(m): m for m in linears if m is not lm_head}
     decisions = {}
     for shape, module in shapes.items():

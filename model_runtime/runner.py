@@ -71,7 +71,14 @@ class ModelRunner:
     ``compile_max_tokens`` the step forward is compiled whole
     (``model_runtime.step_graph``) for steps of up to that many tokens."""
 
-    def __init__(self, loaded: LoadedModel, num_blocks: int, block_size: int = 16, draft: LoadedModel | None = None, compile_max_tokens: int | None = None) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        num_blocks: int,
+        block_size: int = 16,
+        draft: LoadedModel | None = None,
+        compile_max_tokens: int | None = None,
+    ) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.device = loaded.device
@@ -88,13 +95,19 @@ class ModelRunner:
             logger.warning("--compile: the step forward of encoder-decoder models is not compiled; running it eagerly")
             compile_max_tokens = None
         if compile_max_tokens and hasattr(self.model, SLOT_ATTRIBUTE):
-            logger.warning("--compile: this model's decoder layers drop the forward's kwargs (its attention reads the step from a slot); running it eagerly")
+            logger.warning(
+                "--compile: this model's decoder layers drop the forward's kwargs (its attention reads the step from "
+                "a slot); running it eagerly"
+            )
             compile_max_tokens = None
         self.compiled = self._compile(compile_max_tokens) if compile_max_tokens else None
         draft_bytes = self.drafter.kv_cache.kv_cache_bytes if self.drafter else 0
         logger.info(
             "KV cache: %d blocks of %d tokens = %d tokens (%.1f MiB%s)",
-            num_blocks, block_size, self.kv_cache.num_tokens, self.kv_cache.kv_cache_bytes / 2**20,
+            num_blocks,
+            block_size,
+            self.kv_cache.num_tokens,
+            self.kv_cache.kv_cache_bytes / 2**20,
             f" + {draft_bytes / 2**20:.1f} MiB for the draft model" if draft_bytes else "",
         )
 
@@ -106,7 +119,10 @@ class ModelRunner:
             with torch.inference_mode():
                 warm_up(compiled, self.kv_cache.key_caches, self.kv_cache.value_caches, max_num_tokens, with_mask=not self.decode_kernel)
         except Exception as error:  # torch.compile raises many kinds; any of them means: run eagerly
-            logger.warning("--compile: compiling the step forward failed, running it eagerly instead: %s", str(error).splitlines()[0] if str(error) else type(error).__name__)
+            logger.warning(
+                "--compile: compiling the step forward failed, running it eagerly instead: %s",
+                str(error).splitlines()[0] if str(error) else type(error).__name__,
+            )
             return None
         return compiled
 
@@ -141,17 +157,16 @@ class ModelRunner:
         draft_chunks = [chunk for chunk, _ in scheduled if chunk.draft_token_ids]
         rows = self._logits_rows(scheduled)
         kept = rows.all
-        logits = self._forward(input_ids, position_ids, context, torch.tensor(kept, device=self.device) if kept else None, cross)  # [R, vocab]
+        logits = self._forward(
+            input_ids, position_ids, context, torch.tensor(kept, device=self.device) if kept else None, cross
+        )  # [R, vocab]
         if self.drafter is not None:
             self.drafter.mirror(input_ids, position_ids, context)
         if logits is None:
             return RunnerOutput(sampled=[])
         sampling_rows = [self._sampling_row(chunk, request) for chunk, request in sampling]
         results = self.sampler.sample(logits[: len(rows.sample)], sampling_rows)
-        sampled = [
-            SampledToken(chunk.request_id, token_id, logprobs)
-            for (chunk, _), (token_id, logprobs) in zip(sampling, results)
-        ]
+        sampled = [SampledToken(chunk.request_id, token_id, logprobs) for (chunk, _), (token_id, logprobs) in zip(sampling, results)]
         offset = len(rows.sample)
         if draft_chunks:
             sampled += self._verify_drafts(logits[offset : offset + len(rows.draft)], draft_chunks)
@@ -177,7 +192,12 @@ class ModelRunner:
         (BART's, as ``model.generate`` does), a bitmask allowing only EOS."""
         params = request.sampling_params
         forced = self.encoder_decoder.forced_eos_bitmask if self.encoder_decoder is not None else None
-        if chunk.grammar_bitmask is None and forced is not None and not params.ignore_eos and request.num_output_tokens == params.max_tokens - 1:
+        if (
+            chunk.grammar_bitmask is None
+            and forced is not None
+            and not params.ignore_eos
+            and request.num_output_tokens == params.max_tokens - 1
+        ):
             return forced
         return chunk.grammar_bitmask
 
@@ -211,7 +231,10 @@ class ModelRunner:
         if not lookaheads:
             return sampled
         drafts = self.drafter.propose(lookaheads)
-        return [dataclasses.replace(token, next_draft_token_ids=drafts[token.request_id]) if token.request_id in drafts else token for token in sampled]
+        return [
+            dataclasses.replace(token, next_draft_token_ids=drafts[token.request_id]) if token.request_id in drafts else token
+            for token in sampled
+        ]
 
     @staticmethod
     def _logits_rows(scheduled: list[tuple[ScheduledChunk, RunnerRequest]]) -> LogitsRows:
@@ -253,19 +276,32 @@ class ModelRunner:
         """Encode the sources of the requests admitted (or resumed) in this step."""
         for chunk, request in scheduled:
             if chunk.new_request is not None:
-                self.encoder_decoder.encode(request.encoder_token_ids, request.cross_block_ids, self.kv_cache.key_caches, self.kv_cache.value_caches)
+                self.encoder_decoder.encode(
+                    request.encoder_token_ids, request.cross_block_ids, self.kv_cache.key_caches, self.kv_cache.value_caches
+                )
 
     def _cross_context(self, scheduled: list[tuple[ScheduledChunk, RunnerRequest]]) -> CrossContext:
         """Each row's cross blocks, in the order ``_prepare`` lays the rows out."""
         decode = [request for chunk, request in scheduled if chunk.num_new_tokens == 1]
         prefill = [request for chunk, request in scheduled if chunk.num_new_tokens != 1]
         return cross_context(
-            [r.cross_block_ids for r in decode], [len(r.encoder_token_ids) for r in decode],
-            [r.cross_block_ids for r in prefill], [len(r.encoder_token_ids) for r in prefill],
-            self.block_size, self.device, with_mask=not self.decode_kernel,
+            [r.cross_block_ids for r in decode],
+            [len(r.encoder_token_ids) for r in decode],
+            [r.cross_block_ids for r in prefill],
+            [len(r.encoder_token_ids) for r in prefill],
+            self.block_size,
+            self.device,
+            with_mask=not self.decode_kernel,
         )
 
-    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, context: StepContext, logits_rows: torch.Tensor | None, cross: CrossContext | None = None) -> torch.Tensor | None:
+    def _forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        context: StepContext,
+        logits_rows: torch.Tensor | None,
+        cross: CrossContext | None = None,
+    ) -> torch.Tensor | None:
         if cross is not None:
             return self.encoder_decoder.forward(input_ids, position_ids, context, cross, logits_rows)
         # With no sampling rows, keep a single row: the LM head cost is negligible.
@@ -280,7 +316,9 @@ class ModelRunner:
 
     def _prepare(self, scheduled: list[tuple[ScheduledChunk, RunnerRequest]]) -> tuple[torch.Tensor, torch.Tensor, StepContext]:
         chunks = [SequenceChunk(chunk.new_token_ids, chunk.num_computed_tokens, request.block_ids) for chunk, request in scheduled]
-        input_ids, position_ids, context = build_step(chunks, self.kv_cache.key_caches, self.kv_cache.value_caches, self.device, with_mask=not self.decode_kernel)
+        input_ids, position_ids, context = build_step(
+            chunks, self.kv_cache.key_caches, self.kv_cache.value_caches, self.device, with_mask=not self.decode_kernel
+        )
         if self.decode_kernel and self.encoder_decoder is None:  # every layer's attention in one C++ op
             context.metadata = pack(context)
         return input_ids, position_ids, context

@@ -111,9 +111,7 @@ def _step_seed(seed: int, num_output_tokens: int) -> int:
     return (seed * _SEED_STRIDE + num_output_tokens) & _SEED_MASK
 
 
-def _index_tensors(
-    rows_and_ids: list[tuple[int, int]], num_columns: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _index_tensors(rows_and_ids: list[tuple[int, int]], num_columns: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(row indices, column indices), dropping ids outside ``[0, num_columns)``."""
     pairs = [(row, token_id) for row, token_id in rows_and_ids if 0 <= token_id < num_columns]
     if not pairs:
@@ -215,9 +213,7 @@ def _apply_grammars(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
     logits.index_copy_(0, index, logits.index_select(0, index).masked_fill(~allowed, float("-inf")))
 
 
-def _gather_logprobs(
-    logits: torch.Tensor, rows: list[SamplingRow], token_ids: torch.Tensor
-) -> list[TokenLogprobs | None]:
+def _gather_logprobs(logits: torch.Tensor, rows: list[SamplingRow], token_ids: torch.Tensor) -> list[TokenLogprobs | None]:
     """log_softmax of the processed logits for rows that asked for logprobs.
 
     ``logits``: [num_rows, vocab] float32; ``token_ids``: [num_rows] chosen ids.
@@ -332,9 +328,7 @@ class Sampler:
         """Argmax of each row over the real vocabulary: [n, vocab_columns] -> [n]."""
         return _argmax(logits[:, : self.vocab_size])
 
-    def sample(
-        self, logits: torch.Tensor, rows: list[SamplingRow]
-    ) -> list[tuple[int, TokenLogprobs | None]]:
+    def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[tuple[int, TokenLogprobs | None]]:
         """``logits``: [num_rows, vocab_columns], one row per entry of ``rows``.
 
         Returns ``(token_id, logprobs)`` per row; ``logprobs`` is None unless the
@@ -363,9 +357,7 @@ class Sampler:
             token_ids = _argmax(processed)  # [num_rows]
             if random_rows:
                 index = torch.tensor(random_rows, dtype=torch.long, device=logits.device)
-                sampled = _sample_random(
-                    processed.index_select(0, index), [rows[i] for i in random_rows]
-                )  # [num_random]
+                sampled = _sample_random(processed.index_select(0, index), [rows[i] for i in random_rows])  # [num_random]
                 token_ids.index_copy_(0, index, sampled)
         if logprob_source is None:
             return [(token_id, None) for token_id in token_ids.tolist()]

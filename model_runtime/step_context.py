@@ -79,7 +79,9 @@ def build_step(
         slots.extend(chunk.block_ids[p // block_size] * block_size + p % block_size for p in range(start, start + num_new))
     tables = lens = mask = None
     if decode_rows:
-        tables, lens, mask = decode_tables([c.block_ids for c in decode_rows], [c.num_computed_tokens + 1 for c in decode_rows], block_size, device, with_mask)
+        tables, lens, mask = decode_tables(
+            [c.block_ids for c in decode_rows], [c.num_computed_tokens + 1 for c in decode_rows], block_size, device, with_mask
+        )
     context = StepContext(
         key_caches=key_caches,
         value_caches=value_caches,
@@ -95,7 +97,9 @@ def build_step(
     return input_ids, position_ids, context
 
 
-def decode_tables(block_tables: list[list[int]], context_lens: list[int], block_size: int, device: torch.device, with_mask: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def decode_tables(
+    block_tables: list[list[int]], context_lens: list[int], block_size: int, device: torch.device, with_mask: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Padded block tables ``[B, max_blocks]``, context lengths ``[B]`` and,
     ``with_mask`` (for SDPA), the context mask ``[B, 1, 1, max_blocks *
     block_size]`` of a batch of decode rows."""

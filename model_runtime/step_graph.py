@@ -57,7 +57,10 @@ def pack(context: StepContext) -> torch.Tensor:
     spans = [(s.start, s.num_new_tokens, s.num_computed_tokens, s.block_ids.shape[0]) for s in context.prefills]
     mask_block_size = context.decode_context_mask.shape[-1] // width if context.decode_context_mask is not None else 0
     header = [next(_serials), num_tokens, num_decode, width, len(spans), mask_block_size]
-    parts = [torch.tensor(header + [v for span in spans for v in span], dtype=torch.long, device=context.slot_mapping.device), context.slot_mapping]
+    parts = [
+        torch.tensor(header + [v for span in spans for v in span], dtype=torch.long, device=context.slot_mapping.device),
+        context.slot_mapping,
+    ]
     if num_decode:
         parts += [context.decode_context_lens, context.decode_block_tables.flatten()]
     parts += [span.block_ids for span in context.prefills]
@@ -124,6 +127,7 @@ def _register_kernel_fakes() -> None:
     if kernels.load() is None or getattr(_register_kernel_fakes, "done", False):
         return
     for kind in ("int8", "int4"):
+
         def linear_fake(x, q, scales, offsets, bias, isa=-1, gemm_from_rows=0):
             return x.new_empty(*x.shape[:-1], q.shape[0])
 
@@ -157,7 +161,18 @@ class GraphStepContext:
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int, features: LayerFeatures) -> torch.Tensor:
         op = torch.ops.tokenstep.paged_attention_step if self.native else torch.ops.tokenstep_graph.paged_attention
-        return op(query, key, value, self.key_caches[layer], self.value_caches[layer], self.metadata, features.scale, features.sliding_window or 0, features.softcap or 0.0, features.sinks)
+        return op(
+            query,
+            key,
+            value,
+            self.key_caches[layer],
+            self.value_caches[layer],
+            self.metadata,
+            features.scale,
+            features.sliding_window or 0,
+            features.softcap or 0.0,
+            features.sinks,
+        )
 
 
 class CompiledForward:
@@ -175,18 +190,26 @@ class CompiledForward:
         # batch dimension when a step has one token.
         torch.fx.experimental._config.use_duck_shape = False
         if model not in _COMPILED:
-            _COMPILED[model] = torch.compile(_own_copy(_step_forward), dynamic=True, fullgraph=True, options={"guard_filter_fn": _step_guards})
+            _COMPILED[model] = torch.compile(
+                _own_copy(_step_forward), dynamic=True, fullgraph=True, options={"guard_filter_fn": _step_guards}
+            )
         self._compiled = _COMPILED[model]
 
-    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, context: StepContext, logits_rows: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, context: StepContext, logits_rows: torch.Tensor
+    ) -> torch.Tensor:
         """Logits ``[1, R, vocab]`` at ``logits_rows`` ``[R]`` of the step."""
         metadata = context.metadata if context.metadata is not None else pack(context)
         graph_context = GraphStepContext(context.key_caches, context.value_caches, metadata, self.native)
         return self._compiled(self.model, input_ids, position_ids, logits_rows, graph_context)
 
 
-def _step_forward(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor, logits_rows: torch.Tensor, context: GraphStepContext) -> torch.Tensor:
-    return model(input_ids=input_ids, position_ids=position_ids, use_cache=False, logits_to_keep=logits_rows, **{CONTEXT_KWARG: context}).logits
+def _step_forward(
+    model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor, logits_rows: torch.Tensor, context: GraphStepContext
+) -> torch.Tensor:
+    return model(
+        input_ids=input_ids, position_ids=position_ids, use_cache=False, logits_to_keep=logits_rows, **{CONTEXT_KWARG: context}
+    ).logits
 
 
 # Dynamo keeps its graphs on the code object it traced, and the guards a
@@ -198,7 +221,9 @@ _COMPILED: "weakref.WeakKeyDictionary[torch.nn.Module, Callable]" = weakref.Weak
 
 def _own_copy(function: Callable) -> Callable:
     """``function`` with a code object of its own (so a cache of its own)."""
-    return types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__, function.__defaults__, function.__closure__)
+    return types.FunctionType(
+        function.__code__.replace(), function.__globals__, function.__name__, function.__defaults__, function.__closure__
+    )
 
 
 # The guards a compiled step keeps: the shapes of the step's own inputs and
@@ -210,20 +235,27 @@ _KEPT_GUARD_TYPES = {"SHAPE_ENV", "GRAD_MODE", "GLOBAL_STATE", "TORCH_FUNCTION_S
 
 
 def _step_guards(entries: list) -> list[bool]:
-    return [entry.guard_type in _KEPT_GUARD_TYPES or (entry.guard_type == "TENSOR_MATCH" and entry.name in _KEPT_TENSOR_GUARDS) for entry in entries]
+    return [
+        entry.guard_type in _KEPT_GUARD_TYPES or (entry.guard_type == "TENSOR_MATCH" and entry.name in _KEPT_TENSOR_GUARDS)
+        for entry in entries
+    ]
 
 
 RECOMPILE_LIMIT = 32  # shape classes: T = 1 or not, kept rows 1 or not, each linear's kernel switch
 
 
-def warm_up(forward: CompiledForward, key_caches: list[torch.Tensor], value_caches: list[torch.Tensor], max_num_tokens: int, with_mask: bool) -> None:
+def warm_up(
+    forward: CompiledForward, key_caches: list[torch.Tensor], value_caches: list[torch.Tensor], max_num_tokens: int, with_mask: bool
+) -> None:
     """Compile every shape class a step can take before serving: one decode
     row alone; then, for a step size on each side of every row count where a
     linear switches kernels (and 2 and the largest step), that many decode
     rows, a prefill of that many tokens alone, and one beside two decode rows. The steps write garbage into the first
     blocks of the pool, which nothing holds yet at start."""
     start = time.perf_counter()
-    token_counts = sorted({2, max_num_tokens} | {n for rows in kernel_switch_rows(forward.model) for n in (rows - 1, rows) if 2 <= n <= max_num_tokens})
+    token_counts = sorted(
+        {2, max_num_tokens} | {n for rows in kernel_switch_rows(forward.model) for n in (rows - 1, rows) if 2 <= n <= max_num_tokens}
+    )
     shapes = [(1, 0)] + [shape for n in token_counts for shape in ((n, 0), (0, n), (2, n))]
     for num_decode, num_prefill in shapes:
         input_ids, position_ids, context, rows = _synthetic_step(num_decode, num_prefill, key_caches, value_caches, with_mask)
@@ -242,7 +274,9 @@ def kernel_switch_rows(model: torch.nn.Module) -> set[int]:
     return rows
 
 
-def _synthetic_step(num_decode: int, num_prefill: int, key_caches: list[torch.Tensor], value_caches: list[torch.Tensor], with_mask: bool) -> tuple[torch.Tensor, torch.Tensor, StepContext, torch.Tensor]:
+def _synthetic_step(
+    num_decode: int, num_prefill: int, key_caches: list[torch.Tensor], value_caches: list[torch.Tensor], with_mask: bool
+) -> tuple[torch.Tensor, torch.Tensor, StepContext, torch.Tensor]:
     """A step of ``num_decode`` one-token rows at position ``block_size``
     (two blocks each) then one fresh prefill of ``num_prefill`` tokens, on
     block ids wrapped into the pool: its inputs, context and the rows whose
@@ -250,7 +284,9 @@ def _synthetic_step(num_decode: int, num_prefill: int, key_caches: list[torch.Te
     num_blocks, block_size = key_caches[0].shape[:2]
     chunks = [SequenceChunk([0], block_size, [(2 * row) % num_blocks, (2 * row + 1) % num_blocks]) for row in range(num_decode)]
     if num_prefill:
-        chunks.append(SequenceChunk([0] * num_prefill, 0, [(2 * num_decode + i) % num_blocks for i in range(-(-num_prefill // block_size))]))
+        chunks.append(
+            SequenceChunk([0] * num_prefill, 0, [(2 * num_decode + i) % num_blocks for i in range(-(-num_prefill // block_size))])
+        )
     input_ids, position_ids, context = build_step(chunks, key_caches, value_caches, key_caches[0].device, with_mask)
     rows = list(range(num_decode)) + ([num_decode + num_prefill - 1] if num_prefill else [])
     return input_ids, position_ids, context, torch.tensor(rows, device=input_ids.device)

@@ -17,8 +17,8 @@ from transformers import PreTrainedModel
 from transformers.models.t5.modeling_t5 import T5Attention
 
 from model_runtime.attention import gather_blocks, write_cache
-from model_runtime.step_context import StepContext
 from model_runtime.encoder_decoder import CrossContext, cross_attend
+from model_runtime.step_context import StepContext
 
 
 class StepBias:
@@ -37,12 +37,16 @@ class StepBias:
         for span in context.prefills:
             key_positions = torch.arange(span.num_computed_tokens + span.num_new_tokens, device=span.block_ids.device)
             query_positions = key_positions[span.num_computed_tokens :]
-            self.prefills.append(self._bias(query_positions[:, None], key_positions[None, :]).transpose(0, 1).unsqueeze(0))  # [1, heads, n, ctx]
+            self.prefills.append(
+                self._bias(query_positions[:, None], key_positions[None, :]).transpose(0, 1).unsqueeze(0)
+            )  # [1, heads, n, ctx]
 
     def _bias(self, query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
         """``[X, heads, Y]`` for query positions ``[X, 1]`` and key positions ``[1, Y]``."""
         relative = key_positions - query_positions  # [X, Y]
-        buckets = T5Attention._relative_position_bucket(relative, bidirectional=False, num_buckets=self.num_buckets, max_distance=self.max_distance)
+        buckets = T5Attention._relative_position_bucket(
+            relative, bidirectional=False, num_buckets=self.num_buckets, max_distance=self.max_distance
+        )
         bias = self.table(buckets).movedim(-1, 1)  # [X, heads, Y]
         return bias.masked_fill(relative[:, None, :] > 0, float("-inf"))
 
@@ -90,9 +94,13 @@ class T5DecoderStep:
             hidden = hidden * self.output_scale
         return self.model.lm_head(hidden)
 
-    def _self_attention(self, attention: T5Attention, hidden: torch.Tensor, layer: int, context: StepContext, bias: StepBias) -> torch.Tensor:
+    def _self_attention(
+        self, attention: T5Attention, hidden: torch.Tensor, layer: int, context: StepContext, bias: StepBias
+    ) -> torch.Tensor:
         """Causal self-attention with the step's position bias; ``[1, T, d_model]``."""
-        query, key, value = (self._heads(projection(hidden)) for projection in (attention.q, attention.k, attention.v))  # [1, heads, T, head_dim]
+        query, key, value = (
+            self._heads(projection(hidden)) for projection in (attention.q, attention.k, attention.v)
+        )  # [1, heads, T, head_dim]
         key_cache, value_cache = context.key_caches[layer], context.value_caches[layer]
         write_cache(key_cache, value_cache, key[0], value[0], context.slot_mapping)
         num_tokens = query.shape[2]

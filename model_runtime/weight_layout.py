@@ -52,6 +52,7 @@ def packed_linear(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tens
         return torch.ops.tokenstep_layout.packed_linear(x, packed_weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x, packed_weight, bias, "none", [], "")
 
+
 # oneDNN picks its blocked layout for an expected row count; decode steps
 # run 1-64 rows and 16 measured as well as any other hint at every size in
 # bf16; for float32, 64 did better (see the module docstring).

@@ -104,7 +104,9 @@ def create_app(settings: Settings, load: Callable[[], Served] | None = None, rea
             if app.state.model_thread is not None:
                 app.state.model_thread.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="tokenstep", summary="OpenAI-compatible inference server with continuous batching", lifespan=lifespan, redirect_slashes=False)
+    app = FastAPI(
+        title="tokenstep", summary="OpenAI-compatible inference server with continuous batching", lifespan=lifespan, redirect_slashes=False
+    )
     app.state.settings = settings
     app.state.served = None
     app.state.model_thread = None
@@ -118,13 +120,20 @@ def create_app(settings: Settings, load: Callable[[], Served] | None = None, rea
     app.add_middleware(RequestIdMiddleware)
     if settings.allowed_origin_list:
         # Added last, so outermost: error responses (413, 401, ...) carry CORS headers too.
-        app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origin_list, allow_methods=["GET", "POST"], allow_headers=["authorization", "content-type"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.allowed_origin_list,
+            allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "content-type"],
+        )
 
     @app.get("/health", summary="200 once the model serves; 503 while loading or if the engine died")
     async def health(request: Request) -> JSONResponse:
         state: Served | None = request.app.state.served
         if state is None or not state.batcher.is_running or state.batcher.is_draining:
-            return error_response(503, f"not ready: {_not_ready_reason(request.app, state)}", headers={"Retry-After": str(RETRY_AFTER_NOT_READY_S)})
+            return error_response(
+                503, f"not ready: {_not_ready_reason(request.app, state)}", headers={"Retry-After": str(RETRY_AFTER_NOT_READY_S)}
+            )
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics", summary="Prometheus metrics")

@@ -24,7 +24,20 @@ from server.chat_prompt import build_chat_prompt, message_dicts
 from server.choices import merge, start_choices, unless_disconnected
 from server.logprobs import chat_logprobs
 from server.params import check_context, check_generation_request, default_max_tokens, sampling_params
-from server.protocol import AssistantMessage, ChatChoice, ChatChoiceLogprobs, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, DeltaMessage, ToolCall, Usage, model_dump, new_id
+from server.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChoiceLogprobs,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    DeltaMessage,
+    ToolCall,
+    Usage,
+    model_dump,
+    new_id,
+)
 from server.sse import sse_response
 from server.state import Served, served
 from server.tools import ToolCallParser, ToolPlan
@@ -38,7 +51,9 @@ def _check_supported(body: ChatCompletionRequest) -> None:
 
 
 @router.post("/v1/chat/completions", response_model=None)
-async def create_chat_completion(body: ChatCompletionRequest, raw_request: Request, state: Served = Depends(served)) -> JSONResponse | EventSourceResponse:
+async def create_chat_completion(
+    body: ChatCompletionRequest, raw_request: Request, state: Served = Depends(served)
+) -> JSONResponse | EventSourceResponse:
     created = int(time.time())  # arrival: the same value in every chunk and in the JSON body
     _check_supported(body)
     check_generation_request(body, state)
@@ -91,7 +106,9 @@ class ReplyShape:
         return chat_logprobs(self.state.token_bytes, items, self.skip_special_tokens)
 
     def chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
-        return ChatCompletionChunk(id=self.request_id, created=self.created, model=self.state.model_name, choices=choices, usage=usage).to_json()
+        return ChatCompletionChunk(
+            id=self.request_id, created=self.created, model=self.state.model_name, choices=choices, usage=usage
+        ).to_json()
 
 
 def _message(text: str, parser: ToolCallParser | None) -> AssistantMessage:
@@ -123,11 +140,17 @@ async def _collect(reply: ReplyShape, outputs: AsyncIterator[tuple[int, RequestO
         for index, output in sorted(last.items())
     ]
     completion_tokens = sum(output.num_output_tokens for output in last.values())
-    usage = Usage(prompt_tokens=reply.prompt_tokens, completion_tokens=completion_tokens, total_tokens=reply.prompt_tokens + completion_tokens)
-    return model_dump(ChatCompletionResponse(id=reply.request_id, created=reply.created, model=reply.state.model_name, choices=choices, usage=usage))
+    usage = Usage(
+        prompt_tokens=reply.prompt_tokens, completion_tokens=completion_tokens, total_tokens=reply.prompt_tokens + completion_tokens
+    )
+    return model_dump(
+        ChatCompletionResponse(id=reply.request_id, created=reply.created, model=reply.state.model_name, choices=choices, usage=usage)
+    )
 
 
-async def _stream(reply: ReplyShape, outputs: AsyncIterator[tuple[int, RequestOutput]], include_usage: bool, continuous_usage: bool = False) -> AsyncIterator[str]:
+async def _stream(
+    reply: ReplyShape, outputs: AsyncIterator[tuple[int, RequestOutput]], include_usage: bool, continuous_usage: bool = False
+) -> AsyncIterator[str]:
     """``continuous_usage``: every chunk after the role chunk also carries the usage so far."""
     started: set[int] = set()
     completion_tokens: dict[int, int] = {}
@@ -160,7 +183,10 @@ async def _stream(reply: ReplyShape, outputs: AsyncIterator[tuple[int, RequestOu
                 yield reply.chunk([ChatChunkChoice(index=index, delta=DeltaMessage(tool_calls=fragments))], usage_so_far())
             if output.is_finished:
                 reason = finish_reason(output, parser.calls if parser else [], reply.plan)
-                yield reply.chunk([ChatChunkChoice(index=index, delta=DeltaMessage(), finish_reason=reason, stop_reason=output.stop_reason)], usage_so_far())
+                yield reply.chunk(
+                    [ChatChunkChoice(index=index, delta=DeltaMessage(), finish_reason=reason, stop_reason=output.stop_reason)],
+                    usage_so_far(),
+                )
         if include_usage:
             yield reply.chunk([], usage())
         yield "[DONE]"

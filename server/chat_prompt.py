@@ -35,7 +35,9 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
         if isinstance(content, list):
             non_text = [part.type for part in content if part.type != "text"]
             if non_text:
-                raise InvalidRequestError(f"content part type {non_text[0]!r} is not supported (text only)", param=f"messages.{position}.content")
+                raise InvalidRequestError(
+                    f"content part type {non_text[0]!r} is not supported (text only)", param=f"messages.{position}.content"
+                )
             content = "".join(part.text or "" for part in content)
         entry: dict[str, Any] = {"role": message.role, "content": content or ""}
         if message.name:

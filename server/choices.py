@@ -61,7 +61,9 @@ async def start_choices(state: Served, prompts: list[list[int]], params: Samplin
     return choices
 
 
-async def merge(state: Served, choices: list[Choice], metrics: Metrics, timeout_s: float | None = None) -> AsyncIterator[tuple[int, RequestOutput]]:
+async def merge(
+    state: Served, choices: list[Choice], metrics: Metrics, timeout_s: float | None = None
+) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Interleave the choices' deltas as they arrive, tagged with their index,
     observing each choice's latency metrics on the way.
 

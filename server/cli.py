@@ -19,22 +19,59 @@ def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key")
     parser.add_argument("--served-model-name")
     parser.add_argument("--max-num-seqs", type=int)
-    parser.add_argument("--max-num-batched-tokens", type=int, help="token budget of one step (default on CPU: 128, or 8 per running request when more; 2048 on CUDA); an encoder-decoder model's sources count whole, and one longer than the budget runs in a step of its own")
+    parser.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        help=(
+            "token budget of one step (default on CPU: 128, or 8 per running request when more; 2048 on CUDA); "
+            "an encoder-decoder model's sources count whole, and one longer than the budget runs in a step of "
+            "its own"
+        ),
+    )
     parser.add_argument("--block-size", type=int)
     parser.add_argument("--kv-cache-memory", help="e.g. 512MiB, 2GiB or bytes")
     parser.add_argument("--max-model-len", type=int)
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--device", help="auto, cpu or cuda")
-    parser.add_argument("--quantization", choices=["none", "int8", "gguf"], help="int8: weight-only int8 linears; gguf: a GGUF model's own Q4_0/Q4_1/Q8_0 weights (both CPU; float32 activations unless --activations; default none)")
-    parser.add_argument("--activations", choices=["float32", "int16", "int8"], help="int16 / int8 (with --quantization gguf or int8): quantize the linears' inputs per group of 32 too, for integer dot products; int16 stays close to float32's outputs, int8 (as llama.cpp) moves them more (default float32)")
+    parser.add_argument(
+        "--quantization",
+        choices=["none", "int8", "gguf"],
+        help=(
+            "int8: weight-only int8 linears; gguf: a GGUF model's own Q4_0/Q4_1/Q8_0 weights (both CPU; float32 "
+            "activations unless --activations; default none)"
+        ),
+    )
+    parser.add_argument(
+        "--activations",
+        choices=["float32", "int16", "int8"],
+        help=(
+            "int16 / int8 (with --quantization gguf or int8): quantize the linears' inputs per group of 32 too, "
+            "for integer dot products; int16 stays close to float32's outputs, int8 (as llama.cpp) moves them "
+            "more (default float32)"
+        ),
+    )
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="compile the step forward whole (torch.compile): shorter steps, 1-2 minutes more at start (default off)")
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="compile the step forward whole (torch.compile): shorter steps, 1-2 minutes more at start (default off)",
+    )
     parser.add_argument("--chat-template", help="Jinja chat template file overriding the model's")
-    parser.add_argument("--num-speculative-tokens", type=int, help="speculative decoding: draft tokens per greedy request per step (default 0 = off; 4 with --speculative-model)")
-    parser.add_argument("--speculative-model", help="draft model with the served model's vocabulary (HF directory or hub id); without it drafts come from n-gram lookup")
+    parser.add_argument(
+        "--num-speculative-tokens",
+        type=int,
+        help="speculative decoding: draft tokens per greedy request per step (default 0 = off; 4 with --speculative-model)",
+    )
+    parser.add_argument(
+        "--speculative-model",
+        help="draft model with the served model's vocabulary (HF directory or hub id); without it drafts come from n-gram lookup",
+    )
     parser.add_argument("--max-request-bytes", type=int)
     parser.add_argument("--max-queue-len", type=int, help="most requests waiting to run; more get 503 (default 256)")
-    parser.add_argument("--max-stored-responses", type=int, help="responses kept in memory for previous_response_id (LRU; default 1024; 0 = none)")
+    parser.add_argument(
+        "--max-stored-responses", type=int, help="responses kept in memory for previous_response_id (LRU; default 1024; 0 = none)"
+    )
     parser.add_argument("--request-timeout", type=float, help="seconds before a request ends with 504 (default: no limit)")
     parser.add_argument("--shutdown-timeout", type=float, help="on SIGTERM, seconds in-flight requests may finish (default 30)")
     parser.add_argument("--allowed-origins", help="comma-separated CORS origins (default: CORS off)")
@@ -91,7 +128,13 @@ def serve(settings: Settings) -> None:
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     host = "localhost" if settings.host in ("0.0.0.0", "::", "127.0.0.1") else settings.host
-    logging.getLogger("tokenstep").info("once the model is loaded: playground at http://%s:%d/ , live dashboard at http://%s:%d/dashboard", host, settings.port, host, settings.port)
+    logging.getLogger("tokenstep").info(
+        "once the model is loaded: playground at http://%s:%d/ , live dashboard at http://%s:%d/dashboard",
+        host,
+        settings.port,
+        host,
+        settings.port,
+    )
     app = create_app(settings, load=make_loader(settings))
     run_until_drained(app, settings)
 

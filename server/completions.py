@@ -59,7 +59,15 @@ def prompt_token_lists(body: CompletionRequest, state: Served) -> tuple[list[lis
 class ChoiceText:
     """Accumulates one choice: echo prefix, text and legacy logprobs."""
 
-    def __init__(self, state: Served, prompt_ids: list[int], prompt_text: str | None, echo: bool, want_logprobs: bool, skip_special_tokens: bool = True) -> None:
+    def __init__(
+        self,
+        state: Served,
+        prompt_ids: list[int],
+        prompt_text: str | None,
+        echo: bool,
+        want_logprobs: bool,
+        skip_special_tokens: bool = True,
+    ) -> None:
         self.prompt_ids = prompt_ids
         if echo and prompt_text is None:
             prompt_text = state.tokenizer.decode(prompt_ids, skip_special_tokens=skip_special_tokens)
@@ -98,7 +106,9 @@ class ChoiceText:
 
 
 @router.post("/v1/completions", response_model=None)
-async def create_completion(body: CompletionRequest, raw_request: Request, state: Served = Depends(served)) -> JSONResponse | EventSourceResponse:
+async def create_completion(
+    body: CompletionRequest, raw_request: Request, state: Served = Depends(served)
+) -> JSONResponse | EventSourceResponse:
     created = int(time.time())  # arrival: the same value in every chunk and in the JSON body
     _check_supported(body)
     check_generation_request(body, state)
@@ -112,7 +122,9 @@ async def create_completion(body: CompletionRequest, raw_request: Request, state
     raw_request.state.request_id = request_id
     choices = await start_choices(state, prompts, params, body.n, request_id)
     accumulators = {
-        choice.index: ChoiceText(state, choice.prompt_token_ids, texts[choice.index // body.n], body.echo, body.logprobs is not None, body.skip_special_tokens)
+        choice.index: ChoiceText(
+            state, choice.prompt_token_ids, texts[choice.index // body.n], body.echo, body.logprobs is not None, body.skip_special_tokens
+        )
         for choice in choices
     }
     usage_prompt_tokens = sum(len(prompt) for prompt in prompts)
@@ -129,23 +141,39 @@ def _usage(prompt_tokens: int, accumulators: dict[int, ChoiceText]) -> Usage:
     return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens)
 
 
-async def _collect(outputs: AsyncIterator[tuple[int, RequestOutput]], accumulators: dict[int, ChoiceText], header: dict, prompt_tokens: int) -> dict:
+async def _collect(
+    outputs: AsyncIterator[tuple[int, RequestOutput]], accumulators: dict[int, ChoiceText], header: dict, prompt_tokens: int
+) -> dict:
     async for index, output in outputs:
         accumulators[index].add(output)
     choices = [
-        CompletionChoice(index=index, text="".join(acc.text), logprobs=acc.logprobs if acc.want_logprobs else None, finish_reason=acc.finish_reason, stop_reason=acc.stop_reason)
+        CompletionChoice(
+            index=index,
+            text="".join(acc.text),
+            logprobs=acc.logprobs if acc.want_logprobs else None,
+            finish_reason=acc.finish_reason,
+            stop_reason=acc.stop_reason,
+        )
         for index, acc in sorted(accumulators.items())
     ]
     return model_dump(CompletionResponse(**header, choices=choices, usage=_usage(prompt_tokens, accumulators)))
 
 
-async def _stream(outputs: AsyncIterator[tuple[int, RequestOutput]], accumulators: dict[int, ChoiceText], header: dict, prompt_tokens: int, body: CompletionRequest) -> AsyncIterator[str]:
+async def _stream(
+    outputs: AsyncIterator[tuple[int, RequestOutput]],
+    accumulators: dict[int, ChoiceText],
+    header: dict,
+    prompt_tokens: int,
+    body: CompletionRequest,
+) -> AsyncIterator[str]:
     try:
         async for index, output in outputs:
             text, logprobs = accumulators[index].add(output)
             if not text and not output.is_finished and not (logprobs and logprobs.tokens):
                 continue
-            choice = CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=output.finish_reason, stop_reason=output.stop_reason)
+            choice = CompletionChoice(
+                index=index, text=text, logprobs=logprobs, finish_reason=output.finish_reason, stop_reason=output.stop_reason
+            )
             usage = _usage(prompt_tokens, accumulators) if body.continuous_usage else None
             yield json.dumps(model_dump(CompletionResponse(**header, choices=[choice], usage=usage)))
         if body.include_usage:

@@ -89,7 +89,14 @@ def error_body(status: int, message: str, param: str | None = None, error_type: 
     return {"error": {"message": message, "type": error_type or error_type_for(status), "param": param, "code": code}}
 
 
-def error_response(status: int, message: str, param: str | None = None, error_type: str | None = None, code: str | int | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status: int,
+    message: str,
+    param: str | None = None,
+    error_type: str | None = None,
+    code: str | int | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
     return JSONResponse(error_body(status, message, param, error_type, code), status_code=status, headers=headers)
 
 

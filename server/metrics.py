@@ -37,11 +37,23 @@ class EngineCollector(Collector):
         yield GaugeMetricFamily("tokenstep_kv_cache_usage_ratio", "Fraction of KV blocks in use (0-1).", value=stats.kv_cache_usage)
         yield CounterMetricFamily("tokenstep_prompt_tokens", "Prompt tokens admitted.", value=stats.num_prompt_tokens_total)
         yield CounterMetricFamily("tokenstep_generation_tokens", "Tokens generated.", value=stats.num_generation_tokens_total)
-        yield CounterMetricFamily("tokenstep_num_preemptions", "Requests preempted for lack of KV blocks.", value=stats.num_preemptions_total)
-        yield CounterMetricFamily("tokenstep_prefix_cache_queries", "Tokens looked up in the prefix cache.", value=stats.prefix_cache_query_tokens_total)
-        yield CounterMetricFamily("tokenstep_prefix_cache_hits", "Tokens served from the prefix cache.", value=stats.prefix_cache_hit_tokens_total)
-        yield CounterMetricFamily("tokenstep_spec_decode_num_draft_tokens", "Draft tokens proposed (speculative decoding: n-gram lookup or a draft model).", value=stats.spec_draft_tokens_total)
-        yield CounterMetricFamily("tokenstep_spec_decode_num_accepted_tokens", "Draft tokens the model agreed with.", value=stats.spec_accepted_tokens_total)
+        yield CounterMetricFamily(
+            "tokenstep_num_preemptions", "Requests preempted for lack of KV blocks.", value=stats.num_preemptions_total
+        )
+        yield CounterMetricFamily(
+            "tokenstep_prefix_cache_queries", "Tokens looked up in the prefix cache.", value=stats.prefix_cache_query_tokens_total
+        )
+        yield CounterMetricFamily(
+            "tokenstep_prefix_cache_hits", "Tokens served from the prefix cache.", value=stats.prefix_cache_hit_tokens_total
+        )
+        yield CounterMetricFamily(
+            "tokenstep_spec_decode_num_draft_tokens",
+            "Draft tokens proposed (speculative decoding: n-gram lookup or a draft model).",
+            value=stats.spec_draft_tokens_total,
+        )
+        yield CounterMetricFamily(
+            "tokenstep_spec_decode_num_accepted_tokens", "Draft tokens the model agreed with.", value=stats.spec_accepted_tokens_total
+        )
         yield CounterMetricFamily("tokenstep_engine_steps", "Engine iterations run.", value=stats.num_steps_total)
         yield CounterMetricFamily("tokenstep_engine_step_seconds", "Wall time spent in model steps.", value=stats.step_seconds_total)
 

@@ -48,7 +48,9 @@ def guided_decoding(body: SamplingFields) -> GuidedDecoding | None:
     return GuidedDecoding.lark(body.guided_grammar)
 
 
-def sampling_params(body: SamplingFields, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None, guided: GuidedDecoding | None = None) -> SamplingParams:
+def sampling_params(
+    body: SamplingFields, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None, guided: GuidedDecoding | None = None
+) -> SamplingParams:
     """``guided``: a constraint the route imposes itself (a forced tool call);
     it may not be combined with one from the request body."""
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
@@ -98,12 +100,18 @@ def check_generation_request(body: SamplingFields, state: Served) -> None:
     if state.encoder_decoder is None:
         return
     if getattr(body, "echo", False):
-        raise InvalidRequestError("echo is not supported by an encoder-decoder model: the prompt is the encoder's input, not part of the output", param="echo")
+        raise InvalidRequestError(
+            "echo is not supported by an encoder-decoder model: the prompt is the encoder's input, not part of the output", param="echo"
+        )
     if (body.model_extra or {}).get("decoder_input_ids") is not None:
-        raise InvalidRequestError("decoder_input_ids are not supported: the decoder starts from the model's own start token", param="decoder_input_ids")
+        raise InvalidRequestError(
+            "decoder_input_ids are not supported: the decoder starts from the model's own start token", param="decoder_input_ids"
+        )
 
 
-def check_context(num_prompt_tokens: int, max_tokens: int, state: Served, max_tokens_param: str = "max_tokens", prompt_param: str = "prompt") -> None:
+def check_context(
+    num_prompt_tokens: int, max_tokens: int, state: Served, max_tokens_param: str = "max_tokens", prompt_param: str = "prompt"
+) -> None:
     """Prompt + max_tokens must fit the context window (400 naming both numbers
     and, as ``param``, the field the client sent: ``max_tokens_param`` when the
     prompt alone fits, else ``prompt_param``). For an encoder-decoder model
@@ -126,7 +134,11 @@ def _check_decoder_window(max_tokens: int, state: Served, max_tokens_param: str)
     """The decoder's window; the source's length is the engine's check (``EngineCore.make_request``)."""
     limit = state.max_model_len - len(state.encoder_decoder.decoder_prompt_token_ids)
     if max_tokens > limit:
-        raise InvalidRequestError(f"This model's decoder writes at most {limit} tokens, but you requested {max_tokens}. Please reduce {max_tokens_param}.", param=max_tokens_param, code="context_length_exceeded")
+        raise InvalidRequestError(
+            f"This model's decoder writes at most {limit} tokens, but you requested {max_tokens}. Please reduce {max_tokens_param}.",
+            param=max_tokens_param,
+            code="context_length_exceeded",
+        )
 
 
 def default_max_tokens(num_prompt_tokens: int, state: Served) -> int:

@@ -59,7 +59,9 @@ class SamplingFields(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = Field(None, max_length=MAX_LOGIT_BIAS, description=f"token id (as a string) -> bias in [-100, 100]; at most {MAX_LOGIT_BIAS} entries")
+    logit_bias: dict[str, float] | None = Field(
+        None, max_length=MAX_LOGIT_BIAS, description=f"token id (as a string) -> bias in [-100, 100]; at most {MAX_LOGIT_BIAS} entries"
+    )
     user: str | None = None
     # vLLM extensions
     top_k: int | None = Field(None, ge=-1, description="vLLM: keep the k most likely tokens (0 or -1: off)")
@@ -67,7 +69,9 @@ class SamplingFields(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0.0, le=2.0, description="vLLM: >1 discourages repeating prompt/output tokens")
     ignore_eos: bool | None = Field(False, description="vLLM: keep generating past EOS")
     min_tokens: int | None = Field(0, ge=0, description="vLLM: EOS and stop tokens are banned before this many tokens")
-    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS, description=f"vLLM: token ids that end generation (at most {MAX_STOP_TOKEN_IDS})")
+    stop_token_ids: list[int] | None = Field(
+        None, max_length=MAX_STOP_TOKEN_IDS, description=f"vLLM: token ids that end generation (at most {MAX_STOP_TOKEN_IDS})"
+    )
     skip_special_tokens: bool = True
     # Structured output (OpenAI's response_format; vLLM's guided_* extensions)
     response_format: ResponseFormat | None = Field(None, description="text, json_object or json_schema")
@@ -87,7 +91,9 @@ class SamplingFields(BaseModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]] = Field(..., description="a string, strings, token ids or lists of token ids")
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]] = Field(
+        ..., description="a string, strings, token ids or lists of token ids"
+    )
     max_tokens: int | None = Field(16, ge=1)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
@@ -144,8 +150,12 @@ class ChatTemplateFields(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    tools: list[dict[str, Any]] | None = Field(None, description="functions the model may call: [{'type': 'function', 'function': {'name', 'description', 'parameters'}}]")
-    tool_choice: str | dict[str, Any] | None = Field(None, description="'auto' (default with tools), 'none', 'required' or {'type': 'function', 'function': {'name': ...}}")
+    tools: list[dict[str, Any]] | None = Field(
+        None, description="functions the model may call: [{'type': 'function', 'function': {'name', 'description', 'parameters'}}]"
+    )
+    tool_choice: str | dict[str, Any] | None = Field(
+        None, description="'auto' (default with tools), 'none', 'required' or {'type': 'function', 'function': {'name': ...}}"
+    )
     parallel_tool_calls: bool | None = Field(None, description="false: at most one call with tool_choice 'required'")
     # vLLM extensions
     add_generation_prompt: bool = True

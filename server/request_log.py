@@ -63,4 +63,12 @@ class RequestIdMiddleware:
         finally:
             code = status[0] if status else 500
             level = logging.DEBUG if scope["path"] in QUIET_PATHS else logging.INFO
-            logger.log(level, "request_id=%s %s %s %d %.3fs", request_id_of(scope), scope["method"], scope["path"], code, time.monotonic() - started)
+            logger.log(
+                level,
+                "request_id=%s %s %s %d %.3fs",
+                request_id_of(scope),
+                scope["method"],
+                scope["path"],
+                code,
+                time.monotonic() - started,
+            )

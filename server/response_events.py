@@ -57,7 +57,11 @@ class ResponseBuilder:
         content, calls = output.new_text, []
         if self._parser is not None:
             content, calls = self._parser.feed_delta(content, output.is_finished)
-        logprobs = [entry.model_dump(mode="json") for entry in self._reply.logprobs(output.logprobs).content] if self._want_logprobs and output.logprobs else []
+        logprobs = (
+            [entry.model_dump(mode="json") for entry in self._reply.logprobs(output.logprobs).content]
+            if self._want_logprobs and output.logprobs
+            else []
+        )
         events = self._text(content, logprobs) if content or logprobs else []
         for call in calls:
             events += self._close_message() + self._function_call(call)
@@ -71,7 +75,16 @@ class ResponseBuilder:
         part = message["content"][0]
         part["text"] += delta
         part["logprobs"].extend(logprobs)
-        events.append(self._event("response.output_text.delta", item_id=message["id"], output_index=self._index_of(message), content_index=0, delta=delta, logprobs=logprobs))
+        events.append(
+            self._event(
+                "response.output_text.delta",
+                item_id=message["id"],
+                output_index=self._index_of(message),
+                content_index=0,
+                delta=delta,
+                logprobs=logprobs,
+            )
+        )
         return events
 
     def _open_new_message(self) -> list[Event]:
@@ -82,7 +95,12 @@ class ResponseBuilder:
         part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
         added = self._event("response.output_item.added", output_index=index, item=_copy(message))
         message["content"].append(part)
-        return [added, self._event("response.content_part.added", item_id=message["id"], output_index=index, content_index=0, part=dict(part, logprobs=[]))]
+        return [
+            added,
+            self._event(
+                "response.content_part.added", item_id=message["id"], output_index=index, content_index=0, part=dict(part, logprobs=[])
+            ),
+        ]
 
     def _close_message(self, status: str = "completed") -> list[Event]:
         message, self._open_message = self._open_message, None
@@ -91,21 +109,45 @@ class ResponseBuilder:
         message["status"] = status
         index, part = self._index_of(message), message["content"][0]
         return [
-            self._event("response.output_text.done", item_id=message["id"], output_index=index, content_index=0, text=part["text"], logprobs=part["logprobs"]),
+            self._event(
+                "response.output_text.done",
+                item_id=message["id"],
+                output_index=index,
+                content_index=0,
+                text=part["text"],
+                logprobs=part["logprobs"],
+            ),
             self._event("response.content_part.done", item_id=message["id"], output_index=index, content_index=0, part=_copy(part)),
             self._event("response.output_item.done", output_index=index, item=_copy(message)),
         ]
 
     def _function_call(self, call: dict[str, Any]) -> list[Event]:
         function = call["function"]
-        item = {"id": new_item_id("fc"), "type": "function_call", "status": "in_progress", "call_id": call["id"], "name": function["name"], "arguments": ""}
+        item = {
+            "id": new_item_id("fc"),
+            "type": "function_call",
+            "status": "in_progress",
+            "call_id": call["id"],
+            "name": function["name"],
+            "arguments": "",
+        }
         self.response["output"].append(item)
         self.calls.append(call)
         index = self._index_of(item)
         events = [self._event("response.output_item.added", output_index=index, item=_copy(item))]
         item["arguments"], item["status"] = function["arguments"], "completed"
-        events.append(self._event("response.function_call_arguments.delta", item_id=item["id"], output_index=index, delta=item["arguments"]))
-        events.append(self._event("response.function_call_arguments.done", item_id=item["id"], output_index=index, name=item["name"], arguments=item["arguments"]))
+        events.append(
+            self._event("response.function_call_arguments.delta", item_id=item["id"], output_index=index, delta=item["arguments"])
+        )
+        events.append(
+            self._event(
+                "response.function_call_arguments.done",
+                item_id=item["id"],
+                output_index=index,
+                name=item["name"],
+                arguments=item["arguments"],
+            )
+        )
         events.append(self._event("response.output_item.done", output_index=index, item=_copy(item)))
         return events
 

@@ -47,7 +47,9 @@ def _stored(raw_request: Request, response_id: str, param: str | None = None) ->
 
 
 @router.post("/v1/responses", response_model=None)
-async def create_response(body: ResponsesRequest, raw_request: Request, state: Served = Depends(served)) -> JSONResponse | EventSourceResponse:
+async def create_response(
+    body: ResponsesRequest, raw_request: Request, state: Served = Depends(served)
+) -> JSONResponse | EventSourceResponse:
     created_at = int(time.time())
     check_supported(body)
     check_generation_request(body, state)
@@ -141,7 +143,9 @@ async def _collect(builder: ResponseBuilder, outputs: AsyncIterator[tuple[int, R
     return finish()
 
 
-async def _stream(builder: ResponseBuilder, outputs: AsyncIterator[tuple[int, RequestOutput]], finish: Finish) -> AsyncIterator[dict[str, str]]:
+async def _stream(
+    builder: ResponseBuilder, outputs: AsyncIterator[tuple[int, RequestOutput]], finish: Finish
+) -> AsyncIterator[dict[str, str]]:
     """SSE events ``event: <type>`` / ``data: <json>``; an error after the
     start is OpenAI's ``error`` event (no ``[DONE]``: the Responses stream
     ends with its last typed event)."""

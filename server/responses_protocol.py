@@ -36,7 +36,9 @@ class TextFormat(BaseModel):
             return None
         if self.type == "json_object":
             return ResponseFormat(type="json_object")
-        return ResponseFormat(type="json_schema", json_schema=JsonSchemaFormat(name=self.name or "response", schema=self.schema_, strict=self.strict))
+        return ResponseFormat(
+            type="json_schema", json_schema=JsonSchemaFormat(name=self.name or "response", schema=self.schema_, strict=self.strict)
+        )
 
 
 class TextConfig(BaseModel):
@@ -48,11 +50,15 @@ class ResponsesRequest(SamplingFields):
     """OpenAI's ``POST /v1/responses`` body. The vLLM sampling extensions of
     the other routes (``top_k``, ``seed``, ``stop``, ...) are accepted too."""
 
-    input: str | list[dict[str, Any]] = Field(..., description="a string, or a list of message / function_call / function_call_output items")
+    input: str | list[dict[str, Any]] = Field(
+        ..., description="a string, or a list of message / function_call / function_call_output items"
+    )
     instructions: str | None = Field(None, description="a system message for this turn only (not carried by previous_response_id)")
     max_output_tokens: int | None = Field(None, ge=1, description="omitted: the rest of the context window")
     text: TextConfig | None = None
-    tools: list[dict[str, Any]] | None = Field(None, description="function tools: [{'type': 'function', 'name', 'description', 'parameters'}]")
+    tools: list[dict[str, Any]] | None = Field(
+        None, description="function tools: [{'type': 'function', 'name', 'description', 'parameters'}]"
+    )
     tool_choice: str | dict[str, Any] | None = Field(None, description="'auto', 'none', 'required' or {'type': 'function', 'name': ...}")
     parallel_tool_calls: bool = True
     metadata: dict[str, str] | None = Field(None, max_length=MAX_METADATA_KEYS)
@@ -78,10 +84,12 @@ def check_supported(body: ResponsesRequest) -> None:
     }
     extra = body.model_extra or {}
     for field, message in unsupported.items():
-        if (body.background if field == "background" else extra.get(field)):
+        if body.background if field == "background" else extra.get(field):
             raise InvalidRequestError(message, param=field)
     if body.reasoning and any(value is not None for value in body.reasoning.values()):
-        raise InvalidRequestError("reasoning settings are not supported: the served model does not reason in hidden items", param="reasoning")
+        raise InvalidRequestError(
+            "reasoning settings are not supported: the served model does not reason in hidden items", param="reasoning"
+        )
     if body.truncation == "auto":
         raise InvalidRequestError("truncation 'auto' is not supported: an input that does not fit is a 400", param="truncation")
     if body.n != 1:
@@ -90,7 +98,9 @@ def check_supported(body: ResponsesRequest) -> None:
 
 def template_fields(body: ResponsesRequest) -> ChatTemplateFields:
     """The request's tools and tool choice in the chat route's shape."""
-    return ChatTemplateFields(tools=chat_tools(body.tools), tool_choice=chat_tool_choice(body.tool_choice), parallel_tool_calls=body.parallel_tool_calls)
+    return ChatTemplateFields(
+        tools=chat_tools(body.tools), tool_choice=chat_tool_choice(body.tool_choice), parallel_tool_calls=body.parallel_tool_calls
+    )
 
 
 def chat_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
@@ -100,7 +110,10 @@ def chat_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | Non
     for position, tool in enumerate(tools):
         kind = tool.get("type") if isinstance(tool, dict) else None
         if kind != "function":
-            raise InvalidRequestError(f"tool type {kind!r} is not supported: only function tools (built-in tools such as web search run nowhere here)", param=f"tools.{position}.type")
+            raise InvalidRequestError(
+                f"tool type {kind!r} is not supported: only function tools (built-in tools such as web search run nowhere here)",
+                param=f"tools.{position}.type",
+            )
         function = {key: tool[key] for key in ("name", "description", "parameters") if tool.get(key) is not None}
         converted.append({"type": "function", "function": function})
     return converted
@@ -129,7 +142,11 @@ def input_messages(input_items: str | list[dict[str, Any]]) -> list[dict[str, An
         if kind == "message":
             messages.append(_message(item, param))
         elif kind == "function_call":
-            call = {"id": _text_field(item, "call_id", param), "type": "function", "function": {"name": _text_field(item, "name", param), "arguments": _text_field(item, "arguments", param)}}
+            call = {
+                "id": _text_field(item, "call_id", param),
+                "type": "function",
+                "function": {"name": _text_field(item, "name", param), "arguments": _text_field(item, "arguments", param)},
+            }
             if messages and messages[-1]["role"] == "assistant":
                 messages[-1].setdefault("tool_calls", []).append(call)
             else:
@@ -141,7 +158,9 @@ def input_messages(input_items: str | list[dict[str, Any]]) -> list[dict[str, An
         elif kind == "reasoning":
             raise InvalidRequestError("reasoning items are not supported: the served model does not produce them", param=f"{param}.type")
         else:
-            raise InvalidRequestError(f"input item type {kind!r} is not supported (message, function_call, function_call_output)", param=f"{param}.type")
+            raise InvalidRequestError(
+                f"input item type {kind!r} is not supported (message, function_call, function_call_output)", param=f"{param}.type"
+            )
     return messages
 
 

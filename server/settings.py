@@ -31,24 +31,80 @@ class Settings(BaseSettings):
     api_key: str | None = Field(None, repr=False, description="require 'Authorization: Bearer KEY' on /v1 routes")
     served_model_name: str | None = None
     max_num_seqs: int = Field(DEFAULT_MAX_NUM_SEQS, ge=1, description="most requests running at once")
-    max_num_batched_tokens: int | None = Field(None, ge=1, description=f"token budget of one step (prefill + decode); default on CPU {CPU_TOKEN_BUDGET}, or {CPU_TOKENS_PER_RUNNING_REQUEST} per running request when more ({CPU_TOKENS_PER_RUNNING_REQUEST * DEFAULT_MAX_NUM_SEQS} at {DEFAULT_MAX_NUM_SEQS} in flight); {CUDA_TOKEN_BUDGET} on CUDA")
+    max_num_batched_tokens: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            f"token budget of one step (prefill + decode); default on CPU {CPU_TOKEN_BUDGET}, or "
+            f"{CPU_TOKENS_PER_RUNNING_REQUEST} per running request when more "
+            f"({CPU_TOKENS_PER_RUNNING_REQUEST * DEFAULT_MAX_NUM_SEQS} at {DEFAULT_MAX_NUM_SEQS} in flight); {CUDA_TOKEN_BUDGET} on CUDA"
+        ),
+    )
     block_size: int = Field(DEFAULT_BLOCK_SIZE, ge=1, le=1024)
-    kv_cache_memory: str | None = Field(None, description=f"KV pool size, e.g. 512MiB or 2GiB (default {CPU_KV_CACHE_MEMORY} on CPU, {CUDA_KV_FRACTION:.0%} of free GPU memory on CUDA)")
+    kv_cache_memory: str | None = Field(
+        None,
+        description=(
+            f"KV pool size, e.g. 512MiB or 2GiB (default {CPU_KV_CACHE_MEMORY} on CPU, {CUDA_KV_FRACTION:.0%} of free GPU memory on CUDA)"
+        ),
+    )
     max_model_len: int | None = Field(None, ge=1, description="context window (default: the model's)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
-    quantization: Literal["none", "int8", "gguf"] = Field("none", description="int8: weight-only int8 linears in groups of 32 (scale + offset each); gguf: a GGUF model's (or the default model's) own Q4_0/Q4_1/Q8_0 blocks, served as stored; both CPU with float32 activations; none: the checkpoint's dtype")
-    activations: Literal["float32", "int16", "int8"] = Field("float32", description="int16 or int8 (with --quantization gguf or int8): the quantized linears round their inputs per group of 32 to integers too, for integer dot products and a much faster decode; int16 stays very close to the float model's outputs, int8 (what llama.cpp does) moves them more (CPU, needs tokenstep's kernels)")
+    quantization: Literal["none", "int8", "gguf"] = Field(
+        "none",
+        description=(
+            "int8: weight-only int8 linears in groups of 32 (scale + offset each); gguf: a GGUF model's (or the "
+            "default model's) own Q4_0/Q4_1/Q8_0 blocks, served as stored; both CPU with float32 activations; "
+            "none: the checkpoint's dtype"
+        ),
+    )
+    activations: Literal["float32", "int16", "int8"] = Field(
+        "float32",
+        description=(
+            "int16 or int8 (with --quantization gguf or int8): the quantized linears round their inputs per "
+            "group of 32 to integers too, for integer dot products and a much faster decode; int16 stays very "
+            "close to the float model's outputs, int8 (what llama.cpp does) moves them more (CPU, needs "
+            "tokenstep's kernels)"
+        ),
+    )
     enable_prefix_caching: bool = True
-    compile: bool = Field(False, description="compile the step forward whole with torch.compile (inductor; needs a C++ compiler): shorter steps, but 1-2 minutes more at start (less once inductor's cache is warm)")
-    num_speculative_tokens: int | None = Field(None, ge=0, le=16, description=f"speculative decoding: draft tokens per greedy request per step, by n-gram lookup or from --speculative-model (default 0 = off; {DRAFT_MODEL_SPECULATIVE_TOKENS} with a speculative model)")
-    speculative_model: str | None = Field(None, description="draft model (HF directory or hub id, same vocabulary) for speculative decoding; unset = n-gram lookup when --num-speculative-tokens > 0")
+    compile: bool = Field(
+        False,
+        description=(
+            "compile the step forward whole with torch.compile (inductor; needs a C++ compiler): shorter steps, "
+            "but 1-2 minutes more at start (less once inductor's cache is warm)"
+        ),
+    )
+    num_speculative_tokens: int | None = Field(
+        None,
+        ge=0,
+        le=16,
+        description=(
+            f"speculative decoding: draft tokens per greedy request per step, by n-gram lookup or from "
+            f"--speculative-model (default 0 = off; {DRAFT_MODEL_SPECULATIVE_TOKENS} with a speculative model)"
+        ),
+    )
+    speculative_model: str | None = Field(
+        None,
+        description=(
+            "draft model (HF directory or hub id, same vocabulary) for speculative decoding; unset = n-gram "
+            "lookup when --num-speculative-tokens > 0"
+        ),
+    )
     chat_template: str | None = Field(None, description="Jinja chat template file overriding the model's")
     max_request_bytes: int = Field(16 * 2**20, ge=1024, description="larger request bodies get 413")
-    max_queue_len: int = Field(256, ge=1, description="most requests waiting to run (beyond free running slots); more get 503 + Retry-After")
-    max_stored_responses: int = Field(1024, ge=0, description="responses kept in memory for previous_response_id and GET /v1/responses/{id} (LRU; 0 = store nothing)")
-    request_timeout: float | None = Field(None, ge=0, description="seconds a request may take before it ends with 504 (streaming: an error event); unset or 0 = no limit")
-    shutdown_timeout: float = Field(30.0, ge=0, description="on SIGTERM, seconds in-flight requests may still finish before they end with an error")
+    max_queue_len: int = Field(
+        256, ge=1, description="most requests waiting to run (beyond free running slots); more get 503 + Retry-After"
+    )
+    max_stored_responses: int = Field(
+        1024, ge=0, description="responses kept in memory for previous_response_id and GET /v1/responses/{id} (LRU; 0 = store nothing)"
+    )
+    request_timeout: float | None = Field(
+        None, ge=0, description="seconds a request may take before it ends with 504 (streaming: an error event); unset or 0 = no limit"
+    )
+    shutdown_timeout: float = Field(
+        30.0, ge=0, description="on SIGTERM, seconds in-flight requests may still finish before they end with an error"
+    )
     allowed_origins: str | None = Field(None, description="comma-separated CORS origins ('*' = any); unset = CORS off")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

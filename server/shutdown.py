@@ -82,7 +82,14 @@ class DrainingServer(uvicorn.Server):
 
 def run_until_drained(app: FastAPI, settings: Settings) -> None:
     """Serve ``app`` until SIGTERM or SIGINT, then drain and return (exit 0)."""
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False, timeout_graceful_shutdown=CONNECTION_CLOSE_MARGIN_S)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=CONNECTION_CLOSE_MARGIN_S,
+    )
     server = DrainingServer(config, app, settings.shutdown_timeout)
 
     def after_uvicorn(signum: int, frame: FrameType | None) -> None:

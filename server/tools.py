@@ -94,7 +94,9 @@ def _call_schema(function: Function) -> dict[str, Any]:
     }
 
 
-def plan_tools(tools: list[dict[str, Any]] | None, tool_choice: str | dict[str, Any] | None, parallel: bool | None = None) -> ToolPlan | None:
+def plan_tools(
+    tools: list[dict[str, Any]] | None, tool_choice: str | dict[str, Any] | None, parallel: bool | None = None
+) -> ToolPlan | None:
     """Validate ``tools`` and ``tool_choice`` (400 naming the field); None without tools.
 
     ``parallel`` (``parallel_tool_calls``) False limits ``required`` to one call.
@@ -123,7 +125,9 @@ def plan_tools(tools: list[dict[str, Any]] | None, tool_choice: str | dict[str, 
         return ToolPlan(functions, tool_choice or "auto", parallel=parallel is not False)
     forced = tool_choice.get("function", {}).get("name") if isinstance(tool_choice, dict) else None
     if not isinstance(tool_choice, dict) or tool_choice.get("type") != "function" or forced is None:
-        raise InvalidRequestError("tool_choice is 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}", param="tool_choice")
+        raise InvalidRequestError(
+            "tool_choice is 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}", param="tool_choice"
+        )
     if forced not in names:
         raise InvalidRequestError(f"tool_choice names {forced!r}, which is not among the tools", param="tool_choice")
     return ToolPlan(functions, "function", forced)

@@ -55,13 +55,24 @@ def stats_body(state: Served, view: EngineView) -> dict:
         "preemptions": engine.num_preemptions_total,
         "kv": {"blocks": engine.num_kv_blocks, "block_size": engine.block_size, "usage": engine.kv_cache_usage, "map": view.block_map},
         "requests": [
-            {"id": row.request_id, "state": row.state, "prompt_tokens": row.num_prompt_tokens, "output_tokens": row.num_output_tokens, "computed_tokens": row.num_computed_tokens, "blocks": row.num_blocks}
+            {
+                "id": row.request_id,
+                "state": row.state,
+                "prompt_tokens": row.num_prompt_tokens,
+                "output_tokens": row.num_output_tokens,
+                "computed_tokens": row.num_computed_tokens,
+                "blocks": row.num_blocks,
+            }
             for row in view.requests
         ],
         "steps": per_second(view.steps, time.monotonic()),
         "prefix_cache": {"query_tokens": query, "hit_tokens": hits, "hit_rate": hits / query if query else None},
         "speculative": {"draft_tokens": drafts, "accepted_tokens": accepted, "acceptance_rate": accepted / drafts if drafts else None},
-        "totals": {"steps": engine.num_steps_total, "prompt_tokens": engine.num_prompt_tokens_total, "generation_tokens": engine.num_generation_tokens_total},
+        "totals": {
+            "steps": engine.num_steps_total,
+            "prompt_tokens": engine.num_prompt_tokens_total,
+            "generation_tokens": engine.num_generation_tokens_total,
+        },
     }
 
 

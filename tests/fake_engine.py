@@ -84,7 +84,14 @@ class ScriptedRunner:
 
 def fake_core(runner: ScriptedRunner | None = None, num_blocks: int = 64, block_size: int = 16, max_num_seqs: int = 8) -> EngineCore:
     scheduler = Scheduler(SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=64), BlockManager(num_blocks, block_size))
-    return EngineCore(scheduler, runner or ScriptedRunner(), CharTokenizer(), eos_token_ids=(EOS_TOKEN_ID,), vocab_size=VOCAB_SIZE, max_model_len=MAX_MODEL_LEN)
+    return EngineCore(
+        scheduler,
+        runner or ScriptedRunner(),
+        CharTokenizer(),
+        eos_token_ids=(EOS_TOKEN_ID,),
+        vocab_size=VOCAB_SIZE,
+        max_model_len=MAX_MODEL_LEN,
+    )
 
 
 def fake_batcher(runner: ScriptedRunner | None = None, **core_kwargs) -> DynamicBatcher:

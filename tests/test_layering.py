@@ -85,15 +85,9 @@ def imported_modules(source: str, filename: str = "<string>") -> list[tuple[int,
     return sorted(found)
 
 
-def find_violations(
-    source: str, forbidden: frozenset[str], filename: str = "<string>"
-) -> list[ImportViolation]:
+def find_violations(source: str, forbidden: frozenset[str], filename: str = "<string>") -> list[ImportViolation]:
     """The imports in ``source`` whose top-level module is in ``forbidden``."""
-    return [
-        ImportViolation(filename, lineno, module)
-        for lineno, module in imported_modules(source, filename)
-        if module in forbidden
-    ]
+    return [ImportViolation(filename, lineno, module) for lineno, module in imported_modules(source, filename) if module in forbidden]
 
 
 def package_sources(package: str) -> list[Path]:
@@ -157,9 +151,7 @@ def test_checker_catches_planted_violations() -> None:
 
 
 def test_checker_catches_a_bare_import_torch() -> None:
-    assert find_violations("import torch\n", frozenset({"torch"})) == [
-        ImportViolation("<string>", 1, "torch")
-    ]
+    assert find_violations("import torch\n", frozenset({"torch"})) == [ImportViolation("<string>", 1, "torch")]
 
 
 def test_checker_ignores_relative_and_lookalike_imports() -> None:
@@ -201,7 +193,9 @@ print(" ".join(sorted({name.split(".")[0] for name in sys.modules})))
 
 def loaded_top_level_modules(package: str) -> set[str]:
     """Top-level names in ``sys.modules`` after importing every module of ``package``."""
-    result = subprocess.run([sys.executable, "-c", _LOADED_AFTER_IMPORTING, package], capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    result = subprocess.run(
+        [sys.executable, "-c", _LOADED_AFTER_IMPORTING, package], capture_output=True, text=True, timeout=300, cwd=REPO_ROOT
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     return set(result.stdout.split())
 

@@ -107,7 +107,9 @@ def build_tiny_t5(target: Path, tokenizer_dir: Path, gated: bool = True, tied: b
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     eos = tokenizer.convert_ids_to_tokens(2)
-    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single=f"$A {eos}", pair=f"$A {eos} $B {eos}", special_tokens=[(eos, 2)])
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"$A {eos}", pair=f"$A {eos} $B {eos}", special_tokens=[(eos, 2)]
+    )
     tokenizer.save_pretrained(target)
     return target
 
@@ -120,8 +122,18 @@ def build_tiny_bart(target: Path, tokenizer_dir: Path, model_type: str = "bart",
 
     torch.manual_seed(0)
     sizes = dict(
-        vocab_size=VOCAB_SIZE, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
-        encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=1024, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        vocab_size=VOCAB_SIZE,
+        d_model=64,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        max_position_embeddings=1024,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
         decoder_start_token_id=2,
     )
     if model_type == "marian":

@@ -38,7 +38,9 @@ def create_scheduler(
     sliding_window: int | None = None,
 ) -> Scheduler:
     block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching=enable_prefix_caching, sliding_window=sliding_window)
-    config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, tokens_per_running_request=tokens_per_running_request)
+    config = SchedulerConfig(
+        max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, tokens_per_running_request=tokens_per_running_request
+    )
     return Scheduler(config, block_manager)
 
 
@@ -81,13 +83,7 @@ class FakeRunner:
         self.requests.apply(scheduler_output)
         token_id = FIRST_SAMPLED_TOKEN_ID + self.num_steps
         self.num_steps += 1
-        return RunnerOutput(
-            sampled=[
-                SampledToken(chunk.request_id, token_id)
-                for chunk in scheduler_output.chunks
-                if chunk.is_sampling
-            ]
-        )
+        return RunnerOutput(sampled=[SampledToken(chunk.request_id, token_id) for chunk in scheduler_output.chunks if chunk.is_sampling])
 
 
 def run_step(scheduler: Scheduler, runner: FakeRunner) -> tuple[SchedulerOutput, list[TokenUpdate]]:

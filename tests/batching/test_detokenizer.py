@@ -29,18 +29,12 @@ def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
 
 
 def chat_prompt(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": "hi"}], add_generation_prompt=True, return_dict=False
-    )
+    return tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, return_dict=False)
 
 
-def stream(
-    detokenizer: IncrementalDetokenizer, token_ids: list[int], chunk: int = 1
-) -> list[str]:
+def stream(detokenizer: IncrementalDetokenizer, token_ids: list[int], chunk: int = 1) -> list[str]:
     """All step() pieces for ``token_ids`` fed ``chunk`` at a time, then flush()."""
-    pieces = [
-        detokenizer.step(token_ids[i : i + chunk]) for i in range(0, len(token_ids), chunk)
-    ]
+    pieces = [detokenizer.step(token_ids[i : i + chunk]) for i in range(0, len(token_ids), chunk)]
     return pieces + [detokenizer.flush()]
 
 
@@ -63,9 +57,7 @@ class CountingTokenizer:
 
 @pytest.mark.parametrize("skip_special_tokens", [True, False])
 @pytest.mark.parametrize("text", TEXTS)
-def test_streamed_pieces_add_up_to_full_decode(
-    tokenizer: PreTrainedTokenizerBase, text: str, skip_special_tokens: bool
-) -> None:
+def test_streamed_pieces_add_up_to_full_decode(tokenizer: PreTrainedTokenizerBase, text: str, skip_special_tokens: bool) -> None:
     output_ids = encode(tokenizer, text) + [tokenizer.eos_token_id]
     detokenizer = IncrementalDetokenizer(tokenizer, chat_prompt(tokenizer), skip_special_tokens)
     pieces = stream(detokenizer, output_ids)
@@ -99,9 +91,7 @@ def test_partial_emoji_is_held_until_completed(tokenizer: PreTrainedTokenizerBas
 
 
 @pytest.mark.parametrize("prompt", ["Say hello:", ""])
-def test_first_token_keeps_its_leading_space(
-    tokenizer: PreTrainedTokenizerBase, prompt: str
-) -> None:
+def test_first_token_keeps_its_leading_space(tokenizer: PreTrainedTokenizerBase, prompt: str) -> None:
     (world,) = encode(tokenizer, " world")
     detokenizer = IncrementalDetokenizer(tokenizer, encode(tokenizer, prompt))
     assert detokenizer.step([world]) == " world"
@@ -163,14 +153,9 @@ def test_random_token_sequences_match_full_decode(tokenizer: PreTrainedTokenizer
     fragment_ids = [t for t in range(100, 400) if REPLACEMENT_CHAR in tokenizer.decode([t])]
     prompt_ids = chat_prompt(tokenizer)
     for _ in range(200):
-        output_ids = [
-            rng.choice(fragment_ids) if rng.random() < 0.5 else rng.randrange(len(tokenizer))
-            for _ in range(rng.randint(1, 60))
-        ]
+        output_ids = [rng.choice(fragment_ids) if rng.random() < 0.5 else rng.randrange(len(tokenizer)) for _ in range(rng.randint(1, 60))]
         skip_special_tokens = rng.random() < 0.5
-        detokenizer = IncrementalDetokenizer(
-            tokenizer, prompt_ids[: rng.randint(0, len(prompt_ids))], skip_special_tokens
-        )
+        detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids[: rng.randint(0, len(prompt_ids))], skip_special_tokens)
         pieces = stream(detokenizer, output_ids, chunk=rng.randint(1, 3))
         expected = tokenizer.decode(output_ids, skip_special_tokens=skip_special_tokens)
         text = "".join(pieces)

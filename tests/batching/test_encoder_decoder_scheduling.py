@@ -5,7 +5,16 @@ source too."""
 
 from batching.request import Request, RequestStatus
 from batching.sampling_params import SamplingParams
-from tests.batching.factories import BLOCK_SIZE, EOS_TOKEN_ID, FakeRunner, abort_request, assert_no_leak, create_scheduler, run_step, run_to_completion
+from tests.batching.factories import (
+    BLOCK_SIZE,
+    EOS_TOKEN_ID,
+    FakeRunner,
+    abort_request,
+    assert_no_leak,
+    create_scheduler,
+    run_step,
+    run_to_completion,
+)
 
 DECODER_START = 0
 

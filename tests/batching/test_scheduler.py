@@ -273,9 +273,7 @@ def test_the_admission_policy_is_swappable() -> None:
 
 @pytest.mark.parametrize("enable_prefix_caching", [False, True])
 def test_preempted_request_goes_to_the_front_recomputes_and_continues(enable_prefix_caching: bool) -> None:
-    scheduler = create_scheduler(
-        num_blocks=4, block_size=4, max_num_seqs=2, enable_prefix_caching=enable_prefix_caching
-    )
+    scheduler = create_scheduler(num_blocks=4, block_size=4, max_num_seqs=2, enable_prefix_caching=enable_prefix_caching)
     first = create_request("first", list(range(10, 16)), max_tokens=8)
     second = create_request("second", list(range(20, 26)), max_tokens=8)
     queued = create_request("queued", [40, 41, 42], max_tokens=2)
@@ -487,9 +485,7 @@ add_ops = st.tuples(st.just("add"), prompts, st.integers(1, 8))
 abort_ops = st.tuples(st.sampled_from(["abort", "abort_in_flight"]), st.integers(0, 40))
 step_ops = st.just(("step",))
 # Steps and adds outweigh aborts, so pools fill up and preemption happens.
-operations = st.lists(
-    st.one_of(add_ops, add_ops, step_ops, step_ops, step_ops, abort_ops), min_size=10, max_size=60
-)
+operations = st.lists(st.one_of(add_ops, add_ops, step_ops, step_ops, step_ops, abort_ops), min_size=10, max_size=60)
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])

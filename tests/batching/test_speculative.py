@@ -24,7 +24,14 @@ def test_only_plain_greedy_requests_speculate():
         return Request("r", [1, 2, 3], SamplingParams(**params))
 
     assert can_speculate(request(temperature=0.0))
-    for params in ({"temperature": 0.7}, {"temperature": 0.0, "logprobs": 1}, {"temperature": 0.0, "stop": ("x",)}, {"temperature": 0.0, "presence_penalty": 0.5}, {"temperature": 0.0, "logit_bias": {5: 1.0}}, {"temperature": 0.0, "min_tokens": 2, "max_tokens": 8}):
+    for params in (
+        {"temperature": 0.7},
+        {"temperature": 0.0, "logprobs": 1},
+        {"temperature": 0.0, "stop": ("x",)},
+        {"temperature": 0.0, "presence_penalty": 0.5},
+        {"temperature": 0.0, "logit_bias": {5: 1.0}},
+        {"temperature": 0.0, "min_tokens": 2, "max_tokens": 8},
+    ):
         assert not can_speculate(request(**params)), params
 
 
@@ -32,7 +39,10 @@ def test_draft_model_mode_asks_for_lookahead_and_sends_the_proposals_back():
     """With a draft model the scheduler asks the runner for the next step's
     drafts (blocks included) and schedules what came back after the new token."""
     block_manager = BlockManager(num_blocks=16, block_size=4)
-    scheduler = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, num_speculative_tokens=3, speculative_method="draft_model"), block_manager)
+    scheduler = Scheduler(
+        SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, num_speculative_tokens=3, speculative_method="draft_model"),
+        block_manager,
+    )
     request = Request("r", [5, 6, 7, 8, 9], SamplingParams(temperature=0.0, max_tokens=6))
     scheduler.add_request(request)
 
@@ -54,7 +64,9 @@ def test_draft_model_mode_asks_for_lookahead_and_sends_the_proposals_back():
 
 
 def test_ngram_mode_never_asks_for_lookahead():
-    scheduler = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=512, num_speculative_tokens=3), BlockManager(num_blocks=16, block_size=4))
+    scheduler = Scheduler(
+        SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=512, num_speculative_tokens=3), BlockManager(num_blocks=16, block_size=4)
+    )
     scheduler.add_request(Request("r", [1, 2, 3, 1, 2], SamplingParams(temperature=0.0, max_tokens=6)))
     (chunk,) = scheduler.schedule().chunks
     assert chunk.num_lookahead_tokens == 0

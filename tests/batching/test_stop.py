@@ -77,13 +77,9 @@ def test_stop_token_ids_stop_and_name_the_token() -> None:
 
 
 def test_stop_token_respects_min_tokens_and_ignores_ignore_eos() -> None:
-    request = create_request(
-        max_tokens=10, min_tokens=2, stop_token_ids=(STOP_TOKEN,), ignore_eos=True
-    )
+    request = create_request(max_tokens=10, min_tokens=2, stop_token_ids=(STOP_TOKEN,), ignore_eos=True)
     assert append_token(request, STOP_TOKEN) is None
-    assert append_token(request, STOP_TOKEN) == StopDecision(
-        RequestStatus.FINISHED_STOPPED, stop_reason=STOP_TOKEN
-    )
+    assert append_token(request, STOP_TOKEN) == StopDecision(RequestStatus.FINISHED_STOPPED, stop_reason=STOP_TOKEN)
 
 
 def test_max_tokens_gives_length() -> None:
@@ -194,9 +190,7 @@ def test_streaming_equals_non_streaming(stop: tuple[str, ...], text: str) -> Non
 # --- with the real tokenizer ---------------------------------------------------
 
 
-def detokenize_and_stop(
-    tokenizer: PreTrainedTokenizerBase, text: str, stop: tuple[str, ...]
-) -> tuple[list[str], str | None]:
+def detokenize_and_stop(tokenizer: PreTrainedTokenizerBase, text: str, stop: tuple[str, ...]) -> tuple[list[str], str | None]:
     """Stream ``text`` token by token through the detokenizer and the stop matcher."""
     detokenizer = IncrementalDetokenizer(tokenizer, tokenizer.encode("Say:"))
     matcher = StopStringMatcher(stop)

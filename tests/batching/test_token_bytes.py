@@ -48,7 +48,10 @@ class SentencePieceLike:
         return self.pieces[token_id]
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = False) -> str:
-        raw = b"".join(b"\xe2" if t == 1 else b"\x98" if t == 2 else b"\x80" if t == 3 else self.pieces[t].replace("▁", " ").encode() for t in token_ids)
+        raw = b"".join(
+            b"\xe2" if t == 1 else b"\x98" if t == 2 else b"\x80" if t == 3 else self.pieces[t].replace("▁", " ").encode()
+            for t in token_ids
+        )
         return raw.decode("utf-8", errors="replace").lstrip(" ")  # a lone piece loses its leading space
 
 

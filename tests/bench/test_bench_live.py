@@ -13,8 +13,15 @@ from tests.e2e.conftest import ServerProcess, free_port
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CONFIG_FIELDS = {"label", "base_url", "model", "endpoint", "input_len", "output_len", "num_prompts", "max_concurrency", "request_rate"}
 METRIC_FIELDS = {
-    "completed", "failed", "duration", "total_input_tokens", "total_output_tokens",
-    "request_throughput", "output_throughput", "total_token_throughput", "errors",
+    "completed",
+    "failed",
+    "duration",
+    "total_input_tokens",
+    "total_output_tokens",
+    "request_throughput",
+    "output_throughput",
+    "total_token_throughput",
+    "errors",
     *(f"{stat}_{name}_ms" for name in ("ttft", "tpot", "itl", "e2el") for stat in ("mean", "median", "p90", "p99")),
 }
 
@@ -27,7 +34,21 @@ def run_bench(server_url: str, tmp_path: Path, *flags: str) -> tuple[int, dict |
 
 def test_single_run_counts_and_fields(tiny_server: ServerProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     plot = tmp_path / "cdf.png"
-    flags = ["--num-prompts", "8", "--max-concurrency", "4", "--input-len", "32", "--output-len", "8", "--ignore-eos", "--label", "live", "--plot", str(plot)]
+    flags = [
+        "--num-prompts",
+        "8",
+        "--max-concurrency",
+        "4",
+        "--input-len",
+        "32",
+        "--output-len",
+        "8",
+        "--ignore-eos",
+        "--label",
+        "live",
+        "--plot",
+        str(plot),
+    ]
     status, run = run_bench(tiny_server.base_url, tmp_path, *flags)
     assert status == 0
     assert CONFIG_FIELDS | METRIC_FIELDS <= run.keys()
@@ -45,7 +66,19 @@ def test_single_run_counts_and_fields(tiny_server: ServerProcess, tmp_path: Path
 
 def test_sweep_writes_a_list_and_a_plot(tiny_server: ServerProcess, tmp_path: Path) -> None:
     plot = tmp_path / "sweep.png"
-    flags = ["--num-prompts", "4", "--concurrency-sweep", "1,2", "--input-len", "16", "--output-len", "4", "--ignore-eos", "--plot", str(plot)]
+    flags = [
+        "--num-prompts",
+        "4",
+        "--concurrency-sweep",
+        "1,2",
+        "--input-len",
+        "16",
+        "--output-len",
+        "4",
+        "--ignore-eos",
+        "--plot",
+        str(plot),
+    ]
     status, runs = run_bench(tiny_server.base_url + "/v1", tmp_path, *flags)
     assert status == 0
     assert [run["max_concurrency"] for run in runs] == [1, 2]
@@ -71,7 +104,18 @@ def test_bad_model_is_counted_not_raised(tiny_server: ServerProcess, tmp_path: P
 
 def test_closed_port_exits_1_without_traceback(tmp_path: Path) -> None:
     result_json = tmp_path / "down.json"
-    command = [sys.executable, "-c", "from server.cli import main; main()", "bench", "--base-url", f"http://127.0.0.1:{free_port()}", "--num-prompts", "5", "--result-json", str(result_json)]
+    command = [
+        sys.executable,
+        "-c",
+        "from server.cli import main; main()",
+        "bench",
+        "--base-url",
+        f"http://127.0.0.1:{free_port()}",
+        "--num-prompts",
+        "5",
+        "--result-json",
+        str(result_json),
+    ]
     finished = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert finished.returncode == 1
     assert "Traceback" not in finished.stderr + finished.stdout
@@ -84,7 +128,21 @@ def test_closed_port_exits_1_without_traceback(tmp_path: Path) -> None:
 def test_extra_body_constrains_half_the_requests(tiny_server: ServerProcess, tmp_path: Path) -> None:
     """Half the requests are a one-token guided choice, so they stop after one token."""
     extra = json.dumps({"guided_choice": ["yes"], "ignore_eos": False})
-    flags = ["--num-prompts", "6", "--max-concurrency", "3", "--input-len", "16", "--output-len", "8", "--ignore-eos", "--extra-body", extra, "--extra-body-fraction", "0.5"]
+    flags = [
+        "--num-prompts",
+        "6",
+        "--max-concurrency",
+        "3",
+        "--input-len",
+        "16",
+        "--output-len",
+        "8",
+        "--ignore-eos",
+        "--extra-body",
+        extra,
+        "--extra-body-fraction",
+        "0.5",
+    ]
     status, run = run_bench(tiny_server.base_url, tmp_path, *flags)
     assert status == 0 and run["completed"] == 6
     assert run["extra_body"] == json.loads(extra) and run["extra_body_fraction"] == 0.5

@@ -37,7 +37,13 @@ async def send_with(body: bytes, status: int = 200, target: Target = TARGET) -> 
 
 
 async def test_usage_chunk_gives_output_tokens() -> None:
-    body = sse(completion_chunk("a"), completion_chunk(""), completion_chunk("b"), {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4}}, "[DONE]")
+    body = sse(
+        completion_chunk("a"),
+        completion_chunk(""),
+        completion_chunk("b"),
+        {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4}},
+        "[DONE]",
+    )
     result, payload = await send_with(body)
     assert result.is_success and result.error == ""
     assert result.output_tokens == 4 and result.input_tokens == 3

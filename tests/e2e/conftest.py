@@ -28,7 +28,17 @@ class ServerProcess:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        command = [sys.executable, "-c", "from server.cli import main; main()", "serve", *args, "--host", "127.0.0.1", "--port", str(self.port)]
+        command = [
+            sys.executable,
+            "-c",
+            "from server.cli import main; main()",
+            "serve",
+            *args,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+        ]
         self.log = open(log_path, "w") if log_path else subprocess.DEVNULL
         self.process = subprocess.Popen(command, env={**os.environ, **(env or {})}, stdout=self.log, stderr=subprocess.STDOUT)
 
@@ -93,5 +103,17 @@ SMALL_BODY_LIMIT = 2048
 def guarded_server(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """The tiny model behind ``--api-key`` and a small ``--max-request-bytes``."""
     log = tmp_path_factory.mktemp("logs") / "guarded_server.log"
-    args = [str(tiny_llama_dir), "--served-model-name", "tiny", "--kv-cache-memory", "16MiB", "--dtype", "float32", "--api-key", API_KEY, "--max-request-bytes", str(SMALL_BODY_LIMIT)]
+    args = [
+        str(tiny_llama_dir),
+        "--served-model-name",
+        "tiny",
+        "--kv-cache-memory",
+        "16MiB",
+        "--dtype",
+        "float32",
+        "--api-key",
+        API_KEY,
+        "--max-request-bytes",
+        str(SMALL_BODY_LIMIT),
+    ]
     yield from running_server(args, log)

@@ -86,7 +86,10 @@ def test_omitted_max_tokens_runs_to_the_context_window(tiny_server):
 def test_default_model_answers_without_max_tokens(default_server):
     """The real SmolLM2 through its chat template, no max tokens: it ends by EOS."""
     client = client_for(default_server)
-    messages = [{"role": "system", "content": "Answer in one short sentence."}, {"role": "user", "content": "What is the capital of France?"}]
+    messages = [
+        {"role": "system", "content": "Answer in one short sentence."},
+        {"role": "user", "content": "What is the capital of France?"},
+    ]
     response = client.chat.completions.create(model="smollm2-135m-instruct", messages=messages, temperature=0)
     choice = response.choices[0]
     assert "Paris" in choice.message.content
@@ -121,7 +124,9 @@ def test_logprobs_and_top_logprobs(tiny_server):
 
     # Streamed logprobs equal the non-streamed ones.
     streamed = []
-    for chunk in client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, logprobs=True, top_logprobs=3, stream=True, **GREEDY):
+    for chunk in client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=6, logprobs=True, top_logprobs=3, stream=True, **GREEDY
+    ):
         for choice in chunk.choices:
             if choice.logprobs and choice.logprobs.content:
                 streamed += choice.logprobs.content
@@ -153,7 +158,12 @@ def test_extensions_and_penalties_are_accepted(tiny_server):
     client = client_for(tiny_server)
     greedy = chat_text(client, max_tokens=6)
     extended = client.chat.completions.create(
-        model=MODEL, messages=MESSAGES, max_tokens=6, temperature=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+        model=MODEL,
+        messages=MESSAGES,
+        max_tokens=6,
+        temperature=1.0,
+        presence_penalty=0.0,
+        frequency_penalty=0.0,
         extra_body={"top_k": 1, "min_p": 0.0, "repetition_penalty": 1.0, "ignore_eos": True, "min_tokens": 2, "skip_special_tokens": True},
     )
     assert extended.choices[0].message.content == greedy
@@ -163,7 +173,11 @@ def test_extensions_and_penalties_are_accepted(tiny_server):
 def test_stream_deltas_role_content_finish_and_usage(tiny_server):
     client = client_for(tiny_server)
     whole = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8, **GREEDY)
-    chunks = list(client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8, stream=True, stream_options={"include_usage": True}, **GREEDY))
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=8, stream=True, stream_options={"include_usage": True}, **GREEDY
+        )
+    )
     assert all(chunk.object == "chat.completion.chunk" and chunk.id == chunks[0].id for chunk in chunks)
     with_choices = [chunk for chunk in chunks if chunk.choices]
     assert with_choices[0].choices[0].delta.role == "assistant"
@@ -232,9 +246,18 @@ def test_chat_prompt_is_the_tokenized_template_without_doubled_bos(tiny_server):
 def test_default_model_streams_multibyte_text_without_broken_characters(default_server):
     """CJK characters span several byte-level tokens: deltas hold them back until complete."""
     client = client_for(default_server)
-    kwargs = dict(model="smollm2-135m-instruct", messages=[{"role": "user", "content": "Write the word hello in Chinese characters, Japanese and Korean."}], max_tokens=28, temperature=0)
+    kwargs = dict(
+        model="smollm2-135m-instruct",
+        messages=[{"role": "user", "content": "Write the word hello in Chinese characters, Japanese and Korean."}],
+        max_tokens=28,
+        temperature=0,
+    )
     whole = client.chat.completions.create(**kwargs)
-    deltas = [chunk.choices[0].delta.content for chunk in client.chat.completions.create(stream=True, **kwargs) if chunk.choices and chunk.choices[0].delta.content]
+    deltas = [
+        chunk.choices[0].delta.content
+        for chunk in client.chat.completions.create(stream=True, **kwargs)
+        if chunk.choices and chunk.choices[0].delta.content
+    ]
     assert "".join(deltas) == whole.choices[0].message.content
     assert not any("\ufffd" in delta for delta in deltas[:-1]), deltas
     if any(ord(ch) > 0x2E80 for ch in whole.choices[0].message.content):

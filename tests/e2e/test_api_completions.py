@@ -119,7 +119,11 @@ def test_max_tokens_and_default_of_16(tiny_server):
         assert response.usage.completion_tokens == max_tokens
         assert response.choices[0].finish_reason == "length"
     # OpenAI's default max_tokens for completions is 16.
-    raw = httpx.post(f"{tiny_server.base_url}/v1/completions", json={"model": MODEL, "prompt": "count me", "temperature": 0, "ignore_eos": True}, timeout=30)
+    raw = httpx.post(
+        f"{tiny_server.base_url}/v1/completions",
+        json={"model": MODEL, "prompt": "count me", "temperature": 0, "ignore_eos": True},
+        timeout=30,
+    )
     assert raw.status_code == 200, raw.text
     assert raw.json()["usage"]["completion_tokens"] == 16
 
@@ -142,7 +146,12 @@ async def test_seeded_request_is_reproducible_inside_a_concurrent_batch(tiny_ser
     try:
         kwargs = dict(model=MODEL, prompt="seeded under load", max_tokens=10, temperature=1.0, seed=77, extra_body={"ignore_eos": True})
         alone = (await aclient.completions.create(**kwargs)).choices[0].text
-        noise = [aclient.completions.create(model=MODEL, prompt=f"noise {i} " * (i + 1), max_tokens=12, temperature=1.0, extra_body={"ignore_eos": True}) for i in range(5)]
+        noise = [
+            aclient.completions.create(
+                model=MODEL, prompt=f"noise {i} " * (i + 1), max_tokens=12, temperature=1.0, extra_body={"ignore_eos": True}
+            )
+            for i in range(5)
+        ]
         results = await asyncio.gather(aclient.completions.create(**kwargs), *noise)
         assert results[0].choices[0].text == alone
     finally:
@@ -156,7 +165,12 @@ def test_truncating_samplers_at_the_limit_equal_greedy(tiny_server, extension):
     greedy = greedy_text(client, "sampling filters", 10)
     extra = {key: value for key, value in extension.items() if key != "top_p"}
     response = client.completions.create(
-        model=MODEL, prompt="sampling filters", max_tokens=10, temperature=1.0, top_p=extension.get("top_p", 1.0), extra_body={"ignore_eos": True, **extra}
+        model=MODEL,
+        prompt="sampling filters",
+        max_tokens=10,
+        temperature=1.0,
+        top_p=extension.get("top_p", 1.0),
+        extra_body={"ignore_eos": True, **extra},
     )
     assert response.choices[0].text == greedy
 
@@ -171,7 +185,16 @@ def test_logit_bias_forces_a_token(tiny_server):
 
 def _forced_count(server, sampling: dict) -> int:
     """How often a moderately (+8) biased token is chosen in 20 greedy steps."""
-    body = {"model": MODEL, "prompt": "hi", "max_tokens": 20, "temperature": 0, "logit_bias": {str(FORCED_TOKEN): 8}, "logprobs": 0, "ignore_eos": True, **sampling}
+    body = {
+        "model": MODEL,
+        "prompt": "hi",
+        "max_tokens": 20,
+        "temperature": 0,
+        "logit_bias": {str(FORCED_TOKEN): 8},
+        "logprobs": 0,
+        "ignore_eos": True,
+        **sampling,
+    }
     response = httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=30)
     assert response.status_code == 200, response.text
     forced = detokenize(server, [FORCED_TOKEN])
@@ -222,7 +245,9 @@ def test_stop_string_and_list(tiny_server):
     assert listed.text == expected and listed.finish_reason == "stop"
 
     # Streaming never leaks (part of) the stop string.
-    texts, finish, _ = stream_choices(client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, stop=[stop], stream=True, **GREEDY))
+    texts, finish, _ = stream_choices(
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, stop=[stop], stream=True, **GREEDY)
+    )
     assert texts[0] == expected and finish[0] == "stop"
 
 
@@ -234,11 +259,15 @@ def test_eos_ignore_eos_min_tokens(tiny_server):
     assert stopped.usage.completion_tokens == 1
     assert stopped.choices[0].text == ""
 
-    ignored = client.completions.create(model=MODEL, prompt="end", max_tokens=5, temperature=0, logit_bias=eos_bias, extra_body={"ignore_eos": True})
+    ignored = client.completions.create(
+        model=MODEL, prompt="end", max_tokens=5, temperature=0, logit_bias=eos_bias, extra_body={"ignore_eos": True}
+    )
     assert ignored.choices[0].finish_reason == "length"
     assert ignored.usage.completion_tokens == 5
 
-    delayed = client.completions.create(model=MODEL, prompt="end", max_tokens=8, temperature=0, logit_bias=eos_bias, extra_body={"min_tokens": 3})
+    delayed = client.completions.create(
+        model=MODEL, prompt="end", max_tokens=8, temperature=0, logit_bias=eos_bias, extra_body={"min_tokens": 3}
+    )
     assert delayed.choices[0].finish_reason == "stop"
     assert delayed.usage.completion_tokens == 4  # 3 banned-EOS tokens, then EOS
     assert delayed.choices[0].text == greedy_text(client, "end", 3)
@@ -247,11 +276,20 @@ def test_eos_ignore_eos_min_tokens(tiny_server):
 def test_stop_token_ids(tiny_server):
     client = client_for(tiny_server)
     bias = {str(FORCED_TOKEN): 100}
-    first = client.completions.create(model=MODEL, prompt="x", max_tokens=8, temperature=0, logit_bias=bias, extra_body={"stop_token_ids": [FORCED_TOKEN]})
+    first = client.completions.create(
+        model=MODEL, prompt="x", max_tokens=8, temperature=0, logit_bias=bias, extra_body={"stop_token_ids": [FORCED_TOKEN]}
+    )
     assert first.choices[0].finish_reason == "stop"
     assert first.choices[0].stop_reason == FORCED_TOKEN
     assert first.usage.completion_tokens == 1
-    later = client.completions.create(model=MODEL, prompt="x", max_tokens=8, temperature=0, logit_bias=bias, extra_body={"stop_token_ids": [FORCED_TOKEN], "min_tokens": 3})
+    later = client.completions.create(
+        model=MODEL,
+        prompt="x",
+        max_tokens=8,
+        temperature=0,
+        logit_bias=bias,
+        extra_body={"stop_token_ids": [FORCED_TOKEN], "min_tokens": 3},
+    )
     assert later.choices[0].finish_reason == "stop"
     assert later.choices[0].stop_reason == FORCED_TOKEN
     assert later.usage.completion_tokens == 4
@@ -333,7 +371,9 @@ def test_logprobs_legacy_shape_and_greedy_argmax(tiny_server):
         assert len(top) == 1
 
     # Sampled tokens still carry consistent logprobs (not necessarily the argmax).
-    sampled = client.completions.create(model=MODEL, prompt="Logprobs please", max_tokens=6, logprobs=2, temperature=1.0, seed=5, extra_body={"ignore_eos": True}).choices[0]
+    sampled = client.completions.create(
+        model=MODEL, prompt="Logprobs please", max_tokens=6, logprobs=2, temperature=1.0, seed=5, extra_body={"ignore_eos": True}
+    ).choices[0]
     _check_legacy_logprobs(sampled.logprobs, sampled.text, 2, greedy=False)
 
 
@@ -406,7 +446,15 @@ def test_stream_equals_non_stream_with_usage_chunk(tiny_server):
 
 def test_n_streams_interleave_by_index(tiny_server):
     client = client_for(tiny_server)
-    kwargs = dict(model=MODEL, prompt=["interleave one", "interleave two"], n=3, max_tokens=8, temperature=1.0, seed=99, extra_body={"ignore_eos": True})
+    kwargs = dict(
+        model=MODEL,
+        prompt=["interleave one", "interleave two"],
+        n=3,
+        max_tokens=8,
+        temperature=1.0,
+        seed=99,
+        extra_body={"ignore_eos": True},
+    )
     whole = client.completions.create(**kwargs)
     texts, finish, chunks = stream_choices(client.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
     assert sorted(texts) == list(range(6))

@@ -81,7 +81,10 @@ INVALID_CHAT = [
     ({"messages": CHAT, "n": 0}, "n"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, "messages"),
     ({"messages": CHAT, "tool_choice": "auto"}, "tool_choice"),
-    ({"messages": CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 7}}}}, "response_format"),
+    (
+        {"messages": CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 7}}}},
+        "response_format",
+    ),
 ]
 
 
@@ -101,24 +104,48 @@ def test_malformed_json_is_400(tiny_server):
 
 def test_context_overflow_names_both_numbers(tiny_server):
     prompt = [1000 + i for i in range(1000)]
-    error = assert_error(post(tiny_server, "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 100}), 400, "invalid_request_error", code="context_length_exceeded")
+    error = assert_error(
+        post(tiny_server, "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 100}),
+        400,
+        "invalid_request_error",
+        code="context_length_exceeded",
+    )
     assert str(MAX_MODEL_LEN) in error["message"]
     assert "1100" in error["message"] and "1000" in error["message"] and "100" in error["message"]
 
     # A prompt longer than the window by itself.
-    error = assert_error(post(tiny_server, "/v1/completions", {"model": MODEL, "prompt": prompt * 2, "max_tokens": 1}), 400, "invalid_request_error", code="context_length_exceeded")
+    error = assert_error(
+        post(tiny_server, "/v1/completions", {"model": MODEL, "prompt": prompt * 2, "max_tokens": 1}),
+        400,
+        "invalid_request_error",
+        code="context_length_exceeded",
+    )
     assert "2000" in error["message"] and str(MAX_MODEL_LEN) in error["message"]
 
     # One over the window in a list of prompts rejects the whole request.
-    error = assert_error(post(tiny_server, "/v1/completions", {"model": MODEL, "prompt": [[5, 6, 7], prompt], "max_tokens": 100}), 400, "invalid_request_error", code="context_length_exceeded")
+    error = assert_error(
+        post(tiny_server, "/v1/completions", {"model": MODEL, "prompt": [[5, 6, 7], prompt], "max_tokens": 100}),
+        400,
+        "invalid_request_error",
+        code="context_length_exceeded",
+    )
 
     # Chat: a long conversation plus max_tokens.
     messages = [{"role": "user", "content": "word " * 1000}]
-    error = assert_error(post(tiny_server, "/v1/chat/completions", {"model": MODEL, "messages": messages, "max_tokens": 200}), 400, "invalid_request_error", code="context_length_exceeded")
+    error = assert_error(
+        post(tiny_server, "/v1/chat/completions", {"model": MODEL, "messages": messages, "max_tokens": 200}),
+        400,
+        "invalid_request_error",
+        code="context_length_exceeded",
+    )
     assert str(MAX_MODEL_LEN) in error["message"]
 
     # Exactly at the window is fine.
-    ok = post(tiny_server, "/v1/completions", {"model": MODEL, "prompt": prompt[:1000], "max_tokens": MAX_MODEL_LEN - 1000, "temperature": 0, "logit_bias": {"2": 100}})
+    ok = post(
+        tiny_server,
+        "/v1/completions",
+        {"model": MODEL, "prompt": prompt[:1000], "max_tokens": MAX_MODEL_LEN - 1000, "temperature": 0, "logit_bias": {"2": 100}},
+    )
     assert ok.status_code == 200, ok.text
 
     client = openai.OpenAI(base_url=f"{tiny_server.base_url}/v1", api_key="unused", max_retries=0)
@@ -189,7 +216,13 @@ AUTHED_ROUTES = [
 @pytest.mark.parametrize("method,path,body", AUTHED_ROUTES, ids=[path for _, path, _ in AUTHED_ROUTES])
 def test_api_key_is_required(guarded_server, method, path, body):
     url = f"{guarded_server.base_url}{path}"
-    for headers in ({}, {"Authorization": "Bearer wrong-key"}, {"Authorization": f"Basic {API_KEY}"}, {"Authorization": API_KEY}, {"Authorization": f"Bearer {API_KEY}x"}):
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong-key"},
+        {"Authorization": f"Basic {API_KEY}"},
+        {"Authorization": API_KEY},
+        {"Authorization": f"Bearer {API_KEY}x"},
+    ):
         response = httpx.request(method, url, json=body, headers=headers, timeout=30)
         error = assert_error(response, 401, "authentication_error", code="invalid_api_key")
         assert API_KEY not in error["message"]
@@ -207,7 +240,10 @@ def test_health_and_metrics_stay_open(guarded_server):
 def test_sdk_with_and_without_the_key(guarded_server):
     good = openai.OpenAI(base_url=f"{guarded_server.base_url}/v1", api_key=API_KEY, max_retries=0)
     assert good.completions.create(model=MODEL, prompt="x", max_tokens=2, temperature=0).usage.completion_tokens >= 1
-    assert "".join(c.choices[0].text for c in good.completions.create(model=MODEL, prompt="x", max_tokens=2, stream=True) if c.choices) is not None
+    assert (
+        "".join(c.choices[0].text for c in good.completions.create(model=MODEL, prompt="x", max_tokens=2, stream=True) if c.choices)
+        is not None
+    )
     assert [m.id for m in good.models.list().data] == [MODEL]
     bad = openai.OpenAI(base_url=f"{guarded_server.base_url}/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError) as info:

@@ -25,17 +25,20 @@ def scrape(server) -> str:
     return response.text
 
 
-
 def wait_until_idle(server, timeout_s: float = 10) -> str:
     """Poll /metrics until nothing runs, nothing waits and no KV block is held; return the scrape."""
     deadline = time.monotonic() + timeout_s
     while True:
         text = scrape(server)
-        state = [metric(text, name) for name in ("tokenstep_num_requests_running", "tokenstep_num_requests_waiting", "tokenstep_kv_cache_usage_ratio")]
+        state = [
+            metric(text, name)
+            for name in ("tokenstep_num_requests_running", "tokenstep_num_requests_waiting", "tokenstep_kv_cache_usage_ratio")
+        ]
         if state == [0.0, 0.0, 0.0]:
             return text
         assert time.monotonic() < deadline, f"requests or KV blocks still held {timeout_s} s later: {state}"
         time.sleep(0.1)
+
 
 def sse_events(body: str) -> list[str]:
     """The ``data:`` payloads of an SSE body, checking its framing on the way."""
@@ -48,7 +51,7 @@ def sse_events(body: str) -> list[str]:
             continue
         assert len(lines) == 1, f"one data line per event, got {event!r}"
         assert lines[0].startswith("data: "), f"event line must start with 'data: ': {lines[0]!r}"
-        payloads.append(lines[0][len("data: "):])
+        payloads.append(lines[0][len("data: ") :])
     return payloads
 
 
@@ -111,14 +114,44 @@ def test_tokenize_prompt_and_messages_and_detokenize_round_trip(tiny_server):
 def test_openapi_describes_every_route_and_field(tiny_server):
     schema = httpx.get(f"{tiny_server.base_url}/openapi.json").json()
     paths = schema["paths"]
-    for path, method in [("/v1/completions", "post"), ("/v1/chat/completions", "post"), ("/v1/models", "get"), ("/tokenize", "post"), ("/detokenize", "post"), ("/health", "get"), ("/metrics", "get")]:
+    for path, method in [
+        ("/v1/completions", "post"),
+        ("/v1/chat/completions", "post"),
+        ("/v1/models", "get"),
+        ("/tokenize", "post"),
+        ("/detokenize", "post"),
+        ("/health", "get"),
+        ("/metrics", "get"),
+    ]:
         assert method in paths.get(path, {}), f"{method.upper()} {path} missing from /openapi.json"
     components = schema["components"]["schemas"]
     completion_fields = set(components["CompletionRequest"]["properties"])
     extensions = {"top_k", "min_p", "repetition_penalty", "ignore_eos", "min_tokens", "stop_token_ids", "skip_special_tokens"}
-    assert {"prompt", "max_tokens", "temperature", "top_p", "n", "stop", "echo", "logprobs", "seed", "logit_bias", "stream", "stream_options", "user"} | extensions <= completion_fields
+    assert {
+        "prompt",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "n",
+        "stop",
+        "echo",
+        "logprobs",
+        "seed",
+        "logit_bias",
+        "stream",
+        "stream_options",
+        "user",
+    } | extensions <= completion_fields
     chat_fields = set(components["ChatCompletionRequest"]["properties"])
-    assert {"messages", "max_tokens", "max_completion_tokens", "logprobs", "top_logprobs", "response_format", "tools"} | extensions <= chat_fields
+    assert {
+        "messages",
+        "max_tokens",
+        "max_completion_tokens",
+        "logprobs",
+        "top_logprobs",
+        "response_format",
+        "tools",
+    } | extensions <= chat_fields
     docs = httpx.get(f"{tiny_server.base_url}/docs")
     assert docs.status_code == 200 and "text/html" in docs.headers["content-type"]
 
@@ -128,8 +161,30 @@ def test_openapi_describes_every_route_and_field(tiny_server):
 
 def test_sse_wire_format_completions_and_chat(tiny_server):
     requests = [
-        ("/v1/completions", {"model": MODEL, "prompt": "wire format", "max_tokens": 5, "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}),
-        ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "wire"}], "max_tokens": 5, "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}),
+        (
+            "/v1/completions",
+            {
+                "model": MODEL,
+                "prompt": "wire format",
+                "max_tokens": 5,
+                "temperature": 0,
+                "ignore_eos": True,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            },
+        ),
+        (
+            "/v1/chat/completions",
+            {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": "wire"}],
+                "max_tokens": 5,
+                "temperature": 0,
+                "ignore_eos": True,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            },
+        ),
     ]
     for path, body in requests:
         with httpx.stream("POST", f"{tiny_server.base_url}{path}", json=body, timeout=30) as response:
@@ -203,7 +258,15 @@ def test_disconnected_streams_free_their_requests(tiny_server):
     max_tokens, num_complete, num_dropped = 200, 3, 3
 
     async def one(client: httpx.AsyncClient, index: int, drop: bool) -> int | None:
-        body = {"model": MODEL, "prompt": f"stream number {index}", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        body = {
+            "model": MODEL,
+            "prompt": f"stream number {index}",
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         async with client.stream("POST", f"{base}/v1/completions", json=body) as response:
             assert response.status_code == 200
             events = 0
@@ -214,7 +277,7 @@ def test_disconnected_streams_free_their_requests(tiny_server):
                 events += 1
                 if drop and events == 2:
                     return None  # leaving the block closes the connection mid-stream
-                payload = line[len("data: "):]
+                payload = line[len("data: ") :]
                 if payload != "[DONE]":
                     usage = json.loads(payload).get("usage") or usage
             return usage["completion_tokens"]

@@ -15,7 +15,9 @@ from tests.e2e.test_api_misc import sse_events, wait_until_idle
 
 MODEL = "tiny"
 WEATHER = "🌧☀️❄️"
-PING_TOOL = [{"type": "function", "function": {"name": "ping", "parameters": {"type": "object", "properties": {}, "additionalProperties": False}}}]
+PING_TOOL = [
+    {"type": "function", "function": {"name": "ping", "parameters": {"type": "object", "properties": {}, "additionalProperties": False}}}
+]
 
 
 def client_for(server) -> openai.OpenAI:
@@ -55,7 +57,13 @@ def _joined_bytes(entries: list[dict]) -> bytes:
 
 def test_default_model_partial_character_logprobs_carry_real_bytes(default_server):
     """The issue's repro: each token holds part of an emoji."""
-    body = {"messages": [{"role": "user", "content": f"Reply with three weather emoji only: {WEATHER}"}], "max_tokens": 3, "logprobs": True, "top_logprobs": 2, "temperature": 0}
+    body = {
+        "messages": [{"role": "user", "content": f"Reply with three weather emoji only: {WEATHER}"}],
+        "max_tokens": 3,
+        "logprobs": True,
+        "top_logprobs": 2,
+        "temperature": 0,
+    }
     choice = post(default_server, "/v1/chat/completions", body).json()["choices"][0]
     entries = choice["logprobs"]["content"]
     assert [239, 191, 189] not in [entry["bytes"] for entry in entries]
@@ -65,7 +73,9 @@ def test_default_model_partial_character_logprobs_carry_real_bytes(default_serve
         for top in entry["top_logprobs"]:
             assert top["bytes"] != [239, 191, 189]
     streamed = streamed_payloads(default_server, "/v1/chat/completions", body)
-    streamed_entries = [entry for chunk in streamed for choice in chunk["choices"] if choice.get("logprobs") for entry in choice["logprobs"]["content"]]
+    streamed_entries = [
+        entry for chunk in streamed for choice in chunk["choices"] if choice.get("logprobs") for entry in choice["logprobs"]["content"]
+    ]
     strip = lambda items: [(entry["token"], entry["bytes"]) for entry in items]  # noqa: E731 (logprobs differ in the last bits)
     assert strip(streamed_entries) == strip(entries)
 
@@ -73,11 +83,20 @@ def test_default_model_partial_character_logprobs_carry_real_bytes(default_serve
 def test_bytes_rebuild_the_text_of_a_forced_emoji_answer(tiny_server):
     """The grammar makes the random model write emoji; every token's bytes
     join to exactly the content (streamed and not)."""
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "weather?"}], "guided_choice": [WEATHER + " ok"], "logprobs": True, "temperature": 0}
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "weather?"}],
+        "guided_choice": [WEATHER + " ok"],
+        "logprobs": True,
+        "temperature": 0,
+    }
     choice = post(tiny_server, "/v1/chat/completions", body).json()["choices"][0]
     assert choice["message"]["content"] == WEATHER + " ok"
     entries = choice["logprobs"]["content"]
-    assert any(entry["bytes"] and bytes(entry["bytes"]).decode("utf-8", errors="replace") != bytes(entry["bytes"]).decode("utf-8", errors="ignore") for entry in entries), "no partial-character token: the test proves nothing"
+    assert any(
+        entry["bytes"] and bytes(entry["bytes"]).decode("utf-8", errors="replace") != bytes(entry["bytes"]).decode("utf-8", errors="ignore")
+        for entry in entries
+    ), "no partial-character token: the test proves nothing"
     assert _joined_bytes(entries).decode() == WEATHER + " ok"
 
 
@@ -101,7 +120,12 @@ def test_echo_offsets_match_the_text_through_emoji(tiny_server, stream):
     if stream:
         chunks = streamed_payloads(tiny_server, "/v1/completions", body)
         text = "".join(chunk["choices"][0]["text"] for chunk in chunks if chunk["choices"])
-        logprobs = {key: [v for chunk in chunks if chunk["choices"] and chunk["choices"][0]["logprobs"] for v in chunk["choices"][0]["logprobs"][key]] for key in ("tokens", "text_offset")}
+        logprobs = {
+            key: [
+                v for chunk in chunks if chunk["choices"] and chunk["choices"][0]["logprobs"] for v in chunk["choices"][0]["logprobs"][key]
+            ]
+            for key in ("tokens", "text_offset")
+        }
     else:
         choice = post(tiny_server, "/v1/completions", body).json()["choices"][0]
         text, logprobs = choice["text"], choice["logprobs"]
@@ -117,15 +141,30 @@ def test_echo_offsets_match_the_text_through_emoji(tiny_server, stream):
 
 
 def test_tokenize_counts_what_chat_sends_with_tools(tiny_server):
-    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Weather in a city",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            },
+        }
+    ]
     messages = [
         {"role": "user", "content": "Weather in Paris?"},
-        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}],
+        },
         {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
     ]
     counted = post(tiny_server, "/tokenize", {"model": MODEL, "messages": messages, "tools": tools}).json()["count"]
     without_tools = post(tiny_server, "/tokenize", {"model": MODEL, "messages": messages[:1]}).json()["count"]
-    usage = post(tiny_server, "/v1/chat/completions", {"model": MODEL, "messages": messages, "tools": tools, "max_tokens": 1}).json()["usage"]
+    usage = post(tiny_server, "/v1/chat/completions", {"model": MODEL, "messages": messages, "tools": tools, "max_tokens": 1}).json()[
+        "usage"
+    ]
     assert counted == usage["prompt_tokens"]
     assert counted > without_tools + 50  # the tool preamble, the call and its result are in
 
@@ -149,7 +188,15 @@ def test_forced_calls_cut_by_max_tokens_finish_with_tool_calls(tiny_server, stre
     """With the end tokens banned the grammar can only start another call,
     so the model repeats calls until max_tokens cuts one."""
     no_end = {"0": -100, "2": -100}  # <|endoftext|>, <|im_end|>
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "ping"}], "tools": PING_TOOL, "tool_choice": "required", "max_tokens": 150, "logit_bias": no_end, "temperature": 0}
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "ping"}],
+        "tools": PING_TOOL,
+        "tool_choice": "required",
+        "max_tokens": 150,
+        "logit_bias": no_end,
+        "temperature": 0,
+    }
     if stream:
         chunks = streamed_payloads(tiny_server, "/v1/chat/completions", body)
         calls = [call for chunk in chunks for call in chunk["choices"][0]["delta"].get("tool_calls") or []]
@@ -185,7 +232,9 @@ def test_non_streaming_disconnect_is_one_info_line(tiny_server):
     request_id = f"gone-{time.monotonic_ns()}"
     body = {"model": MODEL, "prompt": "a long request", "max_tokens": 900, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{tiny_server.base_url}/v1/completions", json=body, headers={"X-Request-Id": request_id}, timeout=httpx.Timeout(10, read=0.5))
+        httpx.post(
+            f"{tiny_server.base_url}/v1/completions", json=body, headers={"X-Request-Id": request_id}, timeout=httpx.Timeout(10, read=0.5)
+        )
     wait_until_idle(tiny_server)
     deadline = time.monotonic() + 5
     while request_id not in (log := tiny_server.log_path.read_text()) and time.monotonic() < deadline:
@@ -214,9 +263,16 @@ def test_x_request_id_is_echoed_or_the_request_id(tiny_server):
     assert mine.headers["x-request-id"] == "trace-abc-123"
     plain = post(tiny_server, "/v1/completions", body)
     assert plain.headers["x-request-id"] == plain.json()["id"]
-    streamed = post(tiny_server, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": True})
+    streamed = post(
+        tiny_server,
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": True},
+    )
     assert streamed.headers["x-request-id"] == json.loads(sse_events(streamed.text)[0])["id"]
-    for response in (httpx.get(f"{tiny_server.base_url}/v1/models"), post(tiny_server, "/v1/completions", {"prompt": "x", "temperature": 9})):
+    for response in (
+        httpx.get(f"{tiny_server.base_url}/v1/models"),
+        post(tiny_server, "/v1/completions", {"prompt": "x", "temperature": 9}),
+    ):
         assert response.headers["x-request-id"]
     too_long = post(tiny_server, "/v1/completions", body, headers={"X-Request-Id": "x" * 300})
     assert too_long.headers["x-request-id"] == too_long.json()["id"]  # replaced, not echoed
@@ -232,12 +288,20 @@ def test_x_request_id_is_echoed_or_the_request_id(tiny_server):
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
 def test_continuous_usage_stats_put_usage_so_far_in_every_chunk(tiny_server, path):
     prompt = {"prompt": "count"} if "chat" not in path else {"messages": [{"role": "user", "content": "count"}]}
-    body = {"model": MODEL, **prompt, "max_tokens": 6, "ignore_eos": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    body = {
+        "model": MODEL,
+        **prompt,
+        "max_tokens": 6,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+    }
     chunks = streamed_payloads(tiny_server, path, body)
     with_choices = [chunk for chunk in chunks if chunk["choices"] and chunk.get("usage")]
     counts = [chunk["usage"]["completion_tokens"] for chunk in with_choices]
     assert with_choices and counts == sorted(counts) and counts[-1] == 6
-    assert all(chunk["usage"]["total_tokens"] == chunk["usage"]["prompt_tokens"] + chunk["usage"]["completion_tokens"] for chunk in with_choices)
+    assert all(
+        chunk["usage"]["total_tokens"] == chunk["usage"]["prompt_tokens"] + chunk["usage"]["completion_tokens"] for chunk in with_choices
+    )
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 6
     plain = streamed_payloads(tiny_server, path, {**body, "stream_options": {"include_usage": True}})
     assert not any(chunk.get("usage") for chunk in plain if chunk["choices"])

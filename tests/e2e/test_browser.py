@@ -28,7 +28,10 @@ from tests.reliability.support import metric
 pytestmark = pytest.mark.browser
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-BROWSER_MISSING = "Chromium is not installed: apt-get install chromium chromium-driver (`make test-deps` does, as root), or deselect with -m 'not browser'"
+BROWSER_MISSING = (
+    "Chromium is not installed: apt-get install chromium chromium-driver (`make test-deps` does, as "
+    "root), or deselect with -m 'not browser'"
+)
 WAIT_S = 15
 XSS = '<script>window.__xss = 1</script><img src=x onerror="window.__xss = 2">'
 REPLY = "## Result\n\n**Bold** and `code` " + XSS + "\n\n```python\nprint('<b>hi</b>')\n```\n\n" + "streaming " * 400
@@ -122,11 +125,15 @@ def type_and_send(driver, text: str, max_tokens: int | None = None) -> None:
 
 
 def answer_text(driver) -> str:
-    return driver.execute_script("const a = document.querySelectorAll('.message.assistant .content'); return a.length ? a[a.length - 1].textContent : ''")
+    return driver.execute_script(
+        "const a = document.querySelectorAll('.message.assistant .content'); return a.length ? a[a.length - 1].textContent : ''"
+    )
 
 
 def answer_meta(driver) -> str:
-    return driver.execute_script("const m = document.querySelectorAll('.message.assistant .meta'); return m.length ? m[m.length - 1].textContent : ''")
+    return driver.execute_script(
+        "const m = document.querySelectorAll('.message.assistant .meta'); return m.length ? m[m.length - 1].textContent : ''"
+    )
 
 
 def test_playground_streams_an_answer_from_the_model(browser, tiny_server: ServerProcess, tmp_path: Path):
@@ -134,7 +141,10 @@ def test_playground_streams_an_answer_from_the_model(browser, tiny_server: Serve
     assert "chat" in wait_for(lambda: element(browser, "mode").text, what="the model's mode")
     type_and_send(browser, "What is the capital of France?", max_tokens=300)
     lengths = []
-    wait_for(lambda: lengths.append(len(answer_text(browser))) or (len(set(lengths)) >= 3 and answer_meta(browser)), what="text growing, then the timing line")
+    wait_for(
+        lambda: lengths.append(len(answer_text(browser))) or (len(set(lengths)) >= 3 and answer_meta(browser)),
+        what="text growing, then the timing line",
+    )
     assert lengths == sorted(lengths), "the text only grows"
     meta = answer_meta(browser)
     assert "TTFT" in meta and "tokens/s" in meta and "finish:" in meta and "completion tokens" in meta
@@ -149,7 +159,11 @@ def test_model_output_is_text_never_markup(browser, fake_server: ThreadServer, t
     assert browser.execute_script("return window.__xss === undefined")
     assert browser.execute_script("return document.querySelectorAll('.message.assistant script, .message.assistant img').length") == 0
     # The Markdown renders: a heading, bold, inline code and a code block (whose <b> stays text).
-    counts = browser.execute_script("const c = document.querySelector('.message.assistant .content'); return [c.querySelectorAll('h4').length, c.querySelectorAll('strong').length, c.querySelectorAll('pre code').length, c.querySelectorAll('b').length]")
+    counts = browser.execute_script(
+        "const c = document.querySelector('.message.assistant .content'); return "
+        "[c.querySelectorAll('h4').length, c.querySelectorAll('strong').length, c.querySelectorAll('pre "
+        "code').length, c.querySelectorAll('b').length]"
+    )
     assert counts == [1, 1, 1, 0]
     browser.save_screenshot(str(tmp_path / "playground-markdown.png"))
 
@@ -161,7 +175,11 @@ def test_stop_aborts_the_request_within_a_step(browser, fake_server: ThreadServe
     assert metric(httpx.get(fake_server.base_url + "/metrics").text, "tokenstep_num_requests_running") == 1
     element(browser, "stop-button").click()
     stopped = time.monotonic()
-    wait_for(lambda: metric(httpx.get(fake_server.base_url + "/metrics").text, "tokenstep_num_requests_running") == 0, timeout_s=1.0, what="0 running on /metrics")
+    wait_for(
+        lambda: metric(httpx.get(fake_server.base_url + "/metrics").text, "tokenstep_num_requests_running") == 0,
+        timeout_s=1.0,
+        what="0 running on /metrics",
+    )
     assert time.monotonic() - stopped < 1.0
     wait_for(lambda: "finish: stopped" in answer_meta(browser), what="the stopped answer's line")
 
@@ -176,7 +194,10 @@ def test_dashboard_shows_the_batcher_at_work(browser, fake_server: ThreadServer,
         thread.start()
     try:
         open_page(browser, fake_server.base_url + "/dashboard")
-        wait_for(lambda: browser.execute_script("return document.querySelectorAll('#requests tr[data-state=decoding]').length") >= 1, what="a decoding request row")
+        wait_for(
+            lambda: browser.execute_script("return document.querySelectorAll('#requests tr[data-state=decoding]').length") >= 1,
+            what="a decoding request row",
+        )
         wait_for(lambda: int(element(browser, "blocks-used").text) > 0, what="blocks in use on the map")
         assert int(element(browser, "running").text) >= 1
         assert element(browser, "kv-usage").text.endswith("%")
@@ -216,7 +237,8 @@ def test_pages_are_accessible_and_fit_a_phone(browser, fake_server: ThreadServer
         for path in ("/", "/dashboard"):
             open_page(browser, fake_server.base_url + path)
             unlabeled = browser.execute_script(
-                "return [...document.querySelectorAll('input, textarea, select')].filter(e => !(e.labels && e.labels.length) && !e.getAttribute('aria-label')).map(e => e.id)"
+                "return [...document.querySelectorAll('input, textarea, select')].filter(e => !(e.labels && "
+                "e.labels.length) && !e.getAttribute('aria-label')).map(e => e.id)"
             )
             assert unlabeled == []
             assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth + 1")

@@ -23,7 +23,9 @@ PROMPT = "Translate to French: the cat sits on the mat."
 @pytest.fixture(scope="module")
 def t5_server(tiny_t5_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     log = tmp_path_factory.mktemp("logs") / "t5_server.log"
-    yield from running_server([str(tiny_t5_dir), "--served-model-name", "t5", "--kv-cache-memory", "64MiB", "--dtype", "float32", "--max-model-len", "512"], log)
+    yield from running_server(
+        [str(tiny_t5_dir), "--served-model-name", "t5", "--kv-cache-memory", "64MiB", "--dtype", "float32", "--max-model-len", "512"], log
+    )
 
 
 @pytest.fixture(scope="module")
@@ -49,22 +51,38 @@ def test_completion_is_the_decoders_text(client: OpenAI, tiny_t5_dir: Path):
     assert completion.usage.prompt_tokens == num_source_tokens
     assert completion.usage.completion_tokens == 12
 
-    stream = client.completions.create(model="t5", prompt=PROMPT, max_tokens=12, temperature=0, stream=True, extra_body={"ignore_eos": True})
+    stream = client.completions.create(
+        model="t5", prompt=PROMPT, max_tokens=12, temperature=0, stream=True, extra_body={"ignore_eos": True}
+    )
     assert "".join(chunk.choices[0].text for chunk in stream if chunk.choices) == expected
 
 
 def test_sampling_options_work(client: OpenAI):
-    completion = client.completions.create(model="t5", prompt=[PROMPT, "Summarize: a b c"], max_tokens=6, temperature=0.9, seed=7, n=2, logprobs=2, stop=["zzz"], extra_body={"ignore_eos": True})
+    completion = client.completions.create(
+        model="t5",
+        prompt=[PROMPT, "Summarize: a b c"],
+        max_tokens=6,
+        temperature=0.9,
+        seed=7,
+        n=2,
+        logprobs=2,
+        stop=["zzz"],
+        extra_body={"ignore_eos": True},
+    )
     assert len(completion.choices) == 4
     assert all(len(choice.logprobs.tokens) == 6 for choice in completion.choices)
-    again = client.completions.create(model="t5", prompt=[PROMPT, "Summarize: a b c"], max_tokens=6, temperature=0.9, seed=7, n=2, extra_body={"ignore_eos": True})
+    again = client.completions.create(
+        model="t5", prompt=[PROMPT, "Summarize: a b c"], max_tokens=6, temperature=0.9, seed=7, n=2, extra_body={"ignore_eos": True}
+    )
     assert [c.text for c in again.choices] == [c.text for c in completion.choices]
 
 
 def test_structured_output_and_penalties(client: OpenAI):
     choice = client.completions.create(model="t5", prompt=PROMPT, max_tokens=8, temperature=0, extra_body={"guided_choice": ["oui", "non"]})
     assert choice.choices[0].text in ("oui", "non")
-    penalized = client.completions.create(model="t5", prompt=PROMPT, max_tokens=8, temperature=0, frequency_penalty=1.5, extra_body={"ignore_eos": True})
+    penalized = client.completions.create(
+        model="t5", prompt=PROMPT, max_tokens=8, temperature=0, frequency_penalty=1.5, extra_body={"ignore_eos": True}
+    )
     assert penalized.usage.completion_tokens == 8
 
 
@@ -114,7 +132,9 @@ def test_fields_that_do_not_apply_are_refused(client: OpenAI, t5_server: ServerP
 
 
 def test_chat_without_a_template_is_a_clear_400(tiny_bart_no_template_dir: Path, tmp_path: Path):
-    for server in running_server([str(tiny_bart_no_template_dir), "--served-model-name", "bart", "--kv-cache-memory", "32MiB"], tmp_path / "bart.log"):
+    for server in running_server(
+        [str(tiny_bart_no_template_dir), "--served-model-name", "bart", "--kv-cache-memory", "32MiB"], tmp_path / "bart.log"
+    ):
         client = OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
         with pytest.raises(BadRequestError, match="no chat template"):
             client.chat.completions.create(model="bart", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
@@ -127,7 +147,16 @@ def test_a_model_tokenstep_cannot_serve_ends_the_process(tmp_path: Path):
     from transformers import ProphetNetConfig
 
     model_dir = tmp_path / "prophetnet"
-    ProphetNetConfig(vocab_size=64, hidden_size=16, num_encoder_attention_heads=2, num_decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_encoder_layers=1, num_decoder_layers=1).save_pretrained(model_dir)
+    ProphetNetConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_encoder_attention_heads=2,
+        num_decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        num_encoder_layers=1,
+        num_decoder_layers=1,
+    ).save_pretrained(model_dir)
     command = [sys.executable, "-c", "from server.cli import main; main()", "serve", str(model_dir), "--host", "127.0.0.1", "--port", "0"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1

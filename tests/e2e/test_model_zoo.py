@@ -24,12 +24,28 @@ def test_a_sliding_window_model_with_sinks_answers_concurrently_as_generate_does
     prompts = zoo_prompts(seed=21) + zoo_prompts(seed=22)
     expected = reference_outputs(model_dir, prompts, max_tokens_of)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    args = [str(model_dir), "--served-model-name", "oss", "--dtype", "float32", "--max-num-batched-tokens", "64", "--kv-cache-memory", "256KiB"]
+    args = [
+        str(model_dir),
+        "--served-model-name",
+        "oss",
+        "--dtype",
+        "float32",
+        "--max-num-batched-tokens",
+        "64",
+        "--kv-cache-memory",
+        "256KiB",
+    ]
     for server in running_server(args, tmp_path / "oss.log"):
         client = OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
 
-        def complete(index: int) -> str:
-            params = dict(model="oss", prompt=prompts[index], max_tokens=max_tokens_of(index), temperature=0, extra_body={"ignore_eos": True, "skip_special_tokens": False})
+        def complete(index: int, client: OpenAI = client) -> str:
+            params = dict(
+                model="oss",
+                prompt=prompts[index],
+                max_tokens=max_tokens_of(index),
+                temperature=0,
+                extra_body={"ignore_eos": True, "skip_special_tokens": False},
+            )
             return client.completions.create(**params).choices[0].text
 
         with ThreadPoolExecutor(len(prompts)) as pool:
@@ -41,7 +57,17 @@ def test_a_sliding_window_model_with_sinks_answers_concurrently_as_generate_does
 
 
 def test_a_model_it_cannot_serve_exactly_ends_the_process_naming_why(zoo_dir):
-    command = [sys.executable, "-c", "from server.cli import main; main()", "serve", str(zoo_dir("llama4")), "--host", "127.0.0.1", "--port", "0"]
+    command = [
+        sys.executable,
+        "-c",
+        "from server.cli import main; main()",
+        "serve",
+        str(zoo_dir("llama4")),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     last_line = result.stderr.strip().splitlines()[-1]

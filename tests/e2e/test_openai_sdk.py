@@ -43,7 +43,9 @@ def test_concurrent_streams_match_solo_runs(tiny_server):
         aclient = openai.AsyncOpenAI(base_url=f"{tiny_server.base_url}/v1", api_key="unused", max_retries=0)
 
         async def one(prompt: str) -> str:
-            stream = await aclient.completions.create(model="tiny", prompt=prompt, max_tokens=10, temperature=0, stream=True, extra_body={"ignore_eos": True})
+            stream = await aclient.completions.create(
+                model="tiny", prompt=prompt, max_tokens=10, temperature=0, stream=True, extra_body={"ignore_eos": True}
+            )
             return "".join([chunk.choices[0].text async for chunk in stream if chunk.choices])
 
         try:

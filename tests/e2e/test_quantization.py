@@ -20,7 +20,9 @@ LAYOUTS = {
 
 
 @pytest.fixture(scope="module", params=sorted(LAYOUTS))
-def quantized_server(request: pytest.FixtureRequest, default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, ServerProcess]]:
+def quantized_server(
+    request: pytest.FixtureRequest, default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, ServerProcess]]:
     log = tmp_path_factory.mktemp("logs") / f"{request.param}_server.log"
     env = {"TOKENSTEP_CACHE_DIR": str(default_model_dir.parent), "TOKENSTEP_KV_CACHE_MEMORY": "128MiB"}
     for server in running_server(LAYOUTS[request.param][0], log, env):
@@ -33,6 +35,10 @@ def test_quantized_default_model_answers_streamed_and_not(quantized_server: tupl
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     answer = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0).choices[0].message.content
     assert "Paris" in answer
-    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0, stream=True) if chunk.choices)
+    streamed = "".join(
+        chunk.choices[0].delta.content or ""
+        for chunk in client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0, stream=True)
+        if chunk.choices
+    )
     assert streamed == answer
     assert LAYOUTS[quantization][1] in server.log_path.read_text()

@@ -59,7 +59,7 @@ def check_body(body: str) -> None:
     if body.startswith("data:"):
         events = [event for event in body.split("\n\n") if event.strip()]
         assert all(event.startswith("data: ") for event in events), body
-        payloads = [event[len("data: "):] for event in events]
+        payloads = [event[len("data: ") :] for event in events]
         assert payloads[-1] == "[DONE]", body
         chunks = [json.loads(payload) for payload in payloads[:-1]]
         assert chunks, "no chunks before [DONE]"

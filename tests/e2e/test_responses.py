@@ -18,7 +18,12 @@ WEATHER_TOOL = {
     "type": "function",
     "name": "get_weather",
     "description": "Current weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"], "additionalProperties": False},
+    "parameters": {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 12}},
+        "required": ["city"],
+        "additionalProperties": False,
+    },
 }
 GREEDY = {"temperature": 0}
 
@@ -35,7 +40,12 @@ def client_for(server) -> openai.OpenAI:
 def test_text_response_matches_chat(tiny_server):
     client = client_for(tiny_server)
     response = client.responses.create(model=MODEL, input="Hello there", instructions="Be brief.", max_output_tokens=8, **GREEDY)
-    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}], max_tokens=8, **GREEDY)
+    chat = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}],
+        max_tokens=8,
+        **GREEDY,
+    )
     assert response.object == "response" and response.id.startswith("resp_")
     assert response.output_text == chat.choices[0].message.content
     assert response.usage.input_tokens == chat.usage.prompt_tokens
@@ -50,7 +60,9 @@ def test_text_response_matches_chat(tiny_server):
 def test_output_text_logprobs_and_metadata(tiny_server):
     client = client_for(tiny_server)
     metadata = {"trace": "abc"}
-    response = client.responses.create(model=MODEL, input="Hi", max_output_tokens=5, include=["message.output_text.logprobs"], top_logprobs=2, metadata=metadata, **GREEDY)
+    response = client.responses.create(
+        model=MODEL, input="Hi", max_output_tokens=5, include=["message.output_text.logprobs"], top_logprobs=2, metadata=metadata, **GREEDY
+    )
     part = response.output[0].content[0]
     assert len(part.logprobs) == response.usage.output_tokens == 5
     assert all(len(entry.top_logprobs) <= 3 for entry in part.logprobs)
@@ -70,17 +82,31 @@ def test_parse_follows_the_pydantic_schema(tiny_server):
 
 def test_function_tool_round_trip_with_previous_response_id(tiny_server):
     client = client_for(tiny_server)
-    first = client.responses.create(model=MODEL, input="Weather in Paris?", tools=[WEATHER_TOOL], tool_choice="required", parallel_tool_calls=False, max_output_tokens=80, **GREEDY)
+    first = client.responses.create(
+        model=MODEL,
+        input="Weather in Paris?",
+        tools=[WEATHER_TOOL],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_output_tokens=80,
+        **GREEDY,
+    )
     calls = [item for item in first.output if item.type == "function_call"]
     assert first.status == "completed" and len(calls) == 1
     assert calls[0].name == "get_weather" and isinstance(json.loads(calls[0].arguments)["city"], str)
     assert calls[0].call_id.startswith("call_") and calls[0].id.startswith("fc_")
     tool_output = {"type": "function_call_output", "call_id": calls[0].call_id, "output": "sunny, 21 C"}
-    second = client.responses.create(model=MODEL, previous_response_id=first.id, input=[tool_output], tools=[WEATHER_TOOL], max_output_tokens=6, **GREEDY)
+    second = client.responses.create(
+        model=MODEL, previous_response_id=first.id, input=[tool_output], tools=[WEATHER_TOOL], max_output_tokens=6, **GREEDY
+    )
     assert second.previous_response_id == first.id
     # The stored conversation (question, call, result) is in the prompt: the
     # same turn sent whole, without previous_response_id, counts the same.
-    whole = [{"role": "user", "content": "Weather in Paris?"}, {"type": "function_call", "call_id": calls[0].call_id, "name": "get_weather", "arguments": calls[0].arguments}, tool_output]
+    whole = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"type": "function_call", "call_id": calls[0].call_id, "name": "get_weather", "arguments": calls[0].arguments},
+        tool_output,
+    ]
     again = client.responses.create(model=MODEL, input=whole, tools=[WEATHER_TOOL], max_output_tokens=6, **GREEDY)
     assert second.usage.input_tokens == again.usage.input_tokens > first.usage.input_tokens
     assert second.output_text == again.output_text
@@ -88,7 +114,9 @@ def test_function_tool_round_trip_with_previous_response_id(tiny_server):
 
 def test_stream_events_in_order_and_deltas_join(tiny_server):
     client = client_for(tiny_server)
-    with client.responses.stream(model=MODEL, input="Tell me something", max_output_tokens=12, extra_body={"ignore_eos": True, "min_tokens": 12}, **GREEDY) as stream:
+    with client.responses.stream(
+        model=MODEL, input="Tell me something", max_output_tokens=12, extra_body={"ignore_eos": True, "min_tokens": 12}, **GREEDY
+    ) as stream:
         events = list(stream)
     kinds = [event.type for event in events]
     assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added", "response.content_part.added"]
@@ -105,11 +133,23 @@ def test_stream_events_in_order_and_deltas_join(tiny_server):
 
 def test_streamed_function_call_events(tiny_server):
     client = client_for(tiny_server)
-    with client.responses.stream(model=MODEL, input="Weather?", tools=[WEATHER_TOOL], tool_choice={"type": "function", "name": "get_weather"}, max_output_tokens=80, **GREEDY) as stream:
+    with client.responses.stream(
+        model=MODEL,
+        input="Weather?",
+        tools=[WEATHER_TOOL],
+        tool_choice={"type": "function", "name": "get_weather"},
+        max_output_tokens=80,
+        **GREEDY,
+    ) as stream:
         events = list(stream)
         final = stream.get_final_response()
     kinds = [event.type for event in events]
-    assert kinds[2:6] == ["response.output_item.added", "response.function_call_arguments.delta", "response.function_call_arguments.done", "response.output_item.done"]
+    assert kinds[2:6] == [
+        "response.output_item.added",
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+    ]
     assert kinds[-1] == "response.completed"
     call = final.output[0]
     assert call.type == "function_call" and call.name == "get_weather" and call.status == "completed"
@@ -121,7 +161,11 @@ def test_retrieve_delete_and_unknown_ids(tiny_server):
     response = client.responses.create(model=MODEL, input="Hi", max_output_tokens=3, **GREEDY)
     assert client.responses.retrieve(response.id).model_dump() == response.model_dump()
     client.responses.delete(response.id)
-    for call in (lambda: client.responses.retrieve(response.id), lambda: client.responses.delete(response.id), lambda: client.responses.create(model=MODEL, input="again", previous_response_id=response.id)):
+    for call in (
+        lambda: client.responses.retrieve(response.id),
+        lambda: client.responses.delete(response.id),
+        lambda: client.responses.create(model=MODEL, input="again", previous_response_id=response.id),
+    ):
         with pytest.raises(openai.NotFoundError) as info:
             call()
         assert info.value.body["code"] == "response_not_found"
@@ -176,7 +220,13 @@ def test_openai_agents_runs_a_function_tool(default_server):
         client = openai.AsyncOpenAI(base_url=f"{default_server.base_url}/v1", api_key="unused", max_retries=0)
         model = agents.OpenAIResponsesModel(model="smollm2-135m-instruct", openai_client=client)
         settings = agents.ModelSettings(temperature=0, max_tokens=60, tool_choice="required")
-        agent = agents.Agent(name="weather", instructions="Answer weather questions with the get_weather tool.", tools=[get_weather], model=model, model_settings=settings)
+        agent = agents.Agent(
+            name="weather",
+            instructions="Answer weather questions with the get_weather tool.",
+            tools=[get_weather],
+            model=model,
+            model_settings=settings,
+        )
         try:
             result = await agents.Runner.run(agent, "What is the weather in Paris?", max_turns=3)
         finally:

@@ -18,10 +18,22 @@ PROMPTS = [PHRASE * 6, "Copy this list: alpha, beta, gamma, delta. Again: alpha,
 
 
 @pytest.fixture(scope="module", params=["ngram", "draft-model"])
-def speculative_server(request: pytest.FixtureRequest, tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def speculative_server(
+    request: pytest.FixtureRequest, tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
     """n-gram lookup, or ``--speculative-model`` with a noisy copy of the served model."""
     log = tmp_path_factory.mktemp("logs") / f"speculative_server_{request.param}.log"
-    args = [str(tiny_llama_dir), "--served-model-name", "tiny", "--kv-cache-memory", "64MiB", "--dtype", "float32", "--num-speculative-tokens", "4"]
+    args = [
+        str(tiny_llama_dir),
+        "--served-model-name",
+        "tiny",
+        "--kv-cache-memory",
+        "64MiB",
+        "--dtype",
+        "float32",
+        "--num-speculative-tokens",
+        "4",
+    ]
     if request.param == "draft-model":
         args += ["--speculative-model", str(request.getfixturevalue("noisy_llama_dir"))]
     yield from running_server(args, log)
@@ -52,7 +64,10 @@ def test_speculation_keeps_greedy_text_and_reports_drafts(speculative_server, ti
 
 
 def test_sampled_and_logprob_requests_still_work_beside_speculation(speculative_server):
-    response = httpx.post(f"{speculative_server.base_url}/v1/completions", json={"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0.8, "seed": 1, "logprobs": 2})
+    response = httpx.post(
+        f"{speculative_server.base_url}/v1/completions",
+        json={"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0.8, "seed": 1, "logprobs": 2},
+    )
     assert response.status_code == 200
     choice = response.json()["choices"][0]
     assert len(choice["logprobs"]["tokens"]) == response.json()["usage"]["completion_tokens"]

@@ -40,7 +40,9 @@ def client_for(server) -> openai.OpenAI:
 
 def test_sdk_parse_returns_a_validated_pydantic_object(tiny_server):
     client = client_for(tiny_server)
-    completion = client.chat.completions.parse(model=MODEL, messages=MESSAGES, response_format=City, max_completion_tokens=300, temperature=1.0, seed=3)
+    completion = client.chat.completions.parse(
+        model=MODEL, messages=MESSAGES, response_format=City, max_completion_tokens=300, temperature=1.0, seed=3
+    )
     message = completion.choices[0].message
     assert completion.choices[0].finish_reason == "stop"
     assert isinstance(message.parsed, City)
@@ -50,12 +52,23 @@ def test_sdk_parse_returns_a_validated_pydantic_object(tiny_server):
 def test_json_schema_with_n_seeds_and_streaming(tiny_server):
     client = client_for(tiny_server)
     response_format = {"type": "json_schema", "json_schema": {"name": "city", "schema": SCHEMA, "strict": True}}
-    completion = client.chat.completions.create(model=MODEL, messages=MESSAGES, response_format=response_format, max_completion_tokens=300, n=4, temperature=1.0, seed=11)
+    completion = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, response_format=response_format, max_completion_tokens=300, n=4, temperature=1.0, seed=11
+    )
     texts = [choice.message.content for choice in completion.choices]
     for choice in completion.choices:
         assert choice.finish_reason == "stop"
         jsonschema.validate(json.loads(choice.message.content), SCHEMA)
-    stream = client.chat.completions.create(model=MODEL, messages=MESSAGES, response_format=response_format, max_completion_tokens=300, n=4, temperature=1.0, seed=11, stream=True)
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,
+        response_format=response_format,
+        max_completion_tokens=300,
+        n=4,
+        temperature=1.0,
+        seed=11,
+        stream=True,
+    )
     streamed = ["", "", "", ""]
     for chunk in stream:
         for choice in chunk.choices:
@@ -66,7 +79,9 @@ def test_json_schema_with_n_seeds_and_streaming(tiny_server):
 def test_json_object_gives_an_object(tiny_server):
     client = client_for(tiny_server)
     for seed in range(3):
-        completion = client.chat.completions.create(model=MODEL, messages=MESSAGES, response_format={"type": "json_object"}, max_completion_tokens=400, temperature=0.7, seed=seed)
+        completion = client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, response_format={"type": "json_object"}, max_completion_tokens=400, temperature=0.7, seed=seed
+        )
         if completion.choices[0].finish_reason == "stop":
             assert isinstance(json.loads(completion.choices[0].message.content), dict)
         else:  # an unbounded object may run out of tokens; it is still a valid prefix
@@ -77,35 +92,49 @@ def test_json_object_gives_an_object(tiny_server):
 def test_guided_choice_regex_and_json_on_completions(tiny_server):
     client = client_for(tiny_server)
     choices = ["positive", "negative", "neutral"]
-    completion = client.completions.create(model=MODEL, prompt="Sentiment:", max_tokens=10, n=6, temperature=1.0, seed=5, extra_body={"guided_choice": choices})
+    completion = client.completions.create(
+        model=MODEL, prompt="Sentiment:", max_tokens=10, n=6, temperature=1.0, seed=5, extra_body={"guided_choice": choices}
+    )
     assert all(choice.text in choices for choice in completion.choices)
 
     pattern = r"[A-Z]{2}-[0-9]{4}"
-    stream = client.completions.create(model=MODEL, prompt="Code:", max_tokens=20, temperature=1.0, seed=1, stream=True, extra_body={"guided_regex": pattern})
+    stream = client.completions.create(
+        model=MODEL, prompt="Code:", max_tokens=20, temperature=1.0, seed=1, stream=True, extra_body={"guided_regex": pattern}
+    )
     text = "".join(chunk.choices[0].text for chunk in stream if chunk.choices)
     assert re.fullmatch(pattern, text), text
 
-    completion = client.completions.create(model=MODEL, prompt="JSON:", max_tokens=300, temperature=1.0, seed=2, extra_body={"guided_json": json.dumps(SCHEMA)})
+    completion = client.completions.create(
+        model=MODEL, prompt="JSON:", max_tokens=300, temperature=1.0, seed=2, extra_body={"guided_json": json.dumps(SCHEMA)}
+    )
     jsonschema.validate(json.loads(completion.choices[0].text), SCHEMA)
 
 
 def test_guided_grammar_is_lark(tiny_server):
     client = client_for(tiny_server)
     grammar = 'start: "SELECT " column " FROM " table\ncolumn: "id" | "name"\ntable: "users" | "orders"'
-    completion = client.completions.create(model=MODEL, prompt="SQL:", max_tokens=20, temperature=1.0, seed=4, extra_body={"guided_grammar": grammar})
+    completion = client.completions.create(
+        model=MODEL, prompt="SQL:", max_tokens=20, temperature=1.0, seed=4, extra_body={"guided_grammar": grammar}
+    )
     assert re.fullmatch(r"SELECT (id|name) FROM (users|orders)", completion.choices[0].text)
 
 
 def test_running_out_of_tokens_is_length(tiny_server):
     client = client_for(tiny_server)
     response_format = {"type": "json_schema", "json_schema": {"name": "city", "schema": SCHEMA}}
-    completion = client.chat.completions.create(model=MODEL, messages=MESSAGES, response_format=response_format, max_completion_tokens=4, temperature=0)
+    completion = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, response_format=response_format, max_completion_tokens=4, temperature=0
+    )
     assert completion.choices[0].finish_reason == "length"
     assert completion.usage.completion_tokens == 4
 
 
 BAD_CONSTRAINTS = [
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frobnicate"}}}}, "response_format", "frobnicate"),
+    (
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frobnicate"}}}},
+        "response_format",
+        "frobnicate",
+    ),
     ({"response_format": {"type": "json_schema"}}, "response_format", "json_schema"),
     ({"response_format": {"type": "xml"}}, "response_format", "'json_object'"),
     ({"guided_regex": "[a-z"}, "guided_regex", "unclosed"),

@@ -18,7 +18,14 @@ WEATHER_PARAMETERS = {
 }
 TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city", "parameters": WEATHER_PARAMETERS}},
-    {"type": "function", "function": {"name": "get_time", "description": "Current time", "parameters": {"type": "object", "properties": {}, "additionalProperties": False}}},
+    {
+        "type": "function",
+        "function": {
+            "name": "get_time",
+            "description": "Current time",
+            "parameters": {"type": "object", "properties": {}, "additionalProperties": False},
+        },
+    },
 ]
 MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
 FORCE_WEATHER = {"type": "function", "function": {"name": "get_weather"}}
@@ -37,7 +44,9 @@ def check_weather_call(call) -> None:
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_named_tool_choice_forces_a_valid_call(tiny_server, seed):
     client = client_for(tiny_server)
-    completion = client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=TOOLS, tool_choice=FORCE_WEATHER, max_completion_tokens=200, temperature=1.0, seed=seed)
+    completion = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, tools=TOOLS, tool_choice=FORCE_WEATHER, max_completion_tokens=200, temperature=1.0, seed=seed
+    )
     choice = completion.choices[0]
     assert choice.finish_reason == "tool_calls"
     assert choice.message.content is None
@@ -47,7 +56,9 @@ def test_named_tool_choice_forces_a_valid_call(tiny_server, seed):
 
 def test_streamed_tool_call_is_reassembled_by_the_sdk(tiny_server):
     client = client_for(tiny_server)
-    kwargs = dict(model=MODEL, messages=MESSAGES, tools=TOOLS, tool_choice=FORCE_WEATHER, max_completion_tokens=200, temperature=1.0, seed=5)
+    kwargs = dict(
+        model=MODEL, messages=MESSAGES, tools=TOOLS, tool_choice=FORCE_WEATHER, max_completion_tokens=200, temperature=1.0, seed=5
+    )
     whole = client.chat.completions.create(**kwargs).choices[0].message.tool_calls[0]
     with client.chat.completions.stream(**kwargs) as stream:
         final = stream.get_final_completion()
@@ -68,7 +79,17 @@ def test_required_gives_calls_of_the_given_tools(tiny_server):
     names = set()
     for seed in range(4):
         # One call each (a random model would rather chain calls than stop).
-        completion = client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=TOOLS, tool_choice="required", parallel_tool_calls=False, max_completion_tokens=300, temperature=1.0, seed=seed, n=2)
+        completion = client.chat.completions.create(
+            model=MODEL,
+            messages=MESSAGES,
+            tools=TOOLS,
+            tool_choice="required",
+            parallel_tool_calls=False,
+            max_completion_tokens=300,
+            temperature=1.0,
+            seed=seed,
+            n=2,
+        )
         for choice in completion.choices:
             assert choice.finish_reason == "tool_calls"
             assert len(choice.message.tool_calls) == 1
@@ -81,7 +102,9 @@ def test_required_gives_calls_of_the_given_tools(tiny_server):
     assert names <= {"get_weather", "get_time"} and names
 
     # With parallel calls allowed, every call (however many) is valid.
-    completion = client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=TOOLS, tool_choice="required", max_completion_tokens=200, temperature=1.0, seed=9)
+    completion = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, tools=TOOLS, tool_choice="required", max_completion_tokens=200, temperature=1.0, seed=9
+    )
     calls = completion.choices[0].message.tool_calls
     assert calls and all(call.function.name in ("get_weather", "get_time") for call in calls)
 
@@ -89,7 +112,15 @@ def test_required_gives_calls_of_the_given_tools(tiny_server):
 def test_auto_and_none_return_text_when_the_model_calls_nothing(tiny_server):
     client = client_for(tiny_server)
     for tool_choice in ("auto", "none"):
-        completion = client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=TOOLS, tool_choice=tool_choice, max_completion_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+        completion = client.chat.completions.create(
+            model=MODEL,
+            messages=MESSAGES,
+            tools=TOOLS,
+            tool_choice=tool_choice,
+            max_completion_tokens=8,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
         choice = completion.choices[0]
         assert choice.finish_reason == "length"
         assert choice.message.tool_calls is None
@@ -102,9 +133,20 @@ def test_tools_reach_the_prompt_and_a_tool_result_continues_the_chat(tiny_server
     with_tools = client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=TOOLS, max_completion_tokens=1, temperature=0)
     assert with_tools.usage.prompt_tokens > plain.usage.prompt_tokens + 40, "the tool signatures are in the prompt"
 
-    call = client.chat.completions.create(model=MODEL, messages=MESSAGES, tools=TOOLS, tool_choice=FORCE_WEATHER, max_completion_tokens=200, temperature=0).choices[0].message
-    follow_up = MESSAGES + [call.model_dump(exclude_none=True), {"role": "tool", "tool_call_id": call.tool_calls[0].id, "content": '{"temperature": 18}'}]
-    answer = client.chat.completions.create(model=MODEL, messages=follow_up, tools=TOOLS, max_completion_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+    call = (
+        client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, tools=TOOLS, tool_choice=FORCE_WEATHER, max_completion_tokens=200, temperature=0
+        )
+        .choices[0]
+        .message
+    )
+    follow_up = MESSAGES + [
+        call.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.tool_calls[0].id, "content": '{"temperature": 18}'},
+    ]
+    answer = client.chat.completions.create(
+        model=MODEL, messages=follow_up, tools=TOOLS, max_completion_tokens=5, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert answer.choices[0].finish_reason == "length"
     assert answer.usage.prompt_tokens > with_tools.usage.prompt_tokens + 10
 
@@ -113,7 +155,10 @@ BAD_TOOL_REQUESTS = [
     ({"tool_choice": "required"}, "tool_choice"),
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "launch"}}}, "tool_choice"),
     ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools"),
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "frobnicate"}}}], "tool_choice": "required"}, "tools"),
+    (
+        {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "frobnicate"}}}], "tool_choice": "required"},
+        "tools",
+    ),
     ({"tools": TOOLS, "tool_choice": FORCE_WEATHER, "guided_regex": "a+"}, "guided_regex"),
     ({"messages": MESSAGES + [{"role": "tool", "content": "18"}]}, "messages"),
 ]
@@ -121,7 +166,9 @@ BAD_TOOL_REQUESTS = [
 
 @pytest.mark.parametrize("fields, param", BAD_TOOL_REQUESTS, ids=[f"{param}-{i}" for i, (_, param) in enumerate(BAD_TOOL_REQUESTS)])
 def test_bad_tool_requests_are_400(tiny_server, fields, param):
-    response = httpx.post(f"{tiny_server.base_url}/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES, "max_tokens": 5, **fields})
+    response = httpx.post(
+        f"{tiny_server.base_url}/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES, "max_tokens": 5, **fields}
+    )
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error" and error["param"].split(".")[0] == param, error

@@ -85,7 +85,10 @@ class Step:
                 heads = []
                 for head in range(HEADS):
                     kv_head = head // (HEADS // KV_HEADS)
-                    scores = [float(queries[offset, head].double() @ keys[j, kv_head].double()) * features.scale for j in range(first, position + 1)]
+                    scores = [
+                        float(queries[offset, head].double() @ keys[j, kv_head].double()) * features.scale
+                        for j in range(first, position + 1)
+                    ]
                     if features.softcap:
                         scores = [features.softcap * math.tanh(s / features.softcap) for s in scores]
                     logits = scores + ([float(features.sinks[head])] if features.sinks is not None else [])
@@ -115,8 +118,16 @@ def test_the_decode_kernel_honours_the_features_on_every_isa(ops, name: str):
     expected = step.expected(features)[:num_decode]
     for isa in range(len(ops.isas())):
         got = ops.paged_decode_attention(
-            query[0, :, :num_decode].transpose(0, 1), step.key_cache, step.value_cache, context.decode_block_tables,
-            context.decode_context_lens, features.scale, isa, features.sliding_window or 0, features.softcap or 0.0, features.sinks,
+            query[0, :, :num_decode].transpose(0, 1),
+            step.key_cache,
+            step.value_cache,
+            context.decode_block_tables,
+            context.decode_context_lens,
+            features.scale,
+            isa,
+            features.sliding_window or 0,
+            features.softcap or 0.0,
+            features.sinks,
         )
         torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5, msg=ops.isas()[isa])
 
@@ -128,7 +139,18 @@ def test_every_path_honours_the_features_on_a_mixed_step(ops, name: str, path: s
     step = Step()
     query, key, value, context = step.inputs(with_mask=path == "python sdpa")
     if path == "whole-layer op":
-        got = ops.paged_attention_step(query, key, value, step.key_cache, step.value_cache, pack(context), features.scale, features.sliding_window or 0, features.softcap or 0.0, features.sinks)
+        got = ops.paged_attention_step(
+            query,
+            key,
+            value,
+            step.key_cache,
+            step.value_cache,
+            pack(context),
+            features.scale,
+            features.sliding_window or 0,
+            features.softcap or 0.0,
+            features.sinks,
+        )
     else:
         got = attend(query, key, value, step.key_cache, step.value_cache, context, features)
     torch.testing.assert_close(got[0].double(), step.expected(features), rtol=1e-4, atol=1e-5)
@@ -150,7 +172,18 @@ def test_blocks_before_the_window_change_nothing(ops, path: str):
     assert step.key_cache.abs().max() > 100, "some block lies wholly before its sequence's window"
     query, key, value, context = step.inputs(with_mask=path == "python sdpa")
     if path == "whole-layer op":
-        got = ops.paged_attention_step(query, key, value, step.key_cache, step.value_cache, pack(context), features.scale, features.sliding_window, features.softcap, features.sinks)
+        got = ops.paged_attention_step(
+            query,
+            key,
+            value,
+            step.key_cache,
+            step.value_cache,
+            pack(context),
+            features.scale,
+            features.sliding_window,
+            features.softcap,
+            features.sinks,
+        )
     else:
         got = attend(query, key, value, step.key_cache, step.value_cache, context, features)
     torch.testing.assert_close(got[0].double(), step.expected(features), rtol=1e-4, atol=1e-5)

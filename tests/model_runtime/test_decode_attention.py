@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from model_runtime import kernels
 from model_runtime.attention import LayerFeatures, attend, decode_kernel_runs, gather_blocks
-from model_runtime.step_context import PrefillSpan, StepContext, decode_tables
 from model_runtime.kv_cache import CacheShape, LayerKV
+from model_runtime.step_context import PrefillSpan, StepContext, decode_tables
 from model_runtime.step_graph import pack
 
 LENS = [1, 2, 15, 16, 17, 33, 100, 250]
@@ -37,12 +37,16 @@ def ragged_batch(block_size: int, kv_heads: int, head_dim: int, heads: int):
     return query, key_cache.contiguous(), value_cache.contiguous(), tables
 
 
-@pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "block_size"), [(9, 3, 64, 16), (4, 4, 16, 4), (8, 2, 128, 32), (2, 1, 32, 16), (4, 2, 512, 16)])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim", "block_size"), [(9, 3, 64, 16), (4, 4, 16, 4), (8, 2, 128, 32), (2, 1, 32, 16), (4, 2, 512, 16)]
+)
 def test_matches_gather_and_sdpa_on_every_isa(ops, heads: int, kv_heads: int, head_dim: int, block_size: int):
     query, key_cache, value_cache, tables = ragged_batch(block_size, kv_heads, head_dim, heads)
     block_tables, lens, mask = decode_tables(tables, LENS, block_size, torch.device("cpu"))
     keys, values = gather_blocks(key_cache, block_tables), gather_blocks(value_cache, block_tables)
-    expected = F.scaled_dot_product_attention(query.transpose(0, 1).unsqueeze(2), keys, values, attn_mask=mask, scale=0.3, enable_gqa=heads != kv_heads).squeeze(2)
+    expected = F.scaled_dot_product_attention(
+        query.transpose(0, 1).unsqueeze(2), keys, values, attn_mask=mask, scale=0.3, enable_gqa=heads != kv_heads
+    ).squeeze(2)
     for isa in range(len(ops.isas())):
         got = ops.paged_decode_attention(query.transpose(0, 1), key_cache, value_cache, block_tables, lens, 0.3, isa)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=ops.isas()[isa])
@@ -61,13 +65,17 @@ def test_refuses_bad_operands_clearly(ops):
     with pytest.raises(RuntimeError, match="8 query heads are not a multiple of 3 KV heads"):
         ops.paged_decode_attention(q[:, :8], key_cache, value_cache, block_tables, lens, 1.0)
     with pytest.raises(RuntimeError, match="head_dim must be a multiple of 16 up to 512"):
-        ops.paged_decode_attention(q[..., :24], key_cache[..., :24].contiguous(), value_cache[..., :24].contiguous(), block_tables, lens, 1.0)
+        ops.paged_decode_attention(
+            q[..., :24], key_cache[..., :24].contiguous(), value_cache[..., :24].contiguous(), block_tables, lens, 1.0
+        )
 
 
 def test_the_kernel_runs_only_where_it_applies(ops):
     cpu = torch.device("cpu")
     assert decode_kernel_runs(CacheShape.uniform(2, 3, 64, torch.float32), cpu)
-    assert decode_kernel_runs(CacheShape((LayerKV(4, 256, 256), LayerKV(2, 512, 512)), torch.float32), cpu)  # Gemma 4's sliding and full layers
+    assert decode_kernel_runs(
+        CacheShape((LayerKV(4, 256, 256), LayerKV(2, 512, 512)), torch.float32), cpu
+    )  # Gemma 4's sliding and full layers
     assert not decode_kernel_runs(CacheShape.uniform(2, 3, 64, torch.bfloat16), cpu)  # bf16 caches: SDPA
     assert not decode_kernel_runs(CacheShape.uniform(2, 3, 72, torch.float32), cpu)  # a head size it does not take
     assert not decode_kernel_runs(CacheShape.uniform(2, 3, 64, torch.float32, value_head_dim=32), cpu)  # keys and values of two sizes

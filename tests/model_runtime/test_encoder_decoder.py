@@ -25,7 +25,15 @@ def seq2seq_reference(model_dir: Path, sources: list[list[int]], max_tokens_of=m
     num_forced = 1 if config.forced_bos_token_id is not None else 0
     outputs = []
     for index, source in enumerate(sources):
-        settings = dict(do_sample=False, num_beams=1, max_new_tokens=max_tokens_of(index) + num_forced, eos_token_id=None, forced_eos_token_id=None, min_length=0, no_repeat_ngram_size=0)
+        settings = dict(
+            do_sample=False,
+            num_beams=1,
+            max_new_tokens=max_tokens_of(index) + num_forced,
+            eos_token_id=None,
+            forced_eos_token_id=None,
+            min_length=0,
+            no_repeat_ngram_size=0,
+        )
         settings.update(generation)
         with torch.inference_mode():
             generated = model.generate(torch.tensor([source]), attention_mask=torch.ones(1, len(source), dtype=torch.long), **settings)
@@ -65,16 +73,17 @@ def test_parity_small_step_budget(model_case):
     assert run_engine(core, sources) == expected
 
 
-LONG = lambda index: 20 + (index * 7) % 29  # noqa: E731: decoders that cross block boundaries
+def long_outputs(index: int) -> int:  # decoders that cross block boundaries
+    return 20 + (index * 7) % 29
 
 
 def test_parity_under_preemption(model_case):
     """Preempted requests give up self and cross blocks and re-encode on resume."""
     model_dir, loaded, sources, _ = model_case
-    expected = seq2seq_reference(model_dir, sources, LONG)
+    expected = seq2seq_reference(model_dir, sources, long_outputs)
     # 30 blocks of 16: the 300-token source (19 cross blocks) and its decoder fit alone, the batch does not.
     core = build(loaded, num_kv_blocks=30, max_num_batched_tokens=512)
-    assert run_engine(core, sources, max_tokens_of=LONG) == expected
+    assert run_engine(core, sources, max_tokens_of=long_outputs) == expected
     assert core.scheduler.num_preemptions > 0
 
 
@@ -135,9 +144,9 @@ def test_parity_with_ngram_speculation(tiny_bart_dir: Path):
     """Drafts verified in the decoder step (a multi-token chunk with cross-attention); outputs stay greedy-exact."""
     loaded = load_model(tiny_bart_dir, dtype="float32", device="cpu")
     sources = make_prompts(seed=6, vocab_size=loaded.model.config.vocab_size)[:8]
-    expected = seq2seq_reference(tiny_bart_dir, sources, LONG)
+    expected = seq2seq_reference(tiny_bart_dir, sources, long_outputs)
     core = build(loaded, num_kv_blocks=512, num_speculative_tokens=3)
-    assert run_engine(core, sources, max_tokens_of=LONG) == expected
+    assert run_engine(core, sources, max_tokens_of=long_outputs) == expected
     assert core.scheduler.num_draft_tokens > 0 and core.scheduler.num_accepted_tokens > 0
 
 
@@ -154,7 +163,16 @@ def test_unsupported_models_are_refused(tmp_path: Path, default_model_dir: Path)
     """An encoder-decoder model of another family, or a model that is no causal LM, fails the load with a clear message."""
     from transformers import DistilBertConfig, DistilBertModel, ProphetNetConfig
 
-    ProphetNetConfig(vocab_size=64, hidden_size=16, num_encoder_attention_heads=2, num_decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_encoder_layers=1, num_decoder_layers=1).save_pretrained(tmp_path / "prophetnet")
+    ProphetNetConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_encoder_attention_heads=2,
+        num_decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        num_encoder_layers=1,
+        num_decoder_layers=1,
+    ).save_pretrained(tmp_path / "prophetnet")
     with pytest.raises(ValueError, match="encoder-decoder model tokenstep does not serve"):
         load_model(tmp_path / "prophetnet", dtype="float32", device="cpu")
     DistilBertModel(DistilBertConfig(vocab_size=64, dim=16, n_layers=1, n_heads=2, hidden_dim=32)).save_pretrained(tmp_path / "distilbert")

@@ -94,7 +94,13 @@ def test_int4_kernel_on_every_isa_matches_the_dequantized_gemm(ops):
                 for with_bias in (True, False):
                     expected = nn.functional.linear(x.double(), weight, bias.double() if with_bias else None)
                     got = ops.int4_linear(x, packed, scales, offsets, bias if with_bias else None, isa)
-                    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4 * in_features**0.5, msg=f"{ops.isas()[isa]} {rows}x{in_features}->{out_features}")
+                    torch.testing.assert_close(
+                        got.double(),
+                        expected,
+                        rtol=1e-4,
+                        atol=1e-4 * in_features**0.5,
+                        msg=f"{ops.isas()[isa]} {rows}x{in_features}->{out_features}",
+                    )
 
 
 def test_int4_kernel_refuses_bad_operands_clearly(ops):

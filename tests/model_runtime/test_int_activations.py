@@ -39,7 +39,9 @@ def random_codes(out_features: int, in_features: int, bits: int) -> tuple[torch.
     return codes, torch.rand(out_features, groups) * 0.1 + 1e-3, torch.randn(out_features, groups) * 0.1
 
 
-def reference_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, bias: torch.Tensor | None, act_bits: int) -> torch.Tensor:
+def reference_linear(
+    x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, bias: torch.Tensor | None, act_bits: int
+) -> torch.Tensor:
     """What ``IntActivationLinear`` computes, in plain float64 PyTorch: x [M, K] quantized per group of 32 to ``act_bits`` with the
     kernel's rounding, unsigned ``codes`` [N, K], float ``scales`` and
     ``offsets`` [N, groups]."""
@@ -79,7 +81,13 @@ def test_every_isa_matches_the_integer_arithmetic_in_float64(ops, bits: int, act
             expected = reference_linear(x, codes, stored_scales, stored_offsets, bias, act_bits)
             for isa in range(len(ops.isas())):
                 got = ops.int_linear(x, *packed, bias, bits, act_bits, out_features, isa)
-                torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item(), msg=f"{ops.isas()[isa]} {rows}x{in_features}->{out_features}")
+                torch.testing.assert_close(
+                    got.double(),
+                    expected,
+                    rtol=1e-5,
+                    atol=1e-5 * expected.abs().max().item(),
+                    msg=f"{ops.isas()[isa]} {rows}x{in_features}->{out_features}",
+                )
 
 
 @pytest.mark.parametrize("act_bits", [16, 8])
@@ -168,13 +176,18 @@ def test_tokens_do_not_depend_on_batching_chunking_or_preemption(source: str, ac
     prompts = make_prompts(seed=11, vocab_size=loaded.model.config.vocab_size)
     together = run_engine(build(loaded, num_kv_blocks=512, max_num_batched_tokens=4096), prompts)
     assert run_engine(build(loaded, num_kv_blocks=40, max_num_batched_tokens=37), prompts, id_prefix="p") == together  # chunked, preempted
-    alone = [run_engine(build(loaded, num_kv_blocks=512), [prompt], id_prefix=f"a{i}-", max_tokens_of=lambda _, i=i: len(together[i]))[0] for i, prompt in enumerate(prompts[:4])]
+    alone = [
+        run_engine(build(loaded, num_kv_blocks=512), [prompt], id_prefix=f"a{i}-", max_tokens_of=lambda _, i=i: len(together[i]))[0]
+        for i, prompt in enumerate(prompts[:4])
+    ]
     assert alone == together[:4]
 
 
 @torch.inference_mode()
 @pytest.mark.parametrize(("activations", "agreement", "logit_error"), [("int16", 1.0, 0.01), ("int8", 0.9, 2.0)])
-def test_the_default_model_agrees_with_its_float_activation_self(default_model_dir: Path, activations: str, agreement: float, logit_error: float):
+def test_the_default_model_agrees_with_its_float_activation_self(
+    default_model_dir: Path, activations: str, agreement: float, logit_error: float
+):
     model = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()  # plain attention
     load_gguf_linears(model, default_gguf_file())
     prompt = torch.tensor([list(range(1000, 1064))])
@@ -186,7 +199,9 @@ def test_the_default_model_agrees_with_its_float_activation_self(default_model_d
 
 
 def test_integer_activations_need_quantized_weights(tiny_llama_dir: Path):
-    with pytest.raises(ValueError, match="--activations int16 quantizes the inputs of quantized linears: use it with --quantization int8 or gguf"):
+    with pytest.raises(
+        ValueError, match="--activations int16 quantizes the inputs of quantized linears: use it with --quantization int8 or gguf"
+    ):
         load_model(tiny_llama_dir, "float32", "cpu", "none", activations="int16")
     with pytest.raises(ValueError, match="unknown activations 'int4'"):
         load_model(tiny_llama_dir, "float32", "cpu", "int8", activations="int4")

@@ -131,7 +131,11 @@ def test_the_load_check_refuses_a_feature_left_out(name: str, kwarg: str, dtype:
     model_dir = zoo_dir(name)
     assert load_model(model_dir, dtype=dtype, device="cpu").attention is not None
     from_kwargs = LayerFeatures.from_kwargs.__func__
-    monkeypatch.setattr(LayerFeatures, "from_kwargs", classmethod(lambda cls, kwargs, *rest: from_kwargs(cls, {k: v for k, v in kwargs.items() if k != kwarg}, *rest)))
+    monkeypatch.setattr(
+        LayerFeatures,
+        "from_kwargs",
+        classmethod(lambda cls, kwargs, *rest: from_kwargs(cls, {k: v for k, v in kwargs.items() if k != kwarg}, *rest)),
+    )
     with pytest.raises(UnsupportedModelError, match="rows of logits differ"):
         load_model(model_dir, dtype=dtype, device="cpu")
 
@@ -180,7 +184,9 @@ def test_a_draft_model_the_kernel_does_not_take_beside_a_target_it_does(zoo_dir)
     (24) does not fit them: it mirrors those steps through the Python paths."""
     target, draft = (load_model(zoo_dir(name), dtype="float32", device="cpu") for name in ("llama", "llama-head-24"))
     prompts = zoo_prompts(seed=16)
-    core = build_engine_core(EngineConfig(model="unused", num_kv_blocks=64, max_num_batched_tokens=64, num_speculative_tokens=3), target, draft)
+    core = build_engine_core(
+        EngineConfig(model="unused", num_kv_blocks=64, max_num_batched_tokens=64, num_speculative_tokens=3), target, draft
+    )
     assert core.runner.decode_kernel and not core.runner.drafter.decode_kernel
     assert run_engine(core, prompts, "draft", max_tokens_of) == reference_outputs(zoo_dir("llama"), prompts, max_tokens_of)
     assert core.scheduler.num_draft_tokens > 0

@@ -28,23 +28,31 @@ def max_tokens_for(index: int) -> int:
     return 4 + (index * 5) % 13
 
 
-def reference_outputs(model_dir: Path, prompts: list[list[int]], max_tokens_of=max_tokens_for, dtype: torch.dtype = torch.float32, **generation: float) -> list[list[int]]:
+def reference_outputs(
+    model_dir: Path, prompts: list[list[int]], max_tokens_of=max_tokens_for, dtype: torch.dtype = torch.float32, **generation: float
+) -> list[list[int]]:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     return generate_outputs(model, prompts, max_tokens_of, **generation)
 
 
-def generate_outputs(model: torch.nn.Module, prompts: list[list[int]], max_tokens_of=max_tokens_for, **generation: float) -> list[list[int]]:
+def generate_outputs(
+    model: torch.nn.Module, prompts: list[list[int]], max_tokens_of=max_tokens_for, **generation: float
+) -> list[list[int]]:
     """Greedy ``model.generate`` of each prompt alone: the parity reference."""
     outputs = []
     for index, prompt in enumerate(prompts):
         config = GenerationConfig(do_sample=False, max_new_tokens=max_tokens_of(index), eos_token_id=None, pad_token_id=0, **generation)
         with torch.inference_mode():
-            generated = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long), generation_config=config)
+            generated = model.generate(
+                torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long), generation_config=config
+            )
         outputs.append(generated[0, len(prompt) :].tolist())
     return outputs
 
 
-def run_engine(core: EngineCore, prompts: list[list[int]], id_prefix: str = "r", max_tokens_of=max_tokens_for, **sampling: float) -> list[list[int]]:
+def run_engine(
+    core: EngineCore, prompts: list[list[int]], id_prefix: str = "r", max_tokens_of=max_tokens_for, **sampling: float
+) -> list[list[int]]:
     tokens: dict[str, list[int]] = {}
     for index, prompt in enumerate(prompts):
         params = SamplingParams(max_tokens=max_tokens_of(index), temperature=0.0, ignore_eos=True, **sampling)
@@ -183,7 +191,9 @@ def test_parity_with_draft_model(model_case, draft_case):
     which: plain batch, chunked prefill, and the prefix cache's second pass."""
     _, loaded, prompts, expected = model_case
     kind, draft = draft_case
-    core = build_engine_core(EngineConfig(model="unused", num_kv_blocks=512, max_num_batched_tokens=64, num_speculative_tokens=3), loaded, draft)
+    core = build_engine_core(
+        EngineConfig(model="unused", num_kv_blocks=512, max_num_batched_tokens=64, num_speculative_tokens=3), loaded, draft
+    )
     assert run_engine(core, prompts, "first") == expected
     assert run_engine(core, prompts, "second") == expected
     scheduler = core.scheduler
@@ -236,8 +246,13 @@ def test_cpu_step_budget_grows_with_the_running_requests_unless_given(tiny_llama
     assert (default.num_speculative_tokens, default.speculative_method) == (0, "ngram")
     fixed = build_engine_core(EngineConfig(model="unused", num_kv_blocks=64, max_num_batched_tokens=300), loaded).scheduler.config
     assert (fixed.max_num_batched_tokens, fixed.tokens_per_running_request) == (300, 0)
-    with_draft = build_engine_core(EngineConfig(model="unused", num_kv_blocks=64), loaded, load_model(tiny_llama_dir, dtype="float32", device="cpu"))
-    assert (with_draft.scheduler.config.num_speculative_tokens, with_draft.scheduler.config.speculative_method) == (DRAFT_MODEL_SPECULATIVE_TOKENS, "draft_model")
+    with_draft = build_engine_core(
+        EngineConfig(model="unused", num_kv_blocks=64), loaded, load_model(tiny_llama_dir, dtype="float32", device="cpu")
+    )
+    assert (with_draft.scheduler.config.num_speculative_tokens, with_draft.scheduler.config.speculative_method) == (
+        DRAFT_MODEL_SPECULATIVE_TOKENS,
+        "draft_model",
+    )
 
 
 def test_resolve_defaults_sizes_the_kv_pool_and_the_window(tiny_llama_dir):
@@ -255,7 +270,9 @@ def test_resolve_defaults_sizes_the_kv_pool_and_the_window(tiny_llama_dir):
     plain = resolve_defaults(EngineConfig(model="unused"), loaded)
     assert plain.num_kv_blocks == parse_memory_size(CPU_KV_CACHE_MEMORY) // per_block
     assert plain.max_model_len == loaded.max_model_len
-    assert resolve_defaults(EngineConfig(model="unused"), loaded, draft).num_kv_blocks == parse_memory_size(CPU_KV_CACHE_MEMORY) // (2 * per_block)
+    assert resolve_defaults(EngineConfig(model="unused"), loaded, draft).num_kv_blocks == parse_memory_size(CPU_KV_CACHE_MEMORY) // (
+        2 * per_block
+    )
     assert resolve_defaults(EngineConfig(model="unused", kv_cache_memory="1MiB"), loaded).num_kv_blocks == 2**20 // per_block
     assert resolve_defaults(EngineConfig(model="unused", max_model_len=100), loaded).max_model_len == 100
     assert resolve_defaults(EngineConfig(model="unused", max_model_len=10**9), loaded).max_model_len == loaded.max_model_len

@@ -61,13 +61,21 @@ def test_every_isa_matches_the_dequantized_gemm(ops):
                 for isa in range(len(isas)):
                     got = ops.int8_linear(x, q, scales, offsets, bias if with_bias else None, isa)
                     assert got.shape == (rows, out_features) and got.dtype == torch.float32
-                    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4 * in_features**0.5, msg=f"{isas[isa]} {rows}x{in_features}->{out_features}")
+                    torch.testing.assert_close(
+                        got.double(),
+                        expected,
+                        rtol=1e-4,
+                        atol=1e-4 * in_features**0.5,
+                        msg=f"{isas[isa]} {rows}x{in_features}->{out_features}",
+                    )
 
 
 def test_every_isa_dequantizes_as_torch_does(ops):
     q, scales, offsets = quantize_groups(torch.randn(37, 101))
     for isa in range(len(ops.isas())):  # the kernel fuses q * scale + offset: one rounding, not two
-        torch.testing.assert_close(ops.int8_dequantize(q, scales, offsets, isa), dequantize_groups(q, scales, offsets), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(
+            ops.int8_dequantize(q, scales, offsets, isa), dequantize_groups(q, scales, offsets), rtol=1e-6, atol=1e-6
+        )
 
 
 def test_kernel_takes_leading_dims_and_strided_inputs(ops):

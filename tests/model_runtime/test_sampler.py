@@ -248,7 +248,9 @@ def test_penalties_touch_only_the_penalized_rows():
     logits = torch.tensor([[1.0, -1.0, 2.0, 0.5]]).repeat(2, 1)  # [2, 4]
     counts = TokenCounts([0], 4, torch.device("cpu")).update([1, 1])
     plain = SamplingRow(SamplingParams(temperature=0.0, logprobs=0), 0, None)
-    penalized = SamplingRow(SamplingParams(temperature=0.0, logprobs=0, repetition_penalty=2.0, frequency_penalty=0.5), 2, None, token_counts=counts)
+    penalized = SamplingRow(
+        SamplingParams(temperature=0.0, logprobs=0, repetition_penalty=2.0, frequency_penalty=0.5), 2, None, token_counts=counts
+    )
     (_, plain_lp), (_, penalized_lp) = Sampler(4).sample(logits, [plain, penalized])
     expected_plain = hand_log_softmax([1.0, -1.0, 2.0, 0.5])
     # token 0 (prompt): 1.0 / 2; token 1 (output twice): -1.0 * 2 - 0.5 * 2

@@ -14,7 +14,9 @@ from tests.model_runtime.test_parity import build, make_prompts, reference_outpu
 def make_context(num_tokens: int, decode: list[tuple[list[int], int]], prefills: list[PrefillSpan], with_mask: bool) -> StepContext:
     tables, lens, mask = (None, None, None)
     if decode:
-        tables, lens, mask = decode_tables([blocks for blocks, _ in decode], [n for _, n in decode], 16, torch.device("cpu"), with_mask=with_mask)
+        tables, lens, mask = decode_tables(
+            [blocks for blocks, _ in decode], [n for _, n in decode], 16, torch.device("cpu"), with_mask=with_mask
+        )
     slots = torch.arange(100, 100 + num_tokens)
     return StepContext([], [], slots, len(decode), tables, lens, mask, prefills)
 

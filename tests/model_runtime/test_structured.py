@@ -65,7 +65,9 @@ def run(core: EngineCore, requests: dict[str, tuple[list[int], SamplingParams]])
 def test_fifty_seeded_sampled_requests_all_validate(loaded):
     core = build(loaded)
     guided = GuidedDecoding.json_schema(NESTED_SCHEMA)
-    requests = {f"r{seed}": ([1, 100 + seed, 200], SamplingParams(max_tokens=400, temperature=1.0, seed=seed, guided=guided)) for seed in range(50)}
+    requests = {
+        f"r{seed}": ([1, 100 + seed, 200], SamplingParams(max_tokens=400, temperature=1.0, seed=seed, guided=guided)) for seed in range(50)
+    }
     results = run(core, requests)
     for request_id, result in results.items():
         assert result["finish_reason"] == "stop", (request_id, result["text"])
@@ -84,9 +86,15 @@ def test_seeded_constrained_request_is_reproducible(loaded):
 
 def test_choice_and_regex(loaded):
     choices = ["yes", "no", "maybe so"]
-    requests = {f"c{seed}": ([3, seed + 10], SamplingParams(max_tokens=10, temperature=1.0, seed=seed, guided=GuidedDecoding.choice(choices))) for seed in range(20)}
+    requests = {
+        f"c{seed}": ([3, seed + 10], SamplingParams(max_tokens=10, temperature=1.0, seed=seed, guided=GuidedDecoding.choice(choices)))
+        for seed in range(20)
+    }
     pattern = r"[0-9]{3}-[a-z]{2,4}"
-    requests |= {f"x{seed}": ([4, seed + 10], SamplingParams(max_tokens=20, temperature=1.0, seed=seed, guided=GuidedDecoding.regex(pattern))) for seed in range(20)}
+    requests |= {
+        f"x{seed}": ([4, seed + 10], SamplingParams(max_tokens=20, temperature=1.0, seed=seed, guided=GuidedDecoding.regex(pattern)))
+        for seed in range(20)
+    }
     results = run(build(loaded), requests)
     for request_id, result in results.items():
         assert result["finish_reason"] == "stop"
@@ -118,8 +126,14 @@ def test_unconstrained_requests_keep_greedy_parity_beside_constrained_ones(loade
     prompts = [[5 + i, 17, 300 + i] for i in range(6)]
     expected = reference_outputs(tiny_llama_dir, prompts)
     guided = GuidedDecoding.json_schema(NESTED_SCHEMA)
-    requests = {f"free{i}": (prompt, SamplingParams(max_tokens=max_tokens_for(i), temperature=0.0, ignore_eos=True)) for i, prompt in enumerate(prompts)}
-    requests |= {f"json{i}": ([1, i + 40], SamplingParams(max_tokens=400, temperature=0.0 if i % 2 else 1.0, seed=i, guided=guided)) for i in range(6)}
+    requests = {
+        f"free{i}": (prompt, SamplingParams(max_tokens=max_tokens_for(i), temperature=0.0, ignore_eos=True))
+        for i, prompt in enumerate(prompts)
+    }
+    requests |= {
+        f"json{i}": ([1, i + 40], SamplingParams(max_tokens=400, temperature=0.0 if i % 2 else 1.0, seed=i, guided=guided))
+        for i in range(6)
+    }
     results = run(build(loaded), requests)
     assert [results[f"free{i}"]["tokens"] for i in range(6)] == expected
     for i in range(6):
@@ -148,7 +162,10 @@ def test_listed_properties_close_an_object_unless_the_schema_says_otherwise():
 
     schema = {
         "type": "object",
-        "properties": {"properties": {"type": "object", "properties": {"x": {"const": {"properties": 1}}}}, "open": {"type": "object", "properties": {}, "additionalProperties": True}},
+        "properties": {
+            "properties": {"type": "object", "properties": {"x": {"const": {"properties": 1}}}},
+            "open": {"type": "object", "properties": {}, "additionalProperties": True},
+        },
         "$defs": {"thing": {"properties": {"a": {}}}},
         "allOf": [{"properties": {"b": {"type": "object", "properties": {"c": {}}}}}],
     }

@@ -4,7 +4,14 @@ import pytest
 import torch
 from torch import nn
 
-from model_runtime.weight_layout import PACKED_FROM_ROWS, PackedLinear, RowSwitchedLinear, choose_packed_from_rows, optimise_cpu_linears, packed_from_rows_given
+from model_runtime.weight_layout import (
+    PACKED_FROM_ROWS,
+    PackedLinear,
+    RowSwitchedLinear,
+    choose_packed_from_rows,
+    optimise_cpu_linears,
+    packed_from_rows_given,
+)
 
 
 @pytest.mark.parametrize("rows", [1, 7, 16, 64])

@@ -67,7 +67,9 @@ class FaultyRunner:
         return self.inner.step(scheduler_output)
 
 
-def build_served(model_dir: Path, loaded: LoadedModel, max_queue_len: int | None = None, step_delay_s: float = 0.0, **engine: Any) -> Served:
+def build_served(
+    model_dir: Path, loaded: LoadedModel, max_queue_len: int | None = None, step_delay_s: float = 0.0, **engine: Any
+) -> Served:
     """A fresh (not started) real engine on the tiny model behind a ``FaultyRunner``."""
     config = EngineConfig(model=model_dir, dtype="float32", device="cpu", kv_cache_memory="64MiB", **engine)
     core = build_engine_core(config, loaded=loaded)
@@ -147,7 +149,11 @@ class StreamResult:
 
     @property
     def text(self) -> str:
-        return "".join(choice.get("text") or (choice.get("delta") or {}).get("content") or "" for event in self.events for choice in event.get("choices", []))
+        return "".join(
+            choice.get("text") or (choice.get("delta") or {}).get("content") or ""
+            for event in self.events
+            for choice in event.get("choices", [])
+        )
 
     @property
     def errors(self) -> list[dict[str, Any]]:

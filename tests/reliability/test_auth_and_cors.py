@@ -43,7 +43,9 @@ def path_variants(path: str) -> list[str]:
     ]
 
 
-def raw_request(base_url: str, method: str, path: str, body: dict | None, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+def raw_request(
+    base_url: str, method: str, path: str, body: dict | None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
     """One HTTP/1.1 request with ``path`` sent byte for byte; (status, headers, body)."""
     url = urlsplit(base_url)
     payload = json.dumps(body).encode() if body is not None else b""
@@ -103,7 +105,9 @@ def test_with_the_key_only_the_exact_route_answers(small_server, method, path, b
 
 def test_the_key_is_never_logged(small_server):
     for key in (API_KEY, "wrong-key-123"):
-        httpx.post(f"{small_server.base_url}/v1/completions", json={"prompt": "x", "max_tokens": 1}, headers={"Authorization": f"Bearer {key}"})
+        httpx.post(
+            f"{small_server.base_url}/v1/completions", json={"prompt": "x", "max_tokens": 1}, headers={"Authorization": f"Bearer {key}"}
+        )
     log = small_server.log_path.read_text()
     assert "GET /health" in log or "POST /v1/completions" in log  # debug-level access log is on
     assert API_KEY not in log

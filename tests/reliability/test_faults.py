@@ -31,9 +31,15 @@ async def test_a_failing_step_fails_only_its_requests(tiny_llama_dir: Path, tiny
     served = build_served(tiny_llama_dir, tiny_weights, step_delay_s=STEP_DELAY_S, max_num_seqs=2)
     async with in_process(served) as env:
         # Two run (one streaming, one not); two more wait for a free slot.
-        running = [asyncio.create_task(read_stream(env.client, "/v1/completions", body(0, stream=True))), asyncio.create_task(env.client.post("/v1/completions", json=body(1)))]
+        running = [
+            asyncio.create_task(read_stream(env.client, "/v1/completions", body(0, stream=True))),
+            asyncio.create_task(env.client.post("/v1/completions", json=body(1))),
+        ]
         await until(lambda: len(env.batcher.core.scheduler.running) == 2 and env.batcher.num_steps >= 2)
-        waiting = [asyncio.create_task(read_stream(env.client, "/v1/completions", body(2, stream=True))), asyncio.create_task(env.client.post("/v1/completions", json=body(3)))]
+        waiting = [
+            asyncio.create_task(read_stream(env.client, "/v1/completions", body(2, stream=True))),
+            asyncio.create_task(env.client.post("/v1/completions", json=body(3))),
+        ]
         await until(lambda: env.batcher.num_waiting == 2)
         env.runner.arm()
         streamed, non_streamed = await asyncio.gather(*running)
@@ -79,7 +85,10 @@ async def test_a_dead_engine_loop_ends_every_request_and_answers_503(tiny_llama_
         health = await env.client.get("/health")
         assert_openai_error(health, 503)
         assert "engine stopped" in health.json()["error"]["message"] and health.headers["retry-after"]
-        for path, payload in (("/v1/completions", body(10, max_tokens=2)), ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})):
+        for path, payload in (
+            ("/v1/completions", body(10, max_tokens=2)),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+        ):
             refused = await asyncio.wait_for(env.client.post(path, json=payload), timeout=5)
             assert_openai_error(refused, 503)
             assert refused.headers["retry-after"]

@@ -12,7 +12,18 @@ from server.settings import Settings
 def test_reliability_flags_parse(monkeypatch: pytest.MonkeyPatch):
     for name in [name for name in os.environ if name.upper().startswith("TOKENSTEP_")]:
         monkeypatch.delenv(name)
-    settings = parse_settings(["--max-queue-len", "5", "--request-timeout", "2.5", "--shutdown-timeout", "3", "--allowed-origins", "https://a.example,https://b.example"])
+    settings = parse_settings(
+        [
+            "--max-queue-len",
+            "5",
+            "--request-timeout",
+            "2.5",
+            "--shutdown-timeout",
+            "3",
+            "--allowed-origins",
+            "https://a.example,https://b.example",
+        ]
+    )
     assert (settings.max_queue_len, settings.request_timeout, settings.shutdown_timeout) == (5, 2.5, 3.0)
     assert settings.allowed_origin_list == ["https://a.example", "https://b.example"]
     monkeypatch.setenv("TOKENSTEP_MAX_QUEUE_LEN", "7")
@@ -21,4 +32,9 @@ def test_reliability_flags_parse(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delenv("TOKENSTEP_MAX_QUEUE_LEN")
     monkeypatch.delenv("TOKENSTEP_SHUTDOWN_TIMEOUT")
     defaults = Settings()
-    assert (defaults.max_queue_len, defaults.request_timeout, defaults.shutdown_timeout, defaults.allowed_origin_list) == (256, None, 30.0, [])
+    assert (defaults.max_queue_len, defaults.request_timeout, defaults.shutdown_timeout, defaults.allowed_origin_list) == (
+        256,
+        None,
+        30.0,
+        [],
+    )

@@ -123,7 +123,13 @@ def test_no_5xx_and_errors_in_openai_shape(fuzz_schema, method, path, mode):
         assert operation.body or list(operation.iter_parameters()), f"{method} {path} has nothing to make invalid"
 
     @given(case=operation.as_strategy(generation_mode=mode))
-    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=os.environ.get("TOKENSTEP_FUZZ_RANDOM") is None, database=None)
+    @settings(
+        max_examples=FUZZ_EXAMPLES,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        derandomize=os.environ.get("TOKENSTEP_FUZZ_RANDOM") is None,
+        database=None,
+    )
     def fuzz(case) -> None:
         check_response(case)
 

@@ -50,14 +50,25 @@ async def test_chat_limits_are_400(env, param, fields):
     await assert_rejected_before_queueing(env, "/v1/chat/completions", {**CHAT, "max_tokens": 2, **fields}, param)
 
 
-@pytest.mark.parametrize(("path", "body", "param"), [("/v1/completions", {**PROMPT, "logprobs": 21}, "logprobs"), ("/v1/chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs")])
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/completions", {**PROMPT, "logprobs": 21}, "logprobs"),
+        ("/v1/chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ],
+)
 async def test_logprobs_limits_are_400(env, path, body, param):
     await assert_rejected_before_queueing(env, path, body, param)
 
 
 async def test_requests_at_the_limits_are_served(env):
-    body = {**PROMPT, "max_tokens": 2, "logit_bias": {str(token): 0.0 for token in range(MAX_LOGIT_BIAS)}, "stop_token_ids": list(range(3, 3 + MAX_STOP_TOKEN_IDS)), "stop": [f"s{i}" for i in range(MAX_STOP_STRINGS)]}
+    body = {
+        **PROMPT,
+        "max_tokens": 2,
+        "logit_bias": {str(token): 0.0 for token in range(MAX_LOGIT_BIAS)},
+        "stop_token_ids": list(range(3, 3 + MAX_STOP_TOKEN_IDS)),
+        "stop": [f"s{i}" for i in range(MAX_STOP_STRINGS)],
+    }
     response = await env.client.post("/v1/completions", json={**body, "n": 2, "prompt": ["a", "b", "c"], "logprobs": 20})
     assert response.status_code == 200, response.text
     assert len(response.json()["choices"]) == 6
-

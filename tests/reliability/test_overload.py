@@ -20,7 +20,14 @@ NUM_REQUESTS = 16
 
 
 async def one(client: httpx.AsyncClient, index: int) -> tuple[httpx.Response, str]:
-    body = {"model": "tiny", "prompt": f"overload {index}", "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True, "stream": index % 2 == 0}
+    body = {
+        "model": "tiny",
+        "prompt": f"overload {index}",
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": index % 2 == 0,
+    }
     async with client.stream("POST", "/v1/completions", json=body, headers=AUTH) as response:
         return response, (await response.aread()).decode()
 

@@ -36,7 +36,15 @@ LONG_TOKENS_IN_PROCESS = 500
 
 
 def completion(prompt: str, max_tokens: int, stream: bool = True) -> dict:
-    return {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": stream, "stream_options": {"include_usage": True} if stream else None}
+    return {
+        "model": "tiny",
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": stream,
+        "stream_options": {"include_usage": True} if stream else None,
+    }
 
 
 async def test_drain_finishes_short_requests_and_ends_the_rest(tiny_llama_dir: Path, tiny_weights: LoadedModel):
@@ -46,7 +54,9 @@ async def test_drain_finishes_short_requests_and_ends_the_rest(tiny_llama_dir: P
         assert (await env.client.post("/v1/completions", json=completion("warm up", 2, stream=False))).status_code == 200
         short = asyncio.create_task(read_stream(env.client, "/v1/completions", completion("short", SHORT_TOKENS)))
         long = asyncio.create_task(read_stream(env.client, "/v1/completions", completion("long", LONG_TOKENS_IN_PROCESS)))
-        long_json = asyncio.create_task(env.client.post("/v1/completions", json=completion("long json", LONG_TOKENS_IN_PROCESS, stream=False)))
+        long_json = asyncio.create_task(
+            env.client.post("/v1/completions", json=completion("long json", LONG_TOKENS_IN_PROCESS, stream=False))
+        )
         while len(env.batcher.core.scheduler.running) < 3:
             await asyncio.sleep(0.005)
         draining = asyncio.create_task(drain(env.app, timeout_s=DRAIN_TIMEOUT_S))
@@ -90,7 +100,17 @@ def long_context_copy(model_dir: Path, target: Path) -> Path:
 async def test_sigterm_drains_streams_and_exits_0(tiny_llama_dir: Path, tmp_path: Path):
     log = tmp_path / "server.log"
     model_dir = long_context_copy(tiny_llama_dir, tmp_path / "long-context")
-    args = [str(model_dir), "--served-model-name", "tiny", "--dtype", "float32", "--kv-cache-memory", "160MiB", "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S)]
+    args = [
+        str(model_dir),
+        "--served-model-name",
+        "tiny",
+        "--dtype",
+        "float32",
+        "--kv-cache-memory",
+        "160MiB",
+        "--shutdown-timeout",
+        str(SHUTDOWN_TIMEOUT_S),
+    ]
     server = start_server(args, log)
     try:
         async with httpx.AsyncClient(base_url=server.base_url, timeout=60) as client:
@@ -103,7 +123,9 @@ async def test_sigterm_drains_streams_and_exits_0(tiny_llama_dir: Path, tmp_path
             signalled = time.monotonic()
             await asyncio.sleep(0.2)
             async with httpx.AsyncClient(base_url=server.base_url, timeout=10) as newcomer:  # a new connection, mid-drain
-                assert_openai_error(await newcomer.post("/v1/completions", json=completion("late", 2, stream=False)), 503, code="shutting_down")
+                assert_openai_error(
+                    await newcomer.post("/v1/completions", json=completion("late", 2, stream=False)), 503, code="shutting_down"
+                )
                 assert (await newcomer.get("/health")).status_code == 503
 
             results = [parse_stream(status, raw) for status, raw in await asyncio.wait_for(asyncio.gather(*streams), timeout=30)]
@@ -124,4 +146,3 @@ async def test_sigterm_drains_streams_and_exits_0(tiny_llama_dir: Path, tmp_path
         [error] = long.errors
         assert error["code"] == 503 and "shutting down" in error["message"]
     assert "ending 2 unfinished requests" in log.read_text()
-

@@ -138,7 +138,12 @@ async def test_soak(storm_server):
     for name in ("rss_start_mib", "rss_after_warmup_mib", "rss_end_mib", "rss_peak_mib"):
         setattr(report, name, round(getattr(report, name), 1))
 
-    summary = asdict(report) | {"statuses": dict(report.statuses), "num_5xx": report.num_5xx, "rss_growth_mib": round(report.rss_end_mib - report.rss_after_warmup_mib, 1), "engine_state_after": engine_state}
+    summary = asdict(report) | {
+        "statuses": dict(report.statuses),
+        "num_5xx": report.num_5xx,
+        "rss_growth_mib": round(report.rss_end_mib - report.rss_after_warmup_mib, 1),
+        "engine_state_after": engine_state,
+    }
     print("\nsoak report:", json.dumps(summary))
     if os.environ.get("TOKENSTEP_SOAK_REPORT"):
         Path(os.environ["TOKENSTEP_SOAK_REPORT"]).write_text(json.dumps(summary, indent=2) + "\n")

@@ -158,7 +158,9 @@ async def test_stream_include_usage_adds_a_final_usage_chunk(engine_app):
 
 
 async def test_stream_raw_wire_format(engine_app):
-    response = await engine_app.client.post("/v1/completions", json={"prompt": PROMPT, "stream": True, "max_tokens": 3, "temperature": 0, "ignore_eos": True})
+    response = await engine_app.client.post(
+        "/v1/completions", json={"prompt": PROMPT, "stream": True, "max_tokens": 3, "temperature": 0, "ignore_eos": True}
+    )
     assert response.status_code == 200
     events = sse_data(response.text)
     assert events[-1] == DONE
@@ -302,7 +304,9 @@ async def test_seeded_sampling_is_reproducible(engine_app):
 async def test_seeded_sampling_ignores_the_rest_of_the_batch(engine_app):
     request = {"temperature": 1.0, "seed": 7, "max_tokens": 16, "ignore_eos": True}
     alone = await complete(engine_app.client, **request)
-    others = [complete(engine_app.client, prompt=f"Other prompt number {i}", temperature=1.0, max_tokens=24, ignore_eos=True) for i in range(3)]
+    others = [
+        complete(engine_app.client, prompt=f"Other prompt number {i}", temperature=1.0, max_tokens=24, ignore_eos=True) for i in range(3)
+    ]
     batched, *_ = await asyncio.gather(complete(engine_app.client, **request), *others)
     assert batched["choices"][0]["text"] == alone["choices"][0]["text"]
 

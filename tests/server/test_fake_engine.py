@@ -19,7 +19,7 @@ def fake_app(runner: ScriptedRunner | None = None):
 
 
 def sse_payloads(text: str) -> list[str]:
-    return [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
+    return [line[len("data: ") :] for line in text.splitlines() if line.startswith("data: ")]
 
 
 async def test_completion_json_and_stream_carry_the_scripted_reply():

@@ -46,6 +46,7 @@ async def test_snapshot_tracks_a_running_request_and_the_counters(engine_app):
 async def test_stats_route_shows_the_running_request_its_blocks_and_the_steps(engine_app):
     """``GET /stats`` (the dashboard's data) mid-request: a decoding row, blocks
     in use on the map, recent steps; and the model's identity."""
+
     async def stats(client: httpx.AsyncClient) -> dict:
         return (await client.get("/stats")).json()
 

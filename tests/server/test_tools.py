@@ -10,10 +10,20 @@ from hypothesis import strategies as st
 from batching.errors import InvalidRequestError
 from server.tools import ToolCallParser, plan_tools, template_messages
 
-WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather now", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather now",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
 TIME = {"type": "function", "function": {"name": "get_time"}}
 
-TEXT = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'
+TEXT = (
+    'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": '
+    '"Paris"}}\n</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'
+)
 
 
 def parse_in_pieces(text: str, cuts: list[int]) -> tuple[str, list[dict]]:
@@ -88,13 +98,20 @@ def test_templates_without_tool_support_get_hermes_text():
     plan = plan_tools([WEATHER], "auto")
     messages = [
         {"role": "user", "content": "Weather in Paris?"},
-        {"role": "assistant", "content": "", "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}],
+        },
         {"role": "tool", "content": "18 C", "tool_call_id": "call_1"},
     ]
     converted, kwargs = template_messages(messages, plan, native=False)
     assert kwargs == {}
     assert converted[0]["role"] == "system" and "<tools>" in converted[0]["content"] and "get_weather" in converted[0]["content"]
-    assert converted[2] == {"role": "assistant", "content": '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'}
+    assert converted[2] == {
+        "role": "assistant",
+        "content": '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
+    }
     assert converted[3] == {"role": "user", "content": "<tool_response>\n18 C\n</tool_response>"}
 
     native, kwargs = template_messages(messages, plan, native=True)
@@ -108,8 +125,15 @@ def test_forced_grammars_compile_and_accept_a_call(tokenizer):
 
     compiler = GrammarCompiler(tokenizer, len(tokenizer), (tokenizer.eos_token_id,))
     for choice, text in [
-        ({"type": "function", "function": {"name": "get_weather"}}, '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'),
-        ("required", '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>\n<tool_call>\n{"name":"get_weather","arguments":{"city":"Rome"}}\n</tool_call>'),
+        (
+            {"type": "function", "function": {"name": "get_weather"}},
+            '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>',
+        ),
+        (
+            "required",
+            '<tool_call>\n{"name": "get_time", "arguments": '
+            '{}}\n</tool_call>\n<tool_call>\n{"name":"get_weather","arguments":{"city":"Rome"}}\n</tool_call>',
+        ),
     ]:
         matcher = compiler.matcher(plan_tools([WEATHER, TIME], choice).guided())
         assert all(matcher.accept(token) for token in tokenizer.encode(text, add_special_tokens=False)), text
