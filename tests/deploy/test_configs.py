@@ -67,8 +67,8 @@ def exported_metric_names() -> set[str]:
     scraped = Metrics(lambda: None).render().decode()
     names = {line.split()[2] for line in scraped.splitlines() if line.startswith("# TYPE")}
     source = (REPO / "server" / "metrics.py").read_text()
-    names |= set(re.findall(r'GaugeMetricFamily\("(\w+)"', source))
-    names |= {f"{name}_total" for name in re.findall(r'CounterMetricFamily\("(\w+)"', source)}
+    names |= set(re.findall(r'GaugeMetricFamily\(\s*"(\w+)"', source))
+    names |= {f"{name}_total" for name in re.findall(r'CounterMetricFamily\(\s*"(\w+)"', source)}
     return names
 
 
