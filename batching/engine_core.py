@@ -21,7 +21,8 @@ from batching.outputs import RequestOutput
 from batching.request import EncoderDecoderPrompts, Request, RequestStatus
 from batching.sampling_params import SamplingParams
 from batching.scheduler import Scheduler, TokenUpdate
-from batching.stop import StopDecision, StopStringMatcher
+from batching.stop import StopDecision
+from batching.stop_strings import StopStringMatcher
 from batching.structured import GrammarCompiler
 
 

@@ -11,14 +11,12 @@ request id, so a finished request takes all of its state with it.
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from batching.detokenizer import IncrementalDetokenizer
+from batching.messages import TokenLogprobs
 from batching.sampling_params import SamplingParams
-
-if TYPE_CHECKING:  # these modules import this one
-    from batching.detokenizer import IncrementalDetokenizer
-    from batching.messages import TokenLogprobs
-    from batching.stop import StopStringMatcher
+from batching.stop_strings import StopStringMatcher
 
 
 class RequestStatus(enum.IntEnum):
@@ -106,8 +104,8 @@ class Request:
     block_keys: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)
     num_registered_blocks: int = 0
     # Text (EngineCore), from admission until the request's text is final.
-    detokenizer: "IncrementalDetokenizer | None" = None
-    stop_matcher: "StopStringMatcher | None" = None
+    detokenizer: IncrementalDetokenizer | None = None
+    stop_matcher: StopStringMatcher | None = None
     # position -> logprob of that prompt token, until sent with the first delta.
     pending_prompt_logprobs: "dict[int, TokenLogprobs] | None" = None
 

@@ -21,7 +21,7 @@ DEFAULT_MAX_NUM_SEQS = 64  # --max-num-seqs
 DEFAULT_BLOCK_SIZE = 16  # --block-size (tokens per KV block)
 # The KV pool without --kv-cache-memory: a fixed size on CPU, a share of the
 # free memory on CUDA (resolved with the rest by
-# ``model_runtime.engine_factory.resolve_defaults``).
+# ``server.engine_builder.resolve_defaults``).
 CPU_KV_CACHE_MEMORY = "1GiB"
 CUDA_KV_FRACTION = 0.8
 DRAFT_MODEL_SPECULATIVE_TOKENS = 4  # --num-speculative-tokens with --speculative-model
@@ -30,7 +30,7 @@ DRAFT_MODEL_SPECULATIVE_TOKENS = 4  # --num-speculative-tokens with --speculativ
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
     """The scheduler's limits. No defaults for the two limits: they come from
-    the engine configuration (``model_runtime.engine_factory``, which resolves
+    the engine configuration (``server.engine_builder``, which resolves
     the device-dependent step budget), so no second default can disagree."""
 
     max_num_seqs: int

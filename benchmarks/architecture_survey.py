@@ -1,6 +1,6 @@
 """Every causal-LM architecture of the installed transformers, tried as a new
 user would: a tiny random model built from its config class, loaded by
-tokenstep (the load-time check, ``model_runtime.architecture``, serves it or
+tokenstep (the load-time check, ``model_runtime.attention.check``, serves it or
 refuses it), and where served, concurrent greedy completions compared with
 ``model.generate`` on each prompt alone.
 
@@ -38,10 +38,10 @@ def survey_one(model_type: str, work_dir: Path) -> str:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from model_runtime.architecture import UnsupportedModelError
-    from model_runtime.default_model import default_model_dir
-    from model_runtime.engine_factory import EngineConfig, build_engine_core
-    from model_runtime.loader import load_model
+    from model_runtime.attention.check import UnsupportedModelError
+    from model_runtime.loading.default_model import default_model_dir
+    from model_runtime.loading.loader import load_model
+    from server.engine_builder import EngineConfig, build_engine_core
     from tests.model_runtime.test_parity import reference_outputs, run_engine
     from tests.tiny_models import TINY_DECODER
 

@@ -17,10 +17,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from model_runtime import kernels
-from model_runtime.default_model import default_gguf_file, default_model_dir
-from model_runtime.gguf_weights import load_gguf_linears
-from model_runtime.int_activations import quantize_activations
-from model_runtime.quantization import quantize_int8
+from model_runtime.loading.default_model import default_gguf_file, default_model_dir
+from model_runtime.weights.gguf import load_gguf_linears
+from model_runtime.weights.int_activations import quantize_activations
+from model_runtime.weights.quantization import quantize_int8
 
 PROMPTS = [
     "The capital of France is",
@@ -52,7 +52,7 @@ def main() -> None:
         "--quantization",
         choices=["int8", "gguf"],
         help=(
-            "float32 activations with tokenstep's weight-only int8 linears (model_runtime/quantization.py), or "
+            "float32 activations with tokenstep's weight-only int8 linears (model_runtime/weights/quantization.py), or "
             "the shipped GGUF's own Q4_1/Q8_0 blocks, instead of --dtype"
         ),
     )

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def build_model(size: str, target: Path) -> Path:
-    from model_runtime.default_model import default_model_dir
+    from model_runtime.loading.default_model import default_model_dir
     from tests.tiny_models import _widen, build_tiny_bart
 
     if size == "tiny":

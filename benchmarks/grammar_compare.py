@@ -16,7 +16,7 @@ import time
 import torch
 from transformers import AutoTokenizer
 
-from model_runtime.default_model import default_model_dir
+from model_runtime.loading.default_model import default_model_dir
 
 FIELD_TYPES = [
     {"type": "string"},

@@ -15,7 +15,7 @@ import argparse
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from model_runtime.default_model import default_model_dir
+from model_runtime.loading.default_model import default_model_dir
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ W2_PROMPTS=${W2_PROMPTS:-16}
 W64_PROMPTS=${W64_PROMPTS:-128}
 PORT=8100
 mkdir -p "$OUT"
-MODEL_DIR=$(.venv/bin/python -c "from model_runtime.default_model import default_model_dir; print(default_model_dir())")
+MODEL_DIR=$(.venv/bin/python -c "from model_runtime.loading.default_model import default_model_dir; print(default_model_dir())")
 bench_cmd() {  # transformers serve rejects the ignore_eos extension (422); its requests may end at EOS
   local eos="--ignore-eos"; [ "$1" = hf ] && eos=""
   echo ".venv/bin/tokenstep bench --base-url http://127.0.0.1:$PORT --input-len 128 --output-len 128 $eos --seed 0"

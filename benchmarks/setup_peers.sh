@@ -48,10 +48,10 @@ setup_llama() {
   # The served files: the shipped Q4_1 (a link to the package's own file) and
   # an f32 conversion of the same weights (dequantized from that Q4_1).
   [ -e "$ROOT/smollm2-q4_1.gguf" ] || ln -s "$(.venv/bin/python -c \
-    'from model_runtime.default_model import default_gguf_file; print(default_gguf_file())')" "$ROOT/smollm2-q4_1.gguf"
+    'from model_runtime.loading.default_model import default_gguf_file; print(default_gguf_file())')" "$ROOT/smollm2-q4_1.gguf"
   if [ ! -s "$ROOT/smollm2-f32.gguf" ]; then
     local model_dir; model_dir=$(.venv/bin/python -c \
-      'from model_runtime.default_model import default_model_dir; print(default_model_dir())')
+      'from model_runtime.loading.default_model import default_model_dir; print(default_model_dir())')
     setup_hf   # its venv runs the converter
     PYTHONPATH="$src/gguf-py" "$ROOT/hf-venv/bin/python" "$src/convert_hf_to_gguf.py" "$model_dir" \
       --outtype f32 --outfile "$ROOT/smollm2-f32.gguf" > "$ROOT/llama-convert.log" 2>&1

@@ -16,9 +16,9 @@ from collections import defaultdict
 from torch.profiler import ProfilerActivity, profile
 
 from batching.sampling_params import SamplingParams
-from model_runtime.default_model import default_gguf_file, default_model_dir
-from model_runtime.engine_factory import EngineConfig, build_engine_core
-from model_runtime.loader import load_model
+from model_runtime.loading.default_model import default_gguf_file, default_model_dir
+from model_runtime.loading.loader import load_model
+from server.engine_builder import EngineConfig, build_engine_core
 
 GROUPS = {
     "aten::mm": "matmul",

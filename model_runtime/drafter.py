@@ -23,10 +23,10 @@ from dataclasses import dataclass
 
 import torch
 
-from model_runtime.attention import decode_kernel_runs, step_forward
+from model_runtime.attention.context import SequenceChunk, StepContext, build_step, context_mask
+from model_runtime.attention.interface import decode_kernel_runs, step_forward
 from model_runtime.kv_cache import PagedKVCache
-from model_runtime.loader import LoadedModel
-from model_runtime.step_context import SequenceChunk, StepContext, build_step, context_mask
+from model_runtime.loading.loader import LoadedModel
 
 
 @dataclass(frozen=True, slots=True)

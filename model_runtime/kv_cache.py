@@ -37,6 +37,15 @@ def parse_memory_size(text: str | int) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
+def free_device_bytes(device: torch.device) -> int | None:
+    """The memory free on a CUDA device right now, for sizing its KV pool;
+    None elsewhere (a CPU pool has a fixed default size)."""
+    if device.type != "cuda":
+        return None
+    free_bytes, _ = torch.cuda.mem_get_info(device)
+    return free_bytes
+
+
 @dataclass(frozen=True, slots=True)
 class LayerKV:
     """One layer's cached token: its KV heads and their key and value sizes

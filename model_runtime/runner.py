@@ -15,7 +15,7 @@ model's own token there. With a draft model (``model_runtime.drafter``) the
 step also runs through the draft model, which then proposes the next step's
 drafts for the chunks that ask (``num_lookahead_tokens``).
 
-For an encoder-decoder model (``model_runtime.encoder_decoder``) the step
+For an encoder-decoder model (``model_runtime.encoder_decoder.step``) the step
 first encodes the sources of newly admitted requests into their cross
 blocks; the tokens of the step are then decoder tokens, and the forward is
 the family's decoder step, which also cross-attends from each row's blocks.
@@ -29,14 +29,16 @@ import torch
 
 from batching.messages import PromptLogprobs, RunnerOutput, SampledToken, ScheduledChunk, SchedulerOutput
 from batching.runner_state import RunnerRequest, RunnerRequests
-from model_runtime.attention import SLOT_ATTRIBUTE, decode_kernel_runs, step_forward
+from model_runtime.attention.context import SequenceChunk, StepContext, build_step
+from model_runtime.attention.interface import SLOT_ATTRIBUTE, decode_kernel_runs, step_forward
+from model_runtime.attention.metadata import pack
 from model_runtime.drafter import DraftModel, Lookahead
-from model_runtime.encoder_decoder import CrossContext, EncoderDecoderStep, cache_shape, cross_context
+from model_runtime.encoder_decoder.cross_attention import CrossContext, cross_context
+from model_runtime.encoder_decoder.step import EncoderDecoderStep, cache_shape
 from model_runtime.kv_cache import CacheShape, PagedKVCache
-from model_runtime.loader import LoadedModel
+from model_runtime.loading.loader import LoadedModel
 from model_runtime.sampler import Sampler, SamplingRow, TokenCounts, prompt_logprobs
-from model_runtime.step_context import SequenceChunk, StepContext, build_step
-from model_runtime.step_graph import CompiledForward, pack, warm_up
+from model_runtime.step_graph import CompiledForward, warm_up
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ travels as one int64 tensor, so no Python object of the step (block tables,
 prefill spans) becomes a guard of the graph.
 
 Where the data lives: the runner builds a ``StepContext`` (tensors, as in
-eager mode); ``pack`` flattens its metadata into one int64 tensor; the graph
+eager mode); ``attention.metadata.pack`` flattens its metadata into one int64 tensor; the graph
 passes that tensor to each layer's op; the op's ``unpack`` rebuilds the
 ``StepContext`` as views of it (once per step: it is remembered by the step's
 serial number) and runs ``attention.attend``, as eager mode does.
@@ -23,7 +23,6 @@ float32 linear that switches between MKL and oneDNN at some row count
 start so that no request waits for a compile.
 """
 
-import itertools
 import logging
 import time
 import types
@@ -33,68 +32,11 @@ from dataclasses import dataclass
 
 import torch
 
-from model_runtime.attention import CONTEXT_KWARG, LayerFeatures, attend
-from model_runtime.step_context import PrefillSpan, SequenceChunk, StepContext, build_step, context_mask
+from model_runtime.attention.context import SequenceChunk, StepContext, build_step
+from model_runtime.attention.interface import CONTEXT_KWARG, LayerFeatures, attend
+from model_runtime.attention.metadata import pack, unpack
 
 logger = logging.getLogger(__name__)
-
-# Header of the packed metadata: serial, T, decode rows, their table width,
-# prefill chunks, and the block size where decode runs through SDPA (which
-# needs the context mask) or 0.
-_HEADER = 6
-_PREFILL_FIELDS = 4  # start, num_new_tokens, num_computed_tokens, num_blocks
-_serials = itertools.count(1)
-
-
-def pack(context: StepContext) -> torch.Tensor:
-    """The step's metadata as one int64 tensor ``[n]``, n > 6:
-    header, slot mapping ``[T]``, decode lengths ``[B]`` and tables ``[B *
-    width]``, per prefill (start, new, computed, number of blocks), then the
-    prefills' block ids."""
-    num_tokens = context.slot_mapping.shape[0]
-    num_decode = context.num_decode_tokens
-    width = context.decode_block_tables.shape[1] if num_decode else 0
-    spans = [(s.start, s.num_new_tokens, s.num_computed_tokens, s.block_ids.shape[0]) for s in context.prefills]
-    mask_block_size = context.decode_context_mask.shape[-1] // width if context.decode_context_mask is not None else 0
-    header = [next(_serials), num_tokens, num_decode, width, len(spans), mask_block_size]
-    parts = [
-        torch.tensor(header + [v for span in spans for v in span], dtype=torch.long, device=context.slot_mapping.device),
-        context.slot_mapping,
-    ]
-    if num_decode:
-        parts += [context.decode_context_lens, context.decode_block_tables.flatten()]
-    parts += [span.block_ids for span in context.prefills]
-    return torch.cat(parts)
-
-
-_last_unpacked: tuple[int, StepContext] | None = None
-
-
-def unpack(metadata: torch.Tensor) -> StepContext:
-    """The ``StepContext`` (without caches) that ``pack`` flattened, as views
-    of ``metadata``; remembered for the step's other layers."""
-    global _last_unpacked
-    serial, num_tokens, num_decode, width, num_prefills, mask_block_size = metadata[:_HEADER].tolist()
-    if _last_unpacked is not None and _last_unpacked[0] == serial:
-        return _last_unpacked[1]
-    spans = metadata[_HEADER : _HEADER + num_prefills * _PREFILL_FIELDS].view(num_prefills, _PREFILL_FIELDS).tolist()
-    at = _HEADER + num_prefills * _PREFILL_FIELDS
-    slot_mapping = metadata[at : at + num_tokens]
-    at += num_tokens
-    tables = lens = mask = None
-    if num_decode:
-        lens = metadata[at : at + num_decode]
-        tables = metadata[at + num_decode : at + num_decode + num_decode * width].view(num_decode, width)
-        at += num_decode + num_decode * width
-        if mask_block_size:
-            mask = context_mask(lens, width * mask_block_size)
-    prefills = []
-    for start, num_new, num_computed, num_blocks in spans:
-        prefills.append(PrefillSpan(start, num_new, num_computed, metadata[at : at + num_blocks]))
-        at += num_blocks
-    context = StepContext([], [], slot_mapping, num_decode, tables, lens, mask, prefills)
-    _last_unpacked = (serial, context)
-    return context
 
 
 @torch.library.custom_op("tokenstep_graph::paged_attention", mutates_args=("key_cache", "value_cache"))

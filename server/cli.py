@@ -91,8 +91,8 @@ def make_loader(settings: Settings):
 
     def load():
         from batching.engine import DynamicBatcher
-        from model_runtime.default_model import DEFAULT_MODEL_NAME, default_gguf_file, default_model_dir
-        from model_runtime.engine_factory import EngineConfig, build_engine_core
+        from model_runtime.loading.default_model import DEFAULT_MODEL_NAME, default_gguf_file, default_model_dir
+        from server.engine_builder import EngineConfig, build_engine_core
         from server.state import Served
 
         model = settings.model or default_model_dir()

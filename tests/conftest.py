@@ -17,7 +17,7 @@ from tests.tiny_models import build_noisy_copy, build_tiny_bart, build_tiny_gpt2
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
     """The real SmolLM2-135M-Instruct, converted once into the user cache."""
-    from model_runtime.default_model import default_model_dir as convert
+    from model_runtime.loading.default_model import default_model_dir as convert
 
     return convert()
 

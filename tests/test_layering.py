@@ -15,6 +15,10 @@ The rules:
   lazily (the CLI loads the model), so only the direct torch import is banned.
 - ``bench/`` (``tokenstep bench``) is an HTTP client: it imports none of the
   engine's packages, no torch and no web server stack.
+- ``model_runtime/`` sees of ``batching`` only the plain step messages
+  (``STEP_MESSAGE_MODULES``); the wiring that builds a scheduler, block
+  manager and engine core around a runner is ``server/engine_builder.py``.
+- No import circle inside a package, not even one held open by a lazy import.
 """
 
 import ast
@@ -85,6 +89,20 @@ def imported_modules(source: str, filename: str = "<string>") -> list[tuple[int,
     return sorted(found)
 
 
+def imported_module_names(source: str, modules: frozenset[str]) -> list[tuple[int, str]]:
+    """Every absolute import in ``source`` as ``(lineno, full dotted name)``;
+    ``from a import b`` names ``a.b`` where that is one of ``modules``."""
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.extend((node.lineno, alias.name) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            for alias in node.names:
+                child = f"{node.module}.{alias.name}"
+                found.append((node.lineno, child if child in modules else node.module))
+    return sorted(found)
+
+
 def find_violations(source: str, forbidden: frozenset[str], filename: str = "<string>") -> list[ImportViolation]:
     """The imports in ``source`` whose top-level module is in ``forbidden``."""
     return [ImportViolation(filename, lineno, module) for lineno, module in imported_modules(source, filename) if module in forbidden]
@@ -112,6 +130,74 @@ def test_package_imports_respect_its_layer(package: str) -> None:
         )
     ]
     assert not violations, "layer violations:\n" + "\n".join(map(str, violations))
+
+
+# batching modules whose types are the messages between the layers.
+STEP_MESSAGE_MODULES = frozenset({"batching.messages", "batching.runner_state", "batching.sampling_params"})
+PACKAGES = ("batching", "model_runtime", "server", "bench")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO_ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the modules of the project it imports (anywhere in the file)."""
+    paths = {module_name(path): path for package in PACKAGES for path in package_sources(package)}
+    names = frozenset(paths)
+    return {
+        module: {name for _, name in imported_module_names(path.read_text(encoding="utf-8"), names) if name in names}
+        for module, path in paths.items()
+    }
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle of ``graph`` (its modules in order, the first
+    repeated at the end), or None."""
+    state: dict[str, str] = {}
+    stack: list[str] = []
+
+    def visit(module: str) -> list[str] | None:
+        state[module] = "open"
+        stack.append(module)
+        for imported in sorted(graph.get(module, ())):
+            if state.get(imported) == "open":
+                return stack[stack.index(imported) :] + [imported]
+            if imported not in state and (cycle := visit(imported)):
+                return cycle
+        stack.pop()
+        state[module] = "done"
+        return None
+
+    for module in sorted(graph):
+        if module not in state and (cycle := visit(module)):
+            return cycle
+    return None
+
+
+def test_model_runtime_sees_only_the_step_messages_of_batching() -> None:
+    graph = import_graph()
+    reaching = {
+        f"{module} imports {imported}"
+        for module, imports in graph.items()
+        if module.startswith("model_runtime")
+        for imported in imports
+        if imported.startswith("batching") and imported not in STEP_MESSAGE_MODULES
+    }
+    assert not reaching, "model_runtime reaches past the step messages:\n" + "\n".join(sorted(reaching))
+
+
+def test_no_import_circle() -> None:
+    assert (cycle := find_cycle(import_graph())) is None, "import circle: " + " -> ".join(cycle)
+
+
+def test_the_circle_finder_finds_a_planted_circle() -> None:
+    graph = {"a": {"b"}, "b": {"c", "d"}, "c": {"a"}, "d": set()}
+    assert find_cycle(graph) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+    lazy = "def f():\n    from model_runtime import kernels\n"
+    assert imported_module_names(lazy, frozenset({"model_runtime.kernels"})) == [(2, "model_runtime.kernels")]
 
 
 # --- the checker itself: a violation planted in a synthetic source is caught ---
@@ -173,7 +259,9 @@ def test_checker_ignores_relative_and_lookalike_imports() -> None:
 # module of a package in a fresh interpreter and look at everything that got
 # loaded, so a forbidden module pulled in through a third-party or sibling
 # import is caught too. ``server.cli`` is the one wiring point allowed to
-# reach ``model_runtime`` (inside the loader it builds, not at import).
+# reach ``model_runtime`` (inside the loader it builds, not at import), and
+# ``server.engine_builder``, the wiring it calls, is left out: it is where
+# both layers meet.
 
 TRANSITIVE_RULES: dict[str, frozenset[str]] = {
     "batching": frozenset({"torch", "model_runtime", "server", "bench"}) | WEB_STACK,
@@ -182,11 +270,14 @@ TRANSITIVE_RULES: dict[str, frozenset[str]] = {
     "bench": frozenset({"torch", "batching", "model_runtime", "server"}) | WEB_STACK,
 }
 
+WIRING_MODULES = frozenset({"server.engine_builder"})
+
 _LOADED_AFTER_IMPORTING = """
 import importlib, pkgutil, sys
 package = importlib.import_module(sys.argv[1])
-for module in pkgutil.iter_modules(package.__path__):
-    importlib.import_module(f"{sys.argv[1]}.{module.name}")
+for module in pkgutil.walk_packages(package.__path__, sys.argv[1] + "."):
+    if module.name not in sys.argv[2:]:
+        importlib.import_module(module.name)
 print(" ".join(sorted({name.split(".")[0] for name in sys.modules})))
 """
 
@@ -194,7 +285,11 @@ print(" ".join(sorted({name.split(".")[0] for name in sys.modules})))
 def loaded_top_level_modules(package: str) -> set[str]:
     """Top-level names in ``sys.modules`` after importing every module of ``package``."""
     result = subprocess.run(
-        [sys.executable, "-c", _LOADED_AFTER_IMPORTING, package], capture_output=True, text=True, timeout=300, cwd=REPO_ROOT
+        [sys.executable, "-c", _LOADED_AFTER_IMPORTING, package, *WIRING_MODULES],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO_ROOT,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     return set(result.stdout.split())

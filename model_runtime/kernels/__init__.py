@@ -5,7 +5,7 @@ this folder are compiled once per (source, torch, compiler) into
 ``<cache dir>/kernels/<hash>/`` with the system C++ compiler (``$CXX`` or
 ``c++``), as plain ``-O3`` objects, one per instruction set (AVX-512, AVX2,
 generic), so one build serves every CPU the image may land on; which one runs
-is measured at load (see ``model_runtime.quantization``). ``make venv`` builds
+is measured at load (see ``model_runtime.weights.quantization``). ``make venv`` builds
 them ahead (``python -m model_runtime.kernels``); otherwise the first load
 does (about 15 s with GCC 12 on 2 cores, one compiler per core). Where there is no compiler, or the build fails,
 ``load()`` logs why and returns None, and callers fall back to plain PyTorch.
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from model_runtime.default_model import cache_dir
+from model_runtime.paths import cache_dir
 
 logger = logging.getLogger(__name__)
 

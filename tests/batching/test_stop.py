@@ -7,13 +7,8 @@ from transformers import PreTrainedTokenizerBase
 from batching.detokenizer import IncrementalDetokenizer
 from batching.request import Request, RequestStatus
 from batching.sampling_params import SamplingParams
-from batching.stop import (
-    StopDecision,
-    StopStringMatcher,
-    check_token_stop,
-    find_stop_string,
-    stop_prefix_length,
-)
+from batching.stop import StopDecision, check_token_stop
+from batching.stop_strings import StopStringMatcher, find_stop_string, stop_prefix_length
 
 EOS = 2
 STOP_TOKEN = 7

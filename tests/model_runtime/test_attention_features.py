@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from model_runtime import kernels
-from model_runtime.attention import LayerFeatures, attend
-from model_runtime.step_context import SequenceChunk, build_step
-from model_runtime.step_graph import pack
+from model_runtime.attention.context import SequenceChunk, build_step
+from model_runtime.attention.interface import LayerFeatures, attend
+from model_runtime.attention.metadata import pack
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 6, 2, 32, 4
 # (cached tokens, new tokens) per sequence: decode rows first, then prefills.

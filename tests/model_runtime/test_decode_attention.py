@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from model_runtime import kernels
-from model_runtime.attention import LayerFeatures, attend, decode_kernel_runs, gather_blocks
+from model_runtime.attention.context import PrefillSpan, StepContext, decode_tables
+from model_runtime.attention.interface import LayerFeatures, attend, decode_kernel_runs, gather_blocks
+from model_runtime.attention.metadata import pack
 from model_runtime.kv_cache import CacheShape, LayerKV
-from model_runtime.step_context import PrefillSpan, StepContext, decode_tables
-from model_runtime.step_graph import pack
 
 LENS = [1, 2, 15, 16, 17, 33, 100, 250]
 

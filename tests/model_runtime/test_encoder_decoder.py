@@ -11,8 +11,8 @@ from transformers import AutoModelForSeq2SeqLM
 from batching.engine_core import EngineCore
 from batching.errors import InvalidRequestError
 from batching.sampling_params import SamplingParams
-from model_runtime.engine_factory import EngineConfig, build_engine_core
-from model_runtime.loader import load_model
+from model_runtime.loading.loader import load_model
+from server.engine_builder import EngineConfig, build_engine_core
 from tests.model_runtime.test_parity import make_prompts, max_tokens_for, run_engine
 
 

@@ -14,10 +14,10 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from model_runtime import kernels
-from model_runtime.default_model import default_gguf_file
-from model_runtime.gguf_weights import decode_blocks, read_gguf
-from model_runtime.loader import load_model
-from model_runtime.quantization import GroupwiseLinear, Int4Linear, Int8Linear, dequantize_groups, pack_nibbles, unpack_nibbles
+from model_runtime.loading.default_model import default_gguf_file
+from model_runtime.loading.loader import load_model
+from model_runtime.weights.gguf import decode_blocks, read_gguf
+from model_runtime.weights.quantization import GroupwiseLinear, Int4Linear, Int8Linear, dequantize_groups, pack_nibbles, unpack_nibbles
 from tests.model_runtime.test_parity import build, generate_outputs, make_prompts, run_engine
 from tests.tiny_gguf import TYPES, build_tiny_llama_gguf
 

@@ -13,11 +13,11 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from model_runtime import kernels
-from model_runtime.default_model import default_gguf_file
-from model_runtime.gguf_weights import load_gguf_linears
-from model_runtime.int_activations import IntActivationLinear, pack_codes, quantize_activations
-from model_runtime.loader import load_model
-from model_runtime.quantization import GROUP, GroupwiseLinear, Int4Linear, Int8Linear, pack_nibbles
+from model_runtime.loading.default_model import default_gguf_file
+from model_runtime.loading.loader import load_model
+from model_runtime.weights.gguf import load_gguf_linears
+from model_runtime.weights.int_activations import IntActivationLinear, pack_codes, quantize_activations
+from model_runtime.weights.quantization import GROUP, GroupwiseLinear, Int4Linear, Int8Linear, pack_nibbles
 from tests.model_runtime.test_parity import build, make_prompts, run_engine
 from tests.tiny_gguf import build_tiny_llama_gguf
 

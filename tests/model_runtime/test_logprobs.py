@@ -4,8 +4,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from batching.sampling_params import SamplingParams
-from model_runtime.engine_factory import EngineConfig, build_engine_core
-from model_runtime.loader import load_model
+from model_runtime.loading.loader import load_model
+from server.engine_builder import EngineConfig, build_engine_core
 
 
 def test_prompt_and_sampled_logprobs_match_full_forward(tiny_llama_dir):

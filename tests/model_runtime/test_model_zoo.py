@@ -18,10 +18,10 @@ import pytest
 import transformers.utils.logging as hf_logging
 
 from batching.errors import InvalidRequestError
-from model_runtime.architecture import UnsupportedModelError
-from model_runtime.attention import ATTENTION_NAME, SLOT_ATTRIBUTE, LayerFeatures
-from model_runtime.engine_factory import EngineConfig, build_engine_core, kv_window
-from model_runtime.loader import load_model
+from model_runtime.attention.check import UnsupportedModelError
+from model_runtime.attention.interface import ATTENTION_NAME, SLOT_ATTRIBUTE, LayerFeatures
+from model_runtime.loading.loader import load_model
+from server.engine_builder import EngineConfig, build_engine_core, kv_window
 from tests.model_runtime.test_parity import build, generate_outputs, reference_outputs, repetitive_prompts, run_engine
 from tests.model_zoo import WINDOW, ZOO
 

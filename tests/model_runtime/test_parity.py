@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM, GenerationConfig
 
 from batching.engine_core import EngineCore
 from batching.sampling_params import SamplingParams
-from model_runtime.engine_factory import EngineConfig, build_engine_core
-from model_runtime.loader import load_model
+from model_runtime.loading.loader import load_model
+from server.engine_builder import EngineConfig, build_engine_core
 
 NUM_REQUESTS = 16
 MAX_PROMPT_LEN = 300
@@ -126,7 +126,7 @@ def test_parity_with_repetition_penalty_under_preemption(model_case):
 def test_parity_in_bfloat16_with_packed_linears(tiny_llama_dir):
     """bf16 on CPU runs its linears through oneDNN-packed weights where the CPU
     has native bf16; greedy tokens still equal ``generate`` in bf16."""
-    from model_runtime.weight_layout import PackedLinear, has_native_bf16
+    from model_runtime.weights.layout import PackedLinear, has_native_bf16
 
     loaded = load_model(tiny_llama_dir, dtype="bfloat16", device="cpu")
     packed = [m for m in loaded.model.modules() if isinstance(m, PackedLinear)]
@@ -218,7 +218,7 @@ def test_parity_with_draft_model_under_preemption(model_case, noisy_llama_dir):
 def test_draft_model_must_share_the_vocabulary(tiny_llama_dir):
     from transformers import GPT2TokenizerFast
 
-    from model_runtime.engine_factory import check_draft_vocabulary
+    from server.engine_builder import check_draft_vocabulary
 
     loaded = load_model(tiny_llama_dir, dtype="float32", device="cpu")
     other_tokenizer = GPT2TokenizerFast.from_pretrained(tiny_llama_dir)
@@ -260,9 +260,9 @@ def test_resolve_defaults_sizes_the_kv_pool_and_the_window(tiny_llama_dir):
     worth of blocks, a draft model pays for its own copy of each block, a
     given size wins, and the window is the smallest of flag, model and draft."""
     from batching.scheduler_config import CPU_KV_CACHE_MEMORY
-    from model_runtime.engine_factory import resolve_defaults
     from model_runtime.kv_cache import parse_memory_size
     from model_runtime.runner import ModelRunner
+    from server.engine_builder import resolve_defaults
 
     loaded = load_model(tiny_llama_dir, dtype="float32", device="cpu")
     draft = load_model(tiny_llama_dir, dtype="float32", device="cpu")

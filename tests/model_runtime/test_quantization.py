@@ -15,8 +15,8 @@ from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from model_runtime import kernels
-from model_runtime.loader import load_model
-from model_runtime.quantization import GROUP, Int8Linear, dequantize_groups, gemm_from_rows_given, linear_weight, quantize_groups
+from model_runtime.loading.loader import load_model
+from model_runtime.weights.quantization import GROUP, Int8Linear, dequantize_groups, gemm_from_rows_given, linear_weight, quantize_groups
 from tests.model_runtime.test_parity import build, generate_outputs, make_prompts, run_engine
 
 ROWS = (1, 2, 3, 4, 5, 7, 16, 63, 64, 65, 130)
@@ -136,8 +136,8 @@ def test_gemm_switch_rule_on_scripted_timings():
 
 def test_without_a_compiler_the_kernels_fall_back_to_torch_with_the_same_tokens(tmp_path: Path, tiny_llama_dir: Path):
     script = (
-        "from model_runtime import kernels; from model_runtime.loader import load_model\n"
-        "from model_runtime.quantization import GroupwiseLinear\n"
+        "from model_runtime import kernels; from model_runtime.loading.loader import load_model\n"
+        "from model_runtime.weights.quantization import GroupwiseLinear\n"
         "from tests.model_runtime.test_parity import build, run_engine\n"
         "assert kernels.load() is None\n"
         f"loaded = load_model({str(tiny_llama_dir)!r}, 'float32', 'cpu', 'int8', activations='int16')\n"

@@ -6,8 +6,9 @@ preemption)."""
 import pytest
 import torch
 
-from model_runtime.step_context import PrefillSpan, StepContext, decode_tables
-from model_runtime.step_graph import kernel_switch_rows, pack, unpack
+from model_runtime.attention.context import PrefillSpan, StepContext, decode_tables
+from model_runtime.attention.metadata import pack, unpack
+from model_runtime.step_graph import kernel_switch_rows
 from tests.model_runtime.test_parity import build, make_prompts, reference_outputs, run_engine
 
 
@@ -60,7 +61,7 @@ def test_kernel_switch_rows_reads_float32_switches():
 
 @pytest.fixture(scope="module")
 def compiled_case(tiny_llama_dir):
-    from model_runtime.loader import load_model
+    from model_runtime.loading.loader import load_model
 
     loaded = load_model(tiny_llama_dir, dtype="float32", device="cpu")
     prompts = make_prompts(seed=3, vocab_size=loaded.model.config.vocab_size)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from model_runtime.weight_layout import (
+from model_runtime.weights.layout import (
     PACKED_FROM_ROWS,
     PackedLinear,
     RowSwitchedLinear,

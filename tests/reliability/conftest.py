@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from model_runtime.loader import LoadedModel, load_model
+from model_runtime.loading.loader import LoadedModel, load_model
 from tests.e2e.conftest import ServerProcess
 
 API_KEY = "reliability-key-4c1e9b27"

@@ -21,9 +21,9 @@ import httpx
 
 from batching.engine import DynamicBatcher
 from batching.messages import RunnerOutput, SchedulerOutput
-from model_runtime.engine_factory import EngineConfig, build_engine_core
-from model_runtime.loader import LoadedModel
+from model_runtime.loading.loader import LoadedModel
 from server.app import create_app
+from server.engine_builder import EngineConfig, build_engine_core
 from server.settings import Settings
 from server.state import Served
 from tests.server.asgi_stream import StreamingASGITransport

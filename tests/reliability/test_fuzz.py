@@ -19,7 +19,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 
-from model_runtime.loader import LoadedModel
+from model_runtime.loading.loader import LoadedModel
 from server.app import create_app
 from server.settings import Settings
 from tests.reliability.support import build_served, parse_stream

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from model_runtime.loader import LoadedModel
+from model_runtime.loading.loader import LoadedModel
 from server.protocol import MAX_LOGIT_BIAS, MAX_N, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
 from server.settings import Settings
 from tests.reliability.support import assert_openai_error, build_served, in_process

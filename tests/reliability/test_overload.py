@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from model_runtime.loader import LoadedModel
+from model_runtime.loading.loader import LoadedModel
 from tests.reliability.conftest import API_KEY, SMALL_MAX_NUM_SEQS, SMALL_QUEUE_LEN
 from tests.reliability.support import assert_openai_error, build_served, in_process, metric, parse_stream, wait_engine_idle
 

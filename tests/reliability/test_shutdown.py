@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from model_runtime.loader import LoadedModel
+from model_runtime.loading.loader import LoadedModel
 from server.shutdown import drain
 from tests.reliability.conftest import start_server
 from tests.reliability.support import assert_openai_error, build_served, in_process, parse_stream, read_stream

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from model_runtime.loader import LoadedModel
+from model_runtime.loading.loader import LoadedModel
 from server.settings import Settings
 from tests.reliability.support import assert_openai_error, build_served, in_process, read_stream
 

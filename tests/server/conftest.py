@@ -17,9 +17,9 @@ import pytest_asyncio
 from fastapi import FastAPI
 
 from batching.engine import DynamicBatcher
-from model_runtime.engine_factory import EngineConfig, build_engine_core
-from model_runtime.loader import LoadedModel, load_model
+from model_runtime.loading.loader import LoadedModel, load_model
 from server.app import create_app
+from server.engine_builder import EngineConfig, build_engine_core
 from server.settings import Settings
 from server.state import Served
 

@@ -1,7 +1,7 @@
 """``--quantization gguf``: a GGUF checkpoint's quantized linears served as the file stores them.
 
 GGUF's simple block formats hold 32 weights of a row per block, which is
-exactly a group of ``model_runtime.quantization``:
+exactly a group of ``model_runtime.weights.quantization``:
 
 - ``Q4_1``: a float16 scale ``d``, a float16 minimum ``m`` and 16 bytes of
   nibbles, ``w = q * d + m`` with ``q`` in 0..15: an ``Int4Linear`` with scale
@@ -32,7 +32,15 @@ import torch
 from torch import nn
 
 from model_runtime import kernels
-from model_runtime.quantization import GROUP, GroupwiseLinear, Int4Linear, Int8Linear, dequantize_groups, replace_linears, unpack_nibbles
+from model_runtime.weights.quantization import (
+    GROUP,
+    GroupwiseLinear,
+    Int4Linear,
+    Int8Linear,
+    dequantize_groups,
+    replace_linears,
+    unpack_nibbles,
+)
 
 logger = logging.getLogger(__name__)
 

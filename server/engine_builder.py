@@ -1,14 +1,19 @@
 """Wire a loaded model into a ready ``EngineCore``: runner, KV pool,
-block manager and scheduler sized to match."""
+block manager and scheduler sized to match.
+
+This is the one place that sees both layers whole: ``batching`` (scheduler,
+block manager, engine core) and ``model_runtime`` (loading, the runner).
+Neither layer imports the other's wiring; ``model_runtime`` sees only the
+step messages. The CLI calls ``build_engine_core`` at start-up (in a worker
+thread); tests and benchmarks call it with a loaded model."""
 
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from batching.block_manager import BlockManager
 from batching.engine_core import EngineCore
+from batching.request import EncoderDecoderPrompts
 from batching.scheduler import Scheduler
 from batching.scheduler_config import (
     CPU_KV_CACHE_MEMORY,
@@ -18,9 +23,9 @@ from batching.scheduler_config import (
     DRAFT_MODEL_SPECULATIVE_TOKENS,
     SchedulerConfig,
 )
-from model_runtime.encoder_decoder import encoder_decoder_prompts
-from model_runtime.kv_cache import parse_memory_size
-from model_runtime.loader import LoadedModel, load_model
+from model_runtime.encoder_decoder.step import decoder_prompt_token_ids
+from model_runtime.kv_cache import free_device_bytes, parse_memory_size
+from model_runtime.loading.loader import LoadedModel, load_model
 from model_runtime.runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -43,7 +48,7 @@ class EngineConfig:
     # The GGUF file ``model`` was converted from (the default model's), for
     # ``quantization="gguf"``; a ``.gguf`` model is its own.
     gguf_file: str | Path | None = None
-    # "int8": quantized linears quantize their inputs too (model_runtime.int8_activations).
+    # "int8": quantized linears quantize their inputs too (model_runtime.weights.int_activations).
     activations: str = "float32"
     block_size: int = DEFAULT_BLOCK_SIZE
     kv_cache_memory: str | int | None = None
@@ -82,8 +87,7 @@ def resolve_defaults(config: EngineConfig, loaded: LoadedModel, draft: LoadedMod
     else:
         if config.kv_cache_memory is not None:
             budget = parse_memory_size(config.kv_cache_memory)
-        elif loaded.device.type == "cuda":
-            free_bytes, _ = torch.cuda.mem_get_info(loaded.device)
+        elif (free_bytes := free_device_bytes(loaded.device)) is not None:
             budget = int(free_bytes * CUDA_KV_FRACTION)
         else:
             budget = parse_memory_size(CPU_KV_CACHE_MEMORY)
@@ -147,5 +151,5 @@ def build_engine_core(config: EngineConfig, loaded: LoadedModel | None = None, d
         eos_token_ids=loaded.eos_token_ids,
         vocab_size=loaded.vocab_size,
         max_model_len=limits.max_model_len,
-        encoder_decoder=encoder_decoder_prompts(loaded.model, limits.max_model_len) if loaded.family else None,
+        encoder_decoder=EncoderDecoderPrompts(decoder_prompt_token_ids(loaded.model), limits.max_model_len) if loaded.family else None,
     )

@@ -17,9 +17,9 @@ from collections.abc import Callable
 import torch
 from transformers import PreTrainedModel
 
-from model_runtime.attention import LayerFeatures, attend
-from model_runtime.encoder_decoder import CrossContext, cross_attend
-from model_runtime.step_context import StepContext
+from model_runtime.attention.context import StepContext
+from model_runtime.attention.interface import LayerFeatures, attend
+from model_runtime.encoder_decoder.cross_attention import CrossContext, cross_attend
 
 # Layer norm before each residual block (and once more at the end).
 NORM_BEFORE = {"bart": False, "mbart": True, "marian": False}

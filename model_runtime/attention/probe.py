@@ -1,4 +1,4 @@
-"""The parity probe of the load-time check (``model_runtime.architecture``).
+"""The parity probe of the load-time check (``model_runtime.attention.check``).
 
 Two short sequences run in four ragged steps over a scratch cache, as the
 server runs them (fresh prefills, chunks after cached tokens, decode rows
@@ -22,10 +22,10 @@ from collections.abc import Callable, Iterator
 import torch
 from transformers import PreTrainedModel
 
-from model_runtime.attention import ATTENTION_NAME, decode_kernel_runs, step_forward
+from model_runtime.attention.context import SequenceChunk, build_step
+from model_runtime.attention.interface import ATTENTION_NAME, decode_kernel_runs, step_forward
+from model_runtime.attention.metadata import pack
 from model_runtime.kv_cache import CacheShape, PagedKVCache
-from model_runtime.step_context import SequenceChunk, build_step
-from model_runtime.step_graph import pack
 
 logger = logging.getLogger(__name__)
 

@@ -13,22 +13,21 @@ the paged cache, plus cross-attention reading each row's cross blocks.
 The decoders' own forwards cannot take a flat batch: BART's computes its
 positions as ``arange(T)`` and T5's its relative position bias from one
 offset for the whole batch. So each family's step forward lives in a file of
-its own (``t5_step``, ``bart_step``), built from the model's own modules
+its own (``t5``, ``bart``; both read the source through
+``cross_attention``), built from the model's own modules
 (embeddings, norms, projections, feed-forward blocks); greedy parity with
 ``model.generate`` proves them.
 """
 
-from dataclasses import dataclass
-
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from batching.request import EncoderDecoderPrompts
-from model_runtime import kernels
-from model_runtime.attention import gather_blocks, write_cache
+from model_runtime.attention.context import StepContext
+from model_runtime.attention.interface import write_cache
+from model_runtime.encoder_decoder.bart import BartDecoderStep
+from model_runtime.encoder_decoder.cross_attention import CrossContext
+from model_runtime.encoder_decoder.t5 import T5DecoderStep
 from model_runtime.kv_cache import CacheShape
-from model_runtime.step_context import StepContext, decode_tables
 
 # model_type -> family: the step forward that serves it.
 FAMILIES = {"t5": "t5", "mt5": "t5", "bart": "bart", "mbart": "bart", "marian": "bart"}
@@ -48,56 +47,12 @@ def family_of(config: object) -> str | None:
     return FAMILIES[model_type]
 
 
-@dataclass(slots=True)
-class CrossContext:
-    """Where each row of a step finds its source's K/V: decode rows batched
-    (padded cross block tables and source lengths), then each prefill span
-    of ``StepContext.prefills`` with its own cross blocks."""
-
-    decode_block_tables: torch.Tensor | None  # [B, max_blocks] long
-    decode_lens: torch.Tensor | None  # [B] long
-    decode_mask: torch.Tensor | None  # [B, 1, 1, max_blocks * block_size] bool; None where the kernel runs
-    prefill_block_ids: list[torch.Tensor]
-    prefill_lens: list[int]
-
-
-def cross_attend(
-    query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, context: StepContext, cross: CrossContext, scale: float
-) -> torch.Tensor:
-    """Cross-attention of ``query`` ``[1, heads, T, head_dim]`` over each
-    row's source (every source token is visible); returns ``[1, T, heads, head_dim]``."""
-    num_tokens, num_heads, head_dim = query.shape[2], query.shape[1], query.shape[3]
-    output = query.new_empty(num_tokens, num_heads, head_dim)
-    num_decode = context.num_decode_tokens
-    if num_decode:
-        decode_query = query[0, :, :num_decode].transpose(0, 1)  # [B, heads, head_dim]
-        if cross.decode_mask is None:
-            output[:num_decode] = kernels.load().paged_decode_attention(
-                decode_query, key_cache, value_cache, cross.decode_block_tables, cross.decode_lens, scale
-            )
-        else:
-            keys = gather_blocks(key_cache, cross.decode_block_tables)  # [B, heads, L, head_dim]
-            values = gather_blocks(value_cache, cross.decode_block_tables)
-            out = F.scaled_dot_product_attention(decode_query.unsqueeze(2), keys, values, attn_mask=cross.decode_mask, scale=scale)
-            output[:num_decode] = out.squeeze(2)
-    for span, block_ids, source_len in zip(context.prefills, cross.prefill_block_ids, cross.prefill_lens):
-        rows = slice(span.start, span.start + span.num_new_tokens)
-        keys = gather_blocks(key_cache, block_ids)[:, :source_len].unsqueeze(0)  # [1, heads, S, head_dim]
-        values = gather_blocks(value_cache, block_ids)[:, :source_len].unsqueeze(0)
-        out = F.scaled_dot_product_attention(query[:, :, rows], keys, values, scale=scale)  # [1, heads, n, head_dim]
-        output[rows] = out[0].transpose(0, 1)
-    return output.unsqueeze(0)
-
-
 class EncoderDecoderStep:
     """The runner's view of an encoder-decoder model: its cache shape, the
     encode step of newly admitted requests, and the decoder step forward
     (the family's ``decoder``)."""
 
     def __init__(self, model: PreTrainedModel, family: str) -> None:
-        from model_runtime.bart_step import BartDecoderStep
-        from model_runtime.t5_step import T5DecoderStep
-
         self.model = model
         self.decoder = T5DecoderStep(model) if family == "t5" else BartDecoderStep(model)
         self.encoder = model.get_encoder()
@@ -150,24 +105,6 @@ def cache_shape(model: PreTrainedModel, dtype: torch.dtype) -> CacheShape:
     )
 
 
-def cross_context(
-    tables: list[list[int]],
-    lens: list[int],
-    prefill_tables: list[list[int]],
-    prefill_lens: list[int],
-    block_size: int,
-    device: torch.device,
-    with_mask: bool,
-) -> CrossContext:
-    """The step's ``CrossContext`` from the decode rows' cross block tables
-    and source lengths, then the prefill spans'."""
-    decode_block_tables = decode_lens = decode_mask = None
-    if tables:
-        decode_block_tables, decode_lens, decode_mask = decode_tables(tables, lens, block_size, device, with_mask)
-    prefill_blocks = [torch.tensor(blocks, dtype=torch.long, device=device) for blocks in prefill_tables]
-    return CrossContext(decode_block_tables, decode_lens, decode_mask, prefill_blocks, list(prefill_lens))
-
-
 def only_token_bitmask(token_id: int) -> bytes:
     """A sampler bitmask (``ScheduledChunk.grammar_bitmask``'s layout) allowing ``token_id`` only."""
     mask = bytearray(4 * (token_id // 32 + 1))
@@ -176,7 +113,7 @@ def only_token_bitmask(token_id: int) -> bytes:
     return bytes(mask)
 
 
-def encoder_decoder_prompts(model: PreTrainedModel, max_source_tokens: int) -> EncoderDecoderPrompts:
+def decoder_prompt_token_ids(model: PreTrainedModel) -> tuple[int, ...]:
     """The decoder's prompt as ``model.generate`` starts it: the decoder start
     token, then the token the generation config forces first (mBART's
     target language, BART's BOS), if any."""
@@ -191,4 +128,4 @@ def encoder_decoder_prompts(model: PreTrainedModel, max_source_tokens: int) -> E
         raise ValueError("the model's config names no decoder_start_token_id (nor a pad token to start from)")
     forced_bos = getattr(generation, "forced_bos_token_id", None)
     prompt = (start,) if forced_bos is None else (start, forced_bos)
-    return EncoderDecoderPrompts(prompt, max_source_tokens)
+    return prompt

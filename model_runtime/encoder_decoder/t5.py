@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.models.t5.modeling_t5 import T5Attention
 
-from model_runtime.attention import gather_blocks, write_cache
-from model_runtime.encoder_decoder import CrossContext, cross_attend
-from model_runtime.step_context import StepContext
+from model_runtime.attention.context import StepContext
+from model_runtime.attention.interface import gather_blocks, write_cache
+from model_runtime.encoder_decoder.cross_attention import CrossContext, cross_attend
 
 
 class StepBias:

@@ -8,7 +8,7 @@ each sequence attends over.
 tables and context lengths for the decode rows (one new token each, placed
 first so attention can batch them) and a ``PrefillSpan`` per longer chunk.
 The runner, the draft model and the load-time check
-(``model_runtime.architecture``) all build their steps here.
+(``model_runtime.attention.check``) all build their steps here.
 """
 
 from dataclasses import dataclass
@@ -38,7 +38,7 @@ class StepContext:
     decode_context_lens: torch.Tensor | None  # [B] long
     decode_context_mask: torch.Tensor | None  # [B, 1, 1, max_blocks * block_size] bool; None where the kernel runs
     prefills: list[PrefillSpan]
-    # All of the above as one int64 tensor (step_graph.pack) where the kernels
+    # All of the above as one int64 tensor (attention.metadata.pack) where the kernels
     # run: each layer is then one C++ op, tokenstep::paged_attention_step.
     metadata: torch.Tensor | None = None
 

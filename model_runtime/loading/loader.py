@@ -27,13 +27,14 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from model_runtime import attention, kernels
-from model_runtime.architecture import AttentionLayout, check_decoder
-from model_runtime.encoder_decoder import family_of
-from model_runtime.gguf_weights import load_gguf_linears
-from model_runtime.int_activations import ACTIVATIONS, quantize_activations
-from model_runtime.quantization import QUANTIZATIONS, describe, quantize_int8, to_float_linears
-from model_runtime.weight_layout import optimise_cpu_linears
+from model_runtime import kernels
+from model_runtime.attention.check import AttentionLayout, check_decoder
+from model_runtime.attention.interface import register as register_attention
+from model_runtime.encoder_decoder.step import family_of
+from model_runtime.weights.gguf import load_gguf_linears
+from model_runtime.weights.int_activations import ACTIVATIONS, quantize_activations
+from model_runtime.weights.layout import optimise_cpu_linears
+from model_runtime.weights.quantization import QUANTIZATIONS, describe, quantize_int8, to_float_linears
 
 logger = logging.getLogger(__name__)
 
@@ -67,9 +68,9 @@ class LoadedModel:
     max_model_len: int
     eos_token_ids: tuple[int, ...]
     vocab_size: int  # logits per row (a composite model's text config says)
-    # The encoder-decoder family ("t5", "bart"; model_runtime.encoder_decoder), None for a decoder-only model.
+    # The encoder-decoder family ("t5", "bart"; model_runtime.encoder_decoder.step), None for a decoder-only model.
     family: str | None = None
-    # A decoder-only model's attention as the load-time check found it (model_runtime.architecture).
+    # A decoder-only model's attention as the load-time check found it (model_runtime.attention.check).
     attention: AttentionLayout | None = None
 
 
@@ -87,7 +88,7 @@ def load_model(
     directory was converted from, for ``quantization="gguf"``, which serves
     the file's own quantized blocks. ``activations="int16"`` or ``"int8"``
     makes those quantized linears quantize their inputs too
-    (``model_runtime.int_activations``)."""
+    (``model_runtime.weights.int_activations``)."""
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     source, from_gguf = hf_source(model_path)
@@ -98,8 +99,8 @@ def load_model(
         raise ValueError(f"--quantization and --activations serve decoder-only models; {model_path} is an encoder-decoder model")
     tokenizer = AutoTokenizer.from_pretrained(source, **from_gguf)
     if family is None:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, attn_implementation=attention.register(), **from_gguf)
-    else:  # its decoder runs tokenstep's own step (model_runtime.encoder_decoder); the encoder, SDPA
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, attn_implementation=register_attention(), **from_gguf)
+    else:  # its decoder runs tokenstep's own step (model_runtime.encoder_decoder.step); the encoder, SDPA
         model = AutoModelForSeq2SeqLM.from_pretrained(source, dtype=torch_dtype, attn_implementation="sdpa")
     model.to(torch_device).eval()
     if from_gguf:

@@ -34,7 +34,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from model_runtime import kernels
-from model_runtime.weight_layout import switch_rows_given
+from model_runtime.weights.layout import switch_rows_given
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ sinks (gpt-oss's ``s_aux``). Every path honours them: the C++ kernels take
 them as arguments; in Python, soft-capping and sinks, which SDPA cannot
 express, run as plain math (``_attention_math``, the model's own eager
 arithmetic). Which kwargs a model may pass at all is decided at load
-(``model_runtime.architecture``): anything else is refused there.
+(``model_runtime.attention.check``): anything else is refused there.
 
 The step's metadata travels in one ``StepContext`` passed through the
 forward's kwargs (transformers forwards unknown kwargs down to attention).
@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from model_runtime import kernels
+from model_runtime.attention.context import PrefillSpan, StepContext
 from model_runtime.kv_cache import CacheShape
-from model_runtime.step_context import PrefillSpan, StepContext
 
 ATTENTION_NAME = "tokenstep_paged"
 CONTEXT_KWARG = "tokenstep_context"

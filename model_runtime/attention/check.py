@@ -19,7 +19,7 @@ before it serves, and refuses it with one line naming the feature otherwise:
    is refused) and the shapes of its keys and values, which size the KV
    cache (``CacheShape``; a config's ``num_key_value_heads`` may not be what
    the model does).
-3. **A parity probe** (``model_runtime.architecture_probe``): short ragged
+3. **A parity probe** (``model_runtime.attention.probe``): short ragged
    steps over a scratch cache against the model's own eager attention and
    cache, sliding windows shrunk so that it reaches past them.
 """
@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import torch
 from transformers import AttentionInterface, PreTrainedModel
 
-from model_runtime.architecture_probe import probe_sequences, prove_parity
-from model_runtime.attention import ATTENTION_NAME, CONTEXT_KWARG, install_step_slot, paged_attention_forward
+from model_runtime.attention.interface import ATTENTION_NAME, CONTEXT_KWARG, install_step_slot, paged_attention_forward
+from model_runtime.attention.probe import probe_sequences, prove_parity
 from model_runtime.kv_cache import CacheShape, LayerKV
 
 # What tokenstep's attention does with each kwarg transformers' models pass:

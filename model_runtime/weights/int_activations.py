@@ -30,7 +30,15 @@ import logging
 import torch
 from torch import nn
 
-from model_runtime.quantization import GROUP, GroupwiseLinear, Int4Linear, Int8Linear, best_seconds, replace_groupwise, unpack_nibbles
+from model_runtime.weights.quantization import (
+    GROUP,
+    GroupwiseLinear,
+    Int4Linear,
+    Int8Linear,
+    best_seconds,
+    replace_groupwise,
+    unpack_nibbles,
+)
 
 logger = logging.getLogger(__name__)
 
