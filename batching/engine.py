@@ -2,25 +2,27 @@
 
 Route handlers call ``generate()``, which validates the request, puts it on
 the intake queue and returns an async iterator of ``RequestOutput`` deltas.
-One background task runs the loop: drain intake and aborts -> ``schedule()``
--> ``runner.step`` in the single worker thread (the event loop keeps serving
-while the forward runs; the result comes back through the executor future,
-i.e. ``loop.call_soon_threadsafe``) -> ``process()`` -> push each delta onto
-its request's stream. A consumer that stops iterating aborts its request,
-and the abort is applied before the next step.
+One background task runs the loop: hand new requests and aborts to the core
+-> ``core.step()`` on the single model thread (the event loop keeps serving
+while it runs; the result comes back through the executor future, i.e.
+``loop.call_soon_threadsafe``) -> push each delta onto its request's stream.
+The step itself is ``EngineCore.step``, the same function tests call; the
+loop only moves it onto the thread and publishes what it returned. The
+core is touched from the event loop only between steps. A consumer that
+stops iterating aborts its request, and the abort is applied before the
+next step.
 
 Reliability: ``check_admission`` refuses work past ``max_queue_len`` (503)
-before anything is queued; ``drain`` stops admissions for a graceful shutdown,
-waits for in-flight requests and ends the rest with an error; and if the loop
-itself dies (an exception outside the model step), every open stream receives
-an error output at once, so no client ever waits on a dead engine.
+before anything is queued; ``drain`` stops admissions for a graceful
+shutdown, waits for in-flight requests and ends the rest with an error; and
+if the loop stops or dies, every open stream receives an error output at
+once, so no client ever waits on a dead engine. Each of those ends goes
+through ``EngineCore.fail``, the one error finish the scheduler records.
 """
 
 import asyncio
 import itertools
 import logging
-import time
-from collections import deque
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -29,13 +31,13 @@ from batching.errors import EngineUnavailableError, InvalidRequestError, QueueFu
 from batching.outputs import RequestOutput
 from batching.request import Request, RequestStatus
 from batching.sampling_params import SamplingParams
-from batching.stats import BLOCK_CACHED, BLOCK_FREE, BLOCK_USED, EngineStats, EngineView, RequestRow, StepRecord
+from batching.stats import EngineStats, EngineView
+from batching.views import engine_stats, engine_view
 
 logger = logging.getLogger(__name__)
 
 DRAIN_POLL_S = 0.05  # how often drain() looks whether the in-flight requests are done
-STEP_HISTORY_S = 300.0  # how far back view() reports steps
-STEP_HISTORY_MAX = 20_000  # steps kept at most (a few minutes of fast steps)
+IDLE_STEP_WAIT_S = 0.001  # after a step that scheduled nothing (nothing fits yet): let aborts arrive
 
 
 class DynamicBatcher:
@@ -57,9 +59,8 @@ class DynamicBatcher:
         self._task: asyncio.Task | None = None
         self._ids = itertools.count()
         self._is_draining = False
-        self.num_steps = 0
-        self.step_seconds_total = 0.0
-        self._steps: deque[StepRecord] = deque(maxlen=STEP_HISTORY_MAX)
+        self._step_in_flight: asyncio.Future | None = None  # core.step() running on the model thread
+        self._pending_failure: tuple[str, int] | None = None  # (message, status) to end every request with
         self.failure: str | None = None  # why the loop died, if it did
 
     @property
@@ -94,51 +95,17 @@ class DynamicBatcher:
     def vocab_size(self) -> int | None:
         return self.core.vocab_size
 
+    @property
+    def num_steps(self) -> int:
+        return self.core.num_steps
+
     def stats(self) -> EngineStats:
-        """A snapshot of the engine's gauges and counters (see ``batching.stats``)."""
-        scheduler, block_manager = self.core.scheduler, self.core.scheduler.block_manager
-        return EngineStats(
-            num_running=len(scheduler.running),
-            num_waiting=self.num_waiting,
-            kv_cache_usage=block_manager.usage,
-            num_kv_blocks=block_manager.num_blocks,
-            block_size=block_manager.block_size,
-            num_prompt_tokens_total=self.core.num_prompt_tokens_total,
-            num_generation_tokens_total=self.core.num_generation_tokens_total,
-            num_preemptions_total=scheduler.num_preemptions,
-            prefix_cache_query_tokens_total=scheduler.num_prefix_query_tokens,
-            prefix_cache_hit_tokens_total=scheduler.num_prefix_hit_tokens,
-            spec_draft_tokens_total=scheduler.num_draft_tokens,
-            spec_accepted_tokens_total=scheduler.num_accepted_tokens,
-            num_steps_total=self.num_steps,
-            step_seconds_total=self.step_seconds_total,
-        )
+        """A snapshot of the engine's gauges and counters (see ``batching.views``)."""
+        return engine_stats(self.core, self.num_pending)
 
     def view(self) -> EngineView:
-        """``stats()`` and what a live view draws: every request's row (running
-        first), the block map and the steps of the last ``STEP_HISTORY_S``."""
-        scheduler = self.core.scheduler
-        rows = [
-            self._row(request, "prefill" if request.num_computed_tokens < request.num_tokens - 1 else "decoding")
-            for request in scheduler.running
-        ]
-        rows += [
-            self._row(request, "preempted" if request.status == RequestStatus.PREEMPTED else "waiting") for request in scheduler.waiting
-        ]
-        since = time.monotonic() - STEP_HISTORY_S
-        steps = [step for step in self._steps if step.end_time >= since]
-        return EngineView(self.stats(), rows, scheduler.block_manager.block_map(BLOCK_FREE, BLOCK_CACHED, BLOCK_USED), steps)
-
-    @staticmethod
-    def _row(request: Request, state: str) -> RequestRow:
-        return RequestRow(
-            request.request_id,
-            state,
-            request.num_prompt_tokens + request.num_encoder_tokens,
-            request.num_output_tokens,
-            request.num_computed_tokens,
-            len(request.block_ids) + len(request.cross_block_ids),
-        )
+        """``stats()`` plus every request's row, the block map and the recent steps."""
+        return engine_view(self.core, self.num_pending)
 
     async def start(self, model_thread: ThreadPoolExecutor | None = None) -> None:
         """Start the loop. Pass ``model_thread`` (one worker) to step the model
@@ -210,7 +177,13 @@ class DynamicBatcher:
         num_unfinished = len(self._streams)
         if num_unfinished:
             logger.warning("shutdown: ending %d unfinished requests after %.1f s", num_unfinished, timeout_s)
-        self._fail_all("the server is shutting down", status=503)
+        if self.is_running:  # the loop ends them between two steps
+            self._pending_failure = ("the server is shutting down", 503)
+            self._wakeup.set()
+            while self._streams and self.is_running:
+                await asyncio.sleep(DRAIN_POLL_S)
+        if self._streams:
+            self._fail_all("the server is shutting down", status=503)
         return num_unfinished
 
     async def generate(
@@ -254,68 +227,68 @@ class DynamicBatcher:
                 self.abort(request_id)
 
     async def _loop(self) -> None:
-        """Run iterations until cancelled. If one raises outside the model step
-        (a bug in scheduling or text processing), the loop is dead: every open
-        stream gets an error output and ``is_running`` turns False, so the
-        server answers 503 from then on instead of leaving clients hanging."""
+        """Run iterations until cancelled. If one raises outside the model
+        step (a bug in scheduling or text processing), the loop is dead:
+        every open stream gets an error output and ``is_running`` turns
+        False, so the server answers 503 from then on instead of leaving
+        clients hanging."""
         try:
             while True:
                 await self._iteration()
         except asyncio.CancelledError:
+            await self._settle_step_in_flight()
             self._fail_all("the engine stopped", status=503)
             raise
         except Exception as exc:
             logger.exception("the engine loop died")
             self.failure = f"{type(exc).__name__}: {exc}"
             self._fail_all(f"the engine stopped unexpectedly: {self.failure}", status=500)
-            try:  # free what can still be freed, so metrics stay truthful
-                self._admit_and_abort()
-            except Exception:
-                logger.exception("could not release the requests of the dead engine")
 
     async def _iteration(self) -> None:
-        """One iteration: admit and abort, schedule, step, publish deltas."""
+        """One iteration: hand over new requests and aborts, then
+        ``core.step()`` on the model thread, then publish its deltas."""
         self._admit_and_abort()
+        if self._pending_failure is not None:
+            self._fail_all(*self._pending_failure)
+            self._pending_failure = None
         if not self.core.has_unfinished:
             self._wakeup.clear()
             await self._wakeup.wait()
             return
-        scheduler_output = self.core.schedule()
-        if scheduler_output.is_empty:
-            await asyncio.sleep(0.001)  # nothing fits yet; let aborts arrive
+        num_idle_steps = self.core.num_idle_steps
+        self._step_in_flight = asyncio.get_running_loop().run_in_executor(self._executor, self.core.step)
+        outputs = await self._step_in_flight
+        self._step_in_flight = None
+        self._publish(outputs)
+        if self.core.num_idle_steps != num_idle_steps:
+            await asyncio.sleep(IDLE_STEP_WAIT_S)
+
+    async def _settle_step_in_flight(self) -> None:
+        """Cancelled mid-step: the model thread still finishes that step; wait
+        for it (so nothing else touches the core meanwhile) and publish it."""
+        step, self._step_in_flight = self._step_in_flight, None
+        if step is None:
             return
-        loop = asyncio.get_running_loop()
-        started = time.perf_counter()
-        try:
-            runner_output = await loop.run_in_executor(self._executor, self.core.runner.step, scheduler_output)
-        except Exception as exc:  # one bad step fails its requests, not the server
-            logger.exception("engine step failed")
-            self._publish(self.core.fail_step(scheduler_output, f"engine step failed: {exc}"))
-            return
-        ended = time.perf_counter()
-        self.num_steps += 1
-        self.step_seconds_total += ended - started
-        generated_before = self.core.num_generation_tokens_total
-        self._publish(self.core.process(scheduler_output, runner_output))
-        self._steps.append(
-            StepRecord(
-                time.monotonic(),
-                scheduler_output.num_batched_tokens,
-                self.core.num_generation_tokens_total - generated_before,
-                ended - started,
-            )
-        )
+        await asyncio.wait([step])
+        if not step.cancelled() and step.exception() is None:
+            self._publish(step.result())
 
     def _fail_all(self, message: str, status: int) -> None:
-        """End every open stream with an error output now; the requests are
-        aborted (blocks freed) at the start of the next iteration."""
+        """End every open stream with an error now, through the core's one
+        error finish (the scheduler records it and frees the blocks). Runs
+        only while no step is in flight. Streams the core cannot end (it
+        died mid-step) get the error directly."""
+        try:
+            self._admit_and_abort()
+            self._publish(self.core.fail(list(self._streams), message, status))
+        except Exception:
+            logger.exception("could not end the requests through the engine")
         for request_id, stream in self._streams.items():
             stream.put_nowait(
                 RequestOutput(
                     request_id, [], "", finish_reason=RequestStatus.FINISHED_ERROR.finish_reason, error=message, error_status=status
                 )
             )
-            self._aborts.add(request_id)
         self._streams.clear()
         self._wakeup.set()
 

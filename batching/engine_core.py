@@ -6,12 +6,20 @@ detokenizes them incrementally, applies stop strings and builds one
 ``RequestOutput`` delta per touched request. Each request's text state
 (detokenizer, stop matcher, grammar, buffered prompt logprobs) lives on the
 request itself; every finish (token stop, grammar end, stop string, abort,
-error) is recorded by ``Scheduler.finish``. The asyncio ``DynamicBatcher``
-runs the same three calls with ``runner.step`` moved to a worker thread; tests
-drive ``step()`` directly.
+error) is recorded by ``Scheduler.finish``, and every error finish (a runner
+that raised, a drain, a stopped or dead engine) goes through ``fail``.
+
+``step()`` is the only step function: tests and benchmarks call it directly,
+and the asyncio ``DynamicBatcher`` calls the same ``step()`` on its model
+thread, then publishes what it returned. The core counts its steps and keeps
+a record of the recent ones (``StepRecord``) for the dashboard.
 """
 
 import dataclasses
+import logging
+import time
+from collections import deque
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 from batching.detokenizer import IncrementalDetokenizer
@@ -21,9 +29,14 @@ from batching.outputs import RequestOutput
 from batching.request import EncoderDecoderPrompts, Request, RequestStatus
 from batching.sampling_params import SamplingParams
 from batching.scheduler import Scheduler, TokenUpdate
+from batching.stats import StepRecord
 from batching.stop import StopDecision
 from batching.stop_strings import StopStringMatcher
 from batching.structured import GrammarCompiler
+
+logger = logging.getLogger(__name__)
+
+STEP_HISTORY_MAX = 20_000  # step records kept at most (a few minutes of fast steps)
 
 
 class Runner(Protocol):
@@ -54,6 +67,10 @@ class EngineCore:
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
         self._grammars: GrammarCompiler | None = None
+        self.num_steps = 0  # model steps that ran to the end
+        self.num_idle_steps = 0  # steps that found nothing to schedule
+        self.step_seconds_total = 0.0  # time in runner.step, over num_steps
+        self.step_records: deque[StepRecord] = deque(maxlen=STEP_HISTORY_MAX)
 
     @property
     def has_unfinished(self) -> bool:
@@ -128,10 +145,27 @@ class EngineCore:
         return self.scheduler.schedule()
 
     def step(self) -> list[RequestOutput]:
+        """One iteration: ``schedule()`` -> ``runner.step(batch)`` ->
+        ``process(outputs)``. A runner that raises fails the step's requests
+        (error deltas), never the caller."""
         scheduler_output = self.schedule()
         if scheduler_output.is_empty:
+            self.num_idle_steps += 1
             return []
-        return self.process(scheduler_output, self.runner.step(scheduler_output))
+        started = time.perf_counter()
+        try:
+            runner_output = self.runner.step(scheduler_output)
+        except Exception as exc:  # one bad step fails its requests, not the engine
+            logger.exception("engine step failed")
+            return self.fail_step(scheduler_output, f"engine step failed: {exc}")
+        seconds = time.perf_counter() - started
+        generated_before = self.num_generation_tokens_total
+        outputs = self.process(scheduler_output, runner_output)
+        self.num_steps += 1
+        self.step_seconds_total += seconds
+        num_generated = self.num_generation_tokens_total - generated_before
+        self.step_records.append(StepRecord(time.monotonic(), scheduler_output.num_batched_tokens, num_generated, seconds))
+        return outputs
 
     def process(self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput) -> list[RequestOutput]:
         for chunk_logprobs in runner_output.prompt_logprobs:
@@ -168,11 +202,18 @@ class EngineCore:
         """The runner raised on ``scheduler_output``: finish its requests with
         an error; the finishes it carried are sent again with the next step."""
         self.scheduler.step_failed(scheduler_output)
+        return self.fail([chunk.request_id for chunk in scheduler_output.chunks], message)
+
+    def fail(self, request_ids: Iterable[str], message: str, status: int = 500) -> list[RequestOutput]:
+        """Finish requests with an error: recorded ``FINISHED_ERROR`` by the
+        scheduler (blocks freed), each with its last delta carrying ``message``
+        and the HTTP ``status`` the server reports (500: a failure; 503: the
+        server is shutting down). Ids not (or no longer) here are skipped."""
         outputs = []
-        for request_id in [chunk.request_id for chunk in scheduler_output.chunks]:
+        for request_id in request_ids:
             output = self.abort(request_id, RequestStatus.FINISHED_ERROR)
             if output is not None:
-                outputs.append(dataclasses.replace(output, error=message))
+                outputs.append(dataclasses.replace(output, error=message, error_status=status))
         return outputs
 
     def _advance_grammar(self, request: Request, token_id: int) -> None:

@@ -3,10 +3,9 @@ outside the batching layer (``/metrics``, and any dashboard or health view);
 ``EngineView`` adds what a live view draws (``/stats`` and ``/dashboard``):
 each request's row, the KV pool block by block and the recent steps.
 
-The batcher builds it on demand from its own counters (``DynamicBatcher.stats``),
-on the event loop's thread, so readers never reach into the scheduler, the
-block manager or the engine core, and never see a half-updated state.
-Plain ints and floats only.
+``batching.views`` builds them on demand from the engine core (through
+``DynamicBatcher.stats`` and ``view``), so readers never reach into the
+scheduler, the block manager or the engine core. Plain ints and floats only.
 """
 
 from dataclasses import dataclass, field

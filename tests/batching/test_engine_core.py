@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from batching.request import RequestStatus
 from batching.sampling_params import SamplingParams
 from tests.fake_engine import EOS_TOKEN_ID, REPLY, ScriptedRunner, fake_batcher, fake_core
 
@@ -129,5 +130,45 @@ async def test_a_dead_loop_fails_every_open_stream_and_refuses_new_work():
         assert not batcher.is_running and "RuntimeError" in batcher.failure
         with pytest.raises(Exception, match="not running"):
             batcher.check_available()
+    finally:
+        await batcher.stop()
+
+
+def test_a_failing_runner_fails_the_step_not_its_caller():
+    """``EngineCore.step`` is the one step function: the batcher's loop adds
+    no failure handling of its own, so the core turns a raising runner into
+    error deltas for the step's requests and counts no step."""
+    core = fake_core(ScriptedRunner(fail_on=lambda request_id: request_id == "bad"))
+    core.add_request(core.make_request("bad", PROMPT, SamplingParams(max_tokens=5)))
+    (failed,) = core.step()
+    assert failed.finish_reason == "error" and "scripted step failure" in failed.error and failed.error_status == 500
+    assert not core.has_unfinished and core.scheduler.block_manager.num_used_blocks == 0
+    assert core.num_steps == 0 and not core.step_records
+
+
+def running_request(batcher, request_id: str):
+    return batcher.core.scheduler.requests[request_id]
+
+
+@pytest.mark.parametrize("how", ["drain", "stop"])
+async def test_drain_and_stop_end_requests_through_the_one_error_finish(how: str):
+    """Requests still running when the server drains or stops end with an
+    error delta (503) that the scheduler records as FINISHED_ERROR, blocks
+    freed at once: the same finish as a failed step, not a stream ended
+    behind the scheduler's back."""
+    batcher = fake_batcher(ScriptedRunner(reply="x" * 500))
+    await batcher.start()
+    try:
+        stream = await batcher.generate(PROMPT, SamplingParams(max_tokens=500), "long")
+        await anext(stream)
+        request = running_request(batcher, "long")
+        if how == "drain":
+            assert await batcher.drain(timeout_s=0) == 1
+        else:
+            await batcher.stop()
+        outputs = [output async for output in stream]
+        assert outputs[-1].finish_reason == "error" and outputs[-1].error_status == 503
+        assert request.status == RequestStatus.FINISHED_ERROR
+        assert batcher.core.scheduler.block_manager.num_used_blocks == 0 and not batcher.core.has_unfinished
     finally:
         await batcher.stop()
