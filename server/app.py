@@ -30,6 +30,7 @@ from server.chat import router as chat_router
 from server.completions import router as completions_router
 from server.errors import RETRY_AFTER_NOT_READY_S, AuthError, error_response, install_error_handlers
 from server.metrics import Metrics
+from server.models import router as models_router
 from server.request_log import RequestIdMiddleware
 from server.response_store import ResponseStore
 from server.responses import router as responses_router
@@ -144,6 +145,7 @@ def create_app(settings: Settings, load: Callable[[], Served] | None = None, rea
     api.include_router(completions_router)
     api.include_router(chat_router)
     api.include_router(responses_router)
+    api.include_router(models_router)
     api.include_router(tokenize_router)
     api.include_router(stats_router)
     app.include_router(api)
