@@ -148,9 +148,3 @@ class Request:
         if start >= n_prompt:
             return self.output_token_ids[start - n_prompt : end - n_prompt]
         return self.prompt_token_ids[start:] + self.output_token_ids[: end - n_prompt]
-
-    def token_at(self, position: int) -> int:
-        n_prompt = len(self.prompt_token_ids)
-        if position < n_prompt:
-            return self.prompt_token_ids[position]
-        return self.output_token_ids[position - n_prompt]
