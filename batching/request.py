@@ -112,10 +112,6 @@ class Request:
     pending_prompt_logprobs: "dict[int, TokenLogprobs] | None" = None
 
     @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
-
-    @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
