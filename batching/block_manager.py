@@ -185,11 +185,6 @@ class BlockManager:
         request.block_keys = []
         request.num_registered_blocks = 0
 
-    def reset_prefix_cache(self) -> None:
-        for block_id in list(self._cached.values()):
-            self._blocks[block_id].key = None
-        self._cached.clear()
-
     def _keys_for(self, request: Request, num_full_blocks: int) -> list[BlockKey]:
         """The request's chained block keys, extended to at least ``num_full_blocks``
         (computed once per block, from that block's tokens only)."""

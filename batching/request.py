@@ -110,10 +110,6 @@ class Request:
     pending_prompt_logprobs: "dict[int, TokenLogprobs] | None" = None
 
     @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
-
-    @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
@@ -146,9 +142,3 @@ class Request:
         if start >= n_prompt:
             return self.output_token_ids[start - n_prompt : end - n_prompt]
         return self.prompt_token_ids[start:] + self.output_token_ids[: end - n_prompt]
-
-    def token_at(self, position: int) -> int:
-        n_prompt = len(self.prompt_token_ids)
-        if position < n_prompt:
-            return self.prompt_token_ids[position]
-        return self.output_token_ids[position - n_prompt]

@@ -1,6 +1,7 @@
 """The FastAPI app factory: lifespan (engine start/stop), auth, health,
-metrics, the request-size limit, the routers, and the browser pages
-(``server.ui``: ``/``, ``/dashboard``, their ``/static`` files).
+metrics, the request-size limit, the routers (``/stats`` from
+``server.stats``), and the browser pages (``server.pages``: ``/``,
+``/dashboard``, their ``/static`` files).
 
 The engine is built by a loader callable run in a worker thread at start-up,
 so ``/health`` answers 503 while the model loads and 200 once it serves (and
@@ -30,15 +31,16 @@ from server.chat import router as chat_router
 from server.completions import router as completions_router
 from server.errors import RETRY_AFTER_NOT_READY_S, AuthError, error_response, install_error_handlers
 from server.metrics import Metrics
+from server.models import router as models_router
+from server.pages import STATIC_DIR
+from server.pages import router as pages_router
 from server.request_log import RequestIdMiddleware
 from server.response_store import ResponseStore
 from server.responses import router as responses_router
 from server.settings import Settings
 from server.state import Served
+from server.stats import router as stats_router
 from server.tokenize import router as tokenize_router
-from server.ui import STATIC_DIR
-from server.ui import pages as ui_pages
-from server.ui import router as stats_router
 
 logger = logging.getLogger(__name__)
 
@@ -144,10 +146,11 @@ def create_app(settings: Settings, load: Callable[[], Served] | None = None, rea
     api.include_router(completions_router)
     api.include_router(chat_router)
     api.include_router(responses_router)
+    api.include_router(models_router)
     api.include_router(tokenize_router)
     api.include_router(stats_router)
     app.include_router(api)
-    app.include_router(ui_pages)
+    app.include_router(pages_router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
 

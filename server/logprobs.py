@@ -3,7 +3,7 @@
 completions shape (``tokens``, ``token_logprobs``, ``top_logprobs``,
 ``text_offset``).
 
-Token strings and bytes come from ``batching.token_bytes.TokenBytes``: a token
+Token strings and bytes come from ``server.token_bytes.TokenBytes``: a token
 holding part of a UTF-8 character carries its real bytes (its ``token`` shows
 them as ``\\xNN``), so joining every token's ``bytes`` rebuilds the text. A
 special token that ``skip_special_tokens`` leaves out of the text has
@@ -11,8 +11,8 @@ special token that ``skip_special_tokens`` leaves out of the text has
 """
 
 from batching.messages import TokenLogprobs
-from batching.token_bytes import TextOffsets, TokenBytes
 from server.protocol import ChatChoiceLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
+from server.token_bytes import TextOffsets, TokenBytes
 
 
 def top_logprob(token_bytes: TokenBytes, token_id: int, logprob: float, skip_special_tokens: bool = True) -> TopLogprob:

@@ -13,7 +13,7 @@ from fastapi import Request
 from batching.engine import DynamicBatcher
 from batching.errors import EngineUnavailableError
 from batching.request import EncoderDecoderPrompts
-from batching.token_bytes import TokenBytes
+from server.token_bytes import TokenBytes
 
 
 @dataclass(slots=True)

@@ -1,26 +1,20 @@
-"""``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /tokenize`` and
-``POST /detokenize`` (as vLLM spells them).
+"""``POST /tokenize`` and ``POST /detokenize`` (as vLLM spells them).
 
 ``/tokenize`` with ``messages`` renders through ``server.chat_prompt``, the
 chat route's own function, with the same ``tools``, ``tool_choice`` and
 template options, so its ``count`` is the chat route's ``usage.prompt_tokens``.
 """
 
-import time
-from typing import Any
-
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 
 from batching.errors import InvalidRequestError
 from server.chat_prompt import build_chat_prompt, message_dicts
-from server.errors import ModelNotFoundError
 from server.params import check_model
 from server.protocol import ChatMessage, ChatTemplateFields
 from server.state import Served, served
 
 router = APIRouter()
-STARTED_AT = int(time.time())
 
 
 class TokenizeRequest(ChatTemplateFields):
@@ -43,32 +37,6 @@ class DetokenizeRequest(BaseModel):
 
 class DetokenizeResponse(BaseModel):
     prompt: str
-
-
-def _model_card(state: Served) -> dict[str, Any]:
-    return {
-        "id": state.model_name,
-        "object": "model",
-        "created": STARTED_AT,
-        "owned_by": "tokenstep",
-        "root": state.model_root or state.model_name,
-        "parent": None,
-        "max_model_len": state.max_model_len,
-        "permission": [],
-    }
-
-
-@router.get("/v1/models")
-async def list_models(state: Served = Depends(served)) -> dict[str, Any]:
-    return {"object": "list", "data": [_model_card(state)]}
-
-
-@router.get("/v1/models/{model_id:path}")
-async def retrieve_model(model_id: str, state: Served = Depends(served)) -> dict[str, Any]:
-    """The list's entry for the served model (by its name or its root path); 404 otherwise."""
-    if model_id not in (state.model_name, state.model_root):
-        raise ModelNotFoundError(f"The model `{model_id}` does not exist. Available: {state.model_name}", param="model")
-    return _model_card(state)
 
 
 @router.post("/tokenize")

@@ -27,6 +27,12 @@ BLOCK_SIZE = 16
 FIRST_SAMPLED_TOKEN_ID = 100
 
 
+def token_ids(request: Request) -> list[int]:
+    """Prompt + output, joined plainly: the checks' oracle for what the
+    scheduler sends, which it cuts with ``Request.token_slice``."""
+    return request.prompt_token_ids + request.output_token_ids
+
+
 def create_scheduler(
     *,
     num_blocks: int = 64,
@@ -160,7 +166,7 @@ def check_invariants(scheduler: Scheduler, requests: list[Request]) -> None:
             end = (index + 1) * block_size
             assert index == other_index
             assert min(request.num_computed_tokens, other.num_computed_tokens) >= end
-            assert request.all_token_ids[:end] == other.all_token_ids[:end]
+            assert token_ids(request)[:end] == token_ids(other)[:end]
 
     ref_counts = [ref_count(block_manager, b) for b in range(block_manager.num_blocks)]
     assert ref_counts == [holders[b] for b in range(block_manager.num_blocks)]
@@ -180,7 +186,7 @@ def check_schedule(scheduler: Scheduler, scheduler_output: SchedulerOutput) -> N
         start, end = chunk.num_computed_tokens, chunk.num_computed_tokens + len(chunk.own_token_ids)
         assert chunk.num_new_tokens >= 1
         assert start == request.num_computed_tokens
-        assert chunk.own_token_ids == request.all_token_ids[start:end]
+        assert chunk.own_token_ids == token_ids(request)[start:end]
         assert chunk.is_sampling == (end == request.num_tokens)
         assert not chunk.draft_token_ids or chunk.is_sampling
         assert scheduler.block_manager.blocks_needed(end + chunk.speculation.num_slots) <= len(request.block_ids)
@@ -205,7 +211,7 @@ def check_runner_view(scheduler: Scheduler, scheduler_output: SchedulerOutput, r
         end = chunk.num_computed_tokens + len(chunk.own_token_ids)
         tokens = view.prompt_token_ids + view.output_token_ids
         assert view.block_ids == request.block_ids
-        assert tokens == request.all_token_ids[: len(tokens)] and len(tokens) >= end
+        assert tokens == token_ids(request)[: len(tokens)] and len(tokens) >= end
         assert not chunk.is_sampling or len(tokens) == end
     for request_id in (*scheduler_output.finished_request_ids, *scheduler_output.preempted_request_ids):
         assert request_id not in runner_requests

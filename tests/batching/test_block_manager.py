@@ -226,16 +226,6 @@ def test_a_request_asking_for_prompt_logprobs_never_hits() -> None:
     assert block_manager.find_cached_prefix(reader) == ([], 0)
 
 
-def test_reset_prefix_cache_forgets_every_key() -> None:
-    block_manager = BlockManager(num_blocks=10, block_size=BLOCK_SIZE)
-    first = create_request("first", [*PREFIX_A, 1])
-    admit(block_manager, first)
-    block_manager.free(first)
-    block_manager.reset_prefix_cache()
-    assert hit_tokens(block_manager, [*PREFIX_A, 1]) == 0
-    assert block_manager.num_free_blocks == 10
-
-
 # --- LRU reuse of freed cached blocks ---------------------------------------------
 
 LRU_BLOCK = 4

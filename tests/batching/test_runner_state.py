@@ -9,7 +9,7 @@ from batching.runner_state import RunnerRequests
 from batching.sampling_params import SamplingParams
 from batching.scheduler import Scheduler
 from batching.scheduler_config import SchedulerConfig
-from tests.batching.factories import check_runner_view, check_schedule
+from tests.batching.factories import check_runner_view, check_schedule, token_ids
 
 CYCLE = [5, 6, 7, 8]
 
@@ -63,7 +63,7 @@ def test_the_view_follows_accepted_drafts_preemption_and_aborts():
             scheduler.finish_request("aborted", RequestStatus.FINISHED_ABORTED)
     assert not scheduler.has_unfinished
     for request in requests[:4]:
-        tokens = request.all_token_ids
+        tokens = token_ids(request)
         assert tokens == [CYCLE[p % 4] for p in range(len(tokens))] and request.num_output_tokens == 14
     assert scheduler.num_preemptions > 0
     assert scheduler.num_accepted_tokens > 0

@@ -13,7 +13,7 @@ MODULES = sorted(f"server.{path.stem}" for path in SERVER.glob("*.py") if path.s
 
 
 def test_the_route_modules_are_all_here():
-    assert {"server.chat", "server.completions", "server.responses", "server.tokenize"} <= set(MODULES)
+    assert {"server.chat", "server.completions", "server.responses", "server.models", "server.tokenize"} <= set(MODULES)
 
 
 @pytest.mark.parametrize("module", MODULES)
@@ -23,6 +23,6 @@ def test_module_imports_alone(module):
 
 
 def test_route_modules_do_not_import_the_app_factory():
-    for name in ("chat", "completions", "responses", "tokenize", "chat_prompt", "params", "choices", "sse"):
+    for name in ("chat", "completions", "responses", "models", "tokenize", "stats", "pages", "chat_prompt", "params", "choices", "sse"):
         source = (SERVER / f"{name}.py").read_text()
         assert "server.app" not in source, f"server/{name}.py imports server.app"

@@ -5,7 +5,7 @@ byte-level vocabulary, and a SentencePiece-style one with byte fallback);
 import pytest
 from transformers import PreTrainedTokenizerBase
 
-from batching.token_bytes import TextOffsets, TokenBytes
+from server.token_bytes import TextOffsets, TokenBytes
 
 TEXTS = ["🌧☀️❄️ weather", "naïve café", "漢字とかな", "Привет, мир", "tabs\tand\nnewlines", "<|im_end|> is special"]
 

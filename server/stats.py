@@ -1,37 +1,23 @@
-"""The browser pages: ``GET /`` (the chat playground), ``GET /dashboard`` (a
-live view of the engine) and ``GET /stats``, the JSON the dashboard polls,
-built from the batcher's ``EngineView`` snapshot. The pages are static files
-shipped in the package (``server/static``: no CDN, no build step); they call
-the same API every client does, with the API key the user types (the stats
-endpoint, like every API route, requires it under ``--api-key``; the pages
-themselves carry no secret).
+"""``GET /stats``: the engine's live state as JSON, the data the dashboard
+(``server.pages``) polls about once a second.
+
+Built from the batcher's ``EngineView`` snapshot (plain data: counters, the
+KV block map, one row per request, recent ``StepRecord``s); the step records
+are folded into one-second buckets here. Like every API route, it requires
+the key under ``--api-key``.
 """
 
 import time
 from collections import defaultdict
-from pathlib import Path
 
 from fastapi import APIRouter, Depends
-from fastapi.responses import FileResponse
 
 from batching.stats import EngineView, StepRecord
 from server.state import Served, served
 
-STATIC_DIR = Path(__file__).parent / "static"
 STEPS_WINDOW_S = 300  # the dashboard's charts: the last five minutes, per second
 
-pages = APIRouter(include_in_schema=False)
 router = APIRouter()
-
-
-@pages.get("/")
-async def playground() -> FileResponse:
-    return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
-
-
-@pages.get("/dashboard")
-async def dashboard() -> FileResponse:
-    return FileResponse(STATIC_DIR / "dashboard.html", media_type="text/html")
 
 
 @router.get("/stats", summary="The engine's live state: the dashboard's data")
