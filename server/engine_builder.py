@@ -8,61 +8,57 @@ step messages. The CLI calls ``build_engine_core`` at start-up (in a worker
 thread); tests and benchmarks call it with a loaded model."""
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from batching.block_manager import BlockManager
+from batching.engine_config import EngineConfig
 from batching.engine_core import EngineCore
 from batching.request import EncoderDecoderPrompts
 from batching.scheduler import Scheduler
-from batching.scheduler_config import (
-    CPU_KV_CACHE_MEMORY,
-    CUDA_KV_FRACTION,
-    DEFAULT_BLOCK_SIZE,
-    DEFAULT_MAX_NUM_SEQS,
-    DRAFT_MODEL_SPECULATIVE_TOKENS,
-    SchedulerConfig,
-)
+from batching.scheduler_config import CPU_KV_CACHE_MEMORY, CUDA_KV_FRACTION, DRAFT_MODEL_SPECULATIVE_TOKENS, SchedulerConfig
+from model_runtime import kernels, paths
 from model_runtime.encoder_decoder.step import decoder_prompt_token_ids
 from model_runtime.kv_cache import free_device_bytes, parse_memory_size
+from model_runtime.loading.default_model import DEFAULT_MODEL_NAME, default_gguf_file, default_model_dir
 from model_runtime.loading.loader import LoadedModel, load_model
 from model_runtime.runner import ModelRunner
+from server.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class EngineConfig:
-    """What the engine was asked for (the serve flags, built once from the
-    server's ``Settings``). None means "by device or model":
-    ``resolve_defaults`` decides each such default, in one place.
+def engine_config(settings: Settings) -> EngineConfig:
+    """The one mapping from the server's settings to the engine's config:
+    every ``EngineConfig`` field that ``Settings`` has, by name."""
+    given = {field.name: getattr(settings, field.name) for field in fields(EngineConfig) if field.name in Settings.model_fields}
+    return EngineConfig(**given)
 
-    ``kv_cache_memory`` is a size (``"1GiB"``) or None; ``num_kv_blocks``
-    overrides it exactly (used by tests to force preemption).
-    """
 
-    model: str | Path
-    dtype: str = "auto"
-    device: str = "auto"
-    quantization: str = "none"
-    # The GGUF file ``model`` was converted from (the default model's), for
-    # ``quantization="gguf"``; a ``.gguf`` model is its own.
-    gguf_file: str | Path | None = None
-    # "int8": quantized linears quantize their inputs too (model_runtime.weights.int_activations).
-    activations: str = "float32"
-    block_size: int = DEFAULT_BLOCK_SIZE
-    kv_cache_memory: str | int | None = None
-    num_kv_blocks: int | None = None
-    max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
-    max_num_batched_tokens: int | None = None
-    enable_prefix_caching: bool = True
-    max_model_len: int | None = None
-    # Speculative decoding: draft tokens per greedy request per step; from
-    # n-gram lookup, or from ``speculative_model``.
-    num_speculative_tokens: int | None = None
-    speculative_model: str | Path | None = None
-    # Compile the step forward whole (``model_runtime.step_graph``).
-    compile: bool = False
+def configure_runtime(config: EngineConfig) -> None:
+    """Hand ``model_runtime`` its machine-wide options before it loads or builds anything."""
+    paths.configure(config.cache_dir)
+    if config.no_kernels:
+        kernels.disable()
+
+
+def model_path(config: EngineConfig) -> str | Path:
+    """The model to load: the configured one, or the embedded default (converted once)."""
+    return config.model if config.model is not None else default_model_dir()
+
+
+def served_model_name(config: EngineConfig) -> str:
+    """The name the API serves the model as, unless ``--served-model-name`` says otherwise."""
+    return DEFAULT_MODEL_NAME if config.model is None else Path(str(config.model).rstrip("/")).name
+
+
+def prepare(config: EngineConfig) -> str:
+    """Build the kernels and convert the default model into the cache ahead
+    of the first start (``tokenstep prepare``: ``make venv``, the image build)."""
+    configure_runtime(config)
+    ops = kernels.load()
+    built = "not built (plain PyTorch will be used)" if ops is None else f"{kernels.library_path()} ({', '.join(ops.isas())})"
+    return f"kernels: {built}\ndefault model: {default_model_dir()}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +128,14 @@ def kv_window(loaded: LoadedModel, draft: LoadedModel | None = None) -> int | No
 
 
 def build_engine_core(config: EngineConfig, loaded: LoadedModel | None = None, draft: LoadedModel | None = None) -> EngineCore:
-    loaded = loaded or load_model(config.model, config.dtype, config.device, config.quantization, config.gguf_file, config.activations)
+    """The engine for ``config``, loading the model (and the draft model)
+    unless given one."""
+    if loaded is None:
+        configure_runtime(config)
+        gguf_file = config.gguf_file
+        if gguf_file is None and config.model is None and config.quantization == "gguf":
+            gguf_file = default_gguf_file()  # the default model serves its own blocks
+        loaded = load_model(model_path(config), config.dtype, config.device, config.quantization, gguf_file, config.activations)
     if loaded.family is not None and config.speculative_model is not None:
         raise ValueError(
             "--speculative-model serves decoder-only models; n-gram speculation (--num-speculative-tokens) works "

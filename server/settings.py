@@ -1,7 +1,12 @@
 """One validated settings object for the server, from flags and environment.
 
-Every field can be set as ``TOKENSTEP_<FIELD>`` (e.g. ``TOKENSTEP_PORT=9000``);
-command-line flags win over the environment. Defaults suit a CPU laptop.
+Every field can be set as ``TOKENSTEP_<FIELD>`` (e.g. ``TOKENSTEP_PORT=9000``)
+or as the flag ``--<field>`` (``server.cli`` builds the flags from these
+fields: type, choices and help come from here); flags win over the
+environment. Defaults suit a CPU laptop. The engine's fields take their
+defaults and choice lists from ``batching.engine_config``, where each is
+stated once; ``server.engine_builder.engine_config`` maps them to the
+engine's frozen ``EngineConfig`` by name.
 """
 
 from typing import Literal
@@ -9,57 +14,63 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from batching.engine_config import ACTIVATIONS, DEVICE_PATTERN, DTYPES, QUANTIZATIONS, engine_default
 from batching.scheduler_config import (
     CPU_KV_CACHE_MEMORY,
     CPU_TOKEN_BUDGET,
     CPU_TOKENS_PER_RUNNING_REQUEST,
     CUDA_KV_FRACTION,
     CUDA_TOKEN_BUDGET,
-    DEFAULT_BLOCK_SIZE,
     DEFAULT_MAX_NUM_SEQS,
     DRAFT_MODEL_SPECULATIVE_TOKENS,
 )
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TOKENSTEP_", protected_namespaces=())
 
-    model: str | None = Field(None, description="HF model directory or hub id; empty = embedded SmolLM2-135M-Instruct")
-    host: str = "0.0.0.0"
-    port: int = Field(8000, ge=0, le=65535)
+    model: str | None = Field(
+        engine_default("model"), description="HF model directory, hub id or .gguf file (default: the embedded SmolLM2-135M-Instruct)"
+    )
+    host: str = Field("0.0.0.0", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on")
     # repr=False: the key never shows up in a logged or printed settings object.
     api_key: str | None = Field(None, repr=False, description="require 'Authorization: Bearer KEY' on /v1 routes")
-    served_model_name: str | None = None
-    max_num_seqs: int = Field(DEFAULT_MAX_NUM_SEQS, ge=1, description="most requests running at once")
+    served_model_name: str | None = Field(None, description="the model's name in the API (default: the model folder's name)")
+    max_num_seqs: int = Field(engine_default("max_num_seqs"), ge=1, description="most requests running at once")
     max_num_batched_tokens: int | None = Field(
-        None,
+        engine_default("max_num_batched_tokens"),
         ge=1,
         description=(
             f"token budget of one step (prefill + decode); default on CPU {CPU_TOKEN_BUDGET}, or "
             f"{CPU_TOKENS_PER_RUNNING_REQUEST} per running request when more "
-            f"({CPU_TOKENS_PER_RUNNING_REQUEST * DEFAULT_MAX_NUM_SEQS} at {DEFAULT_MAX_NUM_SEQS} in flight); {CUDA_TOKEN_BUDGET} on CUDA"
+            f"({CPU_TOKENS_PER_RUNNING_REQUEST * DEFAULT_MAX_NUM_SEQS} at {DEFAULT_MAX_NUM_SEQS} in flight); {CUDA_TOKEN_BUDGET} on CUDA; "
+            "an encoder-decoder model's sources count whole, and one longer than the budget runs in a step of its own"
         ),
     )
-    block_size: int = Field(DEFAULT_BLOCK_SIZE, ge=1, le=1024)
+    block_size: int = Field(engine_default("block_size"), ge=1, le=1024, description="tokens per KV cache block")
     kv_cache_memory: str | None = Field(
-        None,
+        engine_default("kv_cache_memory"),
         description=(
-            f"KV pool size, e.g. 512MiB or 2GiB (default {CPU_KV_CACHE_MEMORY} on CPU, {CUDA_KV_FRACTION:.0%} of free GPU memory on CUDA)"
+            f"KV pool size, e.g. 512MiB, 2GiB or bytes (default {CPU_KV_CACHE_MEMORY} on CPU, {CUDA_KV_FRACTION:.0%} of free GPU "
+            "memory on CUDA)"
         ),
     )
-    max_model_len: int | None = Field(None, ge=1, description="context window (default: the model's)")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
-    quantization: Literal["none", "int8", "gguf"] = Field(
-        "none",
+    max_model_len: int | None = Field(engine_default("max_model_len"), ge=1, description="context window (default: the model's)")
+    dtype: Literal[DTYPES] = Field(engine_default("dtype"), description="the weights' dtype (auto: the checkpoint's, float32 on CPU)")
+    device: str = Field(engine_default("device"), pattern=DEVICE_PATTERN, description="auto, cpu, cuda or cuda:N")
+    quantization: Literal[QUANTIZATIONS] = Field(
+        engine_default("quantization"),
         description=(
             "int8: weight-only int8 linears in groups of 32 (scale + offset each); gguf: a GGUF model's (or the "
             "default model's) own Q4_0/Q4_1/Q8_0 blocks, served as stored; both CPU with float32 activations; "
             "none: the checkpoint's dtype"
         ),
     )
-    activations: Literal["float32", "int16", "int8"] = Field(
-        "float32",
+    activations: Literal[ACTIVATIONS] = Field(
+        engine_default("activations"),
         description=(
             "int16 or int8 (with --quantization gguf or int8): the quantized linears round their inputs per "
             "group of 32 to integers too, for integer dot products and a much faster decode; int16 stays very "
@@ -67,16 +78,18 @@ class Settings(BaseSettings):
             "tokenstep's kernels)"
         ),
     )
-    enable_prefix_caching: bool = True
+    enable_prefix_caching: bool = Field(
+        engine_default("enable_prefix_caching"), description="reuse the KV blocks of shared prompt prefixes"
+    )
     compile: bool = Field(
-        False,
+        engine_default("compile"),
         description=(
             "compile the step forward whole with torch.compile (inductor; needs a C++ compiler): shorter steps, "
             "but 1-2 minutes more at start (less once inductor's cache is warm)"
         ),
     )
     num_speculative_tokens: int | None = Field(
-        None,
+        engine_default("num_speculative_tokens"),
         ge=0,
         le=16,
         description=(
@@ -85,7 +98,7 @@ class Settings(BaseSettings):
         ),
     )
     speculative_model: str | None = Field(
-        None,
+        engine_default("speculative_model"),
         description=(
             "draft model (HF directory or hub id, same vocabulary) for speculative decoding; unset = n-gram "
             "lookup when --num-speculative-tokens > 0"
@@ -106,7 +119,14 @@ class Settings(BaseSettings):
         30.0, ge=0, description="on SIGTERM, seconds in-flight requests may still finish before they end with an error"
     )
     allowed_origins: str | None = Field(None, description="comma-separated CORS origins ('*' = any); unset = CORS off")
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_level: Literal[LOG_LEVELS] = Field("info", description="how much the server logs")
+    cache_dir: str | None = Field(
+        engine_default("cache_dir"),
+        description="where the converted default model and the compiled kernels live (default: the platform cache, ~/.cache/tokenstep)",
+    )
+    no_kernels: bool = Field(
+        engine_default("no_kernels"), description="leave tokenstep's C++ kernels out and serve with plain PyTorch (slower)"
+    )
 
     @field_validator("model", "speculative_model")
     @classmethod

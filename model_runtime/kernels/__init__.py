@@ -6,7 +6,7 @@ this folder are compiled once per (source, torch, compiler) into
 ``c++``), as plain ``-O3`` objects, one per instruction set (AVX-512, AVX2,
 generic), so one build serves every CPU the image may land on; which one runs
 is measured at load (see ``model_runtime.weights.quantization``). ``make venv`` builds
-them ahead (``python -m model_runtime.kernels``); otherwise the first load
+them ahead (``tokenstep prepare``); otherwise the first load
 does (about 15 s with GCC 12 on 2 cores, one compiler per core). Where there is no compiler, or the build fails,
 ``load()`` logs why and returns None, and callers fall back to plain PyTorch.
 """
@@ -16,7 +16,6 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 import sysconfig
 import tempfile
 import threading
@@ -40,7 +39,6 @@ ISAS = (
 )
 # Compiled once per instruction set above; ops.cpp binds them to torch ops.
 PER_ISA_SOURCES = ("woq_gemm.cpp", "int_gemm.cpp", "paged_attention.cpp")
-DISABLE_ENV = "TOKENSTEP_NO_KERNELS"
 
 _lock = threading.Lock()
 _loaded: dict[str, object] = {}
@@ -112,10 +110,17 @@ def load() -> object | None:
         return _loaded["ops"]
 
 
+def disable() -> None:
+    """Serve with plain PyTorch, leaving the kernels out (``--no-kernels``,
+    ``TOKENSTEP_NO_KERNELS``); only before the first ``load()``."""
+    with _lock:
+        if _loaded.get("ops") is not None:
+            raise RuntimeError("tokenstep's kernels are already loaded in this process")
+        _loaded["ops"] = None
+    logger.info("tokenstep kernels disabled: using plain PyTorch")
+
+
 def _load_once() -> object | None:
-    if os.environ.get(DISABLE_ENV):
-        logger.info("tokenstep kernels disabled (%s set): using plain PyTorch", DISABLE_ENV)
-        return None
     path = library_path()
     try:
         if not path.exists():
@@ -126,13 +131,3 @@ def _load_once() -> object | None:
         logger.warning("tokenstep's CPU kernels are unavailable, using plain PyTorch instead: %s", error)
         return None
     return torch.ops.tokenstep
-
-
-def main() -> None:
-    """``python -m model_runtime.kernels``: build ahead (``make venv``); exits 0 either way."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    ops = load()
-    if ops is None:
-        print("tokenstep kernels: not built; plain PyTorch will be used", file=sys.stderr)
-        return
-    print(f"tokenstep kernels: {library_path()} (instruction sets on this CPU: {', '.join(ops.isas())})")

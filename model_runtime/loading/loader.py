@@ -27,14 +27,15 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from batching.engine_config import ACTIVATIONS, DTYPES, QUANTIZATIONS
 from model_runtime import kernels
 from model_runtime.attention.check import AttentionLayout, check_decoder
 from model_runtime.attention.interface import register as register_attention
 from model_runtime.encoder_decoder.step import family_of
 from model_runtime.weights.gguf import load_gguf_linears
-from model_runtime.weights.int_activations import ACTIVATIONS, quantize_activations
+from model_runtime.weights.int_activations import quantize_activations
 from model_runtime.weights.layout import optimise_cpu_linears
-from model_runtime.weights.quantization import QUANTIZATIONS, describe, quantize_int8, to_float_linears
+from model_runtime.weights.quantization import describe, quantize_int8, to_float_linears
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
             return torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose auto, float32, bfloat16 or float16")
+        raise ValueError(f"unknown dtype {dtype!r}; choose {', '.join(DTYPES)}")
     return _DTYPES[dtype]
 
 

@@ -42,7 +42,6 @@ from model_runtime.weights.quantization import (
 
 logger = logging.getLogger(__name__)
 
-ACTIVATIONS = ("float32", "int16", "int8")
 TILE = 16  # output channels per tile (int_gemm.cpp: TILE)
 _PROBE_ROWS = (1, 16)
 

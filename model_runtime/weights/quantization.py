@@ -38,7 +38,6 @@ from model_runtime.weights.layout import switch_rows_given
 
 logger = logging.getLogger(__name__)
 
-QUANTIZATIONS = ("none", "int8", "gguf")
 INT8_MAX = 127
 GROUP = 32  # weights per (scale, offset); the kernel's GROUP
 # Row counts probed for the kernel/GEMM switch: decode steps, a decode step

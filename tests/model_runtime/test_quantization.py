@@ -136,7 +136,8 @@ def test_gemm_switch_rule_on_scripted_timings():
 
 def test_without_a_compiler_the_kernels_fall_back_to_torch_with_the_same_tokens(tmp_path: Path, tiny_llama_dir: Path):
     script = (
-        "from model_runtime import kernels; from model_runtime.loading.loader import load_model\n"
+        "from model_runtime import kernels, paths; from model_runtime.loading.loader import load_model\n"
+        f"paths.configure({str(tmp_path)!r})\n"
         "from model_runtime.weights.quantization import GroupwiseLinear\n"
         "from tests.model_runtime.test_parity import build, run_engine\n"
         "assert kernels.load() is None\n"
@@ -144,7 +145,7 @@ def test_without_a_compiler_the_kernels_fall_back_to_torch_with_the_same_tokens(
         "assert not any(isinstance(m, GroupwiseLinear) for m in loaded.model.modules())  # float32 linears of the same values\n"
         f"print(run_engine(build(loaded, num_kv_blocks=64), {FALLBACK_PROMPTS!r}))\n"
     )
-    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "TOKENSTEP_CACHE_DIR": str(tmp_path)}
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler")}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "kernels are unavailable, using plain PyTorch" in result.stderr

@@ -1,9 +1,14 @@
 """``parse_settings``: command-line flags over ``TOKENSTEP_*`` environment
 variables over ``Settings`` defaults."""
 
+from dataclasses import fields
+from typing import get_args
+
 import pytest
 
+from batching.engine_config import ACTIVATIONS, DTYPES, QUANTIZATIONS, EngineConfig
 from server.cli import parse_settings
+from server.engine_builder import engine_config
 from server.settings import Settings
 
 
@@ -132,3 +137,57 @@ def test_the_speculative_model_is_a_flag_and_an_empty_variable_means_none(clean_
     settings = parse_settings([])
     assert settings.speculative_model is None and settings.num_speculative_tokens is None
     assert parse_settings(["--speculative-model", "/models/draft"]).speculative_model == "/models/draft"
+
+
+def test_each_engine_default_and_choice_list_is_stated_once():
+    """Every ``EngineConfig`` field a user sets is a ``Settings`` field with
+    the config's own default; the choices are the config module's lists."""
+    set_only_by_code = {"num_kv_blocks", "gguf_file"}
+    for field in fields(EngineConfig):
+        if field.name not in set_only_by_code:
+            assert Settings.model_fields[field.name].default == field.default, field.name
+    for name, choices in {"dtype": DTYPES, "quantization": QUANTIZATIONS, "activations": ACTIVATIONS}.items():
+        assert get_args(Settings.model_fields[name].annotation) == choices
+
+
+def test_every_flag_reaches_the_engine_config_through_the_one_mapping(clean_env):
+    flags = ["/m", "--dtype", "bfloat16", "--device", "cpu", "--quantization", "int8", "--activations", "int16"]
+    flags += ["--block-size", "32", "--kv-cache-memory", "1GiB", "--max-num-seqs", "3", "--max-num-batched-tokens", "99"]
+    flags += ["--no-enable-prefix-caching", "--max-model-len", "100", "--num-speculative-tokens", "2", "--speculative-model", "/d"]
+    flags += ["--compile", "--cache-dir", "/c", "--no-kernels"]
+    expected = EngineConfig(
+        model="/m",
+        dtype="bfloat16",
+        device="cpu",
+        quantization="int8",
+        activations="int16",
+        block_size=32,
+        kv_cache_memory="1GiB",
+        max_num_seqs=3,
+        max_num_batched_tokens=99,
+        enable_prefix_caching=False,
+        max_model_len=100,
+        num_speculative_tokens=2,
+        speculative_model="/d",
+        compile=True,
+        cache_dir="/c",
+        no_kernels=True,
+    )
+    assert engine_config(parse_settings(flags)) == expected
+    assert engine_config(parse_settings([])) == EngineConfig()
+
+
+def test_the_cache_folder_and_the_kernels_switch_are_settings_too(clean_env):
+    clean_env.setenv("TOKENSTEP_CACHE_DIR", "/somewhere")
+    clean_env.setenv("TOKENSTEP_NO_KERNELS", "1")
+    config = engine_config(parse_settings([]))
+    assert (config.cache_dir, config.no_kernels) == ("/somewhere", True)
+
+
+def test_every_setting_has_a_flag_with_help(capsys):
+    with pytest.raises(SystemExit):
+        parse_settings(["--help"])
+    help_text = capsys.readouterr().out
+    for name, field in Settings.model_fields.items():
+        assert name == "model" or f"--{name.replace('_', '-')}" in help_text
+        assert field.description, f"{name} has no description for its --help"

@@ -1,3 +1,0 @@
-from model_runtime.kernels import main
-
-main()
