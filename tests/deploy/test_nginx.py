@@ -5,6 +5,7 @@ the same ``docker/nginx`` template with the upstreams filled in."""
 import json
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -18,10 +19,10 @@ pytestmark = pytest.mark.nginx
 MODEL = "tiny"
 
 
-@pytest.fixture(scope="module")
-def replicas(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[ServerProcess]]:
-    logs = tmp_path_factory.mktemp("replica-logs")
-    args = [str(tiny_llama_dir), "--served-model-name", MODEL, "--kv-cache-memory", "16MiB", "--dtype", "float32"]
+@contextmanager
+def serving_replicas(model_dir: Path, logs: Path) -> Iterator[list[ServerProcess]]:
+    """Two tiny-model replicas, stopped on leaving."""
+    args = [str(model_dir), "--served-model-name", MODEL, "--kv-cache-memory", "16MiB", "--dtype", "float32"]
     servers = [ServerProcess(args, log_path=logs / f"replica{index}.log") for index in range(2)]
     try:
         for server in servers:  # both load at once; wait for each
@@ -32,16 +33,30 @@ def replicas(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
             server.close()
 
 
-@pytest.fixture(scope="module")
-def nginx(replicas: list[ServerProcess], tmp_path_factory: pytest.TempPathFactory) -> Iterator[NginxProcess]:
+@contextmanager
+def proxying(replicas: list[ServerProcess], prefix: Path) -> Iterator[NginxProcess]:
+    """nginx in front of ``replicas``, stopped on leaving."""
     port = free_port()
     site = render_template([f"127.0.0.1:{server.port}" for server in replicas], f"127.0.0.1:{port}")
-    proxy = NginxProcess(tmp_path_factory.mktemp("nginx"), site, port)
+    proxy = NginxProcess(prefix, site, port)
     try:
         proxy.wait_ready()
         yield proxy
     finally:
         proxy.close()
+
+
+@pytest.fixture(scope="module")
+def replicas(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[ServerProcess]]:
+    """Shared by the tests that leave every replica running."""
+    with serving_replicas(tiny_llama_dir, tmp_path_factory.mktemp("replica-logs")) as servers:
+        yield servers
+
+
+@pytest.fixture(scope="module")
+def nginx(replicas: list[ServerProcess], tmp_path_factory: pytest.TempPathFactory) -> Iterator[NginxProcess]:
+    with proxying(replicas, tmp_path_factory.mktemp("nginx")) as proxy:
+        yield proxy
 
 
 def address(server: ServerProcess) -> str:
@@ -94,17 +109,20 @@ def test_session_header_keeps_a_conversation_on_one_replica(nginx: NginxProcess,
     assert set().union(*replica_of.values()) == {address(server) for server in replicas}
 
 
-def test_requests_go_to_the_surviving_replica_when_one_dies(nginx: NginxProcess, replicas: list[ServerProcess]) -> None:
-    """Runs last: kills a replica (SIGKILL, like a crash or OOM kill)."""
-    stream_completion(nginx.base_url, {"X-Test-Tag": "pin", "X-Session-ID": "doomed"})
-    [(upstreams, _, _)] = nginx.requests_tagged("pin", 1)
-    victim = next(server for server in replicas if address(server) == upstreams[-1])
-    survivor = next(server for server in replicas if server is not victim)
-    victim.process.kill()
-    victim.process.wait()
+def test_requests_go_to_the_surviving_replica_when_one_dies(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """Kills a replica (SIGKILL, like a crash or OOM kill) of a topology of its
+    own, so the shared one stays whole whatever order the tests run in."""
+    (tmp_path / "nginx").mkdir()
+    with serving_replicas(tiny_llama_dir, tmp_path) as replicas, proxying(replicas, tmp_path / "nginx") as nginx:
+        stream_completion(nginx.base_url, {"X-Test-Tag": "pin", "X-Session-ID": "doomed"})
+        [(upstreams, _, _)] = nginx.requests_tagged("pin", 1)
+        victim = next(server for server in replicas if address(server) == upstreams[-1])
+        survivor = next(server for server in replicas if server is not victim)
+        victim.process.kill()
+        victim.process.wait()
 
-    # The session hashed to the dead replica moves on, and so does everyone else.
-    for headers in [{"X-Session-ID": "doomed"}, {}, {}, {}, {"X-Session-ID": "doomed"}, {}]:
-        assert stream_completion(nginx.base_url, {"X-Test-Tag": "after-kill", **headers})
-    for upstreams, status, _ in nginx.requests_tagged("after-kill", 6):
-        assert status == 200 and upstreams[-1] == address(survivor)
+        # The session hashed to the dead replica moves on, and so does everyone else.
+        for headers in [{"X-Session-ID": "doomed"}, {}, {}, {}, {"X-Session-ID": "doomed"}, {}]:
+            assert stream_completion(nginx.base_url, {"X-Test-Tag": "after-kill", **headers})
+        for upstreams, status, _ in nginx.requests_tagged("after-kill", 6):
+            assert status == 200 and upstreams[-1] == address(survivor)

@@ -53,7 +53,9 @@ class ThreadServer:
     """A fake-engine app on real uvicorn, in a thread, on a free loopback port."""
 
     def __init__(self, api_key: str | None = None, delay_s: float = 0.004) -> None:
-        served = Served(fake_batcher(SlowRunner(REPLY, delay_s), num_blocks=256), CharTokenizer(), "fake", 4096)
+        self.runner = SlowRunner(REPLY, delay_s)
+        self.batcher = fake_batcher(self.runner, num_blocks=256)
+        served = Served(self.batcher, CharTokenizer(), "fake", 4096)
         app = create_app(Settings(api_key=api_key), ready=served)
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
@@ -169,19 +171,33 @@ def test_model_output_is_text_never_markup(browser, fake_server: ThreadServer, t
 
 
 def test_stop_aborts_the_request_within_a_step(browser, fake_server: ThreadServer):
-    open_page(browser, fake_server.base_url + "/")
-    type_and_send(browser, "a long one", max_tokens=3000)
-    wait_for(lambda: len(answer_text(browser)) > 40, what="the answer to start")
-    assert metric(httpx.get(fake_server.base_url + "/metrics").text, "tokenstep_num_requests_running") == 1
-    element(browser, "stop-button").click()
-    stopped = time.monotonic()
-    wait_for(
-        lambda: metric(httpx.get(fake_server.base_url + "/metrics").text, "tokenstep_num_requests_running") == 0,
-        timeout_s=1.0,
-        what="0 running on /metrics",
-    )
-    assert time.monotonic() - stopped < 1.0
-    wait_for(lambda: "finish: stopped" in answer_meta(browser), what="the stopped answer's line")
+    """Stop reaches the engine as an abort, after which the request runs at
+    most the one step already in flight."""
+    aborts: list[tuple[str, int]] = []  # (request id, runner steps begun when the abort came)
+    abort = fake_server.batcher.abort
+
+    def recording_abort(request_id: str) -> None:
+        aborts.append((request_id, fake_server.runner.num_steps))
+        abort(request_id)
+
+    fake_server.batcher.abort = recording_abort
+    try:
+        open_page(browser, fake_server.base_url + "/")
+        type_and_send(browser, "a long one", max_tokens=3000)
+        wait_for(lambda: len(answer_text(browser)) > 40, what="the answer to start")
+        [running] = httpx.get(fake_server.base_url + "/stats").json()["requests"]
+        element(browser, "stop-button").click()
+        wait_for(
+            lambda: metric(httpx.get(fake_server.base_url + "/metrics").text, "tokenstep_num_requests_running") == 0,
+            what="0 running on /metrics",
+        )
+        wait_for(lambda: "finish: stopped" in answer_meta(browser), what="the stopped answer's line")
+    finally:
+        fake_server.batcher.abort = abort
+    steps_at_abort = [steps for request_id, steps in aborts if request_id == running["id"]]
+    assert steps_at_abort, "the stop never reached the engine as an abort"
+    steps_after = [step for step in fake_server.runner.steps[steps_at_abort[0] :] if running["id"] in step]
+    assert len(steps_after) <= 1, f"{len(steps_after)} steps ran the request after its abort"
 
 
 def test_dashboard_shows_the_batcher_at_work(browser, fake_server: ThreadServer, tmp_path: Path):

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e.test_api_misc import metric, wait_until_idle
+
 README = Path(__file__).resolve().parents[2] / "README.md"
 README_ADDRESS = "localhost:8000"
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -97,9 +99,24 @@ def run_snippet(snippet: str, server, model: str | None) -> str:
     return result.stdout
 
 
+def served_counts(server) -> tuple[float, float]:
+    """(requests served to their end, tokens generated) so far, from /metrics."""
+    text = wait_until_idle(server)
+    return metric(text, "tokenstep_e2e_request_latency_seconds_count"), metric(text, "tokenstep_generation_tokens_total")
+
+
 @pytest.mark.parametrize("index", range(len(PYTHON_SNIPPETS)))
 def test_readme_python_sdk_example_on_tiny(tiny_server, index):
-    run_snippet(PYTHON_SNIPPETS[index], tiny_server, model="tiny")  # prints random text: exit 0 is the check
+    """The tiny model prints random text, so the server's counters are the
+    check: every request the snippet makes was served to its end."""
+    snippet = PYTHON_SNIPPETS[index]
+    num_requests = snippet.count(".create(")
+    assert num_requests >= 1, "the snippet makes no request this test can count"
+    requests_before, tokens_before = served_counts(tiny_server)
+    run_snippet(snippet, tiny_server, model="tiny")
+    requests_after, tokens_after = served_counts(tiny_server)
+    assert requests_after - requests_before == num_requests
+    assert tokens_after - tokens_before >= num_requests
 
 
 @pytest.mark.parametrize("index", range(len(PYTHON_SNIPPETS)))

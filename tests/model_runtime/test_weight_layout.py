@@ -1,11 +1,15 @@
 """The CPU linear-layer layouts compute what ``nn.Linear`` computes."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch import nn
 
+from model_runtime.weights import layout as weight_layout
 from model_runtime.weights.layout import (
     PACKED_FROM_ROWS,
+    PROBE_ROWS,
     PackedLinear,
     RowSwitchedLinear,
     choose_packed_from_rows,
@@ -59,16 +63,36 @@ def test_the_switch_row_is_the_smallest_probe_from_which_packed_always_wins(pack
     assert timed == sorted(timed, reverse=True)  # largest probe first
 
 
-def test_the_switch_row_is_measured_on_real_linears():
-    """On this host's kernels: a probe row (or the default), and the switched
-    linears still compute nn.Linear's values on both sides of it."""
+def test_the_switch_row_is_measured_on_real_linears(monkeypatch: pytest.MonkeyPatch):
+    """The probe times passes over these linears' own two kernels at each probe
+    row (a scripted clock, advanced by each call, makes packed win from 2 rows
+    on), picks the row those times give, and the switched linears still
+    compute nn.Linear's values on both sides of it."""
     torch.manual_seed(0)
     references = [nn.Linear(64, 256) for _ in range(4)]
     expected_weights = [(linear.weight.detach().clone(), linear.bias.detach().clone()) for linear in references]
     linears = [RowSwitchedLinear(linear) for linear in references]
+    now_s = [0.0]
+    calls: set[tuple[int, int, bool]] = set()  # (linear, rows, packed)
+
+    def timed(index: int, kernel, is_packed: bool):
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            calls.add((index, x.shape[0], is_packed))
+            now_s[0] += 1.0 if is_packed == (x.shape[0] >= 2) else 2.0
+            return kernel(x)
+
+        return forward
+
+    for index, module in enumerate(linears):
+        module.packed_forward = timed(index, module.packed_forward, True)
+        module.mkl_forward = timed(index, module.mkl_forward, False)
+    monkeypatch.setattr(weight_layout, "time", SimpleNamespace(perf_counter=lambda: now_s[0]))
     rows = choose_packed_from_rows(linears)
-    assert rows in (1, 2, 4, PACKED_FROM_ROWS)
+    assert rows == 2
+    assert calls == {(index, probe, is_packed) for index in range(4) for probe in PROBE_ROWS for is_packed in (True, False)}
+
     for module, (weight, bias) in zip(linears, expected_weights):
+        del module.packed_forward, module.mkl_forward
         module.use_packed_from(rows)
         for num_rows in (1, rows, rows + 3):
             x = torch.randn(num_rows, 64)

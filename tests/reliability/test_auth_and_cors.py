@@ -7,7 +7,10 @@ The variants go over a raw socket: an HTTP client library would normalise
 the paths this test is about."""
 
 import json
+import re
 import socket
+import time
+import uuid
 from urllib.parse import urlsplit
 
 import httpx
@@ -18,6 +21,7 @@ from server.settings import Settings
 from tests.reliability.conftest import API_KEY
 from tests.reliability.support import metric
 
+WRONG_KEY = "wrong-key-123"
 ROUTES = [
     ("POST", "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 1}),
     ("POST", "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}),
@@ -104,13 +108,24 @@ def test_with_the_key_only_the_exact_route_answers(small_server, method, path, b
 
 
 def test_the_key_is_never_logged(small_server):
-    for key in (API_KEY, "wrong-key-123"):
+    """Both requests (right key, wrong key) reach the debug-level log, and
+    neither key appears in it."""
+    request_ids = {API_KEY: f"keyed-{uuid.uuid4().hex}", WRONG_KEY: f"unkeyed-{uuid.uuid4().hex}"}
+    for key, request_id in request_ids.items():
         httpx.post(
-            f"{small_server.base_url}/v1/completions", json={"prompt": "x", "max_tokens": 1}, headers={"Authorization": f"Bearer {key}"}
+            f"{small_server.base_url}/v1/completions",
+            json={"prompt": "x", "max_tokens": 1},
+            headers={"Authorization": f"Bearer {key}", "X-Request-Id": request_id},
         )
+    deadline = time.monotonic() + 10
     log = small_server.log_path.read_text()
-    assert "GET /health" in log or "POST /v1/completions" in log  # debug-level access log is on
-    assert API_KEY not in log
+    while not all(request_id in log for request_id in request_ids.values()):
+        assert time.monotonic() < deadline, "the access lines of this test's requests never reached the log"
+        time.sleep(0.05)
+        log = small_server.log_path.read_text()
+    assert f"request_id={request_ids[WRONG_KEY]} POST /v1/completions 401" in log
+    assert re.search(r"DEBUG tokenstep\.access: request_id=\S+ GET /health ", log), "the debug-level access lines are on"
+    assert API_KEY not in log and WRONG_KEY not in log
     settings = Settings(api_key=API_KEY)
     assert API_KEY not in repr(settings) and API_KEY not in str(settings)
 

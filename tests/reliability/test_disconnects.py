@@ -17,6 +17,7 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 STEP_DELAY_S = 0.05  # long steps: a disconnect always lands while one is in flight
 CHUNK_TOKENS = 32
+HANG_GUARD_S = 30  # only stops a wait from hanging; the checks count steps
 
 
 @pytest.fixture
@@ -30,14 +31,19 @@ def request(prompt: str, max_tokens: int) -> dict:
     return {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
 
 
-async def hang_up_when(env: InProcess, body: dict, condition: Callable[[], bool]) -> int:
+async def wait_until(condition: Callable[[], object], failure: str) -> None:
+    """Poll ``condition()``; fail with ``failure`` if it does not hold within ``HANG_GUARD_S``."""
+    deadline = asyncio.get_running_loop().time() + HANG_GUARD_S
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, failure
+        await asyncio.sleep(0.001)
+
+
+async def hang_up_when(env: InProcess, body: dict, condition: Callable[[], object]) -> int:
     """Open a stream, hang up once ``condition()`` holds; return the step count then."""
     async with env.client.stream("POST", "/v1/completions", json=body) as response:
         assert response.status_code == 200
-        deadline = asyncio.get_running_loop().time() + 10
-        while not condition():
-            assert asyncio.get_running_loop().time() < deadline, "the request never reached the state under test"
-            await asyncio.sleep(0.001)
+        await wait_until(condition, "the request never reached the state under test")
         return env.batcher.num_steps
 
 
@@ -46,9 +52,11 @@ def request_state(env: InProcess, request_id_prefix: str = "cmpl-") -> list:
 
 
 async def assert_freed_within_one_step(env: InProcess, steps_at_hang_up: int, blocks_before: int) -> None:
-    while env.num_used_blocks() > blocks_before or env.batcher.num_requests > (1 if blocks_before else 0):
-        await asyncio.sleep(0.001)
+    def is_freed() -> bool:
         assert env.batcher.num_steps - steps_at_hang_up <= 1, "blocks not back within one step"
+        return env.num_used_blocks() <= blocks_before and env.batcher.num_requests <= (1 if blocks_before else 0)
+
+    await wait_until(is_freed, "the abandoned request's blocks never came back (and the engine stopped stepping)")
 
 
 async def test_hang_up_mid_prefill(env):
@@ -70,7 +78,7 @@ async def test_hang_up_mid_decode(env):
 
 async def test_hang_up_while_waiting_for_a_slot(env):
     runner_up = asyncio.create_task(read_stream(env.client, "/v1/completions", request("occupies the only slot", 12)))
-    await asyncio.sleep(0.12)
+    await wait_until(lambda: any(r.num_output_tokens >= 1 for r in request_state(env)), "the first request never began decoding")
     blocks_of_runner_up = env.num_used_blocks()
     assert blocks_of_runner_up > 0
     steps = await hang_up_when(env, request("waits, then leaves", 8), lambda: env.batcher.core.scheduler.waiting)
@@ -83,7 +91,7 @@ async def test_hang_up_while_waiting_for_a_slot(env):
 
 async def test_hang_up_before_the_scheduler_saw_it(env):
     runner_up = asyncio.create_task(read_stream(env.client, "/v1/completions", request("keeps the engine stepping", 8)))
-    await asyncio.sleep(0.1)
+    await wait_until(lambda: any(r.num_output_tokens >= 1 for r in request_state(env)), "the first request never began decoding")
     prompt_tokens_before = env.batcher.core.num_prompt_tokens_total
     # Pending: accepted by generate() while a step runs, not yet handed to the scheduler.
     await hang_up_when(env, request("pending, then gone", 8), lambda: env.batcher.num_pending == 1)

@@ -17,6 +17,7 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 MAX_TOKENS = 96  # ~0.3 s per pair of running requests: nothing finishes during the burst
 NUM_REQUESTS = 16
+HANG_GUARD_S = 30  # only stops a wait from hanging forever
 
 
 async def one(client: httpx.AsyncClient, index: int) -> tuple[httpx.Response, str]:
@@ -75,7 +76,9 @@ async def test_queue_counts_every_choice_of_a_request(tiny_llama_dir: Path, tiny
     served = build_served(tiny_llama_dir, tiny_weights, max_queue_len=3, step_delay_s=0.01, max_num_seqs=1)
     async with in_process(served) as env:
         busy = asyncio.create_task(env.client.post("/v1/completions", json={"prompt": "busy", "max_tokens": 40, "ignore_eos": True}))
+        deadline = asyncio.get_running_loop().time() + HANG_GUARD_S
         while not env.batcher.core.scheduler.running:
+            assert asyncio.get_running_loop().time() < deadline, "the busy request never ran"
             await asyncio.sleep(0.005)
         prompt_tokens = env.batcher.core.num_prompt_tokens_total
         refused = await env.client.post("/v1/completions", json={"prompt": ["x", "y"], "n": 2, "max_tokens": 2})

@@ -19,6 +19,7 @@ from tests.server.sse import DONE, parse_completion_stream, sse_data, stream_tex
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 PROMPT = "Once upon a time"
+HANG_GUARD_S = 60  # only stops a wait from hanging: the disconnect tests count steps, not seconds
 
 
 def assert_openai_error(response: httpx.Response, status: int) -> dict:
@@ -412,9 +413,7 @@ async def test_client_disconnect_aborts_and_frees_blocks(engine_app):
             assert core.scheduler.block_manager.num_used_blocks > 0
             steps_at_first_event = engine_app.batcher.num_steps
         # Leaving the block closes the stream: the app sees http.disconnect.
-        hung_up = time.monotonic()
-        await wait_idle(engine_app, timeout=2.0)
-        assert time.monotonic() - hung_up < 2.0
+        await wait_idle(engine_app, timeout=HANG_GUARD_S)
     # Aborted, not run to completion: a handful of steps, not the other ~199.
     steps_after = engine_app.batcher.num_steps - steps_at_first_event
     assert steps_after < 50, f"{steps_after} steps ran after the first event"
@@ -423,7 +422,7 @@ async def test_client_disconnect_aborts_and_frees_blocks(engine_app):
 async def test_non_streaming_client_disconnect_aborts(engine_app):
     await wait_idle(engine_app)
     core = engine_app.batcher.core
-    max_tokens = 900  # ~2 s of decoding on the tiny model: far longer than the abort takes
+    max_tokens = 900  # far more steps than the abort takes
     transport = StreamingASGITransport(engine_app.app)
     async with httpx.AsyncClient(transport=transport, base_url=BASE_URL, timeout=30) as client:
         request = {"prompt": PROMPT, "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0}
@@ -436,7 +435,7 @@ async def test_non_streaming_client_disconnect_aborts(engine_app):
         pending.cancel()
         with pytest.raises(asyncio.CancelledError):
             await pending
-        await wait_idle(engine_app, timeout=2.0)
+        await wait_idle(engine_app, timeout=HANG_GUARD_S)
     steps_after = engine_app.batcher.num_steps - steps_at_start
     assert steps_after < max_tokens // 2, f"{steps_after} steps ran after the client left"
 

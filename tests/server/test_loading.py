@@ -17,6 +17,7 @@ from tests.server.conftest import running
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 REQUEST = {"prompt": "Hello", "max_tokens": 2, "temperature": 0}
+HANG_GUARD_S = 30  # only stops a wait from hanging forever
 
 
 def assert_unavailable(response: httpx.Response) -> dict:
@@ -41,12 +42,13 @@ async def wait_for_health(client: httpx.AsyncClient, timeout: float = 10.0) -> h
 
 async def test_health_is_503_while_loading_then_200(make_served: Callable[[], Served]):
     served = make_served()
-    release = threading.Event()
+    release, entered = threading.Event(), threading.Event()
     calls = []
 
     def load() -> Served:
         calls.append(threading.current_thread().name)
-        assert release.wait(timeout=30), "the test never released the loader"
+        entered.set()
+        assert release.wait(timeout=HANG_GUARD_S), "the test never released the loader"
         return served
 
     app = create_app(Settings(api_key=None), load=load)
@@ -54,10 +56,10 @@ async def test_health_is_503_while_loading_then_200(make_served: Callable[[], Se
         async with running(app) as client:
             assert_unavailable(await client.get("/health"))
             assert_unavailable(await client.post("/v1/completions", json=REQUEST))
-            # Still loading a moment later: the loader really blocks start-up of the engine only.
-            await asyncio.sleep(0.05)
+            # Still loading while the loader runs: it blocks start-up of the engine only.
+            assert await asyncio.to_thread(entered.wait, HANG_GUARD_S), "the loader never started"
             assert_unavailable(await client.get("/health"))
-            assert calls and calls[0] != threading.main_thread().name, "the loader must run off the event loop"
+            assert calls[0] != threading.main_thread().name, "the loader must run off the event loop"
 
             release.set()
             response = await wait_for_health(client)
@@ -85,17 +87,21 @@ async def test_health_reports_a_failed_load():
 
 
 async def test_leaving_the_lifespan_while_loading_does_not_hang(make_served: Callable[[], Served]):
-    release = threading.Event()
+    """The lifespan ends while the loader is still blocked: it does not wait for it."""
+    release, entered, returned = threading.Event(), threading.Event(), threading.Event()
 
     def load() -> Served:
-        release.wait(timeout=30)
+        entered.set()
+        release.wait(timeout=HANG_GUARD_S)
+        returned.set()
         return make_served()
 
     app = create_app(Settings(api_key=None), load=load)
     try:
-        started = time.monotonic()
         async with running(app) as client:
             assert_unavailable(await client.get("/health"))
-        assert time.monotonic() - started < 5
+            assert await asyncio.to_thread(entered.wait, HANG_GUARD_S), "the loader never started"
+        assert not returned.is_set(), "leaving the lifespan waited for the loader to return"
     finally:
         release.set()
+    assert await asyncio.to_thread(returned.wait, HANG_GUARD_S)
