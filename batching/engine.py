@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from batching.engine_core import EngineCore
 from batching.errors import EngineUnavailableError, InvalidRequestError, QueueFullError, ShuttingDownError
 from batching.outputs import RequestOutput
-from batching.request import Request, RequestStatus
+from batching.request import EncoderDecoderPrompts, Request, RequestStatus
 from batching.sampling_params import SamplingParams
 from batching.stats import EngineStats, EngineView
 from batching.views import engine_stats, engine_view
@@ -94,6 +94,11 @@ class DynamicBatcher:
     @property
     def vocab_size(self) -> int | None:
         return self.core.vocab_size
+
+    @property
+    def encoder_decoder(self) -> EncoderDecoderPrompts | None:
+        """Set for an encoder-decoder model: prompts are its sources."""
+        return self.core.encoder_decoder
 
     @property
     def num_steps(self) -> int:

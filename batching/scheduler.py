@@ -105,18 +105,19 @@ class Scheduler:
             )
 
     def schedule(self) -> SchedulerOutput:
+        """One step's work, the same for every model: the running requests
+        first (decode, prefill chunks, drafts), then admissions while the
+        token budget lasts. An admission costs its chunk plus the tokens it
+        runs once on admission (``Request.num_encoder_tokens``: the source an
+        encoder-decoder model's encoder reads whole; 0 for a decoder-only
+        model); the step's first admission may overrun the budget by those,
+        so no source waits for ever behind running requests."""
         step_budget = max(self.config.max_num_batched_tokens, self.config.tokens_per_running_request * len(self.running))
-        token_budget = step_budget
+        token_budget = step_budget  # what is left of it; 0 once spent (or overrun)
         scheduled: list[tuple[Request, int, int]] = []  # (request, tokens, blocks the runner already has)
         plans: dict[str, SpeculationPlan] = {}
         preempted: list[str] = []
-
-        # A source longer than the whole budget cannot share a step (the
-        # encoder reads it in one pass): when its turn comes, it runs alone.
-        if self.waiting and len(self.running) < self.config.max_num_seqs:
-            head = self.admission.next_to_admit(self.waiting)
-            if head.num_encoder_tokens >= step_budget and (num_new := self._admit(head, step_budget, first=True)):
-                return self._output([(head, num_new, 0)], plans, step_budget, step_budget - num_new - head.num_encoder_tokens, preempted)
+        num_batched_tokens = 0
 
         for request in list(self.running):
             if token_budget == 0:
@@ -132,6 +133,7 @@ class Scheduler:
             elif not self._allocate_or_preempt(request, num_new, preempted):
                 continue
             scheduled.append((request, num_new, num_sent_blocks))
+            num_batched_tokens += num_new
             token_budget -= num_new
 
         first = True
@@ -144,9 +146,10 @@ class Scheduler:
                 break
             first = False
             scheduled.append((request, num_new, 0))
-            token_budget -= num_new + request.num_encoder_tokens  # below 0 when a first source overran it
+            num_batched_tokens += num_new + request.num_encoder_tokens
+            token_budget = max(step_budget - num_batched_tokens, 0)
 
-        return self._output(scheduled, plans, step_budget, token_budget, preempted)
+        return self._output(scheduled, plans, num_batched_tokens, preempted)
 
     def _admit(self, request: Request, token_budget: int, plans: dict[str, SpeculationPlan] | None = None, first: bool = False) -> int:
         """Admit ``request`` with ``token_budget`` tokens left in the step:
@@ -158,15 +161,15 @@ class Scheduler:
         Returns its chunk's number of new tokens, or 0 when it must wait
         (nothing changed)."""
         num_encoder = request.num_encoder_tokens
-        if num_encoder and not first and num_encoder >= token_budget:
+        if not first and num_encoder >= token_budget:
             return 0
         cached_block_ids, num_cached = self.block_manager.find_cached_prefix(request)
         num_new = min(request.num_tokens - num_cached, max(token_budget - num_encoder, 1))
         request.num_computed_tokens = 0
-        if num_encoder and not self.block_manager.allocate_cross(request):
+        if not self.block_manager.allocate_cross(request):  # none to take without a source
             return 0
         if not self.block_manager.allocate(request, num_new, cached_block_ids):
-            if num_encoder:
+            if request.cross_block_ids:
                 self.block_manager.free(request)  # the cross blocks just taken
             return 0
         self.waiting.remove(request)
@@ -185,12 +188,7 @@ class Scheduler:
         return num_new
 
     def _output(
-        self,
-        scheduled: list[tuple[Request, int, int]],
-        plans: dict[str, SpeculationPlan],
-        step_budget: int,
-        token_budget: int,
-        preempted: list[str],
+        self, scheduled: list[tuple[Request, int, int]], plans: dict[str, SpeculationPlan], num_batched_tokens: int, preempted: list[str]
     ) -> SchedulerOutput:
         chunks = [
             self._chunk(request, num_new, plans.get(request.request_id, NO_SPECULATION), num_sent)
@@ -199,7 +197,7 @@ class Scheduler:
         finished, self.finished_request_ids = (self.finished_request_ids, []) if chunks else ([], self.finished_request_ids)
         return SchedulerOutput(
             chunks=chunks,
-            num_batched_tokens=step_budget - token_budget,
+            num_batched_tokens=num_batched_tokens,
             preempted_request_ids=preempted,
             finished_request_ids=finished,
         )

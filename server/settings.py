@@ -47,7 +47,7 @@ class Settings(BaseSettings):
             f"token budget of one step (prefill + decode); default on CPU {CPU_TOKEN_BUDGET}, or "
             f"{CPU_TOKENS_PER_RUNNING_REQUEST} per running request when more "
             f"({CPU_TOKENS_PER_RUNNING_REQUEST * DEFAULT_MAX_NUM_SEQS} at {DEFAULT_MAX_NUM_SEQS} in flight); {CUDA_TOKEN_BUDGET} on CUDA; "
-            "an encoder-decoder model's sources count whole, and one longer than the budget runs in a step of its own"
+            "an encoder-decoder model's sources count whole, and a step's first admission may overrun the budget by its source"
         ),
     )
     block_size: int = Field(engine_default("block_size"), ge=1, le=1024, description="tokens per KV cache block")

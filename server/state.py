@@ -32,7 +32,7 @@ class Served:
 
     def __post_init__(self) -> None:
         self.token_bytes = TokenBytes(self.tokenizer)
-        self.encoder_decoder = getattr(getattr(self.batcher, "core", None), "encoder_decoder", None)
+        self.encoder_decoder = self.batcher.encoder_decoder
 
 
 def served(request: Request) -> Served:

@@ -53,14 +53,16 @@ def test_sources_share_a_step_within_the_budget():
     assert "r3" in [chunk.request_id for chunk in output.chunks]
 
 
-def test_a_source_longer_than_the_budget_runs_alone_when_its_turn_comes():
+def test_a_source_longer_than_the_budget_is_the_steps_first_admission_beside_the_decodes():
+    """The same schedule as a decoder-only model's: running requests first,
+    then the admission, which may overrun the budget by its source."""
     scheduler, runner = create_scheduler(max_num_batched_tokens=32), FakeRunner()
     scheduler.add_request(seq2seq_request("short", 5, max_tokens=20))
     run_step(scheduler, runner)
     scheduler.add_request(seq2seq_request("long", 100, salt=1))
     output, _ = run_step(scheduler, runner)
-    assert [chunk.request_id for chunk in output.chunks] == ["long"]
-    assert output.num_batched_tokens == 101
+    assert [chunk.request_id for chunk in output.chunks] == ["short", "long"]
+    assert output.num_batched_tokens == 1 + 100 + 1  # the decode, the source, the decoder's start token
     output, _ = run_step(scheduler, runner)
     assert sorted(chunk.request_id for chunk in output.chunks) == ["long", "short"]
     run_to_completion(scheduler, runner)
