@@ -15,10 +15,12 @@ model's own token there. With a draft model (``model_runtime.drafter``) the
 step also runs through the draft model, which then proposes the next step's
 drafts for the chunks that ask (``num_lookahead_tokens``).
 
-For an encoder-decoder model (``model_runtime.encoder_decoder.step``) the step
-first encodes the sources of newly admitted requests into their cross
-blocks; the tokens of the step are then decoder tokens, and the forward is
-the family's decoder step, which also cross-attends from each row's blocks.
+What differs by model kind sits behind one object, ``self.model_step``: a
+``decoder_only.DecoderOnlyStep`` (the model's own forward, eager or
+compiled) or an ``encoder_decoder.step.EncoderDecoderStep`` (which first
+encodes the sources of newly admitted requests into their cross blocks, then
+runs the family's decoder step). Both give the cache shape, the step's
+logits and the EOS a model's generation config forces.
 """
 
 import dataclasses
@@ -30,15 +32,14 @@ import torch
 from batching.messages import PromptLogprobs, RunnerOutput, SampledToken, ScheduledChunk, SchedulerOutput
 from batching.runner_state import RunnerRequest, RunnerRequests
 from model_runtime.attention.context import SequenceChunk, StepContext, build_step
-from model_runtime.attention.interface import SLOT_ATTRIBUTE, decode_kernel_runs, step_forward
-from model_runtime.attention.metadata import pack
+from model_runtime.attention.interface import decode_kernel_runs
+from model_runtime.decoder_only import DecoderOnlyStep
 from model_runtime.drafter import DraftModel, Lookahead
-from model_runtime.encoder_decoder.cross_attention import CrossContext, cross_context
-from model_runtime.encoder_decoder.step import EncoderDecoderStep, cache_shape
-from model_runtime.kv_cache import CacheShape, PagedKVCache
+from model_runtime.encoder_decoder.step import EncoderDecoderStep
+from model_runtime.kv_cache import PagedKVCache
 from model_runtime.loading.loader import LoadedModel
 from model_runtime.sampler import Sampler, SamplingRow, TokenCounts, prompt_logprobs
-from model_runtime.step_graph import CompiledForward, warm_up
+from model_runtime.step_graph import CompiledForward
 
 logger = logging.getLogger(__name__)
 
@@ -85,24 +86,15 @@ class ModelRunner:
         self.model = loaded.model
         self.device = loaded.device
         self.block_size = block_size
-        self.encoder_decoder = EncoderDecoderStep(self.model, loaded.family) if loaded.family else None
-        shape = self.cache_shape(loaded)
+        kind = model_step_kind(loaded)
+        shape = kind.cache_shape(loaded)
         self.kv_cache = PagedKVCache(shape, num_blocks, block_size, self.device)
         self.decode_kernel = decode_kernel_runs(shape, self.device)
+        self.model_step = kind(loaded, self.kv_cache, self.decode_kernel, compile_max_tokens)
         # Draft-model speculation: the draft keeps a cache with the same block ids.
         self.drafter = DraftModel(draft, num_blocks, block_size) if draft is not None else None
         self.sampler = Sampler(loaded.vocab_size)
         self.requests = RunnerRequests()
-        if compile_max_tokens and self.encoder_decoder is not None:
-            logger.warning("--compile: the step forward of encoder-decoder models is not compiled; running it eagerly")
-            compile_max_tokens = None
-        if compile_max_tokens and hasattr(self.model, SLOT_ATTRIBUTE):
-            logger.warning(
-                "--compile: this model's decoder layers drop the forward's kwargs (its attention reads the step from "
-                "a slot); running it eagerly"
-            )
-            compile_max_tokens = None
-        self.compiled = self._compile(compile_max_tokens) if compile_max_tokens else None
         draft_bytes = self.drafter.kv_cache.kv_cache_bytes if self.drafter else 0
         logger.info(
             "KV cache: %d blocks of %d tokens = %d tokens (%.1f MiB%s)",
@@ -113,31 +105,15 @@ class ModelRunner:
             f" + {draft_bytes / 2**20:.1f} MiB for the draft model" if draft_bytes else "",
         )
 
-    def _compile(self, max_num_tokens: int) -> CompiledForward | None:
-        """The compiled forward, warmed up for every step shape; None (eager
-        steps, with a warning) where compiling fails, e.g. with no C++ compiler."""
-        compiled = CompiledForward(self.model, native=self.decode_kernel)
-        try:
-            with torch.inference_mode():
-                warm_up(compiled, self.kv_cache.key_caches, self.kv_cache.value_caches, max_num_tokens, with_mask=not self.decode_kernel)
-        except Exception as error:  # torch.compile raises many kinds; any of them means: run eagerly
-            logger.warning(
-                "--compile: compiling the step forward failed, running it eagerly instead: %s",
-                str(error).splitlines()[0] if str(error) else type(error).__name__,
-            )
-            return None
-        return compiled
-
-    @staticmethod
-    def cache_shape(loaded: LoadedModel) -> CacheShape:
-        if loaded.family:
-            return cache_shape(loaded.model, loaded.dtype)
-        return loaded.attention.cache_shape
+    @property
+    def compiled(self) -> CompiledForward | None:
+        """The compiled step forward, or None where steps run eagerly."""
+        return self.model_step.compiled
 
     @staticmethod
     def bytes_per_block(loaded: LoadedModel, block_size: int, draft: LoadedModel | None = None) -> int:
         """KV bytes one block costs: the target's, plus the draft model's."""
-        target = ModelRunner.cache_shape(loaded).bytes_per_token() * block_size
+        target = model_step_kind(loaded).cache_shape(loaded).bytes_per_token() * block_size
         return target + (DraftModel.bytes_per_block(draft, block_size) if draft is not None else 0)
 
     @property
@@ -150,18 +126,13 @@ class ModelRunner:
         scheduled.sort(key=lambda pair: pair[0].num_new_tokens != 1)  # decode rows first
         if not scheduled:
             return RunnerOutput(sampled=[])
-        cross = None
-        if self.encoder_decoder is not None:
-            self._encode(scheduled)
-            cross = self._cross_context(scheduled)
         input_ids, position_ids, context = self._prepare(scheduled)
         sampling = [(chunk, request) for chunk, request in scheduled if chunk.is_sampling and not chunk.draft_token_ids]
         draft_chunks = [chunk for chunk, _ in scheduled if chunk.draft_token_ids]
         rows = self._logits_rows(scheduled)
         kept = rows.all
-        logits = self._forward(
-            input_ids, position_ids, context, torch.tensor(kept, device=self.device) if kept else None, cross
-        )  # [R, vocab]
+        kept_rows = torch.tensor(kept, device=self.device) if kept else None
+        logits = self.model_step.forward(scheduled, input_ids, position_ids, context, kept_rows)  # [R, vocab]
         if self.drafter is not None:
             self.drafter.mirror(input_ids, position_ids, context)
         if logits is None:
@@ -193,7 +164,7 @@ class ModelRunner:
         encoder-decoder request whose generation config forces EOS there
         (BART's, as ``model.generate`` does), a bitmask allowing only EOS."""
         params = request.sampling_params
-        forced = self.encoder_decoder.forced_eos_bitmask if self.encoder_decoder is not None else None
+        forced = self.model_step.forced_eos_bitmask
         if (
             chunk.grammar_bitmask is None
             and forced is not None
@@ -274,53 +245,11 @@ class ModelRunner:
             results.append(PromptLogprobs(span.request.request_id, span.first_position, logprobs))
         return results
 
-    def _encode(self, scheduled: list[tuple[ScheduledChunk, RunnerRequest]]) -> None:
-        """Encode the sources of the requests admitted (or resumed) in this step."""
-        for chunk, request in scheduled:
-            if chunk.new_request is not None:
-                self.encoder_decoder.encode(
-                    request.encoder_token_ids, request.cross_block_ids, self.kv_cache.key_caches, self.kv_cache.value_caches
-                )
-
-    def _cross_context(self, scheduled: list[tuple[ScheduledChunk, RunnerRequest]]) -> CrossContext:
-        """Each row's cross blocks, in the order ``_prepare`` lays the rows out."""
-        decode = [request for chunk, request in scheduled if chunk.num_new_tokens == 1]
-        prefill = [request for chunk, request in scheduled if chunk.num_new_tokens != 1]
-        return cross_context(
-            [r.cross_block_ids for r in decode],
-            [len(r.encoder_token_ids) for r in decode],
-            [r.cross_block_ids for r in prefill],
-            [len(r.encoder_token_ids) for r in prefill],
-            self.block_size,
-            self.device,
-            with_mask=not self.decode_kernel,
-        )
-
-    def _forward(
-        self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor,
-        context: StepContext,
-        logits_rows: torch.Tensor | None,
-        cross: CrossContext | None = None,
-    ) -> torch.Tensor | None:
-        if cross is not None:
-            return self.encoder_decoder.forward(input_ids, position_ids, context, cross, logits_rows)
-        # With no sampling rows, keep a single row: the LM head cost is negligible.
-        # Always rows as a tensor: an integer n means "the last n tokens", which some
-        # models (Gemma 4's KV-shared layers) use to drop the other rows early.
-        keep = logits_rows if logits_rows is not None else torch.tensor([0], device=self.device)
-        if self.compiled is not None:
-            logits = self.compiled(input_ids, position_ids, context, keep)
-        else:
-            logits = step_forward(self.model, input_ids, position_ids, context, keep)
-        return logits[0] if logits_rows is not None else None  # [S, vocab]
-
     def _prepare(self, scheduled: list[tuple[ScheduledChunk, RunnerRequest]]) -> tuple[torch.Tensor, torch.Tensor, StepContext]:
         chunks = [SequenceChunk(chunk.new_token_ids, chunk.num_computed_tokens, request.block_ids) for chunk, request in scheduled]
-        input_ids, position_ids, context = build_step(
-            chunks, self.kv_cache.key_caches, self.kv_cache.value_caches, self.device, with_mask=not self.decode_kernel
-        )
-        if self.decode_kernel and self.encoder_decoder is None:  # every layer's attention in one C++ op
-            context.metadata = pack(context)
-        return input_ids, position_ids, context
+        return build_step(chunks, self.kv_cache.key_caches, self.kv_cache.value_caches, self.device, with_mask=not self.decode_kernel)
+
+
+def model_step_kind(loaded: LoadedModel) -> type[DecoderOnlyStep] | type[EncoderDecoderStep]:
+    """What serves this kind of model's steps."""
+    return EncoderDecoderStep if loaded.family else DecoderOnlyStep

@@ -19,42 +19,42 @@ its own (``t5``, ``bart``; both read the source through
 ``model.generate`` proves them.
 """
 
+import logging
+
 import torch
 from transformers import PreTrainedModel
 
+from batching.messages import ScheduledChunk
+from batching.runner_state import RunnerRequest
 from model_runtime.attention.context import StepContext
 from model_runtime.attention.interface import write_cache
 from model_runtime.encoder_decoder.bart import BartDecoderStep
-from model_runtime.encoder_decoder.cross_attention import CrossContext
+from model_runtime.encoder_decoder.cross_attention import CrossContext, cross_context
 from model_runtime.encoder_decoder.t5 import T5DecoderStep
-from model_runtime.kv_cache import CacheShape
+from model_runtime.kv_cache import CacheShape, PagedKVCache
+from model_runtime.loading.loader import LoadedModel
 
-# model_type -> family: the step forward that serves it.
-FAMILIES = {"t5": "t5", "mt5": "t5", "bart": "bart", "mbart": "bart", "marian": "bart"}
-
-
-def family_of(config: object) -> str | None:
-    """The encoder-decoder family of a model config, None for a decoder-only
-    model; raises ``ValueError`` for an encoder-decoder model of another kind."""
-    if not getattr(config, "is_encoder_decoder", False):
-        return None
-    model_type = getattr(config, "model_type", "?")
-    if model_type not in FAMILIES:
-        raise ValueError(
-            f"{model_type!r} is an encoder-decoder model tokenstep does not serve: it serves decoder-only "
-            f"causal LMs and the encoder-decoder families T5 (t5, mt5) and BART (bart, mbart, marian)"
-        )
-    return FAMILIES[model_type]
+logger = logging.getLogger(__name__)
 
 
 class EncoderDecoderStep:
-    """The runner's view of an encoder-decoder model: its cache shape, the
-    encode step of newly admitted requests, and the decoder step forward
-    (the family's ``decoder``)."""
+    """The runner's view of an encoder-decoder model (the other kind beside
+    ``decoder_only.DecoderOnlyStep``, with the same members): its cache
+    shape, and a step forward that first encodes the sources of newly
+    admitted requests into their cross blocks, then runs the family's
+    decoder step over the flat batch, cross-attending from each row's
+    blocks. Never compiled (``compiled`` is None)."""
 
-    def __init__(self, model: PreTrainedModel, family: str) -> None:
+    compiled = None
+
+    def __init__(self, loaded: LoadedModel, kv_cache: PagedKVCache, decode_kernel: bool, compile_max_tokens: int | None) -> None:
+        model = loaded.model
+        if compile_max_tokens:
+            logger.warning("--compile: the step forward of encoder-decoder models is not compiled; running it eagerly")
         self.model = model
-        self.decoder = T5DecoderStep(model) if family == "t5" else BartDecoderStep(model)
+        self.kv_cache = kv_cache
+        self.with_mask = not decode_kernel  # the cross-attention's decode rows run in the C++ kernel, or through SDPA
+        self.decoder = T5DecoderStep(model) if loaded.family == "t5" else BartDecoderStep(model)
         self.encoder = model.get_encoder()
         forced_eos = getattr(model.generation_config, "forced_eos_token_id", None)
         forced_eos = forced_eos[0] if isinstance(forced_eos, (list, tuple)) else forced_eos
@@ -62,11 +62,20 @@ class EncoderDecoderStep:
         # request may produce is EOS, as model.generate makes it.
         self.forced_eos_bitmask = only_token_bitmask(forced_eos) if forced_eos is not None else None
 
-    def encode(
-        self, source_token_ids: list[int], cross_block_ids: list[int], key_caches: list[torch.Tensor], value_caches: list[torch.Tensor]
-    ) -> None:
+    @staticmethod
+    def cache_shape(loaded: LoadedModel) -> CacheShape:
+        """What one cached token costs in the pool: the decoder's layers and
+        heads (self and cross blocks alike)."""
+        config = loaded.model.config
+        if loaded.family == "t5":
+            return CacheShape.uniform(config.num_decoder_layers, config.num_heads, config.d_kv, loaded.dtype)
+        head_dim = config.d_model // config.decoder_attention_heads
+        return CacheShape.uniform(config.decoder_layers, config.decoder_attention_heads, head_dim, loaded.dtype)
+
+    def encode(self, source_token_ids: list[int], cross_block_ids: list[int]) -> None:
         """Run the encoder over one source and write every decoder layer's
         cross-attention K/V into its cross blocks."""
+        key_caches, value_caches = self.kv_cache.key_caches, self.kv_cache.value_caches
         device = key_caches[0].device
         block_size = key_caches[0].shape[1]
         input_ids = torch.tensor([source_token_ids], dtype=torch.long, device=device)
@@ -81,28 +90,37 @@ class EncoderDecoderStep:
 
     def forward(
         self,
+        scheduled: list[tuple[ScheduledChunk, RunnerRequest]],
         input_ids: torch.Tensor,
         position_ids: torch.Tensor,
         context: StepContext,
-        cross: CrossContext,
         logits_rows: torch.Tensor | None,
     ) -> torch.Tensor | None:
-        """Logits ``[R, vocab]`` at ``logits_rows`` of the step (None without rows)."""
+        """Logits ``[R, vocab]`` at ``logits_rows`` of the step (None without
+        rows); ``scheduled`` in the order the step's rows are laid out
+        (decode rows first)."""
+        for chunk, request in scheduled:
+            if chunk.new_request is not None:  # admitted or resumed in this step
+                self.encode(request.encoder_token_ids, request.cross_block_ids)
+        cross = self._cross_context(scheduled, context.slot_mapping.device)
         hidden = self.decoder.hidden_states(input_ids, position_ids, context, cross)  # [T, d_model]
         if logits_rows is None:
             return None
         return self.decoder.logits(hidden[logits_rows])
 
-
-def cache_shape(model: PreTrainedModel, dtype: torch.dtype) -> CacheShape:
-    """What one cached token costs in an encoder-decoder model's pool: its
-    decoder's layers and heads (self and cross blocks alike)."""
-    config = model.config
-    if family_of(config) == "t5":
-        return CacheShape.uniform(config.num_decoder_layers, config.num_heads, config.d_kv, dtype)
-    return CacheShape.uniform(
-        config.decoder_layers, config.decoder_attention_heads, config.d_model // config.decoder_attention_heads, dtype
-    )
+    def _cross_context(self, scheduled: list[tuple[ScheduledChunk, RunnerRequest]], device: torch.device) -> CrossContext:
+        """Each row's cross blocks, decode rows first, as the step lays them out."""
+        decode = [request for chunk, request in scheduled if chunk.num_new_tokens == 1]
+        prefill = [request for chunk, request in scheduled if chunk.num_new_tokens != 1]
+        return cross_context(
+            [request.cross_block_ids for request in decode],
+            [len(request.encoder_token_ids) for request in decode],
+            [request.cross_block_ids for request in prefill],
+            [len(request.encoder_token_ids) for request in prefill],
+            self.kv_cache.block_size,
+            device,
+            self.with_mask,
+        )
 
 
 def only_token_bitmask(token_id: int) -> bytes:

@@ -31,7 +31,7 @@ from batching.engine_config import ACTIVATIONS, DTYPES, QUANTIZATIONS
 from model_runtime import kernels
 from model_runtime.attention.check import AttentionLayout, check_decoder
 from model_runtime.attention.interface import register as register_attention
-from model_runtime.encoder_decoder.step import family_of
+from model_runtime.encoder_decoder.families import family_of
 from model_runtime.weights.gguf import load_gguf_linears
 from model_runtime.weights.int_activations import quantize_activations
 from model_runtime.weights.layout import optimise_cpu_linears

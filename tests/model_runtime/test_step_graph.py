@@ -86,7 +86,7 @@ def test_a_failed_compile_runs_eagerly(compiled_case, monkeypatch, caplog):
     def fail(*args: object, **kwargs: object) -> None:
         raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr("model_runtime.runner.warm_up", fail)
+    monkeypatch.setattr("model_runtime.decoder_only.warm_up", fail)
     core = build(loaded, num_kv_blocks=512, max_num_batched_tokens=512, compile=True)
     assert core.runner.compiled is None
     assert "running it eagerly instead: no C++ compiler" in caplog.text
