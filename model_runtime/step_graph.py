@@ -23,10 +23,10 @@ float32 linear that switches between MKL and oneDNN at some row count
 start so that no request waits for a compile.
 """
 
+import functools
 import logging
 import time
 import types
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -62,11 +62,13 @@ def _(query, key, value, key_cache, value_cache, metadata, scaling, window, soft
     return query.new_empty(1, query.shape[2], query.shape[1], value_cache.shape[3])
 
 
+@functools.cache
 def _register_kernel_fakes() -> None:
-    """Shapes of tokenstep's C++ ops (``model_runtime.kernels``) for tracing."""
+    """Shapes of tokenstep's C++ ops (``model_runtime.kernels``) for tracing
+    (registered with torch once per process: ``functools.cache``)."""
     from model_runtime import kernels
 
-    if kernels.load() is None or getattr(_register_kernel_fakes, "done", False):
+    if kernels.load() is None:
         return
     for kind in ("int8", "int4"):
 
@@ -88,7 +90,6 @@ def _register_kernel_fakes() -> None:
         return query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])
 
     torch.library.register_fake("tokenstep::paged_attention_step", attention_fake)
-    _register_kernel_fakes.done = True
 
 
 @dataclass(frozen=True)
@@ -131,11 +132,10 @@ class CompiledForward:
         # Nor should the step's one sequence dimension be unified with the
         # batch dimension when a step has one token.
         torch.fx.experimental._config.use_duck_shape = False
-        if model not in _COMPILED:
-            _COMPILED[model] = torch.compile(
-                _own_copy(_step_forward), dynamic=True, fullgraph=True, options={"guard_filter_fn": _step_guards}
-            )
-        self._compiled = _COMPILED[model]
+        if not hasattr(model, COMPILED_ATTRIBUTE):
+            compiled = torch.compile(_own_copy(_step_forward), dynamic=True, fullgraph=True, options={"guard_filter_fn": _step_guards})
+            object.__setattr__(model, COMPILED_ATTRIBUTE, compiled)  # not a submodule nor a parameter
+        self._compiled = getattr(model, COMPILED_ATTRIBUTE)
 
     def __call__(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, context: StepContext, logits_rows: torch.Tensor
@@ -157,8 +157,9 @@ def _step_forward(
 # Dynamo keeps its graphs on the code object it traced, and the guards a
 # step keeps (below) say nothing of which model runs: two models compiled
 # from one code object would run each other's graphs. So each model gets a
-# copy of the code of its own, shared by every CompiledForward of that model.
-_COMPILED: "weakref.WeakKeyDictionary[torch.nn.Module, Callable]" = weakref.WeakKeyDictionary()
+# copy of the code of its own, kept on the model (under COMPILED_ATTRIBUTE)
+# and shared by every CompiledForward of that model.
+COMPILED_ATTRIBUTE = "tokenstep_compiled_step"
 
 
 def _own_copy(function: Callable) -> Callable:

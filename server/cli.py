@@ -55,7 +55,7 @@ def make_loader(settings: Settings):
     """Return the callable that builds the engine (run in a thread at start-up)."""
 
     def load():
-        from batching.engine import DynamicBatcher
+        from batching.batcher import DynamicBatcher
         from server.engine_builder import build_engine_core, engine_config, model_path, served_model_name
         from server.state import Served
 

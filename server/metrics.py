@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Histogram, disable_created_metr
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from batching.engine import DynamicBatcher
+from batching.batcher import DynamicBatcher
 
 disable_created_metrics()  # the *_created series only add noise to scrapes
 

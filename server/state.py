@@ -10,7 +10,7 @@ from typing import Any
 
 from fastapi import Request
 
-from batching.engine import DynamicBatcher
+from batching.batcher import DynamicBatcher
 from batching.errors import EngineUnavailableError
 from batching.request import EncoderDecoderPrompts
 from server.token_bytes import TokenBytes

@@ -11,8 +11,8 @@ makes a step raise when it holds a given request (error isolation tests).
 
 from collections.abc import Callable
 
+from batching.batcher import DynamicBatcher
 from batching.block_manager import BlockManager
-from batching.engine import DynamicBatcher
 from batching.engine_core import EngineCore
 from batching.messages import RunnerOutput, SampledToken, SchedulerOutput
 from batching.runner_state import RunnerRequests

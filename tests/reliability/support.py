@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from batching.engine import DynamicBatcher
+from batching.batcher import DynamicBatcher
 from batching.messages import RunnerOutput, SchedulerOutput
 from model_runtime.loading.loader import LoadedModel
 from server.app import create_app

@@ -16,7 +16,7 @@ import pytest
 import pytest_asyncio
 from fastapi import FastAPI
 
-from batching.engine import DynamicBatcher
+from batching.batcher import DynamicBatcher
 from model_runtime.loading.loader import LoadedModel, load_model
 from server.app import create_app
 from server.engine_builder import EngineConfig, build_engine_core
