@@ -115,9 +115,8 @@ class DynamicBatcher:
     async def start(self, model_thread: ThreadPoolExecutor | None = None) -> None:
         """Start the loop. Pass ``model_thread`` (one worker) to step the model
         on the thread that loaded it: torch's OpenMP pool is per calling
-        thread, and a second thread running torch ops made every step up to
-        2x slower on a 2-core CPU (docs/PERFORMANCE.md, "Measurements behind
-        choices")."""
+        thread, and a second thread running torch ops slows every step
+        (docs/PERFORMANCE.md, "Measurements behind choices in the code")."""
         if self._task is None:
             # Without a given thread, a fresh one per start: a stopped batcher can be started again.
             self._owns_executor = model_thread is None

@@ -6,14 +6,13 @@ read them here; nothing else states them).
 
 from dataclasses import dataclass
 
-# Default step token budgets. On 2 CPU cores a small budget keeps prefill chunks
-# from stalling decodes (same throughput at 16 in flight, a third of the ITL
-# p99 of 512), but with 64 in flight a fixed 128-token step leaves new prompts
-# trickling in; so on CPU the budget grows with the running requests, 8 tokens
-# each (128 at 16, 512 at 64), unless one is given. The measurements, with
-# their hosts and dates: docs/BENCHMARKS.md (2026-11-25 Intel host, 2026-12-01
-# AMD EPYC host). The budget is a scheduling policy that depends only on the
-# device type, so it is resolved here, not in the tensor layer.
+# Default step token budgets. On CPU a small budget keeps prefill chunks from
+# stalling decodes, but with many in flight a fixed small step leaves new
+# prompts trickling in; so on CPU the budget grows with the running requests,
+# 8 tokens each, unless one is given (the measurements that chose these:
+# docs/PERFORMANCE.md, "Measurements behind choices in the code"). The budget
+# is a scheduling policy that depends only on the device type, so it is
+# resolved here, not in the tensor layer.
 CPU_TOKEN_BUDGET = 128
 CPU_TOKENS_PER_RUNNING_REQUEST = 8
 CUDA_TOKEN_BUDGET = 2048

@@ -1,11 +1,13 @@
 """The step forward compiled whole with ``torch.compile`` (``--compile``).
 
-Eager, one decode step of the default model is about 4,000 small torch ops
-plus the Python of 30 decoder layers; compiled, inductor fuses the norms,
-RoPE, activations and residual adds into a few C++ kernels per layer and the
-Python disappears. The model's own forward is what gets compiled (no model
+Eager, a decode step is thousands of small torch ops plus the Python of
+every decoder layer; compiled, inductor fuses the norms, RoPE, activations
+and residual adds into a few C++ kernels per layer and the Python disappears
+(the step times: docs/PERFORMANCE.md, "Measurements behind choices in the
+code"). The model's own forward is what gets compiled (no model
 code of ours); attention stays tokenstep's: the graph sees it as one opaque
-op per layer, ``tokenstep_graph::paged_attention``, whose step metadata
+op per layer (tokenstep's C++ ``paged_attention_step`` where the kernels
+run, else ``tokenstep_graph::paged_attention``, registered below), whose step metadata
 travels as one int64 tensor, so no Python object of the step (block tables,
 prefill spans) becomes a guard of the graph.
 

@@ -3,14 +3,22 @@
 The model's own forward runs over one flattened ragged batch ``[1, T]``. For
 each layer, transformers hands us the step's new ``query``/``key``/``value``
 (positions already applied); we write the new K/V into the paged cache by slot
-index, then each sequence attends over its own blocks:
+index, then each sequence attends over its own blocks. Which code does it:
 
-* decode sequences (one new token each) are batched: with tokenstep's kernels
-  (float32 caches on the CPU), ``tokenstep::paged_decode_attention`` reads each
-  sequence's keys and values straight from its blocks; otherwise their blocks
-  are gathered into a padded ``[B, L]`` context with a length mask, one SDPA call;
-* prefill chunks run one SDPA call each, causal over their new tokens and
-  fully visible over the cached prefix.
+* where tokenstep's kernels run (float32 caches on the CPU, head sizes the
+  decode kernel takes: ``decode_kernel_runs``), the whole layer is one C++
+  op, ``tokenstep::paged_attention_step``, reading the step's metadata packed
+  into one tensor (``attention.metadata``): it writes the cache, runs the
+  decode rows in ``paged_decode_attention`` straight from their blocks, and
+  each prefill chunk through SDPA (or plain math where the layer soft-caps
+  or has sinks);
+* otherwise ``attend`` does the same in Python: decode rows batched over
+  their gathered blocks (a padded ``[B, L]`` context with a length mask, one
+  SDPA call), each prefill chunk one SDPA call, causal over its new tokens
+  and fully visible over the cached prefix;
+* under ``--compile`` the graph calls one opaque op per layer
+  (``model_runtime.step_graph``): the C++ step op, or a registered op that
+  ends in ``attend``.
 
 Each layer's own features come from the kwargs transformers hands the
 attention function (``LayerFeatures``): a sliding window (a query at
@@ -23,7 +31,9 @@ arithmetic). Which kwargs a model may pass at all is decided at load
 (``model_runtime.attention.check``): anything else is refused there.
 
 The step's metadata travels in one ``StepContext`` passed through the
-forward's kwargs (transformers forwards unknown kwargs down to attention).
+forward's kwargs (transformers forwards unknown kwargs down to attention),
+or, for a model whose decoder layers drop those kwargs, through the step
+slot the load-time check installs on its attention modules (``StepSlot``).
 """
 
 from dataclasses import dataclass

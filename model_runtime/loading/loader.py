@@ -12,11 +12,10 @@ float32 on CPU and bfloat16 on CUDA (float16 when the GPU lacks bf16).
 On CPU, float32 is the default because it is exact enough to be
 reproducible: the same greedy request gives the same text whether its
 prompt came from the prefix cache or was computed in a batch. ``--dtype
-bfloat16`` (linears oneDNN-packed, see ``weight_layout``) was about 2x
-faster at 16-64 in flight on an Intel CPU with AMX, but 1.5-2x slower there
-on an AMD EPYC with only AVX512-BF16 (bf16 attention dominates); and rounding
-then depends on the batch: greedy outputs can differ between
-runs, as in vLLM. docs/PERFORMANCE.md has both, with the logprob shift.
+bfloat16`` (linears oneDNN-packed, see ``weights.layout``) is faster on some
+CPUs and slower on others, and its rounding depends on the batch, so greedy
+outputs can differ between runs, as in vLLM (docs/PERFORMANCE.md,
+"Measurements behind choices in the code").
 """
 
 import logging
