@@ -37,7 +37,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
 
-# torch first: the project's "torch>=2.4,<2.15" is then already satisfied, so
+# torch first: the project's "torch>=2.13,<2.15" is then already satisfied, so
 # pip never swaps in PyPI's multi-GB CUDA build. A torch wheel in
 # docker/wheels/ (CI puts the machine's CPU wheel there) wins over the index.
 COPY docker/wheels/ /tmp/wheels/

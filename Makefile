@@ -20,7 +20,7 @@ PORT ?= 8000
 ARGS ?=
 PYTEST_ARGS ?=
 
-# torch goes in first and pinned: every later requirement ("torch>=2.4,<2.15")
+# torch goes in first and pinned: every later requirement ("torch>=2.13,<2.15")
 # is then already satisfied, so pip never swaps in a multi-GB CUDA build. On
 # the project's machines pip finds the 2.13.0 CPU wheel on local disk; elsewhere
 # point it at the CPU index:

@@ -30,16 +30,15 @@ class DecoderOnlyStep:
     many tokens (``compiled`` stays None where the model cannot be)."""
 
     forced_eos_bitmask: bytes | None = None  # generate forces nothing on these models
+    eager_reason: str | None = None  # why steps run eagerly although --compile asked otherwise
 
     def __init__(self, loaded: LoadedModel, kv_cache: PagedKVCache, decode_kernel: bool, compile_max_tokens: int | None) -> None:
         self.model = loaded.model
         self.device = loaded.device
         self.decode_kernel = decode_kernel
         if compile_max_tokens and hasattr(self.model, SLOT_ATTRIBUTE):
-            logger.warning(
-                "--compile: this model's decoder layers drop the forward's kwargs (its attention reads the step from "
-                "a slot); running it eagerly"
-            )
+            self.eager_reason = "this model's decoder layers drop the forward's kwargs (its attention reads the step from a slot)"
+            logger.warning("--compile: %s; running it eagerly", self.eager_reason)
             compile_max_tokens = None
         self.compiled = self._compile(kv_cache, compile_max_tokens) if compile_max_tokens else None
 
@@ -55,10 +54,9 @@ class DecoderOnlyStep:
             with torch.inference_mode():
                 warm_up(compiled, kv_cache.key_caches, kv_cache.value_caches, max_num_tokens, with_mask=not self.decode_kernel)
         except Exception as error:  # torch.compile raises many kinds; any of them means: run eagerly
-            logger.warning(
-                "--compile: compiling the step forward failed, running it eagerly instead: %s",
-                str(error).splitlines()[0] if str(error) else type(error).__name__,
-            )
+            why = str(error).splitlines()[0] if str(error) else type(error).__name__
+            self.eager_reason = f"compiling the step forward failed: {why}"
+            logger.warning("--compile: compiling the step forward failed, running it eagerly instead: %s", why)
             return None
         return compiled
 

@@ -127,6 +127,23 @@ def kv_window(loaded: LoadedModel, draft: LoadedModel | None = None) -> int | No
     return max(windows) if all(windows) else None
 
 
+def serving_line(loaded: LoadedModel, runner: ModelRunner, compile_requested: bool) -> str:
+    """One line of what serves, for the start log: the linears' weights and
+    activations, tokenstep's kernels, where decode attention runs, and the
+    compile mode, each with why it fell back where it did."""
+    if runner.compiled is not None:
+        compiled = "on (the step forward, compiled at start)"
+    elif compile_requested:
+        compiled = f"eager ({runner.model_step.eager_reason or 'no compiled step'})"
+    else:
+        compiled = "off (eager; --compile compiles the step forward)"
+    attention = "tokenstep's decode kernel" if runner.decode_kernel else "gather + PyTorch SDPA / math"
+    return (
+        f"weights {loaded.weights}; activations {loaded.activations}; kernels {kernels.describe(loaded.model)}; "
+        f"decode attention {attention}; compile {compiled}"
+    )
+
+
 def build_engine_core(config: EngineConfig, loaded: LoadedModel | None = None, draft: LoadedModel | None = None) -> EngineCore:
     """The engine for ``config``, loading the model (and the draft model)
     unless given one."""
@@ -146,6 +163,7 @@ def build_engine_core(config: EngineConfig, loaded: LoadedModel | None = None, d
     limits = resolve_defaults(config, loaded, draft)
     compile_max_tokens = limits.scheduler.max_step_tokens if config.compile else None
     runner = ModelRunner(loaded, limits.num_kv_blocks, config.block_size, draft, compile_max_tokens)
+    logger.info("serving: %s", serving_line(loaded, runner, config.compile))
     block_manager = BlockManager(runner.num_blocks, config.block_size, config.enable_prefix_caching, kv_window(loaded, draft))
     return EngineCore(
         Scheduler(limits.scheduler, block_manager),

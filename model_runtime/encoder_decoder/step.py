@@ -46,11 +46,13 @@ class EncoderDecoderStep:
     blocks. Never compiled (``compiled`` is None)."""
 
     compiled = None
+    eager_reason: str | None = None  # why steps run eagerly although --compile asked otherwise
 
     def __init__(self, loaded: LoadedModel, kv_cache: PagedKVCache, decode_kernel: bool, compile_max_tokens: int | None) -> None:
         model = loaded.model
         if compile_max_tokens:
-            logger.warning("--compile: the step forward of encoder-decoder models is not compiled; running it eagerly")
+            self.eager_reason = "the step forward of encoder-decoder models is not compiled"
+            logger.warning("--compile: %s; running it eagerly", self.eager_reason)
         self.model = model
         self.kv_cache = kv_cache
         self.with_mask = not decode_kernel  # the cross-attention's decode rows run in the C++ kernel, or through SDPA

@@ -39,6 +39,10 @@ ISAS = (
 )
 # Compiled once per instruction set above; ops.cpp binds them to torch ops.
 PER_ISA_SOURCES = ("woq_gemm.cpp", "int_gemm.cpp", "paged_attention.cpp")
+# The standard torch's own extensions build with (torch.utils.cpp_extension)
+# across the range pyproject allows: torch 2.14's headers need C++20
+# (std::strong_ordering in c10/util/intrusive_ptr.h).
+CXX_STANDARD = "gnu++20"
 
 _lock = threading.Lock()
 _loaded: dict[str, object] = {}
@@ -52,7 +56,7 @@ def build_key() -> str:
     digest = hashlib.sha256()
     for source in sorted([*SOURCE_DIR.glob("*.cpp"), *SOURCE_DIR.glob("*.h")]):
         digest.update(source.name.encode() + source.read_bytes())
-    digest.update(torch.__version__.encode() + str(ISAS).encode() + compiler().encode())
+    digest.update(torch.__version__.encode() + str(ISAS).encode() + CXX_STANDARD.encode() + compiler().encode())
     return digest.hexdigest()[:16]
 
 
@@ -66,6 +70,21 @@ def _run(command: list[str], cwd: Path) -> None:
         raise RuntimeError(f"{' '.join(command[:3])} ... failed:\n{result.stderr[-2000:]}")
 
 
+def common_flags() -> list[str]:
+    return [f"-std={CXX_STANDARD}", "-fPIC", "-ffp-contract=fast", "-fno-math-errno"]
+
+
+def ops_compile_command(cxx: str, torch_include_paths: list[str]) -> list[str]:
+    """The compiler and flags for ops.cpp, the one source that includes
+    torch's headers (those at ``torch_include_paths``), less input and output."""
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    includes = [f"-I{path}" for path in torch_include_paths] + [f"-I{sysconfig.get_paths()['include']}"]
+    # -fopenmp: at::parallel_for is inline OpenMP; without the flag its
+    # pragma is ignored and every op runs on one thread. It links against
+    # torch's own libgomp, so the process keeps one OpenMP pool.
+    return [cxx, "-O2", *common_flags(), "-fopenmp", abi, *includes]
+
+
 def build(target: Path) -> Path:
     """Compile the kernels into ``target`` (atomically: a finished library or nothing)."""
     from torch.utils.cpp_extension import include_paths, library_paths
@@ -76,7 +95,7 @@ def build(target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         work = Path(tmp)
-        common = ["-std=gnu++17", "-fPIC", "-ffp-contract=fast", "-fno-math-errno"]
+        common = common_flags()
         compiles, objects = [], []
         for name, flags, lanes, rows in ISAS:
             defines = [f"-DTS_ISA={name}", f"-DTS_VEC={lanes}", f"-DTS_MR={rows}"]
@@ -84,13 +103,8 @@ def build(target: Path) -> Path:
                 obj = work / f"{Path(source).stem}_{name}.o"
                 compiles.append([cxx, "-O3", *common, *flags, *defines, "-c", str(SOURCE_DIR / source), "-o", str(obj)])
                 objects.append(str(obj))
-        abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
-        includes = [f"-I{path}" for path in include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
         ops = work / "ops.o"
-        # -fopenmp: at::parallel_for is inline OpenMP; without the flag its
-        # pragma is ignored and every op runs on one thread. It links
-        # against torch's own libgomp, so the process keeps one OpenMP pool.
-        compiles.append([cxx, "-O2", *common, "-fopenmp", abi, *includes, "-c", str(SOURCE_DIR / "ops.cpp"), "-o", str(ops)])
+        compiles.append([*ops_compile_command(cxx, include_paths()), "-c", str(SOURCE_DIR / "ops.cpp"), "-o", str(ops)])
         # One compiler per core: the objects are independent.
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
             list(pool.map(lambda command: _run(command, work), compiles))
@@ -117,6 +131,7 @@ def disable() -> None:
         if _loaded.get("ops") is not None:
             raise RuntimeError("tokenstep's kernels are already loaded in this process")
         _loaded["ops"] = None
+        _loaded["why"] = "disabled (--no-kernels)"
     logger.info("tokenstep kernels disabled: using plain PyTorch")
 
 
@@ -129,5 +144,21 @@ def _load_once() -> object | None:
         torch.ops.load_library(str(path))
     except (OSError, RuntimeError) as error:
         logger.warning("tokenstep's CPU kernels are unavailable, using plain PyTorch instead: %s", error)
+        _loaded["why"] = f"unavailable ({str(error).splitlines()[0]})"
         return None
     return torch.ops.tokenstep
+
+
+def describe(model: torch.nn.Module) -> str:
+    """What the kernels are in this process, for the start line: the
+    instruction set ``model``'s linears chose by measurement (attention takes
+    the widest), or why there are none. Loads nothing."""
+    if "ops" not in _loaded:
+        return "not used (no path of this model calls them)"
+    ops = _loaded["ops"]
+    if ops is None:
+        return f"off: {_loaded.get('why', 'unavailable')}, plain PyTorch"
+    isas = ops.isas()
+    chosen = next((isas[m.isa] for m in model.modules() if getattr(m, "ops", None) is ops and getattr(m, "isa", -1) >= 0), None)
+    linears = f", linears {chosen} (measured at load)" if chosen else ""
+    return f"C++ built for {'/'.join(isas)} on this CPU: attention {isas[0]}{linears}"

@@ -31,7 +31,7 @@ from model_runtime import kernels
 from model_runtime.attention.check import AttentionLayout, check_decoder
 from model_runtime.attention.interface import register as register_attention
 from model_runtime.encoder_decoder.families import family_of
-from model_runtime.weights.gguf import load_gguf_linears
+from model_runtime.weights.gguf import block_types, load_gguf_linears
 from model_runtime.weights.int_activations import quantize_activations
 from model_runtime.weights.layout import optimise_cpu_linears
 from model_runtime.weights.quantization import describe, quantize_int8, to_float_linears
@@ -72,6 +72,9 @@ class LoadedModel:
     family: str | None = None
     # A decoder-only model's attention as the load-time check found it (model_runtime.attention.check).
     attention: AttentionLayout | None = None
+    # What the linears serve, as loaded (the start line says it): their weights' kind and their activations.
+    weights: str = "float32"
+    activations: str = "float32"
 
 
 def load_model(
@@ -107,19 +110,26 @@ def load_model(
         drop_gguf_quantizer(model)
     # Exact or refused: proven on the float model, before quantization swaps its linears.
     layout = check_decoder(model) if family is None else None
+    weights, served_activations = str(torch_dtype).removeprefix("torch."), "float32"
     if quantization in ("int8", "gguf"):
         quantized = quantize_int8(model) if quantization == "int8" else load_gguf_linears(model, gguf_file)
         ops = kernels.load()
+        weights = (
+            "int8 groups of 32 (quantized at load)" if quantization == "int8" else f"the GGUF file's own blocks ({block_types(quantized)})"
+        )
         if ops is None:  # no compiler: the same values as float32 linears, at float32's speed
             if activations != "float32":
                 logger.warning(
                     "--activations %s needs tokenstep's CPU kernels, which are unavailable: the activations stay float32", activations
                 )
+                served_activations = f"float32 (--activations {activations} needs the kernels)"
+            weights += ", dequantized to float32 (no kernels)"
             linears = f"{to_float_linears(model)} linears dequantized to float32 (no kernels); {optimise_cpu_linears(model, torch_dtype)}"
         else:
             linears = describe(quantized)
             if activations != "float32" and quantize_activations(model, ops, activations):
                 linears += f"; {activations} activations"
+                served_activations = activations
     elif torch_device.type == "cpu":
         linears = optimise_cpu_linears(model, torch_dtype)
     else:
@@ -131,7 +141,17 @@ def load_model(
         logger.info("attention checked against the model's own forward: %s", layout.describe())
     vocab_size = model.config.get_text_config(decoder=True).vocab_size
     return LoadedModel(
-        model, tokenizer, torch_device, torch_dtype, max_model_len, _eos_token_ids(model, tokenizer), vocab_size, family, layout
+        model,
+        tokenizer,
+        torch_device,
+        torch_dtype,
+        max_model_len,
+        _eos_token_ids(model, tokenizer),
+        vocab_size,
+        family,
+        layout,
+        weights,
+        served_activations,
     )
 
 

@@ -24,6 +24,7 @@ this does not understand is refused at load, never served wrong.
 
 import logging
 import struct
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,18 +59,22 @@ class Blocks:
     packed nibbles uint8 [N, K / 2] (``int4``), float32 ``scales`` and
     ``offsets`` [N, K / 32]."""
 
+    type_name: str  # the file's GGML type: "Q4_1", ...
     int4: bool
     q: torch.Tensor
     scales: torch.Tensor
     offsets: torch.Tensor
 
     def rows(self, order: torch.Tensor) -> "Blocks":
-        return Blocks(self.int4, self.q[order].contiguous(), self.scales[order].contiguous(), self.offsets[order].contiguous())
+        reordered = (self.q[order].contiguous(), self.scales[order].contiguous(), self.offsets[order].contiguous())
+        return Blocks(self.type_name, self.int4, *reordered)
 
     def linear(self, bias: torch.Tensor | None, ops: object | None) -> GroupwiseLinear:
         in_features = self.scales.shape[1] * GROUP
         cls = Int4Linear if self.int4 else Int8Linear
-        return cls(self.q, self.scales, self.offsets, bias, ops, in_features)
+        module = cls(self.q, self.scales, self.offsets, bias, ops, in_features)
+        module.gguf_type = self.type_name
+        return module
 
     def dequantized(self) -> torch.Tensor:
         return dequantize_groups(unpack_nibbles(self.q) if self.int4 else self.q, self.scales, self.offsets)
@@ -91,10 +96,10 @@ def decode_blocks(raw: np.ndarray, type_name: str) -> Blocks | None:
 
     scales = half(0)
     if type_name == "Q8_0":
-        return Blocks(False, body(2).view(torch.int8), scales, torch.zeros_like(scales))
+        return Blocks(type_name, False, body(2).view(torch.int8), scales, torch.zeros_like(scales))
     if type_name == "Q4_0":
-        return Blocks(True, body(2), scales, -8 * scales)
-    return Blocks(True, body(4), scales, half(2))
+        return Blocks(type_name, True, body(2), scales, -8 * scales)
+    return Blocks(type_name, True, body(4), scales, half(2))
 
 
 def row_order(processor: object, gguf_name: str, rows: int) -> torch.Tensor | None:
@@ -242,6 +247,12 @@ def load_gguf_linears(model: nn.Module, gguf_path: str | Path) -> list[Groupwise
         return source.linear(module.bias, ops)
 
     return replace_linears(model, from_file, ops)
+
+
+def block_types(linears: list[GroupwiseLinear]) -> str:
+    """How many served linears hold each GGUF type, e.g. "210 Q4_1 + 1 Q8_0"."""
+    counts = Counter(getattr(module, "gguf_type", module.KIND) for module in linears)
+    return " + ".join(f"{count} {type_name}" for type_name, count in counts.items()) or "no linears"
 
 
 def check_exact(name: str, served: torch.Tensor, weight: torch.Tensor) -> None:

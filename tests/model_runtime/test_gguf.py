@@ -5,6 +5,7 @@ file's values (rows un-permuted, a tied head from the embedding), greedy
 parity with ``generate`` on the model transformers loads from the same file,
 and clear refusals."""
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -146,6 +147,16 @@ def test_gguf_greedy_parity_with_generate_on_the_files_model(tiny_gguf: Path):
     expected = generate_outputs(reference_model, prompts)
     assert run_engine(build(loaded, num_kv_blocks=512, max_num_batched_tokens=4096), prompts) == expected
     assert run_engine(build(loaded, num_kv_blocks=40, max_num_batched_tokens=37), prompts, id_prefix="p") == expected  # chunked, preempted
+
+
+def test_the_start_line_says_which_weights_activations_kernels_and_compile_mode_serve(tiny_gguf: Path, caplog):
+    loaded = load_model(tiny_gguf, "float32", "cpu", "gguf", activations="int16")
+    with caplog.at_level("INFO", logger="server.engine_builder"):
+        build(loaded, num_kv_blocks=8)
+    (line,) = [record.getMessage() for record in caplog.records if record.getMessage().startswith("serving: ")]
+    assert re.search(r"weights the GGUF file's own blocks \(\d+ (Q4_0|Q4_1|Q8_0)( \+ \d+ Q\d_\d)+\); activations int16;", line), line
+    assert re.search(r"kernels C\+\+ built for [a-z0-9/]+ on this CPU: attention \w+, linears (avx512|avx2|generic) \(measured", line)
+    assert line.endswith("compile off (eager; --compile compiles the step forward)")
 
 
 def test_gguf_refuses_what_it_cannot_serve_exactly(tiny_gguf: Path, tiny_llama_dir: Path):

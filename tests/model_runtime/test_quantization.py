@@ -136,6 +136,7 @@ def test_gemm_switch_rule_on_scripted_timings():
 
 def test_without_a_compiler_the_kernels_fall_back_to_torch_with_the_same_tokens(tmp_path: Path, tiny_llama_dir: Path):
     script = (
+        "import logging; logging.basicConfig(level=logging.INFO)\n"
         "from model_runtime import kernels, paths; from model_runtime.loading.loader import load_model\n"
         f"paths.configure({str(tmp_path)!r})\n"
         "from model_runtime.weights.quantization import GroupwiseLinear\n"
@@ -150,6 +151,10 @@ def test_without_a_compiler_the_kernels_fall_back_to_torch_with_the_same_tokens(
     assert result.returncode == 0, result.stderr
     assert "kernels are unavailable, using plain PyTorch" in result.stderr
     assert "--activations int16 needs tokenstep's CPU kernels, which are unavailable" in result.stderr
+    serving = next(line for line in result.stderr.splitlines() if "serving: " in line)
+    assert "weights int8 groups of 32 (quantized at load), dequantized to float32 (no kernels)" in serving, serving
+    assert "activations float32 (--activations int16 needs the kernels)" in serving
+    assert "kernels off: unavailable (no C++ compiler" in serving and "decode attention gather + PyTorch SDPA" in serving
     with_kernels = run_engine(build(load_model(tiny_llama_dir, "float32", "cpu", "int8"), num_kv_blocks=64), FALLBACK_PROMPTS)
     assert result.stdout.strip() == repr(with_kernels)
 
