@@ -17,7 +17,7 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 EOS = "<|endoftext|>"
 MERGES = ["Ġ t", "h e", "Ġt he", "i n", "a n", "e r", "o n", "Ġ a", "r e", "a t"]
-# GGUF type per projection of each block (and the embedding).
+# GGUF type per projection of each block (the embedding is EMBEDDING_TYPE).
 TYPES = {
     "attn_q": "Q4_1",
     "attn_k": "Q4_0",
@@ -27,6 +27,18 @@ TYPES = {
     "ffn_up": "Q4_1",
     "ffn_down": "F16",
 }
+EMBEDDING_TYPE = "Q8_0"
+# The K-quants and 5-bit types, in a file whose rows are super-blocks long (256).
+K_TYPES = {
+    "attn_q": "Q4_K",
+    "attn_k": "Q5_K",
+    "attn_v": "Q5_0",
+    "attn_output": "Q5_1",
+    "ffn_gate": "Q4_K",
+    "ffn_up": "Q5_K",
+    "ffn_down": "F16",
+}
+K_EMBEDDING_TYPE = "Q4_K"
 HF_NAMES = {
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
@@ -48,16 +60,56 @@ def permute(weight: np.ndarray, heads: int) -> np.ndarray:
     return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def build_tiny_llama_gguf(target: Path) -> Path:
-    """Write the file at ``target`` and return it."""
+def quantize_k(weight: np.ndarray, type_name: str) -> np.ndarray:
+    """float32 [N, K] (K a multiple of 256) as Q4_K or Q5_K blocks, uint8
+    [N, K / 256 * bytes] (gguf has no quantizer for them): each group of 32
+    gets the scale (max - min) / levels and minimum -min (min at most 0), coded
+    in 6 bits against its super-block's float16 d and dmin; each weight is then
+    rounded against the coded scale and minimum. Checked against gguf's own
+    dequantization in tests/model_runtime/test_gguf.py."""
+    levels = 15 if type_name == "Q4_K" else 31
+    n, k = weight.shape
+    groups = weight.astype(np.float32).reshape(n, k // 256, 8, 32)
+    low, high = np.minimum(groups.min(-1), 0), groups.max(-1)
+
+    def code(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(float16 super-block factor, 6-bit codes) with factor * code close to values."""
+        factor = (values.max(-1) / 63).astype(np.float16)
+        safe = np.where(factor > 0, factor.astype(np.float32), 1)[..., None]
+        return factor, np.clip(np.round(values / safe), 0, 63).astype(np.uint8)
+
+    d, scales = code((high - low) / levels)
+    dmin, minimums = code(-low)
+    step = d.astype(np.float32)[..., None] * scales
+    q = np.round((groups + (dmin.astype(np.float32)[..., None] * minimums)[..., None]) / np.where(step > 0, step, 1)[..., None])
+    q = np.clip(q, 0, levels).astype(np.uint8)
+    packed_scales = np.concatenate(
+        (
+            scales[..., :4] | ((scales[..., 4:] >> 4) << 6),
+            minimums[..., :4] | ((minimums[..., 4:] >> 4) << 6),
+            (scales[..., 4:] & 15) | ((minimums[..., 4:] & 15) << 4),
+        ),
+        axis=-1,
+    )
+    pairs = q.reshape(n, k // 256, 4, 2, 32)
+    nibbles = ((pairs[:, :, :, 0] & 15) | ((pairs[:, :, :, 1] & 15) << 4)).reshape(n, k // 256, 128)
+    parts = [d.view(np.uint8).reshape(n, -1, 2), dmin.view(np.uint8).reshape(n, -1, 2), packed_scales]
+    if type_name == "Q5_K":
+        parts.append(((q >> 4) << np.arange(8, dtype=np.uint8)[:, None]).sum(axis=2, dtype=np.uint8))
+    return np.concatenate([*parts, nibbles], axis=-1).reshape(n, -1)
+
+
+def build_tiny_llama_gguf(target: Path, types: dict[str, str] = TYPES, embedding_type: str = EMBEDDING_TYPE, width: int = 64) -> Path:
+    """Write the file at ``target`` and return it: hidden size ``width``
+    (256 for the K-quants' super-blocks), MLP twice that."""
     import gguf
 
     torch.manual_seed(0)
     vocab = tokens()
     config = LlamaConfig(
         vocab_size=len(vocab),
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=width,
+        intermediate_size=2 * width,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -87,10 +139,15 @@ def build_tiny_llama_gguf(target: Path) -> Path:
 
     def add(name: str, weight: np.ndarray, type_name: str) -> None:
         qtype = gguf.GGMLQuantizationType[type_name]
-        data = weight.astype(np.float16) if type_name == "F16" else weight if type_name == "F32" else gguf.quants.quantize(weight, qtype)
+        if type_name in ("Q4_K", "Q5_K"):
+            data = quantize_k(weight, type_name)
+        elif type_name in ("F16", "F32"):
+            data = weight.astype(np.float16 if type_name == "F16" else np.float32)
+        else:
+            data = gguf.quants.quantize(weight, qtype)
         writer.add_tensor(name, data, raw_dtype=qtype)
 
-    add("token_embd.weight", state["model.embed_tokens.weight"], "Q8_0")
+    add("token_embd.weight", state["model.embed_tokens.weight"], embedding_type)
     add("output_norm.weight", state["model.norm.weight"], "F32")
     for layer in range(config.num_hidden_layers):
         prefix = f"model.layers.{layer}."
@@ -102,7 +159,7 @@ def build_tiny_llama_gguf(target: Path) -> Path:
                 weight = permute(weight, config.num_attention_heads)
             elif gguf_name == "attn_k":
                 weight = permute(weight, config.num_key_value_heads)
-            add(f"blk.{layer}.{gguf_name}.weight", weight, TYPES[gguf_name])
+            add(f"blk.{layer}.{gguf_name}.weight", weight, types[gguf_name])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -1,17 +1,33 @@
 """``--quantization gguf``: a GGUF checkpoint's quantized linears served as the file stores them.
 
-GGUF's simple block formats hold 32 weights of a row per block, which is
-exactly a group of ``model_runtime.weights.quantization``:
+Every block format served here comes down to groups of 32 weights of a row,
+each ``w = q * scale + offset`` with a small integer ``q``: exactly a group of
+``model_runtime.weights.quantization``, with float32 scale and offset.
 
 - ``Q4_1``: a float16 scale ``d``, a float16 minimum ``m`` and 16 bytes of
   nibbles, ``w = q * d + m`` with ``q`` in 0..15: an ``Int4Linear`` with scale
   ``d`` and offset ``m``;
 - ``Q4_0``: ``d`` and 16 bytes, ``w = (q - 8) * d``: offset ``-8 d``;
-- ``Q8_0``: ``d`` and 32 int8, ``w = q * d``: an ``Int8Linear`` with offset 0.
+- ``Q8_0``: ``d`` and 32 int8, ``w = q * d``: an ``Int8Linear`` with offset 0;
+- ``Q5_0`` / ``Q5_1``: as Q4_0 / Q4_1 with a fifth bit per weight (32 bits
+  ``qh`` beside the nibbles): ``q - 16`` (0..31 for Q5_1) held in an
+  ``Int8Linear``;
+- the K-quants ``Q4_K`` / ``Q5_K``: super-blocks of 256 weights, eight groups
+  of 32, a float16 ``d`` and ``dmin`` for the super-block and a 6-bit scale
+  ``sc`` and minimum ``mn`` per group (twelve bytes hold the sixteen),
+  ``w = q * (d * sc) - dmin * mn``: scale ``d * sc`` and offset
+  ``-dmin * mn``, both exact in float32 (an 11-bit significand times a 6-bit
+  integer). Q4_K's nibbles hold group 2j in the low halves of 32 bytes and
+  group 2j + 1 in the high ones; they are regrouped into Q4_0's order (byte i:
+  weight i low, weight i + 16 high) for ``Int4Linear``. Q5_K adds bit j of
+  byte i of a 32-byte ``qh`` as the fifth bit of group j's weight i, and is
+  held in an ``Int8Linear``.
 
-The nibbles keep GGUF's own order (the kernel reads it), and the values served
-are the file's, not a re-quantization of them. Other tensor types (float,
-the K-quants) stay as transformers dequantized them.
+The 4-bit nibbles keep two weights a byte (the kernel reads Q4_0's order);
+the 5-bit formats take a byte a weight (1.45x the file's 5.5 bits, still a
+quarter of float32). The values served are the file's, not a
+re-quantization of them. Other tensor types (float, Q2_K, Q3_K, Q6_K, ...)
+stay as transformers dequantized them, as float32.
 
 Which module a GGUF tensor belongs to is transformers' own mapping
 (``get_gguf_hf_weights_map`` and the architecture's ``TensorProcessor``).
@@ -45,8 +61,17 @@ from model_runtime.weights.quantization import (
 
 logger = logging.getLogger(__name__)
 
-# Bytes of one block of 32 weights, by GGUF type name.
-BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+# (weights, bytes) of one block, by GGUF type name, for the types served from their blocks.
+BLOCK_SHAPES = {
+    "Q4_0": (32, 18),
+    "Q4_1": (32, 20),
+    "Q5_0": (32, 22),
+    "Q5_1": (32, 24),
+    "Q8_0": (32, 34),
+    "Q4_K": (256, 144),
+    "Q5_K": (256, 176),
+}
+INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
 # |served - transformers' float32| allowed, relative to the weight's largest
 # magnitude: the file's Q4_1 values are q * d + m, rounded once by the kernel's
 # fused multiply-add and twice by numpy's dequantization.
@@ -83,23 +108,94 @@ class Blocks:
 def decode_blocks(raw: np.ndarray, type_name: str) -> Blocks | None:
     """``raw`` uint8 [N, bytes per row] of a GGUF tensor of type ``type_name``
     as ``Blocks``, or None for a type served as float."""
-    if type_name not in BLOCK_BYTES or raw.ndim != 2:
+    if type_name not in BLOCK_SHAPES or raw.ndim != 2:
         return None
-    blocks = np.ascontiguousarray(raw).reshape(raw.shape[0], -1, BLOCK_BYTES[type_name])
-    n, groups, _ = blocks.shape
+    blocks = np.ascontiguousarray(raw).reshape(raw.shape[0], -1, BLOCK_SHAPES[type_name][1])
+    n = blocks.shape[0]
+    if type_name in ("Q4_0", "Q4_1", "Q8_0"):  # already groups of 32 in the kernel's order
+        body = blocks[:, :, 2 if type_name != "Q4_1" else 4 :].reshape(n, -1)
+        q, scales = torch.from_numpy(body.copy()), _half(blocks, 0)
+        if type_name == "Q8_0":
+            return Blocks(type_name, False, q.view(torch.int8), scales, torch.zeros_like(scales))
+        return Blocks(type_name, True, q, scales, -8 * scales if type_name == "Q4_0" else _half(blocks, 2))
+    values, scales, offsets = _GROUP_DECODERS[type_name](blocks)  # [n, blocks, groups, 32], [n, blocks, groups] x 2
+    values, scales, offsets = values.reshape(n, -1, GROUP), scales.reshape(n, -1), offsets.reshape(n, -1)
+    if type_name in INT4_TYPES:
+        q = torch.from_numpy((values[:, :, : GROUP // 2] | (values[:, :, GROUP // 2 :] << 4)).reshape(n, -1))
+    else:
+        q = torch.from_numpy(values.astype(np.int8).reshape(n, -1))
+    return Blocks(type_name, type_name in INT4_TYPES, q, torch.from_numpy(scales), torch.from_numpy(offsets))
 
-    def half(start: int) -> torch.Tensor:
-        return torch.from_numpy(blocks[:, :, start : start + 2].copy().view(np.float16).reshape(n, groups)).float()
 
-    def body(start: int) -> torch.Tensor:
-        return torch.from_numpy(blocks[:, :, start:].reshape(n, -1).copy())
+def _half(blocks: np.ndarray, start: int) -> torch.Tensor:
+    """The float16 at byte ``start`` of every block, as float32 [n, blocks]."""
+    return torch.from_numpy(_halves(blocks, start))
 
-    scales = half(0)
-    if type_name == "Q8_0":
-        return Blocks(type_name, False, body(2).view(torch.int8), scales, torch.zeros_like(scales))
-    if type_name == "Q4_0":
-        return Blocks(type_name, True, body(2), scales, -8 * scales)
-    return Blocks(type_name, True, body(4), scales, half(2))
+
+def _halves(blocks: np.ndarray, start: int) -> np.ndarray:
+    return blocks[:, :, start : start + 2].copy().view(np.float16)[..., 0].astype(np.float32)
+
+
+def _nibbles(data: np.ndarray) -> np.ndarray:
+    """[..., 16] bytes as the 32 weights Q4_0 and Q5_0 order them: low halves, then high halves."""
+    return np.concatenate((data & 15, data >> 4), axis=-1)
+
+
+def _fifth_bits(blocks: np.ndarray) -> np.ndarray:
+    """Q5_0/Q5_1's ``qh`` (bytes 2..5 after the scales): bit i of the
+    little-endian word is weight i's fifth bit, as [n, blocks, 1, 32] 0/16."""
+    start = blocks.shape[2] - 20  # qh then 16 bytes of nibbles end the block
+    words = blocks[:, :, start : start + 4].copy().view("<u4")
+    return (((words >> np.arange(32, dtype=np.uint32)) & 1) << 4).astype(np.uint8)[:, :, None, :]
+
+
+def _q5_0(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    q = (_nibbles(blocks[:, :, None, 6:22]) | _fifth_bits(blocks)).astype(np.int16) - 16
+    d = _halves(blocks, 0)[..., None]
+    return q, d, np.zeros_like(d)
+
+
+def _q5_1(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    q = _nibbles(blocks[:, :, None, 8:24]) | _fifth_bits(blocks)
+    return q, _halves(blocks, 0)[..., None], _halves(blocks, 2)[..., None]
+
+
+def _k_scales(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K's eight 6-bit scales and minimums per super-block, from its
+    twelve bytes 4..15: bytes 0-3 hold scales 0-3 in their low six bits and
+    the top two bits of scales 4-7 above them, bytes 4-7 the same for the
+    minimums, bytes 8-11 the low four bits of scales 4-7 (low nibble) and of
+    minimums 4-7 (high nibble)."""
+    packed = blocks[:, :, 4:16]
+    low_scales, low_mins, rest = packed[..., 0:4], packed[..., 4:8], packed[..., 8:12]
+    scales = np.concatenate((low_scales & 63, (rest & 15) | ((low_scales >> 6) << 4)), axis=-1)
+    minimums = np.concatenate((low_mins & 63, (rest >> 4) | ((low_mins >> 6) << 4)), axis=-1)
+    return scales.astype(np.float32), minimums.astype(np.float32)
+
+
+def _k_nibbles(data: np.ndarray) -> np.ndarray:
+    """128 bytes of a K-quant super-block as its eight groups of 32 nibbles:
+    32 bytes hold group 2j in their low halves and group 2j + 1 in their high ones."""
+    chunks = data.reshape(*data.shape[:2], 4, 1, 32)
+    return np.concatenate((chunks & 15, chunks >> 4), axis=3).reshape(*data.shape[:2], 8, 32)
+
+
+def _k_scale_offset(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    scales, minimums = _k_scales(blocks)
+    return _halves(blocks, 0)[..., None] * scales, -(_halves(blocks, 2)[..., None] * minimums)
+
+
+def _q4_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return (_k_nibbles(blocks[:, :, 16:144]), *_k_scale_offset(blocks))
+
+
+def _q5_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    high = blocks[:, :, None, 16:48] >> np.arange(8, dtype=np.uint8)[:, None]  # group j: bit j of each of 32 bytes
+    return (_k_nibbles(blocks[:, :, 48:176]) | ((high & 1) << 4), *_k_scale_offset(blocks))
+
+
+# Types whose blocks are regrouped: the weights q, scales and offsets per group of 32.
+_GROUP_DECODERS = {"Q5_0": _q5_0, "Q5_1": _q5_1, "Q4_K": _q4_k, "Q5_K": _q5_k}
 
 
 def row_order(processor: object, gguf_name: str, rows: int) -> torch.Tensor | None:

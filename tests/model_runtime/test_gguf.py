@@ -17,10 +17,11 @@ from transformers import AutoModelForCausalLM
 from model_runtime import kernels
 from model_runtime.loading.default_model import default_gguf_file
 from model_runtime.loading.loader import load_model
-from model_runtime.weights.gguf import decode_blocks, read_gguf
+from model_runtime.weights.gguf import BLOCK_SHAPES, decode_blocks, read_gguf
+from model_runtime.weights.int_activations import IntActivationLinear
 from model_runtime.weights.quantization import GroupwiseLinear, Int4Linear, Int8Linear, dequantize_groups, pack_nibbles, unpack_nibbles
 from tests.model_runtime.test_parity import build, generate_outputs, make_prompts, run_engine
-from tests.tiny_gguf import TYPES, build_tiny_llama_gguf
+from tests.tiny_gguf import K_EMBEDDING_TYPE, K_TYPES, TYPES, build_tiny_llama_gguf, quantize_k
 
 ROWS = (1, 2, 5, 6, 7, 16, 64, 65, 130)
 SHAPES = ((32, 1), (64, 7), (96, 16), (576, 33))  # (in, out)
@@ -36,6 +37,12 @@ def ops():
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_llama_gguf(tmp_path_factory.mktemp("tiny-gguf") / "tiny.gguf")
+
+
+@pytest.fixture(scope="module")
+def tiny_k_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Q4_K, Q5_K, Q5_0 and Q5_1 projections, a Q4_K embedding the head is tied to, an F16 down projection."""
+    return build_tiny_llama_gguf(tmp_path_factory.mktemp("tiny-k-gguf") / "tiny-k.gguf", K_TYPES, K_EMBEDDING_TYPE, width=256)
 
 
 def random_int4(out_features: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -60,6 +67,36 @@ def test_blocks_decode_to_ggufs_own_values(type_name: str):
     expected = torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[type_name]))
     torch.testing.assert_close(blocks.dequantized(), expected, rtol=1e-6, atol=1e-7)
     assert decode_blocks(weights.astype(np.float16).view(np.uint8), "F16") is None
+
+
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K"])
+def test_random_valid_blocks_decode_to_ggufs_own_values(type_name: str):
+    """Every bit pattern of the block bodies (random bytes), finite float16 scales and minimums."""
+    import gguf
+
+    rng = np.random.default_rng(3)
+    weights_per_block, block_bytes = BLOCK_SHAPES[type_name]
+    raw = rng.integers(0, 256, (7, 512 // weights_per_block * block_bytes), dtype=np.uint8)
+    blocks = raw.reshape(7, -1, block_bytes)
+    halves = 2 if type_name in ("Q4_1", "Q5_1", "Q4_K", "Q5_K") else 1  # d (and m or dmin) lead each block
+    for half in range(halves):
+        factors = rng.uniform(-0.05, 0.05, (*blocks.shape[:2], 1)).astype(np.float16)
+        blocks[:, :, 2 * half : 2 * half + 2] = factors.view(np.uint8)
+    decoded = decode_blocks(raw, type_name)
+    assert decoded.int4 == (type_name in ("Q4_0", "Q4_1", "Q4_K")) and decoded.scales.shape == (7, 16)
+    expected = torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[type_name]))
+    torch.testing.assert_close(decoded.dequantized(), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_the_k_quantizer_of_the_fixtures_writes_what_gguf_reads():
+    import gguf
+
+    weights = (np.random.default_rng(1).standard_normal((6, 512)) * 0.2).astype(np.float32)
+    for type_name, step in (("Q4_K", 15), ("Q5_K", 31)):
+        raw = quantize_k(weights, type_name)
+        assert raw.shape == (6, 2 * BLOCK_SHAPES[type_name][1])
+        restored = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[type_name])
+        assert np.abs(restored - weights).max() < 2 * np.ptp(weights) / step / 2  # within a step of each group's range
 
 
 def test_nibbles_pack_in_ggufs_order():
@@ -147,6 +184,53 @@ def test_gguf_greedy_parity_with_generate_on_the_files_model(tiny_gguf: Path):
     expected = generate_outputs(reference_model, prompts)
     assert run_engine(build(loaded, num_kv_blocks=512, max_num_batched_tokens=4096), prompts) == expected
     assert run_engine(build(loaded, num_kv_blocks=40, max_num_batched_tokens=37), prompts, id_prefix="p") == expected  # chunked, preempted
+
+
+def test_k_quants_and_5_bit_types_serve_the_files_own_values_in_their_own_blocks(tiny_k_gguf: Path):
+    plain = from_file(tiny_k_gguf)
+    served = load_model(tiny_k_gguf, "float32", "cpu", "gguf").model
+    float_weights = {name: module.weight for name, module in plain.named_modules() if isinstance(module, nn.Linear)}
+    kinds = {}
+    for name, module in served.named_modules():
+        if isinstance(module, GroupwiseLinear):
+            torch.testing.assert_close(module.dequantized(), float_weights[name].detach(), rtol=0, atol=1e-6, msg=name)
+            kinds[name] = (module.gguf_type, module.KIND)
+        elif isinstance(module, nn.Linear):
+            kinds[name] = "float"
+    attention, mlp = "model.layers.1.self_attn.", "model.layers.0.mlp."
+    assert kinds[attention + "q_proj"] == ("Q4_K", "int4") and kinds[attention + "k_proj"] == ("Q5_K", "int8")  # permuted rows
+    assert kinds[attention + "v_proj"] == ("Q5_0", "int8") and kinds[attention + "o_proj"] == ("Q5_1", "int8")
+    assert kinds[mlp + "gate_proj"] == ("Q4_K", "int4") and kinds[mlp + "up_proj"] == ("Q5_K", "int8")
+    assert kinds[mlp + "down_proj"] == "float" and kinds["lm_head"] == ("Q4_K", "int4")  # F16; tied to the Q4_K embedding
+    # Q4_K holds two weights a byte, as the file does, beside a float32 scale and offset per 32.
+    assert served.model.layers[0].self_attn.q_proj.q.element_size() * served.model.layers[0].self_attn.q_proj.q.shape[1] == 256 // 2
+
+
+def test_k_quants_greedy_parity_with_generate_on_the_files_model(tiny_k_gguf: Path):
+    loaded = load_model(tiny_k_gguf, "float32", "cpu", "gguf")
+    prompts = make_prompts(seed=7, vocab_size=loaded.model.config.vocab_size)
+    expected = generate_outputs(from_file(tiny_k_gguf), prompts)
+    assert run_engine(build(loaded, num_kv_blocks=512, max_num_batched_tokens=4096), prompts) == expected
+    assert run_engine(build(loaded, num_kv_blocks=40, max_num_batched_tokens=37), prompts, id_prefix="p") == expected  # chunked, preempted
+
+
+def test_k_quants_with_integer_activations_stay_close_to_the_files_weights(tiny_k_gguf: Path):
+    """int16 activations round each group's inputs (and the kernel's layout
+    holds scales and offsets in float16): each linear close to the file's
+    float weights, not equal."""
+    model = load_model(tiny_k_gguf, "float32", "cpu", "gguf", activations="int16").model
+    float_weights = {
+        name: module.weight.detach() for name, module in from_file(tiny_k_gguf).named_modules() if isinstance(module, nn.Linear)
+    }
+    replaced = {name: module for name, module in model.named_modules() if isinstance(module, IntActivationLinear)}
+    assert {"model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.o_proj", "lm_head"} <= set(
+        replaced
+    )
+    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(0))
+    for name, module in replaced.items():
+        inputs = x if module.in_features == 256 else torch.randn(5, module.in_features)
+        want = inputs @ float_weights[name].T
+        torch.testing.assert_close(module(inputs), want, rtol=0, atol=2e-3 * want.abs().max().item(), msg=name)
 
 
 def test_the_start_line_says_which_weights_activations_kernels_and_compile_mode_serve(tiny_gguf: Path, caplog):

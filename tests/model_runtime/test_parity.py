@@ -38,15 +38,23 @@ def reference_outputs(
 def generate_outputs(
     model: torch.nn.Module, prompts: list[list[int]], max_tokens_of=max_tokens_for, **generation: float
 ) -> list[list[int]]:
-    """Greedy ``model.generate`` of each prompt alone: the parity reference."""
+    """Greedy ``model.generate`` of each prompt alone, past any end token (as
+    ``run_engine``'s ``ignore_eos``): the parity reference. A ``None`` end
+    token in the given config does not override the model's own, so the
+    model's is cleared for the call."""
     outputs = []
-    for index, prompt in enumerate(prompts):
-        config = GenerationConfig(do_sample=False, max_new_tokens=max_tokens_of(index), eos_token_id=None, pad_token_id=0, **generation)
-        with torch.inference_mode():
-            generated = model.generate(
-                torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long), generation_config=config
-            )
-        outputs.append(generated[0, len(prompt) :].tolist())
+    model_eos = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = None
+    try:
+        for index, prompt in enumerate(prompts):
+            config = GenerationConfig(do_sample=False, max_new_tokens=max_tokens_of(index), eos_token_id=None, pad_token_id=0, **generation)
+            with torch.inference_mode():
+                generated = model.generate(
+                    torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long), generation_config=config
+                )
+            outputs.append(generated[0, len(prompt) :].tolist())
+    finally:
+        model.generation_config.eos_token_id = model_eos
     return outputs
 
 
