@@ -36,7 +36,7 @@ K_TYPES = {
     "attn_output": "Q5_1",
     "ffn_gate": "Q4_K",
     "ffn_up": "Q5_K",
-    "ffn_down": "F16",
+    "ffn_down": "Q6_K",
 }
 K_EMBEDDING_TYPE = "Q4_K"
 HF_NAMES = {
@@ -99,6 +99,25 @@ def quantize_k(weight: np.ndarray, type_name: str) -> np.ndarray:
     return np.concatenate([*parts, nibbles], axis=-1).reshape(n, -1)
 
 
+def quantize_q6_k(weight: np.ndarray) -> np.ndarray:
+    """float32 [N, K] (K a multiple of 256) as Q6_K blocks, uint8 [N, K / 256 *
+    210]: each 16 weights get a signed int8 scale against the super-block's
+    float16 d, each weight a 6-bit code (value = d * scale * (code - 32))."""
+    n, k = weight.shape
+    count = k // 256
+    groups = weight.astype(np.float32).reshape(n, count, 16, 16)
+    wanted = groups.max(-1, initial=0) / 31  # a positive step: codes 32..63 reach the largest
+    wanted = np.where(np.abs(groups.min(-1)) / 32 > wanted, groups.min(-1) / -32, wanted)
+    d = (np.abs(wanted).max(-1) / 127).astype(np.float16)
+    scales = np.clip(np.round(wanted / np.where(d > 0, d.astype(np.float32), 1)[..., None]), -128, 127).astype(np.int8)
+    step = d.astype(np.float32)[..., None] * scales
+    q = np.clip(np.round(groups / np.where(step != 0, step, 1)[..., None]) + 32, 0, 63).astype(np.uint8).reshape(n, count, 2, 128)
+    low = (q[..., :64] & 15) | ((q[..., 64:] & 15) << 4)  # [n, count, 2, 64]
+    high = ((q.reshape(n, count, 2, 4, 32) >> 4) << (2 * np.arange(4, dtype=np.uint8))[:, None]).sum(axis=3, dtype=np.uint8)
+    parts = [low.reshape(n, count, 128), high.reshape(n, count, 64), scales.view(np.uint8), d.view(np.uint8).reshape(n, count, 2)]
+    return np.concatenate(parts, axis=-1).reshape(n, -1)
+
+
 def build_tiny_llama_gguf(target: Path, types: dict[str, str] = TYPES, embedding_type: str = EMBEDDING_TYPE, width: int = 64) -> Path:
     """Write the file at ``target`` and return it: hidden size ``width``
     (256 for the K-quants' super-blocks), MLP twice that."""
@@ -141,6 +160,8 @@ def build_tiny_llama_gguf(target: Path, types: dict[str, str] = TYPES, embedding
         qtype = gguf.GGMLQuantizationType[type_name]
         if type_name in ("Q4_K", "Q5_K"):
             data = quantize_k(weight, type_name)
+        elif type_name == "Q6_K":
+            data = quantize_q6_k(weight)
         elif type_name in ("F16", "F32"):
             data = weight.astype(np.float16 if type_name == "F16" else np.float32)
         else:

@@ -1,7 +1,8 @@
 // torch ops over the per-ISA kernels of woq_gemm.cpp:
 //   tokenstep::int8_linear(x, q, scales, offsets, bias, isa, gemm_from_rows) -> y
 // x: float32 [..., K]; q: int8 [N, K] (contiguous); scales, offsets: float32
-// [N, ceil(K / 32)], w = q * scale + offset per group of 32 weights of a row;
+// [N, ceil(K / 32)], w = q * scale + offset per group of 32 weights of a row
+// (or [N, K / 16] for groups of 16, GGUF's Q6_K);
 // bias: float32 [N] or None;
 //   tokenstep::int8_dequantize(q, scales, offsets, isa) -> float32 [N, K];
 //   tokenstep::paged_decode_attention(query, key_cache, value_cache, block_tables,
@@ -43,18 +44,20 @@
 extern "C" {
 #define TS_DECLARE(isa)                                                                                       \
     void ts_int8_gemm_##isa(const float* x, int64_t M, int64_t K, const int8_t* q, const float* scales, \
-                            const float* offsets, const float* bias, float* y, int64_t N, int64_t n_begin, int64_t n_end);
+                            const float* offsets, int64_t group, const float* bias, float* y, int64_t N, int64_t n_begin, \
+                            int64_t n_end);
 #define TS_DECLARE_DEQUANTIZE(isa) \
-    void ts_int8_dequantize_##isa(const int8_t* q, const float* scales, const float* offsets, int64_t K, float* out, \
-                                  int64_t n_begin, int64_t n_end);
+    void ts_int8_dequantize_##isa(const int8_t* q, const float* scales, const float* offsets, int64_t group, int64_t K, \
+                                  float* out, int64_t n_begin, int64_t n_end);
 TS_DECLARE_DEQUANTIZE(avx512)
 TS_DECLARE_DEQUANTIZE(avx2)
 TS_DECLARE_DEQUANTIZE(generic)
 #define TS_DECLARE_INT4(isa)                                                                                     \
     void ts_int4_gemm_##isa(const float* x, int64_t M, int64_t K, const uint8_t* q, const float* scales,          \
-                            const float* offsets, const float* bias, float* y, int64_t N, int64_t n_begin, int64_t n_end); \
-    void ts_int4_dequantize_##isa(const uint8_t* q, const float* scales, const float* offsets, int64_t K, float* out, \
-                                  int64_t n_begin, int64_t n_end);
+                            const float* offsets, int64_t group, const float* bias, float* y, int64_t N, int64_t n_begin, \
+                            int64_t n_end);                                                                       \
+    void ts_int4_dequantize_##isa(const uint8_t* q, const float* scales, const float* offsets, int64_t group, int64_t K, \
+                                  float* out, int64_t n_begin, int64_t n_end);
 TS_DECLARE(avx512)
 TS_DECLARE(avx2)
 TS_DECLARE(generic)
@@ -84,13 +87,14 @@ TS_DECLARE_ATTENTION(generic)
 
 namespace {
 
-using Int8Gemm = void (*)(const float*, int64_t, int64_t, const int8_t*, const float*, const float*, const float*,
+// (..., scales, offsets, group, ...): group is the weights per (scale, offset), 32 or (int8 only) 16.
+using Int8Gemm = void (*)(const float*, int64_t, int64_t, const int8_t*, const float*, const float*, int64_t, const float*,
                           float*, int64_t, int64_t, int64_t);
 
-using Int8Dequantize = void (*)(const int8_t*, const float*, const float*, int64_t, float*, int64_t, int64_t);
-using Int4Gemm = void (*)(const float*, int64_t, int64_t, const uint8_t*, const float*, const float*, const float*,
+using Int8Dequantize = void (*)(const int8_t*, const float*, const float*, int64_t, int64_t, float*, int64_t, int64_t);
+using Int4Gemm = void (*)(const float*, int64_t, int64_t, const uint8_t*, const float*, const float*, int64_t, const float*,
                           float*, int64_t, int64_t, int64_t);
-using Int4Dequantize = void (*)(const uint8_t*, const float*, const float*, int64_t, float*, int64_t, int64_t);
+using Int4Dequantize = void (*)(const uint8_t*, const float*, const float*, int64_t, int64_t, float*, int64_t, int64_t);
 using QuantizeActivations = void (*)(const float*, int64_t, int64_t, int64_t, void*, float*, float*, int64_t, int64_t);
 using IntGemm = void (*)(const void*, int64_t, const float*, const float*, int64_t, int64_t, const uint8_t*, int64_t,
                          const uint16_t*, const uint16_t*, const float*, float*, int64_t, int64_t, int64_t);
@@ -145,24 +149,28 @@ constexpr int64_t kTile = 4;    // output channels per kernel tile (woq_gemm.cpp
 constexpr int64_t kGroup = 32;  // weights per (scale, offset) (woq_gemm.cpp: GROUP)
 constexpr int64_t kAttentionLanes = 16;  // the widest build's VEC: every build's chunks divide head_dim
 
-// The weight's N and K, checked: int8 q is [N, K]; 4-bit q is [N, K / 2] bytes,
-// K a multiple of the group.
+// The weight's N, K and group, checked: int8 q is [N, K]; 4-bit q is [N, K / 2]
+// bytes, K a multiple of the group. The group is 32, or for int8 16 where the
+// scales say so ([N, K / 16], K a multiple of 16).
 struct Shape {
-    int64_t N, K;
+    int64_t N, K, group;
 };
 
 Shape check_weight(const char* op, const at::Tensor& q, bool int4, const at::Tensor& scales, const at::Tensor& offsets) {
     const auto dtype = int4 ? at::kByte : at::kChar;
     TORCH_CHECK(q.scalar_type() == dtype && q.dim() == 2 && q.is_contiguous(), op, ": q must be contiguous ",
                 int4 ? "uint8 [N, K / 2]" : "int8 [N, K]");
-    const Shape shape{q.size(0), int4 ? 2 * q.size(1) : q.size(1)};
-    TORCH_CHECK(!int4 || shape.K % kGroup == 0, op, ": K must be a multiple of ", kGroup, ", got ", shape.K);
-    const int64_t groups = (shape.K + kGroup - 1) / kGroup;
+    const int64_t N = q.size(0), K = int4 ? 2 * q.size(1) : q.size(1);
+    TORCH_CHECK(!int4 || K % kGroup == 0, op, ": K must be a multiple of ", kGroup, ", got ", K);
+    const int64_t groups = (K + kGroup - 1) / kGroup;
+    const bool sixteen = !int4 && K % 16 == 0 && scales.dim() == 2 && scales.size(1) == K / 16 && K / 16 != groups;
+    const int64_t expected = sixteen ? K / 16 : groups;
     for (const auto* t : {&scales, &offsets})
-        TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 && t->size(0) == shape.N &&
-                        t->size(1) == groups,
-                    op, ": scales and offsets must be contiguous float32 [", shape.N, ", ", groups, "]");
-    return shape;
+        TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 && t->size(0) == N &&
+                        t->size(1) == expected,
+                    op, ": scales and offsets must be contiguous float32 [", N, ", ", groups, "]",
+                    int4 ? "" : " (or [N, K / 16] for groups of 16)");
+    return {N, K, sixteen ? 16 : kGroup};
 }
 
 // What every linear op shares: x float32 [..., K] (K checked by the caller)
@@ -193,7 +201,7 @@ template <typename Q, typename Gemm>
 at::Tensor linear(const char* op, bool int4, Gemm Isa::*kernel, const at::Tensor& x, const at::Tensor& q,
                   const at::Tensor& scales, const at::Tensor& offsets, const c10::optional<at::Tensor>& bias,
                   int64_t isa) {
-    const auto [N, K] = check_weight(op, q, int4, scales, offsets);
+    const auto [N, K, group] = check_weight(op, q, int4, scales, offsets);
     TORCH_CHECK(x.size(-1) == K, op, ": x has ", x.size(-1), " features, the weight ", K);
     const LinearCall call = linear_call(op, x, N, bias);  // not a structured binding: C++17 lambdas cannot capture one
     if (call.M == 0) return call.y;
@@ -204,8 +212,8 @@ at::Tensor linear(const char* op, bool int4, Gemm Isa::*kernel, const at::Tensor
     const float* od = offsets.data_ptr<float>();
     float* yd = call.y.data_ptr<float>();
     const int64_t tiles = (N + kTile - 1) / kTile;
-    at::parallel_for(0, tiles, 1, [&, N = N, K = K](int64_t begin, int64_t end) {
-        gemm(xd, call.M, K, qd, sd, od, call.bias, yd, N, begin * kTile, std::min(end * kTile, N));
+    at::parallel_for(0, tiles, 1, [&, N = N, K = K, group = group](int64_t begin, int64_t end) {
+        gemm(xd, call.M, K, qd, sd, od, group, call.bias, yd, N, begin * kTile, std::min(end * kTile, N));
     });
     return call.y;
 }
@@ -213,14 +221,14 @@ at::Tensor linear(const char* op, bool int4, Gemm Isa::*kernel, const at::Tensor
 template <typename Q, typename Dequantize>
 at::Tensor dequantize(const char* op, bool int4, Dequantize Isa::*kernel, const at::Tensor& q, const at::Tensor& scales,
                       const at::Tensor& offsets, int64_t isa) {
-    const auto [N, K] = check_weight(op, q, int4, scales, offsets);
+    const auto [N, K, group] = check_weight(op, q, int4, scales, offsets);
     at::Tensor out = at::empty({N, K}, q.options().dtype(at::kFloat));
     const Dequantize run = pick(isa).*kernel;
     const Q* qd = q.data_ptr<Q>();
     const float* sd = scales.data_ptr<float>();
     const float* od = offsets.data_ptr<float>();
     float* outd = out.data_ptr<float>();
-    at::parallel_for(0, N, 16, [&, K = K](int64_t begin, int64_t end) { run(qd, sd, od, K, outd, begin, end); });
+    at::parallel_for(0, N, 16, [&, K = K, group = group](int64_t begin, int64_t end) { run(qd, sd, od, group, K, outd, begin, end); });
     return out;
 }
 

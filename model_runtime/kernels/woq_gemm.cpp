@@ -26,8 +26,8 @@ namespace {
 
 constexpr int MR = TS_MR;
 constexpr int NR = 4;        // output channels per tile
-constexpr int64_t GROUP = 32; // weights per (scale, offset) pair along K
-static_assert(GROUP % VEC == 0, "a vector never straddles two groups");
+constexpr int64_t GROUP = 32; // weights per (scale, offset) pair along K; int8 rows may take 16 (GGUF's Q6_K)
+static_assert(16 % VEC == 0, "a vector never straddles two groups");
 constexpr int64_t MB = 64;   // input rows per block: a block of x stays in L2
 
 typedef int8_t vq __attribute__((vector_size(VEC)));
@@ -93,8 +93,9 @@ struct FloatRows {
     vf tail(int j, int64_t k, int64_t) const { return load(rows + j * ld + k); }
 };
 
-// Quantized rows of K weights with one (scale, offset) per GROUP along a row:
-// w = q * scale + offset. from(n) is the same matrix from row n on.
+// Quantized rows of K weights with one (scale, offset) per 2^shift weights
+// along a row (GROUP, or 16 for int8): w = q * scale + offset. from(n) is the
+// same matrix from row n on.
 template <typename Q, typename Self>
 struct GroupRows {
     const Q* rows;
@@ -102,9 +103,10 @@ struct GroupRows {
     const float* scales;   // [rows, groups]
     const float* offsets;  // [rows, groups]
     int64_t groups;
-    Self from(int64_t n) const { return Self{{rows + n * ld, ld, scales + n * groups, offsets + n * groups, groups}}; }
+    int shift;             // log2 of the group size
+    Self from(int64_t n) const { return Self{{rows + n * ld, ld, scales + n * groups, offsets + n * groups, groups, shift}}; }
     vf dequant(int j, int64_t k, vf q) const {
-        const int64_t g = j * groups + k / GROUP;
+        const int64_t g = j * groups + (k >> shift);
         return q * scales[g] + offsets[g];
     }
 };
@@ -260,32 +262,35 @@ void dequantize(const Rows& all, int64_t K, float* out, int64_t n_begin, int64_t
     }
 }
 
-inline int64_t groups_of(int64_t K) { return (K + GROUP - 1) / GROUP; }
+inline int64_t groups_of(int64_t K, int64_t group) { return (K + group - 1) / group; }
+inline int shift_of(int64_t group) { return group == 16 ? 4 : 5; }
 
 }  // namespace
 
-// int8 weights q [N, K] with a float (scale, offset) per GROUP weights of a
-// row, w = q * scale + offset; scales and offsets are [N, ceil(K / GROUP)].
+// int8 weights q [N, K] with a float (scale, offset) per ``group`` (32 or 16)
+// weights of a row, w = q * scale + offset; scales and offsets are
+// [N, ceil(K / group)].
 extern "C" void TS_NAME(ts_int8_gemm)(const float* x, int64_t M, int64_t K, const int8_t* q, const float* scales,
-                                      const float* offsets, const float* bias, float* y, int64_t N, int64_t n_begin,
-                                      int64_t n_end) {
-    gemm(x, M, K, Int8Rows{{q, K, scales, offsets, groups_of(K)}}, bias, y, N, n_begin, n_end);
+                                      const float* offsets, int64_t group, const float* bias, float* y, int64_t N,
+                                      int64_t n_begin, int64_t n_end) {
+    gemm(x, M, K, Int8Rows{{q, K, scales, offsets, groups_of(K, group), shift_of(group)}}, bias, y, N, n_begin, n_end);
 }
 
-extern "C" void TS_NAME(ts_int8_dequantize)(const int8_t* q, const float* scales, const float* offsets, int64_t K,
-                                            float* out, int64_t n_begin, int64_t n_end) {
-    dequantize(Int8Rows{{q, K, scales, offsets, groups_of(K)}}, K, out, n_begin, n_end);
+extern "C" void TS_NAME(ts_int8_dequantize)(const int8_t* q, const float* scales, const float* offsets, int64_t group,
+                                            int64_t K, float* out, int64_t n_begin, int64_t n_end) {
+    dequantize(Int8Rows{{q, K, scales, offsets, groups_of(K, group), shift_of(group)}}, K, out, n_begin, n_end);
 }
 
 // 4-bit weights packed [N, K / 2] in GGUF's order (Int4Rows), K a multiple of
-// GROUP, with a (scale, offset) per group: w = nibble * scale + offset.
+// GROUP, with a (scale, offset) per group: w = nibble * scale + offset
+// (``group`` is always GROUP here).
 extern "C" void TS_NAME(ts_int4_gemm)(const float* x, int64_t M, int64_t K, const uint8_t* packed, const float* scales,
-                                      const float* offsets, const float* bias, float* y, int64_t N, int64_t n_begin,
-                                      int64_t n_end) {
-    gemm(x, M, K, Int4Rows{{packed, K / 2, scales, offsets, groups_of(K)}}, bias, y, N, n_begin, n_end);
+                                      const float* offsets, int64_t, const float* bias, float* y, int64_t N,
+                                      int64_t n_begin, int64_t n_end) {
+    gemm(x, M, K, Int4Rows{{packed, K / 2, scales, offsets, groups_of(K, GROUP), shift_of(GROUP)}}, bias, y, N, n_begin, n_end);
 }
 
-extern "C" void TS_NAME(ts_int4_dequantize)(const uint8_t* packed, const float* scales, const float* offsets, int64_t K,
-                                            float* out, int64_t n_begin, int64_t n_end) {
-    dequantize(Int4Rows{{packed, K / 2, scales, offsets, groups_of(K)}}, K, out, n_begin, n_end);
+extern "C" void TS_NAME(ts_int4_dequantize)(const uint8_t* packed, const float* scales, const float* offsets, int64_t,
+                                            int64_t K, float* out, int64_t n_begin, int64_t n_end) {
+    dequantize(Int4Rows{{packed, K / 2, scales, offsets, groups_of(K, GROUP), shift_of(GROUP)}}, K, out, n_begin, n_end);
 }

@@ -34,7 +34,7 @@ from model_runtime.encoder_decoder.families import family_of
 from model_runtime.weights.gguf import block_types, load_gguf_linears
 from model_runtime.weights.int_activations import quantize_activations
 from model_runtime.weights.layout import optimise_cpu_linears
-from model_runtime.weights.quantization import describe, quantize_int8, to_float_linears
+from model_runtime.weights.quantization import GroupwiseLinear, describe, quantize_int8, to_float_linears
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,8 @@ def load_model(
             linears = describe(quantized)
             if activations != "float32" and quantize_activations(model, ops, activations):
                 linears += f"; {activations} activations"
-                served_activations = activations
+                kept = sum(isinstance(module, GroupwiseLinear) for module in model.modules())
+                served_activations = activations + (f" ({kept} linears in groups of 16 keep float32)" if kept else "")
     elif torch_device.type == "cpu":
         linears = optimise_cpu_linears(model, torch_dtype)
     else:

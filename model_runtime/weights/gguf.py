@@ -21,12 +21,17 @@ each ``w = q * scale + offset`` with a small integer ``q``: exactly a group of
   group 2j + 1 in the high ones; they are regrouped into Q4_0's order (byte i:
   weight i low, weight i + 16 high) for ``Int4Linear``. Q5_K adds bit j of
   byte i of a 32-byte ``qh`` as the fifth bit of group j's weight i, and is
-  held in an ``Int8Linear``.
+  held in an ``Int8Linear``;
+- ``Q6_K``: super-blocks of 256 weights of 6 bits (four in the low and
+  high nibbles of 128 bytes, two in 64 bytes of bit pairs), a signed int8
+  scale per 16 weights and a float16 ``d`` at the end, ``w = (q - 32) * d *
+  sc``: an ``Int8Linear`` in groups of 16 (the int8 kernel takes scales
+  [N, K / 16] too), offset 0.
 
 The 4-bit nibbles keep two weights a byte (the kernel reads Q4_0's order);
-the 5-bit formats take a byte a weight (1.45x the file's 5.5 bits, still a
-quarter of float32). The values served are the file's, not a
-re-quantization of them. Other tensor types (float, Q2_K, Q3_K, Q6_K, ...)
+the 5- and 6-bit formats take a byte a weight (1.45x and 1.2x the file's
+bits, a quarter of float32). The values served are the file's, not a
+re-quantization of them. Other tensor types (float, Q2_K, Q3_K, IQ*, ...)
 stay as transformers dequantized them, as float32.
 
 Which module a GGUF tensor belongs to is transformers' own mapping
@@ -70,6 +75,7 @@ BLOCK_SHAPES = {
     "Q8_0": (32, 34),
     "Q4_K": (256, 144),
     "Q5_K": (256, 176),
+    "Q6_K": (256, 210),
 }
 INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
 # |served - transformers' float32| allowed, relative to the weight's largest
@@ -95,7 +101,7 @@ class Blocks:
         return Blocks(self.type_name, self.int4, *reordered)
 
     def linear(self, bias: torch.Tensor | None, ops: object | None) -> GroupwiseLinear:
-        in_features = self.scales.shape[1] * GROUP
+        in_features = self.q.shape[1] * (2 if self.int4 else 1)
         cls = Int4Linear if self.int4 else Int8Linear
         module = cls(self.q, self.scales, self.offsets, bias, ops, in_features)
         module.gguf_type = self.type_name
@@ -118,9 +124,10 @@ def decode_blocks(raw: np.ndarray, type_name: str) -> Blocks | None:
         if type_name == "Q8_0":
             return Blocks(type_name, False, q.view(torch.int8), scales, torch.zeros_like(scales))
         return Blocks(type_name, True, q, scales, -8 * scales if type_name == "Q4_0" else _half(blocks, 2))
-    values, scales, offsets = _GROUP_DECODERS[type_name](blocks)  # [n, blocks, groups, 32], [n, blocks, groups] x 2
-    values, scales, offsets = values.reshape(n, -1, GROUP), scales.reshape(n, -1), offsets.reshape(n, -1)
+    values, scales, offsets = _GROUP_DECODERS[type_name](blocks)  # [n, blocks, groups, 32 or 16], [n, blocks, groups] x 2
+    scales, offsets = scales.reshape(n, -1), offsets.reshape(n, -1)
     if type_name in INT4_TYPES:
+        values = values.reshape(n, -1, GROUP)
         q = torch.from_numpy((values[:, :, : GROUP // 2] | (values[:, :, GROUP // 2 :] << 4)).reshape(n, -1))
     else:
         q = torch.from_numpy(values.astype(np.int8).reshape(n, -1))
@@ -194,8 +201,22 @@ def _q5_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return (_k_nibbles(blocks[:, :, 48:176]) | ((high & 1) << 4), *_k_scale_offset(blocks))
 
 
-# Types whose blocks are regrouped: the weights q, scales and offsets per group of 32.
-_GROUP_DECODERS = {"Q5_0": _q5_0, "Q5_1": _q5_1, "Q4_K": _q4_k, "Q5_K": _q5_k}
+def _q6_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q6_K: two halves of 128 weights, each from 64 bytes of low four bits
+    (weights 0-63 in the low nibbles, 64-127 in the high ones) and 32 bytes of
+    top two bits (bits 2s..2s+1 of byte i for weight 32s + i), minus 32; then
+    sixteen int8 scales, one per 16 weights, and the float16 ``d`` last."""
+    n, count = blocks.shape[:2]
+    low = blocks[:, :, :128].reshape(n, count, 2, 1, 64)
+    low = np.concatenate((low & 15, low >> 4), axis=3).reshape(n, count, 2, 128)
+    high = blocks[:, :, 128:192].reshape(n, count, 2, 1, 32) >> (2 * np.arange(4, dtype=np.uint8))[:, None]
+    q = (low | ((high & 3).reshape(n, count, 2, 128) << 4)).astype(np.int16) - 32
+    scales = _halves(blocks, 208)[..., None] * blocks[:, :, 192:208].view(np.int8).astype(np.float32)
+    return q.reshape(n, count, 16, 16), scales, np.zeros_like(scales)
+
+
+# Types whose blocks are regrouped: the weights q, scales and offsets per group of 32 (Q6_K: 16).
+_GROUP_DECODERS = {"Q5_0": _q5_0, "Q5_1": _q5_1, "Q4_K": _q4_k, "Q5_K": _q5_k, "Q6_K": _q6_k}
 
 
 def row_order(processor: object, gguf_name: str, rows: int) -> torch.Tensor | None:

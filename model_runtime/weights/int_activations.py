@@ -119,7 +119,8 @@ def quantize_activations(model: nn.Module, ops: object, activations: str) -> lis
     tokenstep's kernels ``ops`` and choose the instruction set by timing.
     (Without kernels the loader serves float32 linears instead.)"""
     act_bits = {"int16": 16, "int8": 8}[activations]
-    replaced = replace_groupwise(model, lambda module: IntActivationLinear(module, ops, act_bits))
+    # Groups of 16 (GGUF's Q6_K) keep float activations: the integer kernel's groups are 32.
+    replaced = replace_groupwise(model, lambda module: IntActivationLinear(module, ops, act_bits), lambda module: module.group == GROUP)
     if replaced:
         isa = choose_isa(replaced, ops)
         for module in replaced:

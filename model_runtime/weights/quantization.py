@@ -66,9 +66,18 @@ def quantize_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     return q.contiguous(), scales.contiguous(), offsets.contiguous()
 
 
+def group_size(in_features: int, groups: int) -> int:
+    """Weights per (scale, offset) of a row of ``in_features`` with ``groups``
+    of them: ``GROUP``, or 16 (GGUF's Q6_K, int8 only) where the scales say so
+    (the kernels' ``check_weight`` reads them the same way)."""
+    if in_features % 16 == 0 and groups == in_features // 16 and groups != -(-in_features // GROUP):
+        return 16
+    return GROUP
+
+
 def dequantize_groups(q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     n, k = q.shape
-    index = torch.arange(k, device=q.device) // GROUP
+    index = torch.arange(k, device=q.device) // group_size(k, scales.shape[1])
     return q.to(torch.float32).mul_(scales[:, index]).add_(offsets[:, index])
 
 
@@ -110,6 +119,10 @@ class GroupwiseLinear(nn.Module):
         self.ops = ops
         self.isa = -1
         self.gemm_from_rows = float("inf") if ops is not None else 0
+
+    @property
+    def group(self) -> int:
+        return group_size(self.in_features, self.scales.shape[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.ops is None:
@@ -156,12 +169,14 @@ class Int4Linear(GroupwiseLinear):
         return unpack_nibbles(self.q)
 
 
-def replace_groupwise(model: nn.Module, make: Callable[[GroupwiseLinear], nn.Module]) -> list[nn.Module]:
-    """Replace every ``GroupwiseLinear`` of ``model`` by ``make(it)``; returns the new modules."""
+def replace_groupwise(
+    model: nn.Module, make: Callable[[GroupwiseLinear], nn.Module], which: Callable[[GroupwiseLinear], bool] = lambda _: True
+) -> list[nn.Module]:
+    """Replace every ``GroupwiseLinear`` of ``model`` that ``which`` accepts by ``make(it)``; returns the new modules."""
     made = []
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, GroupwiseLinear):
+            if isinstance(child, GroupwiseLinear) and which(child):
                 made.append(make(child))
                 setattr(parent, name, made[-1])
     return made

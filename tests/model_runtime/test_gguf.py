@@ -21,7 +21,7 @@ from model_runtime.weights.gguf import BLOCK_SHAPES, decode_blocks, read_gguf
 from model_runtime.weights.int_activations import IntActivationLinear
 from model_runtime.weights.quantization import GroupwiseLinear, Int4Linear, Int8Linear, dequantize_groups, pack_nibbles, unpack_nibbles
 from tests.model_runtime.test_parity import build, generate_outputs, make_prompts, run_engine
-from tests.tiny_gguf import K_EMBEDDING_TYPE, K_TYPES, TYPES, build_tiny_llama_gguf, quantize_k
+from tests.tiny_gguf import K_EMBEDDING_TYPE, K_TYPES, TYPES, build_tiny_llama_gguf, quantize_k, quantize_q6_k
 
 ROWS = (1, 2, 5, 6, 7, 16, 64, 65, 130)
 SHAPES = ((32, 1), (64, 7), (96, 16), (576, 33))  # (in, out)
@@ -41,7 +41,7 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_k_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Q4_K, Q5_K, Q5_0 and Q5_1 projections, a Q4_K embedding the head is tied to, an F16 down projection."""
+    """Q4_K, Q5_K, Q5_0, Q5_1 and Q6_K projections, a Q4_K embedding the head is tied to."""
     return build_tiny_llama_gguf(tmp_path_factory.mktemp("tiny-k-gguf") / "tiny-k.gguf", K_TYPES, K_EMBEDDING_TYPE, width=256)
 
 
@@ -69,7 +69,7 @@ def test_blocks_decode_to_ggufs_own_values(type_name: str):
     assert decode_blocks(weights.astype(np.float16).view(np.uint8), "F16") is None
 
 
-@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K"])
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"])
 def test_random_valid_blocks_decode_to_ggufs_own_values(type_name: str):
     """Every bit pattern of the block bodies (random bytes), finite float16 scales and minimums."""
     import gguf
@@ -78,12 +78,13 @@ def test_random_valid_blocks_decode_to_ggufs_own_values(type_name: str):
     weights_per_block, block_bytes = BLOCK_SHAPES[type_name]
     raw = rng.integers(0, 256, (7, 512 // weights_per_block * block_bytes), dtype=np.uint8)
     blocks = raw.reshape(7, -1, block_bytes)
-    halves = 2 if type_name in ("Q4_1", "Q5_1", "Q4_K", "Q5_K") else 1  # d (and m or dmin) lead each block
-    for half in range(halves):
+    # d (and m or dmin) lead each block; Q6_K's d ends it
+    starts = {"Q4_1": (0, 2), "Q5_1": (0, 2), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}.get(type_name, (0,))
+    for start in starts:
         factors = rng.uniform(-0.05, 0.05, (*blocks.shape[:2], 1)).astype(np.float16)
-        blocks[:, :, 2 * half : 2 * half + 2] = factors.view(np.uint8)
+        blocks[:, :, start : start + 2] = factors.view(np.uint8)
     decoded = decode_blocks(raw, type_name)
-    assert decoded.int4 == (type_name in ("Q4_0", "Q4_1", "Q4_K")) and decoded.scales.shape == (7, 16)
+    assert decoded.int4 == (type_name in ("Q4_0", "Q4_1", "Q4_K")) and decoded.scales.shape == (7, 32 if type_name == "Q6_K" else 16)
     expected = torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[type_name]))
     torch.testing.assert_close(decoded.dequantized(), expected, rtol=1e-6, atol=1e-7)
 
@@ -97,6 +98,8 @@ def test_the_k_quantizer_of_the_fixtures_writes_what_gguf_reads():
         assert raw.shape == (6, 2 * BLOCK_SHAPES[type_name][1])
         restored = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[type_name])
         assert np.abs(restored - weights).max() < 2 * np.ptp(weights) / step / 2  # within a step of each group's range
+    restored = gguf.quants.dequantize(quantize_q6_k(weights), gguf.GGMLQuantizationType.Q6_K)
+    assert np.abs(restored - weights).max() < np.abs(weights).max() / 31
 
 
 def test_nibbles_pack_in_ggufs_order():
@@ -139,6 +142,27 @@ def test_int4_kernel_on_every_isa_matches_the_dequantized_gemm(ops):
                         atol=1e-4 * in_features**0.5,
                         msg=f"{ops.isas()[isa]} {rows}x{in_features}->{out_features}",
                     )
+
+
+def test_int8_kernel_with_groups_of_16_on_every_isa_matches_the_dequantized_gemm(ops):
+    """GGUF's Q6_K holds a scale per 16 weights: the int8 kernel takes [N, K / 16] scales too."""
+    torch.manual_seed(1)
+    for in_features, out_features in ((32, 1), (64, 7), (96, 16), (576, 33), (272, 5)):
+        q = torch.randint(-32, 32, (out_features, in_features), dtype=torch.int8)
+        scales = torch.randn(out_features, in_features // 16) * 0.05
+        offsets = torch.zeros_like(scales)
+        index = torch.arange(in_features) // 16
+        weight = q.double() * scales.double()[:, index]
+        torch.testing.assert_close(dequantize_groups(q, scales, offsets).double(), weight, rtol=1e-6, atol=1e-7)
+        for isa in range(len(ops.isas())):
+            torch.testing.assert_close(ops.int8_dequantize(q, scales, offsets, isa).double(), weight, rtol=1e-6, atol=1e-7)
+            for rows in ROWS:
+                x = torch.randn(rows, in_features)
+                got = ops.int8_linear(x, q, scales, offsets, None, isa)
+                expected = nn.functional.linear(x.double(), weight)
+                torch.testing.assert_close(
+                    got.double(), expected, rtol=1e-4, atol=1e-4 * in_features**0.5, msg=f"{ops.isas()[isa]} {rows}x{in_features}"
+                )
 
 
 def test_int4_kernel_refuses_bad_operands_clearly(ops):
@@ -201,7 +225,8 @@ def test_k_quants_and_5_bit_types_serve_the_files_own_values_in_their_own_blocks
     assert kinds[attention + "q_proj"] == ("Q4_K", "int4") and kinds[attention + "k_proj"] == ("Q5_K", "int8")  # permuted rows
     assert kinds[attention + "v_proj"] == ("Q5_0", "int8") and kinds[attention + "o_proj"] == ("Q5_1", "int8")
     assert kinds[mlp + "gate_proj"] == ("Q4_K", "int4") and kinds[mlp + "up_proj"] == ("Q5_K", "int8")
-    assert kinds[mlp + "down_proj"] == "float" and kinds["lm_head"] == ("Q4_K", "int4")  # F16; tied to the Q4_K embedding
+    assert kinds[mlp + "down_proj"] == ("Q6_K", "int8") and kinds["lm_head"] == ("Q4_K", "int4")  # tied to the Q4_K embedding
+    assert served.model.layers[0].mlp.down_proj.group == 16 and "float" not in kinds.values()
     # Q4_K holds two weights a byte, as the file does, beside a float32 scale and offset per 32.
     assert served.model.layers[0].self_attn.q_proj.q.element_size() * served.model.layers[0].self_attn.q_proj.q.shape[1] == 256 // 2
 
@@ -217,15 +242,14 @@ def test_k_quants_greedy_parity_with_generate_on_the_files_model(tiny_k_gguf: Pa
 def test_k_quants_with_integer_activations_stay_close_to_the_files_weights(tiny_k_gguf: Path):
     """int16 activations round each group's inputs (and the kernel's layout
     holds scales and offsets in float16): each linear close to the file's
-    float weights, not equal."""
+    float weights, not equal. Q6_K (groups of 16) keeps float activations."""
     model = load_model(tiny_k_gguf, "float32", "cpu", "gguf", activations="int16").model
-    float_weights = {
-        name: module.weight.detach() for name, module in from_file(tiny_k_gguf).named_modules() if isinstance(module, nn.Linear)
-    }
+    reference = from_file(tiny_k_gguf)
+    float_weights = {name: module.weight.detach() for name, module in reference.named_modules() if isinstance(module, nn.Linear)}
     replaced = {name: module for name, module in model.named_modules() if isinstance(module, IntActivationLinear)}
-    assert {"model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.o_proj", "lm_head"} <= set(
-        replaced
-    )
+    attention = "model.layers.0.self_attn."
+    assert {attention + "q_proj", attention + "k_proj", attention + "v_proj", attention + "o_proj", "lm_head"} <= set(replaced)
+    assert isinstance(model.model.layers[0].mlp.down_proj, Int8Linear)  # Q6_K's groups of 16 keep float activations
     x = torch.randn(5, 256, generator=torch.Generator().manual_seed(0))
     for name, module in replaced.items():
         inputs = x if module.in_features == 256 else torch.randn(5, module.in_features)
