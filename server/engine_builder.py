@@ -11,6 +11,8 @@ import logging
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import torch
+
 from batching.block_manager import BlockManager
 from batching.engine_config import EngineConfig
 from batching.engine_core import EngineCore
@@ -127,6 +129,18 @@ def kv_window(loaded: LoadedModel, draft: LoadedModel | None = None) -> int | No
     return max(windows) if all(windows) else None
 
 
+def held_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters and buffers, each storage once (tied
+    and shared tensors), oneDNN's packed weights by their element count."""
+    strided, packed = {}, 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.layout == torch.strided:
+            strided[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        else:
+            packed += tensor.numel() * tensor.element_size()
+    return sum(strided.values()) + packed
+
+
 def serving_line(loaded: LoadedModel, runner: ModelRunner, compile_requested: bool) -> str:
     """One line of what serves, for the start log: the linears' weights and
     activations, tokenstep's kernels, where decode attention runs, and the
@@ -139,7 +153,8 @@ def serving_line(loaded: LoadedModel, runner: ModelRunner, compile_requested: bo
         compiled = "off (eager; --compile compiles the step forward)"
     attention = "tokenstep's decode kernel" if runner.decode_kernel else "gather + PyTorch SDPA / math"
     return (
-        f"weights {loaded.weights}; activations {loaded.activations}; kernels {kernels.describe(loaded.model)}; "
+        f"weights {loaded.weights}, {held_bytes(loaded.model) / 2**20:.0f} MiB held; activations {loaded.activations}; "
+        f"kernels {kernels.describe(loaded.model)}; "
         f"decode attention {attention}; compile {compiled}"
     )
 

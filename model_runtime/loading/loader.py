@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -37,6 +38,7 @@ from model_runtime.weights.layout import optimise_cpu_linears
 from model_runtime.weights.quantization import GroupwiseLinear, describe, quantize_int8, to_float_linears
 
 logger = logging.getLogger(__name__)
+
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -135,6 +137,8 @@ def load_model(
         linears = optimise_cpu_linears(model, torch_dtype)
     else:
         linears = "default layout"
+    if torch_device.type == "cpu":
+        release_checkpoint(model)
     config = model.config
     max_model_len = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
     logger.info("loaded %s on %s as %s (max_model_len %d; %s)", model_path, torch_device, torch_dtype, max_model_len, linears)
@@ -154,6 +158,28 @@ def load_model(
         weights,
         served_activations,
     )
+
+
+def release_checkpoint(model: nn.Module) -> None:
+    """Copy what the model still reads from its checkpoint (embeddings,
+    norms, biases, and float linears a layout kept) into memory of its own.
+    transformers loads safetensors as views of one mapping of the file; while
+    any one tensor views it, the pages the load touched stay resident (the
+    default model: 513 MiB beside its served copies). Tied parameters stay
+    tied; the buffers of tokenstep's own modules are its own already (and
+    may be shared: a GGUF embedding reads the tied head's blocks)."""
+    copies: dict[int, nn.Parameter] = {}
+    with torch.no_grad():
+        for module in model.modules():
+            for name, parameter in list(module._parameters.items()):
+                if parameter is not None and parameter.layout == torch.strided:
+                    if id(parameter) not in copies:
+                        copies[id(parameter)] = nn.Parameter(parameter.detach().clone(), requires_grad=False)
+                    module._parameters[name] = copies[id(parameter)]
+            if not type(module).__module__.startswith("model_runtime."):  # tokenstep's own modules built theirs
+                for name, buffer in list(module._buffers.items()):
+                    if buffer is not None and buffer.layout == torch.strided:
+                        module._buffers[name] = buffer.clone()
 
 
 def model_family(source: str | Path, from_gguf: dict[str, str]) -> str | None:

@@ -60,6 +60,7 @@ from model_runtime.weights.quantization import (
     Int4Linear,
     Int8Linear,
     dequantize_groups,
+    group_size,
     replace_linears,
     unpack_nibbles,
 )
@@ -363,7 +364,36 @@ def load_gguf_linears(model: nn.Module, gguf_path: str | Path) -> list[Groupwise
         check_exact(name, source.dequantized(), weight)
         return source.linear(module.bias, ops)
 
-    return replace_linears(model, from_file, ops)
+    linears = replace_linears(model, from_file, ops)
+    source = blocks.get(f"{embedding_name}.weight")
+    if source is not None and type(embedding) is nn.Embedding and embedding.max_norm is None and not source.offsets.any():
+        served = BlockEmbedding(source)
+        if torch.equal(served(torch.arange(served.num_embeddings)), embedding.weight):
+            model.set_input_embeddings(served)
+    return linears
+
+
+class BlockEmbedding(nn.Module):
+    """An input embedding looked up in the file's own blocks (a tied LM head
+    reads the very same tensors): each row's codes times its groups' scales.
+    Only for blocks with no offsets (Q8_0, Q5_0, Q6_K): ``q * d`` is one
+    rounding, as gguf's dequantization makes it, however a compiler fuses it,
+    so the rows equal the float32 embedding's (checked whole at load). Saves
+    the float32 copy: 108 MiB on the default model."""
+
+    def __init__(self, blocks: Blocks) -> None:
+        super().__init__()
+        self.int4 = blocks.int4
+        self.num_embeddings, self.embedding_dim = blocks.q.shape[0], blocks.q.shape[1] * (2 if blocks.int4 else 1)
+        self.register_buffer("q", blocks.q, persistent=False)
+        self.register_buffer("scales", blocks.scales, persistent=False)
+        group = group_size(self.embedding_dim, blocks.scales.shape[1])
+        self.register_buffer("group_of", torch.arange(self.embedding_dim) // group, persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        q = self.q[ids]
+        values = unpack_nibbles(q.reshape(-1, q.shape[-1])).reshape(*ids.shape, -1) if self.int4 else q
+        return values.float() * self.scales[ids][..., self.group_of]
 
 
 def block_types(linears: list[GroupwiseLinear]) -> str:

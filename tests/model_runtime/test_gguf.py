@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 from model_runtime import kernels
 from model_runtime.loading.default_model import default_gguf_file
 from model_runtime.loading.loader import load_model
-from model_runtime.weights.gguf import BLOCK_SHAPES, decode_blocks, read_gguf
+from model_runtime.weights.gguf import BLOCK_SHAPES, BlockEmbedding, decode_blocks, read_gguf
 from model_runtime.weights.int_activations import IntActivationLinear
 from model_runtime.weights.quantization import GroupwiseLinear, Int4Linear, Int8Linear, dequantize_groups, pack_nibbles, unpack_nibbles
 from tests.model_runtime.test_parity import build, generate_outputs, make_prompts, run_engine
@@ -198,7 +198,7 @@ def test_gguf_serves_the_files_own_values(tiny_gguf: Path):
     assert kinds["model.layers.1.self_attn.q_proj"] == "int4" and kinds["model.layers.1.self_attn.k_proj"] == "int4"  # permuted rows
     assert kinds["model.layers.1.self_attn.v_proj"] == "int8" and kinds["model.layers.0.mlp.down_proj"] == "float"  # Q8_0, F16
     assert TYPES["ffn_down"] == "F16" and kinds["lm_head"] == "int8"  # tied to the Q8_0 embedding
-    assert isinstance(served.lm_head, Int8Linear) and served.get_input_embeddings().weight.dtype == torch.float32
+    assert isinstance(served.lm_head, Int8Linear) and isinstance(served.get_input_embeddings(), BlockEmbedding)
 
 
 def test_gguf_greedy_parity_with_generate_on_the_files_model(tiny_gguf: Path):
@@ -257,12 +257,24 @@ def test_k_quants_with_integer_activations_stay_close_to_the_files_weights(tiny_
         torch.testing.assert_close(module(inputs), want, rtol=0, atol=2e-3 * want.abs().max().item(), msg=name)
 
 
+def test_a_q8_0_embedding_is_looked_up_in_the_blocks_the_tied_head_serves(tiny_gguf: Path, tiny_k_gguf: Path):
+    served = load_model(tiny_gguf, "float32", "cpu", "gguf").model
+    embedding = served.get_input_embeddings()
+    assert isinstance(embedding, BlockEmbedding) and embedding.q.data_ptr() == served.lm_head.q.data_ptr()  # one copy
+    ids = torch.arange(embedding.num_embeddings).reshape(3, -1)
+    assert torch.equal(embedding(ids), from_file(tiny_gguf).get_input_embeddings()(ids))  # the rows transformers reads
+    # Blocks with offsets (Q4_K here) keep the float embedding: q * d + m is two roundings a compiler may fuse.
+    assert type(load_model(tiny_k_gguf, "float32", "cpu", "gguf").model.get_input_embeddings()) is nn.Embedding
+
+
 def test_the_start_line_says_which_weights_activations_kernels_and_compile_mode_serve(tiny_gguf: Path, caplog):
     loaded = load_model(tiny_gguf, "float32", "cpu", "gguf", activations="int16")
     with caplog.at_level("INFO", logger="server.engine_builder"):
         build(loaded, num_kv_blocks=8)
     (line,) = [record.getMessage() for record in caplog.records if record.getMessage().startswith("serving: ")]
-    assert re.search(r"weights the GGUF file's own blocks \(\d+ (Q4_0|Q4_1|Q8_0)( \+ \d+ Q\d_\d)+\); activations int16;", line), line
+    assert re.search(
+        r"weights the GGUF file's own blocks \(\d+ (Q4_0|Q4_1|Q8_0)( \+ \d+ Q\d_\d)+\), \d+ MiB held; activations int16;", line
+    ), line
     assert re.search(r"kernels C\+\+ built for [a-z0-9/]+ on this CPU: attention \w+, linears (avx512|avx2|generic) \(measured", line)
     assert line.endswith("compile off (eager; --compile compiles the step forward)")
 
@@ -281,3 +293,6 @@ def test_the_default_model_serves_its_shipped_4_bit_blocks(default_model_dir: Pa
     kinds = [module.KIND for module in loaded.model.modules() if isinstance(module, GroupwiseLinear)]
     assert kinds.count("int4") == 210 and kinds.count("int8") == 1  # every Q4_1 linear, the Q8_0 tied head
     assert not any(isinstance(module, nn.Linear) for module in loaded.model.modules())
+    assert isinstance(loaded.model.get_input_embeddings(), BlockEmbedding)  # read from the head's Q8_0 blocks
+    held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in [*loaded.model.parameters(), *loaded.model.buffers()]}
+    assert sum(held.values()) < 1.2 * default_gguf_file().stat().st_size  # the file's bits, float32 scales and offsets, the norms
