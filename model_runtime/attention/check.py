@@ -32,7 +32,7 @@ import torch
 from transformers import AttentionInterface, PreTrainedModel
 
 from model_runtime.attention.interface import ATTENTION_NAME, CONTEXT_KWARG, install_step_slot, paged_attention_forward
-from model_runtime.attention.probe import probe_sequences, prove_parity
+from model_runtime.attention.probe import probe_sequences, prove_parity, run_served_steps
 from model_runtime.kv_cache import CacheShape, LayerKV
 
 # What tokenstep's attention does with each kwarg transformers' models pass:
@@ -132,6 +132,13 @@ def check_decoder(model: PreTrainedModel) -> AttentionLayout:
         install_step_slot(model, [call.module for call in calls])
     prove_parity(model, layout.cache_shape, layout.sliding_windows, refuse)
     return layout
+
+
+def check_served_linears(model: PreTrainedModel, layout: AttentionLayout) -> None:
+    """After the loader put tokenstep's linears in ``model`` (checked by
+    ``check_decoder`` before): its forward must still run, or raise
+    ``UnsupportedModelError``."""
+    run_served_steps(model, layout.cache_shape, _refuser(model.config.get_text_config(decoder=True)))
 
 
 def _refuser(config: object) -> Callable[[str], UnsupportedModelError]:

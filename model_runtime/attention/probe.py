@@ -72,6 +72,18 @@ def prove_parity(
             _probe(model, sequences, cache_shape, refuse, f" with its sliding windows shrunk to {sorted(shrunk.values())} tokens")
 
 
+def run_served_steps(model: PreTrainedModel, cache_shape: CacheShape, refuse: Callable[[str], Exception]) -> None:
+    """Run the probe's ragged steps once more, now that tokenstep's linears
+    (quantized, re-laid out) stand in the model, and raise ``refuse(why)``
+    where the forward fails: model code that reads a projection's weight
+    outside the projection would otherwise fail every request."""
+    try:
+        _paged_logits(model, probe_sequences(model), cache_shape)
+    except Exception as error:  # whatever the model's own code raises
+        first = str(error).splitlines()[0] if str(error) else ""
+        raise refuse(f"its forward fails once tokenstep's linears stand in it ({type(error).__name__}: {first})") from error
+
+
 def _probe(
     model: PreTrainedModel, sequences: list[list[int]], cache_shape: CacheShape, refuse: Callable[[str], Exception], condition: str
 ) -> None:

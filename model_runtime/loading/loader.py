@@ -29,12 +29,12 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from batching.engine_config import ACTIVATIONS, DTYPES, QUANTIZATIONS
 from model_runtime import kernels
-from model_runtime.attention.check import AttentionLayout, check_decoder
+from model_runtime.attention.check import AttentionLayout, check_decoder, check_served_linears
 from model_runtime.attention.interface import register as register_attention
 from model_runtime.encoder_decoder.families import family_of
 from model_runtime.weights.gguf import block_types, load_gguf_linears
 from model_runtime.weights.int_activations import quantize_activations
-from model_runtime.weights.layout import optimise_cpu_linears
+from model_runtime.weights.layout import RowSwitchedLinear, free_unread_copies, optimise_cpu_linears
 from model_runtime.weights.quantization import GroupwiseLinear, describe, quantize_int8, to_float_linears
 
 logger = logging.getLogger(__name__)
@@ -137,6 +137,13 @@ def load_model(
         linears = optimise_cpu_linears(model, torch_dtype)
     else:
         linears = "default layout"
+    if layout is not None:
+        for module in model.modules():
+            if isinstance(module, RowSwitchedLinear):
+                module.read_outside = False
+        check_served_linears(model, layout)  # the weight reads below are the forward's own
+    if kept := free_unread_copies(model):
+        linears += f"; {kept} [in, out] copies kept: the model's own code reads those weights"
     if torch_device.type == "cpu":
         release_checkpoint(model)
     config = model.config

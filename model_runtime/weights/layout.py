@@ -89,18 +89,29 @@ class PackedLinear(nn.Module):
 class RowSwitchedLinear(nn.Module):
     """float32 ``nn.Linear`` with its weight packed for oneDNN and, while
     ``packed_from_rows`` > 1, also laid out ``[in, out]`` for MKL, which
-    serves inputs of fewer rows. Inference only."""
+    serves inputs of fewer rows. Inference only.
+
+    ``weight`` is that ``[in, out]`` copy, for model code that reads a
+    projection's weight outside the projection (Ergo reads
+    ``o_proj.weight.dtype``): a read sets ``read_outside``, and
+    ``free_unread_copies`` keeps the copy of such a module."""
 
     def __init__(self, linear: nn.Linear, packed_from_rows: int = PACKED_FROM_ROWS) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.packed_from_rows = packed_from_rows
+        self.read_outside = False
         with torch.no_grad():
             weight = linear.weight.detach()
             packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), _FLOAT32_PACKING_ROWS_HINT)
-            self.register_buffer("weight", weight.t().contiguous().t(), persistent=False)
+            self.register_buffer("input_major_weight", weight.t().contiguous().t(), persistent=False)
             self.register_buffer("packed_weight", packed, persistent=False)
         self.bias = linear.bias
+
+    @property
+    def weight(self) -> torch.Tensor | None:
+        self.read_outside = True
+        return self.input_major_weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() // self.in_features >= self.packed_from_rows:
@@ -111,13 +122,25 @@ class RowSwitchedLinear(nn.Module):
         return packed_linear(x, self.packed_weight, self.bias)
 
     def mkl_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.weight, self.bias)
+        return nn.functional.linear(x, self.input_major_weight, self.bias)
 
     def use_packed_from(self, rows: int) -> None:
-        """Switch at ``rows``; from 1 row on, the ``[in, out]`` copy is freed."""
+        """Switch at ``rows``; from 1 row on, ``free_unread_copies`` frees the ``[in, out]`` copy."""
         self.packed_from_rows = rows
-        if rows <= 1:
-            self.weight = None
+
+
+def free_unread_copies(model: nn.Module) -> int:
+    """Free the ``[in, out]`` copy of every ``RowSwitchedLinear`` that packs
+    from one row on and whose weight nothing read from outside (run the
+    model's forward first); returns how many copies stay for such reads."""
+    kept = 0
+    for module in model.modules():
+        if isinstance(module, RowSwitchedLinear) and module.packed_from_rows <= 1 and module.input_major_weight is not None:
+            if module.read_outside:
+                kept += 1
+            else:
+                module.input_major_weight = None
+    return kept
 
 
 PROBE_ROWS = (1, 2, 4)

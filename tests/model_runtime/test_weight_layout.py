@@ -5,6 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 from model_runtime.weights import layout as weight_layout
 from model_runtime.weights.layout import (
@@ -13,6 +14,7 @@ from model_runtime.weights.layout import (
     PackedLinear,
     RowSwitchedLinear,
     choose_packed_from_rows,
+    free_unread_copies,
     optimise_cpu_linears,
     packed_from_rows_given,
 )
@@ -37,7 +39,8 @@ def test_row_switched_linear_matches_linear_in_float32_on_both_paths(rows, packe
     x = torch.randn(1, rows, 96)
     switched = RowSwitchedLinear(linear)
     switched.use_packed_from(packed_from_rows)
-    assert (switched.weight is None) == (packed_from_rows == 1), "packed from one row on: the [in, out] copy is freed"
+    free_unread_copies(switched)
+    assert (switched.input_major_weight is None) == (packed_from_rows == 1), "packed from one row on: the [in, out] copy is freed"
     torch.testing.assert_close(switched(x), linear(x), atol=1e-5, rtol=1e-5)
 
 
@@ -108,3 +111,41 @@ def test_float32_model_gets_row_switched_linears_with_the_same_values():
     assert all(isinstance(m, RowSwitchedLinear) for m in (model[0], model[2]))
     assert model[0].packed_from_rows == model[2].packed_from_rows
     torch.testing.assert_close(model(x), before)
+
+
+@pytest.fixture
+def layers_read_a_projection_weight(monkeypatch: pytest.MonkeyPatch):
+    """Llama's decoder layers made to read ``o_proj.weight.dtype`` before
+    attending, as Ergo's do: model code reading a weight outside its linear."""
+    from transformers.models.llama import modeling_llama
+
+    forward = modeling_llama.LlamaDecoderLayer.forward
+
+    def reading_forward(self, hidden_states, *args, **kwargs):
+        hidden_states = hidden_states.to(self.self_attn.o_proj.weight.dtype)
+        return forward(self, hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_llama.LlamaDecoderLayer, "forward", reading_forward)
+
+
+def test_a_weight_the_models_code_reads_is_kept_and_a_linear_without_one_is_refused_at_load(
+    tiny_llama_dir, layers_read_a_projection_weight, monkeypatch: pytest.MonkeyPatch
+):
+    """Packing from one row frees the [in, out] copies, unless the model's
+    code reads them (the copy stays, and the tokens are generate's); a
+    quantized linear has no weight to read: refused at load, not a failure
+    of every request."""
+    from model_runtime.attention.check import UnsupportedModelError
+    from model_runtime.loading.loader import load_model
+    from tests.model_runtime.test_parity import build, generate_outputs, make_prompts, run_engine
+
+    monkeypatch.setattr(weight_layout, "choose_packed_from_rows", lambda linears: 1)
+    loaded = load_model(tiny_llama_dir, "float32", "cpu")
+    o_proj = loaded.model.model.layers[0].self_attn.o_proj
+    assert isinstance(o_proj, RowSwitchedLinear) and o_proj.input_major_weight is not None  # read, so kept
+    assert loaded.model.model.layers[0].mlp.down_proj.input_major_weight is None  # nothing reads this one
+    prompts = make_prompts(seed=3, vocab_size=loaded.vocab_size)[:4]
+    reference = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    assert run_engine(build(loaded, num_kv_blocks=64), prompts) == generate_outputs(reference, prompts)
+    with pytest.raises(UnsupportedModelError, match="its forward fails once tokenstep's linears stand in it \\(AttributeError"):
+        load_model(tiny_llama_dir, "float32", "cpu", "int8")
