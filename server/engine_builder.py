@@ -11,8 +11,6 @@ import logging
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-import torch
-
 from batching.block_manager import BlockManager
 from batching.engine_config import EngineConfig
 from batching.engine_core import EngineCore
@@ -23,7 +21,7 @@ from model_runtime import kernels, paths
 from model_runtime.encoder_decoder.step import decoder_prompt_token_ids
 from model_runtime.kv_cache import free_device_bytes, parse_memory_size
 from model_runtime.loading.default_model import DEFAULT_MODEL_NAME, default_gguf_file, default_model_dir
-from model_runtime.loading.loader import LoadedModel, load_model
+from model_runtime.loading.loader import LoadedModel, held_bytes, load_model
 from model_runtime.runner import ModelRunner
 from server.settings import Settings
 
@@ -127,18 +125,6 @@ def kv_window(loaded: LoadedModel, draft: LoadedModel | None = None) -> int | No
     that goes back to the pool while a request runs. None: keep it all."""
     windows = [model.attention.kv_window if model.attention is not None else None for model in (loaded, draft) if model is not None]
     return max(windows) if all(windows) else None
-
-
-def held_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the model's parameters and buffers, each storage once (tied
-    and shared tensors), oneDNN's packed weights by their element count."""
-    strided, packed = {}, 0
-    for tensor in [*model.parameters(), *model.buffers()]:
-        if tensor.layout == torch.strided:
-            strided[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-        else:
-            packed += tensor.numel() * tensor.element_size()
-    return sum(strided.values()) + packed
 
 
 def serving_line(loaded: LoadedModel, runner: ModelRunner, compile_requested: bool) -> str:

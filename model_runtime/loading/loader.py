@@ -167,6 +167,18 @@ def load_model(
     )
 
 
+def held_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers, each storage once (tied
+    and shared tensors), oneDNN's packed weights by their element count."""
+    strided, packed = {}, 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.layout == torch.strided:
+            strided[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        else:
+            packed += tensor.numel() * tensor.element_size()
+    return sum(strided.values()) + packed
+
+
 def release_checkpoint(model: nn.Module) -> None:
     """Copy what the model still reads from its checkpoint (embeddings,
     norms, biases, and float linears a layout kept) into memory of its own.
