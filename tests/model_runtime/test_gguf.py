@@ -184,17 +184,26 @@ def test_int4_module_without_kernels_gives_the_same_values(ops):
         torch.testing.assert_close(with_kernel(x), without(x), rtol=1e-4, atol=1e-4)
 
 
-def test_gguf_serves_the_files_own_values(tiny_gguf: Path):
-    plain = from_file(tiny_gguf)
-    served = load_model(tiny_gguf, "float32", "cpu", "gguf").model
+def served_kinds(path: Path) -> tuple[nn.Module, dict[str, tuple[str, str] | str]]:
+    """The model ``--quantization gguf`` serves from ``path``, and each
+    linear's (GGUF type, kernel kind), or "float"; every served linear's
+    values checked equal to the float32 weight transformers makes of the file."""
+    plain = from_file(path)
+    served = load_model(path, "float32", "cpu", "gguf").model
     float_weights = {name: module.weight for name, module in plain.named_modules() if isinstance(module, nn.Linear)}
     kinds = {}
     for name, module in served.named_modules():
         if isinstance(module, GroupwiseLinear):
             torch.testing.assert_close(module.dequantized(), float_weights[name].detach(), rtol=0, atol=1e-6, msg=name)
-            kinds[name] = module.KIND
+            kinds[name] = (module.gguf_type, module.KIND)
         elif isinstance(module, nn.Linear):
             kinds[name] = "float"
+    return served, kinds
+
+
+def test_gguf_serves_the_files_own_values(tiny_gguf: Path):
+    served, found = served_kinds(tiny_gguf)
+    kinds = {name: kind if kind == "float" else kind[1] for name, kind in found.items()}
     assert kinds["model.layers.1.self_attn.q_proj"] == "int4" and kinds["model.layers.1.self_attn.k_proj"] == "int4"  # permuted rows
     assert kinds["model.layers.1.self_attn.v_proj"] == "int8" and kinds["model.layers.0.mlp.down_proj"] == "float"  # Q8_0, F16
     assert TYPES["ffn_down"] == "F16" and kinds["lm_head"] == "int8"  # tied to the Q8_0 embedding
@@ -211,16 +220,7 @@ def test_gguf_greedy_parity_with_generate_on_the_files_model(tiny_gguf: Path):
 
 
 def test_k_quants_and_5_bit_types_serve_the_files_own_values_in_their_own_blocks(tiny_k_gguf: Path):
-    plain = from_file(tiny_k_gguf)
-    served = load_model(tiny_k_gguf, "float32", "cpu", "gguf").model
-    float_weights = {name: module.weight for name, module in plain.named_modules() if isinstance(module, nn.Linear)}
-    kinds = {}
-    for name, module in served.named_modules():
-        if isinstance(module, GroupwiseLinear):
-            torch.testing.assert_close(module.dequantized(), float_weights[name].detach(), rtol=0, atol=1e-6, msg=name)
-            kinds[name] = (module.gguf_type, module.KIND)
-        elif isinstance(module, nn.Linear):
-            kinds[name] = "float"
+    served, kinds = served_kinds(tiny_k_gguf)
     attention, mlp = "model.layers.1.self_attn.", "model.layers.0.mlp."
     assert kinds[attention + "q_proj"] == ("Q4_K", "int4") and kinds[attention + "k_proj"] == ("Q5_K", "int8")  # permuted rows
     assert kinds[attention + "v_proj"] == ("Q5_0", "int8") and kinds[attention + "o_proj"] == ("Q5_1", "int8")
