@@ -20,6 +20,8 @@ PYTHON=${PYTHON:-.venv/bin/python}
 PORT=${TOKENSTEP_CHECK_PORT:-18000}
 PROJECT=tokenstep-check
 IMAGE=tokenstep:latest   # the compose file's default image name
+# What `tokenstep serve` with no flags serves on the embedded model (its start line's weights).
+EXPECTED_WEIGHTS=float32
 BASE_IMAGE=$(sed -n 's/^ARG BASE_IMAGE=//p' Dockerfile)
 TORCH_VERSION=$(sed -n 's/^ARG TORCH_VERSION=//p' Dockerfile)
 WORK=$(mktemp -d /tmp/tokenstep-docker-check.XXXXXX)
@@ -164,6 +166,16 @@ for _ in $(seq 1 60); do
     sleep 1
 done
 [ "$(docker inspect -f '{{.State.Health.Status}}' "$container")" = healthy ] || fail "the container never turned healthy"
+# The mode the container serves, from its start line (what the image and
+# compose serve by default must be what `tokenstep serve` serves by default).
+compose logs --no-color tokenstep >"$WORK/server.log" 2>&1 || true
+serving=$(grep -m1 -o 'serving: weights .*' "$WORK/server.log" || true)
+[ -n "$serving" ] || { tail -40 "$WORK/server.log"; fail "no 'serving:' start line in the container's log"; }
+log "the container ${serving%%; decode attention*}"
+case "$serving" in
+    "serving: weights $EXPECTED_WEIGHTS,"*) ;;
+    *) fail "the container serves '$serving', expected weights $EXPECTED_WEIGHTS (the default)";;
+esac
 phase_done up-healthy
 
 log "streaming a completion"
