@@ -296,3 +296,17 @@ def test_the_default_model_serves_its_shipped_4_bit_blocks(default_model_dir: Pa
     assert isinstance(loaded.model.get_input_embeddings(), BlockEmbedding)  # read from the head's Q8_0 blocks
     held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in [*loaded.model.parameters(), *loaded.model.buffers()]}
     assert sum(held.values()) < 1.2 * default_gguf_file().stat().st_size  # the file's bits, float32 scales and offsets, the norms
+
+
+def test_the_benchmarks_requantizer_writes_a_k_quant_file_tokenstep_serves(tiny_k_gguf: Path, tmp_path: Path):
+    """benchmarks/requantize_gguf.py: a Q4_K_M-like mix of a GGUF file, with
+    llama.cpp's 32-weight fallbacks where rows are not whole super-blocks."""
+    from benchmarks.requantize_gguf import requantize
+
+    target = tmp_path / "tiny-k" / "requantized.gguf"
+    target.parent.mkdir()
+    counts = requantize(tiny_k_gguf, target)
+    assert counts["Q4_K"] == 10 and counts["Q6_K"] == 5  # q, k, o, gate, up; v, down and the embedding (rows of 256, 512)
+    served, kinds = served_kinds(target)
+    assert kinds["model.layers.0.self_attn.v_proj"] == ("Q6_K", "int8") and kinds["lm_head"] == ("Q6_K", "int8")
+    assert isinstance(served.get_input_embeddings(), BlockEmbedding)
