@@ -1,7 +1,7 @@
 """How much a dtype changes the default model's predictions, against float32.
 
     .venv/bin/python benchmarks/dtype_quality.py [--dtype bfloat16 | --quantization int8 [--float-lm-head]
-        | --quantization gguf] [--activations int16|int8]
+        | --quantization gguf [--gguf-file FILE]] [--activations int16|int8]
 
 Greedy-generates 48 tokens for each prompt in float32, then scores those same
 sequences (prompt + generated) with the other dtype, teacher-forced, and
@@ -12,6 +12,7 @@ which position the other dtype's own greedy output first departs.
 
 import argparse
 import statistics
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -63,15 +64,22 @@ def main() -> None:
         default="float32",
         help="int16/int8: the quantized linears quantize their inputs too (serve --activations)",
     )
+    parser.add_argument(
+        "--gguf-file",
+        type=Path,
+        help="with --quantization gguf: this GGUF file's blocks against its float32 dequantization (default: the shipped file)",
+    )
     args = parser.parse_args()
-    path = default_model_dir()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    path, from_file = default_model_dir(), {}
+    if args.gguf_file:
+        path, from_file = args.gguf_file.parent, {"gguf_file": args.gguf_file.name}
+    tokenizer = AutoTokenizer.from_pretrained(path, **from_file)
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **from_file).eval()
     if args.quantization:
-        other = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        other = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **from_file).eval()
         if args.quantization == "gguf":
-            load_gguf_linears(other, default_gguf_file())
-            args.dtype = "the GGUF's Q4_1/Q8_0 blocks"
+            load_gguf_linears(other, args.gguf_file or default_gguf_file())
+            args.dtype = f"the blocks of {(args.gguf_file or default_gguf_file()).name}"
         else:
             quantize_int8(other, include_lm_head=not args.float_lm_head)
             args.dtype = "int8 weights" + (" (float32 LM head)" if args.float_lm_head else "")
