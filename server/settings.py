@@ -65,7 +65,7 @@ class Settings(BaseSettings):
         engine_default("quantization"),
         description=(
             "int8: weight-only int8 linears in groups of 32 (scale + offset each); gguf: a GGUF model's (or the "
-            "default model's) own Q4_0/Q4_1/Q8_0 blocks, served as stored; both CPU with float32 activations; "
+            "default model's) own Q4_0/Q4_1/Q4_K/Q5_0/Q5_1/Q5_K/Q6_K/Q8_0 blocks, served as stored; both CPU and float32; "
             "none: the checkpoint's dtype"
         ),
     )

@@ -346,9 +346,10 @@ def read_linear_blocks(model: nn.Module, gguf_path: str | Path) -> dict[str, Blo
 def load_gguf_linears(model: nn.Module, gguf_path: str | Path) -> list[GroupwiseLinear]:
     """Replace each linear of ``model`` (loaded from ``gguf_path`` by
     transformers, or from a float32 copy of it) whose weight the file stores
-    as Q4_0/Q4_1/Q8_0 by the matching groupwise module, kernels chosen by
-    measurement; a tied LM head takes the input embedding's blocks. Raises
-    ValueError when a served weight would differ from the model's."""
+    as one of ``BLOCK_SHAPES``' types by the matching groupwise module, kernels chosen by
+    measurement; a tied LM head takes the input embedding's blocks, and an
+    embedding stored without offsets is looked up in them (``BlockEmbedding``).
+    Raises ValueError when a served weight would differ from the model's."""
     blocks = read_linear_blocks(model, gguf_path)
     head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
     tied_head = head is not None and embedding is not None and head.weight.data_ptr() == embedding.weight.data_ptr()
