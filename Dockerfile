@@ -66,10 +66,12 @@ RUN pip install .
 
 # `tokenstep prepare`, into the cache copied below: tokenstep's CPU kernels
 # (int8/4-bit linears, integer activations, paged attention), compiled here
-# with g++ so the runtime image needs no compiler (without them --quantization
-# falls back to float32 linears and --activations to float32; one build
-# serves every x86 CPU: AVX-512, AVX2, generic objects, the fastest measured
-# at load); and the default model's GGUF dequantized once, so a container
+# with g++ so the runtime image needs no compiler (without them the default's
+# 4-bit linears fall back to float32 ones and its int16 activations to
+# float32; one build serves every x86 CPU: AVX-512, AVX2, generic objects,
+# the fastest measured at load); and the default model's GGUF dequantized
+# once (the float model the load-time check runs), with the GGUF file itself
+# kept beside it: the default serves that file's own blocks. A container so
 # serves within seconds of starting (a first-start conversion takes ~20 s and
 # needs a writable cache). The GGUF package is then dropped: the runtime
 # stage needs only the result. safetensors writes its file 0600; the server

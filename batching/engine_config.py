@@ -15,8 +15,8 @@ from pathlib import Path
 from batching.scheduler_config import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_SEQS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-QUANTIZATIONS = ("none", "int8", "gguf")
-ACTIVATIONS = ("float32", "int16", "int8")
+QUANTIZATIONS = ("auto", "none", "int8", "gguf")
+ACTIVATIONS = ("auto", "float32", "int16", "int8")
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
 
 
@@ -33,12 +33,15 @@ class EngineConfig:
     model: str | Path | None = None  # None: the embedded default model
     dtype: str = "auto"  # one of DTYPES
     device: str = "auto"  # DEVICE_PATTERN
-    quantization: str = "none"  # one of QUANTIZATIONS
+    # One of QUANTIZATIONS. "auto": a GGUF source's own blocks ("gguf") on the
+    # CPU in float32, else the checkpoint's dtype ("none"); the loader decides.
+    quantization: str = "auto"
     # The GGUF file ``model`` was converted from, for ``quantization="gguf"``
     # (None: the default model's own; a ``.gguf`` model is its own).
     gguf_file: str | Path | None = None
-    # "int16"/"int8": quantized linears round their inputs to integers too.
-    activations: str = "float32"  # one of ACTIVATIONS
+    # One of ACTIVATIONS. "int16"/"int8": quantized linears round their inputs
+    # to integers too; "auto": int16 where the linears are quantized.
+    activations: str = "auto"
     block_size: int = DEFAULT_BLOCK_SIZE
     kv_cache_memory: str | int | None = None
     num_kv_blocks: int | None = None

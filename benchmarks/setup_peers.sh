@@ -3,8 +3,8 @@
 # project's): vLLM's CPU build, transformers serve, and llama.cpp's
 # llama-server built from the sources inside the llama-cpp-python sdist (CPU
 # only, this host's ISA), with the GGUF files it serves: the default model's
-# own Q4_1 file and an f32 GGUF converted from the float32 HF directory by
-# llama.cpp's converter. Each part is skipped when already there.
+# own Q4_1 file, an f32 GGUF converted from the float32 HF directory by
+# llama.cpp's converter, and a Q4_K_M made from that by llama-quantize. Each part is skipped when already there.
 #   PARTS="llama" bash benchmarks/setup_peers.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,7 +31,7 @@ setup_hf() {
 
 setup_llama() {
   local src="$ROOT/llama.cpp"
-  if [ ! -x "$src/build/bin/llama-server" ]; then
+  if [ ! -x "$src/build/bin/llama-server" ] || [ ! -x "$src/build/bin/llama-quantize" ]; then
     local tmp; tmp=$(mktemp -d)
     python3 -m pip download -q --no-deps --no-binary :all: -d "$tmp" "$LLAMA_CPP_PYTHON"
     tar xzf "$tmp"/llama_cpp_python-*.tar.gz -C "$tmp"
@@ -43,7 +43,7 @@ setup_llama() {
     cmake -S "$src" -B "$src/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
       -DCMAKE_C_FLAGS="$no_amx" -DCMAKE_CXX_FLAGS="$no_amx" \
       -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DGGML_CUDA=OFF > "$ROOT/llama-cmake.log"
-    cmake --build "$src/build" --target llama-server -j "$(nproc)" > "$ROOT/llama-build.log"
+    cmake --build "$src/build" --target llama-server llama-quantize -j "$(nproc)" > "$ROOT/llama-build.log"
   fi
   # The served files: the shipped Q4_1 (a link to the package's own file) and
   # an f32 conversion of the same weights (dequantized from that Q4_1).
@@ -56,6 +56,10 @@ setup_llama() {
     PYTHONPATH="$src/gguf-py" "$ROOT/hf-venv/bin/python" "$src/convert_hf_to_gguf.py" "$model_dir" \
       --outtype f32 --outfile "$ROOT/smollm2-f32.gguf" > "$ROOT/llama-convert.log" 2>&1
   fi
+  # What llama.cpp and Ollama users download: Q4_K_M, made by llama.cpp's own
+  # quantizer from the f32 file (so the same weights as the Q4_1's values).
+  [ -s "$ROOT/smollm2-q4_k_m.gguf" ] || "$src/build/bin/llama-quantize" "$ROOT/smollm2-f32.gguf" \
+    "$ROOT/smollm2-q4_k_m.gguf" Q4_K_M > "$ROOT/llama-quantize.log" 2>&1
 }
 
 for part in $PARTS; do "setup_$part"; done

@@ -151,7 +151,7 @@ def build_engine_core(config: EngineConfig, loaded: LoadedModel | None = None, d
     if loaded is None:
         configure_runtime(config)
         gguf_file = config.gguf_file
-        if gguf_file is None and config.model is None and config.quantization == "gguf":
+        if gguf_file is None and config.model is None and config.quantization in ("gguf", "auto"):
             gguf_file = default_gguf_file()  # the default model serves its own blocks
         loaded = load_model(model_path(config), config.dtype, config.device, config.quantization, gguf_file, config.activations)
     if loaded.family is not None and config.speculative_model is not None:

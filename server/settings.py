@@ -64,17 +64,19 @@ class Settings(BaseSettings):
     quantization: Literal[QUANTIZATIONS] = Field(
         engine_default("quantization"),
         description=(
-            "int8: weight-only int8 linears in groups of 32 (scale + offset each); gguf: a GGUF model's (or the "
-            "default model's) own Q4_0/Q4_1/Q4_K/Q5_0/Q5_1/Q5_K/Q6_K/Q8_0 blocks, served as stored; both CPU and float32; "
-            "none: the checkpoint's dtype"
+            "auto (default): gguf for a .gguf model or the default model on the CPU in float32, else none; "
+            "gguf: a GGUF model's (or the default model's) own Q4_0/Q4_1/Q4_K/Q5_0/Q5_1/Q5_K/Q6_K/Q8_0 blocks, "
+            "served as stored; int8: weight-only int8 linears in groups of 32 (scale + offset each), quantized at "
+            "load; both CPU and float32; none: the checkpoint's dtype (float32 on CPU: exactly generate's outputs)"
         ),
     )
     activations: Literal[ACTIVATIONS] = Field(
         engine_default("activations"),
         description=(
-            "int16 or int8 (with --quantization gguf or int8): the quantized linears round their inputs per "
-            "group of 32 to integers too, for integer dot products and a much faster decode; int16 stays very "
-            "close to the float model's outputs, int8 (what llama.cpp does) moves them more (CPU, needs "
+            "auto (default): int16 where the linears are quantized (gguf or int8), else float32; int16 or int8: "
+            "the quantized linears round their inputs per group of 32 to integers too, for integer dot products "
+            "and a much faster decode; int16 stays very close to the float model's outputs, int8 (what llama.cpp "
+            "does) moves them more; float32: the quantized weights' exact dequantized values (CPU, needs "
             "tokenstep's kernels)"
         ),
     )

@@ -20,8 +20,11 @@ PYTHON=${PYTHON:-.venv/bin/python}
 PORT=${TOKENSTEP_CHECK_PORT:-18000}
 PROJECT=tokenstep-check
 IMAGE=tokenstep:latest   # the compose file's default image name
-# What `tokenstep serve` with no flags serves on the embedded model (its start line's weights).
-EXPECTED_WEIGHTS=float32
+# What `tokenstep serve` with no flags serves on the embedded model (its start
+# line's weights and activations): the shipped GGUF's own blocks, which the
+# image keeps beside the converted model.
+EXPECTED_WEIGHTS="the GGUF file's own blocks (1 Q8_0 + 210 Q4_1)"
+EXPECTED_ACTIVATIONS=int16
 BASE_IMAGE=$(sed -n 's/^ARG BASE_IMAGE=//p' Dockerfile)
 TORCH_VERSION=$(sed -n 's/^ARG TORCH_VERSION=//p' Dockerfile)
 WORK=$(mktemp -d /tmp/tokenstep-docker-check.XXXXXX)
@@ -173,8 +176,8 @@ serving=$(grep -m1 -o 'serving: weights .*' "$WORK/server.log" || true)
 [ -n "$serving" ] || { tail -40 "$WORK/server.log"; fail "no 'serving:' start line in the container's log"; }
 log "the container ${serving%%; decode attention*}"
 case "$serving" in
-    "serving: weights $EXPECTED_WEIGHTS,"*) ;;
-    *) fail "the container serves '$serving', expected weights $EXPECTED_WEIGHTS (the default)";;
+    "serving: weights $EXPECTED_WEIGHTS,"*"; activations $EXPECTED_ACTIVATIONS;"*) ;;
+    *) fail "the container serves '$serving', expected weights $EXPECTED_WEIGHTS, activations $EXPECTED_ACTIVATIONS (the default)";;
 esac
 phase_done up-healthy
 

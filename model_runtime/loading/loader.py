@@ -93,13 +93,18 @@ def load_model(
     directory was converted from, for ``quantization="gguf"``, which serves
     the file's own quantized blocks. ``activations="int16"`` or ``"int8"``
     makes those quantized linears quantize their inputs too
-    (``model_runtime.weights.int_activations``)."""
+    (``model_runtime.weights.int_activations``). ``"auto"`` for either is the
+    server's default, decided by ``resolve_quantization`` and
+    ``resolve_activations``."""
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     source, from_gguf = hf_source(model_path)
     gguf_file = gguf_file or (model_path if from_gguf else None)
-    check_quantization(quantization, torch_device, torch_dtype, gguf_file, activations)
     family = model_family(source, from_gguf)
+    asked_quantization, asked_activations = quantization, activations
+    quantization = resolve_quantization(quantization, torch_device, torch_dtype, gguf_file, family)
+    activations = resolve_activations(asked_activations, quantization)
+    check_quantization(quantization, torch_device, torch_dtype, gguf_file, activations)
     if family is not None and (quantization != "none" or activations != "float32"):
         raise ValueError(f"--quantization and --activations serve decoder-only models; {model_path} is an encoder-decoder model")
     tokenizer = AutoTokenizer.from_pretrained(source, **from_gguf)
@@ -113,15 +118,20 @@ def load_model(
     # Exact or refused: proven on the float model, before quantization swaps its linears.
     layout = check_decoder(model) if family is None else None
     weights, served_activations = str(torch_dtype).removeprefix("torch."), "float32"
+    quantized = load_gguf_linears(model, gguf_file) if quantization == "gguf" else []
+    if asked_quantization == "auto" and quantization == "gguf" and not quantized:  # a float GGUF file (F32, F16)
+        quantization, activations = "none", resolve_activations(asked_activations, "none")
+        check_quantization(quantization, torch_device, torch_dtype, gguf_file, activations)
     if quantization in ("int8", "gguf"):
-        quantized = quantize_int8(model) if quantization == "int8" else load_gguf_linears(model, gguf_file)
+        quantized = quantize_int8(model) if quantization == "int8" else quantized
         ops = kernels.load()
         weights = (
             "int8 groups of 32 (quantized at load)" if quantization == "int8" else f"the GGUF file's own blocks ({block_types(quantized)})"
         )
         if ops is None:  # no compiler: the same values as float32 linears, at float32's speed
             if activations != "float32":
-                logger.warning(
+                # Asked for by name, it is worth a warning; the default only says what it serves.
+                (logger.info if asked_activations == "auto" else logger.warning)(
                     "--activations %s needs tokenstep's CPU kernels, which are unavailable: the activations stay float32", activations
                 )
                 served_activations = f"float32 (--activations {activations} needs the kernels)"
@@ -229,6 +239,29 @@ def drop_gguf_quantizer(model: PreTrainedModel) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+
+
+def resolve_quantization(
+    quantization: str, device: torch.device, dtype: torch.dtype, gguf_file: str | Path | None, family: str | None
+) -> str:
+    """``auto`` (the server's default): serve a GGUF source's own blocks
+    (``gguf``; a ``.gguf`` model, or the default model's shipped file) where
+    they can serve, a decoder-only model on the CPU in float32; else the
+    checkpoint's dtype (``none``). Any other choice stands as given."""
+    if quantization != "auto":
+        return quantization
+    servable = gguf_file is not None and family is None and device.type == "cpu" and dtype == torch.float32
+    return "gguf" if servable else "none"
+
+
+def resolve_activations(activations: str, quantization: str) -> str:
+    """``auto`` (the server's default): int16 where the linears are
+    quantized (teacher-forced top-1 agreement with the float model 100 % on
+    the default model, docs/PERFORMANCE.md), float32 otherwise. int8 stays
+    opt-in: it moves outputs more."""
+    if activations != "auto":
+        return activations
+    return "int16" if quantization in ("int8", "gguf") else "float32"
 
 
 def check_quantization(

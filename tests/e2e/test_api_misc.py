@@ -83,6 +83,14 @@ def test_default_model_is_named_smollm2(default_server):
     assert card["max_model_len"] >= 2048
 
 
+def test_the_default_serves_the_shipped_files_blocks_with_int16_activations(default_server):
+    """No flags: the embedded model's own Q4_1 blocks (and its Q8_0 head),
+    with int16 activations, on tokenstep's kernels."""
+    (line,) = [line for line in default_server.log_path.read_text().splitlines() if "serving: " in line]
+    assert "weights the GGUF file's own blocks (1 Q8_0 + 210 Q4_1)" in line, line
+    assert "activations int16;" in line and "kernels C++ built for" in line, line
+
+
 # ------------------------------------------------------- tokenize/detokenize
 
 

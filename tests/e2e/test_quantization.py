@@ -1,6 +1,8 @@
-"""``tokenstep serve --quantization int8`` and ``--quantization gguf`` (also
-with ``--activations int16``) on the embedded default model, through the
-OpenAI SDK: the real model still answers, streamed and not."""
+"""``tokenstep serve --quantization int8``, ``--quantization gguf`` with
+float32 activations and ``--quantization none`` (float32, the exact mode) on
+the embedded default model, through the OpenAI SDK: the real model still
+answers, streamed and not. The default (gguf, int16 activations) is
+``default_server``'s, checked in test_api_misc.py."""
 
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,9 +15,9 @@ from tests.e2e.conftest import ServerProcess, running_server
 MODEL = "smollm2-135m-instruct"
 # Flags, and what the log says was served with them.
 LAYOUTS = {
-    "int8": (["--quantization", "int8"], "211 linears int8"),
-    "gguf": (["--quantization", "gguf"], "1 linears int8 + 210 linears int4"),
-    "gguf-int16": (["--quantization", "gguf", "--activations", "int16"], "; int16 activations"),
+    "int8": (["--quantization", "int8"], "MiB held; activations int16;"),
+    "gguf-float32": (["--quantization", "gguf", "--activations", "float32"], "activations float32;"),
+    "none": (["--quantization", "none"], "serving: weights float32,"),
 }
 
 

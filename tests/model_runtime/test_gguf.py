@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from model_runtime import kernels
-from model_runtime.loading.default_model import default_gguf_file
+from model_runtime import kernels, paths
+from model_runtime.loading.default_model import DEFAULT_MODEL_NAME, GGUF_FILE, convert_gguf, default_gguf_file
 from model_runtime.loading.loader import load_model
 from model_runtime.weights.gguf import BLOCK_SHAPES, BlockEmbedding, decode_blocks, read_gguf
 from model_runtime.weights.int_activations import IntActivationLinear
@@ -310,3 +310,44 @@ def test_the_benchmarks_requantizer_writes_a_k_quant_file_tokenstep_serves(tiny_
     served, kinds = served_kinds(target)
     assert kinds["model.layers.0.self_attn.v_proj"] == ("Q6_K", "int8") and kinds["lm_head"] == ("Q6_K", "int8")
     assert isinstance(served.get_input_embeddings(), BlockEmbedding)
+
+
+def test_auto_serves_a_gguf_files_blocks_with_int16_activations_and_anything_else_as_stored(
+    tiny_gguf: Path, tiny_llama_dir: Path, tmp_path: Path
+):
+    """The server's default (``--quantization auto --activations auto``):
+    a GGUF file's own blocks with int16 activations on the CPU in float32;
+    in bfloat16, from a checkpoint of floats, or from a GGUF file of floats,
+    the checkpoint's dtype with its exact outputs."""
+    served = load_model(tiny_gguf, "auto", "cpu", "auto", activations="auto")
+    assert served.weights.startswith("the GGUF file's own blocks (") and served.activations == "int16"
+    assert any(isinstance(module, IntActivationLinear) for module in served.model.modules())
+    exact = load_model(tiny_gguf, "auto", "cpu", "auto", activations="float32")
+    assert exact.weights.startswith("the GGUF file's own blocks (") and exact.activations == "float32"
+    for loaded, dtype in (
+        (load_model(tiny_gguf, "bfloat16", "cpu", "auto", activations="auto"), "bfloat16"),
+        (load_model(tiny_llama_dir, "auto", "cpu", "auto", activations="auto"), "float32"),
+        (
+            load_model(
+                build_tiny_llama_gguf(tmp_path / "f32.gguf", dict.fromkeys(TYPES, "F32"), "F32"), "auto", "cpu", "auto", activations="auto"
+            ),
+            "float32",
+        ),
+    ):
+        assert (loaded.weights, loaded.activations) == (dtype, "float32")
+        assert not any(isinstance(module, GroupwiseLinear) for module in loaded.model.modules())
+    with pytest.raises(ValueError, match="use it with --quantization int8 or gguf"):
+        load_model(tiny_llama_dir, "auto", "cpu", "auto", activations="int16")
+
+
+def test_the_converted_default_keeps_the_file_whose_blocks_it_serves(tiny_gguf: Path, tmp_path: Path, monkeypatch):
+    """The image converts the default model and drops the package that
+    shipped it: the converted folder keeps the GGUF file, and the default's
+    blocks are read from there."""
+    target = tmp_path / "cache" / DEFAULT_MODEL_NAME
+    convert_gguf(tiny_gguf.parent, tiny_gguf.name, target)
+    assert (target / tiny_gguf.name).read_bytes() == tiny_gguf.read_bytes()
+    assert (target / "model.safetensors").is_file()
+    (target / GGUF_FILE).write_bytes(b"kept")
+    monkeypatch.setattr(paths, "_configured", tmp_path / "cache")
+    assert default_gguf_file() == target / GGUF_FILE

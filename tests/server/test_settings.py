@@ -104,8 +104,10 @@ def test_compile_is_off_by_default_and_a_flag(clean_env):
     assert parse_settings(["--no-compile"]).compile is False
 
 
-def test_activations_default_to_float32_and_take_int16_or_int8(clean_env):
-    assert parse_settings([]).activations == "float32"
+def test_quantization_and_activations_default_to_auto_and_take_each_choice(clean_env):
+    assert parse_settings([]).quantization == "auto"
+    assert parse_settings(["--quantization", "none"]).quantization == "none"
+    assert parse_settings([]).activations == "auto"
     assert parse_settings(["--activations", "int16"]).activations == "int16"
     clean_env.setenv("TOKENSTEP_ACTIVATIONS", "int8")
     assert parse_settings([]).activations == "int8"
