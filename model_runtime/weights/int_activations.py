@@ -29,6 +29,7 @@ against 3e-5 for the exact ones).
 """
 
 import logging
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -38,7 +39,7 @@ from model_runtime.weights.quantization import (
     GroupwiseLinear,
     Int4Linear,
     Int8Linear,
-    best_seconds,
+    best_seconds_each,
     replace_groupwise,
     unpack_nibbles,
 )
@@ -134,10 +135,10 @@ def choose_isa(linears: list[IntActivationLinear], ops: object) -> int:
     at ``_PROBE_ROWS`` rows (each one's best of a few passes)."""
     inputs = {(rows, k): torch.randn(rows, k) for rows in _PROBE_ROWS for k in {m.in_features for m in linears}}
 
-    def pass_s(isa: int, rows: int) -> float:
-        return best_seconds(lambda: [m.run(inputs[rows, m.in_features], isa) for m in linears])
+    def one_pass(isa: int) -> Callable[[], None]:
+        return lambda: [m.run(inputs[rows, m.in_features], isa) for rows in _PROBE_ROWS for m in linears]
 
-    seconds = {isa: sum(pass_s(isa, rows) for rows in _PROBE_ROWS) for isa in range(len(ops.isas()))}
+    seconds = best_seconds_each({isa: one_pass(isa) for isa in range(len(ops.isas()))})
     logger.info(
         "integer-activation kernels per instruction set, one pass at rows %s: %s",
         _PROBE_ROWS,

@@ -45,6 +45,7 @@ GROUP = 32  # weights per (scale, offset); the kernel's GROUP
 SWITCH_PROBE_ROWS = (32, 64, 128, 256)
 ISA_PROBE_ROWS = (1, 16)
 _PROBE_PASSES = 3
+_CLEARLY_SLOWER = 2.0  # best_seconds_each
 
 
 def quantize_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -264,15 +265,29 @@ def describe(linears: list[GroupwiseLinear]) -> str:
     return f"{counts} ({first.ops.isas()[first.isa]} kernel{switch}; measured at load)"
 
 
-def best_seconds(run: Callable[[], object]) -> float:
+def best_seconds(run: Callable[[], object], passes: int = _PROBE_PASSES, warm_up: bool = True) -> float:
     """The fastest of a few timed calls of ``run``, after one untimed warm-up."""
-    run()
+    if warm_up:
+        run()
     best = float("inf")
-    for _ in range(_PROBE_PASSES):
+    for _ in range(passes):
         start = time.perf_counter()
         run()
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def best_seconds_each(runs: dict[int, Callable[[], object]]) -> dict[int, float]:
+    """``best_seconds`` of each run (one per instruction set), except that a
+    run whose first timed call took over ``_CLEARLY_SLOWER`` times the
+    fastest first call is timed no further: it cannot win (noise here is far
+    below that), and the generic build's passes cost seconds at every start."""
+    first = {key: best_seconds(run, passes=1) for key, run in runs.items()}
+    cutoff = _CLEARLY_SLOWER * min(first.values())
+    return {
+        key: min(first[key], best_seconds(run, _PROBE_PASSES - 1, warm_up=False)) if first[key] <= cutoff else first[key]
+        for key, run in runs.items()
+    }
 
 
 @torch.inference_mode()
@@ -290,10 +305,10 @@ def choose_kernels(
     inputs = {(rows, k): torch.randn(rows, k) for rows in {*ISA_PROBE_ROWS, *SWITCH_PROBE_ROWS} for k in {m.in_features for m in linears}}
     best_s = best_seconds
 
-    def kernel_pass(modules: list[GroupwiseLinear], rows: int, isa: int) -> Callable[[], None]:
-        return lambda: [m.kernel_forward(inputs[rows, m.in_features], isa) for m in modules]
+    def kernel_pass(isa: int) -> Callable[[], None]:
+        return lambda: [m.kernel_forward(inputs[rows, m.in_features], isa) for rows in ISA_PROBE_ROWS for m in linears]
 
-    isa_s = {isa: sum(best_s(kernel_pass(linears, rows, isa)) for rows in ISA_PROBE_ROWS) for isa in isas}
+    isa_s = best_seconds_each({isa: kernel_pass(isa) for isa in isas})
     isa = min(isa_s, key=isa_s.get)
     logger.info(
         "quantized kernels per instruction set, one pass at rows %s: %s",
