@@ -45,9 +45,24 @@ from server.tools import ToolCallParser, ToolPlan
 router = APIRouter()
 
 
+# Fields of OpenAI's chat API that ask for what tokenstep cannot do: a 400
+# naming the field rather than an answer that silently lacks it.
+UNSERVED_FIELDS = {
+    "audio": "audio output is not supported: the served model writes text",
+    "web_search_options": "web search is not supported: nothing runs searches here",
+    "reasoning_effort": "reasoning_effort is not supported: tokenstep has no reasoning parser for the served model yet",
+}
+
+
 def _check_supported(body: ChatCompletionRequest) -> None:
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidRequestError("top_logprobs requires logprobs: true", param="top_logprobs")
+    extra = body.model_extra or {}
+    for field, message in UNSERVED_FIELDS.items():
+        if extra.get(field) is not None:
+            raise InvalidRequestError(message, param=field)
+    if extra.get("modalities") not in (None, ["text"]):
+        raise InvalidRequestError('only "text" output is supported: the served model writes text', param="modalities")
 
 
 @router.post("/v1/chat/completions", response_model=None)

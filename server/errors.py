@@ -117,6 +117,18 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return f"{param + ': ' if param else ''}{first.get('msg', 'invalid value')}", param
 
 
+def _http_message(request: Request, exc: StarletteHTTPException) -> str:
+    """The router's bare "Not Found" / "Method Not Allowed" named: which
+    route, and that tokenstep does not serve it (a client calling
+    ``/v1/embeddings`` learns the server lacks it, not that a path is mistyped)."""
+    route = f"{request.method} {request.url.path}"
+    if exc.status_code == 404 and exc.detail == "Not Found":
+        return f"{route} is not a route tokenstep serves (docs/API.md lists the routes)"
+    if exc.status_code == 405 and exc.detail == "Method Not Allowed":
+        return f"{route}: tokenstep serves {request.url.path} with another method ({exc.headers.get('Allow', '') if exc.headers else ''})"
+    return str(exc.detail)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(TokenstepError)
     async def _domain(_: Request, exc: TokenstepError) -> JSONResponse:
@@ -129,9 +141,9 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(400, message, param)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = "request_too_large" if exc.status_code == 413 else None
-        return error_response(exc.status_code, str(exc.detail), code=code, headers=getattr(exc, "headers", None))
+        return error_response(exc.status_code, _http_message(request, exc), code=code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(ClientDisconnected)
     async def _disconnected(request: Request, _: ClientDisconnected) -> Response:

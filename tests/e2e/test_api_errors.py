@@ -176,7 +176,11 @@ def test_unknown_route_and_wrong_method(tiny_server):
     base = tiny_server.base_url
     assert_error(httpx.get(f"{base}/v1/nothing-here"), 404, "not_found_error")
     assert_error(httpx.post(f"{base}/v2/completions", json={}), 404, "not_found_error")
-    assert_error(httpx.get(f"{base}/v1/completions"), 405, "invalid_request_error")
+    # A route tokenstep lacks is named as not served, not a bare "Not Found".
+    error = assert_error(httpx.post(f"{base}/v1/embeddings", json={"model": MODEL, "input": "x"}), 404, "not_found_error")
+    assert error["message"].startswith("POST /v1/embeddings is not a route tokenstep serves"), error
+    error = assert_error(httpx.get(f"{base}/v1/completions"), 405, "invalid_request_error")
+    assert error["message"].startswith("GET /v1/completions: tokenstep serves /v1/completions with another method (POST"), error
     assert_error(httpx.get(f"{base}/v1/chat/completions"), 405, "invalid_request_error")
     assert_error(httpx.delete(f"{base}/v1/models"), 405, "invalid_request_error")
 
@@ -278,3 +282,22 @@ def test_oversized_chunked_body_is_413(guarded_server):
 
     response = httpx.post(f"{guarded_server.base_url}/v1/completions", content=chunks(), headers=AUTH_JSON, timeout=30)
     assert_error(response, 413, "invalid_request_error", code="request_too_large")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("audio", {"voice": "alloy", "format": "wav"}),
+        ("modalities", ["text", "audio"]),
+        ("web_search_options", {}),
+        ("reasoning_effort", "low"),
+    ],
+)
+def test_chat_fields_asking_for_what_is_not_served_are_400_naming_the_field(tiny_server, field, value):
+    """Through the OpenAI SDK: no answer that silently lacks what was asked for."""
+    client = openai.OpenAI(base_url=f"{tiny_server.base_url}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2, **{field: value})
+    assert raised.value.body["param"] == field, raised.value.body
+    # Text-only modalities ask for what is served.
+    assert client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2, modalities=["text"]).choices
