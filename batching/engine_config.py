@@ -40,7 +40,7 @@ class EngineConfig:
     # (None: the default model's own; a ``.gguf`` model is its own).
     gguf_file: str | Path | None = None
     # One of ACTIVATIONS. "int16"/"int8": quantized linears round their inputs
-    # to integers too; "auto": int16 where the linears are quantized.
+    # to integers too; "auto": int16 with a GGUF file's blocks, else float32.
     activations: str = "auto"
     block_size: int = DEFAULT_BLOCK_SIZE
     kv_cache_memory: str | int | None = None

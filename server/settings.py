@@ -73,7 +73,7 @@ class Settings(BaseSettings):
     activations: Literal[ACTIVATIONS] = Field(
         engine_default("activations"),
         description=(
-            "auto (default): int16 where the linears are quantized (gguf or int8), else float32; int16 or int8: "
+            "auto (default): int16 with --quantization gguf, else float32; int16 or int8: "
             "the quantized linears round their inputs per group of 32 to integers too, for integer dot products "
             "and a much faster decode; int16 stays very close to the float model's outputs, int8 (what llama.cpp "
             "does) moves them more; float32: the quantized weights' exact dequantized values (CPU, needs "

@@ -19,8 +19,9 @@ outputs can differ between runs, as in vLLM (docs/PERFORMANCE.md,
 
 A GGUF source (a ``.gguf`` model, or the default model's shipped file) is
 served by default from the file's own blocks with int16 activations
-(``resolve_quantization``, ``resolve_activations``): on the CPU several
-times less memory and up to 2.4x the float32 speed for one stream, outputs
+(``resolve_quantization``, ``resolve_activations``): on the CPU a fifth of
+float32's weight memory and 2.4x its speed for one stream (AMD EPYC Zen 3,
+AVX2, 2026-12-06; docs/BENCHMARKS.md), outputs
 within rounding of the float model's (each row's result still independent
 of its batch, so just as reproducible); ``--quantization none`` serves it as
 float32, exactly ``generate``'s.
@@ -263,13 +264,15 @@ def resolve_quantization(
 
 
 def resolve_activations(activations: str, quantization: str) -> str:
-    """``auto`` (the server's default): int16 where the linears are
-    quantized (teacher-forced top-1 agreement with the float model 100 % on
-    the default model, docs/PERFORMANCE.md), float32 otherwise. int8 stays
-    opt-in: it moves outputs more."""
+    """``auto`` (the server's default): int16 with a GGUF file's blocks
+    (teacher-forced top-1 agreement with the float model 100 %, 12/12 greedy
+    outputs identical on the default model, docs/BENCHMARKS.md), float32
+    otherwise: weight-only int8 keeps float activations, as int16 on top of
+    it changed 3 of 12 greedy outputs (Intel Xeon, 2026-12-03). int8
+    activations stay opt-in: they move outputs more."""
     if activations != "auto":
         return activations
-    return "int16" if quantization in ("int8", "gguf") else "float32"
+    return "int16" if quantization == "gguf" else "float32"
 
 
 def check_quantization(

@@ -338,6 +338,9 @@ def test_auto_serves_a_gguf_files_blocks_with_int16_activations_and_anything_els
         assert not any(isinstance(module, GroupwiseLinear) for module in loaded.model.modules())
     with pytest.raises(ValueError, match="use it with --quantization int8 or gguf"):
         load_model(tiny_llama_dir, "auto", "cpu", "auto", activations="int16")
+    # Weight-only int8 keeps float activations by default (int16 on it changes greedy outputs).
+    int8 = load_model(tiny_llama_dir, "auto", "cpu", "int8", activations="auto")
+    assert int8.weights.startswith("int8 groups of 32") and int8.activations == "float32"
 
 
 def test_the_converted_default_keeps_the_file_whose_blocks_it_serves(tiny_gguf: Path, tmp_path: Path, monkeypatch):

@@ -6,6 +6,7 @@ with ``model.generate`` on the dequantized model."""
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,16 @@ from transformers.pytorch_utils import Conv1D
 
 from model_runtime import kernels
 from model_runtime.loading.loader import load_model
-from model_runtime.weights.quantization import GROUP, Int8Linear, dequantize_groups, gemm_from_rows_given, linear_weight, quantize_groups
+from model_runtime.weights.quantization import (
+    _PROBE_PASSES,
+    GROUP,
+    Int8Linear,
+    best_seconds_each,
+    dequantize_groups,
+    gemm_from_rows_given,
+    linear_weight,
+    quantize_groups,
+)
 from tests.model_runtime.test_parity import build, generate_outputs, make_prompts, run_engine
 
 ROWS = (1, 2, 3, 4, 5, 7, 16, 63, 64, 65, 130)
@@ -204,3 +214,21 @@ def test_the_op_switches_to_dequantize_and_gemm_from_gemm_from_rows(ops):
     assert not torch.equal(module.kernel_forward(x, gemm_from_rows=7), gemm)  # below it: the kernel (other summation order)
     module.gemm_from_rows = 4
     assert torch.equal(module(x), gemm) and torch.allclose(module(x[:3]), module.gemm_forward(x[:3]), atol=1e-4)
+
+
+def test_an_instruction_set_clearly_slower_at_its_first_pass_is_timed_no_further():
+    """The kernel probes at load time every build once; one over twice the
+    fastest's first pass (the generic build, seconds a pass at start) is not
+    timed again, the others get their best of a few."""
+    calls = {"fast": 0, "slow": 0}
+
+    def run(name: str, seconds: float):
+        def call():
+            calls[name] += 1
+            time.sleep(seconds)
+
+        return call
+
+    timed = best_seconds_each({0: run("fast", 0.001), 1: run("slow", 0.03)})
+    assert min(timed, key=timed.get) == 0 and timed[1] >= 0.03
+    assert calls == {"fast": 1 + _PROBE_PASSES, "slow": 2}  # warm-up and passes; warm-up and one pass
