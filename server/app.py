@@ -30,6 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from server.chat import router as chat_router
 from server.completions import router as completions_router
 from server.errors import RETRY_AFTER_NOT_READY_S, AuthError, error_response, install_error_handlers
+from server.messages import router as messages_router
 from server.metrics import Metrics
 from server.models import router as models_router
 from server.pages import STATIC_DIR
@@ -46,12 +47,14 @@ logger = logging.getLogger(__name__)
 
 
 def _check_api_key(request: Request) -> None:
+    """The key as OpenAI's clients send it (``Authorization: Bearer``) or as Anthropic's do (``x-api-key``)."""
     expected: str | None = request.app.state.settings.api_key
     if not expected:
         return
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
-        raise AuthError("missing or invalid API key (send 'Authorization: Bearer <key>')")
+    given = token.strip() if scheme.lower() == "bearer" else request.headers.get("x-api-key", "")
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        raise AuthError("missing or invalid API key (send 'Authorization: Bearer <key>' or 'x-api-key: <key>')")
 
 
 class BodySizeLimit:
@@ -82,7 +85,8 @@ class BodySizeLimit:
         await self.app(scope, limited_receive, send)
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = error_response(413, f"request body larger than {self.max_bytes} bytes", code="request_too_large")
+        message = f"request body larger than {self.max_bytes} bytes"
+        response = error_response(413, message, code="request_too_large", path=scope.get("path", ""))
         await response(scope, receive, send)
 
 
@@ -126,7 +130,7 @@ def create_app(settings: Settings, load: Callable[[], Served] | None = None, rea
             CORSMiddleware,
             allow_origins=settings.allowed_origin_list,
             allow_methods=["GET", "POST"],
-            allow_headers=["authorization", "content-type"],
+            allow_headers=["authorization", "content-type", "x-api-key", "anthropic-version", "anthropic-beta"],
         )
 
     @app.get("/health", summary="200 once the model serves; 503 while loading or if the engine died")
@@ -146,6 +150,7 @@ def create_app(settings: Settings, load: Callable[[], Served] | None = None, rea
     api.include_router(completions_router)
     api.include_router(chat_router)
     api.include_router(responses_router)
+    api.include_router(messages_router)
     api.include_router(models_router)
     api.include_router(tokenize_router)
     api.include_router(stats_router)

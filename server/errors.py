@@ -1,5 +1,7 @@
 """Every error class of the HTTP layer, and the one place errors become
-OpenAI error JSON: ``{"error": {"message", "type", "param", "code"}}``.
+OpenAI error JSON: ``{"error": {"message", "type", "param", "code"}}``, or,
+on Anthropic's routes (``/v1/messages...``), Anthropic's:
+``{"type": "error", "error": {"type", "message"}}``.
 
 Domain errors (``batching.errors.TokenstepError`` and the subclasses here)
 carry their status, type, param and code; FastAPI's 422 and malformed JSON
@@ -80,6 +82,24 @@ RETRY_AFTER_NOT_READY_S = 5
 _TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 429: "rate_limit_error"}
 
 
+ANTHROPIC_PATH_PREFIX = "/v1/messages"
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
+
+
+def anthropic_error_body(status: int, message: str) -> dict:
+    """Anthropic's error envelope (also its stream's ``error`` event); the type follows the status."""
+    error_type = _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": error_type, "message": message}}
+
+
 def error_type_for(status: int) -> str:
     return _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
 
@@ -96,8 +116,14 @@ def error_response(
     error_type: str | None = None,
     code: str | int | None = None,
     headers: dict[str, str] | None = None,
+    path: str = "",
 ) -> JSONResponse:
-    return JSONResponse(error_body(status, message, param, error_type, code), status_code=status, headers=headers)
+    """The error as JSON in the shape of the API ``path`` belongs to (OpenAI's unless Anthropic's)."""
+    if path.startswith(ANTHROPIC_PATH_PREFIX):
+        body = anthropic_error_body(status, f"{param}: {message}" if param else message)
+    else:
+        body = error_body(status, message, param, error_type, code)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def error_event(message: str, status: int = 500) -> str:
@@ -131,19 +157,20 @@ def _http_message(request: Request, exc: StarletteHTTPException) -> str:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(TokenstepError)
-    async def _domain(_: Request, exc: TokenstepError) -> JSONResponse:
+    async def _domain(request: Request, exc: TokenstepError) -> JSONResponse:
         headers = {"Retry-After": str(RETRY_AFTER_BUSY_S)} if exc.http_status == 503 else None
-        return error_response(exc.http_status, exc.message, exc.param, exc.error_type, exc.code, headers)
+        return error_response(exc.http_status, exc.message, exc.param, exc.error_type, exc.code, headers, request.url.path)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
-        return error_response(400, message, param)
+        return error_response(400, message, param, path=request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = "request_too_large" if exc.status_code == 413 else None
-        return error_response(exc.status_code, _http_message(request, exc), code=code, headers=getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        return error_response(exc.status_code, _http_message(request, exc), code=code, headers=headers, path=request.url.path)
 
     @app.exception_handler(ClientDisconnected)
     async def _disconnected(request: Request, _: ClientDisconnected) -> Response:
@@ -153,4 +180,4 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("request_id=%s unhandled error on %s %s", request_id_of(request.scope), request.method, request.url.path)
-        return error_response(500, "internal server error", code=None)
+        return error_response(500, "internal server error", code=None, path=request.url.path)

@@ -10,7 +10,6 @@ streaming, OpenAI's typed events. With ``store`` (default true) the finished
 response and its conversation go into the app's ``ResponseStore``.
 """
 
-import json
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -29,7 +28,7 @@ from server.params import check_context, check_generation_request, default_max_t
 from server.response_events import ResponseBuilder, new_item_id
 from server.response_store import ResponseStore, StoredResponse
 from server.responses_protocol import ResponsesRequest, check_supported, input_messages, template_fields
-from server.sse import sse_response
+from server.sse import sse_response, typed_events
 from server.state import Served, served
 
 router = APIRouter()
@@ -73,7 +72,12 @@ async def create_response(
     builder = ResponseBuilder(reply, _skeleton(body, response_id, created_at, state.model_name), body.wants_logprobs)
     finish = _finisher(raw_request, body, builder, conversation)
     if body.stream:
-        return sse_response(_stream(builder, outputs, finish), settings)
+        # An error after the start is OpenAI's ``error`` event (no ``[DONE]``:
+        # the Responses stream ends with its last typed event).
+        def error_event(exc: TokenstepError) -> dict[str, Any]:
+            return builder.error_event(exc.code or str(exc.http_status), exc.message, exc.param)
+
+        return sse_response(typed_events(builder, outputs, error_event, finish), settings)
     return JSONResponse(await unless_disconnected(raw_request, _collect(builder, outputs, finish)))
 
 
@@ -141,26 +145,3 @@ async def _collect(builder: ResponseBuilder, outputs: AsyncIterator[tuple[int, R
     async for _, output in outputs:
         builder.feed(output)
     return finish()
-
-
-async def _stream(
-    builder: ResponseBuilder, outputs: AsyncIterator[tuple[int, RequestOutput]], finish: Finish
-) -> AsyncIterator[dict[str, str]]:
-    """SSE events ``event: <type>`` / ``data: <json>``; an error after the
-    start is OpenAI's ``error`` event (no ``[DONE]``: the Responses stream
-    ends with its last typed event)."""
-    try:
-        for event in builder.start():
-            yield _sse(event)
-        async for _, output in outputs:
-            for event in builder.feed(output):
-                yield _sse(event)
-        finish()
-    except TokenstepError as exc:
-        yield _sse(builder.error_event(exc.code or str(exc.http_status), exc.message, exc.param))
-    finally:
-        await outputs.aclose()
-
-
-def _sse(event: dict[str, Any]) -> dict[str, str]:
-    return {"event": event["type"], "data": json.dumps(event)}

@@ -40,7 +40,7 @@ def curl_commands() -> list[str]:
 
 
 def python_snippets() -> list[str]:
-    return [block for block in fenced_blocks("python") if "OpenAI(" in block and README_ADDRESS in block]
+    return [block for block in fenced_blocks("python") if ("OpenAI(" in block or "Anthropic(" in block) and README_ADDRESS in block]
 
 
 CURL_COMMANDS = curl_commands()

@@ -1,7 +1,8 @@
 """Fuzz: schemathesis generates valid and invalid requests from the app's own
 ``/openapi.json`` for every route and sends them in-process (ASGI) to the
 real engine on the tiny model. No response may be a 5xx, and every error
-must be in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
+must be in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``
+(on Anthropic's ``/v1/messages`` routes, Anthropic's ``{"type": "error", "error": {"type", "message"}}``).
 
 Bounded for CI: ``FUZZ_EXAMPLES`` examples per route (``TOKENSTEP_FUZZ_EXAMPLES``
 to raise it), and generation lengths are clamped to a few tokens, because
@@ -30,6 +31,7 @@ LENGTH_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 # Routes whose default length is "the rest of the context", and the field to clamp it by.
 DEFAULT_LENGTH_FIELD = {"/v1/chat/completions": "max_completion_tokens", "/v1/responses": "max_output_tokens"}
 RESPONSES_LAST_EVENTS = {"response.completed", "response.incomplete"}
+ANTHROPIC_PREFIX = "/v1/messages"
 
 
 @pytest.fixture
@@ -51,6 +53,8 @@ OPERATIONS = [
     ("POST", "/v1/completions"),
     ("POST", "/v1/chat/completions"),
     ("POST", "/v1/responses"),
+    ("POST", "/v1/messages"),
+    ("POST", "/v1/messages/count_tokens"),
     ("GET", "/v1/responses/{response_id}"),
     ("DELETE", "/v1/responses/{response_id}"),
     ("GET", "/v1/models"),
@@ -83,6 +87,12 @@ def assert_openai_error_body(content: bytes) -> None:
     assert isinstance(error["message"], str) and error["message"] and isinstance(error["type"], str)
 
 
+def assert_anthropic_error_body(content: bytes) -> None:
+    body = json.loads(content)
+    assert set(body) == {"type", "error"} and body["type"] == "error", body
+    assert set(body["error"]) == {"type", "message"} and body["error"]["message"], body
+
+
 def test_every_operation_is_fuzzed(fuzz_schema):
     found = {(result.ok().method.upper(), result.ok().path) for result in fuzz_schema.get_all_operations()}
     assert found == set(OPERATIONS)
@@ -93,11 +103,13 @@ def check_response(case) -> None:
     response = case.call()
     assert response.status_code < 500, (response.status_code, response.text[:500])
     if response.status_code >= 400:
-        assert_openai_error_body(response.content)
+        (assert_anthropic_error_body if case.path.startswith(ANTHROPIC_PREFIX) else assert_openai_error_body)(response.content)
     elif any(value.startswith("text/event-stream") for value in response.headers.get("content-type", [])):
         stream = parse_stream(response.status_code, response.text)
         if case.path == "/v1/responses":  # typed events, no [DONE]
             assert stream.events and stream.events[-1]["type"] in RESPONSES_LAST_EVENTS, stream.body[-300:]
+        elif case.path == ANTHROPIC_PREFIX:  # Anthropic's typed events, no [DONE]
+            assert stream.events and stream.events[-1]["type"] == "message_stop", stream.body[-300:]
         else:
             stream.assert_ended_properly()
             assert not stream.errors, stream.errors
