@@ -23,6 +23,7 @@ from batching.outputs import RequestOutput
 from server.chat_prompt import build_chat_prompt, message_dicts
 from server.choices import merge, start_choices, unless_disconnected
 from server.logprobs import chat_logprobs
+from server.output_parser import OutputParser
 from server.params import check_context, check_generation_request, default_max_tokens, sampling_params
 from server.protocol import (
     AssistantMessage,
@@ -32,12 +33,14 @@ from server.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatTemplateFields,
     DeltaMessage,
     ToolCall,
     Usage,
     model_dump,
     new_id,
 )
+from server.reasoning import NO_REASONING, ReasoningParser, effort_template_kwargs
 from server.sse import sse_response
 from server.state import Served, served
 from server.tools import ToolCallParser, ToolPlan
@@ -50,11 +53,10 @@ router = APIRouter()
 UNSERVED_FIELDS = {
     "audio": "audio output is not supported: the served model writes text",
     "web_search_options": "web search is not supported: nothing runs searches here",
-    "reasoning_effort": "reasoning_effort is not supported: tokenstep has no reasoning parser for the served model yet",
 }
 
 
-def _check_supported(body: ChatCompletionRequest) -> None:
+def _check_supported(body: ChatCompletionRequest, state: Served) -> None:
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidRequestError("top_logprobs requires logprobs: true", param="top_logprobs")
     extra = body.model_extra or {}
@@ -63,6 +65,15 @@ def _check_supported(body: ChatCompletionRequest) -> None:
             raise InvalidRequestError(message, param=field)
     if extra.get("modalities") not in (None, ["text"]):
         raise InvalidRequestError('only "text" output is supported: the served model writes text', param="modalities")
+    if extra.get("reasoning_effort") is not None and state.reasoning is None:
+        raise InvalidRequestError(f"reasoning_effort is not supported: {NO_REASONING}", param="reasoning_effort")
+
+
+def with_effort(fields: ChatTemplateFields, effort: str | None) -> ChatTemplateFields:
+    """The template options with a reasoning effort folded in (the request's own ``chat_template_kwargs`` win)."""
+    if effort is None:
+        return fields
+    return fields.model_copy(update={"chat_template_kwargs": {**effort_template_kwargs(effort), **(fields.chat_template_kwargs or {})}})
 
 
 @router.post("/v1/chat/completions", response_model=None)
@@ -70,9 +81,10 @@ async def create_chat_completion(
     body: ChatCompletionRequest, raw_request: Request, state: Served = Depends(served)
 ) -> JSONResponse | EventSourceResponse:
     created = int(time.time())  # arrival: the same value in every chunk and in the JSON body
-    _check_supported(body)
+    _check_supported(body, state)
     check_generation_request(body, state)
-    chat_prompt = build_chat_prompt(state, message_dicts(body.messages), body)
+    effort = (body.model_extra or {}).get("reasoning_effort")
+    chat_prompt = build_chat_prompt(state, message_dicts(body.messages), with_effort(body, effort))
     prompt, plan = chat_prompt.token_ids, chat_prompt.plan
     max_tokens = body.max_completion_tokens or body.max_tokens or default_max_tokens(len(prompt), state)
     max_tokens_param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
@@ -84,7 +96,7 @@ async def create_chat_completion(
     choices = await start_choices(state, [prompt], params, body.n, request_id)
     settings = raw_request.app.state.settings
     outputs = merge(state, choices, raw_request.app.state.metrics, settings.request_timeout)
-    reply = ReplyShape(state, request_id, created, len(prompt), plan, body.skip_special_tokens)
+    reply = ReplyShape(state, request_id, created, len(prompt), plan, body.skip_special_tokens, chat_prompt.opens_reasoning)
     if body.stream:
         return sse_response(_stream(reply, outputs, body.include_usage, body.continuous_usage), settings)
     return JSONResponse(await unless_disconnected(raw_request, _collect(reply, outputs)))
@@ -110,12 +122,17 @@ class ReplyShape:
     prompt_tokens: int
     plan: ToolPlan | None
     skip_special_tokens: bool
+    opens_reasoning: bool = False  # the prompt ends inside a thinking block
 
-    def parser(self) -> ToolCallParser | None:
-        """A fresh splitter of one choice's text into content and calls (None: none needed)."""
-        if self.plan is None or not self.plan.parses_calls:
-            return None
-        return ToolCallParser(keep_partial=not self.plan.is_forced)
+    def parser(self) -> OutputParser:
+        """A fresh splitter of one choice's text into reasoning, content and calls."""
+        reasoning = ReasoningParser(self.state.reasoning, self.opens_reasoning) if self.state.reasoning is not None else None
+        tools = ToolCallParser(keep_partial=not self.plan.is_forced) if self.plan is not None and self.plan.parses_calls else None
+        return OutputParser(reasoning, tools)
+
+    def reasoning_tokens(self, reasoning: str) -> int:
+        """How many output tokens the reasoning took, counted by tokenizing its text."""
+        return len(self.state.tokenizer(reasoning, add_special_tokens=False).input_ids) if reasoning else 0
 
     def logprobs(self, items: list[TokenLogprobs]) -> ChatChoiceLogprobs:
         return chat_logprobs(self.state.token_bytes, items, self.skip_special_tokens)
@@ -126,11 +143,17 @@ class ReplyShape:
         ).to_json()
 
 
-def _message(text: str, parser: ToolCallParser | None) -> AssistantMessage:
-    if parser is None:
-        return AssistantMessage(content=text)
-    content, _ = parser.feed_delta(text, is_last=True)
-    return AssistantMessage(content=content or None, tool_calls=[ToolCall(**call) for call in parser.calls] or None)
+def _message(text: str, parser: OutputParser, has_reasoning: bool) -> AssistantMessage:
+    """The whole choice. Where calls or reasoning may be split out of the
+    text, content left empty is None (as OpenAI and vLLM send it)."""
+    split = parser.feed(text, is_last=True)
+    reasoning = (parser.reasoning or None) if has_reasoning else None
+    return AssistantMessage(
+        content=(split.content or None) if parser.splits else split.content,
+        tool_calls=[ToolCall(**call) for call in parser.calls] or None,
+        reasoning_content=reasoning,
+        reasoning=reasoning,
+    )
 
 
 async def _collect(reply: ReplyShape, outputs: AsyncIterator[tuple[int, RequestOutput]]) -> dict:
@@ -143,7 +166,8 @@ async def _collect(reply: ReplyShape, outputs: AsyncIterator[tuple[int, RequestO
         logprobs.setdefault(index, []).extend(output.logprobs)
         want_logprobs = want_logprobs or bool(output.logprobs)
         last[index] = output
-    messages = {index: _message("".join(texts[index]), reply.parser()) for index in last}
+    has_reasoning = reply.state.reasoning is not None
+    messages = {index: _message("".join(texts[index]), reply.parser(), has_reasoning) for index in last}
     choices = [
         ChatChoice(
             index=index,
@@ -169,7 +193,7 @@ async def _stream(
     """``continuous_usage``: every chunk after the role chunk also carries the usage so far."""
     started: set[int] = set()
     completion_tokens: dict[int, int] = {}
-    parsers: dict[int, ToolCallParser | None] = {}
+    parsers: dict[int, OutputParser] = {}
 
     def usage() -> Usage:
         total = sum(completion_tokens.values())
@@ -186,18 +210,20 @@ async def _stream(
                 yield reply.chunk([ChatChunkChoice(index=index, delta=DeltaMessage(role="assistant", content=""))])
             completion_tokens[index] = output.num_output_tokens
             logprobs = reply.logprobs(output.logprobs) if output.logprobs else None
-            content, calls = output.new_text, []
             parser = parsers[index]
-            if parser is not None:
-                content, calls = parser.feed_delta(content, output.is_finished)
-            if content or logprobs:
-                yield reply.chunk([ChatChunkChoice(index=index, delta=DeltaMessage(content=content), logprobs=logprobs)], usage_so_far())
-            if calls:
-                first = len(parser.calls) - len(calls)
-                fragments = [{"index": first + i, **call} for i, call in enumerate(calls)]
+            split = parser.feed(output.new_text, output.is_finished)
+            if split.reasoning:
+                delta = DeltaMessage(reasoning_content=split.reasoning, reasoning=split.reasoning)
+                yield reply.chunk([ChatChunkChoice(index=index, delta=delta)], usage_so_far())
+            if split.content or logprobs:
+                delta = DeltaMessage(content=split.content)
+                yield reply.chunk([ChatChunkChoice(index=index, delta=delta, logprobs=logprobs)], usage_so_far())
+            if split.calls:
+                first = len(parser.calls) - len(split.calls)
+                fragments = [{"index": first + i, **call} for i, call in enumerate(split.calls)]
                 yield reply.chunk([ChatChunkChoice(index=index, delta=DeltaMessage(tool_calls=fragments))], usage_so_far())
             if output.is_finished:
-                reason = finish_reason(output, parser.calls if parser else [], reply.plan)
+                reason = finish_reason(output, parser.calls, reply.plan)
                 yield reply.chunk(
                     [ChatChunkChoice(index=index, delta=DeltaMessage(), finish_reason=reason, stop_reason=output.stop_reason)],
                     usage_so_far(),

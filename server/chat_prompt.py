@@ -25,6 +25,7 @@ class ChatPrompt:
 
     token_ids: list[int]
     plan: ToolPlan | None
+    opens_reasoning: bool = False  # the prompt ends inside a thinking block: the output starts as reasoning
 
 
 def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -81,4 +82,5 @@ def build_chat_prompt(state: Served, messages: list[dict[str, Any]], fields: Cha
         raise InvalidRequestError(f"the chat template could not render these messages: {exc}", param="messages") from None
     # An encoder-decoder model's source is tokenized as its encoder was trained
     # on (T5 appends </s>, BART wraps in <s> ... </s>); its templates rarely add them.
-    return ChatPrompt(state.tokenizer(text, add_special_tokens=state.encoder_decoder is not None).input_ids, plan)
+    token_ids = state.tokenizer(text, add_special_tokens=state.encoder_decoder is not None).input_ids
+    return ChatPrompt(token_ids, plan, state.reasoning is not None and state.reasoning.is_open_at_end(text))

@@ -64,7 +64,17 @@ def make_loader(settings: Settings):
         core = build_engine_core(config)
         name = settings.served_model_name or served_model_name(config)
         batcher = DynamicBatcher(core, settings.max_queue_len)
-        return Served(batcher, core.tokenizer, name, core.max_model_len, str(model_path(config)), chat_template)
+        served = Served(
+            batcher, core.tokenizer, name, core.max_model_len, str(model_path(config)), chat_template, settings.reasoning_parser
+        )
+        if served.reasoning is not None:
+            logging.getLogger(__name__).info(
+                "reasoning: %s...%s blocks are split from answers (--reasoning-parser %s)",
+                served.reasoning.start_tag,
+                served.reasoning.end_tag,
+                settings.reasoning_parser,
+            )
+        return served
 
     return load
 

@@ -1,15 +1,18 @@
 """One Messages-API message, built delta by delta, with Anthropic's typed stream events.
 
 ``MessageBuilder`` turns the engine's deltas for one request into Anthropic's
-content blocks (``text``, and one ``tool_use`` per call) and into the events
-that build them, in Anthropic's order::
+content blocks (``thinking`` when the model thinks, ``text``, and one
+``tool_use`` per call) and into the events that build them, in Anthropic's
+order::
 
     message_start
     (per block: content_block_start, content_block_delta ..., content_block_stop)
     message_delta  (stop_reason, stop_sequence, usage.output_tokens)
     message_stop
 
-A text block opens at the first text and closes before a call or at the end;
+A thinking or text block opens at its first text and closes when another
+kind of block follows or at the end (a ``thinking`` block's ``signature`` is
+empty: nothing here verifies one);
 a ``tool_use`` block's ``input_json_delta`` carries its whole arguments JSON at
 once (sent when the call is complete), so the joined ``partial_json`` always
 parses. The non-streaming route runs the same builder and returns
@@ -33,12 +36,12 @@ def new_message_id() -> str:
 
 class MessageBuilder:
     """Invariant: ``message["content"]`` holds every block started so far, in
-    order; at most one text block is open (receiving text) at a time."""
+    order; at most one block is open (receiving thinking or text) at a time."""
 
     def __init__(self, reply: ReplyShape, message_id: str, model_name: str) -> None:
         self._reply = reply
         self._parser = reply.parser()
-        self._open_text: dict[str, Any] | None = None
+        self._open: dict[str, Any] | None = None
         self.message: dict[str, Any] = {
             "id": message_id,
             "type": "message",
@@ -55,31 +58,31 @@ class MessageBuilder:
 
     def feed(self, output: RequestOutput) -> list[Event]:
         """The events one engine delta produces (the last one finishes the message)."""
-        text, calls = output.new_text, []
-        if self._parser is not None:
-            text, calls = self._parser.feed_delta(text, output.is_finished)
-        events = self._text(text) if text else []
-        for call in calls:
-            events += self._close_text() + self._tool_use(call)
+        split = self._parser.feed(output.new_text, output.is_finished)
+        events = self._append("thinking", split.reasoning) if split.reasoning else []
+        events += self._append("text", split.content) if split.content else []
+        for call in split.calls:
+            events += self._close() + self._tool_use(call)
         self.message["usage"]["output_tokens"] = output.num_output_tokens
         if output.is_finished:
-            events += self._close_text() + self._finish(output)
+            events += self._close() + self._finish(output)
         return events
 
-    def _text(self, delta: str) -> list[Event]:
-        events = []
-        if self._open_text is None:
-            self._open_text = {"type": "text", "text": ""}
-            self.message["content"].append(self._open_text)
-            events.append({"type": "content_block_start", "index": self._last_index, "content_block": {"type": "text", "text": ""}})
-        self._open_text["text"] += delta
-        events.append({"type": "content_block_delta", "index": self._last_index, "delta": {"type": "text_delta", "text": delta}})
+    def _append(self, kind: str, delta: str) -> list[Event]:
+        """``delta`` added to the open block of this kind (``thinking`` or ``text``), opened first if need be."""
+        events = [] if self._open is not None and self._open["type"] == kind else self._close()
+        if self._open is None:
+            self._open = {"type": "thinking", "thinking": "", "signature": ""} if kind == "thinking" else {"type": "text", "text": ""}
+            self.message["content"].append(self._open)
+            events.append({"type": "content_block_start", "index": self._last_index, "content_block": dict(self._open)})
+        self._open[kind] += delta
+        events.append({"type": "content_block_delta", "index": self._last_index, "delta": {"type": f"{kind}_delta", kind: delta}})
         return events
 
-    def _close_text(self) -> list[Event]:
-        if self._open_text is None:
+    def _close(self) -> list[Event]:
+        if self._open is None:
             return []
-        self._open_text = None
+        self._open = None
         return [{"type": "content_block_stop", "index": self._last_index}]
 
     def _tool_use(self, call: dict[str, Any]) -> list[Event]:

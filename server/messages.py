@@ -38,7 +38,7 @@ router = APIRouter()
 
 
 def _prompt(body: MessagesRequest, state: Served) -> ChatPrompt:
-    check_supported(body)
+    check_supported(body, state.reasoning is not None)
     messages = chat_messages(body)
     return build_chat_prompt(state, messages, template_fields(body, ends_in_prefill(messages)))
 
@@ -58,7 +58,7 @@ async def create_message(
     choices = await start_choices(state, [prompt], params, 1, message_id)
     settings = raw_request.app.state.settings
     outputs = merge(state, choices, raw_request.app.state.metrics, settings.request_timeout)
-    reply = ReplyShape(state, message_id, 0, len(prompt), plan, skip_special_tokens=True)
+    reply = ReplyShape(state, message_id, 0, len(prompt), plan, skip_special_tokens=True, opens_reasoning=chat_prompt.opens_reasoning)
     builder = MessageBuilder(reply, message_id, state.model_name)
     if body.stream:
         # A failure after the start is Anthropic's ``error`` event, which ends the stream.

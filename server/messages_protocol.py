@@ -13,11 +13,15 @@ prefill: the model continues it (``continue_final_message``).
 ``response_format`` does. ``temperature``, ``top_p`` and ``top_k`` are read
 though the newest SDKs no longer send them (older ones and other clients do).
 
+Where the served model thinks (``server.reasoning``), ``thinking`` of type
+``enabled`` or ``disabled`` is the template's ``enable_thinking`` switch and
+``output_config.effort`` its ``reasoning_effort``; ``budget_tokens`` is not
+enforced (``max_tokens`` bounds thinking and answer together). Where it does
+not, ``enabled`` and an effort are a 400; ``adaptive`` leaves it to the model.
+
 What tokenstep cannot honour is a 400 naming the field: image, document and
 other non-text blocks, server tools (web search, code execution, ...),
-``mcp_servers``, ``container``, and thinking asked for (``thinking`` of type
-``enabled`` or ``between_tools``, ``output_config.effort``) until a reasoning
-parser exists; ``adaptive`` leaves it to the model, which here never thinks.
+``mcp_servers``, ``container``.
 ``cache_control`` marks are accepted and have no effect: prefix caching is
 automatic. Earlier turns' ``thinking`` blocks are dropped, as thinking
 models' own templates drop them. Routing hints (``service_tier``, ``speed``,
@@ -31,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from batching.errors import InvalidRequestError
 from server.protocol import MAX_STOP_STRINGS, ChatTemplateFields, JsonSchemaFormat, ResponseFormat, SamplingFields
+from server.reasoning import NO_REASONING, effort_template_kwargs
 
 MAX_METADATA_KEYS = 16
 _DROPPED_BLOCKS = ("thinking", "redacted_thinking")
@@ -61,8 +66,8 @@ class CountTokensRequest(MessagesRequest):
     max_tokens: int | None = Field(None, ge=1)
 
 
-def check_supported(body: MessagesRequest) -> None:
-    """400 for what the Messages API offers and tokenstep does not."""
+def check_supported(body: MessagesRequest, has_reasoning: bool) -> None:
+    """400 for what the Messages API offers and tokenstep does not (``has_reasoning``: the served model thinks)."""
     extra = body.model_extra or {}
     unsupported = {
         "mcp_servers": "MCP servers are not supported: tokenstep runs no tools itself; send client tools",
@@ -71,14 +76,28 @@ def check_supported(body: MessagesRequest) -> None:
     for field, message in unsupported.items():
         if extra.get(field):
             raise InvalidRequestError(message, param=field)
-    if body.thinking and body.thinking.get("type") not in ("disabled", "adaptive"):
-        raise InvalidRequestError(
-            "thinking is not supported: tokenstep has no reasoning parser for the served model yet", param="thinking.type"
-        )
+    thinking = (body.thinking or {}).get("type")
+    if thinking not in (None, "disabled", "adaptive", "enabled"):
+        raise InvalidRequestError(f"thinking type {thinking!r} is not supported (enabled, disabled, adaptive)", param="thinking.type")
+    if has_reasoning:
+        return
+    if thinking == "enabled":
+        raise InvalidRequestError(f"thinking is not supported: {NO_REASONING}", param="thinking.type")
     if (body.output_config or {}).get("effort") is not None:
-        raise InvalidRequestError(
-            "effort is not supported: tokenstep has no reasoning parser for the served model yet", param="output_config.effort"
-        )
+        raise InvalidRequestError(f"effort is not supported: {NO_REASONING}", param="output_config.effort")
+
+
+def thinking_template_kwargs(body: MessagesRequest) -> dict[str, Any] | None:
+    """``thinking`` and ``output_config.effort`` for the chat template: enabled or disabled
+    is Qwen3's ``enable_thinking`` switch; an effort is chat's ``reasoning_effort``."""
+    kwargs: dict[str, Any] = {}
+    effort = (body.output_config or {}).get("effort")
+    if effort is not None:
+        kwargs.update(effort_template_kwargs(effort))
+    thinking = (body.thinking or {}).get("type")
+    if thinking in ("enabled", "disabled"):
+        kwargs["enable_thinking"] = thinking == "enabled"
+    return kwargs or None
 
 
 def chat_messages(body: MessagesRequest) -> list[dict[str, Any]]:
@@ -108,7 +127,11 @@ def template_fields(body: MessagesRequest, is_prefill: bool) -> ChatTemplateFiel
     """The request's tools, tool choice and prefill in the chat route's shape."""
     choice, parallel = chat_tool_choice(body.tool_choice)
     return ChatTemplateFields(
-        tools=chat_tools(body.tools), tool_choice=choice, parallel_tool_calls=parallel, continue_final_message=is_prefill
+        tools=chat_tools(body.tools),
+        tool_choice=choice,
+        parallel_tool_calls=parallel,
+        continue_final_message=is_prefill,
+        chat_template_kwargs=thinking_template_kwargs(body),
     )
 
 

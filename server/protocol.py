@@ -10,7 +10,7 @@ meaning tokenstep cannot honour are rejected by the routes with a 400.
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_serializer
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, StrictInt, field_serializer, model_serializer
 
 from batching.sampling_params import MAX_TEMPERATURE
 
@@ -18,6 +18,7 @@ MAX_N = 16
 MAX_STOP_STRINGS = 16
 MAX_STOP_TOKEN_IDS = 64
 MAX_LOGIT_BIAS = 1024  # entries; each one is work in every step's sampler
+REASONING_FIELDS = ("reasoning_content", "reasoning")
 
 
 def new_id(prefix: str) -> str:
@@ -197,9 +198,22 @@ class ToolCall(BaseModel):
 
 
 class AssistantMessage(BaseModel):
+    """``reasoning_content`` (and the same text as ``reasoning``, vLLM's newer
+    name) only when the served model has a reasoning parser."""
+
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     tool_calls: list[ToolCall] | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_absent_reasoning(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        dumped = handler(self)
+        for name in REASONING_FIELDS:
+            if dumped.get(name) is None:
+                dumped.pop(name, None)
+        return dumped
 
 
 class ChatChoice(BaseModel):
@@ -224,6 +238,8 @@ class DeltaMessage(BaseModel):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
 
 

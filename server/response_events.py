@@ -1,11 +1,15 @@
 """One Responses-API response, built delta by delta, with its typed events.
 
 ``ResponseBuilder`` turns the engine's deltas for one request into OpenAI's
-output items (an assistant ``message`` with one ``output_text`` part, and a
+output items (a ``reasoning`` item with one ``reasoning_text`` part when the
+model thinks, an assistant ``message`` with one ``output_text`` part, and a
 ``function_call`` item per tool call) and into the stream events that build
 them, in OpenAI's order, each with its ``sequence_number``::
 
     response.created, response.in_progress,
+    (a model's thinking: response.output_item.added, response.content_part.added,
+     response.reasoning_text.delta ..., response.reasoning_text.done,
+     response.content_part.done, response.output_item.done)
     response.output_item.added, response.content_part.added,
     response.output_text.delta ..., response.output_text.done,
     response.content_part.done, response.output_item.done,
@@ -42,6 +46,7 @@ class ResponseBuilder:
         self.response: dict[str, Any] = {**skeleton, "status": "in_progress", "output": [], "usage": None}
         self._sequence_number = 0
         self._open_message: dict[str, Any] | None = None
+        self._open_reasoning: dict[str, Any] | None = None
         self.calls: list[dict[str, Any]] = []  # chat-shaped tool calls, for the stored conversation
 
     @property
@@ -54,20 +59,54 @@ class ResponseBuilder:
 
     def feed(self, output: RequestOutput) -> list[Event]:
         """The events one engine delta produces (the last one finishes the response)."""
-        content, calls = output.new_text, []
-        if self._parser is not None:
-            content, calls = self._parser.feed_delta(content, output.is_finished)
+        split = self._parser.feed(output.new_text, output.is_finished)
+        content, calls = split.content, split.calls
         logprobs = (
             [entry.model_dump(mode="json") for entry in self._reply.logprobs(output.logprobs).content]
             if self._want_logprobs and output.logprobs
             else []
         )
-        events = self._text(content, logprobs) if content or logprobs else []
+        events = self._reasoning(split.reasoning) if split.reasoning else []
+        if content or logprobs:
+            events += self._close_reasoning() + self._text(content, logprobs)
         for call in calls:
-            events += self._close_message() + self._function_call(call)
+            events += self._close_reasoning() + self._close_message() + self._function_call(call)
         if output.is_finished:
-            events += self._finish(output)
+            events += self._close_reasoning() + self._finish(output)
         return events
+
+    def _reasoning(self, delta: str) -> list[Event]:
+        events = []
+        if self._open_reasoning is None:
+            item = {"id": new_item_id("rs"), "type": "reasoning", "status": "in_progress", "summary": [], "content": []}
+            self.response["output"].append(item)
+            self._open_reasoning = item
+            events.append(self._event("response.output_item.added", output_index=self._index_of(item), item=_copy(item)))
+            item["content"].append({"type": "reasoning_text", "text": ""})
+            events.append(self._part_event("response.content_part.added", item))
+        item = self._open_reasoning
+        item["content"][0]["text"] += delta
+        events.append(
+            self._event(
+                "response.reasoning_text.delta", item_id=item["id"], output_index=self._index_of(item), content_index=0, delta=delta
+            )
+        )
+        return events
+
+    def _close_reasoning(self) -> list[Event]:
+        item, self._open_reasoning = self._open_reasoning, None
+        if item is None:
+            return []
+        item["status"] = "completed"
+        index, part = self._index_of(item), item["content"][0]
+        return [
+            self._event("response.reasoning_text.done", item_id=item["id"], output_index=index, content_index=0, text=part["text"]),
+            self._part_event("response.content_part.done", item),
+            self._event("response.output_item.done", output_index=index, item=_copy(item)),
+        ]
+
+    def _part_event(self, kind: str, item: dict[str, Any]) -> Event:
+        return self._event(kind, item_id=item["id"], output_index=self._index_of(item), content_index=0, part=_copy(item["content"][0]))
 
     def _text(self, delta: str, logprobs: list[dict[str, Any]]) -> list[Event]:
         events = [] if self._open_message is not None else self._open_new_message()
@@ -153,7 +192,9 @@ class ResponseBuilder:
 
     def _finish(self, output: RequestOutput) -> list[Event]:
         is_cut = finish_reason(output, self.calls, self._reply.plan) == "length"
-        events = [] if self.response["output"] else self._open_new_message()  # always one item, even if empty
+        # Always one message item, even if empty (a response of reasoning alone included).
+        has_answer = any(item["type"] != "reasoning" for item in self.response["output"])
+        events = [] if has_answer else self._open_new_message()
         events += self._close_message("incomplete" if is_cut else "completed")
         self.response["status"] = "incomplete" if is_cut else "completed"
         self.response["incomplete_details"] = {"reason": "max_output_tokens"} if is_cut else None
@@ -162,7 +203,7 @@ class ResponseBuilder:
             "input_tokens": input_tokens,
             "input_tokens_details": {"cached_tokens": output.num_cached_tokens},
             "output_tokens": output_tokens,
-            "output_tokens_details": {"reasoning_tokens": 0},
+            "output_tokens_details": {"reasoning_tokens": self._reply.reasoning_tokens(self._parser.reasoning)},
             "total_tokens": input_tokens + output_tokens,
         }
         events.append(self._event("response.incomplete" if is_cut else "response.completed", response=self._snapshot()))

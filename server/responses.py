@@ -50,10 +50,10 @@ async def create_response(
     body: ResponsesRequest, raw_request: Request, state: Served = Depends(served)
 ) -> JSONResponse | EventSourceResponse:
     created_at = int(time.time())
-    check_supported(body)
+    check_supported(body, state.reasoning is not None)
     check_generation_request(body, state)
     history = _stored(raw_request, body.previous_response_id, "previous_response_id").conversation if body.previous_response_id else []
-    conversation = history + input_messages(body.input)
+    conversation = history + input_messages(body.input, state.reasoning is not None)
     system = [{"role": "system", "content": body.instructions}] if body.instructions else []
     chat_prompt = build_chat_prompt(state, system + conversation, template_fields(body))
     prompt, plan = chat_prompt.token_ids, chat_prompt.plan
@@ -68,7 +68,7 @@ async def create_response(
     choices = await start_choices(state, [prompt], params, 1, response_id)
     settings = raw_request.app.state.settings
     outputs = merge(state, choices, raw_request.app.state.metrics, settings.request_timeout)
-    reply = ReplyShape(state, response_id, created_at, len(prompt), plan, body.skip_special_tokens)
+    reply = ReplyShape(state, response_id, created_at, len(prompt), plan, body.skip_special_tokens, chat_prompt.opens_reasoning)
     builder = ResponseBuilder(reply, _skeleton(body, response_id, created_at, state.model_name), body.wants_logprobs)
     finish = _finisher(raw_request, body, builder, conversation)
     if body.stream:
@@ -118,7 +118,7 @@ def _skeleton(body: ResponsesRequest, response_id: str, created_at: int, model_n
         "truncation": "disabled",
         "user": body.user,
         "background": False,
-        "reasoning": None,
+        "reasoning": body.reasoning,
     }
 
 

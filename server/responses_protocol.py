@@ -6,8 +6,11 @@
 (``{"type": "function", "function": {...}}``), ``text.format`` becomes a
 ``response_format``. What tokenstep cannot honour is a 400 naming the field:
 ``background``, built-in tools (web search, file search, computer use, ...),
-reasoning items and settings, non-text content, ``truncation: auto``,
-``conversation`` and stored prompts.
+non-text content, ``truncation: auto``, ``conversation`` and stored prompts;
+and, for a model without a reasoning parser, reasoning items and settings.
+With one, ``reasoning.effort`` goes to the chat template (as chat's
+``reasoning_effort``), and earlier turns' reasoning items are dropped (as
+thinking models' templates drop them).
 """
 
 from typing import Any, Literal
@@ -16,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from batching.errors import InvalidRequestError
 from server.protocol import ChatTemplateFields, JsonSchemaFormat, ResponseFormat, SamplingFields
+from server.reasoning import effort_template_kwargs
 
 TEXT_PART_TYPES = ("input_text", "output_text", "text")
 MAX_METADATA_KEYS = 16
@@ -75,8 +79,8 @@ class ResponsesRequest(SamplingFields):
         return "message.output_text.logprobs" in (self.include or ())
 
 
-def check_supported(body: ResponsesRequest) -> None:
-    """400 for what the Responses API offers and tokenstep does not."""
+def check_supported(body: ResponsesRequest, has_reasoning: bool) -> None:
+    """400 for what the Responses API offers and tokenstep does not (``has_reasoning``: the served model thinks)."""
     unsupported = {
         "background": "background responses are not supported; send stream: true or wait for the response",
         "conversation": "conversation objects are not supported; use previous_response_id",
@@ -86,9 +90,16 @@ def check_supported(body: ResponsesRequest) -> None:
     for field, message in unsupported.items():
         if body.background if field == "background" else extra.get(field):
             raise InvalidRequestError(message, param=field)
-    if body.reasoning and any(value is not None for value in body.reasoning.values()):
+    settings = {key: value for key, value in (body.reasoning or {}).items() if value is not None}
+    if settings and not has_reasoning:
         raise InvalidRequestError(
-            "reasoning settings are not supported: the served model does not reason in hidden items", param="reasoning"
+            "reasoning settings are not supported: the served model has no reasoning parser (see --reasoning-parser)", param="reasoning"
+        )
+    unserved = sorted(set(settings) - {"effort"})
+    if unserved:
+        raise InvalidRequestError(
+            "only reasoning.effort is supported: the reasoning comes back as reasoning_text, never summarized",
+            param=f"reasoning.{unserved[0]}",
         )
     if body.truncation == "auto":
         raise InvalidRequestError("truncation 'auto' is not supported: an input that does not fit is a 400", param="truncation")
@@ -97,9 +108,13 @@ def check_supported(body: ResponsesRequest) -> None:
 
 
 def template_fields(body: ResponsesRequest) -> ChatTemplateFields:
-    """The request's tools and tool choice in the chat route's shape."""
+    """The request's tools, tool choice and reasoning effort in the chat route's shape."""
+    effort = (body.reasoning or {}).get("effort")
     return ChatTemplateFields(
-        tools=chat_tools(body.tools), tool_choice=chat_tool_choice(body.tool_choice), parallel_tool_calls=body.parallel_tool_calls
+        tools=chat_tools(body.tools),
+        tool_choice=chat_tool_choice(body.tool_choice),
+        parallel_tool_calls=body.parallel_tool_calls,
+        chat_template_kwargs=effort_template_kwargs(effort) if effort is not None else None,
     )
 
 
@@ -127,10 +142,11 @@ def chat_tool_choice(tool_choice: str | dict[str, Any] | None) -> str | dict[str
     raise InvalidRequestError("tool_choice is 'none', 'auto', 'required' or {'type': 'function', 'name': ...}", param="tool_choice")
 
 
-def input_messages(input_items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+def input_messages(input_items: str | list[dict[str, Any]], has_reasoning: bool = False) -> list[dict[str, Any]]:
     """``input`` -> chat messages. Consecutive ``function_call`` items become
     the ``tool_calls`` of one assistant message; a ``function_call_output``
-    becomes a ``tool`` message answering its ``call_id``."""
+    becomes a ``tool`` message answering its ``call_id``; ``reasoning`` items
+    are dropped where the model thinks (``has_reasoning``), else a 400."""
     if isinstance(input_items, str):
         return [{"role": "user", "content": input_items}]
     if not input_items:
@@ -155,6 +171,8 @@ def input_messages(input_items: str | list[dict[str, Any]]) -> list[dict[str, An
             output = item.get("output")
             content = output if isinstance(output, str) else _content_text(output, f"{param}.output")
             messages.append({"role": "tool", "tool_call_id": _text_field(item, "call_id", param), "content": content})
+        elif kind == "reasoning" and has_reasoning:
+            continue
         elif kind == "reasoning":
             raise InvalidRequestError("reasoning items are not supported: the served model does not produce them", param=f"{param}.type")
         else:

@@ -24,6 +24,7 @@ from batching.scheduler_config import (
     DEFAULT_MAX_NUM_SEQS,
     DRAFT_MODEL_SPECULATIVE_TOKENS,
 )
+from server.reasoning import REASONING_PARSERS
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -107,6 +108,13 @@ class Settings(BaseSettings):
         ),
     )
     chat_template: str | None = Field(None, description="Jinja chat template file overriding the model's")
+    reasoning_parser: Literal[REASONING_PARSERS] = Field(
+        "auto",
+        description=(
+            "split a thinking model's <think> block from its answer (reasoning_content): auto = when the chat template "
+            "handles </think>; think (or vLLM's names deepseek_r1, qwen3) always; none never"
+        ),
+    )
     max_request_bytes: int = Field(16 * 2**20, ge=1024, description="larger request bodies get 413")
     max_queue_len: int = Field(
         256, ge=1, description="most requests waiting to run (beyond free running slots); more get 503 + Retry-After"

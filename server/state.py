@@ -13,6 +13,7 @@ from fastapi import Request
 from batching.batcher import DynamicBatcher
 from batching.errors import EngineUnavailableError
 from batching.request import EncoderDecoderPrompts
+from server.reasoning import ReasoningFormat, reasoning_format
 from server.token_bytes import TokenBytes
 
 
@@ -26,13 +27,18 @@ class Served:
     max_model_len: int
     model_root: str = ""
     chat_template: str | None = None
+    reasoning_parser: str = "auto"  # --reasoning-parser
     token_bytes: TokenBytes = field(init=False)
+    # The served model's thinking-block format (None: its output is all answer).
+    reasoning: ReasoningFormat | None = field(init=False)
     # Set for an encoder-decoder model: prompts are its sources.
     encoder_decoder: EncoderDecoderPrompts | None = field(init=False)
 
     def __post_init__(self) -> None:
         self.token_bytes = TokenBytes(self.tokenizer)
         self.encoder_decoder = self.batcher.encoder_decoder
+        template = self.chat_template or getattr(self.tokenizer, "chat_template", None)
+        self.reasoning = reasoning_format(self.reasoning_parser, template if isinstance(template, str) else None)
 
 
 def served(request: Request) -> Served:
