@@ -43,7 +43,7 @@ from server.protocol import (
 from server.reasoning import NO_REASONING, ReasoningParser, effort_template_kwargs
 from server.sse import sse_response
 from server.state import Served, served
-from server.tools import ToolCallParser, ToolPlan
+from server.tools import ToolPlan
 
 router = APIRouter()
 
@@ -90,7 +90,7 @@ async def create_chat_completion(
     max_tokens_param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
     check_context(len(prompt), max_tokens, state, max_tokens_param, prompt_param="messages")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    params = sampling_params(body, max_tokens, logprobs, guided=plan.guided() if plan else None)
+    params = sampling_params(body, max_tokens, logprobs, plan=plan)
     request_id = new_id("chatcmpl")
     raw_request.state.request_id = request_id
     choices = await start_choices(state, [prompt], params, body.n, request_id)
@@ -127,7 +127,7 @@ class ReplyShape:
     def parser(self) -> OutputParser:
         """A fresh splitter of one choice's text into reasoning, content and calls."""
         reasoning = ReasoningParser(self.state.reasoning, self.opens_reasoning) if self.state.reasoning is not None else None
-        tools = ToolCallParser(keep_partial=not self.plan.is_forced) if self.plan is not None and self.plan.parses_calls else None
+        tools = self.plan.parser() if self.plan is not None and self.plan.parses_calls else None
         return OutputParser(reasoning, tools)
 
     def reasoning_tokens(self, reasoning: str) -> int:

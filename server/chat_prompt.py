@@ -65,9 +65,11 @@ def chat_template(state: Served) -> str:
 
 def build_chat_prompt(state: Served, messages: list[dict[str, Any]], fields: ChatTemplateFields) -> ChatPrompt:
     """Render ``messages`` with the request's tools and template options."""
-    plan = plan_tools(fields.tools, fields.tool_choice, fields.parallel_tool_calls)
     template = chat_template(state)
-    messages, tool_kwargs = template_messages(messages, plan, template_handles_tools(template))
+    native = template_handles_tools(template)
+    # A template that knows no tools gets the Hermes preamble, so its calls are Hermes calls.
+    plan = plan_tools(fields.tools, fields.tool_choice, fields.parallel_tool_calls, state.tool_format if native else None)
+    messages, tool_kwargs = template_messages(messages, plan, native)
     continue_final = fields.continue_final_message
     try:
         text = state.tokenizer.apply_chat_template(

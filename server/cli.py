@@ -65,10 +65,21 @@ def make_loader(settings: Settings):
         name = settings.served_model_name or served_model_name(config)
         batcher = DynamicBatcher(core, settings.max_queue_len)
         served = Served(
-            batcher, core.tokenizer, name, core.max_model_len, str(model_path(config)), chat_template, settings.reasoning_parser
+            batcher,
+            core.tokenizer,
+            name,
+            core.max_model_len,
+            str(model_path(config)),
+            chat_template,
+            settings.reasoning_parser,
+            settings.tool_call_parser,
+        )
+        logger = logging.getLogger(__name__)
+        logger.info(
+            "tool calls: read and forced in the %s format (--tool-call-parser %s)", served.tool_format.name, settings.tool_call_parser
         )
         if served.reasoning is not None:
-            logging.getLogger(__name__).info(
+            logger.info(
                 "reasoning: %s...%s blocks are split from answers (--reasoning-parser %s)",
                 served.reasoning.start_tag,
                 served.reasoning.end_tag,

@@ -52,7 +52,7 @@ async def create_message(
     chat_prompt = _prompt(body, state)
     prompt, plan = chat_prompt.token_ids, chat_prompt.plan
     check_context(len(prompt), body.max_tokens, state, "max_tokens", prompt_param="messages")
-    params = sampling_params(fields, body.max_tokens, None, guided=plan.guided() if plan else None)
+    params = sampling_params(fields, body.max_tokens, None, plan=plan)
     message_id = new_message_id()
     raw_request.state.request_id = message_id
     choices = await start_choices(state, [prompt], params, 1, message_id)

@@ -2,7 +2,7 @@
 
 The reasoning parser (``server.reasoning``) goes first, as in vLLM: only the
 answer after the thinking block is searched for tool calls
-(``server.tools.ToolCallParser``). Either part may be absent (a model that
+(``server.tool_formats.ToolCallParser``). Either part may be absent (a model that
 does not think, a request without tools); with neither, text passes through
 as content.
 """
@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from server.reasoning import ReasoningParser
-from server.tools import ToolCallParser
+from server.tool_formats import ToolCallParser
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ from batching.structured import GuidedDecoding
 from server.errors import ModelNotFoundError
 from server.protocol import SamplingFields
 from server.state import Served
+from server.tools import ToolPlan
 
 
 def guided_decoding(body: SamplingFields) -> GuidedDecoding | None:
@@ -49,10 +50,13 @@ def guided_decoding(body: SamplingFields) -> GuidedDecoding | None:
 
 
 def sampling_params(
-    body: SamplingFields, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None, guided: GuidedDecoding | None = None
+    body: SamplingFields, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None, plan: ToolPlan | None = None
 ) -> SamplingParams:
-    """``guided``: a constraint the route imposes itself (a forced tool call);
-    it may not be combined with one from the request body."""
+    """``plan``: the request's tools. A forced call is a constraint the route
+    imposes itself, which may not be combined with one from the request body;
+    a format whose tags are special tokens keeps special tokens in the text."""
+    guided = plan.guided() if plan is not None else None
+    keeps_special_tokens = plan is not None and plan.parses_calls and plan.tool_format.needs_special_tokens
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     try:
         logit_bias = {int(token): bias for token, bias in (body.logit_bias or {}).items()}
@@ -75,7 +79,7 @@ def sampling_params(
         min_tokens=body.min_tokens or 0,
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
-        skip_special_tokens=body.skip_special_tokens,
+        skip_special_tokens=body.skip_special_tokens and not keeps_special_tokens,
         guided=_one_constraint(guided, guided_decoding(body)),
     )
 

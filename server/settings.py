@@ -25,6 +25,7 @@ from batching.scheduler_config import (
     DRAFT_MODEL_SPECULATIVE_TOKENS,
 )
 from server.reasoning import REASONING_PARSERS
+from server.tool_formats import TOOL_CALL_PARSERS
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -108,6 +109,13 @@ class Settings(BaseSettings):
         ),
     )
     chat_template: str | None = Field(None, description="Jinja chat template file overriding the model's")
+    tool_call_parser: Literal[TOOL_CALL_PARSERS] = Field(
+        "auto",
+        description=(
+            "how the model writes tool calls: auto = from its chat template (Qwen3-Coder XML, Mistral [TOOL_CALLS], "
+            "DeepSeek, Llama 3 JSON), else hermes <tool_call>"
+        ),
+    )
     reasoning_parser: Literal[REASONING_PARSERS] = Field(
         "auto",
         description=(

@@ -15,6 +15,7 @@ from batching.errors import EngineUnavailableError
 from batching.request import EncoderDecoderPrompts
 from server.reasoning import ReasoningFormat, reasoning_format
 from server.token_bytes import TokenBytes
+from server.tool_formats import ToolFormat, tool_format_for
 
 
 @dataclass(slots=True)
@@ -28,9 +29,12 @@ class Served:
     model_root: str = ""
     chat_template: str | None = None
     reasoning_parser: str = "auto"  # --reasoning-parser
+    tool_call_parser: str = "auto"  # --tool-call-parser
     token_bytes: TokenBytes = field(init=False)
     # The served model's thinking-block format (None: its output is all answer).
     reasoning: ReasoningFormat | None = field(init=False)
+    # How the served model writes tool calls (for templates that render tools).
+    tool_format: ToolFormat = field(init=False)
     # Set for an encoder-decoder model: prompts are its sources.
     encoder_decoder: EncoderDecoderPrompts | None = field(init=False)
 
@@ -38,7 +42,9 @@ class Served:
         self.token_bytes = TokenBytes(self.tokenizer)
         self.encoder_decoder = self.batcher.encoder_decoder
         template = self.chat_template or getattr(self.tokenizer, "chat_template", None)
-        self.reasoning = reasoning_format(self.reasoning_parser, template if isinstance(template, str) else None)
+        template = template if isinstance(template, str) else None
+        self.reasoning = reasoning_format(self.reasoning_parser, template)
+        self.tool_format = tool_format_for(self.tool_call_parser, template, self.tokenizer)
 
 
 def served(request: Request) -> Served:

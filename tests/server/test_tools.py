@@ -8,7 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from batching.errors import InvalidRequestError
-from server.tools import ToolCallParser, plan_tools, template_messages
+from server.tool_formats import ToolCallParser
+from server.tool_formats.base import TokenLiterals
+from server.tool_formats.hermes import HermesFormat
+from server.tools import plan_tools, template_messages
 
 WEATHER = {
     "type": "function",
@@ -26,8 +29,12 @@ TEXT = (
 )
 
 
+def hermes_parser(keep_partial: bool = True) -> ToolCallParser:
+    return ToolCallParser(HermesFormat(TokenLiterals(None)), [], keep_partial)
+
+
 def parse_in_pieces(text: str, cuts: list[int]) -> tuple[str, list[dict]]:
-    parser = ToolCallParser()
+    parser = hermes_parser()
     content, calls, start = "", [], 0
     for cut in sorted(cuts) + [len(text)]:
         piece_content, piece_calls = parser.feed(text[start:cut])
@@ -60,7 +67,7 @@ def test_any_split_of_the_stream_gives_the_same_result(cuts):
 
 
 def test_partial_tag_is_held_back_and_released_when_it_is_not_a_tag():
-    parser = ToolCallParser()
+    parser = hermes_parser()
     assert parser.feed("a <tool_") == ("a", [])
     assert parser.feed("box> b") == (" <tool_box> b", [])
     assert parser.finish() == ("", [])
@@ -145,7 +152,7 @@ def test_forced_grammars_compile_and_accept_a_call(tokenizer):
 
 def test_a_cut_off_forced_call_is_dropped_not_shown_as_content():
     text = '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>\n<tool_call>\n{"name": "f", "argu'
-    parser = ToolCallParser(keep_partial=False)
+    parser = hermes_parser(keep_partial=False)
     content, calls = parser.feed(text)
     rest, last = parser.finish()
     assert content + rest == "" and len(calls + last) == 1
