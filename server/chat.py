@@ -144,13 +144,14 @@ class ReplyShape:
 
 
 def _message(text: str, parser: OutputParser, has_reasoning: bool) -> AssistantMessage:
-    """The whole choice. Where calls or reasoning may be split out of the
-    text, content left empty is None (as OpenAI and vLLM send it)."""
+    """The whole choice (``parser`` has read it all after). Where calls or
+    reasoning may be split out of the text, content left empty is None (as
+    OpenAI and vLLM send it); a forced call cut short is shown as written."""
     split = parser.feed(text, is_last=True)
     reasoning = (parser.reasoning or None) if has_reasoning else None
     return AssistantMessage(
         content=(split.content or None) if parser.splits else split.content,
-        tool_calls=[ToolCall(**call) for call in parser.calls] or None,
+        tool_calls=[ToolCall(**call) for call in parser.calls or ([parser.cut_call] if parser.cut_call else [])] or None,
         reasoning_content=reasoning,
         reasoning=reasoning,
     )
@@ -167,13 +168,14 @@ async def _collect(reply: ReplyShape, outputs: AsyncIterator[tuple[int, RequestO
         want_logprobs = want_logprobs or bool(output.logprobs)
         last[index] = output
     has_reasoning = reply.state.reasoning is not None
-    messages = {index: _message("".join(texts[index]), reply.parser(), has_reasoning) for index in last}
+    parsers = {index: reply.parser() for index in last}
+    messages = {index: _message("".join(texts[index]), parsers[index], has_reasoning) for index in last}
     choices = [
         ChatChoice(
             index=index,
             message=messages[index],
             logprobs=reply.logprobs(logprobs[index]) if want_logprobs else None,
-            finish_reason=finish_reason(output, messages[index].tool_calls or [], reply.plan),
+            finish_reason=finish_reason(output, parsers[index].calls, reply.plan),
             stop_reason=output.stop_reason,
         )
         for index, output in sorted(last.items())
@@ -218,9 +220,10 @@ async def _stream(
             if split.content or logprobs:
                 delta = DeltaMessage(content=split.content)
                 yield reply.chunk([ChatChunkChoice(index=index, delta=delta, logprobs=logprobs)], usage_so_far())
-            if split.calls:
+            calls = split.calls + ([parser.cut_call] if output.is_finished and parser.cut_call else [])
+            if calls:
                 first = len(parser.calls) - len(split.calls)
-                fragments = [{"index": first + i, **call} for i, call in enumerate(split.calls)]
+                fragments = [{"index": first + i, **call} for i, call in enumerate(calls)]
                 yield reply.chunk([ChatChunkChoice(index=index, delta=DeltaMessage(tool_calls=fragments))], usage_so_far())
             if output.is_finished:
                 reason = finish_reason(output, parser.calls, reply.plan)

@@ -37,6 +37,11 @@ class OutputParser:
         return self._tools.calls if self._tools is not None else []
 
     @property
+    def cut_call(self) -> dict[str, Any] | None:
+        """A forced call cut short before any call completed (its arguments are not valid JSON)."""
+        return self._tools.cut_call if self._tools is not None else None
+
+    @property
     def reasoning(self) -> str:
         """All the reasoning text so far."""
         return self._reasoning.reasoning if self._reasoning is not None else ""

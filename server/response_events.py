@@ -71,6 +71,8 @@ class ResponseBuilder:
             events += self._close_reasoning() + self._text(content, logprobs)
         for call in calls:
             events += self._close_reasoning() + self._close_message() + self._function_call(call)
+        if output.is_finished and self._parser.cut_call:  # a forced call cut short: shown, as OpenAI does
+            events += self._close_reasoning() + self._close_message() + self._function_call(self._parser.cut_call, "incomplete")
         if output.is_finished:
             events += self._close_reasoning() + self._finish(output)
         return events
@@ -160,7 +162,8 @@ class ResponseBuilder:
             self._event("response.output_item.done", output_index=index, item=_copy(message)),
         ]
 
-    def _function_call(self, call: dict[str, Any]) -> list[Event]:
+    def _function_call(self, call: dict[str, Any], status: str = "completed") -> list[Event]:
+        """A call's item; only a completed one joins the stored conversation."""
         function = call["function"]
         item = {
             "id": new_item_id("fc"),
@@ -171,10 +174,11 @@ class ResponseBuilder:
             "arguments": "",
         }
         self.response["output"].append(item)
-        self.calls.append(call)
+        if status == "completed":
+            self.calls.append(call)
         index = self._index_of(item)
         events = [self._event("response.output_item.added", output_index=index, item=_copy(item))]
-        item["arguments"], item["status"] = function["arguments"], "completed"
+        item["arguments"], item["status"] = function["arguments"], status
         events.append(
             self._event("response.function_call_arguments.delta", item_id=item["id"], output_index=index, delta=item["arguments"])
         )

@@ -70,7 +70,8 @@ class ToolPlan:
 
     def parser(self) -> ToolCallParser:
         """A fresh splitter of one choice's text into content and calls (a forced output's cut call is dropped)."""
-        return ToolCallParser(self.tool_format, self.functions, keep_partial=not self.is_forced)
+        functions = [f for f in self.functions if f.name == self.forced_name] if self.choice == "function" else self.functions
+        return ToolCallParser(self.tool_format, functions, keep_partial=not self.is_forced)
 
 
 def plan_tools(

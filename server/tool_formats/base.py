@@ -58,6 +58,8 @@ class ToolFormat:
     open_tags: ClassVar[tuple[str, ...]]
     close_tag: ClassVar[str | None]  # None: the calls run to the end of the output
     only_at_start: ClassVar[bool] = False  # calls count only as the whole output (Llama 3's JSON)
+    # What precedes a call's arguments, in order of preference (for a call cut short: ``cut_arguments``).
+    arguments_markers: ClassVar[tuple[str, ...]] = ('"arguments":',)
 
     def __init__(self, literals: TokenLiterals, template: str = "") -> None:
         self.literals = literals
@@ -79,6 +81,13 @@ class ToolFormat:
     def grammar(self, functions: list[Function], parallel: bool) -> str:
         """Lark text whose ``start`` is one call of one of ``functions``, or several with ``parallel``."""
         raise NotImplementedError
+
+    def cut_arguments(self, body: str) -> str:
+        """The arguments a call cut short had written so far (not valid JSON; empty if none)."""
+        for marker in self.arguments_markers:
+            if marker in body:
+                return body.split(marker, 1)[1].lstrip()
+        return ""
 
     def new_call_id(self) -> str:
         return f"call_{uuid.uuid4().hex[:24]}"

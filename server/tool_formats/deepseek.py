@@ -22,6 +22,7 @@ class DeepSeekFormat(ToolFormat):
     name = "deepseek"
     open_tags = (CALLS_BEGIN,)
     close_tag = CALLS_END
+    arguments_markers = ("```json\n", SEPARATOR)
 
     def __init__(self, literals, template: str = "") -> None:
         super().__init__(literals, template)

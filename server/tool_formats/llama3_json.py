@@ -18,6 +18,7 @@ class Llama3JsonFormat(ToolFormat):
     open_tags = (PYTHON_TAG, "{")
     close_tag = None
     only_at_start = True
+    arguments_markers = ('"parameters":', '"arguments":')
 
     @classmethod
     def detects(cls, template: str) -> bool:

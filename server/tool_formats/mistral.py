@@ -28,6 +28,7 @@ class MistralFormat(ToolFormat):
     name = "mistral"
     open_tags = (TOOL_CALLS,)
     close_tag = None
+    arguments_markers = ('"arguments":', ARGS)
 
     def __init__(self, literals, template: str = "") -> None:
         super().__init__(literals, template)

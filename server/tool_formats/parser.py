@@ -9,6 +9,10 @@ JSON, never a fragment. A call that does not parse stays content; a call the
 model did not close is still parsed at the end if it is complete; otherwise
 (output cut by ``max_tokens``) it is content, or dropped when
 ``keep_partial`` is False (forced calls, where the text can only be calls).
+A forced output cut before its first call completed keeps that call as
+``cut_call``: the function's name and the arguments written so far, which
+the routes return with ``finish_reason: length`` as OpenAI does, so a client
+reading the arguments fails loudly instead of getting nothing.
 """
 
 import json
@@ -40,6 +44,7 @@ class ToolCallParser:
         self._is_undecided = tool_format.only_at_start  # the output's start is not yet known to be calls or content
         self._held_whitespace = ""
         self.calls: list[dict[str, Any]] = []
+        self.cut_call: dict[str, Any] | None = None
 
     def feed(self, text: str) -> tuple[str, list[dict[str, Any]]]:
         self._pending += text
@@ -119,8 +124,17 @@ class ToolCallParser:
             self._held_whitespace = ""
             return [new_call(self._format.new_call_id(), name, arguments) for name, arguments in parsed], ""
         if is_cut and not self._keep_partial:
+            if not self.calls:
+                self.cut_call = new_call(self._format.new_call_id(), self._named_in(body), self._format.cut_arguments(body))
             return [], ""
         return [], tag + body + ("" if is_cut or self._format.close_tag is None else self._format.close_tag)
+
+    def _named_in(self, body: str) -> str:
+        """The function a cut call names: the only one there is, or the first whose name the text holds."""
+        if len(self._functions) == 1:
+            return next(iter(self._functions))
+        found = [(body.find(name), name) for name in self._functions if name in body]
+        return min(found)[1] if found else ""
 
     def _content(self, text: str) -> str:
         """Trailing whitespace is held back until real content follows it, so

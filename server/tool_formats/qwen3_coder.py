@@ -28,6 +28,7 @@ class Qwen3CoderFormat(ToolFormat):
     name = "qwen3_coder"
     open_tags = ("<tool_call>",)
     close_tag = "</tool_call>"
+    arguments_markers = ()  # its arguments are not JSON: a cut call has none to show
 
     @classmethod
     def detects(cls, template: str) -> bool:

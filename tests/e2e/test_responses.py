@@ -236,3 +236,19 @@ def test_openai_agents_runs_a_function_tool(default_server):
     final_output = asyncio.run(run())
     assert cities and all(isinstance(city, str) and city for city in cities)
     assert isinstance(final_output, str) and final_output
+
+
+def test_a_forced_call_cut_short_is_an_incomplete_function_call(tiny_server):
+    response = client_for(tiny_server).responses.create(
+        model=MODEL,
+        input="What is the weather in Paris?",
+        tools=[WEATHER_TOOL],
+        tool_choice={"type": "function", "name": "get_weather"},
+        max_output_tokens=20,
+        **GREEDY,
+    )
+    assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
+    (item,) = response.output
+    assert (item.type, item.status, item.name) == ("function_call", "incomplete", "get_weather")
+    with pytest.raises(ValueError):
+        json.loads(item.arguments)

@@ -109,6 +109,25 @@ def test_required_gives_calls_of_the_given_tools(tiny_server):
     assert calls and all(call.function.name in ("get_weather", "get_time") for call in calls)
 
 
+def test_a_forced_call_cut_by_max_tokens_comes_back_as_written_so_far(tiny_server):
+    """As OpenAI answers it: the call, its arguments unfinished (not valid JSON), and finish_reason length,
+    so a client parsing the arguments fails loudly instead of getting nothing."""
+    client = client_for(tiny_server)
+    kwargs = dict(model=MODEL, messages=MESSAGES, tools=TOOLS, tool_choice=FORCE_WEATHER, max_completion_tokens=20, temperature=0)
+    choice = client.chat.completions.create(**kwargs).choices[0]
+    assert choice.finish_reason == "length" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather"
+    with pytest.raises(ValueError):
+        json.loads(call.function.arguments)
+    with pytest.raises(openai.LengthFinishReasonError), client.chat.completions.stream(**kwargs) as stream:
+        stream.get_final_completion()  # the SDK's helper itself refuses a cut output
+    chunks = list(client.chat.completions.create(stream=True, **kwargs))
+    fragments = [f.function for chunk in chunks for choice in chunk.choices for f in choice.delta.tool_calls or []]
+    assert [(f.name, f.arguments) for f in fragments] == [("get_weather", call.function.arguments)]
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
 def test_auto_and_none_return_text_when_the_model_calls_nothing(tiny_server):
     client = client_for(tiny_server)
     for tool_choice in ("auto", "none"):

@@ -157,3 +157,23 @@ def test_mistral_call_ids_are_nine_letters_and_digits():
     parser = ToolCallParser(tool_format_for("mistral", "", None), [WEATHER])
     _, calls = parser.feed_delta('[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Rome"}}]', is_last=True)
     assert len(calls[0]["id"]) == 9 and calls[0]["id"].isalnum()
+
+
+CUT_TEXTS = {
+    "hermes": ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par', '{"city": "Par'),
+    "llama3_json": ('{"name": "get_weather", "parameters": {"city": "Par', '{"city": "Par'),
+    "mistral": ('[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Par', '{"city": "Par'),
+    "qwen3_coder": ("<tool_call>\n<function=get_weather>\n<parameter=city>\nPar", ""),
+    "deepseek": ('<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{"city": "Par', '{"city": "Par'),
+}
+
+
+@pytest.mark.parametrize("format_name", list(CUT_TEXTS))
+def test_a_forced_call_cut_before_it_completed_is_kept_as_written_so_far(format_name):
+    text, arguments = CUT_TEXTS[format_name]
+    parser = ToolCallParser(tool_format_for(format_name, TEMPLATES[format_name], None), [WEATHER, TIME], keep_partial=False)
+    assert parser.feed_delta(text, is_last=True) == ("", [])
+    assert parser.calls == [] and parser.cut_call["function"] == {"name": "get_weather", "arguments": arguments}
+    complete_first = ToolCallParser(tool_format_for("hermes", "", None), [WEATHER, TIME], keep_partial=False)
+    complete_first.feed_delta(EXAMPLES["hermes"][0][0].removeprefix("Sure.\n") + "\n" + CUT_TEXTS["hermes"][0], is_last=True)
+    assert len(complete_first.calls) == 1 and complete_first.cut_call is None, "after a complete call, the cut one is dropped"
