@@ -33,6 +33,7 @@ from batching.stats import StepRecord
 from batching.stop import StopDecision
 from batching.stop_strings import StopStringMatcher
 from batching.structured import GrammarCompiler
+from batching.thinking import ThinkingGate
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +96,10 @@ class EngineCore:
             request = self._encoder_decoder_request(request_id, prompt_token_ids, params, eos)
         else:
             request = Request(request_id, list(prompt_token_ids), params, eos_token_id=eos)
-        if params.guided is not None:
-            request.grammar = self.grammar_compiler.matcher(params.guided)
+        grammar = self.grammar_compiler.matcher(params.guided) if params.guided is not None else None
+        if params.thinking is not None:
+            grammar = ThinkingGate(params.thinking, grammar, self.grammar_compiler.vocab_size)
+        request.grammar = grammar
         return request
 
     def _encoder_decoder_request(self, request_id: str, source_token_ids: list[int], params: SamplingParams, eos: int | None) -> Request:

@@ -94,7 +94,8 @@ class Request:
     cross_block_ids: list[int] = field(default_factory=list)
     stop_reason: int | str | None = None
     first_scheduled_time: float | None = None
-    # A ``batching.structured.GrammarMatcher`` when the output is constrained.
+    # A ``batching.structured.GrammarMatcher`` when the output is constrained, or
+    # a ``batching.thinking.ThinkingGate`` (around one or none) for a thinking model's block.
     grammar: Any = None
     # Draft-model speculation: the tokens the draft model proposed, last step,
     # to follow the request's current last token (consumed by the next step).

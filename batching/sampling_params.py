@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from batching.errors import InvalidRequestError
 from batching.structured import GuidedDecoding
+from batching.thinking import ThinkingSpec
 
 MAX_LOGPROBS = 20
 MAX_TEMPERATURE = 2.0  # OpenAI's limit; the wire schemas take it from here
@@ -28,7 +29,9 @@ class SamplingParams:
     ``prompt_logprobs`` likewise for every prompt token after the first
     (requests asking for it bypass the prefix cache: they need every logit).
     ``guided`` constrains the output to a grammar (JSON schema, regex,
-    choice, Lark); see ``batching.structured``.
+    choice, Lark); see ``batching.structured``. ``thinking`` (a thinking
+    model's block, ``batching.thinking``) makes ``guided`` apply to the
+    answer after the block, and closes the block at its budget.
     """
 
     max_tokens: int = 16
@@ -49,6 +52,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     guided: GuidedDecoding | None = None
+    thinking: ThinkingSpec | None = None
 
     def __post_init__(self) -> None:
         _check(self.max_tokens >= 1, "max_tokens", "must be at least 1")

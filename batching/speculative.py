@@ -37,6 +37,7 @@ def can_speculate(request: Request) -> bool:
         and params.logprobs is None
         and params.prompt_logprobs is None
         and params.guided is None
+        and params.thinking is None
         and not params.has_penalties
         and not params.logit_bias
         and not params.stop

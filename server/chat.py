@@ -65,8 +65,10 @@ def _check_supported(body: ChatCompletionRequest, state: Served) -> None:
             raise InvalidRequestError(message, param=field)
     if extra.get("modalities") not in (None, ["text"]):
         raise InvalidRequestError('only "text" output is supported: the served model writes text', param="modalities")
-    if extra.get("reasoning_effort") is not None and state.reasoning is None:
-        raise InvalidRequestError(f"reasoning_effort is not supported: {NO_REASONING}", param="reasoning_effort")
+    if state.reasoning is None:
+        for field in ("reasoning_effort", "max_reasoning_tokens"):
+            if getattr(body, field, None) is not None or extra.get(field) is not None:
+                raise InvalidRequestError(f"{field} is not supported: {NO_REASONING}", param=field)
 
 
 def with_effort(fields: ChatTemplateFields, effort: str | None) -> ChatTemplateFields:
@@ -90,7 +92,8 @@ async def create_chat_completion(
     max_tokens_param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
     check_context(len(prompt), max_tokens, state, max_tokens_param, prompt_param="messages")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    params = sampling_params(body, max_tokens, logprobs, plan=plan)
+    thinking = state.thinking_spec(chat_prompt.opens_reasoning, body.max_reasoning_tokens)
+    params = sampling_params(body, max_tokens, logprobs, plan=plan, thinking=thinking)
     request_id = new_id("chatcmpl")
     raw_request.state.request_id = request_id
     choices = await start_choices(state, [prompt], params, body.n, request_id)

@@ -29,6 +29,7 @@ from server.messages_protocol import (
     ends_in_prefill,
     sampling_fields,
     template_fields,
+    thinking_budget,
 )
 from server.params import check_context, check_generation_request, check_model, sampling_params
 from server.sse import sse_response, typed_events
@@ -52,7 +53,8 @@ async def create_message(
     chat_prompt = _prompt(body, state)
     prompt, plan = chat_prompt.token_ids, chat_prompt.plan
     check_context(len(prompt), body.max_tokens, state, "max_tokens", prompt_param="messages")
-    params = sampling_params(fields, body.max_tokens, None, plan=plan)
+    thinking = state.thinking_spec(chat_prompt.opens_reasoning, thinking_budget(body))
+    params = sampling_params(fields, body.max_tokens, None, plan=plan, thinking=thinking)
     message_id = new_message_id()
     raw_request.state.request_id = message_id
     choices = await start_choices(state, [prompt], params, 1, message_id)

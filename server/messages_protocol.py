@@ -15,8 +15,8 @@ though the newest SDKs no longer send them (older ones and other clients do).
 
 Where the served model thinks (``server.reasoning``), ``thinking`` of type
 ``enabled`` or ``disabled`` is the template's ``enable_thinking`` switch and
-``output_config.effort`` its ``reasoning_effort``; ``budget_tokens`` is not
-enforced (``max_tokens`` bounds thinking and answer together). Where it does
+``output_config.effort`` its ``reasoning_effort``; ``budget_tokens`` closes
+the block after that many tokens (``batching.thinking``). Where it does
 not, ``enabled`` and an effort are a 400; ``adaptive`` leaves it to the model.
 
 What tokenstep cannot honour is a 400 naming the field: image, document and
@@ -79,12 +79,21 @@ def check_supported(body: MessagesRequest, has_reasoning: bool) -> None:
     thinking = (body.thinking or {}).get("type")
     if thinking not in (None, "disabled", "adaptive", "enabled"):
         raise InvalidRequestError(f"thinking type {thinking!r} is not supported (enabled, disabled, adaptive)", param="thinking.type")
+    budget = (body.thinking or {}).get("budget_tokens")
+    if thinking == "enabled" and budget is not None and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 1):
+        raise InvalidRequestError("budget_tokens is a positive integer", param="thinking.budget_tokens")
     if has_reasoning:
         return
     if thinking == "enabled":
         raise InvalidRequestError(f"thinking is not supported: {NO_REASONING}", param="thinking.type")
     if (body.output_config or {}).get("effort") is not None:
         raise InvalidRequestError(f"effort is not supported: {NO_REASONING}", param="output_config.effort")
+
+
+def thinking_budget(body: MessagesRequest) -> int | None:
+    """``thinking.budget_tokens`` where thinking is enabled: the block is closed after that many tokens."""
+    thinking = body.thinking or {}
+    return thinking.get("budget_tokens") if thinking.get("type") == "enabled" else None
 
 
 def thinking_template_kwargs(body: MessagesRequest) -> dict[str, Any] | None:

@@ -9,6 +9,7 @@ import json
 from batching.errors import InvalidRequestError
 from batching.sampling_params import SamplingParams
 from batching.structured import GuidedDecoding
+from batching.thinking import ThinkingSpec
 from server.errors import ModelNotFoundError
 from server.protocol import SamplingFields
 from server.state import Served
@@ -50,12 +51,21 @@ def guided_decoding(body: SamplingFields) -> GuidedDecoding | None:
 
 
 def sampling_params(
-    body: SamplingFields, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None, plan: ToolPlan | None = None
+    body: SamplingFields,
+    max_tokens: int,
+    logprobs: int | None,
+    prompt_logprobs: int | None = None,
+    plan: ToolPlan | None = None,
+    thinking: ThinkingSpec | None = None,
 ) -> SamplingParams:
     """``plan``: the request's tools. A forced call is a constraint the route
     imposes itself, which may not be combined with one from the request body;
-    a format whose tags are special tokens keeps special tokens in the text."""
-    guided = plan.guided() if plan is not None else None
+    a format whose tags are special tokens keeps special tokens in the text.
+    ``thinking``: a thinking model's block, kept only where it changes
+    something (a budget, or a constraint that then applies after the block)."""
+    guided = _one_constraint(plan.guided() if plan is not None else None, guided_decoding(body))
+    if thinking is not None and thinking.max_thinking_tokens is None and guided is None:
+        thinking = None
     keeps_special_tokens = plan is not None and plan.parses_calls and plan.tool_format.needs_special_tokens
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     try:
@@ -80,7 +90,8 @@ def sampling_params(
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
         skip_special_tokens=body.skip_special_tokens and not keeps_special_tokens,
-        guided=_one_constraint(guided, guided_decoding(body)),
+        guided=guided,
+        thinking=thinking,
     )
 
 

@@ -164,8 +164,15 @@ class ChatTemplateFields(BaseModel):
     chat_template_kwargs: dict[str, Any] | None = None
 
 
+MAX_REASONING_TOKENS_DESCRIPTION = (
+    "tokenstep: thinking tokens after which a thinking model's block is closed (the end tag forced); "
+    "only where the model has a reasoning parser"
+)
+
+
 class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
+    max_reasoning_tokens: int | None = Field(None, ge=1, description=MAX_REASONING_TOKENS_DESCRIPTION)
     max_tokens: int | None = Field(None, ge=1, description="deprecated alias of max_completion_tokens")
     max_completion_tokens: int | None = Field(None, ge=1, description="omitted: the rest of the context window")
     logprobs: bool = False

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from batching.errors import InvalidRequestError
-from server.protocol import ChatTemplateFields, JsonSchemaFormat, ResponseFormat, SamplingFields
+from server.protocol import MAX_REASONING_TOKENS_DESCRIPTION, ChatTemplateFields, JsonSchemaFormat, ResponseFormat, SamplingFields
 from server.reasoning import effort_template_kwargs
 
 TEXT_PART_TYPES = ("input_text", "output_text", "text")
@@ -73,6 +73,7 @@ class ResponsesRequest(SamplingFields):
     include: list[str] | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
     truncation: Literal["auto", "disabled"] | None = None
+    max_reasoning_tokens: int | None = Field(None, ge=1, description=MAX_REASONING_TOKENS_DESCRIPTION)
 
     @property
     def wants_logprobs(self) -> bool:
@@ -91,6 +92,11 @@ def check_supported(body: ResponsesRequest, has_reasoning: bool) -> None:
         if body.background if field == "background" else extra.get(field):
             raise InvalidRequestError(message, param=field)
     settings = {key: value for key, value in (body.reasoning or {}).items() if value is not None}
+    if body.max_reasoning_tokens is not None and not has_reasoning:
+        raise InvalidRequestError(
+            "max_reasoning_tokens is not supported: the served model has no reasoning parser (see --reasoning-parser)",
+            param="max_reasoning_tokens",
+        )
     if settings and not has_reasoning:
         raise InvalidRequestError(
             "reasoning settings are not supported: the served model has no reasoning parser (see --reasoning-parser)", param="reasoning"

@@ -13,6 +13,7 @@ from fastapi import Request
 from batching.batcher import DynamicBatcher
 from batching.errors import EngineUnavailableError
 from batching.request import EncoderDecoderPrompts
+from batching.thinking import ThinkingSpec
 from server.reasoning import ReasoningFormat, reasoning_format
 from server.token_bytes import TokenBytes
 from server.tool_formats import ToolFormat, tool_format_for
@@ -45,6 +46,15 @@ class Served:
         template = template if isinstance(template, str) else None
         self.reasoning = reasoning_format(self.reasoning_parser, template)
         self.tool_format = tool_format_for(self.tool_call_parser, template, self.tokenizer)
+
+    def thinking_spec(self, is_open_at_start: bool, max_thinking_tokens: int | None) -> ThinkingSpec | None:
+        """The token-level view of the model's thinking block for one request (None: the model does not think)."""
+        if self.reasoning is None:
+            return None
+        start, end = (
+            tuple(self.tokenizer.encode(tag, add_special_tokens=False)) for tag in (self.reasoning.start_tag, self.reasoning.end_tag)
+        )
+        return ThinkingSpec(start, end, is_open_at_start, max_thinking_tokens)
 
 
 def served(request: Request) -> Served:

@@ -8,6 +8,7 @@ The tiny model writes random text, so the outputs that must contain a block
 are shaped by a regex (``guided_regex``); where the template opens the block
 itself, the unconstrained output is all reasoning."""
 
+import json
 import re
 from pathlib import Path
 
@@ -81,18 +82,12 @@ def test_chat_splits_the_thinking_block_from_the_answer(thinking_server):
 
 
 def test_a_block_the_template_opens_is_reasoning_from_the_first_token(thinking_server):
-    client = chat_client(thinking_server)
     thinking_on = {"chat_template_kwargs": {"enable_thinking": True}}
-    message = (
-        client.chat.completions.create(
-            model=MODEL, messages=HELLO, extra_body={**thinking_on, "guided_regex": f"{WORDS}\n</think>\n\n{WORDS}"}, **GREEDY
-        )
+    cut = (
+        chat_client(thinking_server)
+        .chat.completions.create(model=MODEL, messages=HELLO, max_tokens=6, temperature=0, extra_body=thinking_on)
         .choices[0]
-        .message
     )
-    expected_split(message.model_extra["reasoning_content"], message.content)
-
-    cut = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=6, temperature=0, extra_body=thinking_on).choices[0]
     assert cut.finish_reason == "length"
     assert cut.message.model_extra["reasoning_content"] and cut.message.content is None, "cut while thinking: all reasoning"
 
@@ -158,3 +153,61 @@ def test_messages_give_a_thinking_block(thinking_server):
 
 def test_the_start_log_says_the_parser_applies(thinking_server):
     assert "reasoning: <think>...</think> blocks are split from answers (--reasoning-parser auto)" in thinking_server.log_path.read_text()
+
+
+THINKING_ON = {"chat_template_kwargs": {"enable_thinking": True}}
+
+
+def test_a_thinking_budget_closes_the_block_and_the_answer_follows(thinking_server):
+    client = chat_client(thinking_server)
+    kwargs = dict(model=MODEL, messages=HELLO, max_tokens=24, temperature=0)
+    unbounded = client.chat.completions.create(**kwargs, extra_body={**THINKING_ON, "ignore_eos": True}).choices[0].message
+    assert unbounded.content is None, "the random model never closes the block itself"
+    budget = client.chat.completions.create(**kwargs, extra_body={**THINKING_ON, "ignore_eos": True, "max_reasoning_tokens": 4})
+    message = budget.choices[0].message
+    assert message.model_extra["reasoning_content"] and message.content, message
+    assert unbounded.model_extra["reasoning_content"].startswith(message.model_extra["reasoning_content"][:3])
+    assert budget.usage.completion_tokens == 24
+
+
+def test_structured_output_applies_to_the_answer_after_the_block(thinking_server):
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 8}},
+        "required": ["city"],
+        "additionalProperties": False,
+    }
+    response_format = {"type": "json_schema", "json_schema": {"name": "place", "schema": schema}}
+    message = (
+        chat_client(thinking_server)
+        .chat.completions.create(
+            model=MODEL,
+            messages=HELLO,
+            max_tokens=80,
+            temperature=0,
+            response_format=response_format,
+            extra_body={**THINKING_ON, "max_reasoning_tokens": 3},
+        )
+        .choices[0]
+        .message
+    )
+    assert message.model_extra["reasoning_content"], "it thought first"
+    assert set(json.loads(message.content)) == {"city"}
+
+
+def test_anthropic_budget_tokens_close_the_thinking_block(thinking_server):
+    client = anthropic.Anthropic(base_url=thinking_server.base_url, api_key="unused", max_retries=0)
+    message = client.messages.create(
+        model=MODEL,
+        messages=HELLO,
+        max_tokens=20,
+        thinking={"type": "enabled", "budget_tokens": 3},
+        extra_body={"temperature": 0, "ignore_eos": True},
+    )
+    assert [block.type for block in message.content] == ["thinking", "text"], message.content
+
+
+def test_a_budget_for_a_model_that_does_not_think_is_refused(tiny_server):
+    with pytest.raises(openai.BadRequestError) as caught:
+        chat_client(tiny_server).chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2, extra_body={"max_reasoning_tokens": 8})
+    assert caught.value.body["param"] == "max_reasoning_tokens"
