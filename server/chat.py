@@ -22,6 +22,7 @@ from batching.messages import TokenLogprobs
 from batching.outputs import RequestOutput
 from server.chat_prompt import build_chat_prompt, message_dicts
 from server.choices import merge, start_choices, unless_disconnected
+from server.harmony import HarmonyParser
 from server.logprobs import chat_logprobs
 from server.output_parser import OutputParser
 from server.params import check_context, check_generation_request, default_max_tokens, sampling_params
@@ -43,6 +44,7 @@ from server.protocol import (
 from server.reasoning import NO_REASONING, ReasoningParser, effort_template_kwargs
 from server.sse import sse_response
 from server.state import Served, served
+from server.tool_formats import HarmonyFormat
 from server.tools import ToolPlan
 
 router = APIRouter()
@@ -65,7 +67,7 @@ def _check_supported(body: ChatCompletionRequest, state: Served) -> None:
             raise InvalidRequestError(message, param=field)
     if extra.get("modalities") not in (None, ["text"]):
         raise InvalidRequestError('only "text" output is supported: the served model writes text', param="modalities")
-    if state.reasoning is None:
+    if not state.thinks:
         for field in ("reasoning_effort", "max_reasoning_tokens"):
             if getattr(body, field, None) is not None or extra.get(field) is not None:
                 raise InvalidRequestError(f"{field} is not supported: {NO_REASONING}", param=field)
@@ -93,7 +95,7 @@ async def create_chat_completion(
     check_context(len(prompt), max_tokens, state, max_tokens_param, prompt_param="messages")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     thinking = state.thinking_spec(chat_prompt.opens_reasoning, body.max_reasoning_tokens)
-    params = sampling_params(body, max_tokens, logprobs, plan=plan, thinking=thinking)
+    params = sampling_params(body, max_tokens, logprobs, plan=plan, thinking=thinking, keep_special_tokens=state.is_harmony)
     request_id = new_id("chatcmpl")
     raw_request.state.request_id = request_id
     choices = await start_choices(state, [prompt], params, body.n, request_id)
@@ -127,10 +129,15 @@ class ReplyShape:
     skip_special_tokens: bool
     opens_reasoning: bool = False  # the prompt ends inside a thinking block
 
-    def parser(self) -> OutputParser:
+    def parser(self) -> OutputParser | HarmonyParser:
         """A fresh splitter of one choice's text into reasoning, content and calls."""
+        plan = self.plan
+        tool_format = plan.tool_format if plan is not None else self.state.tool_format
+        if isinstance(tool_format, HarmonyFormat):
+            parses_calls = plan is not None and plan.parses_calls
+            return HarmonyParser(tool_format, plan.functions if plan else [], parses_calls, keep_partial=not (plan and plan.is_forced))
         reasoning = ReasoningParser(self.state.reasoning, self.opens_reasoning) if self.state.reasoning is not None else None
-        tools = self.plan.parser() if self.plan is not None and self.plan.parses_calls else None
+        tools = plan.parser() if plan is not None and plan.parses_calls else None
         return OutputParser(reasoning, tools)
 
     def reasoning_tokens(self, reasoning: str) -> int:
@@ -146,7 +153,7 @@ class ReplyShape:
         ).to_json()
 
 
-def _message(text: str, parser: OutputParser, has_reasoning: bool) -> AssistantMessage:
+def _message(text: str, parser: OutputParser | HarmonyParser, has_reasoning: bool) -> AssistantMessage:
     """The whole choice (``parser`` has read it all after). Where calls or
     reasoning may be split out of the text, content left empty is None (as
     OpenAI and vLLM send it); a forced call cut short is shown as written."""
@@ -170,7 +177,7 @@ async def _collect(reply: ReplyShape, outputs: AsyncIterator[tuple[int, RequestO
         logprobs.setdefault(index, []).extend(output.logprobs)
         want_logprobs = want_logprobs or bool(output.logprobs)
         last[index] = output
-    has_reasoning = reply.state.reasoning is not None
+    has_reasoning = reply.state.thinks
     parsers = {index: reply.parser() for index in last}
     messages = {index: _message("".join(texts[index]), parsers[index], has_reasoning) for index in last}
     choices = [
@@ -198,7 +205,7 @@ async def _stream(
     """``continuous_usage``: every chunk after the role chunk also carries the usage so far."""
     started: set[int] = set()
     completion_tokens: dict[int, int] = {}
-    parsers: dict[int, OutputParser] = {}
+    parsers: dict[int, OutputParser | HarmonyParser] = {}
 
     def usage() -> Usage:
         total = sum(completion_tokens.values())

@@ -39,7 +39,7 @@ router = APIRouter()
 
 
 def _prompt(body: MessagesRequest, state: Served) -> ChatPrompt:
-    check_supported(body, state.reasoning is not None)
+    check_supported(body, state.thinks)
     messages = chat_messages(body)
     return build_chat_prompt(state, messages, template_fields(body, ends_in_prefill(messages)))
 
@@ -54,7 +54,7 @@ async def create_message(
     prompt, plan = chat_prompt.token_ids, chat_prompt.plan
     check_context(len(prompt), body.max_tokens, state, "max_tokens", prompt_param="messages")
     thinking = state.thinking_spec(chat_prompt.opens_reasoning, thinking_budget(body))
-    params = sampling_params(fields, body.max_tokens, None, plan=plan, thinking=thinking)
+    params = sampling_params(fields, body.max_tokens, None, plan=plan, thinking=thinking, keep_special_tokens=state.is_harmony)
     message_id = new_message_id()
     raw_request.state.request_id = message_id
     choices = await start_choices(state, [prompt], params, 1, message_id)

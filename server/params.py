@@ -57,16 +57,18 @@ def sampling_params(
     prompt_logprobs: int | None = None,
     plan: ToolPlan | None = None,
     thinking: ThinkingSpec | None = None,
+    keep_special_tokens: bool = False,
 ) -> SamplingParams:
     """``plan``: the request's tools. A forced call is a constraint the route
     imposes itself, which may not be combined with one from the request body;
     a format whose tags are special tokens keeps special tokens in the text.
     ``thinking``: a thinking model's block, kept only where it changes
-    something (a budget, or a constraint that then applies after the block)."""
+    something (a budget, or a constraint that then applies after the block).
+    ``keep_special_tokens``: the model's output is read by its special tokens (harmony's channels)."""
     guided = _one_constraint(plan.guided() if plan is not None else None, guided_decoding(body))
     if thinking is not None and thinking.max_thinking_tokens is None and guided is None:
         thinking = None
-    keeps_special_tokens = plan is not None and plan.parses_calls and plan.tool_format.needs_special_tokens
+    keeps_special_tokens = keep_special_tokens or (plan is not None and plan.parses_calls and plan.tool_format.needs_special_tokens)
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     try:
         logit_bias = {int(token): bias for token, bias in (body.logit_bias or {}).items()}

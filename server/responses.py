@@ -50,10 +50,10 @@ async def create_response(
     body: ResponsesRequest, raw_request: Request, state: Served = Depends(served)
 ) -> JSONResponse | EventSourceResponse:
     created_at = int(time.time())
-    check_supported(body, state.reasoning is not None)
+    check_supported(body, state.thinks)
     check_generation_request(body, state)
     history = _stored(raw_request, body.previous_response_id, "previous_response_id").conversation if body.previous_response_id else []
-    conversation = history + input_messages(body.input, state.reasoning is not None)
+    conversation = history + input_messages(body.input, state.thinks)
     system = [{"role": "system", "content": body.instructions}] if body.instructions else []
     chat_prompt = build_chat_prompt(state, system + conversation, template_fields(body))
     prompt, plan = chat_prompt.token_ids, chat_prompt.plan
@@ -63,7 +63,7 @@ async def create_response(
     sampling_body = body.model_copy(update={"response_format": text_format.response_format()}) if text_format else body
     logprobs = (body.top_logprobs or 0) if body.wants_logprobs else None
     thinking = state.thinking_spec(chat_prompt.opens_reasoning, body.max_reasoning_tokens)
-    params = sampling_params(sampling_body, max_tokens, logprobs, plan=plan, thinking=thinking)
+    params = sampling_params(sampling_body, max_tokens, logprobs, plan=plan, thinking=thinking, keep_special_tokens=state.is_harmony)
     response_id = new_item_id("resp")
     raw_request.state.request_id = response_id
     choices = await start_choices(state, [prompt], params, 1, response_id)

@@ -112,8 +112,8 @@ class Settings(BaseSettings):
     tool_call_parser: Literal[TOOL_CALL_PARSERS] = Field(
         "auto",
         description=(
-            "how the model writes tool calls: auto = from its chat template (Qwen3-Coder XML, Mistral [TOOL_CALLS], "
-            "DeepSeek, Llama 3 JSON), else hermes <tool_call>"
+            "how the model writes tool calls: auto = from its chat template (gpt-oss harmony, Qwen3-Coder XML, "
+            "Mistral [TOOL_CALLS], DeepSeek, Llama 3 JSON), else hermes <tool_call>"
         ),
     )
     reasoning_parser: Literal[REASONING_PARSERS] = Field(

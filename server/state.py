@@ -16,7 +16,7 @@ from batching.request import EncoderDecoderPrompts
 from batching.thinking import ThinkingSpec
 from server.reasoning import ReasoningFormat, reasoning_format
 from server.token_bytes import TokenBytes
-from server.tool_formats import ToolFormat, tool_format_for
+from server.tool_formats import HarmonyFormat, ToolFormat, tool_format_for
 
 
 @dataclass(slots=True)
@@ -46,6 +46,16 @@ class Served:
         template = template if isinstance(template, str) else None
         self.reasoning = reasoning_format(self.reasoning_parser, template)
         self.tool_format = tool_format_for(self.tool_call_parser, template, self.tokenizer)
+
+    @property
+    def is_harmony(self) -> bool:
+        """gpt-oss's harmony format: channels, not tags, tell thinking, answer and calls apart."""
+        return isinstance(self.tool_format, HarmonyFormat)
+
+    @property
+    def thinks(self) -> bool:
+        """The model's thinking is split from its answer (a reasoning parser, or harmony's channels)."""
+        return self.reasoning is not None or self.is_harmony
 
     def thinking_spec(self, is_open_at_start: bool, max_thinking_tokens: int | None) -> ThinkingSpec | None:
         """The token-level view of the model's thinking block for one request (None: the model does not think)."""

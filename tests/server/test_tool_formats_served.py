@@ -34,6 +34,7 @@ MARKS = {
     "mistral-names-apart": "[TOOL_CALLS] [ARGS]",
     "qwen3_coder": "<function= <parameter=",
     "deepseek": "<｜tool▁calls▁begin｜>",
+    "harmony": "<|channel|> <|message|>",
 }
 
 
@@ -65,3 +66,17 @@ async def test_a_forced_call_in_each_familys_format(make_served: Callable[[], Se
         fragments = [f for chunk in chunks for choice in chunk["choices"] for f in choice["delta"].get("tool_calls") or []]
         assert [f["function"] for f in fragments] == [call["function"]], "the same call, sent whole"
         assert not any(choice["delta"].get("content") for chunk in chunks for choice in chunk["choices"])
+
+
+async def test_harmony_channels_become_reasoning_and_content(make_served: Callable[[], Served]):
+    base = make_served()
+    template = CHATML.replace("MARKS", MARKS["harmony"])
+    served = Served(base.batcher, base.tokenizer, MODEL_NAME, base.max_model_len, chat_template=template)
+    shape = r"<\|channel\|>analysis<\|message\|>[a-z]{1,6}<\|end\|><\|start\|>assistant<\|channel\|>final<\|message\|>[a-z]{1,6}"
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 80, "temperature": 0, "guided_regex": shape}
+    async with running(create_app(Settings(api_key=None), ready=served)) as client:
+        message = (await client.post("/v1/chat/completions", json=body)).json()["choices"][0]["message"]
+        assert message["reasoning_content"].isalpha() and message["content"].isalpha(), message
+        assert message["reasoning"] == message["reasoning_content"]
+        effort = await client.post("/v1/chat/completions", json={**body, "reasoning_effort": "low"})
+        assert effort.status_code == 200, "gpt-oss templates take reasoning_effort"
