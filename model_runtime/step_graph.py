@@ -134,6 +134,11 @@ class CompiledForward:
         # Nor should the step's one sequence dimension be unified with the
         # batch dimension when a step has one token.
         torch.fx.experimental._config.use_duck_shape = False
+        # The model's float constants (norm epsilons, attention scaling, RoPE
+        # factors) stay constants: as dynamic float inputs, dynamo traced the
+        # whole model, specialized them anyway and traced it again (the first
+        # pass, about 35 of 60 s at a start with a warm cache, was thrown away).
+        torch._dynamo.config.specialize_float = True
         if not hasattr(model, COMPILED_ATTRIBUTE):
             compiled = torch.compile(_own_copy(_step_forward), dynamic=True, fullgraph=True, options={"guard_filter_fn": _step_guards})
             object.__setattr__(model, COMPILED_ATTRIBUTE, compiled)  # not a submodule nor a parameter
