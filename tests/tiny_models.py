@@ -40,6 +40,18 @@ def build_tiny_llama(target: Path, tokenizer_dir: Path) -> Path:
     return _save(LlamaForCausalLM(config).eval(), target, tokenizer_dir)
 
 
+def build_tiny_llama_with_special_tokens(target: Path, tokenizer_dir: Path, special_tokens: list[str]) -> Path:
+    """The tiny Llama with ``special_tokens`` added to its vocabulary (a model
+    family's tags: Mistral's ``[TOOL_CALLS]``, gpt-oss's ``<|channel|>``, ...)."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": special_tokens})
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**TINY_DECODER, "vocab_size": len(tokenizer)}, tie_word_embeddings=True)
+    LlamaForCausalLM(config).eval().save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return target
+
+
 def build_tiny_gpt2(target: Path, tokenizer_dir: Path) -> Path:
     torch.manual_seed(0)
     config = GPT2Config(
