@@ -75,6 +75,18 @@ function addMessage(role, text) {
   const item = document.createElement("article");
   item.className = "message " + role;
   item.setAttribute("aria-label", role === "user" ? "You" : "Model");
+  if (role === "assistant") {
+    // A thinking model's reasoning, folded above its answer (shown once some arrives).
+    const reasoning = document.createElement("details");
+    reasoning.className = "reasoning";
+    reasoning.hidden = true;
+    const summary = document.createElement("summary");
+    summary.textContent = "Reasoning";
+    const thought = document.createElement("div");
+    thought.className = "reasoning-text";
+    reasoning.append(summary, thought);
+    item.appendChild(reasoning);
+  }
   const body = document.createElement("div");
   body.className = "content";
   if (role === "user") body.textContent = text;
@@ -127,6 +139,8 @@ async function send() {
   addMessage("user", userText);
   const answer = addMessage("assistant", "");
   const content = answer.querySelector(".content");
+  const reasoning = answer.querySelector(".reasoning");
+  const thought = answer.querySelector(".reasoning-text");
   const meta = document.createElement("p");
   meta.className = "meta";
   answer.appendChild(meta);
@@ -158,6 +172,12 @@ async function send() {
         if (chunk.error) throw new Error(chunk.error.message);
         if (chunk.usage) usage = chunk.usage;
         for (const choice of chunk.choices || []) {
+          const thinking = choice.delta ? (choice.delta.reasoning_content || choice.delta.reasoning || "") : "";
+          if (thinking) {
+            if (firstToken === null) firstToken = performance.now();
+            reasoning.hidden = false;
+            thought.textContent += thinking;  // text, never markup
+          }
           const delta = choice.delta ? (choice.delta.content || "") : (choice.text || "");
           if (delta) {
             if (firstToken === null) firstToken = performance.now();

@@ -2,8 +2,9 @@
 Debian's Chromium, headless, driven by selenium through chromium-driver
 (``make test-deps`` installs both as root with apt; no browser download).
 
-Two kinds of server: the tiny real model (``tiny_server``, chat through its
-template), and the fake engine behind real uvicorn in a thread, whose scripted
+Three kinds of server: the tiny real model (``tiny_server``, chat through its
+template), the same model behind a template that opens a ``<think>`` block
+(so its output is reasoning), and the fake engine behind real uvicorn in a thread, whose scripted
 reply carries Markdown and an XSS attempt and whose steps are slowed so a
 stop can land mid-answer. Each test saves a PNG of its page under its tmp dir.
 """
@@ -21,7 +22,7 @@ import uvicorn
 from server.app import create_app
 from server.settings import Settings
 from server.state import Served
-from tests.e2e.conftest import ServerProcess, free_port
+from tests.e2e.conftest import ServerProcess, free_port, running_server
 from tests.fake_engine import CharTokenizer, ScriptedRunner, fake_batcher
 from tests.reliability.support import metric
 
@@ -151,6 +152,36 @@ def test_playground_streams_an_answer_from_the_model(browser, tiny_server: Serve
     meta = answer_meta(browser)
     assert "TTFT" in meta and "tokens/s" in meta and "finish:" in meta and "completion tokens" in meta
     browser.save_screenshot(str(tmp_path / "playground.png"))
+
+
+# Every answer opens a thinking block (DeepSeek-R1's way): the random model never closes it.
+THINKING_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content.split('</think>')[-1] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def thinking_server(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    folder = tmp_path_factory.mktemp("thinking-browser")
+    (folder / "thinking.jinja").write_text(THINKING_TEMPLATE)
+    args = [str(tiny_llama_dir), "--served-model-name", "tiny", "--kv-cache-memory", "16MiB", "--dtype", "float32"]
+    yield from running_server([*args, "--chat-template", str(folder / "thinking.jinja")], folder / "server.log")
+
+
+def test_playground_folds_the_reasoning_above_the_answer(browser, thinking_server: ServerProcess, tmp_path: Path):
+    open_page(browser, thinking_server.base_url + "/")
+    assert "chat" in wait_for(lambda: element(browser, "mode").text, what="the model's mode")
+    type_and_send(browser, "Think first.", max_tokens=12)
+    wait_for(lambda: "finish: length" in answer_meta(browser), what="the finished answer")
+    folded = browser.execute_script(
+        "const r = document.querySelectorAll('.message.assistant .reasoning'); const last = r[r.length - 1];"
+        "return [last.hidden, last.open, last.querySelector('.reasoning-text').textContent.length,"
+        " last.nextElementSibling.className]"
+    )
+    assert folded[:2] == [False, False] and folded[2] > 0, "shown, folded, with the model's thinking in it"
+    assert folded[3] == "content" and answer_text(browser) == "", "above the answer, which the cut left empty"
+    browser.save_screenshot(str(tmp_path / "playground-reasoning.png"))
 
 
 def test_model_output_is_text_never_markup(browser, fake_server: ThreadServer, tmp_path: Path):
