@@ -16,17 +16,9 @@ from typing import Any
 from server.output_parser import OutputDelta
 from server.tool_formats import Function, new_call
 from server.tool_formats.harmony import CALL, CHANNEL, END, MARKERS, MESSAGE, RETURN, HarmonyFormat
+from server.tool_formats.parser import partial_tag_suffix
 
 _BODY_ENDS = (END, CALL, RETURN)
-
-
-def _held_marker(text: str) -> int:
-    """Length of the tail of ``text`` that could be the start of a marker."""
-    position = text.rfind("<|")
-    if position < 0:
-        return 1 if text.endswith("<") else 0
-    tail = text[position:]
-    return len(tail) if "|>" not in tail and any(marker.startswith(tail) for marker in MARKERS) else 0
 
 
 class HarmonyParser:
@@ -64,7 +56,7 @@ class HarmonyParser:
                 body, self._pending = self._pending[:position], self._pending[position + len(marker) :]
                 is_complete = True
             elif is_last or not self._is_call():  # a call is read whole; other text is sent as it comes
-                keep = 0 if is_last else _held_marker(self._pending)
+                keep = 0 if is_last else partial_tag_suffix(self._pending, MARKERS)
                 body, self._pending = self._pending[: len(self._pending) - keep], self._pending[len(self._pending) - keep :]
                 is_complete = is_last
             else:

@@ -27,6 +27,8 @@ and ``none`` turns it off.
 from dataclasses import dataclass
 from typing import Any
 
+from server.tool_formats.parser import partial_tag_suffix
+
 REASONING_PARSERS = ("auto", "none", "think", "deepseek_r1", "qwen3")
 NO_REASONING = "the served model has no reasoning parser (it does not think in <think> blocks; see --reasoning-parser)"
 
@@ -57,14 +59,6 @@ def effort_template_kwargs(effort: str) -> dict[str, Any]:
     if effort == "none":
         kwargs["enable_thinking"] = False
     return kwargs
-
-
-def _partial_suffix(text: str, tag: str) -> int:
-    """Length of the longest suffix of ``text`` that could start ``tag``."""
-    for length in range(min(len(text), len(tag) - 1), 0, -1):
-        if tag.startswith(text[-length:]):
-            return length
-    return 0
 
 
 class ReasoningParser:
@@ -100,7 +94,7 @@ class ReasoningParser:
                     reasoning += self._reasoning_text(self._pending[:end], is_final=True)
                     self._pending, self._state = self._pending[end + len(self._format.end_tag) :].lstrip(), "after"
                     continue
-                keep = 0 if is_last else _partial_suffix(self._pending, self._format.end_tag)
+                keep = 0 if is_last else partial_tag_suffix(self._pending, (self._format.end_tag,))
                 ready, self._pending = self._pending[: len(self._pending) - keep], self._pending[len(self._pending) - keep :]
                 reasoning += self._reasoning_text(ready, is_final=is_last)
                 break

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from batching.errors import InvalidRequestError
 from server.protocol import MAX_REASONING_TOKENS_DESCRIPTION, ChatTemplateFields, JsonSchemaFormat, ResponseFormat, SamplingFields
-from server.reasoning import effort_template_kwargs
+from server.reasoning import NO_REASONING, effort_template_kwargs
 
 TEXT_PART_TYPES = ("input_text", "output_text", "text")
 MAX_METADATA_KEYS = 16
@@ -94,13 +94,11 @@ def check_supported(body: ResponsesRequest, has_reasoning: bool) -> None:
     settings = {key: value for key, value in (body.reasoning or {}).items() if value is not None}
     if body.max_reasoning_tokens is not None and not has_reasoning:
         raise InvalidRequestError(
-            "max_reasoning_tokens is not supported: the served model has no reasoning parser (see --reasoning-parser)",
+            f"max_reasoning_tokens is not supported: {NO_REASONING}",
             param="max_reasoning_tokens",
         )
     if settings and not has_reasoning:
-        raise InvalidRequestError(
-            "reasoning settings are not supported: the served model has no reasoning parser (see --reasoning-parser)", param="reasoning"
-        )
+        raise InvalidRequestError(f"reasoning settings are not supported: {NO_REASONING}", param="reasoning")
     unserved = sorted(set(settings) - {"effort"})
     if unserved:
         raise InvalidRequestError(

@@ -26,8 +26,10 @@ def new_call(call_id: str, name: str, arguments: Any) -> dict[str, Any]:
     return {"id": call_id, "type": "function", "function": {"name": name, "arguments": text}}
 
 
-def _partial_tag_suffix(text: str, tags: tuple[str, ...]) -> int:
-    """Length of the longest suffix of ``text`` that could start one of ``tags``."""
+def partial_tag_suffix(text: str, tags: tuple[str, ...]) -> int:
+    """Length of the longest suffix of ``text`` that could start one of ``tags``
+    (held back until the next delta says what it is; the reasoning and
+    harmony parsers use it too)."""
     for length in range(min(len(text), max(len(tag) for tag in tags) - 1), 0, -1):
         if any(tag.startswith(text[-length:]) and len(tag) > length for tag in tags):
             return length
@@ -67,7 +69,7 @@ class ToolCallParser:
             else:
                 start, tag = self._first_open_tag()
                 if tag is None:
-                    keep = _partial_tag_suffix(self._pending, self._format.open_tags)
+                    keep = partial_tag_suffix(self._pending, self._format.open_tags)
                     ready, self._pending = self._pending[: len(self._pending) - keep], self._pending[len(self._pending) - keep :]
                     content += self._content(ready)
                     break

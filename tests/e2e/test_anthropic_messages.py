@@ -12,7 +12,7 @@ import jsonschema
 import openai
 import pytest
 
-from tests.e2e.conftest import API_KEY
+from tests.e2e.conftest import API_KEY, SMALL_BODY_LIMIT
 
 MODEL = "tiny"
 WEATHER_SCHEMA = {
@@ -174,6 +174,7 @@ def test_output_config_format_constrains_the_text_to_the_schema(tiny_server):
         ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools.0.type"),
         ({"thinking": {"type": "enabled", "budget_tokens": 1024}}, "thinking.type"),
         ({"output_config": {"effort": "low"}}, "output_config.effort"),
+        ({"thinking": {"type": "enabled", "budget_tokens": 0}}, "thinking.budget_tokens"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"messages": [{"role": "system", "content": "hi"}]}, "messages.0.role"),
     ],
@@ -205,3 +206,10 @@ def test_the_api_key_may_come_as_x_api_key(guarded_server):
     assert caught.value.body["error"]["type"] == "authentication_error"
     openai_shaped = httpx.get(f"{guarded_server.base_url}/v1/models", headers={"x-api-key": API_KEY}, timeout=30)
     assert openai_shaped.status_code == 200, "every /v1 route takes the key as x-api-key too"
+
+
+def test_a_body_over_the_limit_is_an_anthropic_413(guarded_server):
+    long = [{"role": "user", "content": "x" * (2 * SMALL_BODY_LIMIT)}]
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        client_for(guarded_server, API_KEY).messages.create(model=MODEL, messages=long, max_tokens=2)
+    assert caught.value.status_code == 413 and caught.value.body["error"]["type"] == "request_too_large"

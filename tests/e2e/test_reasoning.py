@@ -130,6 +130,9 @@ def test_responses_give_a_reasoning_item_before_the_message(thinking_server):
     assert done.text == reasoning and done.output_index == 0
     assert [e.sequence_number for e in events] == list(range(len(events)))
     assert events[-1].response.output[0].content[0].text == reasoning
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(**{**kwargs, "reasoning": {"effort": "low", "summary": "auto"}})
+    assert caught.value.body["param"] == "reasoning.summary", "the reasoning comes back whole, never summarized"
 
 
 def test_messages_give_a_thinking_block(thinking_server):
