@@ -40,13 +40,36 @@ def build_tiny_llama(target: Path, tokenizer_dir: Path) -> Path:
     return _save(LlamaForCausalLM(config).eval(), target, tokenizer_dir)
 
 
-def build_tiny_llama_with_special_tokens(target: Path, tokenizer_dir: Path, special_tokens: list[str]) -> Path:
-    """The tiny Llama with ``special_tokens`` added to its vocabulary (a model
-    family's tags: Mistral's ``[TOOL_CALLS]``, gpt-oss's ``<|channel|>``, ...)."""
+def build_tiny_llama_with_special_tokens(
+    target: Path,
+    tokenizer_dir: Path,
+    special_tokens: list[str],
+    *,
+    plain_tokens: tuple[str, ...] = (),
+    bos: str | None = None,
+    eos: tuple[str, ...] = (),
+    chat_template: str | None = None,
+) -> Path:
+    """The tiny Llama with a model family's tags in its vocabulary: ``special_tokens``
+    (Mistral's ``[TOOL_CALLS]``, gpt-oss's ``<|channel|>``, ...) and
+    ``plain_tokens`` (added but not special, as Qwen's ``<tool_call>``); ``bos``
+    and ``eos`` (the first is the tokenizer's, all of them end generation) and
+    the family's ``chat_template``, saved as its tokenizer's."""
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     tokenizer.add_special_tokens({"additional_special_tokens": special_tokens})
+    tokenizer.add_tokens(list(plain_tokens))
+    if bos:
+        tokenizer.add_special_tokens({"bos_token": bos})
+    if eos:
+        tokenizer.add_special_tokens({"eos_token": eos[0]})
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    ends = tokenizer.convert_tokens_to_ids(list(eos)) if eos else TINY_DECODER["eos_token_id"]
     torch.manual_seed(0)
-    config = LlamaConfig(**{**TINY_DECODER, "vocab_size": len(tokenizer)}, tie_word_embeddings=True)
+    config = LlamaConfig(
+        **{**TINY_DECODER, "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id, "eos_token_id": ends},
+        tie_word_embeddings=True,
+    )
     LlamaForCausalLM(config).eval().save_pretrained(target)
     tokenizer.save_pretrained(target)
     return target
