@@ -41,10 +41,9 @@ from server.protocol import (
     model_dump,
     new_id,
 )
-from server.reasoning import NO_REASONING, ReasoningParser, effort_template_kwargs
+from server.reasoning import NO_REASONING, effort_template_kwargs
 from server.sse import sse_response
 from server.state import Served, served
-from server.tool_formats import HarmonyFormat
 from server.tools import ToolPlan
 
 router = APIRouter()
@@ -95,7 +94,7 @@ async def create_chat_completion(
     check_context(len(prompt), max_tokens, state, max_tokens_param, prompt_param="messages")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     thinking = state.thinking_spec(chat_prompt.opens_reasoning, body.max_reasoning_tokens)
-    params = sampling_params(body, max_tokens, logprobs, plan=plan, thinking=thinking, keep_special_tokens=state.is_harmony)
+    params = sampling_params(body, max_tokens, logprobs, plan=plan, thinking=thinking, keep_special_tokens=state.keeps_special_tokens)
     request_id = new_id("chatcmpl")
     raw_request.state.request_id = request_id
     choices = await start_choices(state, [prompt], params, body.n, request_id)
@@ -131,14 +130,7 @@ class ReplyShape:
 
     def parser(self) -> OutputParser | HarmonyParser:
         """A fresh splitter of one choice's text into reasoning, content and calls."""
-        plan = self.plan
-        tool_format = plan.tool_format if plan is not None else self.state.tool_format
-        if isinstance(tool_format, HarmonyFormat):
-            parses_calls = plan is not None and plan.parses_calls
-            return HarmonyParser(tool_format, plan.functions if plan else [], parses_calls, keep_partial=not (plan and plan.is_forced))
-        reasoning = ReasoningParser(self.state.reasoning, self.opens_reasoning) if self.state.reasoning is not None else None
-        tools = plan.parser() if plan is not None and plan.parses_calls else None
-        return OutputParser(reasoning, tools)
+        return self.state.output_parser(self.plan, self.opens_reasoning)
 
     def reasoning_tokens(self, reasoning: str) -> int:
         """How many output tokens the reasoning took, counted by tokenizing its text."""

@@ -54,7 +54,7 @@ async def create_message(
     prompt, plan = chat_prompt.token_ids, chat_prompt.plan
     check_context(len(prompt), body.max_tokens, state, "max_tokens", prompt_param="messages")
     thinking = state.thinking_spec(chat_prompt.opens_reasoning, thinking_budget(body))
-    params = sampling_params(fields, body.max_tokens, None, plan=plan, thinking=thinking, keep_special_tokens=state.is_harmony)
+    params = sampling_params(fields, body.max_tokens, None, plan=plan, thinking=thinking, keep_special_tokens=state.keeps_special_tokens)
     message_id = new_message_id()
     raw_request.state.request_id = message_id
     choices = await start_choices(state, [prompt], params, 1, message_id)

@@ -63,7 +63,9 @@ async def create_response(
     sampling_body = body.model_copy(update={"response_format": text_format.response_format()}) if text_format else body
     logprobs = (body.top_logprobs or 0) if body.wants_logprobs else None
     thinking = state.thinking_spec(chat_prompt.opens_reasoning, body.max_reasoning_tokens)
-    params = sampling_params(sampling_body, max_tokens, logprobs, plan=plan, thinking=thinking, keep_special_tokens=state.is_harmony)
+    params = sampling_params(
+        sampling_body, max_tokens, logprobs, plan=plan, thinking=thinking, keep_special_tokens=state.keeps_special_tokens
+    )
     response_id = new_item_id("resp")
     raw_request.state.request_id = response_id
     choices = await start_choices(state, [prompt], params, 1, response_id)

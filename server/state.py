@@ -14,9 +14,13 @@ from batching.batcher import DynamicBatcher
 from batching.errors import EngineUnavailableError
 from batching.request import EncoderDecoderPrompts
 from batching.thinking import ThinkingSpec
-from server.reasoning import ReasoningFormat, reasoning_format
+from server.harmony import HarmonyParser
+from server.output_parser import OutputParser
+from server.reasoning import ReasoningFormat, ReasoningParser, reasoning_format
 from server.token_bytes import TokenBytes
 from server.tool_formats import HarmonyFormat, ToolFormat, tool_format_for
+from server.tool_formats.base import TokenLiterals
+from server.tools import ToolPlan
 
 
 @dataclass(slots=True)
@@ -51,6 +55,25 @@ class Served:
     def is_harmony(self) -> bool:
         """gpt-oss's harmony format: channels, not tags, tell thinking, answer and calls apart."""
         return isinstance(self.tool_format, HarmonyFormat)
+
+    @property
+    def keeps_special_tokens(self) -> bool:
+        """The output is read by special tokens, so its text keeps them: harmony's
+        channels, or thinking tags that are special tokens of this vocabulary."""
+        if self.is_harmony:
+            return True
+        literals = TokenLiterals(self.tokenizer)
+        return self.reasoning is not None and any(literals.is_special(tag) for tag in (self.reasoning.start_tag, self.reasoning.end_tag))
+
+    def output_parser(self, plan: ToolPlan | None, opens_reasoning: bool) -> OutputParser | HarmonyParser:
+        """A fresh splitter of one output's text into reasoning, content and
+        calls, as this model writes them (``plan``: the request's tools)."""
+        tool_format = plan.tool_format if plan is not None else self.tool_format
+        if isinstance(tool_format, HarmonyFormat):
+            parses_calls = plan is not None and plan.parses_calls
+            return HarmonyParser(tool_format, plan.functions if plan else [], parses_calls, keep_partial=not (plan and plan.is_forced))
+        reasoning = ReasoningParser(self.reasoning, opens_reasoning) if self.reasoning is not None else None
+        return OutputParser(reasoning, plan.parser() if plan is not None and plan.parses_calls else None)
 
     @property
     def thinks(self) -> bool:
