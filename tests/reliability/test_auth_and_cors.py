@@ -162,3 +162,31 @@ async def test_cors_allows_only_the_given_origins():
         # Errors carry CORS headers too, so a browser app can read them.
         unauthorized = await client.post("/v1/completions", json={}, headers={"Origin": "https://app.example"})
         assert unauthorized.status_code == 401 and unauthorized.headers["access-control-allow-origin"] == "https://app.example"
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_cors_lets_a_browser_send_the_anthropic_sdks_headers():
+    """The anthropic SDK in a browser sends x-api-key, anthropic-version and
+    anthropic-beta: the preflight must allow them, and refuse others."""
+    async with await cors_client(Settings(allowed_origins="https://app.example")) as client:
+        anthropic_headers = "content-type, x-api-key, anthropic-version, anthropic-beta"
+        preflight = await client.options(
+            "/v1/messages",
+            headers={
+                "Origin": "https://app.example",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": anthropic_headers,
+            },
+        )
+        assert preflight.status_code == 200
+        allowed = {h.strip() for h in preflight.headers["access-control-allow-headers"].lower().split(",")}
+        assert {"x-api-key", "anthropic-version", "anthropic-beta"} <= allowed
+        other = await client.options(
+            "/v1/messages",
+            headers={
+                "Origin": "https://app.example",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "x-unknown",
+            },
+        )
+        assert other.status_code == 400

@@ -1,6 +1,7 @@
 """A step that raises fails only its requests: the client gets an OpenAI-style
 error, the blocks go back and the server keeps serving."""
 
+import json
 from collections.abc import AsyncIterator, Callable
 
 import httpx
@@ -65,3 +66,19 @@ async def test_non_streaming_failure_is_an_openai_error(failing):
     assert set(body) == {"error"}
     assert set(body["error"]) == {"message", "type", "param", "code"}
     assert "kaboom" in body["error"]["message"]
+
+
+async def test_a_messages_stream_that_fails_ends_with_anthropics_error_event(failing):
+    """/v1/messages streams Anthropic's typed events: a failure after
+    message_start is its ``error`` event (Anthropic's error shape), the
+    stream's last, and the request's blocks go back."""
+    client, served = failing
+    body = {"model": "tiny", "max_tokens": 3, "messages": [{"role": "user", "content": "Hello"}], "stream": True}
+    response = await client.post("/v1/messages", json=body)
+    assert response.status_code == 200
+    events = [line.removeprefix("event: ") for line in response.text.splitlines() if line.startswith("event: ")]
+    assert events[0] == "message_start" and events[-1] == "error", events
+    last_data = [line for line in response.text.splitlines() if line.startswith("data: ")][-1]
+    error = json.loads(last_data.removeprefix("data: "))
+    assert error["type"] == "error" and error["error"]["type"] == "api_error" and "kaboom" in error["error"]["message"]
+    assert served.batcher.core.scheduler.block_manager.num_used_blocks == 0

@@ -193,3 +193,12 @@ def test_every_setting_has_a_flag_with_help(capsys):
     for name, field in Settings.model_fields.items():
         assert name == "model" or f"--{name.replace('_', '-')}" in help_text
         assert field.description, f"{name} has no description for its --help"
+
+
+def test_the_parser_flags_take_their_names_and_refuse_others(clean_env):
+    assert parse_settings([]).tool_call_parser == "auto" and parse_settings([]).reasoning_parser == "auto"
+    assert parse_settings(["--tool-call-parser", "qwen3_coder"]).tool_call_parser == "qwen3_coder"
+    assert parse_settings(["--reasoning-parser", "qwen3"]).reasoning_parser == "qwen3"
+    for flag in ("--tool-call-parser", "--reasoning-parser"):
+        with pytest.raises(SystemExit):
+            parse_settings([flag, "pythonic"])
