@@ -12,9 +12,11 @@ import torch
 
 from batching.messages import ScheduledChunk
 from batching.runner_state import RunnerRequest
+from model_runtime import kernels
 from model_runtime.attention.context import StepContext
 from model_runtime.attention.interface import SLOT_ATTRIBUTE, step_forward
 from model_runtime.attention.metadata import pack
+from model_runtime.fused import fuse_elementwise, fused_steps
 from model_runtime.kv_cache import CacheShape, PagedKVCache
 from model_runtime.loading.loader import LoadedModel
 from model_runtime.step_graph import CompiledForward, warm_up
@@ -41,6 +43,10 @@ class DecoderOnlyStep:
             logger.warning("--compile: %s; running it eagerly", self.eager_reason)
             compile_max_tokens = None
         self.compiled = self._compile(kv_cache, compile_max_tokens) if compile_max_tokens else None
+        # Eager steps on tokenstep's kernels run the layers' elementwise work fused (model_runtime.fused).
+        self.fused = self.compiled is None and decode_kernel
+        if self.fused:
+            logger.info("eager steps: one C++ op each for %s", fuse_elementwise(self.model, kernels.load()))
 
     @staticmethod
     def cache_shape(loaded: LoadedModel) -> CacheShape:
@@ -77,6 +83,9 @@ class DecoderOnlyStep:
         keep = logits_rows if logits_rows is not None else torch.tensor([0], device=self.device)
         if self.compiled is not None:
             logits = self.compiled(input_ids, position_ids, context, keep)
+        elif self.fused:
+            with fused_steps():
+                logits = step_forward(self.model, input_ids, position_ids, context, keep)
         else:
             logits = step_forward(self.model, input_ids, position_ids, context, keep)
         return logits[0] if logits_rows is not None else None  # [R, vocab]

@@ -82,7 +82,9 @@ def ops_compile_command(cxx: str, torch_include_paths: list[str]) -> list[str]:
     # -fopenmp: at::parallel_for is inline OpenMP; without the flag its
     # pragma is ignored and every op runs on one thread. It links against
     # torch's own libgomp, so the process keeps one OpenMP pool.
-    return [cxx, "-O2", *common_flags(), "-fopenmp", abi, *includes]
+    # -ffp-contract=off: its elementwise ops (rms_norm, rotary) round each
+    # product apart, as the model's own PyTorch code does.
+    return [cxx, "-O2", *common_flags(), "-ffp-contract=off", "-fopenmp", abi, *includes]
 
 
 def build(target: Path) -> Path:

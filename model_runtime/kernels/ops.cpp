@@ -17,6 +17,9 @@
 //   soft-caps or has sinks, for prefill chunks) from step_graph.pack's metadata;
 //   tokenstep::int_linear(x, codes, scales, offsets, bias, bits, act_bits, out_features, isa):
 //   the activations quantized to int8 or int16 per group of 32 too (int_gemm.cpp);
+//   tokenstep::rms_norm(x, weight, eps), tokenstep::rotary(q, k, cos, sin) and
+//   tokenstep::silu_mul(gate, up): the elementwise work around a Llama-style
+//   decoder layer's matmuls, one op each instead of 6 to 16 (model_runtime.fused);
 //   tokenstep::int4_linear / int4_dequantize: the same with packed uint8
 // [N, K / 2], two 4-bit weights a byte in GGUF's Q4 order (a group's byte i
 // holds weight i low, weight i + 16 high), K a multiple of 32;
@@ -27,6 +30,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/arange.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/linear.h>
@@ -39,6 +43,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <tuple>
 #include <vector>
 
 extern "C" {
@@ -505,6 +510,101 @@ at::Tensor paged_attention_step(const at::Tensor& query, const at::Tensor& key, 
     return out.unsqueeze(0);
 }
 
+// Llama's RMSNorm over the last dimension of float32 x, rounded as the model's
+// own float32 code rounds it: weight * (x * rsqrt(mean(x * x) + eps)). This
+// file is built without FMA, so no product is fused into a sum.
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+    const char* op = "rms_norm";
+    const int64_t H = weight.numel();
+    TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.dim() == 1 && weight.is_contiguous(), op,
+                ": weight must be contiguous float32 [H]");
+    TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() >= 1 && x.size(-1) == H, op, ": x must be float32 [..., ", H, "]");
+    const at::Tensor input = x.contiguous();
+    at::Tensor out = at::empty_like(input);
+    const int64_t rows = H > 0 ? input.numel() / H : 0;
+    const float* xd = input.data_ptr<float>();
+    const float* wd = weight.data_ptr<float>();
+    float* od = out.data_ptr<float>();
+    const float epsilon = static_cast<float>(eps);
+    at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+            const float* row = xd + r * H;
+            float partial[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            int64_t i = 0;
+            for (; i + 8 <= H; i += 8)
+                for (int j = 0; j < 8; ++j) partial[j] += row[i + j] * row[i + j];
+            float sum = 0;
+            for (; i < H; ++i) sum += row[i] * row[i];
+            for (int j = 0; j < 8; ++j) sum += partial[j];
+            const float inverse = 1.0f / std::sqrt(sum / static_cast<float>(H) + epsilon);
+            float* out_row = od + r * H;
+            for (int64_t c = 0; c < H; ++c) out_row[c] = wd[c] * (row[c] * inverse);
+        }
+    });
+    return out;
+}
+
+// Llama's rotary embedding of one of query or key x [B, heads, T, D] (any
+// strides, D contiguous) by cos, sin [B, T, D]: x * cos + rotate_half(x) * sin,
+// each product rounded apart as the model's code rounds it (no FMA here), so
+// the values are the model's own. The result is [B, heads, T, D] laid out as
+// [B, T, heads, D], the layout of the projection it came from.
+at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+    const char* op = "rotary";
+    TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 4 && x.stride(3) == 1 && x.size(3) % 2 == 0, op,
+                ": query and key must be float32 [B, heads, T, D] with D even and contiguous");
+    const int64_t B = x.size(0), heads = x.size(1), T = x.size(2), D = x.size(3), half = D / 2;
+    for (const auto* t : {&cos, &sin})
+        TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 3 && t->size(0) == B && t->size(1) == T && t->size(2) == D &&
+                        t->stride(2) == 1,
+                    op, ": cos and sin must be float32 [", B, ", ", T, ", ", D, "] with the last dimension contiguous");
+    at::Tensor out = at::empty({B, T, heads, D}, x.options());
+    const float* xd = x.data_ptr<float>();
+    const float* cd = cos.data_ptr<float>();
+    const float* sd = sin.data_ptr<float>();
+    float* od = out.data_ptr<float>();
+    at::parallel_for(0, B * T, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t bt = begin; bt < end; ++bt) {
+            const int64_t b = bt / T, t = bt % T;
+            const float* c = cd + b * cos.stride(0) + t * cos.stride(1);
+            const float* s = sd + b * sin.stride(0) + t * sin.stride(1);
+            for (int64_t h = 0; h < heads; ++h) {
+                const float* in = xd + b * x.stride(0) + h * x.stride(1) + t * x.stride(2);
+                float* o = od + (bt * heads + h) * D;
+                for (int64_t i = 0; i < half; ++i) {
+                    const float low = in[i], high = in[i + half];
+                    const float low_cos = low * c[i], high_sin = -high * s[i];
+                    const float high_cos = high * c[i + half], low_sin = low * s[i + half];
+                    o[i] = low_cos + high_sin;
+                    o[i + half] = high_cos + low_sin;
+                }
+            }
+        }
+    });
+    return out.transpose(1, 2);
+}
+
+std::tuple<at::Tensor, at::Tensor> rotary(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin) {
+    return {rotate(q, cos, sin), rotate(k, cos, sin)};
+}
+
+// silu(gate) * up over float32 tensors of one shape, as the model's
+// act_fn(gate_proj(x)) * up_proj(x): silu(g) = g / (1 + exp(-g)).
+at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
+    const char* op = "silu_mul";
+    TORCH_CHECK(gate.scalar_type() == at::kFloat && up.scalar_type() == at::kFloat && gate.sizes() == up.sizes(), op,
+                ": gate and up must be float32 tensors of one shape");
+    const at::Tensor g = gate.contiguous(), u = up.contiguous();
+    at::Tensor out = at::empty_like(g);
+    const float* gd = g.data_ptr<float>();
+    const float* ud = u.data_ptr<float>();
+    float* od = out.data_ptr<float>();
+    at::parallel_for(0, g.numel(), 16384, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) od[i] = gd[i] / (1.0f + std::exp(-gd[i])) * ud[i];
+    });
+    return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(tokenstep, m) {
@@ -523,6 +623,12 @@ TORCH_LIBRARY(tokenstep, m) {
     m.impl("paged_decode_attention", c10::DispatchKey::CPU, TORCH_FN(paged_decode_attention));
     m.def("paged_attention_step(Tensor query, Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor metadata, float scale, int window=0, float softcap=0.0, Tensor? sinks=None) -> Tensor");
     m.impl("paged_attention_step", c10::DispatchKey::CPU, TORCH_FN(paged_attention_step));
+    m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+    m.impl("rms_norm", c10::DispatchKey::CPU, TORCH_FN(rms_norm));
+    m.def("rotary(Tensor q, Tensor k, Tensor cos, Tensor sin) -> (Tensor, Tensor)");
+    m.impl("rotary", c10::DispatchKey::CPU, TORCH_FN(rotary));
+    m.def("silu_mul(Tensor gate, Tensor up) -> Tensor");
+    m.impl("silu_mul", c10::DispatchKey::CPU, TORCH_FN(silu_mul));
     m.def("write_kv_cache(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor slot_mapping) -> ()");
     m.impl("write_kv_cache", c10::DispatchKey::CPU, TORCH_FN(write_kv_cache));
 }

@@ -1,0 +1,185 @@
+"""One C++ op for each piece of elementwise work around a decoder layer's
+matmuls, in tokenstep's eager CPU steps.
+
+A one-row eager step is half Python and small ops: Llama's RMSNorm is seven
+PyTorch ops, its rotary embedding sixteen, ``act_fn(gate) * up`` two, and
+each costs microseconds of dispatch against a matmul of a few dozen. Here
+each becomes one op of ``model_runtime.kernels`` (``tokenstep::rms_norm``,
+``rotary``, ``silu_mul``), computing the model's own arithmetic: the same
+products and sums in float32 (the rotary embedding to the bit; the norm's
+sum of squares and SiLU's exponential in their own order, within a float32
+rounding).
+
+Nothing is assumed from a class name. A module qualifies by its shape (an
+RMSNorm's ``weight`` and ``variance_epsilon``; an MLP's ``gate_proj``,
+``up_proj``, ``down_proj`` and a SiLU ``act_fn``; the ``apply_rotary_pos_emb``
+of its attention's Python module), and each kind is
+fused only after the fused op gave the original's values on random inputs
+(``fuse_elementwise``): Gemma's ``1 + weight`` norm, say, fails that and keeps
+its own code.
+
+The fused code runs only inside ``fused_steps()``, which the runner enters
+for its eager steps: the load-time check and probes, ``--compile``'s traced
+graph and any other model in the process run the original code.
+"""
+
+import contextlib
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+_state = threading.local()
+FUSED_MARK = "_tokenstep_fused"
+
+
+def _active() -> bool:
+    return getattr(_state, "active", False)
+
+
+@contextlib.contextmanager
+def fused_steps() -> Iterator[None]:
+    """Run the fused ops in this thread for the duration (one eager step)."""
+    before = _active()
+    _state.active = True
+    try:
+        yield
+    finally:
+        _state.active = before
+
+
+def _is_rms_norm(module: nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return (
+        type(module).__name__.endswith("RMSNorm")
+        and isinstance(weight, torch.Tensor)
+        and weight.dim() == 1
+        and isinstance(getattr(module, "variance_epsilon", None), float)
+    )
+
+
+def _is_gated_mlp(module: nn.Module) -> bool:
+    """``down_proj(act_fn(gate_proj(x)) * up_proj(x))``'s parts (that act_fn is SiLU, the check proves)."""
+    return all(isinstance(getattr(module, name, None), nn.Module) for name in ("gate_proj", "up_proj", "down_proj", "act_fn"))
+
+
+def _fuse_norm(module: nn.Module, ops: Any) -> None:
+    original = module.forward
+
+    def forward(hidden_states: torch.Tensor) -> torch.Tensor:
+        if _active() and hidden_states.dtype == torch.float32 and hidden_states.device.type == "cpu":
+            return ops.rms_norm(hidden_states, module.weight, module.variance_epsilon)
+        return original(hidden_states)
+
+    module.forward = forward
+
+
+def _fuse_mlp(module: nn.Module, ops: Any) -> None:
+    original = module.forward
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if _active() and x.dtype == torch.float32 and x.device.type == "cpu":
+            return module.down_proj(ops.silu_mul(module.gate_proj(x), module.up_proj(x)))
+        return original(x)
+
+    module.forward = forward
+
+
+def _rotary_wrapper(original: Callable, ops: Any) -> Callable:
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+        if (
+            _active()
+            and unsqueeze_dim == 1
+            and q.dim() == 4
+            and q.dtype == k.dtype == cos.dtype == sin.dtype == torch.float32
+            and q.device.type == "cpu"
+            and cos.dim() == 3
+            and cos.shape[-1] == q.shape[-1] == k.shape[-1]
+        ):
+            return ops.rotary(q, k, cos, sin)
+        return original(q, k, cos, sin, unsqueeze_dim)
+
+    setattr(apply_rotary_pos_emb, FUSED_MARK, original)
+    return apply_rotary_pos_emb
+
+
+def _rotary_modules(model: nn.Module) -> list[Any]:
+    """The Python modules whose ``apply_rotary_pos_emb`` this model's attention calls."""
+    found = {}
+    for module in model.modules():
+        source = sys.modules.get(type(module).__module__) if hasattr(module, "q_proj") else None
+        if source is not None and hasattr(source, "apply_rotary_pos_emb"):
+            found[source.__name__] = source
+    return list(found.values())
+
+
+def _restore(module: nn.Module, original: Callable) -> None:
+    """Undo a fused forward: the class's own again, or the instance's own if it had one."""
+    if getattr(original, "__self__", None) is module and getattr(original, "__func__", None) is getattr(type(module), "forward", None):
+        del module.forward
+    else:
+        module.forward = original
+
+
+@torch.inference_mode()
+def _same(fused: Callable[[], Any], original: Callable[[], Any], exact: bool) -> bool:
+    with fused_steps():
+        got = fused()
+    want = original()
+    pairs = zip(got, want, strict=True) if isinstance(want, tuple) else [(got, want)]
+    return all(torch.equal(a, b) if exact else torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in pairs)
+
+
+def fuse_elementwise(model: nn.Module, ops: Any) -> str:
+    """Fuse what qualifies in ``model`` (module docstring); says what is fused, for the start log."""
+    generator = torch.Generator().manual_seed(0)
+    norms = [m for m in model.modules() if _is_rms_norm(m) and m.weight.dtype == torch.float32]
+    mlps = [m for m in model.modules() if _is_gated_mlp(m) and isinstance(getattr(m.gate_proj, "in_features", None), int)]
+    fused = [
+        _fuse_all(norms, "RMSNorms", _fuse_norm, ops, lambda m: torch.randn(3, m.weight.numel(), generator=generator) * 4),
+        _fuse_all(mlps, "SiLU MLPs", _fuse_mlp, ops, lambda m: torch.randn(2, m.gate_proj.in_features, generator=generator)),
+        *(_fuse_rotary(source, ops, generator) for source in _rotary_modules(model)),
+    ]
+    return ", ".join(part for part in fused if part) or "nothing fused"
+
+
+def _fuse_all(
+    modules: list[nn.Module], label: str, fuse: Callable[[nn.Module, Any], None], ops: Any, sample: Callable[[nn.Module], torch.Tensor]
+) -> str:
+    """Fuse ``modules`` (all of one kind) if the first gives its own values fused; what was fused, or ''."""
+    if modules and not hasattr(modules[0], FUSED_MARK):  # else fused at an earlier load of this model object
+        probe, x = modules[0], sample(modules[0])
+        original = probe.forward
+        fuse(probe, ops)
+        if not _same(lambda: probe.forward(x), lambda: original(x), exact=False):
+            _restore(probe, original)
+            return ""
+        for module in modules[1:]:
+            fuse(module, ops)
+        for module in modules:
+            setattr(module, FUSED_MARK, True)
+    return f"{len(modules)} {label}" if modules and hasattr(modules[0], FUSED_MARK) else ""
+
+
+def _fuse_rotary(source: Any, ops: Any, generator: torch.Generator) -> str:
+    """Fuse the ``apply_rotary_pos_emb`` of the Python module ``source`` if it
+    is Llama's (q, k, cos, sin) in rotate-half form, to the bit; what was fused, or ''."""
+    function = source.apply_rotary_pos_emb
+    original = getattr(function, FUSED_MARK, function)
+    wrapper = function if hasattr(function, FUSED_MARK) else _rotary_wrapper(original, ops)
+    # [1, heads, T, D] views of [1, T, heads, D], as the projections' outputs are.
+    q = torch.randn(1, 3, 4, 8, generator=generator).transpose(1, 2)
+    k = torch.randn(1, 3, 2, 8, generator=generator).transpose(1, 2)
+    angles = torch.rand(1, 3, 8, generator=generator) * 6
+    cos, sin = angles.cos(), angles.sin()
+    try:
+        same = _same(lambda: wrapper(q, k, cos, sin), lambda: original(q, k, cos, sin), exact=True)
+    except (TypeError, RuntimeError, ValueError):  # another signature or shape: not Llama's
+        same = False
+    if not same:
+        return ""
+    source.apply_rotary_pos_emb = wrapper
+    return f"rotary embedding ({source.__name__.rsplit('.', 1)[-1]})"

@@ -1,0 +1,119 @@
+"""The fused elementwise ops of eager CPU steps (``model_runtime.fused``):
+each gives the model's own values, only what proves so is fused, and the
+fused code runs only inside tokenstep's eager steps."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.models.llama import modeling_llama
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+
+from model_runtime import kernels
+from model_runtime.fused import FUSED_MARK, fuse_elementwise, fused_steps
+from tests.tiny_models import TINY_DECODER
+
+
+@pytest.fixture(scope="module")
+def ops():
+    loaded = kernels.load()
+    assert loaded is not None, "the kernels did not build here (a C++ compiler is on every machine of this project)"
+    return loaded
+
+
+def test_rms_norm_is_the_models_own_within_a_rounding(ops):
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(67, eps=1e-5)
+    norm.weight.data.normal_()
+    x = torch.randn(2, 5, 67) * 3
+    with torch.inference_mode():
+        torch.testing.assert_close(ops.rms_norm(x, norm.weight, norm.variance_epsilon), norm(x), rtol=2e-6, atol=1e-6)
+        strided = x.transpose(0, 1)  # any layout in, contiguous out
+        torch.testing.assert_close(ops.rms_norm(strided, norm.weight, 1e-5), norm(strided), rtol=2e-6, atol=1e-6)
+
+
+def test_rotary_is_the_models_own_to_the_bit(ops):
+    torch.manual_seed(0)
+    # [B, heads, T, D] views of the projections' [B, T, heads, D], as Llama's attention hands them.
+    q = torch.randn(1, 7, 4, 16).transpose(1, 2)
+    k = torch.randn(1, 7, 2, 16).transpose(1, 2)
+    angles = torch.randn(1, 7, 16) * 10
+    cos, sin = angles.cos(), angles.sin()
+    fused_q, fused_k = ops.rotary(q, k, cos, sin)
+    want_q, want_k = apply_rotary_pos_emb(q, k, cos, sin)
+    assert torch.equal(fused_q, want_q) and torch.equal(fused_k, want_k)
+    assert fused_q.stride() == q.stride(), "laid out as the projection was"
+
+
+def test_silu_mul_is_silu_times_up(ops):
+    torch.manual_seed(0)
+    gate, up = torch.randn(3, 100) * 8, torch.randn(3, 100)
+    torch.testing.assert_close(ops.silu_mul(gate, up), F.silu(gate) * up, rtol=2e-6, atol=1e-7)
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**{**TINY_DECODER, "vocab_size": 512})).eval()
+
+
+def test_a_fused_model_gives_its_own_logits_and_runs_its_own_code_outside_steps(ops):
+    model, reference = tiny_llama(), tiny_llama()
+    described = fuse_elementwise(model, ops)
+    assert described == "5 RMSNorms, 2 SiLU MLPs, rotary embedding (modeling_llama)", described
+    ids = torch.randint(0, 512, (1, 9))
+    with torch.inference_mode():
+        want = reference(ids).logits
+        assert torch.equal(model(ids).logits, want), "outside fused_steps the model's own code runs"
+        with fused_steps():
+            torch.testing.assert_close(model(ids).logits, want, rtol=1e-5, atol=1e-5)
+    assert getattr(modeling_llama.apply_rotary_pos_emb, FUSED_MARK) is not None
+    assert fuse_elementwise(model, ops) == described, "fusing again changes nothing"
+
+
+class OnePlusWeightRMSNorm(nn.Module):
+    """Gemma's norm: the weight is stored minus one. Its shape qualifies; its values must not."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(hidden))
+        self.variance_epsilon = 1e-6
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon) * (1.0 + self.weight)
+
+
+class GeluMLP(nn.Module):
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = nn.Linear(hidden, 8), nn.Linear(hidden, 8), nn.Linear(8, hidden)
+        self.act_fn = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def test_what_computes_something_else_keeps_its_own_code(ops):
+    model = nn.Sequential(OnePlusWeightRMSNorm(16), GeluMLP(16))
+    assert fuse_elementwise(model, ops) == "nothing fused"
+    assert not any(hasattr(module, FUSED_MARK) for module in model)
+    x = torch.randn(2, 16)
+    with torch.inference_mode(), fused_steps():
+        assert torch.equal(model(x), model[1](model[0](x)))
+        assert "forward" not in vars(model[0]) and "forward" not in vars(model[1]), "the class's own forward, not a fused one"
+
+
+def test_the_engine_runs_its_eager_steps_fused_and_greedy_equals_generate(tiny_llama_dir):
+    from batching.sampling_params import SamplingParams
+    from server.engine_builder import EngineConfig, build_engine_core
+
+    core = build_engine_core(EngineConfig(model=tiny_llama_dir, dtype="float32", device="cpu", kv_cache_memory="16MiB"))
+    assert core.runner.model_step.fused, "eager CPU steps on the kernels run fused"
+    prompt = [1, 300, 301, 302, 303]
+    core.add_request(core.make_request("r", prompt, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)))
+    tokens = []
+    while core.has_unfinished:
+        tokens += [t for output in core.step() for t in output.new_token_ids]
+    reference = LlamaForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    want = reference.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, min_new_tokens=12)[0, len(prompt) :]
+    assert tokens == want.tolist()
