@@ -41,6 +41,8 @@ from model_runtime.weights.quantization import (
     Int8Linear,
     best_seconds_each,
     replace_groupwise,
+    screen_of,
+    timings_text,
     unpack_nibbles,
 )
 
@@ -135,13 +137,11 @@ def choose_isa(linears: list[IntActivationLinear], ops: object) -> int:
     at ``_PROBE_ROWS`` rows (each one's best of a few passes)."""
     inputs = {(rows, k): torch.randn(rows, k) for rows in _PROBE_ROWS for k in {m.in_features for m in linears}}
 
-    def one_pass(isa: int) -> Callable[[], None]:
-        return lambda: [m.run(inputs[rows, m.in_features], isa) for rows in _PROBE_ROWS for m in linears]
+    def one_pass(isa: int, over: list[IntActivationLinear] = linears) -> Callable[[], None]:
+        return lambda: [m.run(inputs[rows, m.in_features], isa) for rows in _PROBE_ROWS for m in over]
 
-    seconds = best_seconds_each({isa: one_pass(isa) for isa in range(len(ops.isas()))})
-    logger.info(
-        "integer-activation kernels per instruction set, one pass at rows %s: %s",
-        _PROBE_ROWS,
-        {ops.isas()[i]: f"{s * 1e3:.1f} ms" for i, s in seconds.items()},
-    )
+    isas = range(len(ops.isas()))
+    screens = {isa: screen_of(linears, lambda few, isa=isa: one_pass(isa, few)) for isa in isas}
+    seconds = best_seconds_each({isa: one_pass(isa) for isa in isas}, screens)
+    logger.info("integer-activation kernels per instruction set, one pass at rows %s: %s", _PROBE_ROWS, timings_text(seconds, ops.isas()))
     return min(seconds, key=seconds.get)

@@ -46,6 +46,7 @@ SWITCH_PROBE_ROWS = (32, 64, 128, 256)
 ISA_PROBE_ROWS = (1, 16)
 _PROBE_PASSES = 3
 _CLEARLY_SLOWER = 2.0  # best_seconds_each
+_SCREEN_LINEARS = 8  # best_seconds_each's screens: about one decoder layer's linears
 
 
 def quantize_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -277,17 +278,35 @@ def best_seconds(run: Callable[[], object], passes: int = _PROBE_PASSES, warm_up
     return best
 
 
-def best_seconds_each(runs: dict[int, Callable[[], object]]) -> dict[int, float]:
+def best_seconds_each(runs: dict[int, Callable[[], object]], screens: dict[int, Callable[[], object]] | None = None) -> dict[int, float]:
     """``best_seconds`` of each run (one per instruction set), except that a
     run whose first timed call took over ``_CLEARLY_SLOWER`` times the
     fastest first call is timed no further: it cannot win (noise here is far
-    below that), and the generic build's passes cost seconds at every start."""
+    below that), and the generic build's passes cost seconds at every start.
+    With ``screens`` (each run's work over a few of its linears), a run whose
+    screen is that much slower than the fastest screen is not run at all
+    (infinity): a second of the generic build's warm-up and pass saved."""
+    if screens:
+        screen_s = {key: best_seconds(screens[key], passes=1) for key in runs}
+        cutoff = _CLEARLY_SLOWER * min(screen_s.values())
+        screened_out = {key: float("inf") for key in runs if screen_s[key] > cutoff}
+        return {**screened_out, **best_seconds_each({key: run for key, run in runs.items() if key not in screened_out})}
     first = {key: best_seconds(run, passes=1) for key, run in runs.items()}
     cutoff = _CLEARLY_SLOWER * min(first.values())
     return {
         key: min(first[key], best_seconds(run, _PROBE_PASSES - 1, warm_up=False)) if first[key] <= cutoff else first[key]
         for key, run in runs.items()
     }
+
+
+def screen_of(linears: list, pass_over: Callable[[list], Callable[[], object]]) -> Callable[[], object]:
+    """``pass_over`` a few of ``linears`` (about one decoder layer's): a screen for ``best_seconds_each``."""
+    return pass_over(linears[: max(1, min(len(linears), _SCREEN_LINEARS))])
+
+
+def timings_text(seconds: dict[int, float], names: list[str]) -> dict[str, str]:
+    """Per instruction set, for the start log: its time, or that a screen ruled it out."""
+    return {names[i]: f"{s * 1e3:.1f} ms" if s != float("inf") else "ruled out on a few linears" for i, s in seconds.items()}
 
 
 @torch.inference_mode()
@@ -305,16 +324,13 @@ def choose_kernels(
     inputs = {(rows, k): torch.randn(rows, k) for rows in {*ISA_PROBE_ROWS, *SWITCH_PROBE_ROWS} for k in {m.in_features for m in linears}}
     best_s = best_seconds
 
-    def kernel_pass(isa: int) -> Callable[[], None]:
-        return lambda: [m.kernel_forward(inputs[rows, m.in_features], isa) for rows in ISA_PROBE_ROWS for m in linears]
+    def kernel_pass(isa: int, over: list[GroupwiseLinear] = linears) -> Callable[[], None]:
+        return lambda: [m.kernel_forward(inputs[rows, m.in_features], isa) for rows in ISA_PROBE_ROWS for m in over]
 
-    isa_s = best_seconds_each({isa: kernel_pass(isa) for isa in isas})
+    screens = {isa: screen_of(linears, lambda few, isa=isa: kernel_pass(isa, few)) for isa in isas}
+    isa_s = best_seconds_each({isa: kernel_pass(isa) for isa in isas}, screens)
     isa = min(isa_s, key=isa_s.get)
-    logger.info(
-        "quantized kernels per instruction set, one pass at rows %s: %s",
-        ISA_PROBE_ROWS,
-        {ops.isas()[i]: f"{s * 1e3:.1f} ms" for i, s in isa_s.items()},
-    )
+    logger.info("quantized kernels per instruction set, one pass at rows %s: %s", ISA_PROBE_ROWS, timings_text(isa_s, ops.isas()))
     shapes = {shape_key(m): m for m in linears if m is not lm_head}
     decisions = {}
     for shape, module in shapes.items():

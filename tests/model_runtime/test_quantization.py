@@ -26,6 +26,7 @@ from model_runtime.weights.quantization import (
     gemm_from_rows_given,
     linear_weight,
     quantize_groups,
+    timings_text,
 )
 from tests.model_runtime.test_parity import build, generate_outputs, make_prompts, run_engine
 
@@ -232,3 +233,23 @@ def test_an_instruction_set_clearly_slower_at_its_first_pass_is_timed_no_further
     timed = best_seconds_each({0: run("fast", 0.001), 1: run("slow", 0.03)})
     assert min(timed, key=timed.get) == 0 and timed[1] >= 0.03
     assert calls == {"fast": 1 + _PROBE_PASSES, "slow": 2}  # warm-up and passes; warm-up and one pass
+
+
+def test_a_build_slower_on_a_few_linears_is_never_timed_over_all_of_them():
+    """With screens (one layer's linears), the generic build's full pass,
+    seconds at every start, does not run at all; the close ones still race."""
+    calls = {"fast": 0, "close": 0, "slow": 0, "fast few": 0, "close few": 0, "slow few": 0}
+
+    def run(name: str, seconds: float):
+        def call():
+            calls[name] += 1
+            time.sleep(seconds)
+
+        return call
+
+    runs = {0: run("fast", 0.002), 1: run("close", 0.003), 2: run("slow", 0.05)}
+    screens = {0: run("fast few", 0.001), 1: run("close few", 0.0012), 2: run("slow few", 0.01)}
+    timed = best_seconds_each(runs, screens)
+    assert timed[2] == float("inf") and calls["slow"] == 0 and calls["slow few"] == 2
+    assert min(timed, key=timed.get) == 0 and calls["close"] == 1 + _PROBE_PASSES
+    assert timings_text(timed, ["avx2", "avx2b", "generic"])["generic"] == "ruled out on a few linears"
