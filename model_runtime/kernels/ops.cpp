@@ -292,14 +292,14 @@ at::Tensor int_linear(const at::Tensor& x, const at::Tensor& codes, const at::Te
     const LinearCall call = linear_call(op, x, N, bias);  // not a structured binding: C++17 lambdas cannot capture one
     if (call.M == 0) return call.y;
     const int64_t M = call.M;
-    at::Tensor xq = at::empty({M, groups * kGroup}, x.options().dtype(act_bits == 8 ? at::kChar : at::kShort));
-    at::Tensor dx = at::empty({M, groups}, x.options());
-    at::Tensor sx = at::empty({M, groups}, x.options());
+    // One scratch allocation (an op's few microseconds count at one row): dx and sx
+    // [M, groups] float32, then the quantized rows xq [M, groups * 32] of act_bits.
+    at::Tensor scratch = at::empty({2 * M * groups + M * groups * kGroup * act_bits / 32}, x.options());
     const Isa& kernels = pick(isa);
     const float* xd = call.input.data_ptr<float>();
-    void* xqd = xq.data_ptr();
-    float* dxd = dx.data_ptr<float>();
-    float* sxd = sx.data_ptr<float>();
+    float* dxd = scratch.data_ptr<float>();
+    float* sxd = dxd + M * groups;
+    void* xqd = sxd + M * groups;
     at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
         kernels.quantize_activations(xd, K, groups, act_bits, xqd, dxd, sxd, begin, end);
     });
