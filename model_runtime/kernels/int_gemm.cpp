@@ -104,6 +104,12 @@ struct Block<16> {  // 32 codes widened to s16: vpdpwssd
     }
 };
 #elif defined(__AVX2__) && TS_VEC == 8
+// An empty asm that takes the sum in a register and gives it back: the block
+// loop's adds stay one running sum per register. Without it GCC, seeing a
+// fully unrolled chain of integer adds, reassociates it into a tree, keeping
+// every block's product alive: AVX2's 16 ymm spill them all (a store and a
+// reload per product).
+inline void keep_in_register(vi& v) { asm("" : "+x"(v)); }
 inline __m256i load256(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 template <>
 struct Block<8> {
@@ -130,6 +136,7 @@ struct Block<8> {
             const __m256i sum = _mm256_add_epi32(_mm256_madd_epi16(low_sum, _mm256_set1_epi16(1)),
                                                  _mm256_madd_epi16(high_sum, _mm256_set1_epi16(16)));
             acc.v[h] = (vi)_mm256_add_epi32((__m256i)acc.v[h], sum);
+            keep_in_register(acc.v[h]);
         }
     }
 };
@@ -146,7 +153,10 @@ struct Block<16> {  // vpmaddwd: s16 x s16, adjacent pairs summed into int32, ex
     static Codes high(const uint8_t* p) { return widen(_mm256_and_si256(_mm256_srli_epi16(load256(p), 4), _mm256_set1_epi8(15))); }
     static void dot(IntAcc& acc, const Codes& w, int32_t x4) {
         const __m256i x = _mm256_set1_epi32(x4);
-        for (int h = 0; h < 2; ++h) acc.v[h] = (vi)_mm256_add_epi32((__m256i)acc.v[h], _mm256_madd_epi16(w.half[h], x));
+        for (int h = 0; h < 2; ++h) {
+            acc.v[h] = (vi)_mm256_add_epi32((__m256i)acc.v[h], _mm256_madd_epi16(w.half[h], x));
+            keep_in_register(acc.v[h]);
+        }
     }
 };
 #else
@@ -227,10 +237,11 @@ void micro(const uint8_t* xq, int64_t ldx, const float* dx, const float* sx, int
             }
 #pragma GCC unroll 8
             for (int i = 0; i < mr; ++i) {
-                int32_t words[2];
-                std::memcpy(words, x + i * ldx + 4 * j, sizeof(words));
-                B::dot(dots[i][0], first, words[0]);
-                B::dot(dots[i][chains - 1], second, words[1]);
+                int32_t word0, word1;  // each broadcast straight from memory
+                std::memcpy(&word0, x + i * ldx + 4 * j, sizeof(word0));
+                std::memcpy(&word1, x + i * ldx + 4 * j + 4, sizeof(word1));
+                B::dot(dots[i][0], first, word0);
+                B::dot(dots[i][chains - 1], second, word1);
             }
         }
         vf s[FV], o[FV];
