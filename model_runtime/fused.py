@@ -138,18 +138,32 @@ def fuse_elementwise(model: nn.Module, ops: Any) -> str:
     generator = torch.Generator().manual_seed(0)
     norms = [m for m in model.modules() if _is_rms_norm(m) and m.weight.dtype == torch.float32]
     mlps = [m for m in model.modules() if _is_gated_mlp(m) and isinstance(getattr(m.gate_proj, "in_features", None), int)]
+    # Each class is proved apart: a model may hold two norms of different arithmetic.
     fused = [
-        _fuse_all(norms, "RMSNorms", _fuse_norm, ops, lambda m: torch.randn(3, m.weight.numel(), generator=generator) * 4),
-        _fuse_all(mlps, "SiLU MLPs", _fuse_mlp, ops, lambda m: torch.randn(2, m.gate_proj.in_features, generator=generator)),
+        *(
+            _fuse_all(same, "RMSNorms", _fuse_norm, ops, lambda m: torch.randn(3, m.weight.numel(), generator=generator) * 4)
+            for same in _by_class(norms)
+        ),
+        *(
+            _fuse_all(same, "SiLU MLPs", _fuse_mlp, ops, lambda m: torch.randn(2, m.gate_proj.in_features, generator=generator))
+            for same in _by_class(mlps)
+        ),
         *(_fuse_rotary(source, ops, generator) for source in _rotary_modules(model)),
     ]
     return ", ".join(part for part in fused if part) or "nothing fused"
 
 
+def _by_class(modules: list[nn.Module]) -> list[list[nn.Module]]:
+    groups: dict[type, list[nn.Module]] = {}
+    for module in modules:
+        groups.setdefault(type(module), []).append(module)
+    return list(groups.values())
+
+
 def _fuse_all(
     modules: list[nn.Module], label: str, fuse: Callable[[nn.Module, Any], None], ops: Any, sample: Callable[[nn.Module], torch.Tensor]
 ) -> str:
-    """Fuse ``modules`` (all of one kind) if the first gives its own values fused; what was fused, or ''."""
+    """Fuse ``modules`` (all of one class) if the first gives its own values fused; what was fused, or ''."""
     if modules and not hasattr(modules[0], FUSED_MARK):  # else fused at an earlier load of this model object
         probe, x = modules[0], sample(modules[0])
         original = probe.forward

@@ -19,7 +19,6 @@ from server.output_parser import OutputParser
 from server.reasoning import ReasoningFormat, ReasoningParser, reasoning_format
 from server.token_bytes import TokenBytes
 from server.tool_formats import HarmonyFormat, ToolFormat, tool_format_for
-from server.tool_formats.base import TokenLiterals
 from server.tools import ToolPlan
 
 
@@ -42,6 +41,9 @@ class Served:
     tool_format: ToolFormat = field(init=False)
     # Set for an encoder-decoder model: prompts are its sources.
     encoder_decoder: EncoderDecoderPrompts | None = field(init=False)
+    # The output is read by special tokens, so its text keeps them: harmony's
+    # channels, or thinking tags that are special tokens of this vocabulary.
+    keeps_special_tokens: bool = field(init=False)
 
     def __post_init__(self) -> None:
         self.token_bytes = TokenBytes(self.tokenizer)
@@ -50,20 +52,14 @@ class Served:
         template = template if isinstance(template, str) else None
         self.reasoning = reasoning_format(self.reasoning_parser, template)
         self.tool_format = tool_format_for(self.tool_call_parser, template, self.tokenizer)
+        special = self.tool_format.literals.is_special  # the vocabulary's added tokens, read once
+        tags = (self.reasoning.start_tag, self.reasoning.end_tag) if self.reasoning is not None else ()
+        self.keeps_special_tokens = self.is_harmony or any(special(tag) for tag in tags)
 
     @property
     def is_harmony(self) -> bool:
         """gpt-oss's harmony format: channels, not tags, tell thinking, answer and calls apart."""
         return isinstance(self.tool_format, HarmonyFormat)
-
-    @property
-    def keeps_special_tokens(self) -> bool:
-        """The output is read by special tokens, so its text keeps them: harmony's
-        channels, or thinking tags that are special tokens of this vocabulary."""
-        if self.is_harmony:
-            return True
-        literals = TokenLiterals(self.tokenizer)
-        return self.reasoning is not None and any(literals.is_special(tag) for tag in (self.reasoning.start_tag, self.reasoning.end_tag))
 
     def output_parser(self, plan: ToolPlan | None, opens_reasoning: bool) -> OutputParser | HarmonyParser:
         """A fresh splitter of one output's text into reasoning, content and

@@ -117,3 +117,15 @@ def test_the_engine_runs_its_eager_steps_fused_and_greedy_equals_generate(tiny_l
     reference = LlamaForCausalLM.from_pretrained(tiny_llama_dir).eval()
     want = reference.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, min_new_tokens=12)[0, len(prompt) :]
     assert tokens == want.tolist()
+
+
+def test_each_class_is_proved_apart_so_a_second_kind_of_norm_keeps_its_own_code(ops):
+    """A model holding Llama's norm and one of other arithmetic: proving the
+    first must not fuse the second (its fused values would be wrong)."""
+    model = nn.Sequential(LlamaRMSNorm(16), OnePlusWeightRMSNorm(16))
+    model[0].weight.data.normal_()
+    assert fuse_elementwise(model, ops) == "1 RMSNorms"
+    assert hasattr(model[0], FUSED_MARK) and not hasattr(model[1], FUSED_MARK)
+    x = torch.randn(2, 16)
+    with torch.inference_mode(), fused_steps():
+        assert torch.equal(model[1](x), OnePlusWeightRMSNorm.forward(model[1], x))
