@@ -21,7 +21,7 @@ from model_runtime import kernels
 from model_runtime.loading.default_model import default_gguf_file, default_model_dir
 from model_runtime.weights.gguf import load_gguf_linears
 from model_runtime.weights.int_activations import quantize_activations
-from model_runtime.weights.quantization import quantize_int8
+from model_runtime.weights.quantization import choose_groupwise_kernels, quantize_int8
 
 PROMPTS = [
     "The capital of France is",
@@ -86,6 +86,7 @@ def main() -> None:
         if args.activations != "float32":
             assert quantize_activations(other, kernels.load(), args.activations), "integer activations need tokenstep's kernels"
             args.dtype += f", {args.activations} activations"
+        choose_groupwise_kernels(other, kernels.load())  # as the loader does, for the linears left float-activated
     else:
         other = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).eval()
     diffs, agree, departures = [], [], []

@@ -44,7 +44,7 @@ from model_runtime.encoder_decoder.families import family_of
 from model_runtime.weights.gguf import block_types, load_gguf_linears
 from model_runtime.weights.int_activations import quantize_activations
 from model_runtime.weights.layout import RowSwitchedLinear, free_unread_copies, optimise_cpu_linears
-from model_runtime.weights.quantization import GroupwiseLinear, describe, quantize_int8, to_float_linears
+from model_runtime.weights.quantization import choose_groupwise_kernels, describe, quantize_int8, to_float_linears
 
 logger = logging.getLogger(__name__)
 
@@ -147,11 +147,11 @@ def load_model(
             weights += ", dequantized to float32 (no kernels)"
             linears = f"{to_float_linears(model)} linears dequantized to float32 (no kernels); {optimise_cpu_linears(model, torch_dtype)}"
         else:
-            linears = describe(quantized)
-            if activations != "float32" and quantize_activations(model, ops, activations):
-                linears += f"; {activations} activations"
-                kept = sum(isinstance(module, GroupwiseLinear) for module in model.modules())
-                served_activations = activations + (f" ({kept} linears in groups of 16 keep float32)" if kept else "")
+            integer = activations != "float32" and quantize_activations(model, ops, activations)
+            kept = choose_groupwise_kernels(model, ops)  # those whose activations stay float32
+            linears = describe(quantized, kept) + (f"; {activations} activations" if integer else "")
+            if integer:
+                served_activations = activations + (f" ({len(kept)} linears in groups of 16 keep float32)" if kept else "")
     elif torch_device.type == "cpu":
         linears = optimise_cpu_linears(model, torch_dtype)
     else:

@@ -346,8 +346,8 @@ def read_linear_blocks(model: nn.Module, gguf_path: str | Path) -> dict[str, Blo
 def load_gguf_linears(model: nn.Module, gguf_path: str | Path) -> list[GroupwiseLinear]:
     """Replace each linear of ``model`` (loaded from ``gguf_path`` by
     transformers, or from a float32 copy of it) whose weight the file stores
-    as one of ``BLOCK_SHAPES``' types by the matching groupwise module, kernels chosen by
-    measurement; a tied LM head takes the input embedding's blocks, and an
+    as one of ``BLOCK_SHAPES``' types by the matching groupwise module (kernels
+    chosen later: ``choose_groupwise_kernels``); a tied LM head takes the input embedding's blocks, and an
     embedding stored without offsets is looked up in them (``BlockEmbedding``).
     Raises ValueError when a served weight would differ from the model's."""
     blocks = read_linear_blocks(model, gguf_path)
@@ -362,10 +362,11 @@ def load_gguf_linears(model: nn.Module, gguf_path: str | Path) -> list[Groupwise
             source = blocks.get(f"{embedding_name}.weight")
         if source is None:
             return None
-        check_exact(name, source.dequantized(), weight)
-        return source.linear(module.bias, ops)
+        served = source.linear(module.bias, ops)
+        check_exact(name, served.dequantized(), weight)
+        return served
 
-    linears = replace_linears(model, from_file, ops)
+    linears = replace_linears(model, from_file)
     source = blocks.get(f"{embedding_name}.weight")
     if source is not None and type(embedding) is nn.Embedding and embedding.max_norm is None and not source.offsets.any():
         served = BlockEmbedding(source)

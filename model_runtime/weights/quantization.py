@@ -211,59 +211,71 @@ def linear_weight(module: nn.Module) -> torch.Tensor | None:
 
 def quantize_int8(model: nn.Module, include_lm_head: bool = True) -> list[GroupwiseLinear]:
     """Replace every CPU linear layer of ``model`` (the LM head too, unless
-    ``include_lm_head`` is False) by an ``Int8Linear``, choose its kernels by
-    measurement, return them. A tied input embedding keeps its float32 weight
-    for lookups."""
+    ``include_lm_head`` is False) by an ``Int8Linear`` and return them (their
+    kernels still to be chosen: ``choose_groupwise_kernels``). A tied input
+    embedding keeps its float32 weight for lookups."""
     ops = kernels.load()
     head = model.get_output_embeddings()
 
     def int8(name: str, module: nn.Module, weight: torch.Tensor) -> Int8Linear | None:
         return None if module is head and not include_lm_head else Int8Linear.quantize(weight, module.bias, ops)
 
-    return replace_linears(model, int8, ops)
+    return replace_linears(model, int8)
 
 
 Replacement = Callable[[str, nn.Module, torch.Tensor], GroupwiseLinear | None]
 
 
-def replace_linears(model: nn.Module, replacement: Replacement, ops: object | None) -> list[GroupwiseLinear]:
+def replace_linears(model: nn.Module, replacement: Replacement) -> list[GroupwiseLinear]:
     """Replace each CPU linear layer of ``model`` for which ``replacement(qualified
-    name, module, weight [out, in])`` returns a module, choose the kernels of
-    the new modules by measurement (``choose_kernels``), return them."""
-    head = model.get_output_embeddings()
-    quantized, lm_head = [], None
+    name, module, weight [out, in])`` returns a module; return the new modules.
+    Their kernels are chosen once the loader knows which of them keep float
+    activations (``choose_groupwise_kernels``); until then each runs the
+    first instruction set's kernel at every row count."""
+    quantized = []
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             weight = linear_weight(child)
             module = None if weight is None else replacement(f"{parent_name}.{name}".lstrip("."), child, weight)
-            if module is None:
-                continue
-            setattr(parent, name, module)
-            quantized.append(module)
-            lm_head = module if child is head else lm_head
-    if ops is not None and quantized:
-        isa, gemm_from_rows = choose_kernels(quantized, ops, lm_head)
-        for module in quantized:
+            if module is not None:
+                setattr(parent, name, module)
+                quantized.append(module)
+    return quantized
+
+
+def choose_groupwise_kernels(model: nn.Module, ops: object | None) -> list[GroupwiseLinear]:
+    """Choose by measurement (``choose_kernels``) the kernels of every
+    ``GroupwiseLinear`` still in ``model``, i.e. those whose activations stay
+    float32 (integer activations run other kernels, timed on their own), and
+    return them. About a second of every start, so never for linears that
+    integer activations replace."""
+    linears = [module for module in model.modules() if isinstance(module, GroupwiseLinear)]
+    if ops is not None and linears:
+        head = model.get_output_embeddings()
+        isa, gemm_from_rows = choose_kernels(linears, ops, next((m for m in linears if m is head), None))
+        for module in linears:
             module.isa = isa
             module.gemm_from_rows = gemm_from_rows.get(shape_key(module), float("inf"))
-    return quantized
+    return linears
 
 
 def shape_key(module: GroupwiseLinear) -> tuple[str, int, int]:
     return module.KIND, module.in_features, module.out_features
 
 
-def describe(linears: list[GroupwiseLinear]) -> str:
+def describe(linears: list[GroupwiseLinear], chosen: list[GroupwiseLinear]) -> str:
+    """The quantized ``linears`` counted by kind, and the kernels measured for
+    ``chosen``, those of them that serve float32 activations."""
     if not linears:
         return "no linears quantized"
     kinds = Counter(m.KIND for m in linears)
     counts = " + ".join(f"{count} linears {kind}" for kind, count in kinds.items())
-    first = linears[0]
-    if first.ops is None:
-        return f"{counts} (no kernels: dequantized per call)"
-    switches = sorted({m.gemm_from_rows for m in linears if m.gemm_from_rows != float("inf")})
+    if not chosen:
+        return counts
+    switches = sorted({m.gemm_from_rows for m in chosen if m.gemm_from_rows != float("inf")})
     switch = f"; torch GEMM on the dequantized weight from {'/'.join(map(str, switches))} rows" if switches else ""
-    return f"{counts} ({first.ops.isas()[first.isa]} kernel{switch}; measured at load)"
+    which = "" if len(chosen) == len(linears) else f"{len(chosen)} of them on the "
+    return f"{counts} ({which}{chosen[0].ops.isas()[chosen[0].isa]} kernel{switch}; measured at load)"
 
 
 def best_seconds(run: Callable[[], object], passes: int = _PROBE_PASSES, warm_up: bool = True) -> float:

@@ -18,6 +18,7 @@ from model_runtime import kernels, paths
 from model_runtime.loading.default_model import DEFAULT_MODEL_NAME, GGUF_FILE, convert_gguf, default_gguf_file
 from model_runtime.loading.loader import load_model
 from model_runtime.weights.gguf import BLOCK_SHAPES, BlockEmbedding, decode_blocks, read_gguf
+from model_runtime.weights import quantization
 from model_runtime.weights.int_activations import IntActivationLinear
 from model_runtime.weights.quantization import GroupwiseLinear, Int4Linear, Int8Linear, dequantize_groups, pack_nibbles, unpack_nibbles
 from tests.model_runtime.test_parity import build, generate_outputs, make_prompts, run_engine
@@ -255,6 +256,25 @@ def test_k_quants_with_integer_activations_stay_close_to_the_files_weights(tiny_
         inputs = x if module.in_features == 256 else torch.randn(5, module.in_features)
         want = inputs @ float_weights[name].T
         torch.testing.assert_close(module(inputs), want, rtol=0, atol=2e-3 * want.abs().max().item(), msg=name)
+
+
+@pytest.mark.skipif(kernels.load() is None, reason="tokenstep's CPU kernels did not build here")
+def test_float_activation_kernels_are_timed_only_for_the_linears_that_keep_float_activations(
+    tiny_gguf: Path, tiny_k_gguf: Path, monkeypatch
+):
+    """Integer activations replace a linear's kernel: timing its float one too cost about a second of every start."""
+    timed = []
+    choose = quantization.choose_kernels
+    monkeypatch.setattr(quantization, "choose_kernels", lambda linears, *rest: timed.append(linears) or choose(linears, *rest))
+    load_model(tiny_gguf, "float32", "cpu", "gguf", activations="int16")
+    assert timed == []
+    model = load_model(tiny_k_gguf, "float32", "cpu", "gguf", activations="int16").model
+    (kept,) = timed  # Q6_K's groups of 16, one down_proj a layer
+    assert kept == [layer.mlp.down_proj for layer in model.model.layers] and all(m.isa >= 0 for m in kept)
+    timed.clear()
+    model = load_model(tiny_gguf, "float32", "cpu", "gguf", activations="float32").model
+    (every,) = timed
+    assert every == [m for m in model.modules() if isinstance(m, GroupwiseLinear)] and len(every) > 1
 
 
 def test_a_q8_0_embedding_is_looked_up_in_the_blocks_the_tied_head_serves(tiny_gguf: Path, tiny_k_gguf: Path):
