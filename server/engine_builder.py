@@ -20,7 +20,7 @@ from batching.scheduler_config import CPU_KV_CACHE_MEMORY, CUDA_KV_FRACTION, DRA
 from model_runtime import kernels, paths
 from model_runtime.encoder_decoder.step import decoder_prompt_token_ids
 from model_runtime.kv_cache import free_device_bytes, parse_memory_size
-from model_runtime.loading.default_model import DEFAULT_MODEL_NAME, default_gguf_file, default_model_dir
+from model_runtime.loading.default_model import DEFAULT_MODEL_NAME, default_gguf_file, default_model_converted, default_model_dir
 from model_runtime.loading.loader import LoadedModel, held_bytes, load_model
 from model_runtime.runner import ModelRunner
 from server.settings import Settings
@@ -56,9 +56,11 @@ def prepare(config: EngineConfig) -> str:
     """Build the kernels and convert the default model into the cache ahead
     of the first start (``tokenstep prepare``: ``make venv``, the image build)."""
     configure_runtime(config)
+    kernels.load_in_background()  # compiled while the default model converts
+    model_dir = default_model_dir()
     ops = kernels.load()
     built = "not built (plain PyTorch will be used)" if ops is None else f"{kernels.library_path()} ({', '.join(ops.isas())})"
-    return f"kernels: {built}\ndefault model: {default_model_dir()}"
+    return f"kernels: {built}\ndefault model: {model_dir}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +152,8 @@ def build_engine_core(config: EngineConfig, loaded: LoadedModel | None = None, d
     unless given one."""
     if loaded is None:
         configure_runtime(config)
+        if config.model is None and not default_model_converted():
+            kernels.load_in_background()  # a first start: the default serves them; compiled while its model converts
         gguf_file = config.gguf_file
         if gguf_file is None and config.model is None and config.quantization in ("gguf", "auto"):
             gguf_file = default_gguf_file()  # the default model serves its own blocks

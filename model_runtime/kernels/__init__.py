@@ -126,6 +126,16 @@ def load() -> object | None:
         return _loaded["ops"]
 
 
+def load_in_background() -> None:
+    """Start ``load()`` on its own thread, so that other first-start work
+    (converting the default model) runs while the compilers do, which hold
+    no GIL; a later ``load()`` waits for it. Nothing when already loaded."""
+    with _lock:
+        if "ops" in _loaded:
+            return
+    threading.Thread(target=load, name="tokenstep-kernels", daemon=True).start()
+
+
 def disable() -> None:
     """Serve with plain PyTorch, leaving the kernels out (``--no-kernels``,
     ``TOKENSTEP_NO_KERNELS``); only before the first ``load()``."""

@@ -41,10 +41,15 @@ def default_gguf_file() -> Path:
     return kept if kept.is_file() else gguf_folder() / GGUF_FILE
 
 
+def default_model_converted() -> bool:
+    target = cache_dir() / DEFAULT_MODEL_NAME
+    return (target / "config.json").exists() and (target / "model.safetensors").exists()
+
+
 def default_model_dir() -> Path:
     """Return the converted default model directory, converting on first use."""
     target = cache_dir() / DEFAULT_MODEL_NAME
-    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+    if default_model_converted():
         return target
     convert_gguf(gguf_folder(), GGUF_FILE, target)
     return target

@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import zipfile
 from pathlib import Path
 
@@ -72,3 +73,23 @@ def test_the_older_standard_fails_there_so_the_check_above_can_fail(highest_torc
     _, include_paths = highest_torch_headers
     result = compile_ops(include_paths, "-std=gnu++17")  # the later -std wins: what the build used before
     assert result.returncode != 0 and "C++20" in result.stderr
+
+
+def test_a_background_load_builds_once_on_its_own_thread_while_the_caller_goes_on(monkeypatch):
+    """A first start compiles the kernels (15-30 s) while it converts the default model, not after."""
+    started, release, builds = threading.Event(), threading.Event(), []
+
+    def slow_build() -> str:
+        builds.append(threading.current_thread().name)
+        started.set()
+        release.wait(10)
+        return "ops"
+
+    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.setattr(kernels, "_load_once", slow_build)
+    kernels.load_in_background()
+    assert started.wait(10) and not release.is_set()  # building, and this thread was not kept waiting
+    threading.Timer(0.2, release.set).start()
+    assert kernels.load() == "ops"  # waits for the build under way
+    kernels.load_in_background()
+    assert kernels.load() == "ops" and builds == ["tokenstep-kernels"]  # built once, on its own thread
