@@ -33,7 +33,15 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from batching.engine_config import ACTIVATIONS, DTYPES, QUANTIZATIONS
@@ -109,7 +117,8 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, torch_device)
     source, from_gguf = hf_source(model_path)
     gguf_file = gguf_file or (model_path if from_gguf else None)
-    family = model_family(source, from_gguf)
+    config = AutoConfig.from_pretrained(source, **from_gguf)  # once: from a GGUF file that is seconds of parsing
+    family = model_family(config, source)
     asked_quantization, asked_activations = quantization, activations
     quantization = resolve_quantization(quantization, torch_device, torch_dtype, gguf_file, family)
     activations = resolve_activations(asked_activations, quantization)
@@ -118,9 +127,11 @@ def load_model(
         raise ValueError(f"--quantization and --activations serve decoder-only models; {model_path} is an encoder-decoder model")
     tokenizer = AutoTokenizer.from_pretrained(source, **from_gguf)
     if family is None:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, attn_implementation=register_attention(), **from_gguf)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, config=config, dtype=torch_dtype, attn_implementation=register_attention(), **from_gguf
+        )
     else:  # its decoder runs tokenstep's own step (model_runtime.encoder_decoder.step); the encoder, SDPA
-        model = AutoModelForSeq2SeqLM.from_pretrained(source, dtype=torch_dtype, attn_implementation="sdpa")
+        model = AutoModelForSeq2SeqLM.from_pretrained(source, config=config, dtype=torch_dtype, attn_implementation="sdpa")
     model.to(torch_device).eval()
     if from_gguf:
         drop_gguf_quantizer(model)
@@ -220,10 +231,9 @@ def release_checkpoint(model: nn.Module) -> None:
                         module._buffers[name] = buffer.clone()
 
 
-def model_family(source: str | Path, from_gguf: dict[str, str]) -> str | None:
+def model_family(config: PretrainedConfig, source: str | Path) -> str | None:
     """None for a causal LM, the family of a supported encoder-decoder model;
     ``ValueError`` for anything else."""
-    config = AutoConfig.from_pretrained(source, **from_gguf)
     family = family_of(config)
     if family is None and config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ValueError(
