@@ -27,7 +27,10 @@ of its batch, so just as reproducible); ``--quantization none`` serves it as
 float32, exactly ``generate``'s.
 """
 
+import contextlib
+import functools
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,9 +130,10 @@ def load_model(
         raise ValueError(f"--quantization and --activations serve decoder-only models; {model_path} is an encoder-decoder model")
     tokenizer = AutoTokenizer.from_pretrained(source, **from_gguf)
     if family is None:
-        model = AutoModelForCausalLM.from_pretrained(
-            source, config=config, dtype=torch_dtype, attn_implementation=register_attention(), **from_gguf
-        )
+        with one_gguf_name_map():
+            model = AutoModelForCausalLM.from_pretrained(
+                source, config=config, dtype=torch_dtype, attn_implementation=register_attention(), **from_gguf
+            )
     else:  # its decoder runs tokenstep's own step (model_runtime.encoder_decoder.step); the encoder, SDPA
         model = AutoModelForSeq2SeqLM.from_pretrained(source, config=config, dtype=torch_dtype, attn_implementation="sdpa")
     model.to(torch_device).eval()
@@ -241,6 +245,23 @@ def model_family(config: PretrainedConfig, source: str | Path) -> str | None:
             f"causal LMs and T5/BART-family encoder-decoder models"
         )
     return family
+
+
+@contextlib.contextmanager
+def one_gguf_name_map() -> Iterator[None]:
+    """While loading, gguf's tensor-name map is built once per (architecture,
+    layers): transformers 5.2x builds it afresh for every module it walks
+    while mapping a GGUF file's tensors (398 times for the default model's
+    30 layers: 7 s of every start from a GGUF file). The map is a table of
+    names, read only."""
+    import gguf
+
+    built = gguf.get_tensor_name_map
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(built)
+    try:
+        yield
+    finally:
+        gguf.get_tensor_name_map = built
 
 
 def hf_source(model_path: str | Path) -> tuple[str | Path, dict[str, str]]:

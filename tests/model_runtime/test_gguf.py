@@ -17,8 +17,8 @@ from transformers import AutoModelForCausalLM
 from model_runtime import kernels, paths
 from model_runtime.loading.default_model import DEFAULT_MODEL_NAME, GGUF_FILE, convert_gguf, default_gguf_file
 from model_runtime.loading.loader import load_model
-from model_runtime.weights.gguf import BLOCK_SHAPES, BlockEmbedding, decode_blocks, read_gguf
 from model_runtime.weights import quantization
+from model_runtime.weights.gguf import BLOCK_SHAPES, BlockEmbedding, decode_blocks, read_gguf
 from model_runtime.weights.int_activations import IntActivationLinear
 from model_runtime.weights.quantization import GroupwiseLinear, Int4Linear, Int8Linear, dequantize_groups, pack_nibbles, unpack_nibbles
 from tests.model_runtime.test_parity import build, generate_outputs, make_prompts, run_engine
@@ -275,6 +275,20 @@ def test_float_activation_kernels_are_timed_only_for_the_linears_that_keep_float
     model = load_model(tiny_gguf, "float32", "cpu", "gguf", activations="float32").model
     (every,) = timed
     assert every == [m for m in model.modules() if isinstance(m, GroupwiseLinear)] and len(every) > 1
+
+
+def test_loading_a_gguf_file_builds_ggufs_name_map_once_per_use(tiny_gguf: Path, monkeypatch):
+    """transformers builds it for every module it walks (398 times, 7 s, for the default model's Q4_K_M)."""
+    import gguf
+
+    built = []
+    make = gguf.get_tensor_name_map
+    monkeypatch.setattr(gguf, "get_tensor_name_map", lambda *key: built.append(key) or make(*key))
+    loaded = load_model(tiny_gguf, "float32", "cpu", "gguf")
+    layers = loaded.model.config.num_hidden_layers
+    assert len(loaded.model.model.layers) == layers > 1
+    assert built and len(built) <= 2 and set(built) == {built[0]}  # transformers' walk, then the blocks' reader
+    assert gguf.get_tensor_name_map.__name__ == "<lambda>"  # put back after the load
 
 
 def test_a_q8_0_embedding_is_looked_up_in_the_blocks_the_tied_head_serves(tiny_gguf: Path, tiny_k_gguf: Path):
