@@ -52,6 +52,7 @@ from model_runtime import kernels
 from model_runtime.attention.check import AttentionLayout, check_decoder, check_served_linears
 from model_runtime.attention.interface import register as register_attention
 from model_runtime.encoder_decoder.families import family_of
+from model_runtime.loading.source_metadata import keep_metadata, metadata_source
 from model_runtime.weights.gguf import block_types, load_gguf_linears
 from model_runtime.weights.int_activations import quantize_activations
 from model_runtime.weights.layout import RowSwitchedLinear, free_unread_copies, optimise_cpu_linears
@@ -120,7 +121,9 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, torch_device)
     source, from_gguf = hf_source(model_path)
     gguf_file = gguf_file or (model_path if from_gguf else None)
-    config = AutoConfig.from_pretrained(source, **from_gguf)  # once: from a GGUF file that is seconds of parsing
+    # A GGUF file's metadata (its vocabulary: seconds of parsing) is read once per load, and after the first from the cache.
+    metadata = metadata_source(source, from_gguf)
+    config = AutoConfig.from_pretrained(metadata[0], **metadata[1])
     family = model_family(config, source)
     asked_quantization, asked_activations = quantization, activations
     quantization = resolve_quantization(quantization, torch_device, torch_dtype, gguf_file, family)
@@ -128,7 +131,8 @@ def load_model(
     check_quantization(quantization, torch_device, torch_dtype, gguf_file, activations)
     if family is not None and (quantization != "none" or activations != "float32"):
         raise ValueError(f"--quantization and --activations serve decoder-only models; {model_path} is an encoder-decoder model")
-    tokenizer = AutoTokenizer.from_pretrained(source, **from_gguf)
+    tokenizer = AutoTokenizer.from_pretrained(metadata[0], **metadata[1])
+    keep_metadata(config, tokenizer, source, from_gguf)
     if family is None:
         with one_gguf_name_map():
             model = AutoModelForCausalLM.from_pretrained(

@@ -5,6 +5,7 @@ file's values (rows un-permuted, a tied head from the embedding), greedy
 parity with ``generate`` on the model transformers loads from the same file,
 and clear refusals."""
 
+import os
 import re
 from pathlib import Path
 
@@ -289,6 +290,30 @@ def test_loading_a_gguf_file_builds_ggufs_name_map_once_per_use(tiny_gguf: Path,
     assert len(loaded.model.model.layers) == layers > 1
     assert built and len(built) <= 2 and set(built) == {built[0]}  # transformers' walk, then the blocks' reader
     assert gguf.get_tensor_name_map.__name__ == "<lambda>"  # put back after the load
+
+
+def test_a_gguf_files_config_and_tokenizer_are_parsed_at_its_first_load_only(tmp_path: Path, monkeypatch):
+    """Each parse reads the whole vocabulary (about 4 s each for the default's Q4_K_M, at every start)."""
+    import gguf
+
+    file = build_tiny_llama_gguf(tmp_path / "tiny.gguf")
+    monkeypatch.setattr(paths, "_configured", tmp_path / "cache")
+    readers = []
+    reader = gguf.GGUFReader
+    monkeypatch.setattr(gguf, "GGUFReader", lambda *args, **kwargs: readers.append(1) or reader(*args, **kwargs))
+    first = load_model(file, "float32", "cpu", "gguf")
+    parsed_first, readers[:] = len(readers), []
+    again = load_model(file, "float32", "cpu", "gguf")
+    assert parsed_first >= 3 and len(readers) == 1  # config, tokenizer, weights; then the weights alone
+    text = "tokens of a prompt, 12 and 345"
+    assert again.tokenizer(text).input_ids == first.tokenizer(text).input_ids and len(again.tokenizer) == len(first.tokenizer)
+    assert again.model.config.to_dict() == first.model.config.to_dict()
+    prompts = make_prompts(seed=3, vocab_size=first.model.config.vocab_size)
+    assert run_engine(build(again, num_kv_blocks=512), prompts) == run_engine(build(first, num_kv_blocks=512), prompts, id_prefix="f")
+    os.utime(file, ns=(file.stat().st_atime_ns, file.stat().st_mtime_ns + 10**9))  # changed in place: read afresh
+    readers[:] = []
+    load_model(file, "float32", "cpu", "gguf")
+    assert len(readers) == parsed_first
 
 
 def test_a_q8_0_embedding_is_looked_up_in_the_blocks_the_tied_head_serves(tiny_gguf: Path, tiny_k_gguf: Path):
