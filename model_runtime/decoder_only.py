@@ -46,7 +46,7 @@ class DecoderOnlyStep:
         # Eager steps on tokenstep's kernels run the layers' elementwise work fused (model_runtime.fused).
         self.fused = self.compiled is None and decode_kernel
         if self.fused:
-            logger.info("eager steps: one C++ op each for %s", fuse_elementwise(self.model, kernels.load()))
+            logger.info("eager steps fused: %s", fuse_elementwise(self.model, kernels.load()))
 
     @staticmethod
     def cache_shape(loaded: LoadedModel) -> CacheShape:

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 from transformers.models.llama import modeling_llama
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
@@ -60,7 +60,9 @@ def tiny_llama() -> LlamaForCausalLM:
 def test_a_fused_model_gives_its_own_logits_and_runs_its_own_code_outside_steps(ops):
     model, reference = tiny_llama(), tiny_llama()
     described = fuse_elementwise(model, ops)
-    assert described == "5 RMSNorms, 2 SiLU MLPs, rotary embedding (modeling_llama)", described
+    assert described == (
+        "5 RMSNorms, 2 SiLU MLPs, rotary embedding (modeling_llama) as one C++ op each; 2 decoder layers as one function each"
+    ), described
     ids = torch.randint(0, 512, (1, 9))
     with torch.inference_mode():
         want = reference(ids).logits
@@ -124,8 +126,31 @@ def test_each_class_is_proved_apart_so_a_second_kind_of_norm_keeps_its_own_code(
     first must not fuse the second (its fused values would be wrong)."""
     model = nn.Sequential(LlamaRMSNorm(16), OnePlusWeightRMSNorm(16))
     model[0].weight.data.normal_()
-    assert fuse_elementwise(model, ops) == "1 RMSNorms"
+    assert fuse_elementwise(model, ops) == "1 RMSNorms as one C++ op each"
     assert hasattr(model[0], FUSED_MARK) and not hasattr(model[1], FUSED_MARK)
     x = torch.randn(2, 16)
     with torch.inference_mode(), fused_steps():
         assert torch.equal(model[1](x), OnePlusWeightRMSNorm.forward(model[1], x))
+
+
+def test_only_layers_running_llamas_own_forwards_become_one_function(ops):
+    """A layer that passes its attention more than Llama's does (a sliding window here)
+    must keep its own code: the one-function layer would drop it, and the load-time
+    proof runs too few positions to see a window bite."""
+
+    class WindowedAttention(modeling_llama.LlamaAttention):
+        def forward(self, *args, **kwargs):
+            return super().forward(*args, sliding_window=3, **kwargs)
+
+    model, reference = tiny_llama(), tiny_llama()
+    windowed = WindowedAttention(model.config, layer_idx=0)
+    windowed.load_state_dict(model.model.layers[0].self_attn.state_dict())
+    model.model.layers[0].self_attn = windowed
+    assert fuse_elementwise(model, ops).endswith("; 1 decoder layers as one function each")
+    assert not hasattr(model.model.layers[0], FUSED_MARK) and hasattr(model.model.layers[1], FUSED_MARK)
+    ids = torch.randint(0, 512, (1, 9))
+    with torch.inference_mode(), fused_steps():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
+    torch.manual_seed(0)
+    mistral = MistralForCausalLM(MistralConfig(**{**TINY_DECODER, "vocab_size": 512})).eval()
+    assert "decoder layers" not in fuse_elementwise(mistral, ops)  # its own layer classes
