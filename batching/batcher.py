@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from batching.engine_core import EngineCore
 from batching.errors import EngineUnavailableError, InvalidRequestError, QueueFullError, ShuttingDownError
 from batching.outputs import RequestOutput
+from batching.pooling_params import PoolingModel, PoolingParams
 from batching.request import EncoderDecoderPrompts, Request, RequestStatus
 from batching.sampling_params import SamplingParams
 from batching.stats import EngineStats, EngineView
@@ -99,6 +100,11 @@ class DynamicBatcher:
     def encoder_decoder(self) -> EncoderDecoderPrompts | None:
         """Set for an encoder-decoder model: prompts are its sources."""
         return self.core.encoder_decoder
+
+    @property
+    def pooling(self) -> PoolingModel | None:
+        """Set for a pooling model (an embedder): requests pool, nothing generates."""
+        return self.core.pooling
 
     @property
     def num_steps(self) -> int:
@@ -191,9 +197,10 @@ class DynamicBatcher:
         return num_unfinished
 
     async def generate(
-        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
+        self, prompt_token_ids: list[int], params: SamplingParams | PoolingParams, request_id: str | None = None
     ) -> AsyncIterator[RequestOutput]:
-        """Admit a request and return its stream of deltas.
+        """Admit a request and return its stream of deltas (with
+        ``PoolingParams``, one delta carrying the pooled vector).
 
         Validation errors (``InvalidRequestError``) are raised here, before
         the first delta, so the server can answer 400 instead of streaming.
@@ -202,7 +209,7 @@ class DynamicBatcher:
         """
         self.check_admission(1)
         request_id = request_id or f"req-{next(self._ids)}"
-        if params.guided is None:
+        if not isinstance(params, SamplingParams) or params.guided is None:
             request = self.core.make_request(request_id, prompt_token_ids, params)
         else:
             request = await asyncio.to_thread(self.core.make_request, request_id, prompt_token_ids, params)

@@ -3,7 +3,8 @@
 ``step()`` reads as a sentence: ``schedule()`` -> ``runner.step(batch)`` ->
 ``process(outputs)``. ``process`` appends sampled tokens (via the scheduler),
 detokenizes them incrementally, applies stop strings and builds one
-``RequestOutput`` delta per touched request. Each request's text state
+``RequestOutput`` delta per touched request (a pooling request's one
+delta carries the vector the runner pooled). Each request's text state
 (detokenizer, stop matcher, grammar, buffered prompt logprobs) lives on the
 request itself; every finish (token stop, grammar end, stop string, abort,
 error) is recorded by ``Scheduler.finish``, and every error finish (a runner
@@ -26,6 +27,7 @@ from batching.detokenizer import IncrementalDetokenizer
 from batching.errors import InvalidRequestError
 from batching.messages import RunnerOutput, SchedulerOutput, TokenLogprobs
 from batching.outputs import RequestOutput
+from batching.pooling_params import PoolingModel, PoolingParams
 from batching.request import EncoderDecoderPrompts, Request, RequestStatus
 from batching.sampling_params import SamplingParams
 from batching.scheduler import Scheduler, TokenUpdate
@@ -38,6 +40,7 @@ from batching.thinking import ThinkingGate
 logger = logging.getLogger(__name__)
 
 STEP_HISTORY_MAX = 20_000  # step records kept at most (a few minutes of fast steps)
+POOLING_SAMPLING = SamplingParams(max_tokens=1)  # a pooling request's: it samples nothing
 
 
 class Runner(Protocol):
@@ -56,8 +59,11 @@ class EngineCore:
         vocab_size: int | None = None,
         max_model_len: int | None = None,
         encoder_decoder: EncoderDecoderPrompts | None = None,
+        pooling: PoolingModel | None = None,
     ) -> None:
         self.scheduler = scheduler
+        # Set for a pooling model (an embedder): requests pool their prompts, nothing is generated.
+        self.pooling = pooling
         # Set for encoder-decoder models: prompts are sources (``EncoderDecoderPrompts``).
         self.encoder_decoder = encoder_decoder
         self.runner = runner
@@ -67,6 +73,7 @@ class EngineCore:
         self.max_model_len = max_model_len
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
+        self.num_pooled_total = 0  # pooling requests answered with a vector
         self._grammars: GrammarCompiler | None = None
         self.num_steps = 0  # model steps that ran to the end
         self.num_idle_steps = 0  # steps that found nothing to schedule
@@ -77,14 +84,18 @@ class EngineCore:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished
 
-    def make_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
-        """Validate and build a request (raises ``InvalidRequestError``)."""
+    def make_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | PoolingParams) -> Request:
+        """Validate and build a request (raises ``InvalidRequestError``): one
+        that generates, or with ``PoolingParams`` one that pools its prompt."""
         if not prompt_token_ids:
             raise InvalidRequestError("the prompt is empty", param="prompt")
         if self.vocab_size is not None:
             bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
             if bad:
                 raise InvalidRequestError(f"prompt token id {bad[0]} is out of range [0, {self.vocab_size})", param="prompt")
+        if isinstance(params, PoolingParams) or self.pooling is not None:
+            return self._pooling_request(request_id, prompt_token_ids, params)
+        if self.vocab_size is not None:
             bad_bias = [t for t in params.logit_bias if not 0 <= t < self.vocab_size]
             if bad_bias:
                 raise InvalidRequestError(f"logit_bias token id {bad_bias[0]} is out of range", param="logit_bias")
@@ -101,6 +112,26 @@ class EngineCore:
             grammar = ThinkingGate(params.thinking, grammar, self.grammar_compiler.vocab_size)
         request.grammar = grammar
         return request
+
+    def _pooling_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | PoolingParams) -> Request:
+        """A request that pools its prompt: only a pooling model serves one,
+        and a pooling model serves nothing else."""
+        if self.pooling is None:
+            raise InvalidRequestError("this model generates text; it does not serve embeddings", code="model_not_supported")
+        if not isinstance(params, PoolingParams):
+            raise InvalidRequestError(
+                f"this model is a pooling model (task {self.pooling.task!r}): it serves /v1/embeddings, not text generation",
+                code="model_not_supported",
+            )
+        self.pooling.check(params)
+        if self.max_model_len is not None and len(prompt_token_ids) > self.max_model_len:
+            raise InvalidRequestError(
+                f"This model reads at most {self.max_model_len} tokens, but the input has {len(prompt_token_ids)}. "
+                "Please shorten the input, or set truncate_prompt_tokens.",
+                param="input",
+                code="context_length_exceeded",
+            )
+        return Request(request_id, list(prompt_token_ids), POOLING_SAMPLING, pooling=params)
 
     def _encoder_decoder_request(self, request_id: str, source_token_ids: list[int], params: SamplingParams, eos: int | None) -> Request:
         """The prompt is the encoder's source; the decoder starts from its own prompt."""
@@ -132,6 +163,8 @@ class EngineCore:
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)
         self.num_prompt_tokens_total += request.num_encoder_tokens or request.num_prompt_tokens
+        if request.pooling is not None:
+            return  # no text to make
         params = request.sampling_params
         request.detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params.skip_special_tokens)
         request.stop_matcher = StopStringMatcher(params.stop)
@@ -177,13 +210,19 @@ class EngineCore:
             if positions is not None:
                 for offset, logprob in enumerate(chunk_logprobs.logprobs):
                     positions[chunk_logprobs.first_position + offset] = logprob
+        outputs = [
+            dataclasses.replace(self._output(request, [], "", []), pooled=values)
+            if values is not None
+            else dataclasses.replace(self._output(request, [], "", []), error="the runner pooled nothing for this request")
+            for request, values in self.scheduler.finish_pooled(scheduler_output, runner_output)
+        ]
+        self.num_pooled_total += sum(output.pooled is not None for output in outputs)
         updates = self.scheduler.update_from_output(scheduler_output, runner_output)
         self.num_generation_tokens_total += len(updates)
         # One delta per request: a speculating request may get several tokens in one step.
         grouped: dict[str, list[TokenUpdate]] = {}
         for update in updates:
             grouped.setdefault(update.request.request_id, []).append(update)
-        outputs: list[RequestOutput] = []
         for group in grouped.values():
             request = group[0].request
             if request.detokenizer is None:  # its text was already final

@@ -12,6 +12,7 @@ the rest (``batching.runner_state``).
 
 from dataclasses import dataclass, field
 
+from batching.pooling_params import PoolingParams
 from batching.sampling_params import SamplingParams
 
 
@@ -48,6 +49,8 @@ class NewRequestData:
     # Encoder-decoder models: the source, and the blocks for its cross-attention K/V.
     encoder_token_ids: list[int] | None = None
     cross_block_ids: list[int] = field(default_factory=list)
+    # A pooling request: its whole prompt is in this one chunk; answer with a ``PooledOutput``.
+    pooling: PoolingParams | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,8 +153,18 @@ class PromptLogprobs:
 
 
 @dataclass(frozen=True, slots=True)
+class PooledOutput:
+    """The runner's answer for a pooling request: its pooled vector."""
+
+    request_id: str
+    values: list[float]
+
+
+@dataclass(frozen=True, slots=True)
 class RunnerOutput:
-    """Everything one step produced, in the order of the sampling chunks."""
+    """Everything one step produced, in the order of the sampling chunks,
+    and one ``PooledOutput`` per pooling chunk."""
 
     sampled: list[SampledToken]
     prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)
+    pooled: list[PooledOutput] = field(default_factory=list)

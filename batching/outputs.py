@@ -16,6 +16,8 @@ class RequestOutput:
     ``finish_reason == "error"``) says why the engine ended the request;
     ``error_status`` is the HTTP status the server reports for it (500: a step
     or the engine loop failed; 503: the server is shutting down).
+    A pooling request gets one delta: ``pooled``, its vector, and
+    ``finish_reason`` ``stop``.
     """
 
     request_id: str
@@ -31,6 +33,7 @@ class RequestOutput:
     error: str | None = None
     error_status: int = 500
     queue_time_s: float | None = None
+    pooled: list[float] | None = None  # a pooling request's vector, on its one (last) delta
 
     @property
     def is_finished(self) -> bool:

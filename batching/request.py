@@ -15,6 +15,7 @@ from typing import Any
 
 from batching.detokenizer import IncrementalDetokenizer
 from batching.messages import TokenLogprobs
+from batching.pooling_params import PoolingParams
 from batching.sampling_params import SamplingParams
 from batching.stop_strings import StopStringMatcher
 
@@ -68,6 +69,9 @@ class Request:
     ``num_dropped_blocks`` on. ``num_cached_tokens`` counts
     prompt tokens served from the prefix cache at the latest admission.
 
+    Pooling requests (``pooling`` set): the prompt is the input to pool,
+    scheduled whole in one step; no output tokens, no blocks.
+
     Encoder-decoder models: ``encoder_token_ids`` is the source the encoder
     reads (the prompt the client sent) and ``prompt_token_ids`` the decoder's
     own prompt (its start token); the cross-attention K/V of the source live
@@ -92,6 +96,9 @@ class Request:
     num_dropped_blocks: int = 0
     encoder_token_ids: list[int] | None = None
     cross_block_ids: list[int] = field(default_factory=list)
+    # A pooling request (an embedding): it runs its whole prompt in one step,
+    # holds no KV blocks and samples nothing; the runner answers it with a vector.
+    pooling: PoolingParams | None = None
     stop_reason: int | str | None = None
     first_scheduled_time: float | None = None
     # A ``batching.structured.GrammarMatcher`` when the output is constrained, or
@@ -129,6 +136,8 @@ class Request:
     @property
     def max_total_tokens(self) -> int:
         """Tokens this request may ever hold in the cache."""
+        if self.pooling is not None:
+            return self.num_prompt_tokens
         return self.num_prompt_tokens + self.sampling_params.max_tokens
 
     @property

@@ -7,7 +7,9 @@ larger) serves decode and prefill alike: running requests go first (one
 token each when decoding, or their next prompt chunk), then waiting
 requests are admitted first-come first-served with whatever budget is left,
 their prompts chunked to fit. So a long prompt never stalls decoding, and
-chunked prefill is not a special case.
+chunked prefill is not a special case. A pooling request (an embedding)
+is admitted whole, with no blocks, and finishes after its one step with the
+vector the runner pooled (``finish_pooled``).
 When KV blocks run out, the most recently admitted request is preempted: its
 blocks are freed and it goes back to the front of the queue, to be recomputed
 (prompt plus the tokens it already produced) when blocks free up.
@@ -89,6 +91,8 @@ class Scheduler:
 
     def check_fits(self, request: Request) -> None:
         """Raise ``InvalidRequestError`` if the request could never fit the cache alone."""
+        if request.pooling is not None:
+            return  # it holds no blocks
         manager = self.block_manager
         needed = manager.max_blocks_held(request.max_total_tokens, self.config.max_step_tokens) + manager.blocks_needed(
             request.num_encoder_tokens
@@ -160,6 +164,8 @@ class Scheduler:
         longer than what decoding leaves would wait as long as they run).
         Returns its chunk's number of new tokens, or 0 when it must wait
         (nothing changed)."""
+        if request.pooling is not None:
+            return self._admit_pooling(request, token_budget, first)
         num_encoder = request.num_encoder_tokens
         if not first and num_encoder >= token_budget:
             return 0
@@ -172,10 +178,7 @@ class Scheduler:
             if request.cross_block_ids:
                 self.block_manager.free(request)  # the cross blocks just taken
             return 0
-        self.waiting.remove(request)
-        request.status = RequestStatus.RUNNING
-        if request.first_scheduled_time is None:
-            request.first_scheduled_time = time.monotonic()
+        self._start_running(request)
         request.num_computed_tokens = num_cached
         request.num_cached_tokens = num_cached
         self.block_manager.drop_out_of_window(request)  # a long cached prefix: keep only its window
@@ -184,8 +187,24 @@ class Scheduler:
             plans[request.request_id] = plan
         self.num_prefix_query_tokens += request.num_tokens
         self.num_prefix_hit_tokens += num_cached
-        self.running.append(request)
         return num_new
+
+    def _admit_pooling(self, request: Request, token_budget: int, first: bool) -> int:
+        """A pooling request runs its whole prompt in one step (an encoder
+        attends over all of it at once) and holds no blocks: it waits while
+        the prompt does not fit the budget left, unless it is the step's
+        ``first`` admission (so no long input waits for ever)."""
+        if not first and request.num_tokens > token_budget:
+            return 0
+        self._start_running(request)
+        return request.num_tokens
+
+    def _start_running(self, request: Request) -> None:
+        self.waiting.remove(request)
+        request.status = RequestStatus.RUNNING
+        if request.first_scheduled_time is None:
+            request.first_scheduled_time = time.monotonic()
+        self.running.append(request)
 
     def _output(
         self, scheduled: list[tuple[Request, int, int]], plans: dict[str, SpeculationPlan], num_batched_tokens: int, preempted: list[str]
@@ -207,6 +226,22 @@ class Scheduler:
         about the requests it named as finished (the engine then fails the
         step's own requests, which finish too)."""
         self.finished_request_ids.extend(scheduler_output.finished_request_ids)
+
+    def finish_pooled(self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput) -> list[tuple[Request, list[float] | None]]:
+        """Finish the step's pooling requests, each with its vector (None, and
+        an error finish, where the runner gave none). Those finished or
+        aborted while the step ran are skipped."""
+        vectors = {pooled.request_id: pooled.values for pooled in runner_output.pooled}
+        finished: list[tuple[Request, list[float] | None]] = []
+        for chunk in scheduler_output.chunks:
+            request = self.requests.get(chunk.request_id)
+            if request is None or request.pooling is None or request.status != RequestStatus.RUNNING:
+                continue
+            request.num_computed_tokens = request.num_tokens
+            values = vectors.get(chunk.request_id)
+            self.finish(request, StopDecision(RequestStatus.FINISHED_STOPPED if values is not None else RequestStatus.FINISHED_ERROR))
+            finished.append((request, values))
+        return finished
 
     def update_from_output(self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput) -> list[TokenUpdate]:
         """Advance computed counters, append sampled tokens, cache the blocks
@@ -345,13 +380,14 @@ class Scheduler:
                 request.eos_token_id,
                 request.encoder_token_ids,
                 list(request.cross_block_ids),
+                request.pooling,
             )
         return ScheduledChunk(
             request_id=request.request_id,
             new_token_ids=request.token_slice(start, end) + draft,
             num_computed_tokens=start,
             new_block_ids=request.block_ids[num_sent_blocks:],
-            is_sampling=end == request.num_tokens,
+            is_sampling=end == request.num_tokens and request.pooling is None,
             new_request=new_request,
             grammar_bitmask=request.grammar.next_token_bitmask() if request.grammar is not None and end == request.num_tokens else None,
             speculation=plan,

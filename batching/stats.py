@@ -31,6 +31,7 @@ class EngineStats:
     spec_accepted_tokens_total: int
     num_steps_total: int
     step_seconds_total: float  # wall time of the model steps (in the worker thread)
+    num_pooled_total: int = 0  # pooling requests (embedding inputs) answered with a vector
 
     @property
     def kv_capacity_tokens(self) -> int:

@@ -37,6 +37,7 @@ def engine_stats(core: EngineCore, num_pending: int) -> EngineStats:
         spec_accepted_tokens_total=scheduler.num_accepted_tokens,
         num_steps_total=core.num_steps,
         step_seconds_total=core.step_seconds_total,
+        num_pooled_total=core.num_pooled_total,
     )
 
 

@@ -29,6 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.chat import router as chat_router
 from server.completions import router as completions_router
+from server.embeddings import router as embeddings_router
 from server.errors import RETRY_AFTER_NOT_READY_S, AuthError, error_response, install_error_handlers
 from server.messages import router as messages_router
 from server.metrics import Metrics
@@ -149,6 +150,7 @@ def create_app(settings: Settings, load: Callable[[], Served] | None = None, rea
     api = APIRouter(dependencies=[Depends(_check_api_key)])
     api.include_router(completions_router)
     api.include_router(chat_router)
+    api.include_router(embeddings_router)
     api.include_router(responses_router)
     api.include_router(messages_router)
     api.include_router(models_router)

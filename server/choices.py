@@ -19,6 +19,7 @@ from typing import TypeVar
 from fastapi import Request
 
 from batching.outputs import RequestOutput
+from batching.pooling_params import PoolingParams
 from batching.sampling_params import SamplingParams
 from server.errors import ClientDisconnected, RequestTimeoutError, output_error
 from server.metrics import Metrics, RequestTimer
@@ -36,7 +37,9 @@ class Choice:
     stream: AsyncIterator[RequestOutput]
 
 
-async def start_choices(state: Served, prompts: list[list[int]], params: SamplingParams, n: int, request_id: str) -> list[Choice]:
+async def start_choices(
+    state: Served, prompts: list[list[int]], params: SamplingParams | PoolingParams, n: int, request_id: str
+) -> list[Choice]:
     """Admit ``len(prompts) * n`` requests; choice ``index = prompt * n + i``.
 
     With a seed and ``n > 1``, choice i uses ``seed + i`` so the n samples
@@ -48,7 +51,7 @@ async def start_choices(state: Served, prompts: list[list[int]], params: Samplin
         for prompt_index, prompt in enumerate(prompts):
             for sample_index in range(n):
                 choice_params = params
-                if params.seed is not None and sample_index:
+                if sample_index and params.seed is not None:  # n > 1: sampling params
                     choice_params = dataclasses.replace(params, seed=params.seed + sample_index)
                 index = prompt_index * n + sample_index
                 choice_id = f"{request_id}-{index}"
@@ -79,7 +82,8 @@ async def merge(
         timer = RequestTimer(metrics)
         try:
             async for output in choice.stream:
-                timer.on_tokens(len(output.new_token_ids), output.queue_time_s)
+                if output.pooled is None:  # a vector is no token: TTFT and ITL are the generating requests'
+                    timer.on_tokens(len(output.new_token_ids), output.queue_time_s)
                 if output.is_finished:
                     timer.on_finish()
                 queue.put_nowait((choice.index, output))

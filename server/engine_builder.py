@@ -14,6 +14,7 @@ from pathlib import Path
 from batching.block_manager import BlockManager
 from batching.engine_config import EngineConfig
 from batching.engine_core import EngineCore
+from batching.pooling_params import PoolingModel
 from batching.request import EncoderDecoderPrompts
 from batching.scheduler import Scheduler
 from batching.scheduler_config import CPU_KV_CACHE_MEMORY, CUDA_KV_FRACTION, DRAFT_MODEL_SPECULATIVE_TOKENS, SchedulerConfig
@@ -22,6 +23,7 @@ from model_runtime.encoder_decoder.step import decoder_prompt_token_ids
 from model_runtime.kv_cache import free_device_bytes, parse_memory_size
 from model_runtime.loading.default_model import DEFAULT_MODEL_NAME, default_gguf_file, default_model_converted, default_model_dir
 from model_runtime.loading.loader import LoadedModel, held_bytes, load_model
+from model_runtime.pooling.runner import PoolingRunner
 from model_runtime.runner import ModelRunner
 from server.settings import Settings
 
@@ -158,6 +160,8 @@ def build_engine_core(config: EngineConfig, loaded: LoadedModel | None = None, d
         if gguf_file is None and config.model is None and config.quantization in ("gguf", "auto"):
             gguf_file = default_gguf_file()  # the default model serves its own blocks
         loaded = load_model(model_path(config), config.dtype, config.device, config.quantization, gguf_file, config.activations)
+    if loaded.pooling is not None:
+        return build_pooling_engine_core(config, loaded)
     if loaded.family is not None and config.speculative_model is not None:
         raise ValueError(
             "--speculative-model serves decoder-only models; n-gram speculation (--num-speculative-tokens) works "
@@ -178,4 +182,33 @@ def build_engine_core(config: EngineConfig, loaded: LoadedModel | None = None, d
         vocab_size=loaded.vocab_size,
         max_model_len=limits.max_model_len,
         encoder_decoder=EncoderDecoderPrompts(decoder_prompt_token_ids(loaded.model), limits.max_model_len) if loaded.family else None,
+    )
+
+
+def build_pooling_engine_core(config: EngineConfig, loaded: LoadedModel) -> EngineCore:
+    """A pooling model's engine: the same scheduler and core, whose requests
+    run whole, one step each, on a ``PoolingRunner``; no KV pool (its encoder
+    keeps nothing between steps), so the block manager holds no blocks."""
+    if config.speculative_model is not None or config.num_speculative_tokens or config.compile:
+        raise ValueError("--speculative-model, --num-speculative-tokens and --compile serve generative models; this is a pooling model")
+    scheduler = SchedulerConfig.for_device(
+        loaded.device.type, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens
+    )
+    max_model_len = min(config.max_model_len or loaded.max_model_len, loaded.max_model_len)
+    runner = PoolingRunner(loaded.model, loaded.pooling, loaded.tokenizer.pad_token_id, loaded.device)
+    num_dimensions = loaded.model.config.hidden_size
+    logger.info(
+        "serving: a pooling model (/v1/embeddings), %d-value vectors, %s; weights %s, %.0f MiB held; no KV cache",
+        num_dimensions,
+        loaded.pooling.describe(),
+        loaded.weights,
+        held_bytes(loaded.model) / 2**20,
+    )
+    return EngineCore(
+        Scheduler(scheduler, BlockManager(0, config.block_size, enable_prefix_caching=False)),
+        runner,
+        loaded.tokenizer,
+        vocab_size=loaded.vocab_size,
+        max_model_len=max_model_len,
+        pooling=PoolingModel("embed", num_dimensions, loaded.is_matryoshka),
     )

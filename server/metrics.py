@@ -54,6 +54,9 @@ class EngineCollector(Collector):
         yield CounterMetricFamily(
             "tokenstep_spec_decode_num_accepted_tokens", "Draft tokens the model agreed with.", value=stats.spec_accepted_tokens_total
         )
+        yield CounterMetricFamily(
+            "tokenstep_pooled_requests", "Pooling requests (embedding inputs) answered with a vector.", value=stats.num_pooled_total
+        )
         yield CounterMetricFamily("tokenstep_engine_steps", "Engine iterations run.", value=stats.num_steps_total)
         yield CounterMetricFamily("tokenstep_engine_step_seconds", "Wall time spent in model steps.", value=stats.step_seconds_total)
 

@@ -112,8 +112,13 @@ def check_generation_request(body: SamplingFields, state: Served) -> None:
     """What every generating route checks first: the model, and for an
     encoder-decoder model the fields that do not apply to it (``echo``: the
     source is not part of the output; ``decoder_input_ids``: the decoder
-    starts from the model's own prompt)."""
+    starts from the model's own prompt). A pooling model generates nothing."""
     check_model(body.model, state)
+    if state.pooling is not None:
+        raise InvalidRequestError(
+            f"The model `{state.model_name}` is a pooling model (an embedder): it serves /v1/embeddings, not text generation",
+            code="model_not_supported",
+        )
     if state.encoder_decoder is None:
         return
     if getattr(body, "echo", False):

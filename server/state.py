@@ -12,6 +12,7 @@ from fastapi import Request
 
 from batching.batcher import DynamicBatcher
 from batching.errors import EngineUnavailableError
+from batching.pooling_params import PoolingModel
 from batching.request import EncoderDecoderPrompts
 from batching.thinking import ThinkingSpec
 from server.harmony import HarmonyParser
@@ -41,6 +42,8 @@ class Served:
     tool_format: ToolFormat = field(init=False)
     # Set for an encoder-decoder model: prompts are its sources.
     encoder_decoder: EncoderDecoderPrompts | None = field(init=False)
+    # Set for a pooling model (an embedder): it serves /v1/embeddings, and no generating route.
+    pooling: PoolingModel | None = field(init=False)
     # The output is read by special tokens, so its text keeps them: harmony's
     # channels, or thinking tags that are special tokens of this vocabulary.
     keeps_special_tokens: bool = field(init=False)
@@ -48,6 +51,7 @@ class Served:
     def __post_init__(self) -> None:
         self.token_bytes = TokenBytes(self.tokenizer)
         self.encoder_decoder = self.batcher.encoder_decoder
+        self.pooling = self.batcher.pooling
         template = self.chat_template or getattr(self.tokenizer, "chat_template", None)
         template = template if isinstance(template, str) else None
         self.reasoning = reasoning_format(self.reasoning_parser, template)

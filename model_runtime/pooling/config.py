@@ -1,0 +1,118 @@
+"""How a pooling model turns hidden states into one vector: read from the
+checkpoint, as sentence-transformers reads it, or refused.
+
+A sentence-transformers checkpoint says it in ``modules.json``: a
+``Transformer`` (the Hugging Face model, in the module's folder, with
+``sentence_bert_config.json`` capping its input), a ``Pooling`` (its
+``config.json`` names the mode: CLS token, mean, max, mean / sqrt(length),
+weighted mean or last token) and optionally ``Normalize`` (unit length).
+Any other module (``Dense``, ``LayerNorm``, ...) would change the vector in
+a way tokenstep does not compute, so such a checkpoint is refused at load,
+never served with a different vector. Without ``modules.json`` a plain
+encoder (BERT, RoBERTa, XLM-RoBERTa, ModernBERT, ...) pools its CLS token
+and normalizes, as vLLM does for such checkpoints; any other model without
+one is refused (nothing says how to pool it).
+"""
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+SENTENCE_TRANSFORMERS = "sentence_transformers.models."
+MODES = {  # 1_Pooling/config.json's flag -> tokenstep's name of the mode
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len",
+    "pooling_mode_weightedmean_tokens": "weighted_mean",
+    "pooling_mode_lasttoken": "last",
+}
+# Encoders that pool their CLS token (and normalize) when no modules.json says otherwise.
+PLAIN_ENCODERS = frozenset({"bert", "roberta", "xlm-roberta", "modernbert", "distilbert", "electra", "mpnet", "deberta-v2", "camembert"})
+
+
+@dataclass(frozen=True, slots=True)
+class PoolingConfig:
+    """``mode``: one of ``MODES``' values; ``normalize``: to unit length
+    after pooling; ``model_dir``: where the Hugging Face model lives (a
+    sentence-transformers module folder, or the checkpoint itself);
+    ``max_input_tokens``: the checkpoint's own cap on inputs, if any;
+    ``source``: what said so, for the start log."""
+
+    mode: str
+    normalize: bool
+    model_dir: Path
+    max_input_tokens: int | None = None
+    source: str = "modules.json"
+
+    def describe(self) -> str:
+        return f"{self.mode} pooling{', normalized' if self.normalize else ''} ({self.source})"
+
+    def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``hidden`` [B, L, H] and ``mask`` [B, L] (1 on each row's tokens,
+        which come first: right padding) -> [B, H], as sentence-transformers
+        pools."""
+        weights = mask.unsqueeze(-1).to(hidden.dtype)  # [B, L, 1]
+        lengths = weights.sum(dim=1)  # [B, 1]
+        if self.mode == "cls":
+            return hidden[:, 0]
+        if self.mode == "last":
+            last = mask.sum(dim=1) - 1  # [B]
+            return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        if self.mode == "max":
+            return hidden.masked_fill(weights == 0, -1e9).max(dim=1).values
+        if self.mode == "weighted_mean":
+            weights = weights * torch.arange(1, hidden.shape[1] + 1, device=hidden.device, dtype=hidden.dtype)[None, :, None]
+            return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+        summed = (hidden * weights).sum(dim=1)  # [B, H]
+        if self.mode == "mean_sqrt_len":
+            return summed / lengths.sqrt()
+        return summed / lengths.clamp(min=1e-9)
+
+    def finish(self, vectors: torch.Tensor, dimensions: int | None) -> torch.Tensor:
+        """Pooled ``vectors`` [B, H] cut to ``dimensions`` (a Matryoshka
+        model), then normalized where the model normalizes."""
+        if dimensions is not None:
+            vectors = vectors[:, :dimensions]
+        return F.normalize(vectors, p=2, dim=1) if self.normalize else vectors
+
+
+def pooling_config(source: Path, model_type: str) -> PoolingConfig:
+    """The pooling ``source`` (a local checkpoint directory) asks for, or a
+    ``ValueError`` naming what tokenstep cannot compute."""
+    modules_file = source / "modules.json"
+    if not modules_file.is_file():
+        if model_type not in PLAIN_ENCODERS:
+            raise ValueError(
+                f"{source} has no modules.json saying how to pool its {model_type!r} model into one vector; tokenstep "
+                "serves sentence-transformers checkpoints and plain encoders (BERT-like: CLS pooling)"
+            )
+        return PoolingConfig("cls", True, source, source="a plain encoder's default, as vLLM's")
+    modules = json.loads(modules_file.read_text())
+    kinds = [module["type"].removeprefix(SENTENCE_TRANSFORMERS) for module in modules]
+    if kinds not in (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"]):
+        unknown = [
+            module["type"] for module in modules if module["type"].removeprefix(SENTENCE_TRANSFORMERS) not in ("Transformer", "Pooling")
+        ]
+        raise ValueError(
+            f"{source}: tokenstep serves sentence-transformers models made of Transformer, Pooling and optionally "
+            f"Normalize, in that order; this one has {', '.join(unknown or kinds)}, whose output it does not compute"
+        )
+    model_dir = source / modules[0].get("path", "")
+    pooling = json.loads((source / modules[1]["path"] / "config.json").read_text())
+    modes = [MODES[flag] for flag in MODES if pooling.get(flag)]
+    if len(modes) != 1:
+        raise ValueError(f"{source}: its Pooling module combines {modes or 'no'} modes; tokenstep pools with exactly one")
+    if pooling.get("include_prompt") is False:
+        raise ValueError(f"{source}: its Pooling module leaves out the prompt (include_prompt false), which tokenstep does not do")
+    settings_file = model_dir / "sentence_bert_config.json"
+    settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+    if settings.get("do_lower_case"):
+        raise ValueError(f"{source}: its Transformer module lowercases the input (do_lower_case), which tokenstep does not do")
+    return PoolingConfig(modes[0], len(modules) == 3, model_dir, settings.get("max_seq_length"))

