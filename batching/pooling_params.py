@@ -16,9 +16,10 @@ from batching.errors import InvalidRequestError
 @dataclass(frozen=True, slots=True)
 class PoolingModel:
     """What the engine knows of the pooling model it serves: its task
-    (``embed``), the length of its vectors, and whether they may be cut
-    shorter (a Matryoshka model, trained so that a prefix of the vector is an
-    embedding too)."""
+    (``embed``: a vector per input; ``score``: a cross-encoder's score per
+    text pair), the length of what it returns, and whether vectors may be
+    cut shorter (a Matryoshka model, trained so that a prefix of the vector
+    is an embedding too)."""
 
     task: str
     num_dimensions: int
@@ -43,9 +44,12 @@ class PoolingModel:
 class PoolingParams:
     """``dimensions``: keep the vector's first ``dimensions`` values (a
     Matryoshka model's truncation, re-normalized where the model
-    normalizes); None keeps them all."""
+    normalizes); None keeps them all. ``second_text_start``: for a text pair
+    scored by a cross-encoder whose tokenizer marks the second text with
+    token type 1 (BERT's), the position where that text starts."""
 
     dimensions: int | None = None
+    second_text_start: int | None = None
 
     def __post_init__(self) -> None:
         if self.dimensions is not None and self.dimensions < 1:

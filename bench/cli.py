@@ -36,7 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenstep bench", description="Load-test an OpenAI-compatible server.")
     parser.add_argument("--base-url", required=True, help="server root, e.g. http://127.0.0.1:8000 (a trailing /v1 is dropped)")
     parser.add_argument("--model", help="model name (default: the first id from GET /v1/models)")
-    parser.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
+    parser.add_argument(
+        "--endpoint",
+        choices=["completions", "chat", "embeddings"],
+        default="completions",
+        help="embeddings: one text input per /v1/embeddings request (--output-len unused)",
+    )
     parser.add_argument("--dataset", default="random", help='\'random\' or a JSONL file of {"prompt": text|ids, "output_len"?: int}')
     parser.add_argument("--input-len", type=int, default=128, help="random prompt length in tokens (default 128)")
     parser.add_argument("--output-len", type=int, default=128, help="max_tokens per request (default 128)")

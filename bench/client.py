@@ -13,6 +13,11 @@ are not timed. Output tokens come from the final usage chunk when the server
 sends one, else one per content chunk. Every failure (HTTP status, connection
 error, ``{"error": ...}`` event, malformed SSE, no content) becomes
 ``RequestResult.error``; nothing is raised except cancellation.
+
+The ``embeddings`` endpoint posts one input per request to
+``/v1/embeddings`` (JSON, not a stream): its latency is both its TTFT and
+its end-to-end time, its input tokens are the server's ``usage``, and it
+has no output tokens (throughput is input tokens per second).
 """
 
 import json
@@ -26,7 +31,7 @@ from bench.datasets import DEFAULT_TOKENS_PER_WORD, SAMPLE_TEXT, BenchPrompt
 from bench.stats import RequestResult
 
 PROBE_TIMEOUT_S = 10.0
-ENDPOINT_PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
+ENDPOINT_PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions", "embeddings": "/v1/embeddings"}
 DONE_MARKER = "[DONE]"
 
 
@@ -106,7 +111,11 @@ def _sample_token_ids(client: httpx.Client, model: str | None, notes: list[str])
 
 
 def build_payload(target: Target, prompt: BenchPrompt) -> dict[str, Any]:
-    """The JSON body of one streaming request asking for ``prompt.output_len`` tokens."""
+    """The JSON body of one streaming request asking for ``prompt.output_len``
+    tokens (for ``embeddings``, of one request embedding the prompt)."""
+    if target.endpoint == "embeddings":
+        payload = {"input": prompt.prompt, "encoding_format": "float"}
+        return payload | ({"model": target.model} if target.model is not None else {}) | (prompt.extra_body or {})
     payload: dict[str, Any] = {
         "max_tokens": prompt.output_len,
         "temperature": 0.0,
@@ -165,6 +174,8 @@ async def send_request(client: httpx.AsyncClient, target: Target, prompt: BenchP
     """Send one streaming request and time it; failures come back as ``error``."""
     result = RequestResult(input_tokens=prompt.input_len)
     start_s = time.perf_counter()
+    if target.endpoint == "embeddings":
+        return await _send_embedding(client, target, prompt, result, start_s)
     try:
         async with client.stream("POST", target.url, json=build_payload(target, prompt), headers=target.headers) as response:
             if response.status_code != 200:
@@ -204,6 +215,29 @@ async def _read_stream(response: httpx.Response, result: RequestResult, start_s:
             last_content_s = now_s
             num_content_chunks += 1
     _finish(result, last_content_s, num_content_chunks, usage)
+
+
+async def _send_embedding(
+    client: httpx.AsyncClient, target: Target, prompt: BenchPrompt, result: RequestResult, start_s: float
+) -> RequestResult:
+    """One ``/v1/embeddings`` request: a success once its vector arrives."""
+    try:
+        response = await client.post(target.url, json=build_payload(target, prompt), headers=target.headers)
+        elapsed_s = time.perf_counter() - start_s
+        if response.status_code != 200:
+            result.error = http_error_message(response.status_code, response.content)
+            return result
+        body = response.json()
+        if not body.get("data") or not body["data"][0].get("embedding"):
+            result.error = "response without an embedding"
+            return result
+    except (httpx.HTTPError, OSError, ValueError) as exc:
+        result.error = describe_exception(exc)
+        return result
+    result.is_success = True
+    result.ttft_s = result.e2e_s = elapsed_s
+    result.input_tokens = (body.get("usage") or {}).get("prompt_tokens") or result.input_tokens
+    return result
 
 
 def _finish(result: RequestResult, last_content_s: float | None, num_content_chunks: int, usage: dict[str, Any]) -> None:

@@ -39,6 +39,7 @@ from server.pages import router as pages_router
 from server.request_log import RequestIdMiddleware
 from server.response_store import ResponseStore
 from server.responses import router as responses_router
+from server.scoring import router as scoring_router
 from server.settings import Settings
 from server.state import Served
 from server.stats import router as stats_router
@@ -151,6 +152,7 @@ def create_app(settings: Settings, load: Callable[[], Served] | None = None, rea
     api.include_router(completions_router)
     api.include_router(chat_router)
     api.include_router(embeddings_router)
+    api.include_router(scoring_router)
     api.include_router(responses_router)
     api.include_router(messages_router)
     api.include_router(models_router)

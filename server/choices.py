@@ -38,9 +38,10 @@ class Choice:
 
 
 async def start_choices(
-    state: Served, prompts: list[list[int]], params: SamplingParams | PoolingParams, n: int, request_id: str
+    state: Served, prompts: list[list[int]], params: SamplingParams | PoolingParams | list[PoolingParams], n: int, request_id: str
 ) -> list[Choice]:
     """Admit ``len(prompts) * n`` requests; choice ``index = prompt * n + i``.
+    ``params`` serve every prompt, or (a list) one prompt each.
 
     With a seed and ``n > 1``, choice i uses ``seed + i`` so the n samples
     differ yet the whole response stays reproducible.
@@ -50,7 +51,7 @@ async def start_choices(
     try:
         for prompt_index, prompt in enumerate(prompts):
             for sample_index in range(n):
-                choice_params = params
+                choice_params = params[prompt_index] if isinstance(params, list) else params
                 if sample_index and params.seed is not None:  # n > 1: sampling params
                     choice_params = dataclasses.replace(params, seed=params.seed + sample_index)
                 index = prompt_index * n + sample_index

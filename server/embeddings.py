@@ -70,9 +70,10 @@ class EmbeddingResponse(BaseModel):
 @router.post("/v1/embeddings")
 async def create_embeddings(body: EmbeddingRequest, raw_request: Request, state: Served = Depends(served)) -> JSONResponse:
     check_model(body.model, state)
-    if state.pooling is None:
+    if state.pooling is None or state.pooling.task != "embed":
+        what = "generates text" if state.pooling is None else "is a cross-encoder: it scores text pairs (/v1/rerank, /v1/score)"
         raise InvalidRequestError(
-            f"The model `{state.model_name}` generates text; it does not serve embeddings (serve an embedding model)",
+            f"The model `{state.model_name}` {what}; it does not serve embeddings (serve an embedding model)",
             code="model_not_supported",
         )
     params = PoolingParams(body.dimensions)

@@ -17,7 +17,13 @@ from batching.engine_core import EngineCore
 from batching.pooling_params import PoolingModel
 from batching.request import EncoderDecoderPrompts
 from batching.scheduler import Scheduler
-from batching.scheduler_config import CPU_KV_CACHE_MEMORY, CUDA_KV_FRACTION, DRAFT_MODEL_SPECULATIVE_TOKENS, SchedulerConfig
+from batching.scheduler_config import (
+    CPU_KV_CACHE_MEMORY,
+    CUDA_KV_FRACTION,
+    DRAFT_MODEL_SPECULATIVE_TOKENS,
+    POOLING_TOKEN_BUDGET,
+    SchedulerConfig,
+)
 from model_runtime import kernels, paths
 from model_runtime.encoder_decoder.step import decoder_prompt_token_ids
 from model_runtime.kv_cache import free_device_bytes, parse_memory_size
@@ -191,15 +197,15 @@ def build_pooling_engine_core(config: EngineConfig, loaded: LoadedModel) -> Engi
     keeps nothing between steps), so the block manager holds no blocks."""
     if config.speculative_model is not None or config.num_speculative_tokens or config.compile:
         raise ValueError("--speculative-model, --num-speculative-tokens and --compile serve generative models; this is a pooling model")
-    scheduler = SchedulerConfig.for_device(
-        loaded.device.type, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens
-    )
+    budget = config.max_num_batched_tokens or POOLING_TOKEN_BUDGET
+    scheduler = SchedulerConfig.for_device(loaded.device.type, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=budget)
     max_model_len = min(config.max_model_len or loaded.max_model_len, loaded.max_model_len)
     runner = PoolingRunner(loaded.model, loaded.pooling, loaded.tokenizer.pad_token_id, loaded.device)
-    num_dimensions = loaded.model.config.hidden_size
+    routes = "/v1/embeddings, and /v1/score and /v1/rerank by cosine" if loaded.pooling.task == "embed" else "/v1/score, /v1/rerank"
     logger.info(
-        "serving: a pooling model (/v1/embeddings), %d-value vectors, %s; weights %s, %.0f MiB held; no KV cache",
-        num_dimensions,
+        "serving: a pooling model (%s), %d values per input, %s; weights %s, %.0f MiB held; no KV cache",
+        routes,
+        loaded.num_pooled_values,
         loaded.pooling.describe(),
         loaded.weights,
         held_bytes(loaded.model) / 2**20,
@@ -210,5 +216,5 @@ def build_pooling_engine_core(config: EngineConfig, loaded: LoadedModel) -> Engi
         loaded.tokenizer,
         vocab_size=loaded.vocab_size,
         max_model_len=max_model_len,
-        pooling=PoolingModel("embed", num_dimensions, loaded.is_matryoshka),
+        pooling=PoolingModel(loaded.pooling.task, loaded.num_pooled_values, loaded.is_matryoshka),
     )

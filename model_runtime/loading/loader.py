@@ -53,7 +53,7 @@ from model_runtime.attention.check import AttentionLayout, check_decoder, check_
 from model_runtime.attention.interface import register as register_attention
 from model_runtime.encoder_decoder.families import family_of
 from model_runtime.loading.source_metadata import keep_metadata, metadata_source
-from model_runtime.pooling.config import PoolingConfig
+from model_runtime.pooling.config import PoolingConfig, ScoreHead
 from model_runtime.pooling.model import is_pooling_checkpoint, load_pooling_model
 from model_runtime.weights.gguf import block_types, load_gguf_linears
 from model_runtime.weights.int_activations import quantize_activations
@@ -100,8 +100,10 @@ class LoadedModel:
     # What the linears serve, as loaded (the start line says it): their weights' kind and their activations.
     weights: str = "float32"
     activations: str = "float32"
-    # A pooling model (an embedder): how it pools; it is served by model_runtime.pooling.runner.
-    pooling: PoolingConfig | None = None
+    # A pooling model (an embedder, or a cross-encoder that scores pairs): how it
+    # pools or scores, and the length of what it returns per input; served by model_runtime.pooling.runner.
+    pooling: PoolingConfig | ScoreHead | None = None
+    num_pooled_values: int = 0
     is_matryoshka: bool = False  # its vectors may be cut shorter (trained so)
 
 
@@ -218,7 +220,7 @@ def load_pooling(source: Path, device: torch.device, dtype: torch.dtype, quantiz
         raise ValueError(f"--quantization and --activations serve generative models; {source} is a pooling model (an embedder)")
     parts = load_pooling_model(source, device, dtype)
     logger.info(
-        "loaded %s on %s as %s: a pooling model, %d-value vectors by %s (max_model_len %d)",
+        "loaded %s on %s as %s: a pooling model, %d values per input by %s (max_model_len %d)",
         source,
         device,
         dtype,
@@ -237,6 +239,7 @@ def load_pooling(source: Path, device: torch.device, dtype: torch.dtype, quantiz
         parts.model.config.vocab_size,
         weights=str(dtype).removeprefix("torch."),
         pooling=parts.pooling,
+        num_pooled_values=parts.num_dimensions,
         is_matryoshka=parts.is_matryoshka,
     )
 

@@ -1,5 +1,7 @@
-"""How a pooling model turns hidden states into one vector: read from the
-checkpoint, as sentence-transformers reads it, or refused.
+"""How a pooling model turns hidden states into one vector (an embedder:
+``PoolingConfig``) or a text pair into a score (a cross-encoder:
+``ScoreHead``): read from the checkpoint, as sentence-transformers reads it,
+or refused.
 
 A sentence-transformers checkpoint says it in ``modules.json``: a
 ``Transformer`` (the Hugging Face model, in the module's folder, with
@@ -11,13 +13,16 @@ a way tokenstep does not compute, so such a checkpoint is refused at load,
 never served with a different vector. Without ``modules.json`` a plain
 encoder (BERT, RoBERTa, XLM-RoBERTa, ModernBERT, ...) pools its CLS token
 and normalizes, as vLLM does for such checkpoints; any other model without
-one is refused (nothing says how to pool it).
+one is refused (nothing says how to pool it). A cross-encoder
+(``*ForSequenceClassification`` with one label) scores through the
+activation its config names for sentence-transformers, a sigmoid by default.
 """
 
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +55,7 @@ class PoolingConfig:
     model_dir: Path
     max_input_tokens: int | None = None
     source: str = "modules.json"
+    task = "embed"
 
     def describe(self) -> str:
         return f"{self.mode} pooling{', normalized' if self.normalize else ''} ({self.source})"
@@ -81,6 +87,50 @@ class PoolingConfig:
         if dimensions is not None:
             vectors = vectors[:, :dimensions]
         return F.normalize(vectors, p=2, dim=1) if self.normalize else vectors
+
+
+ACTIVATIONS = {  # a cross-encoder's activation on its logit, as sentence-transformers names it
+    "torch.nn.modules.activation.Sigmoid": "sigmoid",
+    "torch.nn.Sigmoid": "sigmoid",
+    "torch.nn.modules.linear.Identity": "identity",
+    "torch.nn.Identity": "identity",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreHead:
+    """A cross-encoder's score of a text pair: the model's one logit
+    (``*ForSequenceClassification`` with one label) through ``activation``
+    (``sigmoid`` or ``identity``), as sentence-transformers' ``CrossEncoder``
+    predicts it; ``source``: what said so, for the start log."""
+
+    activation: str
+    model_dir: Path
+    max_input_tokens: int | None = None
+    source: str = "config.json"
+    task = "score"
+
+    def describe(self) -> str:
+        return f"a cross-encoder's logit{' through a sigmoid' if self.activation == 'sigmoid' else ''} ({self.source})"
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` [B, 1] -> scores [B, 1]."""
+        return torch.sigmoid(logits) if self.activation == "sigmoid" else logits
+
+
+def score_head(source: Path, config: Any) -> ScoreHead:
+    """How a cross-encoder checkpoint scores, or a ``ValueError``: one label
+    only, and an activation sentence-transformers would apply from torch."""
+    if config.num_labels != 1:
+        raise ValueError(f"{source} classifies into {config.num_labels} labels; tokenstep serves cross-encoders (rerankers) with one score")
+    named = (getattr(config, "sentence_transformers", None) or {}).get("activation_fn") or getattr(
+        config, "sbert_ce_default_activation_function", None
+    )
+    if named is None:
+        return ScoreHead("sigmoid", source, source="one label: a sigmoid, as sentence-transformers' default")
+    if named not in ACTIVATIONS:
+        raise ValueError(f"{source}: its scores go through {named}, which tokenstep does not apply")
+    return ScoreHead(ACTIVATIONS[named], source, source=f"config.json's {named}")
 
 
 def pooling_config(source: Path, model_type: str) -> PoolingConfig:

@@ -1,21 +1,25 @@
 """Load a pooling model: the Hugging Face model inside a sentence-transformers
-checkpoint (or a bare encoder), its tokenizer, and how it pools.
+checkpoint (or a bare encoder), its tokenizer, and how it pools; or a
+cross-encoder (``*ForSequenceClassification``) and how it scores.
 
-The model loads through ``AutoModel``: its own forward, no head, no paged
+An embedder loads through ``AutoModel`` (a cross-encoder through
+``AutoModelForSequenceClassification``): its own forward, no paged
 attention (an encoder attends both ways over its whole input at once, so it
 keeps no KV cache between steps; ``model_runtime.pooling.runner`` runs each
 step's inputs as one padded batch).
 """
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
-from model_runtime.pooling.config import PoolingConfig, pooling_config
+from model_runtime.pooling.config import PoolingConfig, ScoreHead, pooling_config, score_head
 
 HUGE_MAX_LENGTH = 1_000_000  # a tokenizer's "no limit" (model_max_length ~1e30) is ignored
 # RoBERTa-family position ids start after the padding id: max_position_embeddings - (pad_token_id + 1) are usable.
@@ -26,7 +30,7 @@ OFFSET_POSITIONS = frozenset({"roberta", "xlm-roberta", "xlm-roberta-xl", "camem
 class PoolingModelParts:
     model: PreTrainedModel
     tokenizer: Any
-    pooling: PoolingConfig
+    pooling: PoolingConfig | ScoreHead
     max_model_len: int
     num_dimensions: int
     is_matryoshka: bool  # trained so that a prefix of a vector is an embedding (config.json says, as vLLM reads it)
@@ -34,25 +38,40 @@ class PoolingModelParts:
 
 def is_pooling_checkpoint(source: Path) -> bool:
     """A local checkpoint to serve as a pooling model: a sentence-transformers
-    one (``modules.json``), or a bare model with no head (``BertModel``)."""
+    one (``modules.json``), a bare model with no head (``BertModel``), or a
+    cross-encoder (``BertForSequenceClassification``)."""
     if (source / "modules.json").is_file():
         return True
     config_file = source / "config.json"
     if not config_file.is_file():
         return False
     architectures = json.loads(config_file.read_text()).get("architectures") or [""]
-    return architectures[0].endswith("Model") and not architectures[0].endswith("LMHeadModel")
+    name = architectures[0]
+    return name in _base_model_classes() or name.endswith("ForSequenceClassification")
+
+
+@functools.cache
+def _base_model_classes() -> frozenset[str]:
+    """transformers' bare-model class names (``BertModel``, ``XLMRobertaModel``:
+    no head), not those ending in "Model" that carry one (``MarianMTModel``)."""
+    names = [name for value in MODEL_MAPPING_NAMES.values() for name in ((value,) if isinstance(value, str) else value)]
+    return frozenset(names)
 
 
 def load_pooling_model(source: Path, device: torch.device, dtype: torch.dtype) -> PoolingModelParts:
     model_dir = _transformer_dir(source)
     config = AutoConfig.from_pretrained(model_dir)
-    pooling = pooling_config(source, config.model_type)
+    if (config.architectures or [""])[0].endswith("ForSequenceClassification"):
+        pooling: PoolingConfig | ScoreHead = score_head(source, config)
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, config=config, dtype=dtype)
+    else:
+        pooling = pooling_config(source, config.model_type)
+        model = AutoModel.from_pretrained(model_dir, config=config, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModel.from_pretrained(model_dir, config=config, dtype=dtype)
     model.to(device).eval()
     is_matryoshka = bool(getattr(config, "is_matryoshka", False) or getattr(config, "matryoshka_dimensions", None))
-    return PoolingModelParts(model, tokenizer, pooling, _max_model_len(config, tokenizer, pooling), config.hidden_size, is_matryoshka)
+    num_dimensions = config.num_labels if pooling.task == "score" else config.hidden_size
+    return PoolingModelParts(model, tokenizer, pooling, _max_model_len(config, tokenizer, pooling), num_dimensions, is_matryoshka)
 
 
 def _transformer_dir(source: Path) -> Path:
@@ -66,7 +85,7 @@ def _transformer_dir(source: Path) -> Path:
     return source
 
 
-def _max_model_len(config: Any, tokenizer: Any, pooling: PoolingConfig) -> int:
+def _max_model_len(config: Any, tokenizer: Any, pooling: PoolingConfig | ScoreHead) -> int:
     """The longest input: the model's positions, the tokenizer's and the
     checkpoint's own caps, whichever is smallest."""
     positions = getattr(config, "max_position_embeddings", None) or 512

@@ -1,34 +1,37 @@
 """``PoolingRunner.step``: one ``SchedulerOutput`` of pooling requests in,
-one vector per request out (``RunnerOutput.pooled``).
+one vector (an embedder's) or one score (a cross-encoder's, for a text
+pair) per request out (``RunnerOutput.pooled``).
 
 The scheduler admits a pooling request whole, so each chunk is one
 request's whole input. The step runs them as one batch through the model's
 own forward: input ids right-padded to the longest, ``[B, L]``, with an
 attention mask that keeps every row from reading another's padding, so a
-row's vector is the one its input gives alone (to float rounding, whatever
-the batch). No KV cache: an encoder reads its whole input at once and
-nothing of it is needed after the step. The hidden states are pooled,
-cut to the request's ``dimensions`` and normalized as the checkpoint says
-(``model_runtime.pooling.config``); only the vectors leave, as lists.
+row's result is the one its input gives alone (to float rounding, whatever
+the batch); a pair's second text gets token type 1 where the tokenizer
+gave it one. No KV cache: an encoder reads its whole input at once and
+nothing of it is needed after the step. An embedder's hidden states are
+pooled, cut to the request's ``dimensions`` and normalized as the
+checkpoint says; a cross-encoder's logit goes through its activation
+(``model_runtime.pooling.config``). Only lists of floats leave.
 """
-
-import logging
 
 import torch
 
 from batching.messages import PooledOutput, RunnerOutput, ScheduledChunk, SchedulerOutput
-from model_runtime.pooling.config import PoolingConfig
-
-logger = logging.getLogger(__name__)
+from model_runtime.pooling.config import PoolingConfig, ScoreHead
 
 
 class PoolingRunner:
-    """Owns a pooling model (``AutoModel``, no head) and how it pools."""
+    """Owns a pooling model (``AutoModel``, or a cross-encoder's
+    ``AutoModelForSequenceClassification``) and how it pools or scores.
+    Padding uses the model's own pad id where it has one: a decoder
+    cross-encoder finds each row's last token by it."""
 
-    def __init__(self, model: torch.nn.Module, pooling: PoolingConfig, pad_token_id: int | None, device: torch.device) -> None:
+    def __init__(self, model: torch.nn.Module, head: PoolingConfig | ScoreHead, pad_token_id: int | None, device: torch.device) -> None:
         self.model = model
-        self.pooling = pooling
-        self.pad_token_id = pad_token_id or 0
+        self.head = head
+        model_pad = getattr(model.config, "pad_token_id", None)
+        self.pad_token_id = model_pad if model_pad is not None else (pad_token_id or 0)
         self.device = device
 
     @torch.inference_mode()
@@ -39,22 +42,32 @@ class PoolingRunner:
         for chunk in chunks:
             if chunk.new_request is None or chunk.new_request.pooling is None or chunk.num_computed_tokens:
                 raise ValueError(f"request {chunk.request_id}: a pooling model runs only whole pooling requests")
-        input_ids, mask = self._batch(chunks)  # [B, L] each
-        hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state  # [B, L, H]
-        vectors = self.pooling.pool(hidden, mask).float()  # [B, H]
-        pooled = []
-        for row, chunk in enumerate(chunks):
-            dimensions = chunk.new_request.pooling.dimensions
-            vector = self.pooling.finish(vectors[row : row + 1], dimensions)[0]  # [dimensions or H]
-            pooled.append(PooledOutput(chunk.request_id, vector.tolist()))
-        return RunnerOutput(sampled=[], pooled=pooled)
+        inputs = self._batch(chunks)  # input_ids, attention_mask (and token_type_ids): [B, L] each
+        output = self.model(**inputs)
+        if isinstance(self.head, ScoreHead):
+            results = self.head.scores(output.logits.float())  # [B, 1]
+        else:
+            vectors = self.head.pool(output.last_hidden_state, inputs["attention_mask"]).float()  # [B, H]
+            results = [
+                self.head.finish(vectors[row : row + 1], chunk.new_request.pooling.dimensions)[0] for row, chunk in enumerate(chunks)
+            ]
+        return RunnerOutput(sampled=[], pooled=[PooledOutput(chunk.request_id, values.tolist()) for chunk, values in zip(chunks, results)])
 
-    def _batch(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The chunks' inputs right-padded into ``[B, L]`` ids and a ``[B, L]`` mask (1 on real tokens)."""
+    def _batch(self, chunks: list[ScheduledChunk]) -> dict[str, torch.Tensor]:
+        """The chunks' inputs right-padded into ``[B, L]`` ids, a ``[B, L]``
+        mask (1 on real tokens) and, where a pair marks its second text,
+        ``[B, L]`` token types."""
         width = max(chunk.num_new_tokens for chunk in chunks)
         input_ids = torch.full((len(chunks), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(chunks), width), dtype=torch.long)
+        types = torch.zeros((len(chunks), width), dtype=torch.long)
         for row, chunk in enumerate(chunks):
             input_ids[row, : chunk.num_new_tokens] = torch.tensor(chunk.new_token_ids)
             mask[row, : chunk.num_new_tokens] = 1
-        return input_ids.to(self.device), mask.to(self.device)
+            start = chunk.new_request.pooling.second_text_start
+            if start is not None:
+                types[row, start : chunk.num_new_tokens] = 1
+        inputs = {"input_ids": input_ids, "attention_mask": mask}
+        if any(chunk.new_request.pooling.second_text_start is not None for chunk in chunks):
+            inputs["token_type_ids"] = types
+        return {name: tensor.to(self.device) for name, tensor in inputs.items()}

@@ -86,6 +86,15 @@ def test_sweep_writes_a_list_and_a_plot(tiny_server: ServerProcess, tmp_path: Pa
     assert plot.read_bytes().startswith(PNG_MAGIC)
 
 
+def test_embeddings_endpoint_times_each_vector(embedding_server: ServerProcess, tmp_path: Path) -> None:
+    flags = ["--endpoint", "embeddings", "--num-prompts", "12", "--max-concurrency", "6", "--input-len", "24"]
+    status, run = run_bench(embedding_server.base_url, tmp_path, *flags)
+    assert status == 0 and (run["endpoint"], run["model"], run["prompt_format"]) == ("embeddings", "minilm", "text")
+    assert (run["completed"], run["failed"], run["total_output_tokens"]) == (12, 0, 0)
+    assert run["total_input_tokens"] >= 12 * 12  # the server's own count, [CLS] and [SEP] included
+    assert run["total_token_throughput"] > 0 and 0 < run["median_ttft_ms"] == run["median_e2el_ms"]
+
+
 def test_chat_endpoint(tiny_server: ServerProcess, tmp_path: Path) -> None:
     flags = ["--endpoint", "chat", "--num-prompts", "4", "--max-concurrency", "2", "--input-len", "32", "--output-len", "8", "--ignore-eos"]
     status, run = run_bench(tiny_server.base_url, tmp_path, *flags)

@@ -177,8 +177,8 @@ def test_unknown_route_and_wrong_method(tiny_server):
     assert_error(httpx.get(f"{base}/v1/nothing-here"), 404, "not_found_error")
     assert_error(httpx.post(f"{base}/v2/completions", json={}), 404, "not_found_error")
     # A route tokenstep lacks is named as not served, not a bare "Not Found".
-    error = assert_error(httpx.post(f"{base}/v1/embeddings", json={"model": MODEL, "input": "x"}), 404, "not_found_error")
-    assert error["message"].startswith("POST /v1/embeddings is not a route tokenstep serves"), error
+    error = assert_error(httpx.post(f"{base}/v1/audio/speech", json={"model": MODEL, "input": "x"}), 404, "not_found_error")
+    assert error["message"].startswith("POST /v1/audio/speech is not a route tokenstep serves"), error
     error = assert_error(httpx.get(f"{base}/v1/completions"), 405, "invalid_request_error")
     assert error["message"].startswith("GET /v1/completions: tokenstep serves /v1/completions with another method (POST"), error
     assert_error(httpx.get(f"{base}/v1/chat/completions"), 405, "invalid_request_error")

@@ -5,8 +5,9 @@ Every ``curl localhost:8000`` command in the README's fenced bash blocks runs
 the tiny model's server; the Python OpenAI SDK snippet runs against the tiny
 server (model renamed) and, unchanged but for the address, against the real
 default model it names. The embedding examples (``/v1/embeddings``,
-``embeddings.create``) run, unchanged but for the address, against the real
-all-MiniLM-L6-v2 served as they name it.
+``embeddings.create``, and ``/v1/rerank`` and ``/v1/score`` by cosine) run,
+unchanged but for the address, against the real all-MiniLM-L6-v2 served as
+they name it.
 """
 
 import json
@@ -28,7 +29,7 @@ def fenced_blocks(language: str) -> list[str]:
     return re.findall(rf"^```{language}[ \t]*\n(.*?)^```", README.read_text(), re.MULTILINE | re.DOTALL)
 
 
-EMBEDDING_MARKS = ("/v1/embeddings", "embeddings.create")
+EMBEDDING_MARKS = ("/v1/embeddings", "embeddings.create", "/v1/rerank", "/v1/score")
 
 
 def is_embedding_example(text: str) -> bool:
@@ -61,7 +62,7 @@ def test_readme_has_runnable_examples():
     assert len(CURL_COMMANDS) >= 2, "the README's curl examples disappeared (or this parser no longer finds them)"
     assert any('"stream": true' in command for command in CURL_COMMANDS), "the README should show a streaming curl"
     assert PYTHON_SNIPPETS, "the README's OpenAI SDK example disappeared"
-    assert len(EMBEDDING_EXAMPLES) >= 2, "the README's embedding examples (curl and SDK) disappeared"
+    assert len(EMBEDDING_EXAMPLES) >= 4, "the README's embedding, rerank and score examples disappeared"
 
 
 @pytest.mark.parametrize("example", EMBEDDING_EXAMPLES, ids=[f"embedding{i}" for i in range(len(EMBEDDING_EXAMPLES))])
@@ -71,7 +72,9 @@ def test_readme_embedding_example(embedding_server, example):
         result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, f"{command}\nexit {result.returncode}\n{result.stderr}"
         data = json.loads(result.stdout)
-        assert "error" not in data and data["data"] and len(data["data"][0]["embedding"]) == 384, data
+        assert "error" not in data and (data.get("data") or data.get("results")), data
+        if "/v1/embeddings" in command:
+            assert len(data["data"][0]["embedding"]) == 384, data
     else:
         assert run_snippet(example, embedding_server, model=None).strip(), "the snippet printed nothing"
 

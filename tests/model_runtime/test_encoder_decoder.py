@@ -161,7 +161,7 @@ def test_bad_requests_are_refused(tiny_t5_dir: Path):
 
 def test_unsupported_models_are_refused(tmp_path: Path, default_model_dir: Path):
     """An encoder-decoder model of another family, or a model that is no causal LM, fails the load with a clear message."""
-    from transformers import DistilBertConfig, DistilBertModel, ProphetNetConfig
+    from transformers import DistilBertConfig, DistilBertForMaskedLM, ProphetNetConfig
 
     ProphetNetConfig(
         vocab_size=64,
@@ -175,6 +175,8 @@ def test_unsupported_models_are_refused(tmp_path: Path, default_model_dir: Path)
     ).save_pretrained(tmp_path / "prophetnet")
     with pytest.raises(ValueError, match="encoder-decoder model tokenstep does not serve"):
         load_model(tmp_path / "prophetnet", dtype="float32", device="cpu")
-    DistilBertModel(DistilBertConfig(vocab_size=64, dim=16, n_layers=1, n_heads=2, hidden_dim=32)).save_pretrained(tmp_path / "distilbert")
+    # A masked LM (a bare DistilBertModel would be served as an embedder: tests/model_runtime/test_pooling.py).
+    config = DistilBertConfig(vocab_size=64, dim=16, n_layers=1, n_heads=2, hidden_dim=32)
+    DistilBertForMaskedLM(config).save_pretrained(tmp_path / "distilbert")
     with pytest.raises(ValueError, match="not a causal LM"):
         load_model(tmp_path / "distilbert", dtype="float32", device="cpu")
