@@ -17,6 +17,7 @@ from batching.scheduler_config import DEFAULT_BLOCK_SIZE, DEFAULT_MAX_NUM_SEQS
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("auto", "none", "int8", "gguf")
 ACTIVATIONS = ("auto", "float32", "int16", "int8")
+TASKS = ("auto", "generate", "embed", "score")
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
 
 
@@ -42,6 +43,9 @@ class EngineConfig:
     # One of ACTIVATIONS. "int16"/"int8": quantized linears round their inputs
     # to integers too; "auto": int16 with a GGUF file's blocks, else float32.
     activations: str = "auto"
+    # One of TASKS: what the model serves. "auto": read off the checkpoint
+    # (model_runtime.pooling.model.is_pooling_checkpoint); the others force it.
+    task: str = "auto"
     block_size: int = DEFAULT_BLOCK_SIZE
     kv_cache_memory: str | int | None = None
     num_kv_blocks: int | None = None

@@ -165,7 +165,9 @@ def build_engine_core(config: EngineConfig, loaded: LoadedModel | None = None, d
         gguf_file = config.gguf_file
         if gguf_file is None and config.model is None and config.quantization in ("gguf", "auto"):
             gguf_file = default_gguf_file()  # the default model serves its own blocks
-        loaded = load_model(model_path(config), config.dtype, config.device, config.quantization, gguf_file, config.activations)
+        loaded = load_model(
+            model_path(config), config.dtype, config.device, config.quantization, gguf_file, config.activations, config.task
+        )
     if loaded.pooling is not None:
         return build_pooling_engine_core(config, loaded)
     if loaded.family is not None and config.speculative_model is not None:

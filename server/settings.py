@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from batching.engine_config import ACTIVATIONS, DEVICE_PATTERN, DTYPES, QUANTIZATIONS, engine_default
+from batching.engine_config import ACTIVATIONS, DEVICE_PATTERN, DTYPES, QUANTIZATIONS, TASKS, engine_default
 from batching.scheduler_config import (
     CPU_KV_CACHE_MEMORY,
     CPU_TOKEN_BUDGET,
@@ -80,6 +80,15 @@ class Settings(BaseSettings):
             "and a much faster decode; int16 stays very close to the float model's outputs, int8 (what llama.cpp "
             "does) moves them more; float32: the quantized weights' exact dequantized values (CPU, needs "
             "tokenstep's kernels)"
+        ),
+    )
+    task: Literal[TASKS] = Field(
+        engine_default("task"),
+        description=(
+            "what the model serves. auto (default): read off the checkpoint: a sentence-transformers or bare encoder "
+            "checkpoint embeds (/v1/embeddings), a one-label *ForSequenceClassification checkpoint scores text pairs "
+            "(/v1/rerank, /v1/score), anything else generates; generate; embed (a causal LM without modules.json pools "
+            "its last token, normalized, as vLLM does); score"
         ),
     )
     enable_prefix_caching: bool = Field(

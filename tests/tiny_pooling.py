@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from transformers import (
     AutoModel,
+    AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     BertConfig,
@@ -67,13 +68,15 @@ def build_tiny_sentence_transformer(
     normalize: bool = True,
     max_seq_length: int | None = None,
     extra_modules: tuple[str, ...] = (),
+    causal_lm: bool = False,
 ) -> Path:
     """A sentence-transformers checkpoint: Transformer (``model_type``, at the
-    root), Pooling (``pooling``), then Normalize if ``normalize``, then
+    root; with ``causal_lm`` saved with its LM head, as Qwen3-Embedding is),
+    Pooling (``pooling``), then Normalize if ``normalize``, then
     ``extra_modules`` (types, without files: for refusals)."""
     torch.manual_seed(0)
     config = CONFIGS[model_type]()
-    AutoModel.from_config(config).eval().save_pretrained(target)
+    (AutoModelForCausalLM if causal_lm else AutoModel).from_config(config).eval().save_pretrained(target)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     tokenizer.save_pretrained(target)

@@ -47,7 +47,7 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from batching.engine_config import ACTIVATIONS, DTYPES, QUANTIZATIONS
+from batching.engine_config import ACTIVATIONS, DTYPES, QUANTIZATIONS, TASKS
 from model_runtime import kernels
 from model_runtime.attention.check import AttentionLayout, check_decoder, check_served_linears
 from model_runtime.attention.interface import register as register_attention
@@ -114,6 +114,7 @@ def load_model(
     quantization: str = "none",
     gguf_file: str | Path | None = None,
     activations: str = "float32",
+    task: str = "auto",
 ) -> LoadedModel:
     """Load ``model_path`` (a local HF directory, a hub id or a ``.gguf``
     file, dequantized by transformers) with paged attention, its linears
@@ -123,12 +124,18 @@ def load_model(
     makes those quantized linears quantize their inputs too
     (``model_runtime.weights.int_activations``). ``"auto"`` for either is the
     server's default, decided by ``resolve_quantization`` and
-    ``resolve_activations``."""
+    ``resolve_activations``. ``task`` (one of ``TASKS``) forces what the
+    model serves; ``"auto"`` reads it off the checkpoint."""
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     source, from_gguf = hf_source(model_path)
-    if not from_gguf and gguf_file is None and is_pooling_checkpoint(Path(source)):
-        return load_pooling(Path(source), torch_device, torch_dtype, quantization, activations)
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose {', '.join(TASKS)}")
+    pooling = task in ("embed", "score") or (task == "auto" and not from_gguf and is_pooling_checkpoint(Path(source)))
+    if pooling and (from_gguf or gguf_file is not None):
+        raise ValueError(f"--task {task}: tokenstep serves pooling models from Hugging Face checkpoints, not GGUF files")
+    if pooling:
+        return load_pooling(Path(source), torch_device, torch_dtype, quantization, activations, task)
     gguf_file = gguf_file or (model_path if from_gguf else None)
     # A GGUF file's metadata (its vocabulary: seconds of parsing) is read once per load, and after the first from the cache.
     metadata = metadata_source(source, from_gguf)
@@ -214,11 +221,11 @@ def load_model(
     )
 
 
-def load_pooling(source: Path, device: torch.device, dtype: torch.dtype, quantization: str, activations: str) -> LoadedModel:
+def load_pooling(source: Path, device: torch.device, dtype: torch.dtype, quantization: str, activations: str, task: str) -> LoadedModel:
     """A pooling model (``model_runtime.pooling``), in its own float weights."""
     if quantization not in ("none", "auto") or activations not in ("float32", "auto"):
         raise ValueError(f"--quantization and --activations serve generative models; {source} is a pooling model (an embedder)")
-    parts = load_pooling_model(source, device, dtype)
+    parts = load_pooling_model(source, device, dtype, task)
     logger.info(
         "loaded %s on %s as %s: a pooling model, %d values per input by %s (max_model_len %d)",
         source,

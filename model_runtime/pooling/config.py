@@ -133,11 +133,16 @@ def score_head(source: Path, config: Any) -> ScoreHead:
     return ScoreHead(ACTIVATIONS[named], source, source=f"config.json's {named}")
 
 
-def pooling_config(source: Path, model_type: str) -> PoolingConfig:
+def pooling_config(source: Path, model_type: str, is_forced: bool = False) -> PoolingConfig:
     """The pooling ``source`` (a local checkpoint directory) asks for, or a
-    ``ValueError`` naming what tokenstep cannot compute."""
+    ``ValueError`` naming what tokenstep cannot compute. ``is_forced``
+    (``--task embed``): a model that is no plain encoder and has no
+    ``modules.json`` pools its last token, normalized (vLLM's default for a
+    decoder used as an embedder)."""
     modules_file = source / "modules.json"
     if not modules_file.is_file():
+        if is_forced and model_type not in PLAIN_ENCODERS:
+            return PoolingConfig("last", True, source, source="--task embed on a decoder: its last token, as vLLM's default")
         if model_type not in PLAIN_ENCODERS:
             raise ValueError(
                 f"{source} has no modules.json saying how to pool its {model_type!r} model into one vector; tokenstep "

@@ -58,14 +58,19 @@ def _base_model_classes() -> frozenset[str]:
     return frozenset(names)
 
 
-def load_pooling_model(source: Path, device: torch.device, dtype: torch.dtype) -> PoolingModelParts:
+def load_pooling_model(source: Path, device: torch.device, dtype: torch.dtype, task: str = "auto") -> PoolingModelParts:
+    """``task``: ``score`` (a cross-encoder), ``embed``, or ``auto`` (a
+    ``*ForSequenceClassification`` checkpoint scores, any other embeds)."""
     model_dir = _transformer_dir(source)
     config = AutoConfig.from_pretrained(model_dir)
-    if (config.architectures or [""])[0].endswith("ForSequenceClassification"):
+    is_classifier = (config.architectures or [""])[0].endswith("ForSequenceClassification")
+    if task == "score" and not is_classifier:
+        raise ValueError(f"--task score: {source} is no cross-encoder (a *ForSequenceClassification checkpoint with one label)")
+    if task == "score" or (task == "auto" and is_classifier):
         pooling: PoolingConfig | ScoreHead = score_head(source, config)
         model = AutoModelForSequenceClassification.from_pretrained(model_dir, config=config, dtype=dtype)
     else:
-        pooling = pooling_config(source, config.model_type)
+        pooling = pooling_config(source, config.model_type, is_forced=task == "embed")
         model = AutoModel.from_pretrained(model_dir, config=config, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model.to(device).eval()

@@ -139,3 +139,25 @@ def test_two_pooling_modes_lowercasing_and_a_decoder_without_modules_json_are_re
         load_model(model_dir)
     with pytest.raises(ValueError, match="pooling model"):
         load_model(build_tiny_sentence_transformer(tmp_path / "int8", default_model_dir), quantization="int8")
+
+
+def test_task_decides_what_a_checkpoint_that_can_do_both_serves(tmp_path, default_model_dir, tiny_llama_dir):
+    """A causal LM saved with a sentence-transformers pooling (Qwen3-Embedding's
+    layout) embeds by default and generates with --task generate; a plain
+    causal LM embeds with --task embed by its last token, normalized."""
+    model_dir = build_tiny_sentence_transformer(tmp_path / "qwen3-lm", default_model_dir, "qwen3", "last", causal_lm=True)
+    embedder = engine_for(model_dir)
+    assert embedder.pooling.task == "embed"
+    want = SentenceTransformer(str(model_dir), device="cpu").encode(TEXTS[:2], batch_size=1, convert_to_tensor=True)
+    torch.testing.assert_close(embed(embedder, [embedder.tokenizer(text).input_ids for text in TEXTS[:2]]), want.cpu(), rtol=1e-5, atol=1e-5)
+    generator = load_model(model_dir, task="generate")
+    assert generator.pooling is None and type(generator.model).__name__ == "Qwen3ForCausalLM"
+
+    core = build_engine_core(EngineConfig(model=str(tiny_llama_dir), task="embed"), load_model(tiny_llama_dir, task="embed"))
+    token_ids = core.tokenizer(TEXTS[0]).input_ids
+    got = embed(core, [token_ids])
+    with torch.inference_mode():
+        hidden = AutoModel.from_pretrained(tiny_llama_dir)(input_ids=torch.tensor([token_ids])).last_hidden_state  # [1, L, H]
+    torch.testing.assert_close(got, F.normalize(hidden[:, -1], dim=1), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="no cross-encoder"):
+        load_model(tiny_llama_dir, task="score")
