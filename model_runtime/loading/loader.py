@@ -151,9 +151,10 @@ def load_model(
     keep_metadata(config, tokenizer, source, from_gguf)
     if family is None:
         with one_gguf_name_map():
-            model = AutoModelForCausalLM.from_pretrained(
-                source, config=config, dtype=torch_dtype, attn_implementation=register_attention(), **from_gguf
+            model, loading = AutoModelForCausalLM.from_pretrained(
+                source, config=config, dtype=torch_dtype, attn_implementation=register_attention(), output_loading_info=True, **from_gguf
             )
+        check_complete(model, loading["missing_keys"], source)
     else:  # its decoder runs tokenstep's own step (model_runtime.encoder_decoder.step); the encoder, SDPA
         model = AutoModelForSeq2SeqLM.from_pretrained(source, config=config, dtype=torch_dtype, attn_implementation="sdpa")
     model.to(torch_device).eval()
@@ -283,6 +284,18 @@ def release_checkpoint(model: nn.Module) -> None:
                 for name, buffer in list(module._buffers.items()):
                     if buffer is not None and buffer.layout == torch.strided:
                         module._buffers[name] = buffer.clone()
+
+
+def check_complete(model: nn.Module, missing_keys: set[str] | list[str], source: str | Path) -> None:
+    """A causal LM whose checkpoint lacks weights it needs (transformers
+    would start them at random, a BERT encoder's missing LM head, say)
+    would answer with noise: refused."""
+    if missing_keys:
+        names = ", ".join(sorted(missing_keys)[:3]) + (", ..." if len(missing_keys) > 3 else "")
+        raise ValueError(
+            f"{source} lacks weights a {type(model).__name__} needs ({names}): it is no checkpoint of a causal LM "
+            "(an encoder is served with --task embed)"
+        )
 
 
 def model_family(config: PretrainedConfig, source: str | Path) -> str | None:

@@ -149,7 +149,9 @@ def test_task_decides_what_a_checkpoint_that_can_do_both_serves(tmp_path, defaul
     embedder = engine_for(model_dir)
     assert embedder.pooling.task == "embed"
     want = SentenceTransformer(str(model_dir), device="cpu").encode(TEXTS[:2], batch_size=1, convert_to_tensor=True)
-    torch.testing.assert_close(embed(embedder, [embedder.tokenizer(text).input_ids for text in TEXTS[:2]]), want.cpu(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        embed(embedder, [embedder.tokenizer(text).input_ids for text in TEXTS[:2]]), want.cpu(), rtol=1e-5, atol=1e-5
+    )
     generator = load_model(model_dir, task="generate")
     assert generator.pooling is None and type(generator.model).__name__ == "Qwen3ForCausalLM"
 
@@ -161,3 +163,10 @@ def test_task_decides_what_a_checkpoint_that_can_do_both_serves(tmp_path, defaul
     torch.testing.assert_close(got, F.normalize(hidden[:, -1], dim=1), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="no cross-encoder"):
         load_model(tiny_llama_dir, task="score")
+
+
+def test_an_encoder_asked_to_generate_is_refused_not_served_with_a_random_head(tmp_path):
+    torch.manual_seed(0)
+    AutoModel.from_config(BertConfig(**TINY_ENCODER, pad_token_id=0)).save_pretrained(tmp_path / "bert")
+    with pytest.raises(ValueError, match="lacks weights a BertLMHeadModel needs"):
+        load_model(tmp_path / "bert", task="generate")
