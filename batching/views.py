@@ -45,15 +45,18 @@ def engine_view(core: EngineCore, num_pending: int) -> EngineView:
     """``engine_stats`` and what a live view draws: every request's row
     (running first), the block map and the steps of the last ``STEP_HISTORY_S``."""
     scheduler = core.scheduler
-    rows = [
-        _row(request, "prefill" if request.num_computed_tokens < request.num_tokens - 1 else "decoding")
-        for request in list(scheduler.running)
-    ]
+    rows = [_row(request, _running_state(request)) for request in list(scheduler.running)]
     rows += [_row(request, "preempted" if request.status == RequestStatus.PREEMPTED else "waiting") for request in list(scheduler.waiting)]
     since = time.monotonic() - STEP_HISTORY_S
     steps = [step for step in list(core.step_records) if step.end_time >= since]
     block_map = scheduler.block_manager.block_map(BLOCK_FREE, BLOCK_CACHED, BLOCK_USED)
     return EngineView(engine_stats(core, num_pending), rows, block_map, steps)
+
+
+def _running_state(request: Request) -> str:
+    if request.pooling is not None:
+        return "pooling"  # its whole input in this step; it leaves with its vector
+    return "prefill" if request.num_computed_tokens < request.num_tokens - 1 else "decoding"
 
 
 def _row(request: Request, state: str) -> RequestRow:

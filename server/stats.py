@@ -35,6 +35,7 @@ def stats_body(state: Served, view: EngineView) -> dict:
             "max_model_len": state.max_model_len,
             "chat_template": bool(state.chat_template or getattr(state.tokenizer, "chat_template", None)),
             "encoder_decoder": state.encoder_decoder is not None,
+            "task": state.pooling.task if state.pooling is not None else "generate",
         },
         "running": engine.num_running,
         "waiting": engine.num_waiting,
@@ -58,6 +59,7 @@ def stats_body(state: Served, view: EngineView) -> dict:
             "steps": engine.num_steps_total,
             "prompt_tokens": engine.num_prompt_tokens_total,
             "generation_tokens": engine.num_generation_tokens_total,
+            "pooled_requests": engine.num_pooled_total,
         },
     }
 

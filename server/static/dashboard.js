@@ -59,7 +59,8 @@ function drawChart(id, points, field) {
 }
 
 function render(stats) {
-  $("model-name").textContent = stats.model.id;
+  const task = { embed: " (embeddings)", score: " (reranker)" }[stats.model.task] || "";
+  $("model-name").textContent = stats.model.id + task;
   $("running").textContent = stats.running;
   $("waiting").textContent = stats.waiting;
   $("kv-usage").textContent = percent(stats.kv.usage);

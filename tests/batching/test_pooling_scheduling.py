@@ -3,13 +3,16 @@ without weights: admitted whole against the same token budget as prefills,
 holding no blocks, finished after their one step with the runner's vector,
 beside generating requests in the same steps."""
 
+
 import pytest
 
+from batching.batcher import DynamicBatcher
 from batching.engine_core import EngineCore
 from batching.errors import InvalidRequestError
 from batching.messages import PooledOutput, RunnerOutput, SampledToken, SchedulerOutput
 from batching.pooling_params import PoolingModel, PoolingParams
 from batching.request import Request, RequestStatus
+from batching.views import engine_view
 from tests.batching.factories import FIRST_SAMPLED_TOKEN_ID, assert_no_leak, create_request, create_scheduler
 from tests.fake_engine import CharTokenizer
 
@@ -125,3 +128,26 @@ def test_matryoshka_dimensions_are_checked_against_the_vectors_length():
         model.check(PoolingParams(dimensions=9))
     with pytest.raises(InvalidRequestError, match="at least 1"):
         PoolingParams(dimensions=0)
+
+
+def test_the_live_view_shows_a_pooling_request_in_its_step_as_pooling():
+    core = core_with(PoolingFakeRunner())
+    core.add_request(pooling_request("e0", 6))
+    core.schedule()  # admitted: running until the step's outputs finish it
+    (row,) = engine_view(core, num_pending=0).requests
+    assert (row.request_id, row.state, row.num_prompt_tokens, row.num_blocks) == ("e0", "pooling", 6, 0)
+
+
+async def test_a_client_that_leaves_before_its_step_cancels_its_pooling_request():
+    runner = PoolingFakeRunner()
+    batcher = DynamicBatcher(core_with(runner))
+    await batcher.start()
+    try:
+        await batcher.generate([40, 41, 42], PoolingParams(), "gone")
+        batcher.abort("gone")  # what a route's merge does when its client leaves: before its step, it never runs
+        stays = [output async for output in await batcher.generate([50, 51], PoolingParams(), "stays")]
+        assert [output.pooled for output in stays] == [[2.0, 50.0]]
+        assert [chunk.request_id for step in runner.steps for chunk in step.chunks] == ["stays"]
+        assert not batcher.core.has_unfinished and batcher.num_requests == 0
+    finally:
+        await batcher.stop()

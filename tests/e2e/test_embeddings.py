@@ -66,6 +66,8 @@ def test_many_clients_at_once_get_their_own_vectors(embedding_server: ServerProc
 
     for index, response in enumerate(asyncio.run(run())):
         torch.testing.assert_close(vectors(response)[0], want[index % 4], **TOLERANCE)
+    stats = httpx.get(f"{embedding_server.base_url}/stats").json()
+    assert stats["model"]["task"] == "embed" and stats["totals"]["pooled_requests"] >= 24 and stats["kv"]["blocks"] == 0
     metrics = httpx.get(f"{embedding_server.base_url}/metrics").text
     pooled = next(line for line in metrics.splitlines() if line.startswith("tokenstep_pooled_requests"))
     assert float(pooled.split()[-1]) >= 24

@@ -115,6 +115,8 @@ def test_the_position_limit_of_a_roberta_family_encoder_leaves_out_its_padding_o
     [
         (dict(extra_modules=("Dense",)), "Dense, whose output it does not compute"),
         (dict(extra_modules=("LayerNorm",)), "LayerNorm"),
+        # sentence-transformers 6's decoder reranker (yes/no logits): not computed yet
+        (dict(model_type="qwen3", pooling="last", extra_modules=("LogitScore",)), "LogitScore"),
     ],
 )
 def test_a_checkpoint_with_modules_tokenstep_does_not_compute_is_refused(tmp_path, default_model_dir, change, message):
