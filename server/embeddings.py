@@ -32,6 +32,7 @@ from server.protocol import model_dump, new_id
 from server.state import Served, served
 
 router = APIRouter()
+MAX_INPUTS = 2048  # inputs (or pairs) in one request, as OpenAI caps an embeddings request's
 
 
 class EmbeddingRequest(BaseModel):
@@ -95,6 +96,7 @@ def input_token_lists(body: EmbeddingRequest, state: Served) -> list[list[int]]:
         items = [items]
     if not items:
         raise InvalidRequestError("input must not be empty", param="input")
+    check_input_count(len(items), "input")
     limit = body.truncate_prompt_tokens
     if limit == -1:
         limit = state.max_model_len
@@ -103,13 +105,27 @@ def input_token_lists(body: EmbeddingRequest, state: Served) -> list[list[int]]:
     token_lists = []
     for item in items:
         if isinstance(item, str):
-            token_ids = state.tokenizer(item, truncation=limit is not None, max_length=limit).input_ids
+            try:
+                token_ids = state.tokenizer(item, truncation=limit is not None, max_length=limit).input_ids
+            except Exception as exc:  # tokenizers raise a bare Exception when the limit leaves no room past special tokens
+                raise InvalidRequestError(
+                    f"truncate_prompt_tokens ({limit}) is too small for this model's input", param="truncate_prompt_tokens"
+                ) from exc
         else:
             token_ids = list(item)[-limit:] if limit else list(item)
         if not token_ids:
             raise InvalidRequestError("input must not be empty", param="input")
+        if limit is not None and len(token_ids) > limit:  # the tokenizer keeps its special tokens past a tiny limit
+            raise InvalidRequestError(
+                f"truncate_prompt_tokens ({limit}) is too small for this model's input", param="truncate_prompt_tokens"
+            )
         token_lists.append(token_ids)
     return token_lists
+
+
+def check_input_count(count: int, param: str) -> None:
+    if count > MAX_INPUTS:
+        raise InvalidRequestError(f"{param}: at most {MAX_INPUTS} in one request, got {count}", param=param)
 
 
 async def _collect(outputs: AsyncIterator[tuple[int, RequestOutput]], encoding_format: str, header: dict, usage: EmbeddingUsage) -> dict:

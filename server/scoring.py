@@ -22,6 +22,7 @@ from batching.errors import InvalidRequestError
 from batching.outputs import RequestOutput
 from batching.pooling_params import PoolingParams
 from server.choices import merge, start_choices, unless_disconnected
+from server.embeddings import check_input_count
 from server.params import check_model
 from server.protocol import new_id
 from server.state import Served, served
@@ -59,6 +60,7 @@ class ScoreRequest(BaseModel):
 @router.post("/rerank", include_in_schema=False)
 async def rerank(body: RerankRequest, raw_request: Request, state: Served = Depends(served)) -> dict:
     check_model(body.model, state)
+    check_input_count(len(body.documents), "documents")
     documents = [document if isinstance(document, str) else document.text for document in body.documents]
     scores, num_tokens = await score_pairs(state, raw_request, [(body.query, document) for document in documents], body)
     order = sorted(range(len(documents)), key=lambda index: scores[index], reverse=True)
@@ -78,6 +80,7 @@ async def score(body: ScoreRequest, raw_request: Request, state: Served = Depend
     seconds = [body.text_2] if isinstance(body.text_2, str) else body.text_2
     if not firsts or not seconds:
         raise InvalidRequestError("text_1 and text_2 must not be empty", param="text_1" if not firsts else "text_2")
+    check_input_count(max(len(firsts), len(seconds)), "text_2")
     if len(firsts) == 1:
         firsts = firsts * len(seconds)
     if len(firsts) != len(seconds):
@@ -115,7 +118,15 @@ async def score_pairs(
 def _pair_input(state: Served, first: str, second: str, limit: int | None) -> tuple[list[int], PoolingParams]:
     """A pair as the cross-encoder reads it: one token list, its second text
     marked where the tokenizer gives token types."""
-    encoded = state.tokenizer(first, second, truncation="only_second" if limit is not None else False, max_length=limit)
+    try:
+        encoded = state.tokenizer(first, second, truncation="only_second" if limit is not None else False, max_length=limit)
+    except Exception as exc:  # tokenizers raise a bare Exception when the first text alone is too long
+        raise InvalidRequestError(
+            f"truncate_prompt_tokens ({limit}) leaves no room for the second text after the first; raise it or shorten the query",
+            param="truncate_prompt_tokens",
+        ) from exc
+    if limit is not None and len(encoded.input_ids) > limit:
+        raise InvalidRequestError(f"truncate_prompt_tokens ({limit}) is too small for this pair", param="truncate_prompt_tokens")
     types = encoded.get("token_type_ids")
     start = types.index(1) if types and 1 in types else None
     return encoded.input_ids, PoolingParams(second_text_start=start)

@@ -3,7 +3,6 @@ without weights: admitted whole against the same token budget as prefills,
 holding no blocks, finished after their one step with the runner's vector,
 beside generating requests in the same steps."""
 
-
 import pytest
 
 from batching.batcher import DynamicBatcher

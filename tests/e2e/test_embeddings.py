@@ -104,6 +104,8 @@ def test_long_inputs_are_a_400_unless_truncation_is_asked_for(client: OpenAI, em
         ({"input": "hi", "dimensions": 64}, "dimensions"),  # not a Matryoshka model
         ({"input": [10**9]}, "prompt"),
         ({"input": "hi", "truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+        ({"input": "hi", "truncate_prompt_tokens": 1}, "truncate_prompt_tokens"),  # no room past [CLS] and [SEP]
+        ({"input": ["hi"] * 2049}, "input"),
     ],
 )
 def test_bad_input_is_a_clear_400(embedding_server: ServerProcess, body: dict, param: str):

@@ -75,6 +75,12 @@ def test_score_pairs_one_to_many_and_many_to_many(reranker_server: ServerProcess
         ("/v1/score", {"text_1": ["a", "b"], "text_2": ["a", "b", "c"]}, "text_1"),
         ("/v1/score", {"text_1": [], "text_2": ["a"]}, "text_1"),
         ("/v1/rerank", {"query": QUERY, "documents": ["word " * 200]}, "input"),  # past the 128 positions
+        (
+            "/v1/rerank",
+            {"query": "the cat sat on the mat " * 5, "documents": ["dog"], "truncate_prompt_tokens": 8},
+            "truncate_prompt_tokens",
+        ),
+        ("/v1/rerank", {"query": QUERY, "documents": ["a"] * 2049}, "documents"),
         ("/v1/embeddings", {"input": "hi"}, None),  # a cross-encoder makes no vectors
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, None),
     ],
