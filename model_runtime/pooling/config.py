@@ -45,14 +45,11 @@ PLAIN_ENCODERS = frozenset({"bert", "roberta", "xlm-roberta", "modernbert", "dis
 @dataclass(frozen=True, slots=True)
 class PoolingConfig:
     """``mode``: one of ``MODES``' values; ``normalize``: to unit length
-    after pooling; ``model_dir``: where the Hugging Face model lives (a
-    sentence-transformers module folder, or the checkpoint itself);
-    ``max_input_tokens``: the checkpoint's own cap on inputs, if any;
+    after pooling; ``max_input_tokens``: the checkpoint's own cap on inputs, if any;
     ``source``: what said so, for the start log."""
 
     mode: str
     normalize: bool
-    model_dir: Path
     max_input_tokens: int | None = None
     source: str = "modules.json"
     task = "embed"
@@ -105,7 +102,6 @@ class ScoreHead:
     predicts it; ``source``: what said so, for the start log."""
 
     activation: str
-    model_dir: Path
     max_input_tokens: int | None = None
     source: str = "config.json"
     task = "score"
@@ -127,10 +123,10 @@ def score_head(source: Path, config: Any) -> ScoreHead:
         config, "sbert_ce_default_activation_function", None
     )
     if named is None:
-        return ScoreHead("sigmoid", source, source="one label: a sigmoid, as sentence-transformers' default")
+        return ScoreHead("sigmoid", source="one label: a sigmoid, as sentence-transformers' default")
     if named not in ACTIVATIONS:
         raise ValueError(f"{source}: its scores go through {named}, which tokenstep does not apply")
-    return ScoreHead(ACTIVATIONS[named], source, source=f"config.json's {named}")
+    return ScoreHead(ACTIVATIONS[named], source=f"config.json's {named}")
 
 
 def pooling_config(source: Path, model_type: str, is_forced: bool = False) -> PoolingConfig:
@@ -142,13 +138,13 @@ def pooling_config(source: Path, model_type: str, is_forced: bool = False) -> Po
     modules_file = source / "modules.json"
     if not modules_file.is_file():
         if is_forced and model_type not in PLAIN_ENCODERS:
-            return PoolingConfig("last", True, source, source="--task embed on a decoder: its last token, as vLLM's default")
+            return PoolingConfig("last", True, source="--task embed on a decoder: its last token, as vLLM's default")
         if model_type not in PLAIN_ENCODERS:
             raise ValueError(
                 f"{source} has no modules.json saying how to pool its {model_type!r} model into one vector; tokenstep "
                 "serves sentence-transformers checkpoints and plain encoders (BERT-like: CLS pooling)"
             )
-        return PoolingConfig("cls", True, source, source="a plain encoder's default, as vLLM's")
+        return PoolingConfig("cls", True, source="a plain encoder's default, as vLLM's")
     modules = json.loads(modules_file.read_text())
     kinds = [module["type"].removeprefix(SENTENCE_TRANSFORMERS) for module in modules]
     if kinds not in (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"]):
@@ -170,4 +166,4 @@ def pooling_config(source: Path, model_type: str, is_forced: bool = False) -> Po
     settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
     if settings.get("do_lower_case"):
         raise ValueError(f"{source}: its Transformer module lowercases the input (do_lower_case), which tokenstep does not do")
-    return PoolingConfig(modes[0], len(modules) == 3, model_dir, settings.get("max_seq_length"))
+    return PoolingConfig(modes[0], len(modules) == 3, settings.get("max_seq_length"))
