@@ -29,7 +29,6 @@ import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
-SENTENCE_TRANSFORMERS = "sentence_transformers.models."
 MODES = {  # 1_Pooling/config.json's flag -> tokenstep's name of the mode
     "pooling_mode_cls_token": "cls",
     "pooling_mode_mean_tokens": "mean",
@@ -37,6 +36,14 @@ MODES = {  # 1_Pooling/config.json's flag -> tokenstep's name of the mode
     "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len",
     "pooling_mode_weightedmean_tokens": "weighted_mean",
     "pooling_mode_lasttoken": "last",
+}
+MODE_NAMES = {  # sentence-transformers 6's pooling_mode -> tokenstep's name
+    "cls": "cls",
+    "mean": "mean",
+    "max": "max",
+    "mean_sqrt_len_tokens": "mean_sqrt_len",
+    "weightedmean": "weighted_mean",
+    "lasttoken": "last",
 }
 # Encoders that pool their CLS token (and normalize) when no modules.json says otherwise.
 PLAIN_ENCODERS = frozenset({"bert", "roberta", "xlm-roberta", "modernbert", "distilbert", "electra", "mpnet", "deberta-v2", "camembert"})
@@ -129,6 +136,21 @@ def score_head(source: Path, config: Any) -> ScoreHead:
     return ScoreHead(ACTIVATIONS[named], source=f"config.json's {named}")
 
 
+def module_kind(module: dict) -> str:
+    """A sentence-transformers module's class name, whatever the version's module path."""
+    return module["type"].rsplit(".", 1)[-1]
+
+
+def pooling_modes(pooling: dict) -> list[str | None]:
+    """The modes a Pooling config names, in tokenstep's names (None for one
+    it does not know): sentence-transformers 6's ``pooling_mode`` (a name or
+    a list), or the older ``pooling_mode_*`` flags."""
+    if "pooling_mode" not in pooling:
+        return [MODES[flag] for flag in MODES if pooling.get(flag)]
+    named = pooling["pooling_mode"]
+    return [MODE_NAMES.get(name) for name in ([named] if isinstance(named, str) else named)]
+
+
 def pooling_config(source: Path, model_type: str, is_forced: bool = False) -> PoolingConfig:
     """The pooling ``source`` (a local checkpoint directory) asks for, or a
     ``ValueError`` naming what tokenstep cannot compute. ``is_forced``
@@ -146,24 +168,24 @@ def pooling_config(source: Path, model_type: str, is_forced: bool = False) -> Po
             )
         return PoolingConfig("cls", True, source="a plain encoder's default, as vLLM's")
     modules = json.loads(modules_file.read_text())
-    kinds = [module["type"].removeprefix(SENTENCE_TRANSFORMERS) for module in modules]
+    kinds = [module_kind(module) for module in modules]  # sentence_transformers.models.Pooling, or 6.x's ...modules.pooling.Pooling
     if kinds not in (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"]):
-        unknown = [
-            module["type"] for module in modules if module["type"].removeprefix(SENTENCE_TRANSFORMERS) not in ("Transformer", "Pooling")
-        ]
+        unknown = [module["type"] for module in modules if module_kind(module) not in ("Transformer", "Pooling")]
         raise ValueError(
             f"{source}: tokenstep serves sentence-transformers models made of Transformer, Pooling and optionally "
             f"Normalize, in that order; this one has {', '.join(unknown or kinds)}, whose output it does not compute"
         )
     model_dir = source / modules[0].get("path", "")
     pooling = json.loads((source / modules[1]["path"] / "config.json").read_text())
-    modes = [MODES[flag] for flag in MODES if pooling.get(flag)]
-    if len(modes) != 1:
+    modes = pooling_modes(pooling)
+    if len(modes) != 1 or modes[0] is None:
         raise ValueError(f"{source}: its Pooling module combines {modes or 'no'} modes; tokenstep pools with exactly one")
     if pooling.get("include_prompt") is False:
         raise ValueError(f"{source}: its Pooling module leaves out the prompt (include_prompt false), which tokenstep does not do")
     settings_file = model_dir / "sentence_bert_config.json"
     settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+    if settings.get("transformer_task", "feature-extraction") != "feature-extraction":
+        raise ValueError(f"{source}: its Transformer module runs {settings['transformer_task']!r}, not the hidden states it pools")
     if settings.get("do_lower_case"):
         raise ValueError(f"{source}: its Transformer module lowercases the input (do_lower_case), which tokenstep does not do")
     return PoolingConfig(modes[0], len(modules) == 3, settings.get("max_seq_length"))

@@ -11,6 +11,7 @@ step's inputs as one padded batch).
 
 import functools
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
 from model_runtime.pooling.config import PoolingConfig, ScoreHead, pooling_config, score_head
+
+logger = logging.getLogger(__name__)
 
 HUGE_MAX_LENGTH = 1_000_000  # a tokenizer's "no limit" (model_max_length ~1e30) is ignored
 # RoBERTa-family position ids start after the padding id: max_position_embeddings - (pad_token_id + 1) are usable.
@@ -73,10 +76,22 @@ def load_pooling_model(source: Path, device: torch.device, dtype: torch.dtype, t
         pooling = pooling_config(source, config.model_type, is_forced=task == "embed")
         model = AutoModel.from_pretrained(model_dir, config=config, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    _warn_of_default_prompt(source)
     model.to(device).eval()
     is_matryoshka = bool(getattr(config, "is_matryoshka", False) or getattr(config, "matryoshka_dimensions", None))
     num_dimensions = config.num_labels if pooling.task == "score" else config.hidden_size
     return PoolingModelParts(model, tokenizer, pooling, _max_model_len(config, tokenizer, pooling), num_dimensions, is_matryoshka)
+
+
+def _warn_of_default_prompt(source: Path) -> None:
+    """sentence-transformers prepends a checkpoint's default prompt ("query: ")
+    to every input it encodes; a server embeds what it is sent (as vLLM
+    does), so the start log says to send it."""
+    settings_file = source / "config_sentence_transformers.json"
+    settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+    prompt = (settings.get("prompts") or {}).get(settings.get("default_prompt_name") or "")
+    if prompt:
+        logger.warning("%s: its default prompt %r is not prepended to inputs: send it with them", source, prompt)
 
 
 def _transformer_dir(source: Path) -> Path:

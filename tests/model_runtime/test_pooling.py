@@ -66,6 +66,19 @@ def test_each_inputs_vector_is_sentence_transformers_for_it_alone(tmp_path, defa
     torch.testing.assert_close(got, want.cpu(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("model_type, pooling", [("bert", "mean"), ("modernbert", "max"), ("qwen3", "last")])
+def test_a_checkpoint_saved_by_sentence_transformers_6_is_read_as_it_reads_it(tmp_path, default_model_dir, model_type, pooling):
+    """sentence-transformers 6 saves its own module paths (``...base.modules.transformer.Transformer``),
+    ``pooling_mode`` instead of the ``pooling_mode_*`` flags and a ``transformer_task``."""
+    legacy = build_tiny_sentence_transformer(tmp_path / "legacy", default_model_dir, model_type, pooling, normalize=False)
+    SentenceTransformer(str(legacy), device="cpu").save(str(tmp_path / "saved"))
+    assert "pooling_mode" in json.loads((tmp_path / "saved" / "1_Pooling" / "config.json").read_text())
+    core = engine_for(tmp_path / "saved")
+    got = embed(core, [core.tokenizer(text).input_ids for text in TEXTS])
+    want = SentenceTransformer(str(tmp_path / "saved"), device="cpu").encode(TEXTS, batch_size=1, convert_to_tensor=True)
+    torch.testing.assert_close(got, want.cpu(), rtol=1e-5, atol=1e-5)
+
+
 def test_the_real_all_minilm_gives_sentence_transformers_vectors_and_ranks_by_meaning(all_minilm_dir):
     core = engine_for(all_minilm_dir)
     assert core.max_model_len == 256  # its sentence_bert_config.json caps the 512 positions
