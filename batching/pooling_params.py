@@ -14,6 +14,21 @@ from batching.errors import InvalidRequestError
 
 
 @dataclass(frozen=True, slots=True)
+class PairMessages:
+    """How a reranker built on a causal LM reads a (query, document) pair:
+    the chat template renders ``[system: system_prompt]`` (when there is
+    one), ``[query]`` and ``[document]`` messages, with ``template_kwargs``
+    (name, value pairs) passed to it (``model_runtime.pooling.logit_score``)."""
+
+    system_prompt: str | None
+    template_kwargs: tuple[tuple[str, object], ...] = ()
+
+    def messages(self, query: str, document: str) -> list[dict[str, str]]:
+        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return [*system, {"role": "query", "content": query}, {"role": "document", "content": document}]
+
+
+@dataclass(frozen=True, slots=True)
 class PoolingModel:
     """What the engine knows of the pooling model it serves: its task
     (``embed``: a vector per input; ``score``: a cross-encoder's score per
@@ -24,6 +39,8 @@ class PoolingModel:
     task: str
     num_dimensions: int
     is_matryoshka: bool = False
+    # A reranker built on a causal LM: pairs are rendered as chat messages (None: as the tokenizer's text pair).
+    pair_messages: PairMessages | None = None
 
     def check(self, params: "PoolingParams") -> None:
         """Raise ``InvalidRequestError`` unless this model can answer ``params``."""

@@ -218,5 +218,7 @@ def build_pooling_engine_core(config: EngineConfig, loaded: LoadedModel) -> Engi
         loaded.tokenizer,
         vocab_size=loaded.vocab_size,
         max_model_len=max_model_len,
-        pooling=PoolingModel(loaded.pooling.task, loaded.num_pooled_values, loaded.is_matryoshka),
+        pooling=PoolingModel(
+            loaded.pooling.task, loaded.num_pooled_values, loaded.is_matryoshka, getattr(loaded.pooling, "pair_messages", None)
+        ),
     )

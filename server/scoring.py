@@ -117,7 +117,18 @@ async def score_pairs(
 
 def _pair_input(state: Served, first: str, second: str, limit: int | None) -> tuple[list[int], PoolingParams]:
     """A pair as the cross-encoder reads it: one token list, its second text
-    marked where the tokenizer gives token types."""
+    marked where the tokenizer gives token types; or, for a reranker built
+    on a causal LM, the chat template's rendering of the pair as messages."""
+    pair_messages = state.pooling.pair_messages
+    if pair_messages is not None:
+        if limit is not None:
+            raise InvalidRequestError(
+                "truncate_prompt_tokens: this reranker renders pairs through its chat template, which tokenstep does not cut",
+                param="truncate_prompt_tokens",
+            )
+        messages = pair_messages.messages(first, second)
+        rendered = state.tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **dict(pair_messages.template_kwargs))
+        return list(rendered["input_ids"]), PoolingParams()
     try:
         encoded = state.tokenizer(first, second, truncation="only_second" if limit is not None else False, max_length=limit)
     except Exception as exc:  # tokenizers raise a bare Exception when the first text alone is too long

@@ -134,7 +134,9 @@ def test_package_imports_respect_its_layer(package: str) -> None:
 
 # batching modules whose types are the messages between the layers (and the
 # engine configuration's choice lists, which model_runtime checks against).
-STEP_MESSAGE_MODULES = frozenset({"batching.messages", "batching.runner_state", "batching.sampling_params", "batching.engine_config"})
+STEP_MESSAGE_MODULES = frozenset(
+    {"batching.messages", "batching.runner_state", "batching.sampling_params", "batching.pooling_params", "batching.engine_config"}
+)
 PACKAGES = ("batching", "model_runtime", "server", "bench")
 
 

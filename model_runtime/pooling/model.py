@@ -17,10 +17,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+)
 from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
 
 from model_runtime.pooling.config import PoolingConfig, ScoreHead, pooling_config, score_head
+from model_runtime.pooling.logit_score import LogitScoreHead, is_logit_score_checkpoint, logit_score_head
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +41,7 @@ OFFSET_POSITIONS = frozenset({"roberta", "xlm-roberta", "xlm-roberta-xl", "camem
 class PoolingModelParts:
     model: PreTrainedModel
     tokenizer: Any
-    pooling: PoolingConfig | ScoreHead
+    pooling: PoolingConfig | ScoreHead | LogitScoreHead
     max_model_len: int
     num_dimensions: int
     is_matryoshka: bool  # trained so that a prefix of a vector is an embedding (config.json says, as vLLM reads it)
@@ -67,6 +75,11 @@ def load_pooling_model(source: Path, device: torch.device, dtype: torch.dtype, t
     model_dir = _transformer_dir(source)
     config = AutoConfig.from_pretrained(model_dir)
     is_classifier = (config.architectures or [""])[0].endswith("ForSequenceClassification")
+    if task in ("score", "auto") and is_logit_score_checkpoint(source):
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        head = logit_score_head(source, tokenizer)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=dtype).to(device).eval()
+        return PoolingModelParts(model, tokenizer, head, _max_model_len(config, tokenizer, head), 1, False)
     if task == "score" and not is_classifier:
         raise ValueError(f"--task score: {source} is no cross-encoder (a *ForSequenceClassification checkpoint with one label)")
     if task == "score" or (task == "auto" and is_classifier):
@@ -105,7 +118,7 @@ def _transformer_dir(source: Path) -> Path:
     return source
 
 
-def _max_model_len(config: Any, tokenizer: Any, pooling: PoolingConfig | ScoreHead) -> int:
+def _max_model_len(config: Any, tokenizer: Any, pooling: PoolingConfig | ScoreHead | LogitScoreHead) -> int:
     """The longest input: the model's positions, the tokenizer's and the
     checkpoint's own caps, whichever is smallest."""
     positions = getattr(config, "max_position_embeddings", None) or 512

@@ -19,6 +19,7 @@ import torch
 
 from batching.messages import PooledOutput, RunnerOutput, ScheduledChunk, SchedulerOutput
 from model_runtime.pooling.config import PoolingConfig, ScoreHead
+from model_runtime.pooling.logit_score import LogitScoreHead
 
 
 class PoolingRunner:
@@ -27,7 +28,9 @@ class PoolingRunner:
     Padding uses the model's own pad id where it has one: a decoder
     cross-encoder finds each row's last token by it."""
 
-    def __init__(self, model: torch.nn.Module, head: PoolingConfig | ScoreHead, pad_token_id: int | None, device: torch.device) -> None:
+    def __init__(
+        self, model: torch.nn.Module, head: PoolingConfig | ScoreHead | LogitScoreHead, pad_token_id: int | None, device: torch.device
+    ) -> None:
         self.model = model
         self.head = head
         model_pad = getattr(model.config, "pad_token_id", None)
@@ -42,6 +45,11 @@ class PoolingRunner:
         for chunk in chunks:
             if chunk.new_request is None or chunk.new_request.pooling is None or chunk.num_computed_tokens:
                 raise ValueError(f"request {chunk.request_id}: a pooling model runs only whole pooling requests")
+        if isinstance(self.head, LogitScoreHead):
+            results = self.head.scores(self._last_logits(chunks))  # [B, 1]
+            return RunnerOutput(
+                sampled=[], pooled=[PooledOutput(chunk.request_id, values.tolist()) for chunk, values in zip(chunks, results)]
+            )
         inputs = self._batch(chunks)  # input_ids, attention_mask (and token_type_ids): [B, L] each
         output = self.model(**inputs)
         if isinstance(self.head, ScoreHead):
@@ -52,6 +60,21 @@ class PoolingRunner:
                 self.head.finish(vectors[row : row + 1], chunk.new_request.pooling.dimensions)[0] for row, chunk in enumerate(chunks)
             ]
         return RunnerOutput(sampled=[], pooled=[PooledOutput(chunk.request_id, values.tolist()) for chunk, values in zip(chunks, results)])
+
+    def _last_logits(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """A causal LM's logits at each row's last token, ``[B, vocab]``: the
+        rows left-padded (so that token is every row's last) with explicit
+        positions from 0 at each row's first real token, as it runs alone."""
+        width = max(chunk.num_new_tokens for chunk in chunks)
+        input_ids = torch.full((len(chunks), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(chunks), width), dtype=torch.long)
+        for row, chunk in enumerate(chunks):
+            input_ids[row, width - chunk.num_new_tokens :] = torch.tensor(chunk.new_token_ids)
+            mask[row, width - chunk.num_new_tokens :] = 1
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # [B, L]
+        inputs = {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions}
+        output = self.model(**{name: tensor.to(self.device) for name, tensor in inputs.items()}, logits_to_keep=1)
+        return output.logits[:, -1]
 
     def _batch(self, chunks: list[ScheduledChunk]) -> dict[str, torch.Tensor]:
         """The chunks' inputs right-padded into ``[B, L]`` ids, a ``[B, L]``

@@ -12,7 +12,7 @@ import torch
 from sentence_transformers import CrossEncoder, SentenceTransformer
 
 from tests.e2e.conftest import ServerProcess, running_server
-from tests.tiny_pooling import build_tiny_cross_encoder
+from tests.tiny_pooling import build_tiny_causal_reranker, build_tiny_cross_encoder
 
 QUERY = "what is the capital of france"
 DOCUMENTS = ["the cat sat on the mat", "paris is the capital city of france", "a monkey is playing drums", "france"]
@@ -113,3 +113,20 @@ def test_an_embedding_model_reranks_and_scores_by_cosine_similarity(embedding_se
 def test_a_generating_model_does_not_score(tiny_server: ServerProcess):
     response = post(tiny_server, "/v1/rerank", {"query": "a", "documents": ["b"]})
     assert response.status_code == 400 and response.json()["error"]["code"] == "model_not_supported"
+
+
+def test_a_causal_lm_reranker_is_served_as_sentence_transformers_6_predicts(
+    tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path
+):
+    """Pairs rendered through the reranker's chat template by the server, scored by "yes" less "no"."""
+    model_dir = build_tiny_causal_reranker(tmp_path_factory.mktemp("causal-reranker") / "reranker", default_model_dir)
+    want = CrossEncoder(str(model_dir), device="cpu").predict([(QUERY, document) for document in DOCUMENTS], batch_size=1)
+    log = tmp_path_factory.mktemp("logs") / "causal_reranker_server.log"
+    for server in running_server([str(model_dir), "--served-model-name", "reranker"], log):
+        results = post(server, "/v1/rerank", {"query": QUERY, "documents": DOCUMENTS}).json()["results"]
+        assert {result["index"]: result["relevance_score"] for result in results} == pytest.approx(
+            {index: float(value) for index, value in enumerate(want)}, abs=1e-5
+        )
+        assert [result["index"] for result in results] == sorted(range(4), key=lambda index: -want[index])
+        response = post(server, "/v1/rerank", {"query": QUERY, "documents": DOCUMENTS, "truncate_prompt_tokens": 64})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "truncate_prompt_tokens"

@@ -14,7 +14,7 @@ from batching.engine_core import EngineCore
 from batching.pooling_params import PoolingParams
 from model_runtime.loading.loader import load_model
 from server.engine_builder import EngineConfig, build_engine_core
-from tests.tiny_pooling import build_tiny_cross_encoder
+from tests.tiny_pooling import build_tiny_causal_reranker, build_tiny_cross_encoder
 
 PAIRS = [
     ("what is the capital of france", "paris is the capital city of france"),
@@ -79,3 +79,25 @@ def test_classifiers_with_more_labels_and_unknown_activations_are_refused(tmp_pa
     model_dir = build_tiny_cross_encoder(tmp_path / "tanh", default_model_dir, activation="torch.nn.modules.activation.Tanh")
     with pytest.raises(ValueError, match="Tanh"):
         load_model(Path(model_dir))
+
+
+@pytest.mark.parametrize("prompt", ["Find passages about cities", None])
+def test_a_causal_lm_reranker_scores_as_sentence_transformers_6_predicts(tmp_path, default_model_dir, prompt):
+    """A LogitScore checkpoint (Qwen3-Reranker's way): the pair rendered by
+    the chat template as [system: the default prompt] [query] [document],
+    "yes" less "no" at the last token, a sigmoid; rows of other lengths
+    left-padded beside it in one step."""
+    model_dir = build_tiny_causal_reranker(tmp_path / "reranker", default_model_dir, prompt)
+    core = build_engine_core(EngineConfig(model=str(model_dir)), load_model(model_dir))
+    pair_messages = core.pooling.pair_messages
+    assert core.pooling.task == "score" and pair_messages.system_prompt == prompt
+    for index, (query, document) in enumerate(PAIRS):
+        rendered = core.tokenizer.apply_chat_template(pair_messages.messages(query, document), tokenize=True, return_dict=True)
+        core.add_request(core.make_request(f"p{index}", list(rendered["input_ids"]), PoolingParams()))
+    results = {}
+    while core.has_unfinished:
+        results |= {output.request_id: output.pooled[0] for output in core.step()}
+    assert core.num_steps == 1
+    got = torch.tensor([results[f"p{index}"] for index in range(len(PAIRS))])
+    want = torch.tensor(CrossEncoder(str(model_dir), device="cpu").predict(PAIRS, batch_size=1))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

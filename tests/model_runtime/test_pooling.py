@@ -128,7 +128,7 @@ def test_the_position_limit_of_a_roberta_family_encoder_leaves_out_its_padding_o
     [
         (dict(extra_modules=("Dense",)), "Dense, whose output it does not compute"),
         (dict(extra_modules=("LayerNorm",)), "LayerNorm"),
-        # sentence-transformers 6's decoder reranker (yes/no logits): not computed yet
+        # a LogitScore after pooling is no layout sentence-transformers makes (a reranker's is Transformer, LogitScore)
         (dict(model_type="qwen3", pooling="last", extra_modules=("LogitScore",)), "LogitScore"),
     ],
 )
