@@ -120,8 +120,7 @@ class EngineCore:
             raise InvalidRequestError("this model generates text; it does not serve embeddings", code="model_not_supported")
         if not isinstance(params, PoolingParams):
             raise InvalidRequestError(
-                f"this model is a pooling model (task {self.pooling.task!r}): it serves /v1/embeddings, not text generation",
-                code="model_not_supported",
+                f"this model is a pooling model: it serves {self.pooling.routes}, not text generation", code="model_not_supported"
             )
         self.pooling.check(params)
         if self.max_model_len is not None and len(prompt_token_ids) > self.max_model_len:
@@ -210,13 +209,7 @@ class EngineCore:
             if positions is not None:
                 for offset, logprob in enumerate(chunk_logprobs.logprobs):
                     positions[chunk_logprobs.first_position + offset] = logprob
-        outputs = [
-            dataclasses.replace(self._output(request, [], "", []), pooled=values)
-            if values is not None
-            else dataclasses.replace(self._output(request, [], "", []), error="the runner pooled nothing for this request")
-            for request, values in self.scheduler.finish_pooled(scheduler_output, runner_output)
-        ]
-        self.num_pooled_total += sum(output.pooled is not None for output in outputs)
+        outputs = self._pooled_outputs(scheduler_output, runner_output) if self.pooling is not None else []
         updates = self.scheduler.update_from_output(scheduler_output, runner_output)
         self.num_generation_tokens_total += len(updates)
         # One delta per request: a speculating request may get several tokens in one step.
@@ -238,6 +231,18 @@ class EngineCore:
             if positions is not None:
                 output = dataclasses.replace(output, prompt_logprobs=[positions[p] for p in sorted(positions)])
             outputs.append(output)
+        return outputs
+
+    def _pooled_outputs(self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput) -> list[RequestOutput]:
+        """The one delta of each pooling request the step finished: its vector, or an error where the runner gave none."""
+        outputs = []
+        for request, values in self.scheduler.finish_pooled(scheduler_output, runner_output):
+            output = self._output(request, [], "", [])
+            if values is None:
+                outputs.append(dataclasses.replace(output, error="the runner pooled nothing for this request"))
+            else:
+                outputs.append(dataclasses.replace(output, pooled=values))
+                self.num_pooled_total += 1
         return outputs
 
     def fail_step(self, scheduler_output: SchedulerOutput, message: str) -> list[RequestOutput]:

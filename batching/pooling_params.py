@@ -42,6 +42,13 @@ class PoolingModel:
     # A reranker built on a causal LM: pairs are rendered as chat messages (None: as the tokenizer's text pair).
     pair_messages: PairMessages | None = None
 
+    @property
+    def routes(self) -> str:
+        """What it serves, for messages and the start log."""
+        if self.task == "embed":
+            return "/v1/embeddings (and /v1/rerank, /v1/score by cosine similarity)"
+        return "/v1/rerank and /v1/score"
+
     def check(self, params: "PoolingParams") -> None:
         """Raise ``InvalidRequestError`` unless this model can answer ``params``."""
         dimensions = params.dimensions

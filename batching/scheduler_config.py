@@ -19,7 +19,7 @@ CUDA_TOKEN_BUDGET = 2048
 # A pooling model's step (embeddings, rerank pairs) has no decode to keep
 # short, and an encoder is faster per token in bigger batches: all-MiniLM-L6-v2
 # at 64 in flight, 128-token inputs, 20.5 inputs/s at 128 tokens a step, 31.7
-# at 512, 32.2 at 2048, 30.8 at 8192 (Zen 4, 2 cores; docs/BENCHMARKS.md).
+# at 512, 32.2 at 2048, 30.8 at 8192 (AMD EPYC Zen 4, AVX-512, 2 cores, 2026-12-07; docs/BENCHMARKS.md).
 POOLING_TOKEN_BUDGET = 2048
 DEFAULT_MAX_NUM_SEQS = 64  # --max-num-seqs
 DEFAULT_BLOCK_SIZE = 16  # --block-size (tokens per KV block)

@@ -16,7 +16,6 @@ their last ones, as vLLM does.
 import base64
 import struct
 import time
-from collections.abc import AsyncIterator
 from typing import Literal
 
 from fastapi import APIRouter, Depends, Request
@@ -24,15 +23,13 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from batching.errors import InvalidRequestError
-from batching.outputs import RequestOutput
 from batching.pooling_params import PoolingParams
-from server.choices import merge, start_choices, unless_disconnected
 from server.params import check_model
+from server.pooling import check_input_count, check_task, pool, text_token_ids, truncation_limit
 from server.protocol import model_dump, new_id
 from server.state import Served, served
 
 router = APIRouter()
-MAX_INPUTS = 2048  # inputs (or pairs) in one request, as OpenAI caps an embeddings request's
 
 
 class EmbeddingRequest(BaseModel):
@@ -71,22 +68,16 @@ class EmbeddingResponse(BaseModel):
 @router.post("/v1/embeddings")
 async def create_embeddings(body: EmbeddingRequest, raw_request: Request, state: Served = Depends(served)) -> JSONResponse:
     check_model(body.model, state)
-    if state.pooling is None or state.pooling.task != "embed":
-        what = "generates text" if state.pooling is None else "is a cross-encoder: it scores text pairs (/v1/rerank, /v1/score)"
-        raise InvalidRequestError(
-            f"The model `{state.model_name}` {what}; it does not serve embeddings (serve an embedding model)",
-            code="model_not_supported",
-        )
+    check_task(state, ("embed",), "serve embeddings")
     params = PoolingParams(body.dimensions)
     state.pooling.check(params)
     inputs = input_token_lists(body, state)
-    request_id = new_id("embd")
-    raw_request.state.request_id = request_id
-    choices = await start_choices(state, inputs, params, 1, request_id)
-    outputs = merge(state, choices, raw_request.app.state.metrics, raw_request.app.state.settings.request_timeout)
-    header = {"id": request_id, "created": int(time.time()), "model": state.model_name}
+    raw_request.state.request_id = request_id = new_id("embd")
+    vectors = await pool(state, raw_request, inputs, params, request_id)
+    data = [Embedding(index=index, embedding=_encode(vector, body.encoding_format)) for index, vector in enumerate(vectors)]
     usage = EmbeddingUsage(prompt_tokens=sum(map(len, inputs)), total_tokens=sum(map(len, inputs)))
-    return JSONResponse(await unless_disconnected(raw_request, _collect(outputs, body.encoding_format, header, usage)))
+    response = EmbeddingResponse(id=request_id, created=int(time.time()), model=state.model_name, data=data, usage=usage)
+    return JSONResponse(model_dump(response))
 
 
 def input_token_lists(body: EmbeddingRequest, state: Served) -> list[list[int]]:
@@ -97,44 +88,14 @@ def input_token_lists(body: EmbeddingRequest, state: Served) -> list[list[int]]:
     if not items:
         raise InvalidRequestError("input must not be empty", param="input")
     check_input_count(len(items), "input")
-    limit = body.truncate_prompt_tokens
-    if limit == -1:
-        limit = state.max_model_len
-    if limit is not None and not 1 <= limit <= state.max_model_len:
-        raise InvalidRequestError(f"truncate_prompt_tokens: must be -1 or in [1, {state.max_model_len}]", param="truncate_prompt_tokens")
+    limit = truncation_limit(body.truncate_prompt_tokens, state)
     token_lists = []
     for item in items:
-        if isinstance(item, str):
-            try:
-                token_ids = state.tokenizer(item, truncation=limit is not None, max_length=limit).input_ids
-            except Exception as exc:  # tokenizers raise a bare Exception when the limit leaves no room past special tokens
-                raise InvalidRequestError(
-                    f"truncate_prompt_tokens ({limit}) is too small for this model's input", param="truncate_prompt_tokens"
-                ) from exc
-        else:
-            token_ids = list(item)[-limit:] if limit else list(item)
+        token_ids = text_token_ids(state, item, limit) if isinstance(item, str) else (list(item)[-limit:] if limit else list(item))
         if not token_ids:
             raise InvalidRequestError("input must not be empty", param="input")
-        if limit is not None and len(token_ids) > limit:  # the tokenizer keeps its special tokens past a tiny limit
-            raise InvalidRequestError(
-                f"truncate_prompt_tokens ({limit}) is too small for this model's input", param="truncate_prompt_tokens"
-            )
         token_lists.append(token_ids)
     return token_lists
-
-
-def check_input_count(count: int, param: str) -> None:
-    if count > MAX_INPUTS:
-        raise InvalidRequestError(f"{param}: at most {MAX_INPUTS} in one request, got {count}", param=param)
-
-
-async def _collect(outputs: AsyncIterator[tuple[int, RequestOutput]], encoding_format: str, header: dict, usage: EmbeddingUsage) -> dict:
-    vectors: dict[int, list[float]] = {}
-    async for index, output in outputs:
-        if output.pooled is not None:
-            vectors[index] = output.pooled
-    data = [Embedding(index=index, embedding=_encode(vectors[index], encoding_format)) for index in sorted(vectors)]
-    return model_dump(EmbeddingResponse(**header, data=data, usage=usage))
 
 
 def _encode(vector: list[float], encoding_format: str) -> list[float] | str:

@@ -203,10 +203,10 @@ def build_pooling_engine_core(config: EngineConfig, loaded: LoadedModel) -> Engi
     scheduler = SchedulerConfig.for_device(loaded.device.type, max_num_seqs=config.max_num_seqs, max_num_batched_tokens=budget)
     max_model_len = min(config.max_model_len or loaded.max_model_len, loaded.max_model_len)
     runner = PoolingRunner(loaded.model, loaded.pooling, loaded.tokenizer.pad_token_id, loaded.device)
-    routes = "/v1/embeddings, and /v1/score and /v1/rerank by cosine" if loaded.pooling.task == "embed" else "/v1/score, /v1/rerank"
+    pooling = PoolingModel(loaded.pooling.task, loaded.num_pooled_values, loaded.is_matryoshka, loaded.pooling.pair_messages)
     logger.info(
         "serving: a pooling model (%s), %d values per input, %s; weights %s, %.0f MiB held; no KV cache",
-        routes,
+        pooling.routes,
         loaded.num_pooled_values,
         loaded.pooling.describe(),
         loaded.weights,
@@ -218,7 +218,5 @@ def build_pooling_engine_core(config: EngineConfig, loaded: LoadedModel) -> Engi
         loaded.tokenizer,
         vocab_size=loaded.vocab_size,
         max_model_len=max_model_len,
-        pooling=PoolingModel(
-            loaded.pooling.task, loaded.num_pooled_values, loaded.is_matryoshka, getattr(loaded.pooling, "pair_messages", None)
-        ),
+        pooling=pooling,
     )

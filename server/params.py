@@ -116,7 +116,7 @@ def check_generation_request(body: SamplingFields, state: Served) -> None:
     check_model(body.model, state)
     if state.pooling is not None:
         raise InvalidRequestError(
-            f"The model `{state.model_name}` is a pooling model (an embedder): it serves /v1/embeddings, not text generation",
+            f"The model `{state.model_name}` is a pooling model: it serves {state.pooling.routes}, not text generation",
             code="model_not_supported",
         )
     if state.encoder_decoder is None:

@@ -13,17 +13,14 @@ document, the second text, is then cut). Generating models answer 400.
 """
 
 import time
-from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from batching.errors import InvalidRequestError
-from batching.outputs import RequestOutput
 from batching.pooling_params import PoolingParams
-from server.choices import merge, start_choices, unless_disconnected
-from server.embeddings import check_input_count
 from server.params import check_model
+from server.pooling import check_input_count, check_task, pool, text_token_ids, truncation_limit
 from server.protocol import new_id
 from server.state import Served, served
 
@@ -98,20 +95,16 @@ async def score_pairs(
     state: Served, raw_request: Request, pairs: list[tuple[str, str]], body: RerankRequest | ScoreRequest
 ) -> tuple[list[float], int]:
     """Each pair's score, and the tokens the model read for them."""
-    if state.pooling is None:
-        raise InvalidRequestError(
-            f"The model `{state.model_name}` generates text; it does not score text pairs (serve a reranker or an embedding model)",
-            code="model_not_supported",
-        )
-    limit = _truncation(body.truncate_prompt_tokens, state)
+    check_task(state, ("score", "embed"), "score text pairs (serve a reranker or an embedding model)")
+    limit = truncation_limit(body.truncate_prompt_tokens, state)
     raw_request.state.request_id = request_id = new_id("score")
     if state.pooling.task == "score":
         inputs = [_pair_input(state, first, second, limit) for first, second in pairs]
-        values = await _pool(state, raw_request, [tokens for tokens, _ in inputs], [params for _, params in inputs], request_id)
+        values = await pool(state, raw_request, [tokens for tokens, _ in inputs], [params for _, params in inputs], request_id)
         return [value[0] for value in values], sum(len(tokens) for tokens, _ in inputs)
     texts = list(dict.fromkeys(text for pair in pairs for text in pair))  # each distinct text embedded once
-    token_lists = [state.tokenizer(text, truncation=limit is not None, max_length=limit).input_ids for text in texts]
-    vectors = dict(zip(texts, await _pool(state, raw_request, token_lists, [PoolingParams()] * len(texts), request_id)))
+    token_lists = [text_token_ids(state, text, limit) for text in texts]
+    vectors = dict(zip(texts, await pool(state, raw_request, token_lists, PoolingParams(), request_id)))
     return [_cosine(vectors[first], vectors[second]) for first, second in pairs], sum(map(len, token_lists))
 
 
@@ -141,31 +134,6 @@ def _pair_input(state: Served, first: str, second: str, limit: int | None) -> tu
     types = encoded.get("token_type_ids")
     start = types.index(1) if types and 1 in types else None
     return encoded.input_ids, PoolingParams(second_text_start=start)
-
-
-def _truncation(limit: int | None, state: Served) -> int | None:
-    if limit == -1:
-        return state.max_model_len
-    if limit is not None and not 1 <= limit <= state.max_model_len:
-        raise InvalidRequestError(f"truncate_prompt_tokens: must be -1 or in [1, {state.max_model_len}]", param="truncate_prompt_tokens")
-    return limit
-
-
-async def _pool(
-    state: Served, raw_request: Request, token_lists: list[list[int]], params: list[PoolingParams], request_id: str
-) -> list[list[float]]:
-    """The pooled values of each input, in order, through the batcher."""
-    choices = await start_choices(state, token_lists, params, 1, request_id)
-    outputs = merge(state, choices, raw_request.app.state.metrics, raw_request.app.state.settings.request_timeout)
-    return await unless_disconnected(raw_request, _collect(outputs, len(token_lists)))
-
-
-async def _collect(outputs: AsyncIterator[tuple[int, RequestOutput]], count: int) -> list[list[float]]:
-    values: dict[int, list[float]] = {}
-    async for index, output in outputs:
-        if output.pooled is not None:
-            values[index] = output.pooled
-    return [values[index] for index in range(count)]
 
 
 def _cosine(a: list[float], b: list[float]) -> float:

@@ -86,7 +86,8 @@ class Settings(BaseSettings):
         engine_default("task"),
         description=(
             "what the model serves. auto (default): read off the checkpoint: a sentence-transformers or bare encoder "
-            "checkpoint embeds (/v1/embeddings), a one-label *ForSequenceClassification checkpoint scores text pairs "
+            "checkpoint embeds (/v1/embeddings), a one-label *ForSequenceClassification checkpoint "
+            "or a sentence-transformers LogitScore reranker scores text pairs "
             "(/v1/rerank, /v1/score), anything else generates; generate; embed (a causal LM without modules.json pools "
             "its last token, normalized, as vLLM does); score"
         ),

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class PoolingConfig:
     max_input_tokens: int | None = None
     source: str = "modules.json"
     task = "embed"
+    pair_messages = None  # pairs are not rendered as chat messages
 
     def describe(self) -> str:
         return f"{self.mode} pooling{', normalized' if self.normalize else ''} ({self.source})"
@@ -112,6 +114,7 @@ class ScoreHead:
     max_input_tokens: int | None = None
     source: str = "config.json"
     task = "score"
+    pair_messages = None  # pairs are the tokenizer's text pairs
 
     def describe(self) -> str:
         return f"a cross-encoder's logit{' through a sigmoid' if self.activation == 'sigmoid' else ''} ({self.source})"
@@ -126,6 +129,9 @@ def score_head(source: Path, config: Any) -> ScoreHead:
     only, and an activation sentence-transformers would apply from torch."""
     if config.num_labels != 1:
         raise ValueError(f"{source} classifies into {config.num_labels} labels; tokenstep serves cross-encoders (rerankers) with one score")
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and config.model_type not in PLAIN_ENCODERS:
+        if config.get_text_config().pad_token_id is None:  # transformers finds each row's last token by it
+            raise ValueError(f"{source}: a decoder classifier without a pad_token_id in its config cannot score a batch of pairs")
     named = (getattr(config, "sentence_transformers", None) or {}).get("activation_fn") or getattr(
         config, "sbert_ce_default_activation_function", None
     )

@@ -65,32 +65,35 @@ class PoolingRunner:
         """A causal LM's logits at each row's last token, ``[B, vocab]``: the
         rows left-padded (so that token is every row's last) with explicit
         positions from 0 at each row's first real token, as it runs alone."""
-        width = max(chunk.num_new_tokens for chunk in chunks)
-        input_ids = torch.full((len(chunks), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(chunks), width), dtype=torch.long)
-        for row, chunk in enumerate(chunks):
-            input_ids[row, width - chunk.num_new_tokens :] = torch.tensor(chunk.new_token_ids)
-            mask[row, width - chunk.num_new_tokens :] = 1
+        input_ids, mask = self._padded(chunks, left=True)  # [B, L] each
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # [B, L]
         inputs = {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions}
-        output = self.model(**{name: tensor.to(self.device) for name, tensor in inputs.items()}, logits_to_keep=1)
+        output = self.model(**{name: tensor.to(self.device) for name, tensor in inputs.items()}, logits_to_keep=1)  # logits [B, 1, vocab]
         return output.logits[:, -1]
 
     def _batch(self, chunks: list[ScheduledChunk]) -> dict[str, torch.Tensor]:
         """The chunks' inputs right-padded into ``[B, L]`` ids, a ``[B, L]``
         mask (1 on real tokens) and, where a pair marks its second text,
         ``[B, L]`` token types."""
+        input_ids, mask = self._padded(chunks, left=False)  # [B, L] each
+        inputs = {"input_ids": input_ids, "attention_mask": mask}
+        starts = [chunk.new_request.pooling.second_text_start for chunk in chunks]
+        if any(start is not None for start in starts):
+            types = torch.zeros_like(mask)  # [B, L]
+            for row, (chunk, start) in enumerate(zip(chunks, starts)):
+                if start is not None:
+                    types[row, start : chunk.num_new_tokens] = 1
+            inputs["token_type_ids"] = types
+        return {name: tensor.to(self.device) for name, tensor in inputs.items()}
+
+    def _padded(self, chunks: list[ScheduledChunk], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The chunks' ids padded to the longest, on the left or the right,
+        ``[B, L]``, and the ``[B, L]`` mask of real tokens (1)."""
         width = max(chunk.num_new_tokens for chunk in chunks)
         input_ids = torch.full((len(chunks), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(chunks), width), dtype=torch.long)
-        types = torch.zeros((len(chunks), width), dtype=torch.long)
         for row, chunk in enumerate(chunks):
-            input_ids[row, : chunk.num_new_tokens] = torch.tensor(chunk.new_token_ids)
-            mask[row, : chunk.num_new_tokens] = 1
-            start = chunk.new_request.pooling.second_text_start
-            if start is not None:
-                types[row, start : chunk.num_new_tokens] = 1
-        inputs = {"input_ids": input_ids, "attention_mask": mask}
-        if any(chunk.new_request.pooling.second_text_start is not None for chunk in chunks):
-            inputs["token_type_ids"] = types
-        return {name: tensor.to(self.device) for name, tensor in inputs.items()}
+            span = slice(width - chunk.num_new_tokens, width) if left else slice(0, chunk.num_new_tokens)
+            input_ids[row, span] = torch.tensor(chunk.new_token_ids)
+            mask[row, span] = 1
+        return input_ids, mask

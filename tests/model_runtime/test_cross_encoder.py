@@ -70,7 +70,7 @@ def test_token_types_matter_to_a_bert_cross_encoder(tmp_path, default_model_dir)
     assert abs(with_types - without_types.pooled[0]) > 1e-4
 
 
-def test_classifiers_with_more_labels_and_unknown_activations_are_refused(tmp_path, default_model_dir):
+def test_classifiers_with_more_labels_unknown_activations_or_no_pad_id_are_refused(tmp_path, default_model_dir):
     model_dir = build_tiny_cross_encoder(tmp_path / "labels", default_model_dir)
     config = json.loads((model_dir / "config.json").read_text())
     (model_dir / "config.json").write_text(json.dumps({**config, "id2label": {"0": "a", "1": "b", "2": "c"}}))
@@ -79,6 +79,11 @@ def test_classifiers_with_more_labels_and_unknown_activations_are_refused(tmp_pa
     model_dir = build_tiny_cross_encoder(tmp_path / "tanh", default_model_dir, activation="torch.nn.modules.activation.Tanh")
     with pytest.raises(ValueError, match="Tanh"):
         load_model(Path(model_dir))
+    # transformers' decoder classifiers raise on any batch of two or more without a pad id: refused, not failing every step
+    model_dir = build_tiny_cross_encoder(tmp_path / "no-pad", default_model_dir, "qwen3")
+    (model_dir / "config.json").write_text(json.dumps({**json.loads((model_dir / "config.json").read_text()), "pad_token_id": None}))
+    with pytest.raises(ValueError, match="without a pad_token_id"):
+        load_model(model_dir)
 
 
 @pytest.mark.parametrize("prompt", ["Find passages about cities", None])
