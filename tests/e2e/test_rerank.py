@@ -108,6 +108,8 @@ def test_an_embedding_model_reranks_and_scores_by_cosine_similarity(embedding_se
     assert {result["index"]: result["relevance_score"] for result in results} == pytest.approx(dict(enumerate(want)), abs=1e-5)
     scored = post(embedding_server, "/v1/score", {"text_1": query, "text_2": documents}).json()
     assert [item["score"] for item in scored["data"]] == pytest.approx(want, abs=1e-5)
+    too_short = post(embedding_server, "/v1/rerank", {"query": query, "documents": documents, "truncate_prompt_tokens": 1})
+    assert too_short.status_code == 400 and too_short.json()["error"]["param"] == "truncate_prompt_tokens"  # no room past [CLS] [SEP]
 
 
 def test_a_generating_model_does_not_score(tiny_server: ServerProcess):
