@@ -31,6 +31,7 @@ import torch
 
 from batching.messages import PromptLogprobs, RunnerOutput, SampledToken, ScheduledChunk, SchedulerOutput
 from batching.runner_state import RunnerRequest, RunnerRequests
+from model_runtime.attention import triton_paged
 from model_runtime.attention.context import SequenceChunk, StepContext, build_step
 from model_runtime.attention.interface import decode_kernel_runs
 from model_runtime.decoder_only import DecoderOnlyStep
@@ -91,6 +92,8 @@ class ModelRunner:
         self.kv_cache = PagedKVCache(shape, num_blocks, block_size, self.device)
         self.decode_kernel = decode_kernel_runs(shape, self.device)
         self.model_step = kind(loaded, self.kv_cache, self.decode_kernel, compile_max_tokens)
+        # On CUDA, an eager decoder's attention runs in the Triton kernels (attention.triton_paged).
+        self.triton_attention = kind is DecoderOnlyStep and self.compiled is None and triton_paged.runs(self.device)
         # Draft-model speculation: the draft keeps a cache with the same block ids.
         self.drafter = DraftModel(draft, num_blocks, block_size) if draft is not None else None
         self.sampler = Sampler(loaded.vocab_size)
@@ -247,7 +250,9 @@ class ModelRunner:
 
     def _prepare(self, scheduled: list[tuple[ScheduledChunk, RunnerRequest]]) -> tuple[torch.Tensor, torch.Tensor, StepContext]:
         chunks = [SequenceChunk(chunk.new_token_ids, chunk.num_computed_tokens, request.block_ids) for chunk, request in scheduled]
-        return build_step(chunks, self.kv_cache.key_caches, self.kv_cache.value_caches, self.device, with_mask=not self.decode_kernel)
+        with_mask = not (self.decode_kernel or self.triton_attention)
+        caches = self.kv_cache.key_caches, self.kv_cache.value_caches
+        return build_step(chunks, *caches, self.device, with_mask=with_mask, triton=self.triton_attention)
 
 
 def model_step_kind(loaded: LoadedModel) -> type[DecoderOnlyStep] | type[EncoderDecoderStep]:

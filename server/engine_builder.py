@@ -147,7 +147,12 @@ def serving_line(loaded: LoadedModel, runner: ModelRunner, compile_requested: bo
         compiled = f"eager ({runner.model_step.eager_reason or 'no compiled step'})"
     else:
         compiled = "off (eager; --compile compiles the step forward)"
-    attention = "tokenstep's decode kernel" if runner.decode_kernel else "gather + PyTorch SDPA / math"
+    if runner.triton_attention:
+        attention = "Triton paged kernels"
+    elif runner.decode_kernel:
+        attention = "tokenstep's decode kernel"
+    else:
+        attention = "gather + PyTorch SDPA / math"
     return (
         f"weights {loaded.weights}, {held_bytes(loaded.model) / 2**20:.0f} MiB held; activations {loaded.activations}; "
         f"kernels {kernels.describe(loaded.model)}; "

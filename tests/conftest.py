@@ -11,6 +11,13 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import torch  # noqa: E402
+
+# Without CUDA, Triton's kernels run in its interpreter (tests/model_runtime/
+# test_triton_attention.py); Triton reads this when it is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from tests.tiny_models import build_noisy_copy, build_tiny_bart, build_tiny_gpt2, build_tiny_llama, build_tiny_t5  # noqa: E402
 from tests.tiny_pooling import build_tiny_sentence_transformer, extract_all_minilm  # noqa: E402
 

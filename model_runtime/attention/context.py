@@ -11,9 +11,12 @@ The runner, the draft model and the load-time check
 (``model_runtime.attention.check``) all build their steps here.
 """
 
+import itertools
 from dataclasses import dataclass
 
 import torch
+
+from model_runtime.attention.triton_paged import SequenceSpan, TritonStep
 
 
 @dataclass(slots=True)
@@ -41,6 +44,8 @@ class StepContext:
     # All of the above as one int64 tensor (attention.metadata.pack) where the kernels
     # run: each layer is then one C++ op, tokenstep::paged_attention_step.
     metadata: torch.Tensor | None = None
+    # The same as the Triton kernels read it, where they run (CUDA: attention.triton_paged).
+    triton: TritonStep | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,10 +64,12 @@ def build_step(
     value_caches: list[torch.Tensor],
     device: torch.device,
     with_mask: bool,
+    triton: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, StepContext]:
     """The step's ``input_ids`` ``[1, T]``, ``position_ids`` ``[1, T]`` and
     ``StepContext``. ``chunks`` must list the decode rows (one token) first;
-    ``with_mask`` builds their SDPA mask (not needed where the kernel runs)."""
+    ``with_mask`` builds their SDPA mask (not needed where the kernel runs);
+    ``triton`` adds the metadata the Triton kernels read."""
     block_size = key_caches[0].shape[1]
     token_ids: list[int] = []
     positions: list[int] = []
@@ -92,6 +99,10 @@ def build_step(
         decode_context_mask=mask,
         prefills=prefills,
     )
+    if triton:
+        starts = [0, *itertools.accumulate(len(chunk.token_ids) for chunk in chunks)]
+        spans = [SequenceSpan(start, len(c.token_ids), c.num_computed_tokens, c.block_ids) for start, c in zip(starts, chunks)]
+        context.triton = TritonStep.build(spans, slots, device)
     input_ids = torch.tensor([token_ids], dtype=torch.long, device=device)  # [1, T]
     position_ids = torch.tensor([positions], dtype=torch.long, device=device)  # [1, T]
     return input_ids, position_ids, context

@@ -16,6 +16,9 @@ index, then each sequence attends over its own blocks. Which code does it:
   their gathered blocks (a padded ``[B, L]`` context with a length mask, one
   SDPA call), each prefill chunk one SDPA call, causal over its new tokens
   and fully visible over the cached prefix;
+* on CUDA (where Triton is installed), each layer is two Triton kernels
+  (``attention.triton_paged``): the cache write, then one launch for every
+  row of the step, decode and prefill alike;
 * under ``--compile`` the graph calls one opaque op per layer
   (``model_runtime.step_graph``): the C++ step op, or a registered op that
   ends in ``attend``.
@@ -43,6 +46,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from model_runtime import kernels
+from model_runtime.attention import triton_paged
 from model_runtime.attention.context import PrefillSpan, StepContext
 from model_runtime.kv_cache import CacheShape
 
@@ -137,6 +141,12 @@ def paged_attention_forward(
     features = LayerFeatures.from_kwargs(kwargs, scaling, query.shape[-1])
     if not isinstance(context, StepContext):
         return context.attend(query, key, value, layer, features), None
+    if context.triton is not None:
+        key_cache, value_cache = context.key_caches[layer], context.value_caches[layer]
+        triton_paged.write_cache(key[0], value[0], key_cache, value_cache, context.triton.slot_mapping)
+        return triton_paged.attention(
+            query[0], key_cache, value_cache, context.triton, features.scale, features.sliding_window, features.softcap, features.sinks
+        ).unsqueeze(0), None
     if context.metadata is not None:
         return kernels.load().paged_attention_step(
             query,

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 import torch
 from transformers import PreTrainedModel
 
+from model_runtime.attention import triton_paged
 from model_runtime.attention.context import SequenceChunk, build_step
 from model_runtime.attention.interface import ATTENTION_NAME, decode_kernel_runs, step_forward
 from model_runtime.attention.metadata import pack
@@ -158,12 +159,15 @@ def _paged_logits(model: PreTrainedModel, sequences: list[list[int]], cache_shap
         num_blocks += count
     cache = PagedKVCache(cache_shape, num_blocks, PROBE_BLOCK_SIZE, device)
     is_native = decode_kernel_runs(cache_shape, device)
+    triton = triton_paged.runs(device)  # as the runner of an eager step
     rows: list[list[torch.Tensor]] = [[] for _ in sequences]
     with torch.inference_mode():
         for bounds in PROBE_STEPS:
             spans = sorted(enumerate(bounds), key=lambda span: span[1][1] - span[1][0] != 1)  # decode rows first
             chunks = [SequenceChunk(sequences[index][start:end], start, tables[index]) for index, (start, end) in spans]
-            input_ids, position_ids, context = build_step(chunks, cache.key_caches, cache.value_caches, device, with_mask=not is_native)
+            input_ids, position_ids, context = build_step(
+                chunks, cache.key_caches, cache.value_caches, device, with_mask=not (is_native or triton), triton=triton
+            )
             if is_native:
                 context.metadata = pack(context)
             every_row = torch.arange(input_ids.shape[1], device=device)  # rows as a tensor, as the runner keeps them
