@@ -59,6 +59,9 @@ class EngineConfig:
     speculative_model: str | Path | None = None
     # Compile the step forward whole (``model_runtime.step_graph``).
     compile: bool = False
+    # CUDA: run decode steps eagerly rather than replaying the CUDA graphs
+    # captured at start (``model_runtime.cuda_graphs``).
+    enforce_eager: bool = False
     # Where converted models and compiled kernels live (None: the platform's
     # user cache), and whether to leave tokenstep's C++ kernels out.
     cache_dir: str | Path | None = None

@@ -16,6 +16,7 @@ from model_runtime import kernels
 from model_runtime.attention.context import StepContext
 from model_runtime.attention.interface import SLOT_ATTRIBUTE, step_forward
 from model_runtime.attention.metadata import pack
+from model_runtime.cuda_graphs import DecodeGraphs, GraphLimits
 from model_runtime.fused import fuse_elementwise, fused_steps
 from model_runtime.kv_cache import CacheShape, PagedKVCache
 from model_runtime.loading.loader import LoadedModel
@@ -47,6 +48,10 @@ class DecoderOnlyStep:
         self.fused = self.compiled is None and decode_kernel
         if self.fused:
             logger.info("eager steps fused: %s", fuse_elementwise(self.model, kernels.load()))
+
+    def capture_graphs(self, kv_cache: PagedKVCache, limits: GraphLimits) -> DecodeGraphs:
+        """CUDA graphs of this model's decode steps (``model_runtime.cuda_graphs``)."""
+        return DecodeGraphs(self._run, kv_cache, limits)
 
     @staticmethod
     def cache_shape(loaded: LoadedModel) -> CacheShape:
@@ -83,9 +88,13 @@ class DecoderOnlyStep:
         keep = logits_rows if logits_rows is not None else torch.tensor([0], device=self.device)
         if self.compiled is not None:
             logits = self.compiled(input_ids, position_ids, context, keep)
-        elif self.fused:
-            with fused_steps():
-                logits = step_forward(self.model, input_ids, position_ids, context, keep)
         else:
-            logits = step_forward(self.model, input_ids, position_ids, context, keep)
+            logits = self._run(input_ids, position_ids, context, keep)
         return logits[0] if logits_rows is not None else None  # [R, vocab]
+
+    def _run(self, input_ids: torch.Tensor, position_ids: torch.Tensor, context: StepContext, rows: torch.Tensor) -> torch.Tensor:
+        """The eager forward: logits ``[1, R, vocab]`` at ``rows``."""
+        if self.fused:
+            with fused_steps():
+                return step_forward(self.model, input_ids, position_ids, context, rows)
+        return step_forward(self.model, input_ids, position_ids, context, rows)

@@ -34,6 +34,7 @@ from batching.runner_state import RunnerRequest, RunnerRequests
 from model_runtime.attention import triton_paged
 from model_runtime.attention.context import SequenceChunk, StepContext, build_step
 from model_runtime.attention.interface import decode_kernel_runs
+from model_runtime.cuda_graphs import DecodeGraphs, GraphLimits
 from model_runtime.decoder_only import DecoderOnlyStep
 from model_runtime.drafter import DraftModel, Lookahead
 from model_runtime.encoder_decoder.step import EncoderDecoderStep
@@ -82,6 +83,7 @@ class ModelRunner:
         block_size: int = 16,
         draft: LoadedModel | None = None,
         compile_max_tokens: int | None = None,
+        graphs: GraphLimits | None = None,
     ) -> None:
         self.loaded = loaded
         self.model = loaded.model
@@ -94,6 +96,14 @@ class ModelRunner:
         self.model_step = kind(loaded, self.kv_cache, self.decode_kernel, compile_max_tokens)
         # On CUDA, an eager decoder's attention runs in the Triton kernels (attention.triton_paged).
         self.triton_attention = kind is DecoderOnlyStep and self.compiled is None and triton_paged.runs(self.device)
+        # With it, decode-only steps replay CUDA graphs (not with a draft model, which mirrors every step eagerly).
+        self.decode_graphs: DecodeGraphs | None = None
+        if graphs is not None and self.triton_attention and draft is None and graphs.possible(self.device):
+            try:
+                self.decode_graphs = self.model_step.capture_graphs(self.kv_cache, graphs)
+            except Exception as error:  # a model whose forward cannot be recorded (a host sync inside) runs eagerly
+                why = str(error).splitlines()[0] if str(error) else type(error).__name__
+                logger.warning("CUDA graphs: capturing the decode step failed, decode steps run eagerly: %s", why)
         # Draft-model speculation: the draft keeps a cache with the same block ids.
         self.drafter = DraftModel(draft, num_blocks, block_size) if draft is not None else None
         self.sampler = Sampler(loaded.vocab_size)
@@ -129,15 +139,19 @@ class ModelRunner:
         scheduled.sort(key=lambda pair: pair[0].num_new_tokens != 1)  # decode rows first
         if not scheduled:
             return RunnerOutput(sampled=[])
-        input_ids, position_ids, context = self._prepare(scheduled)
+        chunks = [SequenceChunk(chunk.new_token_ids, chunk.num_computed_tokens, request.block_ids) for chunk, request in scheduled]
         sampling = [(chunk, request) for chunk, request in scheduled if chunk.is_sampling and not chunk.draft_token_ids]
         draft_chunks = [chunk for chunk, _ in scheduled if chunk.draft_token_ids]
         rows = self._logits_rows(scheduled)
         kept = rows.all
-        kept_rows = torch.tensor(kept, device=self.device) if kept else None
-        logits = self.model_step.forward(scheduled, input_ids, position_ids, context, kept_rows)  # [R, vocab]
-        if self.drafter is not None:
-            self.drafter.mirror(input_ids, position_ids, context)
+        if self.decode_graphs is not None and self.decode_graphs.fits(chunks, kept):
+            logits = self.decode_graphs.run(chunks)  # [R, vocab]
+        else:
+            input_ids, position_ids, context = self._prepare(chunks)
+            kept_rows = torch.tensor(kept, device=self.device) if kept else None
+            logits = self.model_step.forward(scheduled, input_ids, position_ids, context, kept_rows)  # [R, vocab]
+            if self.drafter is not None:
+                self.drafter.mirror(input_ids, position_ids, context)
         if logits is None:
             return RunnerOutput(sampled=[])
         sampling_rows = [self._sampling_row(chunk, request) for chunk, request in sampling]
@@ -248,8 +262,7 @@ class ModelRunner:
             results.append(PromptLogprobs(span.request.request_id, span.first_position, logprobs))
         return results
 
-    def _prepare(self, scheduled: list[tuple[ScheduledChunk, RunnerRequest]]) -> tuple[torch.Tensor, torch.Tensor, StepContext]:
-        chunks = [SequenceChunk(chunk.new_token_ids, chunk.num_computed_tokens, request.block_ids) for chunk, request in scheduled]
+    def _prepare(self, chunks: list[SequenceChunk]) -> tuple[torch.Tensor, torch.Tensor, StepContext]:
         with_mask = not (self.decode_kernel or self.triton_attention)
         caches = self.kv_cache.key_caches, self.kv_cache.value_caches
         return build_step(chunks, *caches, self.device, with_mask=with_mask, triton=self.triton_attention)

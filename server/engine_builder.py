@@ -25,6 +25,7 @@ from batching.scheduler_config import (
     SchedulerConfig,
 )
 from model_runtime import kernels, paths
+from model_runtime.cuda_graphs import GraphLimits
 from model_runtime.encoder_decoder.step import decoder_prompt_token_ids
 from model_runtime.kv_cache import free_device_bytes, parse_memory_size
 from model_runtime.loading.default_model import DEFAULT_MODEL_NAME, default_gguf_file, default_model_converted, default_model_dir
@@ -147,7 +148,9 @@ def serving_line(loaded: LoadedModel, runner: ModelRunner, compile_requested: bo
         compiled = f"eager ({runner.model_step.eager_reason or 'no compiled step'})"
     else:
         compiled = "off (eager; --compile compiles the step forward)"
-    if runner.triton_attention:
+    if runner.decode_graphs is not None:
+        attention = f"Triton paged kernels, decode steps from CUDA graphs of up to {runner.decode_graphs.sizes[-1]} rows"
+    elif runner.triton_attention:
         attention = "Triton paged kernels"
     elif runner.decode_kernel:
         attention = "tokenstep's decode kernel"
@@ -184,7 +187,8 @@ def build_engine_core(config: EngineConfig, loaded: LoadedModel | None = None, d
         draft = load_draft_model(config, loaded)
     limits = resolve_defaults(config, loaded, draft)
     compile_max_tokens = limits.scheduler.max_step_tokens if config.compile else None
-    runner = ModelRunner(loaded, limits.num_kv_blocks, config.block_size, draft, compile_max_tokens)
+    graphs = None if config.enforce_eager else GraphLimits(limits.scheduler.max_num_seqs, limits.max_model_len)
+    runner = ModelRunner(loaded, limits.num_kv_blocks, config.block_size, draft, compile_max_tokens, graphs)
     logger.info("serving: %s", serving_line(loaded, runner, config.compile))
     block_manager = BlockManager(runner.num_blocks, config.block_size, config.enable_prefix_caching, kv_window(loaded, draft))
     return EngineCore(

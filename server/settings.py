@@ -102,6 +102,10 @@ class Settings(BaseSettings):
             "but 1-2 minutes more at start (less once inductor's cache is warm)"
         ),
     )
+    enforce_eager: bool = Field(
+        engine_default("enforce_eager"),
+        description="CUDA: run every decode step eagerly instead of replaying the CUDA graphs captured at start",
+    )
     num_speculative_tokens: int | None = Field(
         engine_default("num_speculative_tokens"),
         ge=0,
