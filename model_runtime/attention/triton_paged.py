@@ -216,4 +216,6 @@ def _kernels() -> _Kernels:
 
     from model_runtime.attention import triton_kernels
 
-    return _Kernels(triton.jit(triton_kernels.write_cache), triton.jit(triton_kernels.paged_attention))
+    # Runtime values that may be 1 stay arguments: Triton would otherwise compile a variant for 1.
+    dynamic = ("scale", "softcap", "window", "block_size")
+    return _Kernels(triton.jit(triton_kernels.write_cache), triton.jit(triton_kernels.paged_attention, do_not_specialize=dynamic))

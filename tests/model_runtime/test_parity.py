@@ -43,6 +43,7 @@ def generate_outputs(
     token in the given config does not override the model's own, so the
     model's is cleared for the call."""
     outputs = []
+    device = next(model.parameters()).device  # make gpu-check runs it on CUDA
     model_eos = model.generation_config.eos_token_id
     model.generation_config.eos_token_id = None
     try:
@@ -50,7 +51,9 @@ def generate_outputs(
             config = GenerationConfig(do_sample=False, max_new_tokens=max_tokens_of(index), eos_token_id=None, pad_token_id=0, **generation)
             with torch.inference_mode():
                 generated = model.generate(
-                    torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long), generation_config=config
+                    torch.tensor([prompt], device=device),
+                    attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=device),
+                    generation_config=config,
                 )
             outputs.append(generated[0, len(prompt) :].tolist())
     finally:

@@ -161,10 +161,11 @@ def test_a_row_that_sees_nothing_is_zero_not_nan():
 # Through the runner: greedy float32 outputs equal ``generate``, with every
 # layer's attention in these kernels (forced on the CPU, as CUDA picks them),
 # over chunked prefills, decode rows beside them and preemption.
-RUNNER_MODELS = ["gemma2", "gpt-oss", "deepseek-v3"]  # window + softcap; window + sinks; values unlike keys
+RUNNER_MODELS = ["gpt-oss", "deepseek-v3"]  # windows and sinks; values unlike keys (soft-capping: the kernel tests above)
 RUNNER_PROMPT_LENGTHS = [1, 29, 45]  # past the zoo's window of 24
 
 
+@pytest.mark.skipif(not triton_paged.interpreted(), reason="on CUDA, make gpu-check's parity matrix runs the engine")
 @pytest.mark.parametrize("name", RUNNER_MODELS)
 def test_greedy_parity_through_the_runner(name, tmp_path, default_model_dir, monkeypatch):
     from model_runtime.loading.loader import load_model
