@@ -103,8 +103,19 @@ def run_step(results: list, name: str, step) -> None:
         traceback.print_exc()
         detail, passed = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}", False
     elapsed = time.monotonic() - start
+    free_device_memory()  # for the next step, which may be a server in another process
     results.append((name, passed, elapsed, detail))
     print(f"== {name}: {'passed' if passed else 'FAILED'} in {elapsed:.1f} s {detail}", flush=True)
+
+
+def free_device_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def report(results: list, out: Path) -> int:
@@ -288,7 +299,7 @@ def bfloat16_smoke(model_dir: Path) -> str:
     loaded = load_model(model_dir, dtype="bfloat16", device=DEVICE)
     rng = random.Random(3)
     prompts = [[rng.randrange(3, 49152) for _ in range(n)] for n in (1, 17, 64, 200, 513)]
-    core = build_on_device(loaded, max_num_batched_tokens=256)
+    core = build_on_device(loaded, max_num_batched_tokens=256, kv_cache_memory="2GiB")
     got = run_engine(core, prompts, "bf16", lambda index: 16)
     expected = generate_on_device(model_dir, prompts, lambda index: 16, dtype=torch.bfloat16)
     agree = sum(next((i for i, (a, b) in enumerate(zip(g, e)) if a != b), len(g)) for g, e in zip(got, expected))
@@ -302,7 +313,8 @@ def sdk_check(model_dir: Path, out: Path) -> str:
 
     from tests.e2e.conftest import ServerProcess
 
-    server = ServerProcess([str(model_dir), "--device", DEVICE, "--served-model-name", "qwen2"], log_path=out / "serve_sdk.log")
+    args = [str(model_dir), "--device", DEVICE, "--served-model-name", "qwen2", "--kv-cache-memory", "2GiB"]
+    server = ServerProcess(args, log_path=out / "serve_sdk.log")
     try:
         server.wait_ready()
         client = OpenAI(base_url=f"{server.base_url}/v1", api_key="unused")

@@ -50,8 +50,10 @@ class DecoderOnlyStep:
             logger.info("eager steps fused: %s", fuse_elementwise(self.model, kernels.load()))
 
     def capture_graphs(self, kv_cache: PagedKVCache, limits: GraphLimits) -> DecodeGraphs:
-        """CUDA graphs of this model's decode steps (``model_runtime.cuda_graphs``)."""
-        return DecodeGraphs(self._run, kv_cache, limits)
+        """CUDA graphs of this model's decode steps (``model_runtime.cuda_graphs``),
+        recorded as steps run: without autograd."""
+        with torch.inference_mode():
+            return DecodeGraphs(self._run, kv_cache, limits)
 
     @staticmethod
     def cache_shape(loaded: LoadedModel) -> CacheShape:
