@@ -24,7 +24,7 @@ runs in .ci/run).
 
 What it needs beyond PyTorch, Triton and transformers (which a CUDA image
 has): tokenstep's other dependencies and the OpenAI SDK as wheels, and a
-tokenizer (the default model's), both in ``.whl/``: ``make gpu-wheels``
+tokenizer (the default model's), both in ``.whl/`` (transformers among them: the image's may be older than tokenstep's): ``make gpu-wheels``
 fills it on a machine with the network; this script installs the wheels
 into a scratch folder when their modules are missing.
 
@@ -274,7 +274,9 @@ def generate_on_device(model_dir: Path, prompts: list[list[int]], max_tokens_of,
 
     from tests.model_runtime.test_parity import generate_outputs
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or torch.float32).to(DEVICE).eval()
+    # The model's own eager attention: SDPA cannot soft-cap, and some transformers releases
+    # (5.17) then leave Gemma 2's soft-capping out of generate's output.
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or torch.float32, attn_implementation="eager").to(DEVICE).eval()
     return generate_outputs(model, prompts, max_tokens_of)
 
 

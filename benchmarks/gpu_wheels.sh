@@ -3,7 +3,7 @@
 # network, beyond the PyTorch, Triton and transformers such a machine has:
 # tokenstep's other dependencies and the OpenAI SDK as wheels for CPython
 # 3.12 on x86-64 (the versions this venv holds), and the default model's
-# tokenizer, all in .whl/ (git-ignored; about 15 MB). benchmarks/gpu_check.py
+# tokenizer, all in .whl/ (git-ignored; about 30 MB). benchmarks/gpu_check.py
 # installs the wheels into a scratch folder there when fastapi is missing.
 #
 # Usage: bash benchmarks/gpu_wheels.sh [PYTHON_VERSION]   (default 3.12)
@@ -11,8 +11,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${VENV:-.venv}/bin/python
 PYTHON_VERSION=${1:-3.12}
+# The second line: the transformers tokenstep is tested with (a CUDA image's may be older:
+# Falcon takes a registered attention function only from 5.25) and what it needs anew.
 PACKAGES="fastapi starlette pydantic pydantic-core pydantic-settings python-dotenv typing-inspection annotated-types
-  annotated-doc typing-extensions uvicorn sse-starlette llguidance gguf platformdirs openai jiter distro sniffio"
+  annotated-doc typing-extensions uvicorn sse-starlette llguidance gguf platformdirs openai jiter distro sniffio
+  transformers huggingface-hub tokenizers kernels tomlkit httpx2 httpcore2 truststore"
 rm -rf .whl && mkdir -p .whl
 pins=()
 for package in $PACKAGES; do
