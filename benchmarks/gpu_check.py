@@ -76,6 +76,7 @@ def main() -> int:
     cuda = torch.cuda.is_available()
     print(f"gpu-check: torch {torch.__version__}, " + (f"CUDA device {torch.cuda.get_device_name()}" if cuda else "no CUDA device"))
     results: list[tuple[str, bool, float, str]] = []
+    run_step(results, "tokenstep, its server and the OpenAI SDK import", import_check)
     run_step(results, "Triton kernel tests" + ("" if cuda else " (interpreted on the CPU)"), kernel_tests)
     if not cuda and not args.rehearse_on_cpu:
         print("gpu-check: no CUDA here, so only the CPU-side checks ran")
@@ -147,6 +148,17 @@ def find_tokenizer() -> Path:
     from model_runtime.loading.default_model import default_model_dir
 
     return default_model_dir()
+
+
+def import_check() -> str:
+    """Every module a step below needs, imported in a fresh process (as the
+    servers it starts are): a wheel missing from ``.whl/`` shows here first."""
+    modules = "server.app, server.cli, bench.cli, openai, triton, tests.e2e.conftest, tests.model_zoo"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    completed = subprocess.run([sys.executable, "-c", f"import {modules}"], cwd=ROOT, env=env, capture_output=True, text=True)
+    if completed.returncode != 0:
+        raise ImportError(completed.stderr.strip().splitlines()[-1])
+    return modules
 
 
 def kernel_tests() -> str:

@@ -14,7 +14,7 @@ PYTHON_VERSION=${1:-3.12}
 # The second line: the transformers tokenstep is tested with (a CUDA image's may be older:
 # Falcon takes a registered attention function only from 5.25) and what it needs anew.
 PACKAGES="fastapi starlette pydantic pydantic-core pydantic-settings python-dotenv typing-inspection annotated-types
-  annotated-doc typing-extensions uvicorn sse-starlette llguidance gguf platformdirs openai jiter distro sniffio
+  annotated-doc typing-extensions uvicorn sse-starlette llguidance gguf platformdirs openai jiter distro sniffio opentelemetry-api
   transformers huggingface-hub tokenizers kernels tomlkit httpx2 httpcore2 truststore"
 rm -rf .whl && mkdir -p .whl
 pins=()
