@@ -198,7 +198,7 @@ class DynamicBatcher:
 
     async def generate(
         self, prompt_token_ids: list[int], params: SamplingParams | PoolingParams, request_id: str | None = None
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> "RequestStream":
         """Admit a request and return its stream of deltas (with
         ``PoolingParams``, one delta carrying the pooled vector).
 
@@ -218,7 +218,7 @@ class DynamicBatcher:
         self._streams[request_id] = stream
         self._intake.put_nowait(request)
         self._wakeup.set()
-        return self._iterate(request_id, stream)
+        return RequestStream(self, request_id, self._iterate(request_id, stream))
 
     def abort(self, request_id: str) -> None:
         """Abort a request; its blocks are freed before the next step."""
@@ -326,3 +326,25 @@ class DynamicBatcher:
             stream.put_nowait(output)
             if output.is_finished:
                 del self._streams[output.request_id]
+
+
+class RequestStream:
+    """One request's deltas, for ``async for``. Closing it (``aclose``)
+    before the last delta aborts the request, also when it was never
+    iterated (an async generator that never started runs no ``finally``);
+    leaving it mid-iteration aborts it too (``DynamicBatcher._iterate``)."""
+
+    def __init__(self, batcher: DynamicBatcher, request_id: str, outputs: AsyncIterator[RequestOutput]) -> None:
+        self.request_id = request_id
+        self._batcher = batcher
+        self._outputs = outputs
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    def __anext__(self):
+        return self._outputs.__anext__()
+
+    async def aclose(self) -> None:
+        await self._outputs.aclose()
+        self._batcher.abort(self.request_id)  # nothing to do once it finished

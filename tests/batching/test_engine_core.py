@@ -102,6 +102,23 @@ async def test_batcher_abort_lands_within_one_step():
         await batcher.stop()
 
 
+async def test_closing_a_stream_never_iterated_aborts_its_request():
+    """An async generator that never started runs no ``finally``: the stream
+    itself aborts on ``aclose``, and the request's blocks go back."""
+    runner = ScriptedRunner(reply="x" * 200)
+    batcher = fake_batcher(runner)
+    await batcher.start()
+    try:
+        stream = await batcher.generate(PROMPT, SamplingParams(max_tokens=200), "never-read")
+        await stream.aclose()
+        outputs = await collect(await batcher.generate(PROMPT, SamplingParams(max_tokens=5), "after"))
+        assert "".join(o.new_text for o in outputs) == "x" * 5
+        assert "never-read" not in batcher.core.scheduler.requests
+        assert batcher.core.scheduler.block_manager.num_used_blocks == 0
+    finally:
+        await batcher.stop()
+
+
 async def test_a_failing_step_ends_only_its_requests():
     batcher = fake_batcher(ScriptedRunner(fail_on=lambda request_id: request_id == "bad"))
     await batcher.start()
