@@ -113,6 +113,7 @@ def write_cache(
     slot_mapping: torch.Tensor,  # [T] int32; -1: a padded row, written nowhere
 ) -> None:
     """The step's new keys and values into their slots."""
+    key, value = _rows_contiguous(key), _rows_contiguous(value)
     num_kv_heads, num_tokens, head_dim = key.shape
     value_head_dim = value.shape[-1]
     _kernels().write[(num_tokens, num_kv_heads)](
@@ -148,6 +149,7 @@ def attention(
 ) -> torch.Tensor:
     """``[T, heads, value_head_dim]``: every new token over its sequence's cache
     (which must already hold the step's own keys and values)."""
+    query = _rows_contiguous(query)
     num_heads, num_tokens, head_dim = query.shape
     num_kv_heads, value_head_dim = key_cache.shape[2], value_cache.shape[3]
     group = num_heads // num_kv_heads
@@ -195,6 +197,11 @@ def attention(
         IEEE=query.dtype == torch.float32,
     )
     return output
+
+
+def _rows_contiguous(tensor: torch.Tensor) -> torch.Tensor:
+    """The kernels step through a head's elements one by one: the last dimension must be dense."""
+    return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
 
 
 def _pow2(n: int) -> int:

@@ -182,3 +182,22 @@ def test_greedy_parity_through_the_runner(name, tmp_path, default_model_dir, mon
     assert core.runner.triton_attention
     assert run_engine(core, prompts, max_tokens_of=lambda index: 6) == expected
     assert core.scheduler.num_preemptions > 0
+
+
+def test_inputs_whose_last_dimension_is_strided():
+    """A query or new keys whose head elements are not adjacent in memory
+    are read as their values, not their storage."""
+    expected = Case(MIXED).run(window=9)
+    case = Case(MIXED)  # the same step over a fresh cache
+    _, _, context = build_step(case.chunks, [case.key_cache], [case.value_cache], DEVICE, with_mask=True, triton=True)
+    new_keys = torch.cat([keys[cached:] for keys, (cached, _) in zip(case.keys, MIXED)]).transpose(0, 1)  # [kv_heads, T, d]
+    new_values = torch.cat([values[cached:] for values, (cached, _) in zip(case.values, MIXED)]).transpose(0, 1)
+
+    def strided(tensor: torch.Tensor) -> torch.Tensor:  # the same values, the last dimension's elements apart
+        return tensor.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+    triton_paged.write_cache(strided(new_keys), strided(new_values), case.key_cache, case.value_cache, context.triton.slot_mapping)
+    query = strided(torch.cat(case.queries).transpose(0, 1))
+    assert query.stride(-1) != 1
+    got = triton_paged.attention(query, case.key_cache, case.value_cache, context.triton, 0.3, 9, None, None)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
