@@ -18,6 +18,7 @@ from model_runtime.attention.context import SequenceChunk, build_step
 from model_runtime.attention.interface import LayerFeatures, attend
 from model_runtime.attention.metadata import pack
 
+CPU = torch.device("cpu")
 HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 6, 2, 32, 4
 # (cached tokens, new tokens) per sequence: decode rows first, then prefills.
 SEQUENCES = [(5, 1), (1, 1), (30, 1), (0, 9), (7, 5), (22, 3)]
@@ -31,67 +32,86 @@ FEATURES = {
 }
 
 
-def features_of(name: str, dtype: torch.dtype = torch.float32) -> LayerFeatures:
+def features_of(name: str, dtype: torch.dtype = torch.float32, device: torch.device = CPU) -> LayerFeatures:
     options = dict(FEATURES[name])
-    sinks = torch.linspace(-1.0, 2.0, HEADS, dtype=dtype) if options.pop("sinks", False) else None
+    sinks = torch.linspace(-1.0, 2.0, HEADS, dtype=dtype, device=device) if options.pop("sinks", False) else None
     return LayerFeatures(scale=0.3, sinks=sinks, **options)
 
 
 class Step:
     """A step over shuffled blocks: each sequence's cached K/V already in the
-    cache, its new tokens' K/V as the model hands them; and every
-    sequence's whole K/V and queries for the reference."""
+    cache (on ``device``), its new tokens' K/V as the model hands them; and
+    every sequence's whole K/V and queries (on the CPU) for the reference.
+    The shape defaults to the module's; tests/model_runtime/
+    test_triton_attention.py varies it."""
 
-    def __init__(self, dtype: torch.dtype = torch.float32, garbage_before_window: int | None = None) -> None:
+    def __init__(
+        self,
+        dtype: torch.dtype = torch.float32,
+        garbage_before_window: int | None = None,
+        *,
+        sequences: list[tuple[int, int]] = SEQUENCES,  # (cached, new) tokens; decode rows first
+        heads: int = HEADS,
+        kv_heads: int = KV_HEADS,
+        head_dim: int = HEAD_DIM,
+        value_head_dim: int | None = None,
+        block_size: int = BLOCK_SIZE,
+        device: torch.device = CPU,
+    ) -> None:
+        value_head_dim = value_head_dim or head_dim
+        self.sequences, self.heads, self.kv_heads, self.device = sequences, heads, kv_heads, device
         generator = torch.Generator().manual_seed(4)
-        blocks_per_seq = [-(-(cached + new) // BLOCK_SIZE) for cached, new in SEQUENCES]
+        blocks_per_seq = [-(-(cached + new) // block_size) for cached, new in sequences]
         order = list(range(sum(blocks_per_seq) + 2))
         random.Random(5).shuffle(order)
-        self.key_cache = torch.zeros(len(order), BLOCK_SIZE, KV_HEADS, HEAD_DIM, dtype=dtype)
-        self.value_cache = torch.zeros_like(self.key_cache)
+        self.key_cache = torch.zeros(len(order), block_size, kv_heads, head_dim, dtype=dtype)
+        self.value_cache = torch.zeros(len(order), block_size, kv_heads, value_head_dim, dtype=dtype)
         self.keys, self.values, self.queries, chunks, start = [], [], [], [], 0
-        for (cached, new), count in zip(SEQUENCES, blocks_per_seq):
+        for (cached, new), count in zip(sequences, blocks_per_seq):
             table = order[start : start + count]
             start += count
-            keys, values = torch.randn(2, cached + new, KV_HEADS, HEAD_DIM, generator=generator).to(dtype).unbind(0)
+            keys = torch.randn(cached + new, kv_heads, head_dim, generator=generator).to(dtype)
+            values = torch.randn(cached + new, kv_heads, value_head_dim, generator=generator).to(dtype)
             self.keys.append(keys)
             self.values.append(values)
-            self.queries.append(torch.randn(new, HEADS, HEAD_DIM, generator=generator).to(dtype))
+            self.queries.append(torch.randn(new, heads, head_dim, generator=generator).to(dtype))
             for position in range(cached):
-                self.key_cache[table[position // BLOCK_SIZE], position % BLOCK_SIZE] = keys[position]
-                self.value_cache[table[position // BLOCK_SIZE], position % BLOCK_SIZE] = values[position]
+                self.key_cache[table[position // block_size], position % block_size] = keys[position]
+                self.value_cache[table[position // block_size], position % block_size] = values[position]
             if garbage_before_window is not None:  # blocks no query of this step may see
-                for index in range(max(cached - garbage_before_window + 1, 0) // BLOCK_SIZE):
-                    self.key_cache[table[index]] = 1e3 * torch.randn(BLOCK_SIZE, KV_HEADS, HEAD_DIM, generator=generator).to(dtype)
-                    self.value_cache[table[index]] = 1e3 * torch.randn(BLOCK_SIZE, KV_HEADS, HEAD_DIM, generator=generator).to(dtype)
+                for index in range(max(cached - garbage_before_window + 1, 0) // block_size):
+                    self.key_cache[table[index]] = 1e3 * torch.randn(block_size, kv_heads, head_dim, generator=generator).to(dtype)
+                    self.value_cache[table[index]] = 1e3 * torch.randn(block_size, kv_heads, value_head_dim, generator=generator).to(dtype)
             chunks.append(SequenceChunk([0] * new, cached, table))
         self.chunks = chunks
+        self.key_cache, self.value_cache = self.key_cache.to(device), self.value_cache.to(device)
 
-    def inputs(self, with_mask: bool):
+    def inputs(self, with_mask: bool, triton: bool = False):
         """``attend``'s query, key, value ``[1, heads or kv_heads, T, head_dim]`` and the context."""
-        _, _, context = build_step(self.chunks, [self.key_cache], [self.value_cache], torch.device("cpu"), with_mask)
-        new_keys = torch.cat([keys[cached:] for keys, (cached, _) in zip(self.keys, SEQUENCES)])  # [T, kv_heads, head_dim]
-        new_values = torch.cat([values[cached:] for values, (cached, _) in zip(self.values, SEQUENCES)])
+        _, _, context = build_step(self.chunks, [self.key_cache], [self.value_cache], self.device, with_mask, triton)
+        new_keys = torch.cat([keys[cached:] for keys, (cached, _) in zip(self.keys, self.sequences)])  # [T, kv_heads, head_dim]
+        new_values = torch.cat([values[cached:] for values, (cached, _) in zip(self.values, self.sequences)])
         query = torch.cat(self.queries)  # [T, heads, head_dim]
-        return query.transpose(0, 1)[None], new_keys.transpose(0, 1)[None], new_values.transpose(0, 1)[None], context
+        return tuple(t.transpose(0, 1)[None].to(self.device) for t in (query, new_keys, new_values)) + (context,)
 
     def expected(self, features: LayerFeatures) -> torch.Tensor:
-        """``[T, heads, head_dim]`` float64, row by row from the definitions."""
+        """``[T, heads, value_head_dim]`` float64 on the CPU, row by row from the definitions."""
         rows = []
-        for (cached, new), keys, values, queries in zip(SEQUENCES, self.keys, self.values, self.queries):
+        sinks = features.sinks.cpu() if features.sinks is not None else None
+        for (cached, new), keys, values, queries in zip(self.sequences, self.keys, self.values, self.queries):
             for offset in range(new):
                 position = cached + offset
                 first = max(position - features.sliding_window + 1, 0) if features.sliding_window else 0
                 heads = []
-                for head in range(HEADS):
-                    kv_head = head // (HEADS // KV_HEADS)
+                for head in range(self.heads):
+                    kv_head = head // (self.heads // self.kv_heads)
                     scores = [
                         float(queries[offset, head].double() @ keys[j, kv_head].double()) * features.scale
                         for j in range(first, position + 1)
                     ]
                     if features.softcap:
                         scores = [features.softcap * math.tanh(s / features.softcap) for s in scores]
-                    logits = scores + ([float(features.sinks[head])] if features.sinks is not None else [])
+                    logits = scores + ([float(sinks[head])] if sinks is not None else [])
                     top = max(logits)
                     weights = [math.exp(s - top) for s in logits]
                     total = sum(weights)
