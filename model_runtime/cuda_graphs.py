@@ -95,6 +95,7 @@ class DecodeGraphs:
         ones, zeros = torch.ones_like(rows), torch.zeros_like(rows)
         self.rows = rows.long()
         self.graphs: dict[int, tuple[CudaGraph, torch.Tensor]] = {}
+        contexts: dict[int, StepContext] = {}
         started, pool = time.monotonic(), None
         for size in reversed(self.sizes):  # the largest first: the smaller ones reuse its memory
             step = TritonStep(
@@ -115,7 +116,26 @@ class DecodeGraphs:
             )
             pool = graph.pool
             self.graphs[size] = (graph, output[0])  # [size, vocab]
+            contexts[size] = context
+        self._check_replays(run, contexts)
         logger.info("CUDA graphs: decode steps of %s rows captured in %.1f s", ", ".join(map(str, self.sizes)), time.monotonic() - started)
+
+    def _check_replays(self, run: StepFunction, contexts: dict[int, StepContext]) -> None:
+        """Each graph must give what the eager forward gives for inputs other
+        than those it was captured with: one that kept a value of its capture
+        instead of reading the buffers would answer wrong, so it raises here
+        (the runner then runs decode steps eagerly)."""
+        for size, (graph, output) in self.graphs.items():
+            positions = [3 + row % 5 for row in range(size)]  # keys of block 0, read by every row
+            self.ids[:, :size].copy_(torch.tensor([[1 + row for row in range(size)], positions]))
+            self.seq_lens[:size].copy_(torch.tensor([p + 1 for p in positions], dtype=torch.int32))
+            self.slots[:size].fill_(-1)  # writing nothing
+            graph.replay()
+            replayed = output.clone()
+            eager = run(self.ids[0:1, :size], self.ids[1:2, :size], contexts[size], self.rows[:size])[0]
+            if not torch.allclose(replayed.float(), eager.float(), rtol=1e-3, atol=1e-3 * max(eager.abs().max().item(), 1.0)):
+                raise RuntimeError(f"the graph of {size} rows does not reproduce the eager forward on new inputs")
+        self.seq_lens.zero_()
 
     def fits(self, chunks: list[SequenceChunk], kept_rows: list[int]) -> bool:
         """Whether this step is one a graph serves: decode rows only, each

@@ -13,7 +13,10 @@ from model_runtime.attention import triton_paged
 from model_runtime.loading.loader import load_model
 from tests.model_runtime.test_parity import build, reference_outputs, run_engine
 
-pytestmark = pytest.mark.skipif(not triton_paged.interpreted(), reason="needs Triton's interpreter (TRITON_INTERPRET=1, no CUDA)")
+pytestmark = pytest.mark.skipif(
+    not triton_paged.interpreted(),
+    reason="the stand-in replays on CPU tensors in Triton's interpreter (no CUDA); on CUDA make gpu-check serves through real graphs",
+)
 
 
 class ReplayedEagerly:
@@ -72,3 +75,24 @@ def test_enforce_eager_and_prefill_steps_run_eagerly(on_graphs, tiny_llama_dir):
     before = len(on_graphs)
     run_engine(core, [[5, 6, 7]], max_tokens_of=lambda index: 1)  # a prefill that samples its one token
     assert len(on_graphs) == before
+
+
+class StaleGraph(ReplayedEagerly):
+    """A graph that kept its capture's values: replaying changes nothing."""
+
+    def replay(self) -> None:
+        pass
+
+
+def test_a_graph_that_does_not_follow_its_buffers_is_not_used(on_graphs, tiny_llama_dir, monkeypatch, caplog):
+    """Checked at start against the eager forward on new inputs: a stale graph
+    would answer every request with the capture's logits, so decode steps run
+    eagerly instead, and say why."""
+    monkeypatch.setattr(cuda_graphs, "CudaGraph", StaleGraph)
+    loaded = load_model(tiny_llama_dir, dtype="float32", device="cpu")
+    with caplog.at_level("WARNING"):
+        core = build(loaded, num_kv_blocks=64, max_num_seqs=4)
+    assert core.runner.decode_graphs is None
+    assert "does not reproduce the eager forward" in caplog.text
+    prompts = [[5, 6, 7], [9, 10]]
+    assert run_engine(core, prompts, max_tokens_of=lambda index: 4) == reference_outputs(tiny_llama_dir, prompts, lambda index: 4)
