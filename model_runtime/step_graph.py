@@ -19,10 +19,9 @@ serial number) and runs ``attention.attend``, as eager mode does.
 
 Shapes: the step's token count T and the number of kept logits rows are
 dynamic, and one graph serves every size (sizes 0 and 1 are not special
-cased, and the quantized linears switch kernels inside their C++ op). Only a
-float32 linear that switches between MKL and oneDNN at some row count
-(measured at load) splits the graphs; ``warm_up`` compiles every graph at
-start so that no request waits for a compile.
+cased, and the quantized linears switch kernels inside their C++ op);
+``warm_up`` compiles every graph at start so that no request waits for a
+compile.
 """
 
 import functools
@@ -191,37 +190,23 @@ def _step_guards(entries: list) -> list[bool]:
     ]
 
 
-RECOMPILE_LIMIT = 32  # shape classes: T = 1 or not, kept rows 1 or not, each linear's kernel switch
+RECOMPILE_LIMIT = 32  # shape classes: T = 1 or not, kept rows 1 or not
 
 
 def warm_up(
     forward: CompiledForward, key_caches: list[torch.Tensor], value_caches: list[torch.Tensor], max_num_tokens: int, with_mask: bool
 ) -> None:
     """Compile every shape class a step can take before serving: one decode
-    row alone; then, for a step size on each side of every row count where a
-    linear switches kernels (and 2 and the largest step), that many decode
-    rows, a prefill of that many tokens alone, and one beside two decode rows. The steps write garbage into the first
-    blocks of the pool, which nothing holds yet at start."""
+    row alone; then, for 2 and the largest step size, that many decode rows,
+    a prefill of that many tokens alone, and one beside two decode rows. The
+    steps write garbage into the first blocks of the pool, which nothing
+    holds yet at start."""
     start = time.perf_counter()
-    token_counts = sorted(
-        {2, max_num_tokens} | {n for rows in kernel_switch_rows(forward.model) for n in (rows - 1, rows) if 2 <= n <= max_num_tokens}
-    )
-    shapes = [(1, 0)] + [shape for n in token_counts for shape in ((n, 0), (0, n), (2, n))]
+    shapes = [(1, 0)] + [shape for n in sorted({2, max_num_tokens}) for shape in ((n, 0), (0, n), (2, n))]
     for num_decode, num_prefill in shapes:
         input_ids, position_ids, context, rows = _synthetic_step(num_decode, num_prefill, key_caches, value_caches, with_mask)
         forward(input_ids, position_ids, context, rows)
     logger.info("compiled the step forward for %d step shapes in %.1f s", len(shapes), time.perf_counter() - start)
-
-
-def kernel_switch_rows(model: torch.nn.Module) -> set[int]:
-    """Row counts at which a float32 linear layer changes kernels in Python
-    (measured at load): each one splits the compiled graphs."""
-    rows = set()
-    for module in model.modules():
-        value = getattr(module, "packed_from_rows", None)  # quantized linears switch inside their op
-        if isinstance(value, int) and value > 1:
-            rows.add(value)
-    return rows
 
 
 def _synthetic_step(

@@ -29,7 +29,7 @@ from model_runtime.cuda_graphs import GraphLimits
 from model_runtime.encoder_decoder.step import decoder_prompt_token_ids
 from model_runtime.kv_cache import free_device_bytes, parse_memory_size
 from model_runtime.loading.default_model import DEFAULT_MODEL_NAME, default_gguf_file, default_model_converted, default_model_dir
-from model_runtime.loading.loader import LoadedModel, held_bytes, load_model
+from model_runtime.loading.loader import LoadedModel, held_bytes, load_model, return_freed_heap
 from model_runtime.pooling.runner import PoolingRunner
 from model_runtime.runner import ModelRunner
 from server.settings import Settings
@@ -189,6 +189,7 @@ def build_engine_core(config: EngineConfig, loaded: LoadedModel | None = None, d
     compile_max_tokens = limits.scheduler.max_step_tokens if config.compile else None
     graphs = None if config.enforce_eager else GraphLimits(limits.scheduler.max_num_seqs, limits.max_model_len)
     runner = ModelRunner(loaded, limits.num_kv_blocks, config.block_size, draft, compile_max_tokens, graphs)
+    return_freed_heap()  # what the kernel probes and the warm-up steps freed
     logger.info("serving: %s", serving_line(loaded, runner, config.compile))
     block_manager = BlockManager(runner.num_blocks, config.block_size, config.enable_prefix_caching, kv_window(loaded, draft))
     return EngineCore(

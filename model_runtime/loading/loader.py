@@ -28,6 +28,7 @@ float32, exactly ``generate``'s.
 """
 
 import contextlib
+import ctypes
 import functools
 import logging
 from collections.abc import Iterator
@@ -58,7 +59,7 @@ from model_runtime.pooling.logit_score import LogitScoreHead
 from model_runtime.pooling.model import is_pooling_checkpoint, load_pooling_model
 from model_runtime.weights.gguf import block_types, load_gguf_linears
 from model_runtime.weights.int_activations import quantize_activations
-from model_runtime.weights.layout import RowSwitchedLinear, free_unread_copies, optimise_cpu_linears
+from model_runtime.weights.layout import PackedLinear, free_unread_copies, optimise_cpu_linears
 from model_runtime.weights.quantization import choose_groupwise_kernels, describe, quantize_int8, to_float_linears
 
 logger = logging.getLogger(__name__)
@@ -195,13 +196,14 @@ def load_model(
         linears = "default layout"
     if layout is not None:
         for module in model.modules():
-            if isinstance(module, RowSwitchedLinear):
+            if isinstance(module, PackedLinear):
                 module.read_outside = False
         check_served_linears(model, layout)  # the weight reads below are the forward's own
     if kept := free_unread_copies(model):
-        linears += f"; {kept} [in, out] copies kept: the model's own code reads those weights"
+        linears += f"; {kept} checkpoint weights kept beside their packed copies: the model's own code reads them"
     if torch_device.type == "cpu":
         release_checkpoint(model)
+        return_freed_heap()
     config = model.config
     max_model_len = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
     logger.info("loaded %s on %s as %s (max_model_len %d; %s)", model_path, torch_device, torch_dtype, max_model_len, linears)
@@ -285,6 +287,17 @@ def release_checkpoint(model: nn.Module) -> None:
                 for name, buffer in list(module._buffers.items()):
                     if buffer is not None and buffer.layout == torch.strided:
                         module._buffers[name] = buffer.clone()
+
+
+def return_freed_heap() -> None:
+    """Hand the heap the load freed back to the system: glibc keeps freed
+    blocks of its main heap in the process, and the weights a layout or a
+    quantization replaced were there (float32 packed for oneDNN: 1588 ->
+    1240 MiB RSS for the default model). Nothing where the C library has no
+    ``malloc_trim`` (musl, macOS)."""
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 def check_complete(model: nn.Module, missing_keys: set[str] | list[str], source: str | Path) -> None:

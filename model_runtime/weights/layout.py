@@ -15,16 +15,18 @@ the LM head included, becomes a ``PackedLinear`` whose weight is reordered
 once into oneDNN's blocked layout and multiplied by oneDNN (AMX tiles where
 present), faster than plain bf16 at every batch size measured.
 
-**float32, small models** (linears of at most ``DUAL_LAYOUT_MAX_BYTES``, the
-default model's 540 MB): which kernel is faster at a few rows depends on the
-CPU, so it is measured at load time (``choose_packed_from_rows``: the model's
-own linears, one pass over all their weights as in a decode step, at 1, 2
-and 4 rows). Packing was better from 16 rows on both hosts measured, but for
-a single row an Intel host (AMX) ran MKL's ``[in, out]`` GEMV faster while an
-AMD EPYC (Zen 5) ran oneDNN's packed kernel faster. So each linear is a
-``RowSwitchedLinear``: the ``[in, out]`` weight below ``packed_from_rows``
-rows, the packed one from there; when packing wins from one row, the
-``[in, out]`` copy is dropped and the model holds its weights once.
+**float32, models of up to ``PROBED_LAYOUT_MAX_BYTES`` of linears** (the
+default model's 540 MB): which layout is fastest depends on the CPU and on
+the row count, so ``choose_float32_layout`` times one pass over the model's
+own linears (their weights streamed from memory, as in a step) at 1, 16 and
+64 rows in each of three layouts: the checkpoint's ``[out, in]``, ``[in,
+out]``, and packed for oneDNN. The model keeps **one** of them, the least
+total time relative to the fastest at each row count: a second layout would
+hold every weight twice (1.8x the weights' memory) to gain a few per cent at
+some row counts (Intel with AMX, 2026-12-07: the checkpoint's layout ties
+``[in, out]`` at one row and is 30 % faster than packed there, packed is 6 %
+faster at 16 rows). An LM head tied to the input embedding keeps the
+embedding's tensor whatever the choice, so no weight is held twice.
 
 The measurements behind each choice, with host and date:
 docs/PERFORMANCE.md, "Measurements behind choices in the code".
@@ -58,8 +60,9 @@ def packed_linear(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tens
 # bf16; for float32, 64 did better (see the module docstring).
 _PACKING_ROWS_HINT = 16
 _FLOAT32_PACKING_ROWS_HINT = 64
-PACKED_FROM_ROWS = 8
-DUAL_LAYOUT_MAX_BYTES = 2 * 2**30
+# Above this many bytes of linears, probing (three layouts held at once) is
+# not worth its memory: such models keep the [in, out] layout.
+PROBED_LAYOUT_MAX_BYTES = 2 * 2**30
 
 
 def has_native_bf16() -> bool:
@@ -70,131 +73,143 @@ def has_native_bf16() -> bool:
 class PackedLinear(nn.Module):
     """``nn.Linear`` with its weight prepacked for oneDNN (CPU, inference only).
 
-    The original weight is not kept: a tied input embedding keeps its own
-    tensor, so the model holds the LM head twice (once packed).
+    ``weight`` is the checkpoint's tensor, kept for model code that reads a
+    projection's weight outside the projection (Ergo reads
+    ``o_proj.weight.dtype``): a read sets ``read_outside``, and after the
+    model's forward ran ``free_unread_copies`` drops it from every module
+    nothing read, so the model holds each weight once (a tied LM head's
+    tensor stays the input embedding's).
     """
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, packed_weight: torch.Tensor | None = None, rows_hint: int = _PACKING_ROWS_HINT) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        with torch.no_grad():
-            packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().contiguous(), _PACKING_ROWS_HINT)
-        self.register_buffer("packed_weight", packed, persistent=False)
-        self.bias = linear.bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return packed_linear(x, self.packed_weight, self.bias)
-
-
-class RowSwitchedLinear(nn.Module):
-    """float32 ``nn.Linear`` with its weight packed for oneDNN and, while
-    ``packed_from_rows`` > 1, also laid out ``[in, out]`` for MKL, which
-    serves inputs of fewer rows. Inference only.
-
-    ``weight`` is that ``[in, out]`` copy, for model code that reads a
-    projection's weight outside the projection (Ergo reads
-    ``o_proj.weight.dtype``): a read sets ``read_outside``, and
-    ``free_unread_copies`` keeps the copy of such a module."""
-
-    def __init__(self, linear: nn.Linear, packed_from_rows: int = PACKED_FROM_ROWS) -> None:
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.packed_from_rows = packed_from_rows
         self.read_outside = False
         with torch.no_grad():
             weight = linear.weight.detach()
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), _FLOAT32_PACKING_ROWS_HINT)
-            self.register_buffer("input_major_weight", weight.t().contiguous().t(), persistent=False)
-            self.register_buffer("packed_weight", packed, persistent=False)
+            if packed_weight is None:
+                packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), rows_hint)
+        self.register_buffer("packed_weight", packed_weight, persistent=False)
+        self.register_buffer("checkpoint_weight", weight, persistent=False)
         self.bias = linear.bias
 
     @property
     def weight(self) -> torch.Tensor | None:
         self.read_outside = True
-        return self.input_major_weight
+        return self.checkpoint_weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() // self.in_features >= self.packed_from_rows:
-            return self.packed_forward(x)
-        return self.mkl_forward(x)
-
-    def packed_forward(self, x: torch.Tensor) -> torch.Tensor:
         return packed_linear(x, self.packed_weight, self.bias)
-
-    def mkl_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.input_major_weight, self.bias)
-
-    def use_packed_from(self, rows: int) -> None:
-        """Switch at ``rows``; from 1 row on, ``free_unread_copies`` frees the ``[in, out]`` copy."""
-        self.packed_from_rows = rows
 
 
 def free_unread_copies(model: nn.Module) -> int:
-    """Free the ``[in, out]`` copy of every ``RowSwitchedLinear`` that packs
-    from one row on and whose weight nothing read from outside (run the
-    model's forward first); returns how many copies stay for such reads."""
+    """Drop the checkpoint weight of every ``PackedLinear`` whose weight
+    nothing read from outside (run the model's forward first); returns how
+    many stay for such reads."""
     kept = 0
     for module in model.modules():
-        if isinstance(module, RowSwitchedLinear) and module.packed_from_rows <= 1 and module.input_major_weight is not None:
+        if isinstance(module, PackedLinear) and module.checkpoint_weight is not None:
             if module.read_outside:
+                # its own memory: a view of the checkpoint's mapping keeps every page the load touched resident
+                module.checkpoint_weight = module.checkpoint_weight.clone()
                 kept += 1
             else:
-                module.input_major_weight = None
+                module.checkpoint_weight = None
     return kept
 
 
-PROBE_ROWS = (1, 2, 4)
+CHECKPOINT, INPUT_MAJOR, PACKED = "the checkpoint's [out, in]", "[in, out]", "packed for oneDNN"
+FLOAT32_LAYOUTS = (CHECKPOINT, INPUT_MAJOR, PACKED)  # ties go to the earlier: fewer copies made at load
+LAYOUT_PROBE_ROWS = (1, 16, 64)
 _PROBE_PASSES = 3
 
 
-@torch.inference_mode()
-def choose_packed_from_rows(linears: list[RowSwitchedLinear]) -> int:
-    """The smallest of ``PROBE_ROWS`` from which oneDNN's packed kernel beat
-    MKL's at every larger probe, timing one pass over all ``linears`` (their
-    weights streamed from memory, as in a decode step; best of a few passes,
-    the two kernels interleaved against noise); ``PACKED_FROM_ROWS`` if MKL
-    won at the largest probe. A second or so at load for the default model."""
-    inputs = {(rows, n): torch.randn(rows, n) for rows in PROBE_ROWS for n in {m.in_features for m in linears}}
+def choose_float32_layout(model: nn.Module) -> str:
+    """Lay every float32 CPU linear of ``model`` out in the one layout of
+    ``FLOAT32_LAYOUTS`` that ran fastest over the row counts of
+    ``LAYOUT_PROBE_ROWS`` on this CPU (``fastest_overall``); returns what
+    was done, with the times, for the start log. About two seconds for the
+    default model, three copies of the weights held while it runs."""
+    linears = cpu_linears(model)
+    tied = tied_output_embedding(model)
+    weights = {
+        CHECKPOINT: [m.weight.detach() for m in linears],
+        INPUT_MAJOR: [m.weight.detach() if m is tied else m.weight.detach().t().contiguous().t() for m in linears],
+        PACKED: [
+            m.weight.detach()
+            if m is tied
+            else torch.ops.mkldnn._reorder_linear_weight(m.weight.detach().contiguous(), _FLOAT32_PACKING_ROWS_HINT)
+            for m in linears
+        ],
+    }
+    times_s = time_layouts(linears, lambda layout, m, i, x: _layout_forward(layout, m is tied)(x, weights[layout][i], m.bias))
+    layout = fastest_overall(times_s)
+    with torch.no_grad():
+        for module, weight in zip(linears, weights[layout]):
+            if layout == INPUT_MAJOR and module is not tied:
+                module.weight = nn.Parameter(weight, requires_grad=False)
+    if layout == PACKED:
+        packed = {id(m): w for m, w in zip(linears, weights[PACKED]) if m is not tied}
+        replace_linears(model, lambda linear: PackedLinear(linear, packed[id(linear)]), lambda linear: id(linear) in packed)
+    measured = "; ".join(
+        f"{name} {' / '.join(f'{times_s[name][rows] * 1e3:.1f}' for rows in LAYOUT_PROBE_ROWS)} ms" for name in FLOAT32_LAYOUTS
+    )
+    head = ", the LM head keeps the tied input embedding's" if tied is not None else ""
+    return (
+        f"{len(linears)} linears {layout}{head} (float32: the fastest of three layouts on this CPU, one pass at "
+        f"{' / '.join(map(str, LAYOUT_PROBE_ROWS))} rows measured at load: {measured})"
+    )
 
-    def pass_s(rows: int, packed: bool) -> float:
+
+def _layout_forward(layout: str, is_tied_head: bool) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]:
+    return packed_linear if layout == PACKED and not is_tied_head else nn.functional.linear
+
+
+@torch.inference_mode()
+def time_layouts(linears: list[nn.Linear], forward: Callable[[str, nn.Linear, int, torch.Tensor], object]) -> dict[str, dict[int, float]]:
+    """Seconds of one pass of ``forward(layout, linear, index, x)`` over
+    ``linears`` per layout and probe row count: the best of a few passes,
+    the layouts interleaved against noise, after one warm-up each
+    (first-call allocations, oneDNN's primitives)."""
+    inputs = {(rows, n): torch.randn(rows, n) for rows in LAYOUT_PROBE_ROWS for n in {m.in_features for m in linears}}
+
+    def pass_s(layout: str, rows: int) -> float:
         start = time.perf_counter()
-        for module in linears:
-            x = inputs[rows, module.in_features]
-            module.packed_forward(x) if packed else module.mkl_forward(x)
+        for index, module in enumerate(linears):
+            forward(layout, module, index, inputs[rows, module.in_features])
         return time.perf_counter() - start
 
-    def best_s(rows: int) -> tuple[float, float]:
-        pass_s(rows, True), pass_s(rows, False)  # warm-up: first-call allocations and oneDNN primitives
-        best = {True: float("inf"), False: float("inf")}
+    best = {layout: dict.fromkeys(LAYOUT_PROBE_ROWS, float("inf")) for layout in FLOAT32_LAYOUTS}
+    for rows in LAYOUT_PROBE_ROWS:
+        for layout in FLOAT32_LAYOUTS:
+            pass_s(layout, rows)
         for _ in range(_PROBE_PASSES):
-            for packed in (True, False):
-                best[packed] = min(best[packed], pass_s(rows, packed))
-        return best[True], best[False]
-
-    return packed_from_rows_given(best_s)
+            for layout in FLOAT32_LAYOUTS:
+                best[layout][rows] = min(best[layout][rows], pass_s(layout, rows))
+    return best
 
 
-def packed_from_rows_given(best_s: Callable[[int], tuple[float, float]]) -> int:
-    """The decision of ``choose_packed_from_rows`` from ``best_s(rows) ->
-    (packed_s, mkl_s)``: ``switch_rows_given`` over ``PROBE_ROWS``, else
-    ``PACKED_FROM_ROWS``."""
-    return switch_rows_given(PROBE_ROWS, best_s, PACKED_FROM_ROWS)
+def fastest_overall(times_s: dict[str, dict[int, float]]) -> str:
+    """The layout whose times, each divided by the fastest layout's at the
+    same row count, sum least: every row count weighs alike, whatever its
+    absolute time (a 64-row pass takes 4x a one-row pass). Ties go to the
+    earlier layout of ``times_s``."""
+    fastest = {rows: min(layout_s[rows] for layout_s in times_s.values()) for rows in next(iter(times_s.values()))}
+    return min(times_s, key=lambda layout: sum(seconds / fastest[rows] for rows, seconds in times_s[layout].items()))
 
 
-def switch_rows_given(probe_rows: tuple[int, ...], times_s: Callable[[int], tuple[float, float]], otherwise: int | float) -> int | float:
-    """The row count from which the second of two kernels should run, from
-    ``times_s(rows) -> (second_s, first_s)``: the smallest probe at which the
-    second wins, and at every larger probe. Probes are timed from the largest
-    down and probing stops at the first where the second does not win
-    (smaller ones are not timed at all); ``otherwise`` when it loses at the
-    largest. Shared by every kernel choice made by timing at load."""
-    switch = otherwise
-    for rows in sorted(probe_rows, reverse=True):
-        second_s, first_s = times_s(rows)
-        if second_s >= first_s:
-            break
-        switch = rows
-    return switch
+def cpu_linears(model: nn.Module) -> list[nn.Linear]:
+    return [m for m in model.modules() if isinstance(m, nn.Linear) and m.weight.device.type == "cpu" and m.weight.dim() == 2]
+
+
+def tied_output_embedding(model: nn.Module) -> nn.Linear | None:
+    """The LM head, where it shares its weight with the input embedding."""
+    if not (hasattr(model, "get_output_embeddings") and hasattr(model, "get_input_embeddings")):
+        return None
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if isinstance(head, nn.Linear) and embedding is not None and head.weight.data_ptr() == embedding.weight.data_ptr():
+        return head
+    return None
 
 
 def prefer_input_major_linears(model: nn.Module) -> int:
@@ -213,12 +228,15 @@ def prefer_input_major_linears(model: nn.Module) -> int:
     return count
 
 
-def replace_linears(model: nn.Module, make: type[nn.Module]) -> int:
-    """Replace every CPU ``nn.Linear`` (LM head included) by ``make(linear)``; returns how many."""
+def replace_linears(
+    model: nn.Module, make: Callable[[nn.Linear], nn.Module], which: Callable[[nn.Linear], bool] = lambda linear: True
+) -> int:
+    """Replace every CPU ``nn.Linear`` (LM head included) that ``which``
+    accepts by ``make(linear)``; returns how many."""
     count = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and child.weight.device.type == "cpu":
+            if isinstance(child, nn.Linear) and child.weight.device.type == "cpu" and which(child):
                 setattr(parent, name, make(child))
                 count += 1
     return count
@@ -232,13 +250,6 @@ def optimise_cpu_linears(model: nn.Module, dtype: torch.dtype) -> str:
     """Pick the faster layout for ``dtype`` on this CPU; returns what was done."""
     if dtype == torch.bfloat16 and has_native_bf16():
         return f"{replace_linears(model, PackedLinear)} linears packed for oneDNN (bf16)"
-    if dtype == torch.float32 and torch.backends.mkldnn.is_available() and linear_weight_bytes(model) <= DUAL_LAYOUT_MAX_BYTES:
-        count = replace_linears(model, RowSwitchedLinear)
-        linears = [module for module in model.modules() if isinstance(module, RowSwitchedLinear)]
-        packed_from = choose_packed_from_rows(linears)
-        for module in linears:
-            module.use_packed_from(packed_from)
-        if packed_from <= 1:
-            return f"{count} linears packed for oneDNN (float32; faster than MKL from one row on this CPU, measured at load)"
-        return f"{count} linears kept [in, out] for < {packed_from} rows and packed for oneDNN from {packed_from} (measured at load)"
+    if dtype == torch.float32 and torch.backends.mkldnn.is_available() and linear_weight_bytes(model) <= PROBED_LAYOUT_MAX_BYTES:
+        return choose_float32_layout(model)
     return f"{prefer_input_major_linears(model)} linears laid out [in, out]"

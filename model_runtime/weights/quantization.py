@@ -34,7 +34,6 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from model_runtime import kernels
-from model_runtime.weights.layout import switch_rows_given
 
 logger = logging.getLogger(__name__)
 
@@ -360,5 +359,13 @@ def gemm_from_rows_given(switch_s: Callable[[int], tuple[float, float]]) -> int 
     """The decision of ``choose_kernels`` from ``switch_s(rows) ->
     (kernel_s, gemm_s)``: the smallest of ``SWITCH_PROBE_ROWS`` from which
     torch's GEMM wins at it and every larger probe, infinity when the kernel
-    wins at the largest (``weight_layout.switch_rows_given``)."""
-    return switch_rows_given(SWITCH_PROBE_ROWS, lambda rows: tuple(reversed(switch_s(rows))), float("inf"))
+    wins at the largest. Probes are timed from the largest down and probing
+    stops at the first where the GEMM does not win (smaller ones are not
+    timed at all)."""
+    gemm_from_rows = float("inf")
+    for rows in sorted(SWITCH_PROBE_ROWS, reverse=True):
+        kernel_s, gemm_s = switch_s(rows)
+        if gemm_s >= kernel_s:
+            break
+        gemm_from_rows = rows
+    return gemm_from_rows

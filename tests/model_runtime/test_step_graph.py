@@ -8,7 +8,6 @@ import torch
 
 from model_runtime.attention.context import PrefillSpan, StepContext, decode_tables
 from model_runtime.attention.metadata import pack, unpack
-from model_runtime.step_graph import kernel_switch_rows
 from tests.model_runtime.test_parity import build, make_prompts, reference_outputs, run_engine
 
 
@@ -48,15 +47,6 @@ def test_pack_round_trip_without_decode_rows_and_each_step_its_own():
     assert unpack(first).num_decode_tokens == 0
     assert unpack(second).num_decode_tokens == 1 and unpack(second).prefills == []
     assert unpack(first).num_decode_tokens == 0  # not the other step's remembered view
-
-
-def test_kernel_switch_rows_reads_float32_switches():
-    class Switched(torch.nn.Module):
-        packed_from_rows = 8
-
-    model = torch.nn.Sequential(Switched(), Switched(), torch.nn.Linear(2, 2))
-    model[1].packed_from_rows = 1  # packed from one row: no switch
-    assert kernel_switch_rows(model) == {8}
 
 
 @pytest.fixture(scope="module")

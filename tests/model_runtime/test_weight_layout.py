@@ -5,19 +5,20 @@ from types import SimpleNamespace
 import pytest
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from model_runtime.weights import layout as weight_layout
 from model_runtime.weights.layout import (
-    PACKED_FROM_ROWS,
-    PROBE_ROWS,
+    CHECKPOINT,
+    FLOAT32_LAYOUTS,
+    INPUT_MAJOR,
+    LAYOUT_PROBE_ROWS,
+    PACKED,
     PackedLinear,
-    RowSwitchedLinear,
-    choose_packed_from_rows,
+    fastest_overall,
     free_unread_copies,
     has_native_bf16,
     optimise_cpu_linears,
-    packed_from_rows_given,
 )
 
 
@@ -37,86 +38,92 @@ def test_packed_linear_matches_linear_in_bf16(rows):
     torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize("packed_from_rows", [1, 2, PACKED_FROM_ROWS])
-@pytest.mark.parametrize("rows", [1, PACKED_FROM_ROWS - 1, PACKED_FROM_ROWS, 64])
-def test_row_switched_linear_matches_linear_in_float32_on_both_paths(rows, packed_from_rows):
+@pytest.mark.parametrize("rows", [1, 7, 64])
+def test_packed_linear_matches_linear_in_float32_and_drops_an_unread_weight(rows):
     torch.manual_seed(0)
     linear = nn.Linear(96, 40, bias=True)
     x = torch.randn(1, rows, 96)
-    switched = RowSwitchedLinear(linear)
-    switched.use_packed_from(packed_from_rows)
-    free_unread_copies(switched)
-    assert (switched.input_major_weight is None) == (packed_from_rows == 1), "packed from one row on: the [in, out] copy is freed"
-    torch.testing.assert_close(switched(x), linear(x), atol=1e-5, rtol=1e-5)
+    packed = PackedLinear(linear)
+    assert free_unread_copies(packed) == 0
+    assert packed.checkpoint_weight is None, "nothing read it: the model holds the packed weight only"
+    torch.testing.assert_close(packed(x), linear(x), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(
-    "packed_wins_at, expected",
+    "times_ms, expected",
     [
-        ({1, 2, 4}, 1),  # packed faster everywhere: from one row
-        ({2, 4}, 2),
-        ({4}, 4),
-        ({1, 2}, PACKED_FROM_ROWS),  # MKL wins at the largest probe: keep the default
-        (set(), PACKED_FROM_ROWS),
-        ({1, 4}, 4),  # a win below a loss does not count: packed must win at every larger probe
+        # Intel with AMX, 2026-12-07 (the default model, ms)
+        (
+            {CHECKPOINT: {1: 16.8, 16: 40.7, 64: 71.4}, INPUT_MAJOR: {1: 17.0, 16: 44.4, 64: 65.5}, PACKED: {1: 24.3, 16: 38.2, 64: 76.2}},
+            CHECKPOINT,
+        ),
+        ({CHECKPOINT: {1: 37, 16: 80, 64: 190}, INPUT_MAJOR: {1: 35, 16: 89, 64: 190}, PACKED: {1: 25, 16: 49, 64: 109}}, PACKED),
+        ({CHECKPOINT: {1: 30, 16: 90}, INPUT_MAJOR: {1: 20, 16: 60}, PACKED: {1: 40, 16: 55}}, INPUT_MAJOR),
+        # each row count weighs alike: a 10 % loss on the long pass does not outweigh 30 % won on the short one
+        ({CHECKPOINT: {1: 10, 64: 110}, INPUT_MAJOR: {1: 13, 64: 100}, PACKED: {1: 20, 64: 200}}, CHECKPOINT),
+        ({CHECKPOINT: {1: 10}, INPUT_MAJOR: {1: 10}, PACKED: {1: 10}}, CHECKPOINT),  # a tie: no copy made
     ],
 )
-def test_the_switch_row_is_the_smallest_probe_from_which_packed_always_wins(packed_wins_at, expected):
-    timed: list[int] = []
-
-    def best_s(rows: int) -> tuple[float, float]:
-        timed.append(rows)
-        return (1.0, 2.0) if rows in packed_wins_at else (2.0, 1.0)
-
-    assert packed_from_rows_given(best_s) == expected
-    assert timed == sorted(timed, reverse=True)  # largest probe first
+def test_the_layout_kept_is_the_fastest_relative_to_the_best_at_each_row_count(times_ms, expected):
+    assert fastest_overall(times_ms) == expected
 
 
-def test_the_switch_row_is_measured_on_real_linears(monkeypatch: pytest.MonkeyPatch):
-    """The probe times passes over these linears' own two kernels at each probe
-    row (a scripted clock, advanced by each call, makes packed win from 2 rows
-    on), picks the row those times give, and the switched linears still
-    compute nn.Linear's values on both sides of it."""
+def tied_llama() -> nn.Module:
     torch.manual_seed(0)
-    references = [nn.Linear(64, 256) for _ in range(4)]
-    expected_weights = [(linear.weight.detach().clone(), linear.bias.detach().clone()) for linear in references]
-    linears = [RowSwitchedLinear(linear) for linear in references]
-    now_s = [0.0]
-    calls: set[tuple[int, int, bool]] = set()  # (linear, rows, packed)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config).eval()
 
-    def timed(index: int, kernel, is_packed: bool):
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            calls.add((index, x.shape[0], is_packed))
-            now_s[0] += 1.0 if is_packed == (x.shape[0] >= 2) else 2.0
-            return kernel(x)
+
+@pytest.mark.parametrize("fastest", FLOAT32_LAYOUTS)
+def test_one_layout_measured_on_the_models_own_linears_holds_each_weight_once(fastest, monkeypatch: pytest.MonkeyPatch):
+    """The probe times each layout over the model's own linears at every
+    probe row count (a scripted clock, advanced by each call, makes
+    ``fastest`` win), the model keeps that layout alone with its values, and
+    the tied LM head keeps the input embedding's tensor."""
+    from model_runtime.loading.loader import held_bytes
+
+    model = tied_llama()
+    x = torch.randint(0, 128, (1, 9))
+    with torch.inference_mode():
+        expected = model(x).logits
+    held_before = held_bytes(model)
+    now_s = [0.0]
+    calls: set[tuple[str, int]] = set()  # (layout, rows)
+    forward_of = weight_layout._layout_forward
+
+    def scripted(layout: str, is_tied_head: bool):
+        kernel = forward_of(layout, is_tied_head)
+
+        def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+            calls.add((layout, x.shape[0]))
+            now_s[0] += 1.0 if layout == fastest else 2.0
+            return kernel(x, weight, bias)
 
         return forward
 
-    for index, module in enumerate(linears):
-        module.packed_forward = timed(index, module.packed_forward, True)
-        module.mkl_forward = timed(index, module.mkl_forward, False)
+    monkeypatch.setattr(weight_layout, "_layout_forward", scripted)
     monkeypatch.setattr(weight_layout, "time", SimpleNamespace(perf_counter=lambda: now_s[0]))
-    rows = choose_packed_from_rows(linears)
-    assert rows == 2
-    assert calls == {(index, probe, is_packed) for index in range(4) for probe in PROBE_ROWS for is_packed in (True, False)}
+    described = optimise_cpu_linears(model, torch.float32)
+    assert calls == {(layout, rows) for layout in FLOAT32_LAYOUTS for rows in LAYOUT_PROBE_ROWS}
+    assert f"15 linears {fastest}, the LM head keeps the tied input embedding's" in described
 
-    for module, (weight, bias) in zip(linears, expected_weights):
-        del module.packed_forward, module.mkl_forward
-        module.use_packed_from(rows)
-        for num_rows in (1, rows, rows + 3):
-            x = torch.randn(num_rows, 64)
-            torch.testing.assert_close(module(x), nn.functional.linear(x, weight, bias), atol=1e-5, rtol=1e-5)
-
-
-def test_float32_model_gets_row_switched_linears_with_the_same_values():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))
-    x = torch.randn(3, 8)
-    before = model(x)
-    assert "measured at load" in optimise_cpu_linears(model, torch.float32)
-    assert all(isinstance(m, RowSwitchedLinear) for m in (model[0], model[2]))
-    assert model[0].packed_from_rows == model[2].packed_from_rows
-    torch.testing.assert_close(model(x), before)
+    free_unread_copies(model)  # what the loader does once the model's forward ran
+    projection = model.model.layers[0].mlp.down_proj
+    assert isinstance(projection, PackedLinear) == (fastest == PACKED)
+    if fastest != PACKED:
+        assert projection.weight.stride() == ((1, 64) if fastest == INPUT_MAJOR else (96, 1))  # [64, 96]
+    assert type(model.lm_head) is nn.Linear and model.lm_head.weight is model.model.embed_tokens.weight
+    assert held_bytes(model) == held_before, "one layout: every weight held once"
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x).logits, expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.fixture
@@ -137,19 +144,19 @@ def layers_read_a_projection_weight(monkeypatch: pytest.MonkeyPatch):
 def test_a_weight_the_models_code_reads_is_kept_and_a_linear_without_one_is_refused_at_load(
     tiny_llama_dir, layers_read_a_projection_weight, monkeypatch: pytest.MonkeyPatch
 ):
-    """Packing from one row frees the [in, out] copies, unless the model's
-    code reads them (the copy stays, and the tokens are generate's); a
+    """Packed linears drop the checkpoint's weights, unless the model's code
+    reads them (the weight stays, and the tokens are generate's); a
     quantized linear has no weight to read: refused at load, not a failure
     of every request."""
     from model_runtime.attention.check import UnsupportedModelError
     from model_runtime.loading.loader import load_model
     from tests.model_runtime.test_parity import build, generate_outputs, make_prompts, run_engine
 
-    monkeypatch.setattr(weight_layout, "choose_packed_from_rows", lambda linears: 1)
+    monkeypatch.setattr(weight_layout, "fastest_overall", lambda times_s: PACKED)
     loaded = load_model(tiny_llama_dir, "float32", "cpu")
     o_proj = loaded.model.model.layers[0].self_attn.o_proj
-    assert isinstance(o_proj, RowSwitchedLinear) and o_proj.input_major_weight is not None  # read, so kept
-    assert loaded.model.model.layers[0].mlp.down_proj.input_major_weight is None  # nothing reads this one
+    assert isinstance(o_proj, PackedLinear) and o_proj.checkpoint_weight is not None  # read, so kept
+    assert loaded.model.model.layers[0].mlp.down_proj.checkpoint_weight is None  # nothing reads this one
     prompts = make_prompts(seed=3, vocab_size=loaded.vocab_size)[:4]
     reference = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     assert run_engine(build(loaded, num_kv_blocks=64), prompts) == generate_outputs(reference, prompts)
