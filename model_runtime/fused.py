@@ -32,8 +32,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from model_runtime.weights.int_activations import side_by_side
+
 _state = threading.local()
 FUSED_MARK = "_tokenstep_fused"
+MERGED = "_tokenstep_side_by_side"  # a module's projections merged into one call (not a submodule: counted nowhere else)
 
 
 def _active() -> bool:
@@ -79,9 +82,12 @@ def _fuse_norm(module: nn.Module, ops: Any) -> None:
 
 def _fuse_mlp(module: nn.Module, ops: Any) -> None:
     original = module.forward
+    gate_up = module.__dict__[MERGED] = side_by_side([module.gate_proj, module.up_proj])
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         if _active() and x.dtype == torch.float32 and x.device.type == "cpu":
+            if gate_up is not None:
+                return module.down_proj(ops.silu_mul(*gate_up(x).split(gate_up.split_sizes, -1)))
             return module.down_proj(ops.silu_mul(module.gate_proj(x), module.up_proj(x)))
         return original(x)
 
@@ -151,6 +157,10 @@ def fuse_elementwise(model: nn.Module, ops: Any) -> str:
         *(_fuse_rotary(source, ops, generator) for source in _rotary_modules(model)),
     ]
     parts = [", ".join(part for part in fused if part) + " as one C++ op each" if any(fused) else "", _fuse_llama_layers(model, generator)]
+    fused_modules = [m for m in model.modules() if hasattr(m, FUSED_MARK)]
+    # a fused layer's attention holds its merged query, key and value projections; a fused MLP its gate and up
+    if merged := sum(getattr(m, "self_attn", m).__dict__.get(MERGED) is not None for m in fused_modules):
+        parts.append(f"{merged} groups of projections that read one input in one call each")
     return "; ".join(part for part in parts if part) or "nothing fused"
 
 
@@ -242,6 +252,7 @@ def _fuse_layer(layer: nn.Module) -> None:
 
     original = layer.forward
     attention, rotary_source = layer.self_attn, sys.modules[type(layer.self_attn).__module__]
+    qkv = attention.__dict__[MERGED] = side_by_side([attention.q_proj, attention.k_proj, attention.v_proj])
 
     def forward(
         hidden_states: torch.Tensor, attention_mask=None, position_ids=None, cache=None, use_cache=False, position_embeddings=None, **kwargs
@@ -261,9 +272,14 @@ def _fuse_layer(layer: nn.Module) -> None:
         hidden_states = layer.input_layernorm.forward(hidden_states)
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, attention.head_dim)
-        query_states = attention.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        key_states = attention.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        value_states = attention.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        if qkv is not None:  # [.., q | k | v] views: the ops after read any strides
+            query_states, key_states, value_states = (
+                part.view(hidden_shape).transpose(1, 2) for part in qkv(hidden_states).split(qkv.split_sizes, -1)
+            )
+        else:
+            query_states = attention.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+            key_states = attention.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+            value_states = attention.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         cos, sin = position_embeddings
         query_states, key_states = rotary_source.apply_rotary_pos_emb(query_states, key_states, cos, sin)
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, eager_attention_forward)

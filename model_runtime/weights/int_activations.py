@@ -127,6 +127,56 @@ class IntActivationLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, act_bits={self.act_bits}"
 
 
+@torch.inference_mode()
+def side_by_side(linears: list[nn.Module]) -> IntActivationLinear | None:
+    """One ``IntActivationLinear`` whose outputs are ``linears``' outputs
+    side by side, for linears that read the same input (a layer's query, key
+    and value projections; its gate and up projections): one call where
+    there were two or three, so the input is quantized once and the threads
+    forked once (a one-row call is a few microseconds of kernel beside about
+    as much of call overhead). The linears' buffers become views of the
+    merged ones, so nothing is held twice. None unless all are
+    ``IntActivationLinear`` of one input size, bit widths, instruction set and
+    kernels, each of whole tiles of outputs, biased alike, and the merged one
+    gives every output to the bit on random rows."""
+    if len(linears) < 2 or not all(type(m) is IntActivationLinear for m in linears):
+        return None
+    first = linears[0]
+    if any(
+        (m.in_features, m.bits, m.act_bits, m.isa, m.ops) != (first.in_features, first.bits, first.act_bits, first.isa, first.ops)
+        or m.out_features % TILE
+        or (m.bias is None) != (first.bias is None)
+        for m in linears
+    ):
+        return None
+    merged = IntActivationLinear.__new__(IntActivationLinear)
+    nn.Module.__init__(merged)
+    merged.in_features, merged.bits, merged.act_bits, merged.ops, merged.isa = (
+        first.in_features,
+        first.bits,
+        first.act_bits,
+        first.ops,
+        first.isa,
+    )
+    merged.out_features = sum(m.out_features for m in linears)
+    merged.split_sizes = [m.out_features for m in linears]
+    for name in ("codes", "scales", "offsets"):  # [tiles, groups, ...]: tiles of 16 outputs, each linear's whole
+        merged.register_buffer(name, torch.cat([m._buffers[name] for m in linears]), persistent=False)
+    merged.bias = None if first.bias is None else nn.Parameter(torch.cat([m.bias.detach() for m in linears]), requires_grad=False)
+    x = torch.randn(3, first.in_features, generator=torch.Generator().manual_seed(0)) * 4
+    if not all(torch.equal(merged(rows), torch.cat([m(rows) for m in linears], -1)) for rows in (x[:1], x)):
+        return None
+    start = 0
+    for m in linears:
+        tiles = m.out_features // TILE
+        for name in ("codes", "scales", "offsets"):
+            m._buffers[name] = merged._buffers[name][start : start + tiles]
+        if m.bias is not None:
+            m.bias = nn.Parameter(merged.bias.detach()[start * TILE : start * TILE + m.out_features], requires_grad=False)
+        start += tiles
+    return merged
+
+
 def quantize_activations(model: nn.Module, ops: object, activations: str) -> list[IntActivationLinear]:
     """Replace every ``GroupwiseLinear`` of ``model`` by an
     ``IntActivationLinear`` for ``activations`` ("int16" or "int8") on

@@ -16,7 +16,7 @@ from model_runtime import kernels
 from model_runtime.loading.default_model import default_gguf_file
 from model_runtime.loading.loader import load_model
 from model_runtime.weights.gguf import load_gguf_linears
-from model_runtime.weights.int_activations import IntActivationLinear, pack_codes, quantize_activations
+from model_runtime.weights.int_activations import IntActivationLinear, pack_codes, quantize_activations, side_by_side
 from model_runtime.weights.quantization import GROUP, GroupwiseLinear, Int4Linear, Int8Linear, pack_nibbles
 from tests.model_runtime.test_parity import build, make_prompts, run_engine
 from tests.tiny_gguf import build_tiny_llama_gguf
@@ -222,3 +222,65 @@ def test_compiled_steps_give_the_eager_tokens_and_call_no_module_hooks(tiny_gguf
     compiled = build(loaded, num_kv_blocks=512, max_num_batched_tokens=4096, compile=True)
     assert compiled.runner.compiled is not None
     assert run_engine(compiled, prompts, id_prefix="c") == eager
+
+
+def int4_linear(ops, out_features: int, in_features: int = 64, act_bits: int = 16) -> IntActivationLinear:
+    scales, offsets = (
+        (torch.rand(out_features, in_features // 32) * 0.05).half().float(),
+        (torch.randn(out_features, in_features // 32) * 0.05).half().float(),
+    )
+    source = Int4Linear(pack_nibbles(torch.randint(0, 16, (out_features, in_features))), scales, offsets, None, ops, in_features)
+    module = IntActivationLinear(source, ops, act_bits)
+    module.isa = -1
+    return module
+
+
+def test_projections_side_by_side_give_each_ones_outputs_from_one_copy_of_the_weights(ops):
+    """Query, key and value (or gate and up) read one input: merged, one call
+    gives each one's outputs to the bit, and the three keep computing theirs
+    from views of the merged weights (nothing held twice)."""
+    torch.manual_seed(4)
+    projections = [int4_linear(ops, n) for n in (64, 32, 32)]
+    x = torch.randn(5, 64)
+    expected = [p(x) for p in projections]
+    merged = side_by_side(projections)
+    assert merged is not None and merged.split_sizes == [64, 32, 32]
+    for rows in (1, 5):
+        assert all(torch.equal(got, want[:rows]) for got, want in zip(merged(x[:rows]).split(merged.split_sizes, -1), expected))
+    storage = merged.codes.untyped_storage().data_ptr()
+    assert all(p.codes.untyped_storage().data_ptr() == storage for p in projections)
+    assert all(torch.equal(p(x), want) for p, want in zip(projections, expected))
+
+
+def test_projections_that_cannot_share_a_call_keep_their_own(ops):
+    torch.manual_seed(5)
+    assert side_by_side([int4_linear(ops, 32), int4_linear(ops, 40)]) is None  # 40 outputs: a part-filled tile
+    assert side_by_side([int4_linear(ops, 32), int4_linear(ops, 32, in_features=96)]) is None
+    assert side_by_side([int4_linear(ops, 32), int4_linear(ops, 32, act_bits=8)]) is None
+    assert side_by_side([int4_linear(ops, 32), nn.Linear(64, 32)]) is None
+    assert side_by_side([int4_linear(ops, 32)]) is None
+
+
+def test_merged_projections_change_no_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The engine's fused eager steps call each layer's query, key and value
+    projections, and its gate and up, as one linear each: the same tokens
+    as with one call per projection, through chunking and preemption. (The
+    4-bit Q4_0 and Q4_1 mix in one call; the fixture's Q8_0 values would not.)"""
+    from model_runtime import fused
+    from tests.tiny_gguf import TYPES
+
+    tiny_gguf = build_tiny_llama_gguf(tmp_path / "tiny.gguf", {**TYPES, "attn_v": "Q4_1"})
+
+    def tokens(merge: bool) -> tuple[list[list[int]], str]:
+        if not merge:
+            monkeypatch.setattr(fused, "side_by_side", lambda linears: None)
+        loaded = load_model(tiny_gguf, "float32", "cpu", "gguf", activations="int16")
+        prompts = make_prompts(seed=12, vocab_size=loaded.vocab_size)[:6]
+        core = build(loaded, num_kv_blocks=40, max_num_batched_tokens=37)
+        return run_engine(core, prompts), fused.fuse_elementwise(loaded.model, kernels.load())
+
+    merged_tokens, described = tokens(merge=True)
+    assert described.endswith("4 groups of projections that read one input in one call each")  # 2 layers x (qkv, gate-up)
+    separate_tokens, described = tokens(merge=False)
+    assert "groups of projections" not in described
+    assert merged_tokens == separate_tokens
