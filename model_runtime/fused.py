@@ -18,6 +18,13 @@ fused only after the fused op gave the original's values on random inputs
 (``fuse_elementwise``): Gemma's ``1 + weight`` norm, say, fails that and keeps
 its own code.
 
+Where a layer's query, key and value projections (or its MLP's gate and
+up) are integer-activation linears that can share one call
+(``model_runtime.weights.int_activations.side_by_side``), the fused code
+calls them as one, and one op takes the merged output on
+(``tokenstep::qkv_rotary``: the split, the heads' views and the rotary
+embedding; ``silu_mul_halves``).
+
 The fused code runs only inside ``fused_steps()``, which the runner enters
 for its eager steps: the load-time check and probes, ``--compile``'s traced
 graph and any other model in the process run the original code.
@@ -87,7 +94,7 @@ def _fuse_mlp(module: nn.Module, ops: Any) -> None:
     def forward(x: torch.Tensor) -> torch.Tensor:
         if _active() and x.dtype == torch.float32 and x.device.type == "cpu":
             if gate_up is not None:
-                return module.down_proj(ops.silu_mul(*gate_up(x).split(gate_up.split_sizes, -1)))
+                return module.down_proj(ops.silu_mul_halves(gate_up(x)))
             return module.down_proj(ops.silu_mul(module.gate_proj(x), module.up_proj(x)))
         return original(x)
 
@@ -156,7 +163,10 @@ def fuse_elementwise(model: nn.Module, ops: Any) -> str:
         ),
         *(_fuse_rotary(source, ops, generator) for source in _rotary_modules(model)),
     ]
-    parts = [", ".join(part for part in fused if part) + " as one C++ op each" if any(fused) else "", _fuse_llama_layers(model, generator)]
+    parts = [
+        ", ".join(part for part in fused if part) + " as one C++ op each" if any(fused) else "",
+        _fuse_llama_layers(model, ops, generator),
+    ]
     fused_modules = [m for m in model.modules() if hasattr(m, FUSED_MARK)]
     # a fused layer's attention holds its merged query, key and value projections; a fused MLP its gate and up
     if merged := sum(getattr(m, "self_attn", m).__dict__.get(MERGED) is not None for m in fused_modules):
@@ -210,7 +220,7 @@ def _fuse_rotary(source: Any, ops: Any, generator: torch.Generator) -> str:
     return f"rotary embedding ({source.__name__.rsplit('.', 1)[-1]})"
 
 
-def _fuse_llama_layers(model: nn.Module, generator: torch.Generator) -> str:
+def _fuse_llama_layers(model: nn.Module, ops: Any, generator: torch.Generator) -> str:
     """Llama's own decoder layers run as one Python function each: the same
     calls in the same order as ``LlamaDecoderLayer.forward`` and
     ``LlamaAttention.forward``, without the layers around them
@@ -235,24 +245,26 @@ def _fuse_llama_layers(model: nn.Module, generator: torch.Generator) -> str:
         return ""
     if not hasattr(layers[0], FUSED_MARK):
         first, original = layers[0], layers[0].forward
-        _fuse_layer(first)
+        _fuse_layer(first, ops)
         if not _same_layer(model, first, original, generator):
             _restore(first, original)
             return ""
         for layer in layers:
             if layer is not first:
-                _fuse_layer(layer)
+                _fuse_layer(layer, ops)
             setattr(layer, FUSED_MARK, True)
     return f"{len(layers)} decoder layers as one function each"
 
 
-def _fuse_layer(layer: nn.Module) -> None:
+def _fuse_layer(layer: nn.Module, ops: Any) -> None:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     from transformers.models.llama.modeling_llama import eager_attention_forward
 
     original = layer.forward
     attention, rotary_source = layer.self_attn, sys.modules[type(layer.self_attn).__module__]
     qkv = attention.__dict__[MERGED] = side_by_side([attention.q_proj, attention.k_proj, attention.v_proj])
+    if qkv is not None and not (qkv.split_sizes[1] == qkv.split_sizes[2] and qkv.split_sizes[0] % attention.head_dim == 0):
+        qkv = attention.__dict__[MERGED] = None  # qkv_rotary's layout: whole heads, keys and values alike
 
     def forward(
         hidden_states: torch.Tensor, attention_mask=None, position_ids=None, cache=None, use_cache=False, position_embeddings=None, **kwargs
@@ -272,16 +284,15 @@ def _fuse_layer(layer: nn.Module) -> None:
         hidden_states = layer.input_layernorm.forward(hidden_states)
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, attention.head_dim)
-        if qkv is not None:  # [.., q | k | v] views: the ops after read any strides
-            query_states, key_states, value_states = (
-                part.view(hidden_shape).transpose(1, 2) for part in qkv(hidden_states).split(qkv.split_sizes, -1)
-            )
+        cos, sin = position_embeddings
+        if qkv is not None and hidden_states.dim() == 3 and cos.dim() == 3 and cos.dtype == sin.dtype == torch.float32:
+            # the fused rotary embedding's own arithmetic (its conditions, checked here), one op from the merged output
+            query_states, key_states, value_states = ops.qkv_rotary(qkv(hidden_states), cos, sin, attention.head_dim, *qkv.split_sizes[:2])
         else:
             query_states = attention.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
             key_states = attention.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
             value_states = attention.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        cos, sin = position_embeddings
-        query_states, key_states = rotary_source.apply_rotary_pos_emb(query_states, key_states, cos, sin)
+            query_states, key_states = rotary_source.apply_rotary_pos_emb(query_states, key_states, cos, sin)
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, eager_attention_forward)
         attn_output, _ = attention_interface(
             attention,

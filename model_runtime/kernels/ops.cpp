@@ -18,7 +18,8 @@
 //   tokenstep::int_linear(x, codes, scales, offsets, bias, bits, act_bits, out_features, isa):
 //   the activations quantized to int8 or int16 per group of 32 too (int_gemm.cpp);
 //   tokenstep::rms_norm(x, weight, eps), tokenstep::rotary(q, k, cos, sin) and
-//   tokenstep::silu_mul(gate, up): the elementwise work around a Llama-style
+//   tokenstep::silu_mul(gate, up), silu_mul_halves(gate_up) and qkv_rotary(qkv, cos, sin,
+//   head_dim, q_size, kv_size) (the outputs of merged projections): the elementwise work around a Llama-style
 //   decoder layer's matmuls, one op each instead of 6 to 16 (model_runtime.fused);
 //   tokenstep::int4_linear / int4_dequantize: the same with packed uint8
 // [N, K / 2], two 4-bit weights a byte in GGUF's Q4 order (a group's byte i
@@ -588,6 +589,25 @@ std::tuple<at::Tensor, at::Tensor> rotary(const at::Tensor& q, const at::Tensor&
     return {rotate(q, cos, sin), rotate(k, cos, sin)};
 }
 
+// A merged query | key | value projection's output qkv float32 [B, T, q_size
+// + 2 kv_size] (D = head_dim contiguous) as the attention reads it: the query
+// and key rotated as rotary() rotates them, the value copied, each [B, heads,
+// T, D] laid out [B, T, heads, D]. One op where a split, three views, three
+// transposes and rotary() were eleven (tens of microseconds a layer at one row).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_rotary(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                                                          int64_t head_dim, int64_t q_size, int64_t kv_size) {
+    const char* op = "qkv_rotary";
+    TORCH_CHECK(qkv.scalar_type() == at::kFloat && qkv.dim() == 3 && qkv.stride(2) == 1 && head_dim > 0 && q_size % head_dim == 0 &&
+                    kv_size % head_dim == 0 && qkv.size(2) == q_size + 2 * kv_size,
+                op, ": qkv must be float32 [B, T, q_size + 2 kv_size] with its last dimension contiguous, in whole heads");
+    const int64_t B = qkv.size(0), T = qkv.size(1);
+    const auto heads = [&](int64_t start, int64_t size) {
+        return qkv.narrow(2, start, size).view({B, T, size / head_dim, head_dim}).transpose(1, 2);
+    };
+    at::Tensor value = heads(q_size + kv_size, kv_size).transpose(1, 2).contiguous().transpose(1, 2);
+    return {rotate(heads(0, q_size), cos, sin), rotate(heads(q_size, kv_size), cos, sin), value};
+}
+
 // silu(gate) * up over float32 tensors of one shape, as the model's
 // act_fn(gate_proj(x)) * up_proj(x): silu(g) = g / (1 + exp(-g)).
 at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
@@ -601,6 +621,30 @@ at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
     float* od = out.data_ptr<float>();
     at::parallel_for(0, g.numel(), 16384, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) od[i] = gd[i] / (1.0f + std::exp(-gd[i])) * ud[i];
+    });
+    return out;
+}
+
+// silu_mul over the halves of one merged gate | up projection's output
+// gate_up float32 [..., 2 I]: [..., I], the same arithmetic, without the
+// split and the two copies silu_mul would make of its strided halves.
+at::Tensor silu_mul_halves(const at::Tensor& gate_up) {
+    const char* op = "silu_mul_halves";
+    TORCH_CHECK(gate_up.scalar_type() == at::kFloat && gate_up.dim() >= 1 && gate_up.size(-1) % 2 == 0, op,
+                ": gate_up must be a float32 tensor whose last dimension is even");
+    const at::Tensor x = gate_up.contiguous();
+    const int64_t I = x.size(-1) / 2;
+    std::vector<int64_t> sizes = x.sizes().vec();
+    sizes.back() = I;
+    at::Tensor out = at::empty(sizes, x.options());
+    const float* xd = x.data_ptr<float>();
+    float* od = out.data_ptr<float>();
+    at::parallel_for(0, out.numel(), 16384, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+            const float* row = xd + i / I * 2 * I;
+            const float g = row[i % I], u = row[I + i % I];
+            od[i] = g / (1.0f + std::exp(-g)) * u;
+        }
     });
     return out;
 }
@@ -629,6 +673,10 @@ TORCH_LIBRARY(tokenstep, m) {
     m.impl("rotary", c10::DispatchKey::CPU, TORCH_FN(rotary));
     m.def("silu_mul(Tensor gate, Tensor up) -> Tensor");
     m.impl("silu_mul", c10::DispatchKey::CPU, TORCH_FN(silu_mul));
+    m.def("silu_mul_halves(Tensor gate_up) -> Tensor");
+    m.impl("silu_mul_halves", c10::DispatchKey::CPU, TORCH_FN(silu_mul_halves));
+    m.def("qkv_rotary(Tensor qkv, Tensor cos, Tensor sin, int head_dim, int q_size, int kv_size) -> (Tensor, Tensor, Tensor)");
+    m.impl("qkv_rotary", c10::DispatchKey::CPU, TORCH_FN(qkv_rotary));
     m.def("write_kv_cache(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor slot_mapping) -> ()");
     m.impl("write_kv_cache", c10::DispatchKey::CPU, TORCH_FN(write_kv_cache));
 }

@@ -52,6 +52,27 @@ def test_silu_mul_is_silu_times_up(ops):
     torch.testing.assert_close(ops.silu_mul(gate, up), F.silu(gate) * up, rtol=2e-6, atol=1e-7)
 
 
+def test_the_merged_projections_ops_are_the_split_ones_to_the_bit(ops):
+    """A merged query | key | value output rotated and split in one op, and a
+    merged gate | up output through SiLU in one: the values of the split
+    tensors through ``rotary`` and ``silu_mul``, in the same layouts."""
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 7, 4 * 16 + 2 * 2 * 16) * 3  # 4 query heads, 2 key-value heads of 16
+    angles = torch.randn(2, 7, 16) * 10
+    cos, sin = angles.cos(), angles.sin()
+    q, k, v = (part.view(2, 7, -1, 16).transpose(1, 2) for part in qkv.split([64, 32, 32], -1))
+    want_q, want_k = ops.rotary(q, k, cos, sin)
+    got_q, got_k, got_v = ops.qkv_rotary(qkv, cos, sin, 16, 64, 32)
+    assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k) and torch.equal(got_v, v)
+    assert got_q.shape == (2, 4, 7, 16) and got_v.stride() == (7 * 2 * 16, 16, 2 * 16, 1), "[B, heads, T, D] laid out [B, T, heads, D]"
+    with pytest.raises(RuntimeError, match="whole heads"):
+        ops.qkv_rotary(qkv, cos, sin, 16, 48, 40)
+
+    gate_up = torch.randn(3, 5, 200) * 8
+    gate, up = gate_up.split([100, 100], -1)
+    assert torch.equal(ops.silu_mul_halves(gate_up), ops.silu_mul(gate.contiguous(), up.contiguous()))
+
+
 def tiny_llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
     return LlamaForCausalLM(LlamaConfig(**{**TINY_DECODER, "vocab_size": 512})).eval()
