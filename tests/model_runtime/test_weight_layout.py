@@ -20,6 +20,7 @@ from model_runtime.weights.layout import (
     has_native_bf16,
     optimise_cpu_linears,
 )
+from tests.tiny_models import TINY_DECODER
 
 
 @pytest.mark.skipif(
@@ -70,16 +71,7 @@ def test_the_layout_kept_is_the_fastest_relative_to_the_best_at_each_row_count(t
 
 def tied_llama() -> nn.Module:
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(LlamaConfig(**{**TINY_DECODER, "vocab_size": 128}, tie_word_embeddings=True)).eval()
 
 
 @pytest.mark.parametrize("fastest", FLOAT32_LAYOUTS)
@@ -119,7 +111,7 @@ def test_one_layout_measured_on_the_models_own_linears_holds_each_weight_once(fa
     projection = model.model.layers[0].mlp.down_proj
     assert isinstance(projection, PackedLinear) == (fastest == PACKED)
     if fastest != PACKED:
-        assert projection.weight.stride() == ((1, 64) if fastest == INPUT_MAJOR else (96, 1))  # [64, 96]
+        assert projection.weight.stride() == ((1, 64) if fastest == INPUT_MAJOR else (128, 1))  # [64, 128]
     assert type(model.lm_head) is nn.Linear and model.lm_head.weight is model.model.embed_tokens.weight
     assert held_bytes(model) == held_before, "one layout: every weight held once"
     with torch.inference_mode():
