@@ -32,11 +32,12 @@ The measurements behind each choice, with host and date:
 docs/PERFORMANCE.md, "Measurements behind choices in the code".
 """
 
-import time
 from collections.abc import Callable
 
 import torch
 from torch import nn
+
+from model_runtime.weights.quantization import best_seconds
 
 # oneDNN's packed linear as an opaque op for compiled forwards
 # (``model_runtime.step_graph``): inductor's own lowering of
@@ -121,7 +122,6 @@ def free_unread_copies(model: nn.Module) -> int:
 CHECKPOINT, INPUT_MAJOR, PACKED = "the checkpoint's [out, in]", "[in, out]", "packed for oneDNN"
 FLOAT32_LAYOUTS = (CHECKPOINT, INPUT_MAJOR, PACKED)  # ties go to the earlier: fewer copies made at load
 LAYOUT_PROBE_ROWS = (1, 16, 64)
-_PROBE_PASSES = 3
 
 
 def choose_float32_layout(model: nn.Module) -> str:
@@ -168,25 +168,16 @@ def _layout_forward(layout: str, is_tied_head: bool) -> Callable[[torch.Tensor, 
 @torch.inference_mode()
 def time_layouts(linears: list[nn.Linear], forward: Callable[[str, nn.Linear, int, torch.Tensor], object]) -> dict[str, dict[int, float]]:
     """Seconds of one pass of ``forward(layout, linear, index, x)`` over
-    ``linears`` per layout and probe row count: the best of a few passes,
-    the layouts interleaved against noise, after one warm-up each
-    (first-call allocations, oneDNN's primitives)."""
+    ``linears`` per layout and probe row count (``best_seconds``: the best of
+    a few passes after a warm-up); the layouts of one row count are timed
+    one after another, against drift."""
     inputs = {(rows, n): torch.randn(rows, n) for rows in LAYOUT_PROBE_ROWS for n in {m.in_features for m in linears}}
 
-    def pass_s(layout: str, rows: int) -> float:
-        start = time.perf_counter()
-        for index, module in enumerate(linears):
-            forward(layout, module, index, inputs[rows, module.in_features])
-        return time.perf_counter() - start
+    def one_pass(layout: str, rows: int) -> Callable[[], object]:
+        return lambda: [forward(layout, module, index, inputs[rows, module.in_features]) for index, module in enumerate(linears)]
 
-    best = {layout: dict.fromkeys(LAYOUT_PROBE_ROWS, float("inf")) for layout in FLOAT32_LAYOUTS}
-    for rows in LAYOUT_PROBE_ROWS:
-        for layout in FLOAT32_LAYOUTS:
-            pass_s(layout, rows)
-        for _ in range(_PROBE_PASSES):
-            for layout in FLOAT32_LAYOUTS:
-                best[layout][rows] = min(best[layout][rows], pass_s(layout, rows))
-    return best
+    by_rows = {rows: {layout: best_seconds(one_pass(layout, rows)) for layout in FLOAT32_LAYOUTS} for rows in LAYOUT_PROBE_ROWS}
+    return {layout: {rows: by_rows[rows][layout] for rows in LAYOUT_PROBE_ROWS} for layout in FLOAT32_LAYOUTS}
 
 
 def fastest_overall(times_s: dict[str, dict[int, float]]) -> str:

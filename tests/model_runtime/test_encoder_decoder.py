@@ -12,6 +12,8 @@ from batching.engine_core import EngineCore
 from batching.errors import InvalidRequestError
 from batching.sampling_params import SamplingParams
 from model_runtime.loading.loader import load_model
+from model_runtime.weights import layout as weight_layout
+from model_runtime.weights.layout import FLOAT32_LAYOUTS
 from server.engine_builder import EngineConfig, build_engine_core
 from tests.model_runtime.test_parity import make_prompts, max_tokens_for, run_engine
 
@@ -51,6 +53,19 @@ def model_case(request: pytest.FixtureRequest):
     loaded = load_model(model_dir, dtype="float32", device="cpu")
     sources = make_prompts(seed=3, vocab_size=loaded.model.config.vocab_size)
     return model_dir, loaded, sources, seq2seq_reference(model_dir, sources)
+
+
+@pytest.mark.parametrize("layout", FLOAT32_LAYOUTS)
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_parity_in_every_float32_layout(family: str, layout: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    """Whichever layout the load-time probe keeps: no forward runs at load for
+    these models before unread weights are dropped, and T5's feed-forward
+    reads ``wo.weight`` (its dtype) in every step."""
+    model_dir = request.getfixturevalue(f"tiny_{family}_dir")
+    monkeypatch.setattr(weight_layout, "fastest_overall", lambda times_s: layout)
+    loaded = load_model(model_dir, dtype="float32", device="cpu")
+    sources = make_prompts(seed=5, vocab_size=loaded.model.config.vocab_size)[:4]
+    assert run_engine(build(loaded, num_kv_blocks=1024), sources) == seq2seq_reference(model_dir, sources)
 
 
 def test_loads_as_an_encoder_decoder_model(model_case):

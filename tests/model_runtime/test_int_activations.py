@@ -224,23 +224,25 @@ def test_compiled_steps_give_the_eager_tokens_and_call_no_module_hooks(tiny_gguf
     assert run_engine(compiled, prompts, id_prefix="c") == eager
 
 
-def int4_linear(ops, out_features: int, in_features: int = 64, act_bits: int = 16) -> IntActivationLinear:
+def int4_linear(ops, out_features: int, in_features: int = 64, act_bits: int = 16, bias: bool = False) -> IntActivationLinear:
     scales, offsets = (
         (torch.rand(out_features, in_features // 32) * 0.05).half().float(),
         (torch.randn(out_features, in_features // 32) * 0.05).half().float(),
     )
-    source = Int4Linear(pack_nibbles(torch.randint(0, 16, (out_features, in_features))), scales, offsets, None, ops, in_features)
+    codes = pack_nibbles(torch.randint(0, 16, (out_features, in_features)))
+    source = Int4Linear(codes, scales, offsets, torch.randn(out_features) if bias else None, ops, in_features)
     module = IntActivationLinear(source, ops, act_bits)
     module.isa = -1
     return module
 
 
-def test_projections_side_by_side_give_each_ones_outputs_from_one_copy_of_the_weights(ops):
+@pytest.mark.parametrize("bias", [False, True])  # Llama's attention_bias, Qwen2's
+def test_projections_side_by_side_give_each_ones_outputs_from_one_copy_of_the_weights(ops, bias: bool):
     """Query, key and value (or gate and up) read one input: merged, one call
     gives each one's outputs to the bit, and the three keep computing theirs
     from views of the merged weights (nothing held twice)."""
     torch.manual_seed(4)
-    projections = [int4_linear(ops, n) for n in (64, 32, 32)]
+    projections = [int4_linear(ops, n, bias=bias) for n in (64, 32, 32)]
     x = torch.randn(5, 64)
     expected = [p(x) for p in projections]
     merged = side_by_side(projections)
@@ -257,6 +259,7 @@ def test_projections_that_cannot_share_a_call_keep_their_own(ops):
     assert side_by_side([int4_linear(ops, 32), int4_linear(ops, 40)]) is None  # 40 outputs: a part-filled tile
     assert side_by_side([int4_linear(ops, 32), int4_linear(ops, 32, in_features=96)]) is None
     assert side_by_side([int4_linear(ops, 32), int4_linear(ops, 32, act_bits=8)]) is None
+    assert side_by_side([int4_linear(ops, 32), int4_linear(ops, 32, bias=True)]) is None
     assert side_by_side([int4_linear(ops, 32), nn.Linear(64, 32)]) is None
     assert side_by_side([int4_linear(ops, 32)]) is None
 

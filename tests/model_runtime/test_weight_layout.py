@@ -8,6 +8,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from model_runtime.weights import layout as weight_layout
+from model_runtime.weights import quantization
 from model_runtime.weights.layout import (
     CHECKPOINT,
     FLOAT32_LAYOUTS,
@@ -102,7 +103,7 @@ def test_one_layout_measured_on_the_models_own_linears_holds_each_weight_once(fa
         return forward
 
     monkeypatch.setattr(weight_layout, "_layout_forward", scripted)
-    monkeypatch.setattr(weight_layout, "time", SimpleNamespace(perf_counter=lambda: now_s[0]))
+    monkeypatch.setattr(quantization, "time", SimpleNamespace(perf_counter=lambda: now_s[0]))  # best_seconds' clock
     described = optimise_cpu_linears(model, torch.float32)
     assert calls == {(layout, rows) for layout in FLOAT32_LAYOUTS for rows in LAYOUT_PROBE_ROWS}
     assert f"15 linears {fastest}, the LM head keeps the tied input embedding's" in described
