@@ -19,13 +19,21 @@
 // times finer, close to float32's results, for about the same decode speed.
 //
 // Weight layout (``int_activations.pack_codes`` builds it at load): output
-// channels in tiles of 16; per tile, per group, blocks of 16 channels x L
-// codes (L = 32 / A: 4 for int8 activations, 2 for int16), channel c's codes
-// k = L j .. L j + L - 1 of the group in block j: the instruction's operand,
-// with the L activations of those k (4 bytes) broadcast to every lane. 4-bit
-// weights store blocks 2j and 2j + 1 in the same bytes, the first in the low
-// nibbles, the second in the high. Scales and offsets are float16 [tiles,
-// groups, 16].
+// channels in tiles of 16; per tile, per group of 32 along K:
+//   int8 activations: blocks of 16 channels x 4 codes, channel c's codes k =
+//     4 j .. 4 j + 3 in block j: the operand of vpdpbusd / vpmaddubsw, with
+//     the 4 activations of those k (4 bytes) broadcast to every lane. 4-bit
+//     weights store blocks 2j and 2j + 1 in the same bytes, the first in the
+//     low nibbles, the second in the high.
+//   int16 activations: words of 32 bits, 16 of them (one a channel) per step
+//     w. A word holds E = 16 / bits pairs of codes, pair e in bits [bits e,
+//     bits (e + 1)) of each 16-bit half: the low half's code is k = 2 (E w +
+//     e), the high half's k + 1. Pair e is the word masked and shifted within
+//     16-bit lanes (and, shift: no widening shuffles, which AVX2 runs on
+//     fewer ports than the rest and which bounded the one-row kernel), ready
+//     for vpmaddwd / vpdpwssd against the broadcast activations of k and k + 1
+//     (the 4 bytes of int16 word E w + e).
+// Scales and offsets are float16 [tiles, groups, 16].
 //
 // Every instruction set computes the same integers; the float work per output
 // is the same sequence of operations whichever other rows share the call, so
@@ -90,17 +98,21 @@ struct Block<8> {  // 64 u8: vpdpbusd
         acc.v[0] = (vi)_mm512_dpbusd_epi32((__m512i)acc.v[0], w, _mm512_set1_epi32(x4));
     }
 };
-template <>
-struct Block<16> {  // 32 codes widened to s16: vpdpwssd
+// int16 activations: a step's 16 words (one a channel) in one register;
+// pair e of each is its bits [bits e, bits (e + 1)) in both 16-bit halves.
+struct Pairs {
+    typedef __m512i Words;
     typedef __m512i Codes;
-    static __m256i bytes(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-    static Codes load(const uint8_t* p) { return _mm512_cvtepu8_epi16(bytes(p)); }
-    static Codes low(const uint8_t* p) { return _mm512_cvtepu8_epi16(_mm256_and_si256(bytes(p), _mm256_set1_epi8(15))); }
-    static Codes high(const uint8_t* p) {
-        return _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(bytes(p), 4), _mm256_set1_epi8(15)));
+    static Words load(const uint8_t* p) { return _mm512_loadu_si512(p); }
+    template <int bits>
+    static Codes pair(Words w, int e) {  // e is a constant once the loop over it is unrolled
+        const int shift = bits * e;
+        if (shift == 16 - bits) return _mm512_srli_epi16(w, shift);  // the last pair: the shift clears the rest
+        const __m512i mask = _mm512_set1_epi16((1 << bits) - 1);
+        return _mm512_and_si512(shift ? _mm512_srli_epi16(w, shift) : w, mask);
     }
-    static void dot(IntAcc& acc, Codes w, int32_t x4) {
-        acc.v[0] = (vi)_mm512_dpwssd_epi32((__m512i)acc.v[0], w, _mm512_set1_epi32(x4));
+    static void dot(IntAcc& acc, const Codes& codes, int32_t x2) {  // x2: the two activations
+        acc.v[0] = (vi)_mm512_dpwssd_epi32((__m512i)acc.v[0], codes, _mm512_set1_epi32(x2));
     }
 };
 #elif defined(__AVX2__) && TS_VEC == 8
@@ -140,21 +152,27 @@ struct Block<8> {
         }
     }
 };
-template <>
-struct Block<16> {  // vpmaddwd: s16 x s16, adjacent pairs summed into int32, exact
-    struct Codes {
-        __m256i half[2];
+struct Pairs {  // vpmaddwd: s16 x s16, adjacent pairs summed into int32, exact
+    struct Words {
+        __m256i half[2];  // channels 0-7, 8-15
     };
-    static Codes widen(__m256i b) {
-        return {{_mm256_cvtepu8_epi16(_mm256_castsi256_si128(b)), _mm256_cvtepu8_epi16(_mm256_extracti128_si256(b, 1))}};
+    typedef Words Codes;
+    static Words load(const uint8_t* p) { return {{load256(p), load256(p + 32)}}; }
+    template <int bits>
+    static __m256i pair(__m256i w, int e) {  // e is a constant once the loop over it is unrolled
+        const int shift = bits * e;
+        if (shift == 16 - bits) return _mm256_srli_epi16(w, shift);  // the last pair: the shift clears the rest
+        const __m256i mask = _mm256_set1_epi16((1 << bits) - 1);
+        return _mm256_and_si256(shift ? _mm256_srli_epi16(w, shift) : w, mask);
     }
-    static Codes load(const uint8_t* p) { return widen(load256(p)); }
-    static Codes low(const uint8_t* p) { return widen(_mm256_and_si256(load256(p), _mm256_set1_epi8(15))); }
-    static Codes high(const uint8_t* p) { return widen(_mm256_and_si256(_mm256_srli_epi16(load256(p), 4), _mm256_set1_epi8(15))); }
-    static void dot(IntAcc& acc, const Codes& w, int32_t x4) {
-        const __m256i x = _mm256_set1_epi32(x4);
+    template <int bits>
+    static Codes pair(const Words& w, int e) {
+        return {{pair<bits>(w.half[0], e), pair<bits>(w.half[1], e)}};
+    }
+    static void dot(IntAcc& acc, const Codes& codes, int32_t x2) {
+        const __m256i x = _mm256_set1_epi32(x2);
         for (int h = 0; h < 2; ++h) {
-            acc.v[h] = (vi)_mm256_add_epi32((__m256i)acc.v[h], _mm256_madd_epi16(w.half[h], x));
+            acc.v[h] = (vi)_mm256_add_epi32((__m256i)acc.v[h], _mm256_madd_epi16(codes.half[h], x));
             keep_in_register(acc.v[h]);
         }
     }
@@ -194,37 +212,73 @@ struct Block {  // plain C++: every build's reference behaviour
         }
     }
 };
+struct Pairs {  // plain C++
+    struct Words {
+        uint32_t w[TILE];
+    };
+    typedef Words Codes;  // each word's pair: the low half's code in its low 16 bits
+    static Words load(const uint8_t* p) {
+        Words words;
+        std::memcpy(words.w, p, sizeof(words.w));
+        return words;
+    }
+    template <int bits>
+    static Codes pair(const Words& words, int e) {
+        Codes codes;
+        for (int c = 0; c < TILE; ++c) codes.w[c] = (words.w[c] >> (bits * e)) & ((1u << bits) - 1) * 0x10001u;
+        return codes;
+    }
+    __attribute__((noinline)) static void dot(IntAcc& acc, const Codes& codes, int32_t x2) {
+        int16_t x[2];
+        std::memcpy(x, &x2, sizeof(x));
+        for (int c = 0; c < TILE; ++c)
+            acc.v[c / VEC][c % VEC] += static_cast<int32_t>(codes.w[c] & 0xFFFF) * x[0] + static_cast<int32_t>(codes.w[c] >> 16) * x[1];
+    }
+};
 #endif
 
 template <int A>
 constexpr int lanes_codes() { return 32 / A; }  // L: codes per lane of a block
 template <int A>
 constexpr int64_t block_bytes() { return TILE * lanes_codes<A>(); }  // one 8-bit block
-template <int A, int bits>
-constexpr int64_t group_bytes() { return GROUP / lanes_codes<A>() * block_bytes<A>() * bits / 8; }
+template <int bits>
+constexpr int64_t group_bytes() { return GROUP * TILE * bits / 8; }  // one tile's codes of one group
 
-// Rows of activations xq [0..mr) (stride ldx bytes; dx, sx stride groups)
-// against one tile of 16 channels; y[i * ldy + c] = result + bias[c] for c < nr.
-template <int mr, int A, int bits>
-void micro(const uint8_t* xq, int64_t ldx, const float* dx, const float* sx, int64_t groups, const uint8_t* codes,
-           const uint16_t* scales, const uint16_t* offsets, const float* bias, float* y, int64_t ldy, int nr) {
-    using B = Block<A>;
-    constexpr int blocks = GROUP / lanes_codes<A>();
-    constexpr int64_t x_group_bytes = GROUP * A / 8;
-    vf acc[mr][FV];
-    for (int i = 0; i < mr; ++i)
-        for (int v = 0; v < FV; ++v) acc[i][v] = vf{};
-    // One or two rows: each block pair's two products go to two sums, so the
-    // dependent chain of dot instructions is half as long (latency-bound at
-    // one row); more rows already interleave mr chains.
-    constexpr int chains = mr <= 2 ? 2 : 1;
-    for (int64_t g = 0; g < groups; ++g) {
-        IntAcc dots[mr][chains];
-        for (int i = 0; i < mr; ++i)
-            for (int c = 0; c < chains; ++c)
-                for (int v = 0; v < FV; ++v) dots[i][c].v[v] = vi{};
-        const uint8_t* block = codes + g * group_bytes<A, bits>();
-        const uint8_t* x = xq + g * x_group_bytes;
+// Independent int32 sums per row: at one or two rows each gets every
+// chains-th product, so no dependent chain of dot instructions bounds the
+// loop (vpdpwssd's latency is several cycles); more rows already interleave
+// mr chains.
+template <int A, int bits, int mr>
+constexpr int chains_for() {
+    if (A == 16 && VEC == 16 && mr == 1) return 16 / bits;  // 32 registers: a sum per pair
+    if (A == 16 && VEC == 8) return mr == 1 ? 2 : 1;      // 16: every register a sum holds is one fewer for codes
+    return mr <= 2 ? 2 : 1;
+}
+
+// One group's integer sums of rows [0..mr) against one tile: dots[i][c] for
+// row i, chain c (their sum is the row's).
+template <int mr, int A, int bits, int chains>
+inline void group_dots(IntAcc (&dots)[mr][chains], const uint8_t* block, const uint8_t* x, int64_t ldx) {
+    auto broadcast_word = [&](int i, int word) {  // each broadcast straight from memory
+        int32_t value;
+        std::memcpy(&value, x + i * ldx + 4 * word, sizeof(value));
+        return value;
+    };
+    if constexpr (A == 16) {
+        constexpr int E = 16 / bits;  // pairs of codes per word
+#pragma GCC unroll 8
+        for (int w = 0; w < GROUP / 2 / E; ++w) {
+            const typename Pairs::Words words = Pairs::load(block + w * TILE * 4);
+#pragma GCC unroll 4
+            for (int e = 0; e < E; ++e) {
+                const typename Pairs::Codes codes = Pairs::template pair<bits>(words, e);
+#pragma GCC unroll 8
+                for (int i = 0; i < mr; ++i) Pairs::dot(dots[i][e % chains], codes, broadcast_word(i, E * w + e));
+            }
+        }
+    } else {
+        using B = Block<A>;
+        constexpr int blocks = GROUP / lanes_codes<A>();
 #pragma GCC unroll 16
         for (int j = 0; j < blocks; j += 2) {
             typename B::Codes first, second;
@@ -237,13 +291,29 @@ void micro(const uint8_t* xq, int64_t ldx, const float* dx, const float* sx, int
             }
 #pragma GCC unroll 8
             for (int i = 0; i < mr; ++i) {
-                int32_t word0, word1;  // each broadcast straight from memory
-                std::memcpy(&word0, x + i * ldx + 4 * j, sizeof(word0));
-                std::memcpy(&word1, x + i * ldx + 4 * j + 4, sizeof(word1));
-                B::dot(dots[i][0], first, word0);
-                B::dot(dots[i][chains - 1], second, word1);
+                B::dot(dots[i][0], first, broadcast_word(i, j));
+                B::dot(dots[i][chains - 1], second, broadcast_word(i, j + 1));
             }
         }
+    }
+}
+
+// Rows of activations xq [0..mr) (stride ldx bytes; dx, sx stride groups)
+// against one tile of 16 channels; y[i * ldy + c] = result + bias[c] for c < nr.
+template <int mr, int A, int bits>
+void micro(const uint8_t* xq, int64_t ldx, const float* dx, const float* sx, int64_t groups, const uint8_t* codes,
+           const uint16_t* scales, const uint16_t* offsets, const float* bias, float* y, int64_t ldy, int nr) {
+    constexpr int64_t x_group_bytes = GROUP * A / 8;
+    constexpr int chains = chains_for<A, bits, mr>();
+    vf acc[mr][FV];
+    for (int i = 0; i < mr; ++i)
+        for (int v = 0; v < FV; ++v) acc[i][v] = vf{};
+    for (int64_t g = 0; g < groups; ++g) {
+        IntAcc dots[mr][chains];
+        for (int i = 0; i < mr; ++i)
+            for (int c = 0; c < chains; ++c)
+                for (int v = 0; v < FV; ++v) dots[i][c].v[v] = vi{};
+        group_dots<mr, A, bits, chains>(dots, codes + g * group_bytes<bits>(), xq + g * x_group_bytes, ldx);
         vf s[FV], o[FV];
         load_halves(scales + g * TILE, s);
         load_halves(offsets + g * TILE, o);
@@ -251,7 +321,8 @@ void micro(const uint8_t* xq, int64_t ldx, const float* dx, const float* sx, int
         for (int i = 0; i < mr; ++i) {
             const vf d = splat(dx[i * groups + g]), sum = splat(sx[i * groups + g]);
             for (int v = 0; v < FV; ++v) {
-                const vi dot = chains == 2 ? dots[i][0].v[v] + dots[i][chains - 1].v[v] : dots[i][0].v[v];
+                vi dot = dots[i][0].v[v];
+                for (int c = 1; c < chains; ++c) dot += dots[i][c].v[v];
                 acc[i][v] += __builtin_convertvector(dot, vf) * (s[v] * d);
                 acc[i][v] += o[v] * sum;
             }
@@ -281,7 +352,7 @@ void gemm(const uint8_t* xq, const float* dx, const float* sx, int64_t M, int64_
     for (int64_t t = tile_begin; t < tile_end; ++t) {
         const int64_t n0 = t * TILE;
         const int nr = static_cast<int>(N - n0 < TILE ? N - n0 : TILE);
-        const uint8_t* tile_codes = codes + t * groups * group_bytes<A, bits>();
+        const uint8_t* tile_codes = codes + t * groups * group_bytes<bits>();
         for (int64_t m0 = 0; m0 < M; m0 += MR) {
             const int mr = static_cast<int>(M - m0 < MR ? M - m0 : MR);
             micro_for<A, bits>(mr, std::make_integer_sequence<int, MR>{})(

@@ -21,7 +21,7 @@ unavailable: the loader warns and serves float32 linears of the same weights.
 
 The weights are repacked at load into the kernel's layout (``pack_codes``):
 tiles of 16 output channels, per group blocks of 16 channels x 4 codes (int8
-activations) or x 2 (int16), scales and offsets as float16 (GGUF's
+activations) or 32-bit words of code pairs (int16), scales and offsets as float16 (GGUF's
 Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 store theirs in float16, so those are exact; a
 K-quant's ``d * sc`` and ``dmin * mn`` are rounded to float16, which moves a
 linear's output by up to about 8e-4 of its largest on the tests' tiny model,
@@ -57,20 +57,30 @@ def pack_codes(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Unsigned ``codes`` [N, K] (below ``2**bits``) with float ``scales`` and
     ``offsets`` [N, ceil(K / 32)] (``w = scale * code + offset``) in the
-    kernel's layout for ``act_bits`` activations: codes uint8 [tiles, groups,
-    512 or 256 bytes], scales and offsets float16 [tiles, groups, 16].
-    Channels and codes past N and K are zero (a zero activation meets them)."""
+    kernel's layout for ``act_bits`` activations (int_gemm.cpp describes
+    both): codes uint8 [tiles, groups, 512 or 256 bytes], scales and offsets
+    float16 [tiles, groups, 16]. Channels and codes past N and K are zero (a
+    zero activation meets them)."""
     n, k = codes.shape
     groups, tiles = -(-k // GROUP), -(-n // TILE)
-    per_lane = 32 // act_bits  # codes of one channel in a block: one lane of the dot instruction
     padded = torch.zeros(tiles * TILE, groups * GROUP, dtype=torch.uint8)
     padded[:n, :k] = codes
-    # [tile, channel, group, block, code] -> [tile, group, block, channel, code]
-    blocks = padded.reshape(tiles, TILE, groups, GROUP // per_lane, per_lane).permute(0, 2, 3, 1, 4)
-    blocks = blocks.reshape(tiles, groups, GROUP // per_lane, TILE * per_lane)
-    if bits == 4:  # blocks 2j and 2j + 1 share one: low nibbles, high nibbles
-        blocks = blocks[:, :, 0::2] | (blocks[:, :, 1::2] << 4)
-    packed = blocks.reshape(tiles, groups, -1).contiguous()
+    if act_bits == 16:
+        # [tile, channel, group, word, pair, half] -> [tile, group, word, channel, half, pair]: 32-bit words of E
+        # pairs, pair e in bits [bits e, bits (e + 1)) of each 16-bit half, the halves codes k = 2 (E w + e) and k + 1
+        pairs = 16 // bits
+        lanes = padded.reshape(tiles, TILE, groups, GROUP // 2 // pairs, pairs, 2).permute(0, 2, 3, 1, 5, 4).to(torch.int64)
+        shifts = 16 * torch.arange(2).reshape(2, 1) + bits * torch.arange(pairs)
+        words = (lanes << shifts).sum(dim=(-2, -1))  # [tile, group, word, channel], below 2**32
+        packed = words.unsqueeze(-1).view(torch.uint8)[..., :4].reshape(tiles, groups, -1).contiguous()  # little-endian
+    else:
+        per_lane = 32 // act_bits  # codes of one channel in a block: one lane of the dot instruction
+        # [tile, channel, group, block, code] -> [tile, group, block, channel, code]
+        blocks = padded.reshape(tiles, TILE, groups, GROUP // per_lane, per_lane).permute(0, 2, 3, 1, 4)
+        blocks = blocks.reshape(tiles, groups, GROUP // per_lane, TILE * per_lane)
+        if bits == 4:  # blocks 2j and 2j + 1 share one: low nibbles, high nibbles
+            blocks = blocks[:, :, 0::2] | (blocks[:, :, 1::2] << 4)
+        packed = blocks.reshape(tiles, groups, -1).contiguous()
 
     def per_tile(values: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(tiles * TILE, groups, dtype=torch.float32)

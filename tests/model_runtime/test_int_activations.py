@@ -90,21 +90,34 @@ def test_every_isa_matches_the_integer_arithmetic_in_float64(ops, bits: int, act
                 )
 
 
-@pytest.mark.parametrize("act_bits", [16, 8])
-def test_the_layout_puts_a_lanes_codes_of_sixteen_channels_in_each_block(act_bits: int):
-    per_lane = 32 // act_bits  # 2 codes a lane for int16 activations, 4 for int8
-    width = 16 * per_lane  # bytes of one 8-bit block
+def test_the_int8_layout_puts_a_lanes_codes_of_sixteen_channels_in_each_block():
+    width = 16 * 4  # bytes of one 8-bit block: 4 codes a lane
     codes = torch.arange(32 * 64, dtype=torch.int32).reshape(32, 64).remainder(251).to(torch.uint8)  # [N=32, K=64]
-    packed, _, _ = pack_codes(codes, torch.ones(32, 2), torch.zeros(32, 2), 8, act_bits)
-    assert packed.shape == (2, 2, 512)  # 2 tiles of 16 channels, 2 groups, 32 / per_lane blocks
-    block = packed[1, 1, 3 * width : 4 * width].reshape(16, per_lane)  # tile 1, group 1, block 3
-    assert torch.equal(block, codes[16:32, 32 + 3 * per_lane : 32 + 4 * per_lane])
+    packed, _, _ = pack_codes(codes, torch.ones(32, 2), torch.zeros(32, 2), 8, 8)
+    assert packed.shape == (2, 2, 512)  # 2 tiles of 16 channels, 2 groups, 8 blocks
+    block = packed[1, 1, 3 * width : 4 * width].reshape(16, 4)  # tile 1, group 1, block 3
+    assert torch.equal(block, codes[16:32, 32 + 3 * 4 : 32 + 4 * 4])
     nibbles = codes % 16
-    packed4, _, _ = pack_codes(nibbles, torch.ones(32, 2), torch.zeros(32, 2), 4, act_bits)
+    packed4, _, _ = pack_codes(nibbles, torch.ones(32, 2), torch.zeros(32, 2), 4, 8)
     assert packed4.shape == (2, 2, 256)
     pair = packed4[0, 0, width : 2 * width]  # blocks 2 (low nibbles) and 3 (high)
-    assert torch.equal((pair & 15).reshape(16, per_lane), nibbles[:16, 2 * per_lane : 3 * per_lane])
-    assert torch.equal((pair >> 4).reshape(16, per_lane), nibbles[:16, 3 * per_lane : 4 * per_lane])
+    assert torch.equal((pair & 15).reshape(16, 4), nibbles[:16, 8:12])
+    assert torch.equal((pair >> 4).reshape(16, 4), nibbles[:16, 12:16])
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_the_int16_layout_puts_pairs_of_a_channels_codes_in_each_half_of_a_word(bits: int):
+    pairs = 16 // bits  # pairs of codes in a 32-bit word
+    codes = torch.arange(32 * 64, dtype=torch.int32).reshape(32, 64).remainder(2**bits).to(torch.uint8)  # [N=32, K=64]
+    codes = codes.roll(5, dims=1)  # no channel starts where its neighbour does
+    packed, _, _ = pack_codes(codes, torch.ones(32, 2), torch.zeros(32, 2), bits, 16)
+    assert packed.shape == (2, 2, 16 * bits * 4)  # 2 tiles, 2 groups, 16 channels x 32 codes of bits
+    words = packed.view(torch.int32).reshape(2, 2, 32 // 2 // pairs, 16).to(torch.int64) & 0xFFFFFFFF
+    for tile, group, step, channel, pair in [(1, 1, 1, 3, pairs - 1), (0, 1, 0, 15, 0), (1, 0, 32 // 2 // pairs - 1, 0, 1)]:
+        word = words[tile, group, step, channel].item()
+        k = group * 32 + 2 * (pairs * step + pair)  # the low half's code; the high half holds k + 1
+        for half in (0, 1):
+            assert (word >> (16 * half + bits * pair)) & (2**bits - 1) == codes[16 * tile + channel, k + half].item()
 
 
 @pytest.mark.parametrize("act_bits", [16, 8])
