@@ -23,7 +23,12 @@ up) are integer-activation linears that can share one call
 (``model_runtime.weights.int_activations.side_by_side``), the fused code
 calls them as one, and one op takes the merged output on
 (``tokenstep::qkv_rotary``: the split, the heads' views and the rotary
-embedding; ``silu_mul_halves``).
+embedding; ``silu_mul_halves``). Where every piece of such a layer has its
+C++ form (both norms fused, q|k|v and gate|up merged, o and down
+integer-activation linears) and the step runs tokenstep's C++ attention,
+the whole layer is one op, ``tokenstep::llama_layer``: the same C++
+functions the Python layer calls, in its order, without the dispatch of
+twenty torch ops from Python (most of a one-row step on a slow core).
 
 The fused code runs only inside ``fused_steps()``, which the runner enters
 for its eager steps: the load-time check and probes, ``--compile``'s traced
@@ -39,7 +44,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from model_runtime.weights.int_activations import side_by_side
+from model_runtime.attention.context import StepContext
+from model_runtime.attention.interface import ATTENTION_NAME, CONTEXT_KWARG, LayerFeatures
+from model_runtime.weights.int_activations import IntActivationLinear, side_by_side
 
 _state = threading.local()
 FUSED_MARK = "_tokenstep_fused"
@@ -256,6 +263,55 @@ def _fuse_llama_layers(model: nn.Module, ops: Any, generator: torch.Generator) -
     return f"{len(layers)} decoder layers as one function each"
 
 
+class _NativeLayer:
+    """What ``tokenstep::llama_layer`` needs of one fused layer whose every
+    piece has its C++ form (both norms fused, q|k|v and gate|up merged, o and
+    down integer-activation linears): the same calls the Python layer makes,
+    in its order, from one op call. The linears' instruction sets are read
+    at each call (they are chosen at load, after fusing)."""
+
+    def __init__(self, layer: nn.Module, qkv: IntActivationLinear, gate_up: IntActivationLinear) -> None:
+        attention = layer.self_attn
+        self.linears = (qkv, attention.o_proj, gate_up, layer.mlp.down_proj)
+        self.norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        self.layer_idx, self.scaling = attention.layer_idx, attention.scaling
+        self.shape = [attention.head_dim, *qkv.split_sizes[:2]]
+        self.config = attention.config
+
+    @classmethod
+    def of(cls, layer: nn.Module, qkv: IntActivationLinear | None) -> "_NativeLayer | None":
+        mlp = layer.mlp
+        gate_up = mlp.__dict__.get(MERGED) if hasattr(mlp, FUSED_MARK) else None
+        parts = (qkv, layer.self_attn.o_proj, gate_up, getattr(mlp, "down_proj", None))
+        norms_fused = all(hasattr(norm, FUSED_MARK) for norm in (layer.input_layernorm, layer.post_attention_layernorm))
+        if norms_fused and all(isinstance(part, IntActivationLinear) for part in parts):
+            return cls(layer, qkv, gate_up)
+        return None
+
+    def __call__(self, ops: Any, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, context: Any, kwargs: dict) -> torch.Tensor:
+        features = LayerFeatures.from_kwargs(kwargs, self.scaling, self.shape[0])
+        weights, biases, ints = [self.norms[0].weight], [], []
+        for linear in self.linears:
+            buffers = linear._buffers
+            weights += (buffers["codes"], buffers["scales"], buffers["offsets"])
+            biases.append(linear._parameters.get("bias"))
+            ints += (linear.bits, linear.act_bits, linear.out_features, linear.isa)
+        weights.insert(7, self.norms[1].weight)
+        return ops.llama_layer(
+            hidden,
+            weights,
+            biases,
+            [*ints, *self.shape, features.sliding_window or 0],
+            [self.norms[0].variance_epsilon, self.norms[1].variance_epsilon, features.scale, features.softcap or 0.0],
+            cos,
+            sin,
+            context.key_caches[self.layer_idx],
+            context.value_caches[self.layer_idx],
+            context.metadata,
+            features.sinks,
+        )
+
+
 def _fuse_layer(layer: nn.Module, ops: Any) -> None:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     from transformers.models.llama.modeling_llama import eager_attention_forward
@@ -265,6 +321,7 @@ def _fuse_layer(layer: nn.Module, ops: Any) -> None:
     qkv = attention.__dict__[MERGED] = side_by_side([attention.q_proj, attention.k_proj, attention.v_proj])
     if qkv is not None and not (qkv.split_sizes[1] == qkv.split_sizes[2] and qkv.split_sizes[0] % attention.head_dim == 0):
         qkv = attention.__dict__[MERGED] = None  # qkv_rotary's layout: whole heads, keys and values alike
+    native = _NativeLayer.of(layer, qkv)
 
     def forward(
         hidden_states: torch.Tensor, attention_mask=None, position_ids=None, cache=None, use_cache=False, position_embeddings=None, **kwargs
@@ -279,12 +336,25 @@ def _fuse_layer(layer: nn.Module, ops: Any) -> None:
                 position_embeddings=position_embeddings,
                 **kwargs,
             )
+        cos, sin = position_embeddings
+        context = kwargs.get(CONTEXT_KWARG)
+        if (
+            native is not None
+            and type(context) is StepContext
+            and context.metadata is not None
+            and context.triton is None
+            and hidden_states.dim() == 3
+            and hidden_states.device.type == "cpu"
+            and cos.dim() == 3
+            and cos.dtype == sin.dtype == torch.float32
+            and native.config._attn_implementation == ATTENTION_NAME
+        ):
+            return native(ops, hidden_states, cos, sin, context, kwargs)  # all of the below in one op
         # LlamaDecoderLayer.forward, with LlamaAttention.forward (no cache) written out in it.
         residual = hidden_states
         hidden_states = layer.input_layernorm.forward(hidden_states)
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, attention.head_dim)
-        cos, sin = position_embeddings
         if qkv is not None and hidden_states.dim() == 3 and cos.dim() == 3 and cos.dtype == sin.dtype == torch.float32:
             # the fused rotary embedding's own arithmetic (its conditions, checked here), one op from the merged output
             query_states, key_states, value_states = ops.qkv_rotary(qkv(hidden_states), cos, sin, attention.head_dim, *qkv.split_sizes[:2])

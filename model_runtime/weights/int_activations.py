@@ -69,10 +69,10 @@ def pack_codes(
         # [tile, channel, group, word, pair, half] -> [tile, group, word, channel, half, pair]: 32-bit words of E
         # pairs, pair e in bits [bits e, bits (e + 1)) of each 16-bit half, the halves codes k = 2 (E w + e) and k + 1
         pairs = 16 // bits
-        lanes = padded.reshape(tiles, TILE, groups, GROUP // 2 // pairs, pairs, 2).permute(0, 2, 3, 1, 5, 4).to(torch.int64)
-        shifts = 16 * torch.arange(2).reshape(2, 1) + bits * torch.arange(pairs)
-        words = (lanes << shifts).sum(dim=(-2, -1))  # [tile, group, word, channel], below 2**32
-        packed = words.unsqueeze(-1).view(torch.uint8)[..., :4].reshape(tiles, groups, -1).contiguous()  # little-endian
+        lanes = padded.reshape(tiles, TILE, groups, GROUP // 2 // pairs, pairs, 2).permute(0, 2, 3, 1, 5, 4)
+        if bits == 4:  # a word's byte 2 half + j holds pairs 2 j (low nibble) and 2 j + 1 (high), little-endian
+            lanes = lanes[..., 0::2] | (lanes[..., 1::2] << 4)
+        packed = lanes.reshape(tiles, groups, -1).contiguous()
     else:
         per_lane = 32 // act_bits  # codes of one channel in a block: one lane of the dot instruction
         # [tile, channel, group, block, code] -> [tile, group, block, channel, code]

@@ -300,3 +300,41 @@ def test_merged_projections_change_no_token(tmp_path: Path, monkeypatch: pytest.
     separate_tokens, described = tokens(merge=False)
     assert "groups of projections" not in described
     assert merged_tokens == separate_tokens
+
+
+def test_whole_layers_in_one_op_give_the_python_layers_logits_to_the_bit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Where every piece of a fused Llama layer has its C++ form, an eager
+    step runs the layer as one op (tokenstep::llama_layer): every logit of
+    every step, through chunked prefills, preemption and mixed steps, equals
+    the Python layer's to the bit."""
+    from model_runtime import fused
+    from model_runtime.sampler import Sampler
+    from tests.tiny_gguf import TYPES
+
+    tiny_gguf = build_tiny_llama_gguf(tmp_path / "tiny.gguf", {**TYPES, "attn_v": "Q4_1", "ffn_down": "Q4_0"})
+    real_sample, calls = Sampler.sample, []
+
+    def recording_sample(self, logits, rows):
+        calls.append(logits.clone())
+        return real_sample(self, logits, rows)
+
+    monkeypatch.setattr(Sampler, "sample", recording_sample)
+    ops, layer_calls = kernels.load(), []
+    real_op = ops.llama_layer
+    monkeypatch.setattr(ops, "llama_layer", lambda *args: layer_calls.append(1) or real_op(*args))
+
+    def logits(native: bool) -> tuple[list[torch.Tensor], list[list[int]], int]:
+        calls.clear(), layer_calls.clear()
+        with monkeypatch.context() as patch:
+            if not native:
+                patch.setattr(fused._NativeLayer, "of", classmethod(lambda cls, layer, qkv: None))
+            loaded = load_model(tiny_gguf, "float32", "cpu", "gguf", activations="int16")
+            prompts = make_prompts(seed=13, vocab_size=loaded.vocab_size)[:6]
+            core = build(loaded, num_kv_blocks=40, max_num_batched_tokens=37)
+            return list(calls), run_engine(core, prompts), len(layer_calls)
+
+    python_logits, python_tokens, python_calls = logits(native=False)
+    native_logits, native_tokens, native_calls = logits(native=True)
+    assert python_calls == 0 and native_calls > 0
+    assert native_tokens == python_tokens
+    assert len(native_logits) == len(python_logits) and all(torch.equal(a, b) for a, b in zip(native_logits, python_logits, strict=True))
