@@ -51,7 +51,8 @@ def build(work: Path) -> ctypes.CDLL:
     pointer, integer = ctypes.c_void_p, ctypes.c_int64
     lib.ts_quantize_activations_emulated.argtypes = [pointer, integer, integer, integer, pointer, pointer, pointer, integer, integer]
     lib.ts_int_gemm_emulated.argtypes = [
-        pointer, integer, pointer, pointer, integer, integer, pointer, integer, pointer, pointer, pointer, pointer, integer, integer, integer,
+        pointer, integer, pointer, pointer, integer, integer, pointer, integer,
+        pointer, pointer, pointer, pointer, integer, integer, integer,
     ]  # fmt: skip
     return lib
 
