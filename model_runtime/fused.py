@@ -51,6 +51,7 @@ from model_runtime.weights.int_activations import IntActivationLinear, side_by_s
 _state = threading.local()
 FUSED_MARK = "_tokenstep_fused"
 MERGED = "_tokenstep_side_by_side"  # a module's projections merged into one call (not a submodule: counted nowhere else)
+NATIVE = "_tokenstep_native_layer"  # a fused layer's _NativeLayer, where it has one
 
 
 def _active() -> bool:
@@ -178,6 +179,8 @@ def fuse_elementwise(model: nn.Module, ops: Any) -> str:
     # a fused layer's attention holds its merged query, key and value projections; a fused MLP its gate and up
     if merged := sum(getattr(m, "self_attn", m).__dict__.get(MERGED) is not None for m in fused_modules):
         parts.append(f"{merged} groups of projections that read one input in one call each")
+    if native := sum(m.__dict__.get(NATIVE) is not None for m in fused_modules):
+        parts.append(f"{native} decoder layers as one C++ op each where the step's attention is tokenstep's C++ op")
     return "; ".join(part for part in parts if part) or "nothing fused"
 
 
@@ -321,7 +324,7 @@ def _fuse_layer(layer: nn.Module, ops: Any) -> None:
     qkv = attention.__dict__[MERGED] = side_by_side([attention.q_proj, attention.k_proj, attention.v_proj])
     if qkv is not None and not (qkv.split_sizes[1] == qkv.split_sizes[2] and qkv.split_sizes[0] % attention.head_dim == 0):
         qkv = attention.__dict__[MERGED] = None  # qkv_rotary's layout: whole heads, keys and values alike
-    native = _NativeLayer.of(layer, qkv)
+    native = layer.__dict__[NATIVE] = _NativeLayer.of(layer, qkv)
 
     def forward(
         hidden_states: torch.Tensor, attention_mask=None, position_ids=None, cache=None, use_cache=False, position_embeddings=None, **kwargs

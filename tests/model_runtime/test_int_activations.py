@@ -331,6 +331,8 @@ def test_whole_layers_in_one_op_give_the_python_layers_logits_to_the_bit(tmp_pat
             loaded = load_model(tiny_gguf, "float32", "cpu", "gguf", activations="int16")
             prompts = make_prompts(seed=13, vocab_size=loaded.vocab_size)[:6]
             core = build(loaded, num_kv_blocks=40, max_num_batched_tokens=37)
+            described = fused.fuse_elementwise(loaded.model, ops)  # what the engine's build fused, said again
+            assert described.endswith("2 decoder layers as one C++ op each where the step's attention is tokenstep's C++ op") == native
             return list(calls), run_engine(core, prompts), len(layer_calls)
 
     python_logits, python_tokens, python_calls = logits(native=False)
