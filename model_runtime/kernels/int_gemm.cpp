@@ -94,6 +94,7 @@ struct Block<8> {  // 64 u8: vpdpbusd
     static Codes load(const uint8_t* p) { return _mm512_loadu_si512(p); }
     static Codes low(const uint8_t* p) { return _mm512_and_si512(load(p), _mm512_set1_epi8(15)); }
     static Codes high(const uint8_t* p) { return _mm512_and_si512(_mm512_srli_epi16(load(p), 4), _mm512_set1_epi8(15)); }
+    template <int bits>  // the codes' width: one instruction either way
     static void dot(IntAcc& acc, Codes w, int32_t x4) {
         acc.v[0] = (vi)_mm512_dpbusd_epi32((__m512i)acc.v[0], w, _mm512_set1_epi32(x4));
     }
@@ -139,10 +140,18 @@ struct Block<8> {
     }
     // Without VNNI: vpmaddubsw (u8 x s8, adjacent pairs summed into
     // saturating int16) then vpmaddwd into int32. Codes below 16 never
-    // saturate (2 * 15 * 128); 8-bit codes go in as their two nibbles.
+    // saturate (2 * 15 * 128): 4-bit codes go in whole, 8-bit ones as their
+    // two nibbles.
+    template <int bits>
     static void dot(IntAcc& acc, const Codes& w, int32_t x4) {
         const __m256i x = _mm256_set1_epi32(x4), mask = _mm256_set1_epi8(15);
         for (int h = 0; h < 2; ++h) {
+            if constexpr (bits == 4) {
+                const __m256i sum = _mm256_madd_epi16(_mm256_maddubs_epi16(w.half[h], x), _mm256_set1_epi16(1));
+                acc.v[h] = (vi)_mm256_add_epi32((__m256i)acc.v[h], sum);
+                keep_in_register(acc.v[h]);
+                continue;
+            }
             const __m256i low_sum = _mm256_maddubs_epi16(_mm256_and_si256(w.half[h], mask), x);
             const __m256i high_sum = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(w.half[h], 4), mask), x);
             const __m256i sum = _mm256_add_epi32(_mm256_madd_epi16(low_sum, _mm256_set1_epi16(1)),
@@ -201,6 +210,7 @@ struct Block {  // plain C++: every build's reference behaviour
     }
     // Not inlined: GCC spends over a minute unrolling and vectorizing this
     // scalar loop into every micro-kernel, for CPUs without AVX2 only.
+    template <int bits>  // the codes' width: the same sums either way
     __attribute__((noinline)) static void dot(IntAcc& acc, const Codes& w, int32_t x4) {
         typedef std::conditional_t<A == 8, int8_t, int16_t> Act;
         Act x[L];
@@ -291,8 +301,8 @@ inline void group_dots(IntAcc (&dots)[mr][chains], const uint8_t* block, const u
             }
 #pragma GCC unroll 8
             for (int i = 0; i < mr; ++i) {
-                B::dot(dots[i][0], first, broadcast_word(i, j));
-                B::dot(dots[i][chains - 1], second, broadcast_word(i, j + 1));
+                B::template dot<bits>(dots[i][0], first, broadcast_word(i, j));
+                B::template dot<bits>(dots[i][chains - 1], second, broadcast_word(i, j + 1));
             }
         }
     }
