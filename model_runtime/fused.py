@@ -44,8 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from model_runtime.attention.context import StepContext
-from model_runtime.attention.interface import ATTENTION_NAME, CONTEXT_KWARG, LayerFeatures
+from model_runtime.attention.interface import ATTENTION_NAME, CONTEXT_KWARG, LayerFeatures, runs_step_op
 from model_runtime.weights.int_activations import IntActivationLinear, side_by_side
 
 _state = threading.local()
@@ -343,9 +342,7 @@ def _fuse_layer(layer: nn.Module, ops: Any) -> None:
         context = kwargs.get(CONTEXT_KWARG)
         if (
             native is not None
-            and type(context) is StepContext
-            and context.metadata is not None
-            and context.triton is None
+            and runs_step_op(context)
             and hidden_states.dim() == 3
             and hidden_states.device.type == "cpu"
             and cos.dim() == 3

@@ -122,6 +122,13 @@ class LayerFeatures:
         return max(position - self.sliding_window + 1, 0) if self.sliding_window else 0
 
 
+def runs_step_op(context: object) -> bool:
+    """Whether attention in a step over ``context`` is the C++ step op
+    (``paged_attention_step``): a ``StepContext`` with packed metadata and
+    no Triton step. ``model_runtime.fused`` runs a whole layer in C++ only then."""
+    return isinstance(context, StepContext) and context.triton is None and context.metadata is not None
+
+
 def paged_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,  # [1, heads, T, head_dim]
@@ -147,7 +154,7 @@ def paged_attention_forward(
         return triton_paged.attention(
             query[0], key_cache, value_cache, context.triton, features.scale, features.sliding_window, features.softcap, features.sinks
         ).unsqueeze(0), None
-    if context.metadata is not None:
+    if runs_step_op(context):
         return kernels.load().paged_attention_step(
             query,
             key,

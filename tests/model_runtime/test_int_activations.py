@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from model_runtime import kernels
 from model_runtime.loading.default_model import default_gguf_file
@@ -302,16 +302,33 @@ def test_merged_projections_change_no_token(tmp_path: Path, monkeypatch: pytest.
     assert merged_tokens == separate_tokens
 
 
-def test_whole_layers_in_one_op_give_the_python_layers_logits_to_the_bit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+@pytest.mark.parametrize("source", ["gguf", "biased int8"])
+def test_whole_layers_in_one_op_give_the_python_layers_logits_to_the_bit(
+    source: str, tmp_path: Path, default_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+):
     """Where every piece of a fused Llama layer has its C++ form, an eager
     step runs the layer as one op (tokenstep::llama_layer): every logit of
     every step, through chunked prefills, preemption and mixed steps, equals
-    the Python layer's to the bit."""
+    the Python layer's to the bit: 4-bit GGUF blocks, and 8-bit codes with
+    every projection biased (attention_bias, mlp_bias)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     from model_runtime import fused
     from model_runtime.sampler import Sampler
     from tests.tiny_gguf import TYPES
+    from tests.tiny_models import TINY_DECODER
 
-    tiny_gguf = build_tiny_llama_gguf(tmp_path / "tiny.gguf", {**TYPES, "attn_v": "Q4_1", "ffn_down": "Q4_0"})
+    if source == "gguf":
+        model, quantization = build_tiny_llama_gguf(tmp_path / "tiny.gguf", {**TYPES, "attn_v": "Q4_1", "ffn_down": "Q4_0"}), "gguf"
+    else:
+        torch.manual_seed(5)
+        biased = LlamaForCausalLM(LlamaConfig(**TINY_DECODER, attention_bias=True, mlp_bias=True)).eval()
+        for name, parameter in biased.named_parameters():
+            if name.endswith("bias"):
+                torch.nn.init.normal_(parameter, std=0.5)  # not the zeros they start as
+        model, quantization = tmp_path / "biased", "int8"
+        biased.save_pretrained(model)
+        AutoTokenizer.from_pretrained(default_model_dir).save_pretrained(model)
     real_sample, calls = Sampler.sample, []
 
     def recording_sample(self, logits, rows):
@@ -328,7 +345,7 @@ def test_whole_layers_in_one_op_give_the_python_layers_logits_to_the_bit(tmp_pat
         with monkeypatch.context() as patch:
             if not native:
                 patch.setattr(fused._NativeLayer, "of", classmethod(lambda cls, layer, qkv: None))
-            loaded = load_model(tiny_gguf, "float32", "cpu", "gguf", activations="int16")
+            loaded = load_model(model, "float32", "cpu", quantization, activations="int16")
             prompts = make_prompts(seed=13, vocab_size=loaded.vocab_size)[:6]
             core = build(loaded, num_kv_blocks=40, max_num_batched_tokens=37)
             described = fused.fuse_elementwise(loaded.model, ops)  # what the engine's build fused, said again
