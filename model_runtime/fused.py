@@ -24,11 +24,13 @@ up) are integer-activation linears that can share one call
 calls them as one, and one op takes the merged output on
 (``tokenstep::qkv_rotary``: the split, the heads' views and the rotary
 embedding; ``silu_mul_halves``). Where every piece of such a layer has its
-C++ form (both norms fused, q|k|v and gate|up merged, o and down
-integer-activation linears) and the step runs tokenstep's C++ attention,
-the whole layer is one op, ``tokenstep::llama_layer``: the same C++
-functions the Python layer calls, in its order, without the dispatch of
-twenty torch ops from Python (most of a one-row step on a slow core).
+C++ form (both norms fused, q|k|v and gate|up merged, o and down quantized
+linears on tokenstep's kernels, integer or float activations) and the step
+runs tokenstep's C++ attention, the whole layer is one op,
+``tokenstep::llama_layers``: the same C++ functions the Python layer calls,
+in its order, without the dispatch of twenty torch ops from Python (most of
+a one-row step on a slow core). Where every layer of a Llama model is so,
+the model's forward runs them all in one call of that op.
 
 The fused code runs only inside ``fused_steps()``, which the runner enters
 for its eager steps: the load-time check and probes, ``--compile``'s traced
@@ -46,6 +48,7 @@ from torch import nn
 
 from model_runtime.attention.interface import ATTENTION_NAME, CONTEXT_KWARG, LayerFeatures, runs_step_op
 from model_runtime.weights.int_activations import IntActivationLinear, side_by_side
+from model_runtime.weights.quantization import Int8Linear
 
 _state = threading.local()
 FUSED_MARK = "_tokenstep_fused"
@@ -178,7 +181,9 @@ def fuse_elementwise(model: nn.Module, ops: Any) -> str:
     # a fused layer's attention holds its merged query, key and value projections; a fused MLP its gate and up
     if merged := sum(getattr(m, "self_attn", m).__dict__.get(MERGED) is not None for m in fused_modules):
         parts.append(f"{merged} groups of projections that read one input in one call each")
-    if native := sum(m.__dict__.get(NATIVE) is not None for m in fused_modules):
+    if stacked := _fuse_llama_model(model, ops):
+        parts.append(f"all {stacked} decoder layers as one C++ op where the step's attention is tokenstep's C++ op")
+    elif native := sum(m.__dict__.get(NATIVE) is not None for m in fused_modules):
         parts.append(f"{native} decoder layers as one C++ op each where the step's attention is tokenstep's C++ op")
     return "; ".join(part for part in parts if part) or "nothing fused"
 
@@ -265,51 +270,140 @@ def _fuse_llama_layers(model: nn.Module, ops: Any, generator: torch.Generator) -
     return f"{len(layers)} decoder layers as one function each"
 
 
-class _NativeLayer:
-    """What ``tokenstep::llama_layer`` needs of one fused layer whose every
-    piece has its C++ form (both norms fused, q|k|v and gate|up merged, o and
-    down integer-activation linears): the same calls the Python layer makes,
-    in its order, from one op call. The linears' instruction sets are read
-    at each call (they are chosen at load, after fusing)."""
+def _native_linear(linear: nn.Module) -> tuple[list[torch.Tensor], torch.Tensor | None, list[int]] | None:
+    """What ``tokenstep::llama_layers`` takes of one of a layer's linears
+    (ops.cpp's ``layer_linear``): its three tensors, its bias and five ints;
+    None where it has no form there."""
+    if type(linear) is IntActivationLinear:
+        buffers, ints = linear._buffers, [linear.bits, linear.act_bits, linear.out_features, linear.isa, 0]
+    elif type(linear) is Int8Linear and linear.ops is not None:  # float activations (GGUF's Q6_K)
+        rows = 0 if linear.gemm_from_rows == float("inf") else int(linear.gemm_from_rows)
+        buffers, ints = {**linear._buffers, "codes": linear._buffers["q"]}, [8, 32, linear.out_features, linear.isa, rows]
+    else:
+        return None
+    return [buffers["codes"], buffers["scales"], buffers["offsets"]], linear._parameters.get("bias"), ints
 
-    def __init__(self, layer: nn.Module, qkv: IntActivationLinear, gate_up: IntActivationLinear) -> None:
+
+def _fuse_llama_model(model: nn.Module, ops: Any) -> int:
+    """A Llama model (``LlamaModel.forward``, unchanged) whose every decoder
+    layer is native runs them all as one op in eager steps: its embedding,
+    rotary embedding and final norm as its forward runs them, the layers
+    through ``tokenstep::llama_layers`` in one call, without the model's
+    decorators, the causal mask tokenstep's attention never reads and thirty
+    calls of Python. How many layers run so (0: none)."""
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+    from transformers.models.llama import modeling_llama as llama
+
+    inner = next((m for m in model.modules() if type(m).forward is llama.LlamaModel.forward), None)
+    if inner is None:
+        return 0
+    if hasattr(inner, FUSED_MARK):  # at an earlier load of this model object
+        return inner.__dict__[FUSED_MARK]
+    natives = [layer.__dict__.get(NATIVE) for layer in inner.layers[: inner.config.num_hidden_layers]]
+    if not natives or None in natives:
+        return 0
+    stack, original = _NativeStack(natives), inner.forward
+
+    def forward(input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None, use_cache=None, **kwargs):
+        # Only the steps the runner makes (input ids, positions, the context and nothing else) on the op's inputs.
+        if _active() and input_ids is not None and position_ids is not None and kwargs.keys() == {CONTEXT_KWARG}:
+            if attention_mask is None and cache is None and inputs_embeds is None and not use_cache:
+                hidden = inner.embed_tokens(input_ids)
+                cos, sin = inner.rotary_emb(hidden, position_ids=position_ids)
+                if stack.runs(hidden, cos, sin, kwargs[CONTEXT_KWARG]):
+                    hidden = stack(ops, hidden, cos, sin, kwargs[CONTEXT_KWARG], kwargs)
+                    return BaseModelOutputWithPast(last_hidden_state=inner.norm(hidden))
+        return original(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+
+    inner.forward = forward
+    inner.__dict__[FUSED_MARK] = len(natives)
+    return len(natives)
+
+
+class _NativeLayer:
+    """What ``tokenstep::llama_layers`` needs of one fused layer whose every
+    piece has its C++ form (both norms fused, q|k|v and gate|up merged
+    integer-activation linears, o and down quantized linears on tokenstep's
+    kernels): the same calls the Python layer makes, in its order, from one
+    op call. Its tensors and numbers are read once, here: the loader chose
+    the linears' instruction sets before the layers were fused (the merged
+    linears copied them then too)."""
+
+    def __init__(
+        self, layer: nn.Module, linears: list[tuple[list[torch.Tensor], torch.Tensor | None, list[int]]], qkv: IntActivationLinear
+    ) -> None:
         attention = layer.self_attn
-        self.linears = (qkv, attention.o_proj, gate_up, layer.mlp.down_proj)
-        self.norms = (layer.input_layernorm, layer.post_attention_layernorm)
-        self.layer_idx, self.scaling = attention.layer_idx, attention.scaling
-        self.shape = [attention.head_dim, *qkv.split_sizes[:2]]
-        self.config = attention.config
+        norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        self.weights, self.biases, self.ints = [norms[0].weight], [], []
+        for tensors, bias, ints in linears:
+            self.weights += tensors
+            self.biases.append(bias)
+            self.ints += ints
+        self.weights.insert(7, norms[1].weight)
+        self.ints += [attention.head_dim, *qkv.split_sizes[:2]]
+        scale = LayerFeatures.from_kwargs({}, attention.scaling, attention.head_dim).scale
+        self.floats = [norms[0].variance_epsilon, norms[1].variance_epsilon, scale]
+        self.layer_idx, self.config = attention.layer_idx, attention.config
 
     @classmethod
     def of(cls, layer: nn.Module, qkv: IntActivationLinear | None) -> "_NativeLayer | None":
         mlp = layer.mlp
         gate_up = mlp.__dict__.get(MERGED) if hasattr(mlp, FUSED_MARK) else None
-        parts = (qkv, layer.self_attn.o_proj, gate_up, getattr(mlp, "down_proj", None))
         norms_fused = all(hasattr(norm, FUSED_MARK) for norm in (layer.input_layernorm, layer.post_attention_layernorm))
-        if norms_fused and all(isinstance(part, IntActivationLinear) for part in parts):
-            return cls(layer, qkv, gate_up)
-        return None
+        merged = all(type(part) is IntActivationLinear for part in (qkv, gate_up))
+        if not (norms_fused and merged):
+            return None
+        linears = [_native_linear(part) for part in (qkv, layer.self_attn.o_proj, gate_up, getattr(mlp, "down_proj", None))]
+        return cls(layer, linears, qkv) if None not in linears else None
+
+
+class _NativeStack:
+    """Consecutive native layers (``_NativeLayer``) as one call of
+    ``tokenstep::llama_layers``: their lists joined once, here."""
+
+    def __init__(self, layers: list[_NativeLayer]) -> None:
+        self.weights = [weight for layer in layers for weight in layer.weights]
+        self.biases = [bias for layer in layers for bias in layer.biases]
+        self.ints = [number for layer in layers for number in layer.ints]
+        self.floats = [number for layer in layers for number in layer.floats]
+        self.layer_idxs = [layer.layer_idx for layer in layers]
+        self.config = layers[0].config
+
+    def runs(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, context: Any) -> bool:
+        """Whether a step with these inputs is one the op computes as the Python layers do."""
+        return (
+            runs_step_op(context)
+            and hidden.dim() == 3
+            and hidden.dtype == torch.float32
+            and hidden.device.type == "cpu"
+            and cos.dim() == 3
+            and cos.dtype == sin.dtype == torch.float32
+            and self.config._attn_implementation == ATTENTION_NAME
+        )
 
     def __call__(self, ops: Any, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, context: Any, kwargs: dict) -> torch.Tensor:
-        features = LayerFeatures.from_kwargs(kwargs, self.scaling, self.shape[0])
-        weights, biases, ints = [self.norms[0].weight], [], []
-        for linear in self.linears:
-            buffers = linear._buffers
-            weights += (buffers["codes"], buffers["scales"], buffers["offsets"])
-            biases.append(linear._parameters.get("bias"))
-            ints += (linear.bits, linear.act_bits, linear.out_features, linear.isa)
-        weights.insert(7, self.norms[1].weight)
-        return ops.llama_layer(
+        features = LayerFeatures.from_kwargs(kwargs, None, 1)  # the window, soft-cap and sinks (the scale is each layer's)
+        return ops.llama_layers(
             hidden,
-            weights,
-            biases,
-            [*ints, *self.shape, features.sliding_window or 0],
-            [self.norms[0].variance_epsilon, self.norms[1].variance_epsilon, features.scale, features.softcap or 0.0],
+            self.weights,
+            self.biases,
+            self.ints,
+            self.floats,
             cos,
             sin,
-            context.key_caches[self.layer_idx],
-            context.value_caches[self.layer_idx],
+            [context.key_caches[i] for i in self.layer_idxs],
+            [context.value_caches[i] for i in self.layer_idxs],
             context.metadata,
+            features.sliding_window or 0,
+            features.softcap or 0.0,
             features.sinks,
         )
 
@@ -323,7 +417,9 @@ def _fuse_layer(layer: nn.Module, ops: Any) -> None:
     qkv = attention.__dict__[MERGED] = side_by_side([attention.q_proj, attention.k_proj, attention.v_proj])
     if qkv is not None and not (qkv.split_sizes[1] == qkv.split_sizes[2] and qkv.split_sizes[0] % attention.head_dim == 0):
         qkv = attention.__dict__[MERGED] = None  # qkv_rotary's layout: whole heads, keys and values alike
-    native = layer.__dict__[NATIVE] = _NativeLayer.of(layer, qkv)
+    native = _NativeLayer.of(layer, qkv)
+    layer.__dict__[NATIVE] = native
+    native_step = None if native is None else _NativeStack([native])
 
     def forward(
         hidden_states: torch.Tensor, attention_mask=None, position_ids=None, cache=None, use_cache=False, position_embeddings=None, **kwargs
@@ -340,16 +436,8 @@ def _fuse_layer(layer: nn.Module, ops: Any) -> None:
             )
         cos, sin = position_embeddings
         context = kwargs.get(CONTEXT_KWARG)
-        if (
-            native is not None
-            and runs_step_op(context)
-            and hidden_states.dim() == 3
-            and hidden_states.device.type == "cpu"
-            and cos.dim() == 3
-            and cos.dtype == sin.dtype == torch.float32
-            and native.config._attn_implementation == ATTENTION_NAME
-        ):
-            return native(ops, hidden_states, cos, sin, context, kwargs)  # all of the below in one op
+        if native_step is not None and native_step.runs(hidden_states, cos, sin, context):
+            return native_step(ops, hidden_states, cos, sin, context, kwargs)  # all of the below in one op
         # LlamaDecoderLayer.forward, with LlamaAttention.forward (no cache) written out in it.
         residual = hidden_states
         hidden_states = layer.input_layernorm.forward(hidden_states)

@@ -21,9 +21,9 @@
 //   tokenstep::silu_mul(gate, up), silu_mul_halves(gate_up) and qkv_rotary(qkv, cos, sin,
 //   head_dim, q_size, kv_size) (the outputs of merged projections): the elementwise work around a Llama-style
 //   decoder layer's matmuls, one op each instead of 6 to 16 (model_runtime.fused);
-//   tokenstep::llama_layer(hidden, weights, biases, ints, floats, cos, sin, key_cache,
-//   value_cache, metadata, sinks): a whole Llama decoder layer of integer-activation
-//   linears, those ops in the Python layer's order, one call;
+//   tokenstep::llama_layers(hidden, weights, biases, ints, floats, cos, sin, key_caches,
+//   value_caches, metadata, window, softcap, sinks): consecutive whole Llama decoder
+//   layers of quantized linears, those ops in the Python layer's order, one call;
 //   tokenstep::int4_linear / int4_dequantize: the same with packed uint8
 // [N, K / 2], two 4-bit weights a byte in GGUF's Q4 order (a group's byte i
 // holds weight i low, weight i + 16 high), K a multiple of 32;
@@ -653,36 +653,58 @@ at::Tensor silu_mul_halves(const at::Tensor& gate_up) {
     return out;
 }
 
-// One Llama decoder layer of an eager step, the calls model_runtime.fused's
-// Python layer makes, in its order, from one call instead of about twenty
-// (each torch op called from Python costs a few microseconds before it runs,
-// and the Python around them as much again: most of a one-row step on a slow
-// core). hidden float32 [1, T, H]; weights: input norm, merged q|k|v
-// (codes, scales, offsets), o, post-attention norm, merged gate|up, down (14
-// tensors); biases: q|k|v, o, gate|up, down (None where unbiased); ints:
-// per linear (q|k|v, o, gate|up, down) bits, act_bits, out_features, isa,
-// then head_dim, q_size, kv_size, window; floats: the two norms' eps, the
-// attention's scale and softcap (0: none).
-at::Tensor llama_layer(const at::Tensor& hidden, at::TensorList weights, const c10::List<c10::optional<at::Tensor>>& biases,
-                       at::IntArrayRef ints, at::ArrayRef<double> floats, const at::Tensor& cos, const at::Tensor& sin,
-                       const at::Tensor& key_cache, const at::Tensor& value_cache, const at::Tensor& metadata,
-                       const c10::optional<at::Tensor>& sinks) {
-    const char* op = "llama_layer";
-    TORCH_CHECK(weights.size() == 14 && biases.size() == 4 && ints.size() == 20 && floats.size() == 4, op,
-                ": needs 14 weights, 4 biases, 20 ints and 4 floats");
+// One linear of llama_layers: ints bits, act_bits, out_features, isa,
+// gemm_from_rows. act_bits 32: float activations, int8_linear over int8 q
+// [N, K] with its scales and offsets (GGUF's Q6_K, in groups of 16).
+at::Tensor layer_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& offsets,
+                        const c10::optional<at::Tensor>& bias, const int64_t* i) {
+    if (i[1] == 32) return int8_linear(x, codes, scales, offsets, bias, i[3], i[4]);
+    return int_linear(x, codes, scales, offsets, bias, i[0], i[1], i[2], i[3]);
+}
+
+// Consecutive Llama decoder layers of an eager step, L of them (L =
+// key_caches.size()): the calls model_runtime.fused's Python layer makes, in
+// its order, from one call instead of about twenty a layer (each torch op
+// called from Python costs a few microseconds before it runs, and the Python
+// around them as much again: most of a one-row step on a slow core). hidden
+// float32 [1, T, H]. Per layer l: weights[14 l ...]: the input norm's weight,
+// merged q|k|v (codes, scales, offsets), o, the post-attention norm's
+// weight, merged gate|up, down; biases[4 l ...]: q|k|v, o, gate|up, down
+// (None where unbiased); ints[kLayerInts l ...]: per linear (q|k|v, o,
+// gate|up, down) layer_linear's five, then head_dim, q_size, kv_size;
+// floats[3 l ...]: the two norms' eps and the attention's scale. window,
+// softcap (0: none) and sinks are every layer's.
+constexpr int64_t kLinearInts = 5, kLayerInts = 4 * kLinearInts + 3;
+
+at::Tensor llama_layers(const at::Tensor& hidden, at::TensorList weights, const c10::List<c10::optional<at::Tensor>>& biases,
+                        at::IntArrayRef ints, at::ArrayRef<double> floats, const at::Tensor& cos, const at::Tensor& sin,
+                        at::TensorList key_caches, at::TensorList value_caches, const at::Tensor& metadata, int64_t window,
+                        double softcap, const c10::optional<at::Tensor>& sinks) {
+    const char* op = "llama_layers";
+    const int64_t L = static_cast<int64_t>(key_caches.size());
+    TORCH_CHECK(static_cast<int64_t>(value_caches.size()) == L && static_cast<int64_t>(weights.size()) == 14 * L &&
+                    static_cast<int64_t>(biases.size()) == 4 * L && static_cast<int64_t>(ints.size()) == kLayerInts * L &&
+                    static_cast<int64_t>(floats.size()) == 3 * L,
+                op, ": per layer 14 weights, 4 biases, ", kLayerInts, " ints, 3 floats and a key and value cache");
     TORCH_CHECK(hidden.scalar_type() == at::kFloat && hidden.dim() == 3, op, ": hidden must be float32 [B, T, H]");
-    const auto linear = [&](const at::Tensor& x, int which) {  // which: 0 q|k|v, 1 o, 2 gate|up, 3 down
-        constexpr int codes[] = {1, 4, 8, 11};  // the post-attention norm's weight sits between o and gate|up
-        const int c = codes[which];
-        const int64_t* i = ints.data() + 4 * which;
-        return int_linear(x, weights[c], weights[c + 1], weights[c + 2], biases.get(which), i[0], i[1], i[2], i[3]);
-    };
-    const int64_t head_dim = ints[16], q_size = ints[17], kv_size = ints[18], window = ints[19];
-    auto [query, key, value] = qkv_rotary(linear(rms_norm(hidden, weights[0], floats[0]), 0), cos, sin, head_dim, q_size, kv_size);
-    const at::Tensor attention =
-        paged_attention_step(query, key, value, key_cache, value_cache, metadata, floats[2], window, floats[3], sinks);
-    const at::Tensor attended = at::add(hidden, linear(attention.reshape({hidden.size(0), hidden.size(1), -1}).contiguous(), 1));
-    return at::add(attended, linear(silu_mul_halves(linear(rms_norm(attended, weights[7], floats[1]), 2)), 3));
+    at::Tensor x = hidden;
+    for (int64_t l = 0; l < L; ++l) {
+        const at::Tensor* w = weights.data() + 14 * l;
+        const int64_t* n = ints.data() + kLayerInts * l;
+        const double* f = floats.data() + 3 * l;
+        const auto linear = [&](const at::Tensor& input, int which) {  // which: 0 q|k|v, 1 o, 2 gate|up, 3 down
+            constexpr int codes[] = {1, 4, 8, 11};  // the post-attention norm's weight sits between o and gate|up
+            const int c = codes[which];
+            return layer_linear(input, w[c], w[c + 1], w[c + 2], biases.get(4 * l + which), n + kLinearInts * which);
+        };
+        const int64_t head_dim = n[4 * kLinearInts], q_size = n[4 * kLinearInts + 1], kv_size = n[4 * kLinearInts + 2];
+        auto [query, key, value] = qkv_rotary(linear(rms_norm(x, w[0], f[0]), 0), cos, sin, head_dim, q_size, kv_size);
+        const at::Tensor attention =
+            paged_attention_step(query, key, value, key_caches[l], value_caches[l], metadata, f[2], window, softcap, sinks);
+        const at::Tensor attended = at::add(x, linear(attention.reshape({x.size(0), x.size(1), -1}).contiguous(), 1));
+        x = at::add(attended, linear(silu_mul_halves(linear(rms_norm(attended, w[7], f[1]), 2)), 3));
+    }
+    return x;
 }
 
 }  // namespace
@@ -715,7 +737,7 @@ TORCH_LIBRARY(tokenstep, m) {
     m.impl("qkv_rotary", c10::DispatchKey::CPU, TORCH_FN(qkv_rotary));
     m.def("write_kv_cache(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor slot_mapping) -> ()");
     m.impl("write_kv_cache", c10::DispatchKey::CPU, TORCH_FN(write_kv_cache));
-    m.def("llama_layer(Tensor hidden, Tensor[] weights, Tensor?[] biases, int[] ints, float[] floats, Tensor cos, Tensor sin, "
-          "Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor metadata, Tensor? sinks=None) -> Tensor");
-    m.impl("llama_layer", c10::DispatchKey::CPU, TORCH_FN(llama_layer));
+    m.def("llama_layers(Tensor hidden, Tensor[] weights, Tensor?[] biases, int[] ints, float[] floats, Tensor cos, Tensor sin, "
+          "Tensor(a!)[] key_caches, Tensor(b!)[] value_caches, Tensor metadata, int window=0, float softcap=0.0, Tensor? sinks=None) -> Tensor");
+    m.impl("llama_layers", c10::DispatchKey::CPU, TORCH_FN(llama_layers));
 }

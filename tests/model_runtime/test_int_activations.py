@@ -302,15 +302,17 @@ def test_merged_projections_change_no_token(tmp_path: Path, monkeypatch: pytest.
     assert merged_tokens == separate_tokens
 
 
-@pytest.mark.parametrize("source", ["gguf", "biased int8"])
+@pytest.mark.parametrize("source", ["gguf", "biased int8", "gguf Q6_K down"])
 def test_whole_layers_in_one_op_give_the_python_layers_logits_to_the_bit(
     source: str, tmp_path: Path, default_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ):
     """Where every piece of a fused Llama layer has its C++ form, an eager
-    step runs the layer as one op (tokenstep::llama_layer): every logit of
-    every step, through chunked prefills, preemption and mixed steps, equals
-    the Python layer's to the bit: 4-bit GGUF blocks, and 8-bit codes with
-    every projection biased (attention_bias, mlp_bias)."""
+    step runs the layer as one op (tokenstep::llama_layers), and where every
+    layer of the model has, all of them as one op: every logit of every step,
+    through chunked prefills, preemption and mixed steps, equals the Python
+    layers' to the bit either way: 4-bit GGUF blocks; 8-bit codes with every
+    projection biased (attention_bias, mlp_bias); and a Q4_K_M-like file
+    whose down projection is Q6_K, on float activations."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from model_runtime import fused
@@ -320,6 +322,9 @@ def test_whole_layers_in_one_op_give_the_python_layers_logits_to_the_bit(
 
     if source == "gguf":
         model, quantization = build_tiny_llama_gguf(tmp_path / "tiny.gguf", {**TYPES, "attn_v": "Q4_1", "ffn_down": "Q4_0"}), "gguf"
+    elif source == "gguf Q6_K down":  # as llama-quantize's Q4_K_M makes of a model 576 wide: Q5_0, Q8_0 and Q6_K
+        types = {name: "Q5_0" for name in TYPES} | {"attn_v": "Q8_0", "ffn_down": "Q6_K"}
+        model, quantization = build_tiny_llama_gguf(tmp_path / "tiny.gguf", types, width=256), "gguf"
     else:
         torch.manual_seed(5)
         biased = LlamaForCausalLM(LlamaConfig(**TINY_DECODER, attention_bias=True, mlp_bias=True)).eval()
@@ -337,23 +342,32 @@ def test_whole_layers_in_one_op_give_the_python_layers_logits_to_the_bit(
 
     monkeypatch.setattr(Sampler, "sample", recording_sample)
     ops, layer_calls = kernels.load(), []
-    real_op = ops.llama_layer
-    monkeypatch.setattr(ops, "llama_layer", lambda *args: layer_calls.append(1) or real_op(*args))
+    real_op = ops.llama_layers
+    monkeypatch.setattr(ops, "llama_layers", lambda *args: layer_calls.append(len(args[7])) or real_op(*args))
+    said = {
+        "each": "2 decoder layers as one C++ op each where the step's attention is tokenstep's C++ op",
+        "all": "all 2 decoder layers as one C++ op where the step's attention is tokenstep's C++ op",
+    }
 
-    def logits(native: bool) -> tuple[list[torch.Tensor], list[list[int]], int]:
+    def logits(layers: str) -> tuple[list[torch.Tensor], list[list[int]], list[int]]:
         calls.clear(), layer_calls.clear()
         with monkeypatch.context() as patch:
-            if not native:
+            if layers == "python":
                 patch.setattr(fused._NativeLayer, "of", classmethod(lambda cls, layer, qkv: None))
+            if layers != "all":
+                patch.setattr(fused, "_fuse_llama_model", lambda model, ops: 0)
             loaded = load_model(model, "float32", "cpu", quantization, activations="int16")
             prompts = make_prompts(seed=13, vocab_size=loaded.vocab_size)[:6]
             core = build(loaded, num_kv_blocks=40, max_num_batched_tokens=37)
             described = fused.fuse_elementwise(loaded.model, ops)  # what the engine's build fused, said again
-            assert described.endswith("2 decoder layers as one C++ op each where the step's attention is tokenstep's C++ op") == native
-            return list(calls), run_engine(core, prompts), len(layer_calls)
+            assert described.endswith(said[layers]) if layers in said else "decoder layers as one C++ op" not in described
+            return list(calls), run_engine(core, prompts), list(layer_calls)
 
-    python_logits, python_tokens, python_calls = logits(native=False)
-    native_logits, native_tokens, native_calls = logits(native=True)
-    assert python_calls == 0 and native_calls > 0
-    assert native_tokens == python_tokens
-    assert len(native_logits) == len(python_logits) and all(torch.equal(a, b) for a, b in zip(native_logits, python_logits, strict=True))
+    python_logits, python_tokens, python_calls = logits("python")
+    assert python_calls == []
+    for layers in ("each", "all"):
+        native_logits, native_tokens, native_calls = logits(layers)
+        assert native_calls and set(native_calls) == {1 if layers == "each" else 2}
+        assert native_tokens == python_tokens
+        assert len(native_logits) == len(python_logits)
+        assert all(torch.equal(a, b) for a, b in zip(native_logits, python_logits, strict=True))
