@@ -1,14 +1,16 @@
-"""Check the AVX-512 integer-activation kernels on a CPU without AVX-512.
+"""Check the AVX-512 integer-activation and decode-attention kernels on a CPU without AVX-512.
 
     .venv/bin/python benchmarks/avx512_emulated.py
 
-``model_runtime/kernels/int_gemm.cpp`` has one path per instruction set, and
-a host runs only those its CPU has: on an AVX2-only machine the AVX-512 path
-is built but never run by the tests. This compiles that source once more with
+``model_runtime/kernels/int_gemm.cpp`` and ``paged_attention.cpp`` have one
+path per instruction set, and a host runs only those its CPU has: on an
+AVX2-only machine the AVX-512 paths are built but never run by the tests.
+This compiles those sources once more with
 SIMDe (SIMD Everywhere, the ``simde-py`` sdist on PyPI: portable C
 implementations of the AVX-512 intrinsics) standing in for AVX-512 and VNNI,
 and compares its outputs with the plain C++ build's on random weights and
-rows, every bit width and activation width. About a minute on 2 cores (SIMDe
+rows, every bit width and activation width (attention: ragged contexts
+over shuffled blocks, with and without a window, soft-cap and sinks). About a minute on 2 cores (SIMDe
 at -O1). Run it after changing the kernels on a host without AVX-512.
 """
 
@@ -31,8 +33,17 @@ SHIM = """#define SIMDE_ENABLE_NATIVE_ALIASES
 #include <simde/x86/avx512.h>
 #define __AVX512F__ 1
 #define __AVX512VNNI__ 1
-#include "int_gemm.cpp"
+// SIMDe 0.8.2 has no _mm512_reduce_add_ps (vec.h's hsum); a lane-by-lane sum stands in
+static inline float ts_reduce_add(simde__m512 v) {{
+    float lanes[16], sum = 0.f;
+    simde_mm512_storeu_ps(lanes, v);
+    for (int i = 0; i < 16; ++i) sum += lanes[i];
+    return sum;
+}}
+#define _mm512_reduce_add_ps(v) ts_reduce_add(v)
+#include "{source}"
 """
+SOURCES = ("int_gemm.cpp", "paged_attention.cpp")
 
 
 def build(work: Path) -> ctypes.CDLL:
@@ -40,11 +51,13 @@ def build(work: Path) -> ctypes.CDLL:
     with tarfile.open(next(work.glob("simde_py-*.tar.gz"))) as sdist:
         sdist.extractall(work, filter="data")
     include = next(work.glob("simde_py-*/simde_py/simde"))
-    (work / "shim.cpp").write_text(SHIM)
+    shims = [work / f"shim_{source}" for source in SOURCES]
+    for shim, source in zip(shims, SOURCES, strict=True):
+        shim.write_text(SHIM.format(source=source))
     library = work / "libemulated.so"
     subprocess.run(
         ["c++", "-O1", "-std=gnu++20", "-fPIC", "-shared", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=fast", "-w", "-Wno-psabi",
-         "-DTS_ISA=emulated", "-DTS_VEC=16", f"-I{include}", f"-I{kernels.SOURCE_DIR}", str(work / "shim.cpp"), "-o", str(library)],
+         "-DTS_ISA=emulated", "-DTS_VEC=16", f"-I{include}", f"-I{kernels.SOURCE_DIR}", *map(str, shims), "-o", str(library)],
         check=True,
     )  # fmt: skip
     lib = ctypes.CDLL(str(library))
@@ -54,7 +67,40 @@ def build(work: Path) -> ctypes.CDLL:
         pointer, integer, pointer, pointer, integer, integer, pointer, integer,
         pointer, pointer, pointer, pointer, integer, integer, integer,
     ]  # fmt: skip
+    real = ctypes.c_float
+    lib.ts_paged_decode_emulated.argtypes = [
+        pointer, integer, integer, pointer, pointer, integer, integer, integer, pointer, integer,
+        pointer, integer, real, integer, real, pointer, pointer, integer, integer,
+    ]  # fmt: skip
     return lib
+
+
+def check_attention(lib: ctypes.CDLL, ops: object, generic: int) -> float:
+    """The emulated decode attention against the generic build's: the largest relative difference."""
+    worst = 0.0
+    for heads, kv_heads, head_dim in ((9, 3, 64), (8, 2, 128), (4, 4, 16), (4, 1, 512)):
+        lens = torch.tensor([1, 7, 8, 9, 16, 33, 100, 257])
+        block_size, blocks = 16, int((lens + 15).div(16, rounding_mode="floor").sum()) + 2
+        keys, values = torch.randn(2, blocks, block_size, kv_heads, head_dim).unbind(0)
+        keys, values = keys.contiguous(), values.contiguous()
+        width = int(lens.max() + 15) // 16
+        order = torch.randperm(blocks)  # shuffled blocks (sequences may share some: only the values are compared)
+        tables = torch.stack([order[(b * width + torch.arange(width)) % blocks] for b in range(len(lens))]).contiguous()
+        query = torch.randn(len(lens), heads, head_dim)
+        sinks = torch.randn(heads)
+        for window, softcap, with_sinks in ((0, 0.0, False), (20, 0.0, False), (0, 5.0, True)):
+            want = ops.paged_decode_attention(query, keys, values, tables, lens, 0.2, generic, window, softcap, sinks if with_sinks else None)
+            got = torch.zeros_like(want)
+            lib.ts_paged_decode_emulated(
+                query.data_ptr(), query.stride(0), query.stride(1), keys.data_ptr(), values.data_ptr(), block_size, kv_heads,
+                head_dim, tables.data_ptr(), width, lens.data_ptr(), heads, 0.2, window, softcap,
+                sinks.data_ptr() if with_sinks else None, got.data_ptr(), 0, len(lens) * kv_heads,
+            )  # fmt: skip
+            error = ((got - want).abs().max() / want.abs().max()).item()
+            if error > 1e-5:
+                sys.exit(f"AVX-512 (emulated) attention differs: {heads}/{kv_heads} heads of {head_dim}, window {window}: {error:.2e}")
+            worst = max(worst, error)
+    return worst
 
 
 def emulated_linear(lib: ctypes.CDLL, x: torch.Tensor, codes, scales, offsets, bias, bits: int, act_bits: int, n: int) -> torch.Tensor:
@@ -95,7 +141,11 @@ def main() -> None:
                             sys.exit(
                                 f"AVX-512 (emulated) differs: {bits}-bit codes, int{act_bits} activations, {rows}x{k}->{n}: {error:.2e}"
                             )
-    print(f"AVX-512 (emulated by SIMDe) gives the generic build's outputs; largest relative difference {worst:.1e}")
+        attention = check_attention(lib, ops, generic)
+    print(
+        f"AVX-512 (emulated by SIMDe) gives the generic build's outputs; largest relative difference {worst:.1e} "
+        f"(linears), {attention:.1e} (attention)"
+    )
 
 
 if __name__ == "__main__":

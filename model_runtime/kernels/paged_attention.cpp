@@ -49,11 +49,57 @@ inline vf exp_nonpositive(vf x) {
 }
 
 constexpr int64_t MAX_CHUNKS = 512 / VEC;  // head_dim up to 512
+constexpr int64_t BLOCK = 8;               // scores computed together (score_block)
+
+// out[p] = the lane sum of acc[p], p < BLOCK. With AVX2 (and AVX-512, its
+// vectors folded to 8 lanes first) a transpose by horizontal adds: nine
+// instructions for eight sums where a sum apiece took six.
+inline void lane_sums(const vf* acc, float* out) {
+#if defined(__AVX2__) && (TS_VEC == 8 || TS_VEC == 16)
+    __m256 v[BLOCK];
+    for (int p = 0; p < BLOCK; ++p) {
+#if TS_VEC == 16
+        v[p] = _mm256_add_ps(_mm512_castps512_ps256((__m512)acc[p]),
+                             _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd((__m512)acc[p]), 1)));
+#else
+        v[p] = (__m256)acc[p];
+#endif
+    }
+    const __m256 h01 = _mm256_hadd_ps(v[0], v[1]), h23 = _mm256_hadd_ps(v[2], v[3]);
+    const __m256 h45 = _mm256_hadd_ps(v[4], v[5]), h67 = _mm256_hadd_ps(v[6], v[7]);
+    const __m256 low = _mm256_hadd_ps(h01, h23), high = _mm256_hadd_ps(h45, h67);  // each 128-bit half: 4 partial sums
+    _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(low, high, 0x20), _mm256_permute2f128_ps(low, high, 0x31)));
+#else
+    for (int p = 0; p < BLOCK; ++p) out[p] = hsum(acc[p]);
+#endif
+}
+
+// The query's (chunks vectors, scaled) scores against the BLOCK key rows at
+// k_cache + rows[p]: each row's products summed along it into one vector,
+// then the lanes (lane_sums). One key row at a time, the sum of its lanes
+// was a chain of dependent adds and shuffles per score.
+template <int64_t SLOTS>
+inline void score_block(const vf* qv, int64_t chunks, const float* k_cache, const int64_t* rows, float* out) {
+    vf acc[BLOCK];
+#pragma GCC unroll 8
+    for (int p = 0; p < BLOCK; ++p) acc[p] = qv[0] * load(k_cache + rows[p]);
+#pragma GCC unroll 32
+    for (int64_t c = 1; c < (SLOTS < MAX_CHUNKS ? SLOTS : chunks); ++c) {
+        const vf query = qv[c];
+#pragma GCC unroll 8
+        for (int p = 0; p < BLOCK; ++p) acc[p] += query * load(k_cache + rows[p] + c * VEC);
+    }
+    lane_sums(acc, out);
+}
 
 // One work item (sequence b, KV head kv_head) with CHUNKS vectors per head
 // row, known at compile time (the query and the accumulators then live in
 // registers: with a run-time count and room for 512 they lived in memory, and
 // the kernel ran 30 % slower at head_dim 64), or 0: D / VEC at run time.
+// Block-major: each BLOCK of key rows is scored for every query head of the
+// group while it sits in L1, and each block of value rows summed into every
+// head's output likewise. Head by head, each head re-read all the rows, from
+// L3 or memory once an item's keys and values outgrew L2 (a few hundred tokens).
 template <int64_t CHUNKS>
 void attend_item(const float* q, int64_t q_stride_b, int64_t q_stride_h, const float* k_cache, const float* v_cache,
                  int64_t block_size, int64_t kv_heads, int64_t D, const int64_t* tables, int64_t max_blocks,
@@ -70,15 +116,29 @@ void attend_item(const float* q, int64_t q_stride_b, int64_t q_stride_h, const f
         const int64_t t = first + i;
         rows[i] = ((table[t / block_size] * block_size + t % block_size) * kv_heads + kv_head) * D;
     }
-    scores.resize(group * n);
+    // scores [group, n], each head's weighted sums [group, D] and softmax denominators [group]:
+    // the exact softmax needs every score before any sum
+    scores.resize(group * (n + D + 1));
+    float* sums = scores.data() + group * n;
+    float* denominators = sums + group * D;
+    const auto query_of = [&](int64_t g, vf* qv) {
+        const float* query = q + b * q_stride_b + (kv_head * group + g) * q_stride_h;
+        for (int64_t c = 0; c < chunks; ++c) qv[c] = load(query + c * VEC) * splat(scale);
+    };
+    const int64_t blocked = n - n % BLOCK;
+    for (int64_t t = 0; t < blocked; t += BLOCK) {
+        for (int64_t g = 0; g < group; ++g) {
+            vf qv[SLOTS];
+            query_of(g, qv);
+            score_block<SLOTS>(qv, chunks, k_cache, rows.data() + t, scores.data() + g * n + t);
+        }
+    }
     for (int64_t g = 0; g < group; ++g) {
         const int64_t head = kv_head * group + g;
-        const float* query = q + b * q_stride_b + head * q_stride_h;
         vf qv[SLOTS];
-        for (int64_t c = 0; c < chunks; ++c) qv[c] = load(query + c * VEC) * splat(scale);
+        query_of(g, qv);
         float* s = scores.data() + g * n;
-        float max = sinks != nullptr ? sinks[head] : -3.4e38f;
-        for (int64_t t = 0; t < n; ++t) {
+        for (int64_t t = blocked; t < n; ++t) {
             const float* key = k_cache + rows[t];
             vf acc0 = qv[0] * load(key), acc1 = {};
             for (int64_t c = 1; c + 1 < chunks; c += 2) {
@@ -86,10 +146,12 @@ void attend_item(const float* q, int64_t q_stride_b, int64_t q_stride_h, const f
                 acc1 += qv[c + 1] * load(key + (c + 1) * VEC);
             }
             if (chunks % 2 == 0) acc1 += qv[chunks - 1] * load(key + (chunks - 1) * VEC);
-            float score = hsum(acc0 + acc1);
-            if (softcap > 0.f) score = softcap * std::tanh(score / softcap);
-            s[t] = score;
-            max = score > max ? score : max;
+            s[t] = hsum(acc0 + acc1);
+        }
+        float max = sinks != nullptr ? sinks[head] : -3.4e38f;
+        for (int64_t t = 0; t < n; ++t) {
+            if (softcap > 0.f) s[t] = softcap * std::tanh(s[t] / softcap);
+            max = s[t] > max ? s[t] : max;
         }
         vf total = {};
         int64_t t = 0;
@@ -110,16 +172,28 @@ void attend_item(const float* q, int64_t q_stride_b, int64_t q_stride_h, const f
             }
         }
         if (sinks != nullptr) sum += std::exp(sinks[head] - max);
-        vf acc[SLOTS];
-        for (int64_t c = 0; c < chunks; ++c) acc[c] = vf{};
-        for (int64_t t2 = 0; t2 < n; ++t2) {
-            const float* value = v_cache + rows[t2];
-            const vf p = splat(s[t2]);
-            for (int64_t c = 0; c < chunks; ++c) acc[c] += p * load(value + c * VEC);
+        for (int64_t c = 0; c < chunks; ++c) store(sums + g * D + c * VEC, vf{});
+        denominators[g] = sum;
+    }
+    // The weighted sums, block by block of value rows, each block for every head while in L1.
+    for (int64_t begin = 0; begin < n; begin += BLOCK) {
+        const int64_t end = begin + BLOCK < n ? begin + BLOCK : n;
+        for (int64_t g = 0; g < group; ++g) {
+            const float* s = scores.data() + g * n;
+            vf acc[SLOTS];
+            for (int64_t c = 0; c < chunks; ++c) acc[c] = load(sums + g * D + c * VEC);
+            for (int64_t t = begin; t < end; ++t) {
+                const float* value = v_cache + rows[t];
+                const vf p = splat(s[t]);
+                for (int64_t c = 0; c < chunks; ++c) acc[c] += p * load(value + c * VEC);
+            }
+            for (int64_t c = 0; c < chunks; ++c) store(sums + g * D + c * VEC, acc[c]);
         }
-        float* out_head = out + (b * heads + head) * D;
-        const vf inverse = splat(1.f / sum);
-        for (int64_t c = 0; c < chunks; ++c) store(out_head + c * VEC, acc[c] * inverse);
+    }
+    for (int64_t g = 0; g < group; ++g) {
+        float* out_head = out + (b * heads + kv_head * group + g) * D;
+        const vf inverse = splat(1.f / denominators[g]);
+        for (int64_t c = 0; c < chunks; ++c) store(out_head + c * VEC, load(sums + g * D + c * VEC) * inverse);
     }
 }
 
