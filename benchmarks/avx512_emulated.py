@@ -89,7 +89,8 @@ def check_attention(lib: ctypes.CDLL, ops: object, generic: int) -> float:
         query = torch.randn(len(lens), heads, head_dim)
         sinks = torch.randn(heads)
         for window, softcap, with_sinks in ((0, 0.0, False), (20, 0.0, False), (0, 5.0, True)):
-            want = ops.paged_decode_attention(query, keys, values, tables, lens, 0.2, generic, window, softcap, sinks if with_sinks else None)
+            given_sinks = sinks if with_sinks else None
+            want = ops.paged_decode_attention(query, keys, values, tables, lens, 0.2, generic, window, softcap, given_sinks)
             got = torch.zeros_like(want)
             lib.ts_paged_decode_emulated(
                 query.data_ptr(), query.stride(0), query.stride(1), keys.data_ptr(), values.data_ptr(), block_size, kv_heads,
