@@ -202,3 +202,27 @@ def test_the_parser_flags_take_their_names_and_refuse_others(clean_env):
     for flag in ("--tool-call-parser", "--reasoning-parser"):
         with pytest.raises(SystemExit):
             parse_settings([flag, "pythonic"])
+
+
+def test_serve_runs_the_app_with_a_short_gil_switch_interval(monkeypatch: pytest.MonkeyPatch):
+    """``tokenstep serve`` runs its app with the GIL switch interval that
+    lets the model thread take the GIL back soon from the event loop's
+    (``SWITCH_INTERVAL_S``, not Python's 5 ms), and still builds the app from
+    the settings it parsed."""
+    import sys
+
+    import server.app
+    import server.shutdown
+    from server import cli
+
+    seen = {}
+    monkeypatch.setattr(server.app, "create_app", lambda settings, load: ("app", settings))
+    monkeypatch.setattr(server.shutdown, "run_until_drained", lambda app, settings: seen.update(app=app, interval=sys.getswitchinterval()))
+    before = sys.getswitchinterval()
+    settings = cli.parse_settings(["--port", "8999"])
+    try:
+        cli.serve(settings)
+    finally:
+        sys.setswitchinterval(before)
+    assert seen == {"app": ("app", settings), "interval": pytest.approx(cli.SWITCH_INTERVAL_S)}
+    assert cli.SWITCH_INTERVAL_S < 0.005
