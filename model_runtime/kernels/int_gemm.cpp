@@ -2,7 +2,8 @@
 // ``int16``): y = x @ w^T + bias with both sides integers inside each group
 // of 32 along K.
 //
-// Weights: unsigned codes u (4-bit 0..15 or 8-bit 0..255) with a float16
+// Weights: unsigned codes u (4-bit 0..15, 8-bit 0..255, or with int16
+// activations 5-bit 0..31: GGUF's Q5_0 / Q5_1 / Q5_K) with a float16
 // scale s and offset o per group of 32 along a row, w = s * u + o. GGUF's Q4_1
 // is exactly this (u = q, s = d, o = m); int8 codes q become u = q + 128 with
 // o - 128 s.
@@ -32,7 +33,9 @@
 //     16-bit lanes (and, shift: no widening shuffles, which AVX2 runs on
 //     fewer ports than the rest and which bounded the one-row kernel), ready
 //     for vpmaddwd / vpdpwssd against the broadcast activations of k and k + 1
-//     (the 4 bytes of int16 word E w + e).
+//     (the 4 bytes of int16 word E w + e). 5-bit codes: E = 3, a group's 16
+//     pairs in 6 words, the sixth holding pair 15 alone (6 bits a weight in
+//     memory against 8 for 8-bit codes, for the same two instructions a pair).
 // Scales and offsets are float16 [tiles, groups, 16].
 //
 // Every instruction set computes the same integers; the float work per output
@@ -251,8 +254,17 @@ template <int A>
 constexpr int lanes_codes() { return 32 / A; }  // L: codes per lane of a block
 template <int A>
 constexpr int64_t block_bytes() { return TILE * lanes_codes<A>(); }  // one 8-bit block
+// int16 activations: E = 16 / bits code pairs a 32-bit word, ceil(16 / E)
+// words a group (5-bit codes: 3 pairs a word, the sixth word's pair alone: 6
+// bits a weight in memory, where 8-bit codes take 8).
 template <int bits>
-constexpr int64_t group_bytes() { return GROUP * TILE * bits / 8; }  // one tile's codes of one group
+constexpr int pairs_per_word() { return 16 / bits; }
+template <int bits>
+constexpr int words_per_group() { return (GROUP / 2 + pairs_per_word<bits>() - 1) / pairs_per_word<bits>(); }
+template <int A, int bits>
+constexpr int64_t group_bytes() {  // one tile's codes of one group
+    return A == 16 ? words_per_group<bits>() * TILE * 4 : GROUP * TILE * bits / 8;
+}
 
 // Independent int32 sums per row: at one or two rows each gets every
 // chains-th product, so no dependent chain of dot instructions bounds the
@@ -275,17 +287,20 @@ inline void group_dots(IntAcc (&dots)[mr][chains], const uint8_t* block, const u
         return value;
     };
     if constexpr (A == 16) {
-        constexpr int E = 16 / bits;  // pairs of codes per word
-#pragma GCC unroll 8
-        for (int w = 0; w < GROUP / 2 / E; ++w) {
+        constexpr int E = pairs_per_word<bits>();
+        auto word_dots = [&](int w, auto pairs) {  // pairs: how many of word w's E are codes (fewer in a last word)
             const typename Pairs::Words words = Pairs::load(block + w * TILE * 4);
 #pragma GCC unroll 4
-            for (int e = 0; e < E; ++e) {
+            for (int e = 0; e < decltype(pairs)::value; ++e) {
                 const typename Pairs::Codes codes = Pairs::template pair<bits>(words, e);
 #pragma GCC unroll 8
                 for (int i = 0; i < mr; ++i) Pairs::dot(dots[i][e % chains], codes, broadcast_word(i, E * w + e));
             }
-        }
+        };
+        constexpr int full = GROUP / 2 / E, rest = GROUP / 2 % E;
+#pragma GCC unroll 8
+        for (int w = 0; w < full; ++w) word_dots(w, std::integral_constant<int, E>{});
+        if constexpr (rest > 0) word_dots(full, std::integral_constant<int, rest>{});
     } else {
         using B = Block<A>;
         constexpr int blocks = GROUP / lanes_codes<A>();
@@ -323,7 +338,7 @@ void micro(const uint8_t* xq, int64_t ldx, const float* dx, const float* sx, int
         for (int i = 0; i < mr; ++i)
             for (int c = 0; c < chains; ++c)
                 for (int v = 0; v < FV; ++v) dots[i][c].v[v] = vi{};
-        group_dots<mr, A, bits, chains>(dots, codes + g * group_bytes<bits>(), xq + g * x_group_bytes, ldx);
+        group_dots<mr, A, bits, chains>(dots, codes + g * group_bytes<A, bits>(), xq + g * x_group_bytes, ldx);
         vf s[FV], o[FV];
         load_halves(scales + g * TILE, s);
         load_halves(offsets + g * TILE, o);
@@ -362,7 +377,7 @@ void gemm(const uint8_t* xq, const float* dx, const float* sx, int64_t M, int64_
     for (int64_t t = tile_begin; t < tile_end; ++t) {
         const int64_t n0 = t * TILE;
         const int nr = static_cast<int>(N - n0 < TILE ? N - n0 : TILE);
-        const uint8_t* tile_codes = codes + t * groups * group_bytes<bits>();
+        const uint8_t* tile_codes = codes + t * groups * group_bytes<A, bits>();
         for (int64_t m0 = 0; m0 < M; m0 += MR) {
             const int mr = static_cast<int>(M - m0 < MR ? M - m0 : MR);
             micro_for<A, bits>(mr, std::make_integer_sequence<int, MR>{})(
@@ -412,7 +427,8 @@ extern "C" void TS_NAME(ts_quantize_activations)(const float* x, int64_t K, int6
 }
 
 // Output tiles [tile_begin, tile_end) of y [M, N] from the quantized rows and
-// the packed weight (layout above for act_bits); bits is 4 or 8.
+// the packed weight (layout above for act_bits); bits is 4 or 8, or 5 with
+// int16 activations.
 extern "C" void TS_NAME(ts_int_gemm)(const void* xq, int64_t act_bits, const float* dx, const float* sx, int64_t M,
                                     int64_t groups, const uint8_t* codes, int64_t bits, const uint16_t* scales,
                                     const uint16_t* offsets, const float* bias, float* y, int64_t N, int64_t tile_begin,
@@ -424,6 +440,8 @@ extern "C" void TS_NAME(ts_int_gemm)(const void* xq, int64_t act_bits, const flo
         gemm<8, 8>(x, dx, sx, M, groups, codes, scales, offsets, bias, y, N, tile_begin, tile_end);
     else if (bits == 4)
         gemm<16, 4>(x, dx, sx, M, groups, codes, scales, offsets, bias, y, N, tile_begin, tile_end);
+    else if (bits == 5)
+        gemm<16, 5>(x, dx, sx, M, groups, codes, scales, offsets, bias, y, N, tile_begin, tile_end);
     else
         gemm<16, 8>(x, dx, sx, M, groups, codes, scales, offsets, bias, y, N, tile_begin, tile_end);
 }

@@ -274,15 +274,18 @@ constexpr int64_t kIntTile = 16;  // output channels per tile (int_gemm.cpp: TIL
 
 // x [..., K] float32 against a weight packed by int_activations.pack_codes for
 // act_bits (8 or 16) activations: codes uint8 [tiles, groups, 32 * bits / 8
-// * 16 bytes], scales and offsets float16 [tiles, groups, 16]; N output
+// * 16 bytes; 384 for 5-bit codes], scales and offsets float16 [tiles, groups, 16]; N output
 // channels (tiles * 16 or a few fewer), K at most groups * 32. The rows are
 // quantized per group of 32 first (int_gemm.cpp).
 at::Tensor int_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& offsets,
                       const c10::optional<at::Tensor>& bias, int64_t bits, int64_t act_bits, int64_t N, int64_t isa) {
     const char* op = "int_linear";
-    TORCH_CHECK(bits == 4 || bits == 8, op, ": bits must be 4 or 8, got ", bits);
     TORCH_CHECK(act_bits == 8 || act_bits == 16, op, ": act_bits must be 8 or 16, got ", act_bits);
-    const int64_t group_bytes = kGroup * bits / 8 * kIntTile;
+    TORCH_CHECK(bits == 4 || bits == 8 || (bits == 5 && act_bits == 16), op,
+                ": bits must be 4 or 8 (or 5 with 16-bit activations), got ", bits);
+    // int16 activations: words of 16 / bits code pairs, 16 pairs a group (int_gemm.cpp)
+    const int64_t pairs_per_word = 16 / bits, words = (kGroup / 2 + pairs_per_word - 1) / pairs_per_word;
+    const int64_t group_bytes = act_bits == 16 ? words * 4 * kIntTile : kGroup * bits / 8 * kIntTile;
     TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 3 && codes.is_contiguous() && codes.size(2) == group_bytes,
                 op, ": codes must be contiguous uint8 [tiles, groups, ", group_bytes, "]");
     const int64_t tiles = codes.size(0), groups = codes.size(1);

@@ -7,8 +7,9 @@ with its own scale (symmetric, ``max|x| / 32767`` or ``/ 127``), so the inner
 product of a group is an exact integer sum (AVX-512 VNNI: ``vpdpwssd``, 32
 products an instruction, or ``vpdpbusd``, 64) and only two float
 multiply-adds per group remain (``model_runtime/kernels/int_gemm.cpp`` has the
-algebra). A decode step reads each weight in its 4 or 8 bits and does almost
-no float work per weight.
+algebra). A decode step reads each weight in its 4 or 8 bits (5-bit codes,
+GGUF's Q5_0 / Q5_1 / Q5_K, in 6: three pairs of them to a 32-bit word) and
+does almost no float work per weight.
 
 Both change the numbers: outputs are no longer exactly those of the float
 model the codes dequantize to. int16 rounds each activation to within
@@ -21,7 +22,9 @@ unavailable: the loader warns and serves float32 linears of the same weights.
 
 The weights are repacked at load into the kernel's layout (``pack_codes``):
 tiles of 16 output channels, per group blocks of 16 channels x 4 codes (int8
-activations) or 32-bit words of code pairs (int16), scales and offsets as float16 (GGUF's
+activations) or 32-bit words of code pairs (int16; a layer's 5-bit query and key
+beside an 8-bit value are widened to 8 bits to share one call), scales and
+offsets as float16 (GGUF's
 Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 store theirs in float16, so those are exact; a
 K-quant's ``d * sc`` and ``dmin * mn`` are rounded to float16, which moves a
 linear's output by up to about 8e-4 of its largest on the tests' tiny model,
@@ -58,21 +61,37 @@ def pack_codes(
     """Unsigned ``codes`` [N, K] (below ``2**bits``) with float ``scales`` and
     ``offsets`` [N, ceil(K / 32)] (``w = scale * code + offset``) in the
     kernel's layout for ``act_bits`` activations (int_gemm.cpp describes
-    both): codes uint8 [tiles, groups, 512 or 256 bytes], scales and offsets
-    float16 [tiles, groups, 16]. Channels and codes past N and K are zero (a
-    zero activation meets them)."""
+    both): codes uint8 [tiles, groups, 512, 384 or 256 bytes for 8, 5 or 4
+    bits] (``code_layout``), scales and offsets float16 [tiles, groups, 16].
+    Channels and codes past N and K are zero (a zero activation meets them)."""
+    n, k = codes.shape
+    groups, tiles = -(-k // GROUP), -(-n // TILE)
+
+    def per_tile(values: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(tiles * TILE, groups, dtype=torch.float32)
+        out[:n] = values
+        return out.reshape(tiles, TILE, groups).permute(0, 2, 1).to(torch.float16).contiguous()
+
+    return code_layout(codes, bits, act_bits), per_tile(scales), per_tile(offsets)
+
+
+def code_layout(codes: torch.Tensor, bits: int, act_bits: int) -> torch.Tensor:
+    """``pack_codes``' codes."""
     n, k = codes.shape
     groups, tiles = -(-k // GROUP), -(-n // TILE)
     padded = torch.zeros(tiles * TILE, groups * GROUP, dtype=torch.uint8)
     padded[:n, :k] = codes
     if act_bits == 16:
         # [tile, channel, group, word, pair, half] -> [tile, group, word, channel, half, pair]: 32-bit words of E
-        # pairs, pair e in bits [bits e, bits (e + 1)) of each 16-bit half, the halves codes k = 2 (E w + e) and k + 1
+        # pairs, pair e in bits [bits e, bits (e + 1)) of each 16-bit half, the halves codes k = 2 (E w + e) and
+        # k + 1; a last word with fewer than E pairs (5-bit codes: 3 a word, 16 a group) is zero past them
         pairs = 16 // bits
-        lanes = padded.reshape(tiles, TILE, groups, GROUP // 2 // pairs, pairs, 2).permute(0, 2, 3, 1, 5, 4)
-        if bits == 4:  # a word's byte 2 half + j holds pairs 2 j (low nibble) and 2 j + 1 (high), little-endian
-            lanes = lanes[..., 0::2] | (lanes[..., 1::2] << 4)
-        packed = lanes.reshape(tiles, groups, -1).contiguous()
+        words = -(-GROUP // 2 // pairs)
+        halves = torch.zeros(tiles * TILE, groups, words * pairs, 2, dtype=torch.int32)
+        halves[:, :, : GROUP // 2] = padded.reshape(tiles * TILE, groups, GROUP // 2, 2)
+        lanes = halves.reshape(tiles, TILE, groups, words, pairs, 2).permute(0, 2, 3, 1, 5, 4)
+        half = sum(lanes[..., e] << (bits * e) for e in range(pairs))  # [tile, group, word, channel, half] < 2**16
+        packed = torch.stack([half & 255, half >> 8], -1).to(torch.uint8).reshape(tiles, groups, -1).contiguous()
     else:
         per_lane = 32 // act_bits  # codes of one channel in a block: one lane of the dot instruction
         # [tile, channel, group, block, code] -> [tile, group, block, channel, code]
@@ -81,13 +100,19 @@ def pack_codes(
         if bits == 4:  # blocks 2j and 2j + 1 share one: low nibbles, high nibbles
             blocks = blocks[:, :, 0::2] | (blocks[:, :, 1::2] << 4)
         packed = blocks.reshape(tiles, groups, -1).contiguous()
+    return packed
 
-    def per_tile(values: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(tiles * TILE, groups, dtype=torch.float32)
-        out[:n] = values
-        return out.reshape(tiles, TILE, groups).permute(0, 2, 1).to(torch.float16).contiguous()
 
-    return packed, per_tile(scales), per_tile(offsets)
+def unpack_codes(packed: torch.Tensor, bits: int, n: int, k: int) -> torch.Tensor:
+    """The inverse of ``code_layout`` for int16 activations: codes uint8 [n, k]."""
+    tiles, groups = packed.shape[:2]
+    pairs = 16 // bits
+    words = -(-GROUP // 2 // pairs)
+    halves = packed.reshape(tiles, groups, words, TILE, 2, 2).to(torch.int32)  # [tile, group, word, channel, half, byte]
+    half = halves[..., 0] | (halves[..., 1] << 8)
+    lanes = torch.stack([(half >> (bits * e)) & (2**bits - 1) for e in range(pairs)], -1)  # [..., channel, half, pair]
+    codes = lanes.permute(0, 3, 1, 2, 5, 4).reshape(tiles * TILE, groups, words * pairs * 2)[:, :, :GROUP]
+    return codes.reshape(tiles * TILE, groups * GROUP)[:n, :k].to(torch.uint8).contiguous()
 
 
 class IntActivationLinear(nn.Module):
@@ -101,11 +126,18 @@ class IntActivationLinear(nn.Module):
         if isinstance(source, Int4Linear):
             self.bits, codes, offsets = 4, unpack_nibbles(source.q), source.offsets
         elif isinstance(source, Int8Linear):
-            # int8 q in -128..127 as unsigned codes q + 128: w = s q + o = s (q + 128) + (o - 128 s); codes that
-            # are never negative (Q5_1, Q5_K: 0..31) are used as they are, keeping the offset off a large sum
-            shift = 0 if source.q.min().item() >= 0 else 128
+            # int8 q as unsigned codes q + shift: w = s q + o = s (q + shift) + (o - shift s). q in -16..15 or
+            # 0..31 (GGUF's Q5_0; Q5_1, Q5_K) are 5-bit codes for int16 activations (6 bits a weight in memory,
+            # not 8); otherwise q in -128..127 as q + 128, or as they are where never negative, keeping the
+            # offset off a large sum
+            low, high = source.q.min().item(), source.q.max().item()
+            shift = 0 if low >= 0 else 16
+            if act_bits == 16 and low + shift >= 0 and high + shift < 32:
+                self.bits = 5
+            else:
+                self.bits, shift = 8, 0 if low >= 0 else 128
             codes = (source.q.to(torch.int16) + shift).to(torch.uint8)
-            self.bits, offsets = 8, source.offsets - shift * source.scales
+            offsets = source.offsets - shift * source.scales
         else:
             raise TypeError(f"no int8-activation form of {type(source).__name__}")
         codes, scales, offsets = pack_codes(codes, source.scales, offsets, self.bits, act_bits)
@@ -115,6 +147,14 @@ class IntActivationLinear(nn.Module):
         self.bias = source.bias
         self.ops = ops
         self.isa = -1
+
+    def widen(self) -> None:
+        """5-bit codes (int16 activations) as 8-bit ones, the same codes, scales and offsets: every output
+        the same to the bit, for a projection that shares a call with 8-bit ones (``side_by_side``)."""
+        assert self.bits == 5 and self.act_bits == 16
+        codes = unpack_codes(self._buffers["codes"], 5, self.out_features, self.in_features)
+        self._buffers["codes"] = code_layout(codes, 8, 16)
+        self.bits = 8
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x, self.isa)
@@ -148,9 +188,15 @@ def side_by_side(linears: list[nn.Module]) -> IntActivationLinear | None:
     merged ones, so nothing is held twice. None unless all are
     ``IntActivationLinear`` of one input size, bit widths, instruction set and
     kernels, each of whole tiles of outputs, biased alike, and the merged one
-    gives every output to the bit on random rows."""
+    gives every output to the bit on random rows. 5-bit codes beside 8-bit ones
+    (GGUF's Q4_K_M: Q5_0 queries and keys, a Q8_0 value in some layers) are
+    widened to 8 bits first."""
     if len(linears) < 2 or not all(type(m) is IntActivationLinear for m in linears):
         return None
+    if {m.bits for m in linears} == {5, 8}:
+        for m in linears:
+            if m.bits == 5:
+                m.widen()
     first = linears[0]
     if any(
         (m.in_features, m.bits, m.act_bits, m.isa, m.ops) != (first.in_features, first.bits, first.act_bits, first.isa, first.ops)

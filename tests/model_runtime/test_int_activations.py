@@ -16,7 +16,13 @@ from model_runtime import kernels
 from model_runtime.loading.default_model import default_gguf_file
 from model_runtime.loading.loader import load_model
 from model_runtime.weights.gguf import load_gguf_linears
-from model_runtime.weights.int_activations import IntActivationLinear, pack_codes, quantize_activations, side_by_side
+from model_runtime.weights.int_activations import (
+    IntActivationLinear,
+    pack_codes,
+    quantize_activations,
+    side_by_side,
+    unpack_codes,
+)
 from model_runtime.weights.quantization import GROUP, GroupwiseLinear, Int4Linear, Int8Linear, pack_nibbles
 from tests.model_runtime.test_parity import build, make_prompts, run_engine
 from tests.tiny_gguf import build_tiny_llama_gguf
@@ -63,8 +69,7 @@ def per_channel(per_tile: torch.Tensor, out_features: int) -> torch.Tensor:
     return per_tile.permute(0, 2, 1).reshape(-1, per_tile.shape[1])[:out_features].double()
 
 
-@pytest.mark.parametrize("act_bits", [16, 8])
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize(("bits", "act_bits"), [(4, 16), (5, 16), (8, 16), (4, 8), (8, 8)])
 def test_every_isa_matches_the_integer_arithmetic_in_float64(ops, bits: int, act_bits: int):
     torch.manual_seed(bits + act_bits)
     for in_features, out_features in SHAPES:
@@ -105,19 +110,22 @@ def test_the_int8_layout_puts_a_lanes_codes_of_sixteen_channels_in_each_block():
     assert torch.equal((pair >> 4).reshape(16, 4), nibbles[:16, 12:16])
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_the_int16_layout_puts_pairs_of_a_channels_codes_in_each_half_of_a_word(bits: int):
-    pairs = 16 // bits  # pairs of codes in a 32-bit word
+@pytest.mark.parametrize(("bits", "steps"), [(8, 8), (5, 6), (4, 4)])
+def test_the_int16_layout_puts_pairs_of_a_channels_codes_in_each_half_of_a_word(bits: int, steps: int):
+    pairs = 16 // bits  # pairs of codes in a 32-bit word; 16 pairs a group in `steps` words (5 bits: 3, 3, 3, 3, 3, 1)
     codes = torch.arange(32 * 64, dtype=torch.int32).reshape(32, 64).remainder(2**bits).to(torch.uint8)  # [N=32, K=64]
     codes = codes.roll(5, dims=1)  # no channel starts where its neighbour does
     packed, _, _ = pack_codes(codes, torch.ones(32, 2), torch.zeros(32, 2), bits, 16)
-    assert packed.shape == (2, 2, 16 * bits * 4)  # 2 tiles, 2 groups, 16 channels x 32 codes of bits
-    words = packed.view(torch.int32).reshape(2, 2, 32 // 2 // pairs, 16).to(torch.int64) & 0xFFFFFFFF
-    for tile, group, step, channel, pair in [(1, 1, 1, 3, pairs - 1), (0, 1, 0, 15, 0), (1, 0, 32 // 2 // pairs - 1, 0, 1)]:
+    assert packed.shape == (2, 2, steps * 16 * 4)  # 2 tiles, 2 groups, steps of 16 channels' 32-bit words
+    words = packed.view(torch.int32).reshape(2, 2, steps, 16).to(torch.int64) & 0xFFFFFFFF
+    for tile, group, step, channel, pair in [(1, 1, 1, 3, pairs - 1), (0, 1, 0, 15, 0), (1, 0, 15 // pairs, 0, 15 % pairs)]:
         word = words[tile, group, step, channel].item()
         k = group * 32 + 2 * (pairs * step + pair)  # the low half's code; the high half holds k + 1
         for half in (0, 1):
             assert (word >> (16 * half + bits * pair)) & (2**bits - 1) == codes[16 * tile + channel, k + half].item()
+    if 16 % pairs:  # the last word's unused pairs are zero
+        for half in (0, 1):
+            assert ((words[:, :, -1] >> (16 * half)) & 0xFFFF).lt(2 ** (bits * (16 % pairs))).all()
 
 
 @pytest.mark.parametrize("act_bits", [16, 8])
@@ -139,7 +147,9 @@ def test_the_op_refuses_bad_operands_clearly(ops):
     with pytest.raises(RuntimeError, match="x has 65 features"):
         ops.int_linear(torch.randn(2, 65), *packed, None, 4, 16, 32)
     with pytest.raises(RuntimeError, match="bits must be 4 or 8"):
-        ops.int_linear(torch.randn(2, 64), *packed, None, 5, 16, 32)
+        ops.int_linear(torch.randn(2, 64), *packed, None, 6, 16, 32)
+    with pytest.raises(RuntimeError, match=r"bits must be 4 or 8 \(or 5 with 16-bit activations\), got 5"):
+        ops.int_linear(torch.randn(2, 64), *packed, None, 5, 8, 32)
     with pytest.raises(RuntimeError, match="act_bits must be 8 or 16"):
         ops.int_linear(torch.randn(2, 64), *packed, None, 4, 4, 32)
     with pytest.raises(RuntimeError, match="codes must be contiguous uint8"):
@@ -153,20 +163,28 @@ def test_the_op_refuses_bad_operands_clearly(ops):
 # |int-activation output - float-activation output| / max |output|: int16
 # activations round 256 times finer than int8. 4-bit weights have float16
 # scales (GGUF's); int8's float32 scales are stored in float16 too, a few 1e-4.
-TOLERANCE = {(4, 16): 1e-4, (8, 16): 2e-3, (4, 8): 0.02, (8, 8): 0.02}
+TOLERANCE = {(4, 16): 1e-4, (5, 16): 1e-4, (8, 16): 2e-3, (4, 8): 0.02, (5, 8): 0.02, (8, 8): 0.02}
 
 
 @pytest.mark.parametrize("act_bits", [16, 8])
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [4, 5, 8])
 def test_modules_from_the_float_activation_linears_stay_close_to_them(ops, bits: int, act_bits: int):
+    """4-bit sources stay 4-bit codes; int8 q of 5 bits (GGUF's Q5_0: -16..15, float16 scales) become
+    5-bit codes for int16 activations (8-bit ones for int8); other int8 q 8-bit codes."""
     torch.manual_seed(9)
     tolerance = TOLERANCE[bits, act_bits]
+    scales = (torch.rand(40, 2) * 0.05).half().float()
     if bits == 4:
-        scales, offsets = (torch.rand(40, 2) * 0.05).half().float(), (torch.randn(40, 2) * 0.05).half().float()
+        offsets = (torch.randn(40, 2) * 0.05).half().float()
         source = Int4Linear(pack_nibbles(torch.randint(0, 16, (40, 64))), scales, offsets, torch.randn(40), ops, 64)
+    elif bits == 5:
+        q = torch.randint(-16, 16, (40, 64), dtype=torch.int8)
+        q[0, 0], q[1, 1] = -16, 15
+        source = Int8Linear(q, scales, torch.zeros(40, 2), torch.randn(40), ops, 64)
     else:
         source = Int8Linear.quantize(torch.randn(40, 70), torch.randn(40), ops)
     module = IntActivationLinear(source, ops, act_bits)
+    assert module.bits == (8 if bits == 5 and act_bits == 8 else bits)
     x = torch.randn(5, source.in_features)
     float_activations = source.gemm_forward(x)
     got = module(x)
@@ -267,6 +285,26 @@ def test_projections_side_by_side_give_each_ones_outputs_from_one_copy_of_the_we
     assert all(torch.equal(p(x), want) for p, want in zip(projections, expected))
 
 
+def test_five_bit_projections_beside_an_eight_bit_one_widen_to_share_its_call(ops):
+    """GGUF's Q4_K_M gives a 576-wide model Q5_0 queries and keys but, in some layers, a Q8_0 value: the
+    5-bit codes are repacked as 8-bit ones (exactly the same codes) so the three still share one call, each
+    output the same to the bit as before."""
+    torch.manual_seed(6)
+    scales = (torch.rand(32, 2) * 0.05).half().float()
+    five = [Int8Linear(torch.randint(-16, 16, (32, 64), dtype=torch.int8), scales, torch.zeros(32, 2), None, ops, 64) for _ in "qk"]
+    eight = Int8Linear(torch.randint(-128, 128, (32, 64), dtype=torch.int8), scales, torch.zeros(32, 2), None, ops, 64)
+    projections = [IntActivationLinear(source, ops, 16) for source in [*five, eight]]
+    assert [p.bits for p in projections] == [5, 5, 8]
+    codes = unpack_codes(projections[0].codes, 5, 32, 64)
+    assert torch.equal(codes.to(torch.int16) - 16, five[0].q.to(torch.int16))
+    x = torch.randn(3, 64)
+    expected = [p(x) for p in projections]
+    merged = side_by_side(projections)
+    assert merged is not None and merged.bits == 8 and [p.bits for p in projections] == [8, 8, 8]
+    assert torch.equal(merged(x), torch.cat(expected, -1))
+    assert torch.equal(unpack_codes(projections[0].codes, 8, 32, 64), codes)
+
+
 def test_projections_that_cannot_share_a_call_keep_their_own(ops):
     torch.manual_seed(5)
     assert side_by_side([int4_linear(ops, 32), int4_linear(ops, 40)]) is None  # 40 outputs: a part-filled tile
@@ -312,7 +350,8 @@ def test_whole_layers_in_one_op_give_the_python_layers_logits_to_the_bit(
     through chunked prefills, preemption and mixed steps, equals the Python
     layers' to the bit either way: 4-bit GGUF blocks; 8-bit codes with every
     projection biased (attention_bias, mlp_bias); and a Q4_K_M-like file
-    whose down projection is Q6_K, on float activations."""
+    whose down projection is Q6_K, on float activations, and whose Q5_0
+    projections are 5-bit codes."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from model_runtime import fused
@@ -357,6 +396,8 @@ def test_whole_layers_in_one_op_give_the_python_layers_logits_to_the_bit(
             if layers != "all":
                 patch.setattr(fused, "_fuse_llama_model", lambda model, ops: 0)
             loaded = load_model(model, "float32", "cpu", quantization, activations="int16")
+            if source == "gguf Q6_K down":  # Q5_0 as 5-bit codes, Q8_0 as 8-bit ones
+                assert {m.bits for m in loaded.model.modules() if isinstance(m, IntActivationLinear)} == {5, 8}
             prompts = make_prompts(seed=13, vocab_size=loaded.vocab_size)[:6]
             core = build(loaded, num_kv_blocks=40, max_num_batched_tokens=37)
             described = fused.fuse_elementwise(loaded.model, ops)  # what the engine's build fused, said again
