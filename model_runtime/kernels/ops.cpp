@@ -557,15 +557,36 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
 // each product rounded apart as the model's code rounds it (no FMA here), so
 // the values are the model's own. The result is [B, heads, T, D] laid out as
 // [B, T, heads, D], the layout of the projection it came from.
-at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
-    const char* op = "rotary";
-    TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 4 && x.stride(3) == 1 && x.size(3) % 2 == 0, op,
-                ": query and key must be float32 [B, heads, T, D] with D even and contiguous");
-    const int64_t B = x.size(0), heads = x.size(1), T = x.size(2), D = x.size(3), half = D / 2;
+// One token's heads (head h at in + h * stride, D wide) rotated by its cos
+// and sin (D each) into out [heads, D]: transformers' rotate_half form.
+void rotate_heads(const float* in, int64_t stride, int64_t heads, int64_t D, const float* c, const float* s, float* out) {
+    const int64_t half = D / 2;
+    for (int64_t h = 0; h < heads; ++h) {
+        const float* x = in + h * stride;
+        float* o = out + h * D;
+        for (int64_t i = 0; i < half; ++i) {
+            const float low = x[i], high = x[i + half];
+            const float low_cos = low * c[i], high_sin = -high * s[i];
+            const float high_cos = high * c[i + half], low_sin = low * s[i + half];
+            o[i] = low_cos + high_sin;
+            o[i + half] = high_cos + low_sin;
+        }
+    }
+}
+
+void check_cos_sin(const char* op, const at::Tensor& cos, const at::Tensor& sin, int64_t B, int64_t T, int64_t D) {
     for (const auto* t : {&cos, &sin})
         TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 3 && t->size(0) == B && t->size(1) == T && t->size(2) == D &&
                         t->stride(2) == 1,
                     op, ": cos and sin must be float32 [", B, ", ", T, ", ", D, "] with the last dimension contiguous");
+}
+
+at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+    const char* op = "rotary";
+    TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 4 && x.stride(3) == 1 && x.size(3) % 2 == 0, op,
+                ": query and key must be float32 [B, heads, T, D] with D even and contiguous");
+    const int64_t B = x.size(0), heads = x.size(1), T = x.size(2), D = x.size(3);
+    check_cos_sin(op, cos, sin, B, T, D);
     at::Tensor out = at::empty({B, T, heads, D}, x.options());
     const float* xd = x.data_ptr<float>();
     const float* cd = cos.data_ptr<float>();
@@ -576,17 +597,7 @@ at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
             const int64_t b = bt / T, t = bt % T;
             const float* c = cd + b * cos.stride(0) + t * cos.stride(1);
             const float* s = sd + b * sin.stride(0) + t * sin.stride(1);
-            for (int64_t h = 0; h < heads; ++h) {
-                const float* in = xd + b * x.stride(0) + h * x.stride(1) + t * x.stride(2);
-                float* o = od + (bt * heads + h) * D;
-                for (int64_t i = 0; i < half; ++i) {
-                    const float low = in[i], high = in[i + half];
-                    const float low_cos = low * c[i], high_sin = -high * s[i];
-                    const float high_cos = high * c[i + half], low_sin = low * s[i + half];
-                    o[i] = low_cos + high_sin;
-                    o[i + half] = high_cos + low_sin;
-                }
-            }
+            rotate_heads(xd + b * x.stride(0) + t * x.stride(2), x.stride(1), heads, D, c, s, od + bt * heads * D);
         }
     });
     return out.transpose(1, 2);
@@ -607,12 +618,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_rotary(const at::Tensor& qkv,
     TORCH_CHECK(qkv.scalar_type() == at::kFloat && qkv.dim() == 3 && qkv.stride(2) == 1 && head_dim > 0 && q_size % head_dim == 0 &&
                     kv_size % head_dim == 0 && qkv.size(2) == q_size + 2 * kv_size,
                 op, ": qkv must be float32 [B, T, q_size + 2 kv_size] with its last dimension contiguous, in whole heads");
-    const int64_t B = qkv.size(0), T = qkv.size(1);
-    const auto heads = [&](int64_t start, int64_t size) {
-        return qkv.narrow(2, start, size).view({B, T, size / head_dim, head_dim}).transpose(1, 2);
-    };
-    at::Tensor value = heads(q_size + kv_size, kv_size).transpose(1, 2).contiguous().transpose(1, 2);
-    return {rotate(heads(0, q_size), cos, sin), rotate(heads(q_size, kv_size), cos, sin), value};
+    const int64_t B = qkv.size(0), T = qkv.size(1), D = head_dim, q_heads = q_size / D, kv_heads = kv_size / D;
+    TORCH_CHECK(D % 2 == 0, op, ": head_dim must be even");
+    check_cos_sin(op, cos, sin, B, T, D);
+    // Raw loops over one allocation each: the views, copies and dispatch of
+    // doing this with tensor ops were most of a one-token call.
+    at::Tensor query = at::empty({B, T, q_heads, D}, qkv.options());
+    at::Tensor key = at::empty({B, T, kv_heads, D}, qkv.options());
+    at::Tensor value = at::empty({B, T, kv_heads, D}, qkv.options());
+    const float* in = qkv.data_ptr<float>();
+    const float* cd = cos.data_ptr<float>();
+    const float* sd = sin.data_ptr<float>();
+    float* qd = query.data_ptr<float>();
+    float* kd = key.data_ptr<float>();
+    float* vd = value.data_ptr<float>();
+    at::parallel_for(0, B * T, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t bt = begin; bt < end; ++bt) {
+            const int64_t b = bt / T, t = bt % T;
+            const float* row = in + b * qkv.stride(0) + t * qkv.stride(1);
+            const float* c = cd + b * cos.stride(0) + t * cos.stride(1);
+            const float* s = sd + b * sin.stride(0) + t * sin.stride(1);
+            rotate_heads(row, D, q_heads, D, c, s, qd + bt * q_size);
+            rotate_heads(row + q_size, D, kv_heads, D, c, s, kd + bt * kv_size);
+            std::memcpy(vd + bt * kv_size, row + q_size + kv_size, kv_size * sizeof(float));
+        }
+    });
+    return {query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)};
 }
 
 // silu(gate) * up over float32 tensors of one shape, as the model's
@@ -646,11 +677,18 @@ at::Tensor silu_mul_halves(const at::Tensor& gate_up) {
     at::Tensor out = at::empty(sizes, x.options());
     const float* xd = x.data_ptr<float>();
     float* od = out.data_ptr<float>();
-    at::parallel_for(0, out.numel(), 16384, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-            const float* row = xd + i / I * 2 * I;
-            const float g = row[i % I], u = row[I + i % I];
-            od[i] = g / (1.0f + std::exp(-g)) * u;
+    // Row by row: an integer division per value (its row and column) was
+    // most of a one-row call.
+    const int64_t rows = I > 0 ? out.numel() / I : 0;
+    at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(I, 1)), [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+            const float* gate = xd + r * 2 * I;
+            const float* up = gate + I;
+            float* o = od + r * I;
+            for (int64_t c = 0; c < I; ++c) {
+                const float g = gate[c];
+                o[c] = g / (1.0f + std::exp(-g)) * up[c];
+            }
         }
     });
     return out;

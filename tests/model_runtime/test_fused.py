@@ -65,6 +65,7 @@ def test_the_merged_projections_ops_are_the_split_ones_to_the_bit(ops):
     got_q, got_k, got_v = ops.qkv_rotary(qkv, cos, sin, 16, 64, 32)
     assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k) and torch.equal(got_v, v)
     assert got_q.shape == (2, 4, 7, 16) and got_v.stride() == (7 * 2 * 16, 16, 2 * 16, 1), "[B, heads, T, D] laid out [B, T, heads, D]"
+    assert got_q.stride() == (7 * 4 * 16, 16, 4 * 16, 1) and got_k.stride() == got_v.stride()
     with pytest.raises(RuntimeError, match="whole heads"):
         ops.qkv_rotary(qkv, cos, sin, 16, 48, 40)
 
