@@ -521,6 +521,20 @@ at::Tensor paged_attention_step(const at::Tensor& query, const at::Tensor& key, 
 // Llama's RMSNorm over the last dimension of float32 x, rounded as the model's
 // own float32 code rounds it: weight * (x * rsqrt(mean(x * x) + eps)). This
 // file is built without FMA, so no product is fused into a sum.
+// One row of rms_norm: out = weight * (row * inverse), inverse =
+// 1 / sqrt(mean(row * row) + eps).
+inline void norm_row(const float* row, const float* weight, int64_t H, float eps, float* out) {
+    float partial[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t i = 0;
+    for (; i + 8 <= H; i += 8)
+        for (int j = 0; j < 8; ++j) partial[j] += row[i + j] * row[i + j];
+    float sum = 0;
+    for (; i < H; ++i) sum += row[i] * row[i];
+    for (int j = 0; j < 8; ++j) sum += partial[j];
+    const float inverse = 1.0f / std::sqrt(sum / static_cast<float>(H) + eps);
+    for (int64_t c = 0; c < H; ++c) out[c] = weight[c] * (row[c] * inverse);
+}
+
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
     const char* op = "rms_norm";
     const int64_t H = weight.numel();
@@ -533,23 +547,35 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
     const float* xd = input.data_ptr<float>();
     const float* wd = weight.data_ptr<float>();
     float* od = out.data_ptr<float>();
-    const float epsilon = static_cast<float>(eps);
     at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-            const float* row = xd + r * H;
-            float partial[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-            int64_t i = 0;
-            for (; i + 8 <= H; i += 8)
-                for (int j = 0; j < 8; ++j) partial[j] += row[i + j] * row[i + j];
-            float sum = 0;
-            for (; i < H; ++i) sum += row[i] * row[i];
-            for (int j = 0; j < 8; ++j) sum += partial[j];
-            const float inverse = 1.0f / std::sqrt(sum / static_cast<float>(H) + epsilon);
-            float* out_row = od + r * H;
-            for (int64_t c = 0; c < H; ++c) out_row[c] = wd[c] * (row[c] * inverse);
-        }
+        for (int64_t r = begin; r < end; ++r) norm_row(xd + r * H, wd, H, static_cast<float>(eps), od + r * H);
     });
     return out;
+}
+
+// llama_layers' residual adds with the norm that follows each: sum = a + b
+// and rms_norm(sum, weight, eps) in one pass, the values of at::add and
+// rms_norm to the bit (one rounding per sum, then the same norm), without
+// two ops' dispatch and allocations per add (a few microseconds each at one
+// row, four a layer). a and b: float32 [..., H], contiguous, same shape.
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& weight, double eps) {
+    const char* op = "add_rms_norm";
+    const int64_t H = weight.numel();
+    TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && a.sizes() == b.sizes() && a.is_contiguous() &&
+                    b.is_contiguous() && a.size(-1) == H && weight.is_contiguous(),
+                op, ": a and b must be contiguous float32 [..., ", H, "] of one shape");
+    at::Tensor sum = at::empty_like(a), out = at::empty_like(a);
+    const int64_t rows = H > 0 ? a.numel() / H : 0;
+    const float *ad = a.data_ptr<float>(), *bd = b.data_ptr<float>(), *wd = weight.data_ptr<float>();
+    float *sd = sum.data_ptr<float>(), *od = out.data_ptr<float>();
+    at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+            float* row = sd + r * H;
+            for (int64_t c = 0; c < H; ++c) row[c] = ad[r * H + c] + bd[r * H + c];
+            norm_row(row, wd, H, static_cast<float>(eps), od + r * H);
+        }
+    });
+    return {sum, out};
 }
 
 // Llama's rotary embedding of one of query or key x [B, heads, T, D] (any
@@ -728,7 +754,8 @@ at::Tensor llama_layers(const at::Tensor& hidden, at::TensorList weights, const 
                     static_cast<int64_t>(floats.size()) == 3 * L,
                 op, ": per layer 14 weights, 4 biases, ", kLayerInts, " ints, 3 floats and a key and value cache");
     TORCH_CHECK(hidden.scalar_type() == at::kFloat && hidden.dim() == 3, op, ": hidden must be float32 [B, T, H]");
-    at::Tensor x = hidden;
+    at::Tensor x = hidden.contiguous();
+    at::Tensor normed = L > 0 ? rms_norm(x, weights[0], floats[0]) : x;  // each layer's input norm, fused below with the add before it
     for (int64_t l = 0; l < L; ++l) {
         const at::Tensor* w = weights.data() + 14 * l;
         const int64_t* n = ints.data() + kLayerInts * l;
@@ -739,11 +766,15 @@ at::Tensor llama_layers(const at::Tensor& hidden, at::TensorList weights, const 
             return layer_linear(input, w[c], w[c + 1], w[c + 2], biases.get(4 * l + which), n + kLinearInts * which);
         };
         const int64_t head_dim = n[4 * kLinearInts], q_size = n[4 * kLinearInts + 1], kv_size = n[4 * kLinearInts + 2];
-        auto [query, key, value] = qkv_rotary(linear(rms_norm(x, w[0], f[0]), 0), cos, sin, head_dim, q_size, kv_size);
+        auto [query, key, value] = qkv_rotary(linear(normed, 0), cos, sin, head_dim, q_size, kv_size);
         const at::Tensor attention =
             paged_attention_step(query, key, value, key_caches[l], value_caches[l], metadata, f[2], window, softcap, sinks);
-        const at::Tensor attended = at::add(x, linear(attention.reshape({x.size(0), x.size(1), -1}).contiguous(), 1));
-        x = at::add(attended, linear(silu_mul_halves(linear(rms_norm(attended, w[7], f[1]), 2)), 3));
+        auto [attended, post] = add_rms_norm(x, linear(attention.reshape({x.size(0), x.size(1), -1}).contiguous(), 1), w[7], f[1]);
+        const at::Tensor down = linear(silu_mul_halves(linear(post, 2)), 3);
+        if (l + 1 < L)
+            std::tie(x, normed) = add_rms_norm(attended, down, weights[14 * (l + 1)], floats[3 * (l + 1)]);
+        else
+            x = at::add(attended, down);
     }
     return x;
 }

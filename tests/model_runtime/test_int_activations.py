@@ -349,7 +349,8 @@ def test_whole_layers_in_one_op_give_the_python_layers_logits_to_the_bit(
     layer of the model has, all of them as one op: every logit of every step,
     through chunked prefills, preemption and mixed steps, equals the Python
     layers' to the bit either way: 4-bit GGUF blocks; 8-bit codes with every
-    projection biased (attention_bias, mlp_bias); and a Q4_K_M-like file
+    projection biased (attention_bias, mlp_bias) and every norm its own
+    weights; and a Q4_K_M-like file
     whose down projection is Q6_K, on float activations, and whose Q5_0
     projections are 5-bit codes."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -370,6 +371,8 @@ def test_whole_layers_in_one_op_give_the_python_layers_logits_to_the_bit(
         for name, parameter in biased.named_parameters():
             if name.endswith("bias"):
                 torch.nn.init.normal_(parameter, std=0.5)  # not the zeros they start as
+            elif "norm" in name:
+                torch.nn.init.normal_(parameter, mean=1.0, std=0.5)  # each norm its own weights, not ones
         model, quantization = tmp_path / "biased", "int8"
         biased.save_pretrained(model)
         AutoTokenizer.from_pretrained(default_model_dir).save_pretrained(model)
