@@ -89,7 +89,7 @@ TS_DECLARE_INT(generic)
                                const float* v_cache, int64_t block_size, int64_t kv_heads, int64_t D,                 \
                                const int64_t* tables, int64_t max_blocks, const int64_t* lens, int64_t heads,         \
                                float scale, int64_t window, float softcap, const float* sinks, float* out,            \
-                               int64_t item_begin, int64_t item_end);
+                               int64_t span, int64_t splits, float* partials, int64_t item_begin, int64_t item_end);
 TS_DECLARE_ATTENTION(avx512)
 TS_DECLARE_ATTENTION(avx2)
 TS_DECLARE_ATTENTION(generic)
@@ -110,7 +110,7 @@ using IntGemm = void (*)(const void*, int64_t, const float*, const float*, int64
                          const uint16_t*, const uint16_t*, const float*, float*, int64_t, int64_t, int64_t);
 using PagedDecode = void (*)(const float*, int64_t, int64_t, const float*, const float*, int64_t, int64_t, int64_t,
                              const int64_t*, int64_t, const int64_t*, int64_t, float, int64_t, float, const float*, float*,
-                             int64_t, int64_t);
+                             int64_t, int64_t, float*, int64_t, int64_t);
 
 struct Isa {
     const char* name;
@@ -364,6 +364,8 @@ const float* sinks_data(const char* op, const c10::optional<at::Tensor>& sinks, 
     return sinks->data_ptr<float>();
 }
 
+constexpr int64_t kDecodeSpan = 128;  // visible tokens a decode item reads at most (ts_paged_decode)
+
 at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
                                   const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
                                   int64_t isa, int64_t window, double softcap, const c10::optional<at::Tensor>& sinks) {
@@ -407,9 +409,46 @@ at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& key
     const float* vd = value_cache.data_ptr<float>();
     float* outd = out.data_ptr<float>();
     const int64_t q_stride_b = query.stride(0), q_stride_h = query.stride(1);
-    at::parallel_for(0, B * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    // Sequences of more than kDecodeSpan visible tokens are read a span an
+    // item and merged after (ts_paged_decode): at one sequence its 3 KV heads
+    // were 3 items on 2 threads, one thread idle a third of the kernel.
+    int64_t splits = 1;
+    for (int64_t b = 0; b < B; ++b) {
+        const int64_t visible = window > 0 && lens[b] > window ? window : lens[b];
+        splits = std::max(splits, (visible + kDecodeSpan - 1) / kDecodeSpan);
+    }
+    const int64_t group = heads / kv_heads;
+    at::Tensor partials = splits > 1 ? at::empty({B * kv_heads * splits * group * (D + 2)}, query.options()) : at::Tensor();
+    float* pd = splits > 1 ? partials.data_ptr<float>() : nullptr;
+    at::parallel_for(0, B * kv_heads * splits, 1, [&](int64_t begin, int64_t end) {
         run(qd, q_stride_b, q_stride_h, kd, vd, block_size, kv_heads, D, tables, max_blocks, lens, heads,
-            static_cast<float>(scale), window, static_cast<float>(softcap), sinks_ptr, outd, begin, end);
+            static_cast<float>(scale), window, static_cast<float>(softcap), sinks_ptr, outd, splits > 1 ? kDecodeSpan : 0,
+            splits, pd, begin, end);
+    });
+    if (splits == 1) return out;
+    // The spans' softmaxes as one: each span's sums and denominator scaled by
+    // exp(its max - the largest), the sinks' exp(sink - the largest) added once.
+    at::parallel_for(0, B * heads, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t bh = begin; bh < end; ++bh) {
+            const int64_t b = bh / heads, head = bh % heads, kv_head = head / group, g = head % group;
+            const int64_t visible = window > 0 && lens[b] > window ? window : lens[b];
+            const int64_t spans = (visible + kDecodeSpan - 1) / kDecodeSpan;
+            if (spans == 1) continue;  // attended whole
+            const float* first = pd + ((b * kv_heads + kv_head) * splits * group + g) * (D + 2);
+            const auto part = [&](int64_t s) { return first + s * group * (D + 2); };
+            float max = sinks_ptr != nullptr ? sinks_ptr[head] : -3.4e38f;
+            for (int64_t s = 0; s < spans; ++s) max = std::max(max, part(s)[0]);
+            float denominator = sinks_ptr != nullptr ? std::exp(sinks_ptr[head] - max) : 0.f;
+            float* o = outd + bh * D;
+            for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
+            for (int64_t s = 0; s < spans; ++s) {
+                const float weight = std::exp(part(s)[0] - max);
+                denominator += part(s)[1] * weight;
+                for (int64_t d = 0; d < D; ++d) o[d] += part(s)[2 + d] * weight;
+            }
+            const float inverse = 1.f / denominator;
+            for (int64_t d = 0; d < D; ++d) o[d] *= inverse;
+        }
     });
     return out;
 }

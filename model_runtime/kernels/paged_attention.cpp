@@ -7,8 +7,12 @@
 // head) pair: its query heads (a GQA group) share each key and value row as
 // it is read, scores go to a scratch row, softmax is exact (max subtracted,
 // vectorized exp), and the output is the probability-weighted sum of values.
+// A sequence of more than ops.cpp's kDecodeSpan visible tokens is read a span
+// an item instead, each span's softmax kept unnormalized with its maximum and
+// merged in ops.cpp, so one sequence's heads still keep both threads busy.
 // Compiled once per instruction set like woq_gemm.cpp; no torch headers.
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <utility>
@@ -104,23 +108,27 @@ template <int64_t CHUNKS>
 void attend_item(const float* q, int64_t q_stride_b, int64_t q_stride_h, const float* k_cache, const float* v_cache,
                  int64_t block_size, int64_t kv_heads, int64_t D, const int64_t* tables, int64_t max_blocks,
                  const int64_t* lens, int64_t heads, float scale, int64_t window, float softcap, const float* sinks,
-                 float* out, int64_t item, std::vector<float>& scores, std::vector<int64_t>& rows) {
+                 float* out, int64_t item, std::vector<float>& scores, std::vector<int64_t>& rows, int64_t lo,
+                 int64_t hi, float* partial) {
     constexpr int64_t SLOTS = CHUNKS > 0 ? CHUNKS : MAX_CHUNKS;
     const int64_t chunks = CHUNKS > 0 ? CHUNKS : D / VEC;
     const int64_t group = heads / kv_heads;
     const int64_t b = item / kv_heads, kv_head = item % kv_heads, len = lens[b];
-    const int64_t first = window > 0 && len > window ? len - window : 0, n = len - first;
+    // The visible tokens [first, len), of which this item reads [first + lo, first + hi).
+    const int64_t first = (window > 0 && len > window ? len - window : 0) + lo, n = hi - lo;
     const int64_t* table = tables + b * max_blocks;
+    const bool whole = partial == nullptr;  // else a span of a split context: sinks are the merge's
     rows.resize(n);
     for (int64_t i = 0; i < n; ++i) {
         const int64_t t = first + i;
         rows[i] = ((table[t / block_size] * block_size + t % block_size) * kv_heads + kv_head) * D;
     }
-    // scores [group, n], each head's weighted sums [group, D] and softmax denominators [group]:
+    // scores [group, n], each head's weighted sums [group, D], softmax denominators and maxima [group]:
     // the exact softmax needs every score before any sum
-    scores.resize(group * (n + D + 1));
+    scores.resize(group * (n + D + 2));
     float* sums = scores.data() + group * n;
     float* denominators = sums + group * D;
+    float* maxima = denominators + group;
     const auto query_of = [&](int64_t g, vf* qv) {
         const float* query = q + b * q_stride_b + (kv_head * group + g) * q_stride_h;
         for (int64_t c = 0; c < chunks; ++c) qv[c] = load(query + c * VEC) * splat(scale);
@@ -148,7 +156,7 @@ void attend_item(const float* q, int64_t q_stride_b, int64_t q_stride_h, const f
             if (chunks % 2 == 0) acc1 += qv[chunks - 1] * load(key + (chunks - 1) * VEC);
             s[t] = hsum(acc0 + acc1);
         }
-        float max = sinks != nullptr ? sinks[head] : -3.4e38f;
+        float max = sinks != nullptr && whole ? sinks[head] : -3.4e38f;
         for (int64_t t = 0; t < n; ++t) {
             if (softcap > 0.f) s[t] = softcap * std::tanh(s[t] / softcap);
             max = s[t] > max ? s[t] : max;
@@ -171,9 +179,10 @@ void attend_item(const float* q, int64_t q_stride_b, int64_t q_stride_h, const f
                 sum += s[i];
             }
         }
-        if (sinks != nullptr) sum += std::exp(sinks[head] - max);
+        if (sinks != nullptr && whole) sum += std::exp(sinks[head] - max);
         for (int64_t c = 0; c < chunks; ++c) store(sums + g * D + c * VEC, vf{});
         denominators[g] = sum;
+        maxima[g] = max;
     }
     // The weighted sums, block by block of value rows, each block for every head while in L1.
     for (int64_t begin = 0; begin < n; begin += BLOCK) {
@@ -191,6 +200,13 @@ void attend_item(const float* q, int64_t q_stride_b, int64_t q_stride_h, const f
         }
     }
     for (int64_t g = 0; g < group; ++g) {
+        if (!whole) {  // [max, denominator, sums (D)] per head, for ts_paged_merge
+            float* span = partial + g * (D + 2);
+            span[0] = maxima[g];
+            span[1] = denominators[g];
+            std::memcpy(span + 2, sums + g * D, D * sizeof(float));
+            continue;
+        }
         float* out_head = out + (b * heads + kv_head * group + g) * D;
         const vf inverse = splat(1.f / denominators[g]);
         for (int64_t c = 0; c < chunks; ++c) store(out_head + c * VEC, load(sums + g * D + c * VEC) * inverse);
@@ -219,16 +235,36 @@ constexpr auto ITEMS = item_table(std::make_integer_sequence<int64_t, 33>{});
 // window tokens are read (older blocks may hold another request's tokens by now);
 // with softcap > 0 each score s becomes softcap * tanh(s / softcap); sinks (one
 // float per query head, or null) add exp(sink) to each softmax's denominator.
+//
+// With span > 0 each (sequence, KV head) is `splits` items, item = (b *
+// kv_heads + kv_head) * splits + s: a sequence of more than span visible
+// tokens is read span tokens an item (so two threads share even one
+// sequence's heads), each item leaving its heads' [max, denominator, sums]
+// in partials [B * kv_heads, splits, group, D + 2] for ts_paged_merge; one of
+// at most span tokens is attended whole by its s = 0 item, as without spans.
+// The split depends on the sequence's own length only, never on the batch.
 extern "C" void TS_NAME(ts_paged_decode)(const float* q, int64_t q_stride_b, int64_t q_stride_h, const float* k_cache,
                                          const float* v_cache, int64_t block_size, int64_t kv_heads, int64_t D,
                                          const int64_t* tables, int64_t max_blocks, const int64_t* lens, int64_t heads,
                                          float scale, int64_t window, float softcap, const float* sinks, float* out,
-                                         int64_t item_begin, int64_t item_end) {
+                                         int64_t span, int64_t splits, float* partials, int64_t item_begin, int64_t item_end) {
     std::vector<float> scores;
     std::vector<int64_t> rows;
     const int64_t chunks = D / VEC;  // ops.cpp: D is a multiple of 16 (so of VEC), at most 512
     const auto run = chunks < static_cast<int64_t>(ITEMS.size()) ? ITEMS[chunks] : attend_item<0>;
-    for (int64_t item = item_begin; item < item_end; ++item)
+    const int64_t group = heads / kv_heads;
+    for (int64_t item = item_begin; item < item_end; ++item) {
+        const int64_t pair = span > 0 ? item / splits : item, s = span > 0 ? item % splits : 0;
+        const int64_t len = lens[pair / kv_heads], visible = window > 0 && len > window ? window : len;
+        if (span == 0 || visible <= span) {
+            if (s == 0)
+                run(q, q_stride_b, q_stride_h, k_cache, v_cache, block_size, kv_heads, D, tables, max_blocks, lens, heads,
+                    scale, window, softcap, sinks, out, pair, scores, rows, 0, visible, nullptr);
+            continue;
+        }
+        if (s * span >= visible) continue;
         run(q, q_stride_b, q_stride_h, k_cache, v_cache, block_size, kv_heads, D, tables, max_blocks, lens, heads, scale,
-            window, softcap, sinks, out, item, scores, rows);
+            window, softcap, sinks, out, pair, scores, rows, s * span, std::min(visible, (s + 1) * span),
+            partials + (item * group) * (D + 2));
+    }
 }

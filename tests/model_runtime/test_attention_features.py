@@ -128,28 +128,47 @@ def ops():
     return loaded
 
 
-@pytest.mark.parametrize("name", FEATURES)
-def test_the_decode_kernel_honours_the_features_on_every_isa(ops, name: str):
-    features = features_of(name)
-    step = Step()
+def decode_on_every_isa(ops, step: Step, features: LayerFeatures, rows: slice = slice(None)) -> None:
+    """The decode kernel's rows of ``step`` on every instruction set, each checked against the float64
+    reference; with ``rows``, those rows alone must also be the batch's to the bit (a row does not depend
+    on its batch)."""
     query, key, value, context = step.inputs(with_mask=False)
     ops.write_kv_cache(key[0], value[0], step.key_cache, step.value_cache, context.slot_mapping)
     num_decode = context.num_decode_tokens
     expected = step.expected(features)[:num_decode]
+    queries = query[0, :, :num_decode].transpose(0, 1)
+    tables, lens = context.decode_block_tables, context.decode_context_lens
+    options = (features.sliding_window or 0, features.softcap or 0.0, features.sinks)
     for isa in range(len(ops.isas())):
-        got = ops.paged_decode_attention(
-            query[0, :, :num_decode].transpose(0, 1),
-            step.key_cache,
-            step.value_cache,
-            context.decode_block_tables,
-            context.decode_context_lens,
-            features.scale,
-            isa,
-            features.sliding_window or 0,
-            features.softcap or 0.0,
-            features.sinks,
-        )
+        got = ops.paged_decode_attention(queries, step.key_cache, step.value_cache, tables, lens, features.scale, isa, *options)
         torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5, msg=ops.isas()[isa])
+        some = ops.paged_decode_attention(
+            queries[rows], step.key_cache, step.value_cache, tables[rows], lens[rows], features.scale, isa, *options
+        )
+        assert torch.equal(some, got[rows]), ops.isas()[isa]
+
+
+@pytest.mark.parametrize("name", FEATURES)
+def test_the_decode_kernel_honours_the_features_on_every_isa(ops, name: str):
+    decode_on_every_isa(ops, Step(), features_of(name))
+
+
+# Decode rows of 1, 2, 3 and 5 spans of 128 visible tokens (ts_paged_decode reads a longer sequence a span an item
+# and merges the spans' softmaxes), a span exactly full, and with the features a window of 200 (2 spans) or 300.
+LONG = [(128, 1), (299, 1), (126, 1), (519, 1), (255, 1)]
+
+
+@pytest.mark.parametrize(
+    "options", [{}, dict(sinks=True), dict(softcap=2.0), dict(sliding_window=200, softcap=2.0, sinks=True), dict(sliding_window=300)]
+)
+def test_long_contexts_read_in_spans_give_the_whole_softmax_on_every_isa(ops, options: dict):
+    """Every row against the float64 reference, and each sequence's row the same to the bit alone as in the
+    batch: where a sequence is split depends on its own length only."""
+    options = dict(options)
+    sinks = torch.linspace(-1.0, 2.0, HEADS) if options.pop("sinks", False) else None
+    features = LayerFeatures(scale=0.3, sinks=sinks, **options)
+    for row in range(len(LONG)):
+        decode_on_every_isa(ops, Step(sequences=LONG), features, slice(row, row + 1))
 
 
 @pytest.mark.parametrize("name", FEATURES)
