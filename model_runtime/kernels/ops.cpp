@@ -646,6 +646,20 @@ void check_cos_sin(const char* op, const at::Tensor& cos, const at::Tensor& sin,
                     op, ": cos and sin must be float32 [", B, ", ", T, ", ", D, "] with the last dimension contiguous");
 }
 
+// f(bt, b, t, c, s) for each token bt = b * T + t of [B, T], c and s its
+// rows of cos and sin [B, T, D], tokens split across the intra-op threads.
+template <typename F>
+void for_each_token(int64_t B, int64_t T, const at::Tensor& cos, const at::Tensor& sin, const F& f) {
+    const float* cd = cos.data_ptr<float>();
+    const float* sd = sin.data_ptr<float>();
+    at::parallel_for(0, B * T, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t bt = begin; bt < end; ++bt) {
+            const int64_t b = bt / T, t = bt % T;
+            f(bt, b, t, cd + b * cos.stride(0) + t * cos.stride(1), sd + b * sin.stride(0) + t * sin.stride(1));
+        }
+    });
+}
+
 at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
     const char* op = "rotary";
     TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 4 && x.stride(3) == 1 && x.size(3) % 2 == 0, op,
@@ -654,16 +668,9 @@ at::Tensor rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
     check_cos_sin(op, cos, sin, B, T, D);
     at::Tensor out = at::empty({B, T, heads, D}, x.options());
     const float* xd = x.data_ptr<float>();
-    const float* cd = cos.data_ptr<float>();
-    const float* sd = sin.data_ptr<float>();
     float* od = out.data_ptr<float>();
-    at::parallel_for(0, B * T, 16, [&](int64_t begin, int64_t end) {
-        for (int64_t bt = begin; bt < end; ++bt) {
-            const int64_t b = bt / T, t = bt % T;
-            const float* c = cd + b * cos.stride(0) + t * cos.stride(1);
-            const float* s = sd + b * sin.stride(0) + t * sin.stride(1);
-            rotate_heads(xd + b * x.stride(0) + t * x.stride(2), x.stride(1), heads, D, c, s, od + bt * heads * D);
-        }
+    for_each_token(B, T, cos, sin, [&](int64_t bt, int64_t b, int64_t t, const float* c, const float* s) {
+        rotate_heads(xd + b * x.stride(0) + t * x.stride(2), x.stride(1), heads, D, c, s, od + bt * heads * D);
     });
     return out.transpose(1, 2);
 }
@@ -692,21 +699,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_rotary(const at::Tensor& qkv,
     at::Tensor key = at::empty({B, T, kv_heads, D}, qkv.options());
     at::Tensor value = at::empty({B, T, kv_heads, D}, qkv.options());
     const float* in = qkv.data_ptr<float>();
-    const float* cd = cos.data_ptr<float>();
-    const float* sd = sin.data_ptr<float>();
     float* qd = query.data_ptr<float>();
     float* kd = key.data_ptr<float>();
     float* vd = value.data_ptr<float>();
-    at::parallel_for(0, B * T, 16, [&](int64_t begin, int64_t end) {
-        for (int64_t bt = begin; bt < end; ++bt) {
-            const int64_t b = bt / T, t = bt % T;
-            const float* row = in + b * qkv.stride(0) + t * qkv.stride(1);
-            const float* c = cd + b * cos.stride(0) + t * cos.stride(1);
-            const float* s = sd + b * sin.stride(0) + t * sin.stride(1);
-            rotate_heads(row, D, q_heads, D, c, s, qd + bt * q_size);
-            rotate_heads(row + q_size, D, kv_heads, D, c, s, kd + bt * kv_size);
-            std::memcpy(vd + bt * kv_size, row + q_size + kv_size, kv_size * sizeof(float));
-        }
+    for_each_token(B, T, cos, sin, [&](int64_t bt, int64_t b, int64_t t, const float* c, const float* s) {
+        const float* row = in + b * qkv.stride(0) + t * qkv.stride(1);
+        rotate_heads(row, D, q_heads, D, c, s, qd + bt * q_size);
+        rotate_heads(row + q_size, D, kv_heads, D, c, s, kd + bt * kv_size);
+        std::memcpy(vd + bt * kv_size, row + q_size + kv_size, kv_size * sizeof(float));
     });
     return {query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)};
 }
