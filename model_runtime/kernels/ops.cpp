@@ -412,11 +412,12 @@ at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& key
     // Sequences of more than kDecodeSpan visible tokens are read a span an
     // item and merged after (ts_paged_decode): at one sequence its 3 KV heads
     // were 3 items on 2 threads, one thread idle a third of the kernel.
-    int64_t splits = 1;
-    for (int64_t b = 0; b < B; ++b) {
+    const auto spans_of = [&](int64_t b) {  // a sequence's spans: its visible tokens, kDecodeSpan a span
         const int64_t visible = window > 0 && lens[b] > window ? window : lens[b];
-        splits = std::max(splits, (visible + kDecodeSpan - 1) / kDecodeSpan);
-    }
+        return (visible + kDecodeSpan - 1) / kDecodeSpan;
+    };
+    int64_t splits = 1;
+    for (int64_t b = 0; b < B; ++b) splits = std::max(splits, spans_of(b));
     const int64_t group = heads / kv_heads;
     at::Tensor partials = splits > 1 ? at::empty({B * kv_heads * splits * group * (D + 2)}, query.options()) : at::Tensor();
     float* pd = splits > 1 ? partials.data_ptr<float>() : nullptr;
@@ -431,8 +432,7 @@ at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& key
     at::parallel_for(0, B * heads, 16, [&](int64_t begin, int64_t end) {
         for (int64_t bh = begin; bh < end; ++bh) {
             const int64_t b = bh / heads, head = bh % heads, kv_head = head / group, g = head % group;
-            const int64_t visible = window > 0 && lens[b] > window ? window : lens[b];
-            const int64_t spans = (visible + kDecodeSpan - 1) / kDecodeSpan;
+            const int64_t spans = spans_of(b);
             if (spans == 1) continue;  // attended whole
             const float* first = pd + ((b * kv_heads + kv_head) * splits * group + g) * (D + 2);
             const auto part = [&](int64_t s) { return first + s * group * (D + 2); };

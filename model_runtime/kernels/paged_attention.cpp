@@ -200,7 +200,7 @@ void attend_item(const float* q, int64_t q_stride_b, int64_t q_stride_h, const f
         }
     }
     for (int64_t g = 0; g < group; ++g) {
-        if (!whole) {  // [max, denominator, sums (D)] per head, for ts_paged_merge
+        if (!whole) {  // [max, denominator, sums (D)] per head, for the merge
             float* span = partial + g * (D + 2);
             span[0] = maxima[g];
             span[1] = denominators[g];
@@ -240,7 +240,7 @@ constexpr auto ITEMS = item_table(std::make_integer_sequence<int64_t, 33>{});
 // kv_heads + kv_head) * splits + s: a sequence of more than span visible
 // tokens is read span tokens an item (so two threads share even one
 // sequence's heads), each item leaving its heads' [max, denominator, sums]
-// in partials [B * kv_heads, splits, group, D + 2] for ts_paged_merge; one of
+// in partials [B * kv_heads, splits, group, D + 2] for ops.cpp's merge; one of
 // at most span tokens is attended whole by its s = 0 item, as without spans.
 // The split depends on the sequence's own length only, never on the batch.
 extern "C" void TS_NAME(ts_paged_decode)(const float* q, int64_t q_stride_b, int64_t q_stride_h, const float* k_cache,

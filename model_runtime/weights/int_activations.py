@@ -22,8 +22,9 @@ unavailable: the loader warns and serves float32 linears of the same weights.
 
 The weights are repacked at load into the kernel's layout (``pack_codes``):
 tiles of 16 output channels, per group blocks of 16 channels x 4 codes (int8
-activations) or 32-bit words of code pairs (int16; a layer's 5-bit query and key
-beside an 8-bit value are widened to 8 bits to share one call), scales and
+activations) or 32-bit words of code pairs (int16; projections of mixed code
+widths, e.g. 5-bit queries and keys beside an 8-bit value, are widened to 8 bits
+to share one call), scales and
 offsets as float16 (GGUF's
 Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 store theirs in float16, so those are exact; a
 K-quant's ``d * sc`` and ``dmin * mn`` are rounded to float16, which moves a
@@ -149,10 +150,10 @@ class IntActivationLinear(nn.Module):
         self.isa = -1
 
     def widen(self) -> None:
-        """5-bit codes (int16 activations) as 8-bit ones, the same codes, scales and offsets: every output
-        the same to the bit, for a projection that shares a call with 8-bit ones (``side_by_side``)."""
-        assert self.bits == 5 and self.act_bits == 16
-        codes = unpack_codes(self._buffers["codes"], 5, self.out_features, self.in_features)
+        """4- or 5-bit codes (int16 activations) as 8-bit ones, the same codes, scales and offsets: every
+        output the same to the bit, for a projection that shares a call with 8-bit ones (``side_by_side``)."""
+        assert self.bits in (4, 5) and self.act_bits == 16
+        codes = unpack_codes(self._buffers["codes"], self.bits, self.out_features, self.in_features)
         self._buffers["codes"] = code_layout(codes, 8, 16)
         self.bits = 8
 
@@ -188,23 +189,24 @@ def side_by_side(linears: list[nn.Module]) -> IntActivationLinear | None:
     merged ones, so nothing is held twice. None unless all are
     ``IntActivationLinear`` of one input size, bit widths, instruction set and
     kernels, each of whole tiles of outputs, biased alike, and the merged one
-    gives every output to the bit on random rows. 5-bit codes beside 8-bit ones
-    (GGUF's Q4_K_M: Q5_0 queries and keys, a Q8_0 value in some layers) are
-    widened to 8 bits first."""
+    gives every output to the bit on random rows. Int16-activation codes of
+    mixed widths (GGUF's Q4_K_M: Q5_0 queries and keys, a Q8_0 value in some
+    layers) are all widened to 8 bits first."""
     if len(linears) < 2 or not all(type(m) is IntActivationLinear for m in linears):
         return None
-    if {m.bits for m in linears} == {5, 8}:
-        for m in linears:
-            if m.bits == 5:
-                m.widen()
     first = linears[0]
+    mixed = len({m.bits for m in linears}) > 1 and all(m.act_bits == 16 for m in linears)
     if any(
-        (m.in_features, m.bits, m.act_bits, m.isa, m.ops) != (first.in_features, first.bits, first.act_bits, first.isa, first.ops)
+        (m.in_features, 8 if mixed else m.bits, m.act_bits, m.isa, m.ops)
+        != (first.in_features, 8 if mixed else first.bits, first.act_bits, first.isa, first.ops)
         or m.out_features % TILE
         or (m.bias is None) != (first.bias is None)
         for m in linears
     ):
         return None
+    for m in linears:
+        if m.bits != 8 and mixed:
+            m.widen()
     merged = IntActivationLinear.__new__(IntActivationLinear)
     nn.Module.__init__(merged)
     merged.in_features, merged.bits, merged.act_bits, merged.ops, merged.isa = (

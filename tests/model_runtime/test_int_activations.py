@@ -23,7 +23,7 @@ from model_runtime.weights.int_activations import (
     side_by_side,
     unpack_codes,
 )
-from model_runtime.weights.quantization import GROUP, GroupwiseLinear, Int4Linear, Int8Linear, pack_nibbles
+from model_runtime.weights.quantization import GROUP, GroupwiseLinear, Int4Linear, Int8Linear, pack_nibbles, unpack_nibbles
 from tests.model_runtime.test_parity import build, make_prompts, run_engine
 from tests.tiny_gguf import build_tiny_llama_gguf
 
@@ -285,24 +285,39 @@ def test_projections_side_by_side_give_each_ones_outputs_from_one_copy_of_the_we
     assert all(torch.equal(p(x), want) for p, want in zip(projections, expected))
 
 
-def test_five_bit_projections_beside_an_eight_bit_one_widen_to_share_its_call(ops):
-    """GGUF's Q4_K_M gives a 576-wide model Q5_0 queries and keys but, in some layers, a Q8_0 value: the
-    5-bit codes are repacked as 8-bit ones (exactly the same codes) so the three still share one call, each
-    output the same to the bit as before."""
+@pytest.mark.parametrize("narrow", [5, 4])
+def test_narrower_projections_beside_an_eight_bit_one_widen_to_share_its_call(ops, narrow: int):
+    """GGUF's Q4_K_M gives a 576-wide model Q5_0 queries and keys but, in some layers, a Q8_0 value (and a
+    Q4_0 / Q4_1 file may hold a Q8_0 value beside 4-bit queries and keys): the narrower codes are repacked
+    as 8-bit ones (exactly the same codes) so the three still share one call, each output the same to the
+    bit as before."""
     torch.manual_seed(6)
     scales = (torch.rand(32, 2) * 0.05).half().float()
-    five = [Int8Linear(torch.randint(-16, 16, (32, 64), dtype=torch.int8), scales, torch.zeros(32, 2), None, ops, 64) for _ in "qk"]
+    if narrow == 5:
+        sources = [Int8Linear(torch.randint(-16, 16, (32, 64), dtype=torch.int8), scales, torch.zeros(32, 2), None, ops, 64) for _ in "qk"]
+    else:
+        sources = [Int4Linear(pack_nibbles(torch.randint(0, 16, (32, 64))), scales, scales * -8, None, ops, 64) for _ in "qk"]
     eight = Int8Linear(torch.randint(-128, 128, (32, 64), dtype=torch.int8), scales, torch.zeros(32, 2), None, ops, 64)
-    projections = [IntActivationLinear(source, ops, 16) for source in [*five, eight]]
-    assert [p.bits for p in projections] == [5, 5, 8]
-    codes = unpack_codes(projections[0].codes, 5, 32, 64)
-    assert torch.equal(codes.to(torch.int16) - 16, five[0].q.to(torch.int16))
+    projections = [IntActivationLinear(source, ops, 16) for source in [*sources, eight]]
+    assert [p.bits for p in projections] == [narrow, narrow, 8]
+    codes = unpack_codes(projections[0].codes, narrow, 32, 64)
+    assert torch.equal(codes, (sources[0].q.to(torch.int16) + 16).to(torch.uint8) if narrow == 5 else unpack_nibbles(sources[0].q))
     x = torch.randn(3, 64)
     expected = [p(x) for p in projections]
     merged = side_by_side(projections)
     assert merged is not None and merged.bits == 8 and [p.bits for p in projections] == [8, 8, 8]
     assert torch.equal(merged(x), torch.cat(expected, -1))
     assert torch.equal(unpack_codes(projections[0].codes, 8, 32, 64), codes)
+
+
+def test_projections_of_mixed_widths_that_cannot_share_a_call_are_not_widened(ops):
+    torch.manual_seed(7)
+    scales = (torch.rand(32, 2) * 0.05).half().float()
+    five = IntActivationLinear(
+        Int8Linear(torch.randint(-16, 16, (32, 64), dtype=torch.int8), scales, torch.zeros(32, 2), None, ops, 64), ops, 16
+    )
+    assert side_by_side([five, int4_linear(ops, 32, in_features=96)]) is None
+    assert five.bits == 5
 
 
 def test_projections_that_cannot_share_a_call_keep_their_own(ops):
@@ -319,7 +334,7 @@ def test_merged_projections_change_no_token(tmp_path: Path, monkeypatch: pytest.
     """The engine's fused eager steps call each layer's query, key and value
     projections, and its gate and up, as one linear each: the same tokens
     as with one call per projection, through chunking and preemption. (The
-    4-bit Q4_0 and Q4_1 mix in one call; the fixture's Q8_0 values would not.)"""
+    4-bit Q4_0 and Q4_1 mix in one call.)"""
     from model_runtime import fused
     from tests.tiny_gguf import TYPES
 
