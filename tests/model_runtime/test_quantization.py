@@ -6,8 +6,8 @@ with ``model.generate`` on the dequantized model."""
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,6 +17,7 @@ from transformers.pytorch_utils import Conv1D
 
 from model_runtime import kernels
 from model_runtime.loading.loader import load_model
+from model_runtime.weights import quantization
 from model_runtime.weights.quantization import (
     _PROBE_PASSES,
     GROUP,
@@ -217,36 +218,39 @@ def test_the_op_switches_to_dequantize_and_gemm_from_gemm_from_rows(ops):
     assert torch.equal(module(x), gemm) and torch.allclose(module(x[:3]), module.gemm_forward(x[:3]), atol=1e-4)
 
 
-def test_an_instruction_set_clearly_slower_at_its_first_pass_is_timed_no_further():
-    """The kernel probes at load time every build once; one over twice the
-    fastest's first pass (the generic build, seconds a pass at start) is not
-    timed again, the others get their best of a few."""
-    calls = {"fast": 0, "slow": 0}
+def timed_calls(monkeypatch, calls: dict[str, int]):
+    """Calls that take exactly the seconds they are given, on a clock the
+    probe reads instead of the host's: sleeps on a loaded 2-core machine
+    overshoot by milliseconds, more than the rule's margins here."""
+    now = [0.0]
+    monkeypatch.setattr(quantization, "time", SimpleNamespace(perf_counter=lambda: now[0]))
 
     def run(name: str, seconds: float):
         def call():
             calls[name] += 1
-            time.sleep(seconds)
+            now[0] += seconds
 
         return call
 
+    return run
+
+
+def test_an_instruction_set_clearly_slower_at_its_first_pass_is_timed_no_further(monkeypatch):
+    """The kernel probes at load time every build once; one over twice the
+    fastest's first pass (the generic build, seconds a pass at start) is not
+    timed again, the others get their best of a few."""
+    calls = {"fast": 0, "slow": 0}
+    run = timed_calls(monkeypatch, calls)
     timed = best_seconds_each({0: run("fast", 0.001), 1: run("slow", 0.03)})
     assert min(timed, key=timed.get) == 0 and timed[1] >= 0.03
     assert calls == {"fast": 1 + _PROBE_PASSES, "slow": 2}  # warm-up and passes; warm-up and one pass
 
 
-def test_a_build_slower_on_a_few_linears_is_never_timed_over_all_of_them():
+def test_a_build_slower_on_a_few_linears_is_never_timed_over_all_of_them(monkeypatch):
     """With screens (one layer's linears), the generic build's full pass,
     seconds at every start, does not run at all; the close ones still race."""
     calls = {"fast": 0, "close": 0, "slow": 0, "fast few": 0, "close few": 0, "slow few": 0}
-
-    def run(name: str, seconds: float):
-        def call():
-            calls[name] += 1
-            time.sleep(seconds)
-
-        return call
-
+    run = timed_calls(monkeypatch, calls)
     runs = {0: run("fast", 0.002), 1: run("close", 0.003), 2: run("slow", 0.05)}
     screens = {0: run("fast few", 0.001), 1: run("close few", 0.0012), 2: run("slow few", 0.01)}
     timed = best_seconds_each(runs, screens)
