@@ -11,7 +11,7 @@ from transformers.models.llama import modeling_llama
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
 from model_runtime import kernels
-from model_runtime.fused import FUSED_MARK, fuse_elementwise, fused_steps
+from model_runtime.fused import FUSED_MARK, fuse_elementwise, fused_steps, within_rounding
 from tests.tiny_models import TINY_DECODER
 
 
@@ -176,3 +176,20 @@ def test_only_layers_running_llamas_own_forwards_become_one_function(ops):
     torch.manual_seed(0)
     mistral = MistralForCausalLM(MistralConfig(**{**TINY_DECODER, "vocab_size": 512})).eval()
     assert "decoder layers" not in fuse_elementwise(mistral, ops)  # its own layer classes
+
+
+def test_a_rounding_near_zero_is_within_rounding_other_arithmetic_is_not():
+    """The check that proves a fused norm or MLP: an output near zero, the
+    difference of large terms, moves by a rounding of those terms (GGUF
+    Q4_K_M's first MLP on AVX2 did, and an element-wise tolerance refused
+    the fused MLP and with it the whole-model op); a different function
+    moves every output by a good part of itself."""
+    want = torch.tensor([[116.44, -3.2e-4, 7.5], [0.02, -40.0, 1e-6]])
+    rounded = want + torch.tensor([[3.05e-5, 2.0e-5, -1.0e-6], [1.5e-5, -3.0e-5, 2.0e-5]])
+    assert not torch.allclose(rounded, want, rtol=1e-5, atol=1e-6), "an element-wise tolerance refuses it"
+    assert within_rounding(rounded, want)
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(0)) * 3
+    assert not within_rounding(F.gelu(x), F.silu(x))
+    assert not within_rounding(want * 1.001, want)
+    assert not within_rounding(want[:1], want) and not within_rounding(want.clone().fill_(float("nan")), want)
+    assert within_rounding(torch.empty(0, 3), torch.empty(0, 3))
