@@ -38,6 +38,7 @@ graph and any other model in the process run the original code.
 """
 
 import contextlib
+import logging
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -50,6 +51,7 @@ from model_runtime.attention.interface import ATTENTION_NAME, CONTEXT_KWARG, Lay
 from model_runtime.weights.int_activations import IntActivationLinear, side_by_side
 from model_runtime.weights.quantization import Int8Linear
 
+logger = logging.getLogger(__name__)
 _state = threading.local()
 FUSED_MARK = "_tokenstep_fused"
 MERGED = "_tokenstep_side_by_side"  # a module's projections merged into one call (not a submodule: counted nowhere else)
@@ -219,6 +221,10 @@ def _fuse_all(
         fuse(probe, ops)
         if not _same(lambda: probe.forward(x), lambda: original(x), exact=False):
             _restore(probe, original)
+            # Said, not silent: a Llama MLP that does not fuse also keeps its layers off the whole-model op.
+            logger.info(
+                "%d %s of class %s keep their own code: the fused form differs beyond rounding", len(modules), label, type(probe).__name__
+            )
             return ""
         for module in modules[1:]:
             fuse(module, ops)

@@ -117,9 +117,12 @@ class GeluMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
-def test_what_computes_something_else_keeps_its_own_code(ops):
+def test_what_computes_something_else_keeps_its_own_code(ops, caplog):
     model = nn.Sequential(OnePlusWeightRMSNorm(16), GeluMLP(16))
-    assert fuse_elementwise(model, ops) == "nothing fused"
+    with caplog.at_level("INFO", logger="model_runtime.fused"):
+        assert fuse_elementwise(model, ops) == "nothing fused"
+    assert "1 SiLU MLPs of class GeluMLP keep their own code" in caplog.text, "a refused fusion is said in the start log"
+    assert "1 RMSNorms of class OnePlusWeightRMSNorm keep their own code" in caplog.text
     assert not any(hasattr(module, FUSED_MARK) for module in model)
     x = torch.randn(2, 16)
     with torch.inference_mode(), fused_steps():
